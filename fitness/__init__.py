@@ -1,0 +1,1 @@
+"""Task slices, scorers, objective aggregation and release gates."""

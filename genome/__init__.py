@@ -1,0 +1,1 @@
+"""The search space: genes as Optuna distributions, ``decode(params) -> Recipe`` and back."""

@@ -1,0 +1,1 @@
+"""Checkpoint IO, preflight, tensor-level merge methods, the in-memory engine, mergekit YAML."""

@@ -1,0 +1,1 @@
+"""The ``search`` CLI, study config, driver, workers, report and dashboard."""

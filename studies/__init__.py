@@ -1,0 +1,1 @@
+"""Ready-to-run studies, including the built-in demo family."""
