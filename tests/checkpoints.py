@@ -1,0 +1,88 @@
+"""Small random Hugging Face checkpoints for tests: a base and fine-tune-like sources.
+
+Nothing is downloaded: models come from ``transformers`` configs with random weights,
+sources are the base plus small seeded perturbations (some tensors left unchanged, as a
+real fine-tune often leaves them), saved with ``save_pretrained`` as safetensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    base: Path
+    sources: tuple[Path, ...]
+
+
+def tiny_model(arch: str, *, seed: int = 0, layers: int = 4, tie: bool = False) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=64,
+            tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        return LlamaForCausalLM(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            n_embd=32, n_layer=layers, n_head=4, vocab_size=len(VOCAB), n_positions=64,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(arch)
+
+
+def tiny_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate([*VOCAB, *extra_tokens])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def perturbed(model: PreTrainedModel, *, seed: int, scale: float = 0.02, keep_every: int = 5) -> PreTrainedModel:
+    """A fine-tune-like copy: seeded noise on most tensors, every ``keep_every``-th left as the base."""
+    gen = torch.Generator().manual_seed(seed)
+    copy = type(model)(model.config)
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for index, (_, param) in enumerate(copy.named_parameters()):
+            if keep_every and index % keep_every == keep_every - 1:
+                continue
+            noise = torch.randn(param.shape, generator=gen) * scale * (1.0 + param.std().nan_to_num())
+            param.add_(noise)
+    return copy
+
+
+def save(model: PreTrainedModel, path: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    (tokenizer or tiny_tokenizer()).save_pretrained(path)
+    return path
+
+
+def make_family(root: Path, arch: str = "llama", *, n_sources: int = 3, seed: int = 0, layers: int = 4,
+                tie: bool = False) -> TinyFamily:
+    """Write ``root/base`` and ``root/source{i}`` checkpoints; returns their paths."""
+    base = tiny_model(arch, seed=seed, layers=layers, tie=tie)
+    base_dir = save(base, root / "base")
+    sources = tuple(
+        save(perturbed(base, seed=seed * 1000 + i + 1), root / f"source{i}") for i in range(n_sources)
+    )
+    return TinyFamily(base_dir, sources)

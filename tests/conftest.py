@@ -1,0 +1,22 @@
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import TinyFamily, make_family
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    """Base + 3 fine-tune-like sources, Llama naming, 4 layers."""
+    return make_family(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    """Base + 3 fine-tune-like sources, GPT-2 naming (tied embeddings), 4 layers."""
+    return make_family(tmp_path_factory.mktemp("gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
