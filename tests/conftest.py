@@ -20,3 +20,14 @@ def gpt2_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_family_root(repo_root: Path) -> Path:
+    """The built-in demo family, built once and cached (``.cache/demo-family`` or $MERGESEARCH_CACHE)."""
+    import os
+
+    from studies.demo_family import ensure_family
+
+    cache = Path(os.environ.get("MERGESEARCH_CACHE", repo_root / ".cache")) / "demo-family"
+    return ensure_family(cache, progress=False).root
