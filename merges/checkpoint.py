@@ -1,0 +1,253 @@
+"""Local Hugging Face checkpoint folders, read lazily one tensor at a time.
+
+Safetensors weights (``model.safetensors`` or a sharded ``model.safetensors.index.json``)
+are read through safetensors' memory map; one open handle per shard is kept, so reading a
+tensor never reads a whole file. Pickle weights (``pytorch_model.bin``, sharded
+``pytorch_model.bin.index.json``, a single ``*.pt``) are refused unless the caller opts in
+with ``allow_pickle=True``; they are then loaded with ``weights_only=True, mmap=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from merges.errors import CheckpointError
+from merges.layout import Layout, layout_of
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """One checkpoint folder: config, tensor shapes and dtypes, layer map, lazy tensor reads."""
+
+    path: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]  # every tensor, checkpoint order
+    dtypes: dict[str, torch.dtype]
+    layout: Layout
+    _file_of: dict[str, Path] = field(repr=False, compare=False)
+    _pickle: bool = field(default=False, repr=False, compare=False)
+    # Open shards, filled on first read: safetensors handles or mmap'd pickle state dicts.
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """The folder name, for messages."""
+        return self.path.name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.shapes)
+
+    def read(
+        self,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """One tensor, read from its shard's memory map, on ``device`` in ``dtype``."""
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        handle = self._handle(file)
+        tensor = handle[name] if self._pickle else handle.get_tensor(name)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def tokenizer_files(self) -> tuple[Path, ...]:
+        """The tokenizer files present in the folder (copied next to a saved merge)."""
+        return tuple(self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open handles do not pickle (e.g. to a Ray worker); they are reopened on first read.
+        return {**self.__dict__, "_handles": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
+    def _handle(self, file: Path) -> Any:
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = _load_pickle(file) if self._pickle else _open_safetensors(file)
+            self._handles[file] = handle
+        return handle
+
+
+def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a local checkpoint folder: parse config.json and index every tensor (no data read)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    config = _read_json(folder / "config.json", what="config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: expected a JSON object")
+
+    files = _weight_files(folder, allow_pickle=allow_pickle)
+    pickle = files.pickle
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    file_of: dict[str, Path] = {}
+    handles: dict[Path, Any] = {}
+    for file in files.shards:
+        handle = _load_pickle(file) if pickle else _open_safetensors(file)
+        handles[file] = handle
+        names = list(handle) if pickle else list(handle.offset_keys())
+        for name in names:
+            if name in file_of:
+                raise CheckpointError(f"{file}: tensor {name!r} is also in {file_of[name]}")
+            if pickle:
+                tensor = handle[name]
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"{file}: entry {name!r} is not a tensor")
+                shapes[name], dtypes[name] = tuple(tensor.shape), tensor.dtype
+            else:
+                sl = handle.get_slice(name)
+                shapes[name] = tuple(sl.get_shape())
+                dtypes[name] = _dtype(sl.get_dtype(), file, name)
+            file_of[name] = file
+    if files.expected is not None:
+        missing = [n for n in files.expected if n not in file_of]
+        if missing:
+            raise CheckpointError(
+                f"{files.expected_from}: tensor {missing[0]!r} is listed but not in its shard "
+                f"{files.expected[missing[0]]}"
+            )
+    if not shapes:
+        raise CheckpointError(f"{folder}: the weight files hold no tensors")
+    try:
+        layout = layout_of(list(shapes), config, shapes)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+    return Checkpoint(folder, config, shapes, dtypes, layout, file_of, pickle, handles)
+
+
+# -- weight files -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WeightFiles:
+    shards: tuple[Path, ...]
+    pickle: bool
+    expected: dict[str, Path] | None = None  # tensor -> shard, from an index
+    expected_from: Path | None = None
+
+
+def _weight_files(folder: Path, *, allow_pickle: bool) -> _WeightFiles:
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return _from_index(folder / SAFETENSORS_INDEX, pickle=False)
+    if (folder / SAFETENSORS_FILE).is_file():
+        return _WeightFiles((folder / SAFETENSORS_FILE,), pickle=False)
+    pickled: list[Path] = []
+    if (folder / PICKLE_INDEX).is_file():
+        pickled = [folder / PICKLE_INDEX]
+    elif (folder / PICKLE_FILE).is_file():
+        pickled = [folder / PICKLE_FILE]
+    else:
+        pickled = sorted(folder.glob("*.pt")) + sorted(folder.glob("*.bin"))
+    if not pickled:
+        raise CheckpointError(
+            f"{folder}: no weights found (expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX})"
+        )
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{folder}: only pickle weights ({pickled[0].name}); pickle files can run code when "
+            "loaded, so they are refused unless you opt in with allow_pickle=True "
+            "(or convert the checkpoint to safetensors)"
+        )
+    if pickled[0].name == PICKLE_INDEX:
+        return _from_index(pickled[0], pickle=True)
+    if len(pickled) > 1:
+        raise CheckpointError(
+            f"{folder}: several pickle weight files ({', '.join(p.name for p in pickled)}) and no "
+            f"{PICKLE_INDEX} saying how they fit together"
+        )
+    return _WeightFiles((pickled[0],), pickle=True)
+
+
+def _from_index(index_path: Path, *, pickle: bool) -> _WeightFiles:
+    index = _read_json(index_path, what=index_path.name)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: missing or empty 'weight_map'")
+    expected = {str(name): index_path.parent / str(shard) for name, shard in weight_map.items()}
+    shards = tuple(sorted(set(expected.values())))
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard} named in the index is missing")
+    return _WeightFiles(shards, pickle, expected, index_path)
+
+
+def _open_safetensors(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+        raise CheckpointError(f"{file}: cannot open as safetensors ({exc})") from exc
+
+
+def _load_pickle(file: Path) -> Mapping[str, Any]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
+        raise CheckpointError(f"{file}: cannot load pickle weights ({exc})") from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{file}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _dtype(code: str, file: Path, name: str) -> torch.dtype:
+    try:
+        return _SAFETENSORS_DTYPES[code]
+    except KeyError:
+        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}") from None
+
+
+def _read_json(path: Path, *, what: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot parse {what} ({exc})") from exc
