@@ -33,6 +33,7 @@ class Layout:
     tensors: tuple[TensorInfo, ...]
     tied_embeddings: bool
     layer_prefix: str  # e.g. "model.layers." / "transformer.h." / "gpt_neox.layers."
+    head_pattern: str = ""  # regex of the output projection's weight name in this family
     _by_name: dict[str, TensorInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,10 @@ class Layout:
             return self._by_name[name]
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in this layout") from None
+
+    def is_tied_head(self, name: str) -> bool:
+        """True for the output projection when it is tied to the embedding (never saved)."""
+        return self.tied_embeddings and bool(self.head_pattern) and re.fullmatch(self.head_pattern, name) is not None
 
     def layer_tensors(self, layer: int) -> tuple[TensorInfo, ...]:
         """The tensors of one transformer layer, in checkpoint order."""
@@ -239,4 +244,4 @@ def layout_of(
     has_head = any(re.fullmatch(family.head_weight, n) for n in tensor_names)
     tie_flag = config.get("tie_word_embeddings")
     tied = bool(family.tied_default if tie_flag is None else tie_flag) or not has_head
-    return Layout(n_layers, tuple(infos), tied, prefixes.pop())
+    return Layout(n_layers, tuple(infos), tied, prefixes.pop(), family.head_weight)

@@ -1,0 +1,206 @@
+"""Write merged tensors as a ``save_pretrained``-compatible checkpoint folder, atomically.
+
+The folder is built next to ``out_dir`` under a temporary name and renamed into place
+only when complete; an existing ``out_dir`` is replaced only then, so a save that fails
+halfway leaves the old folder as it was. Tensor names are checked against the layout of
+``like`` (the base) before anything is written: every in-layer tensor must be one the base
+has in each layer, every other tensor one the base has, with the base's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from merges.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, Checkpoint
+from merges.errors import CheckpointError, NonFiniteMergeError
+from merges.layout import Layout, layout_of
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_COPIED_FILES = ("generation_config.json",)
+
+
+def save_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    like: Checkpoint,
+    dtype: torch.dtype | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Save ``tensors`` as a checkpoint shaped like ``like``; returns the folder.
+
+    ``dtype`` casts floating tensors (default: keep theirs). ``config_overrides`` update the
+    base's config.json (e.g. ``num_hidden_layers`` of a passthrough frankenmerge). A head
+    tied to the embedding is not written. Shards above ``max_shard_bytes`` get an index.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.resolve() == like.path.resolve():
+        raise CheckpointError(f"{out}: refusing to save a merge over its own base checkpoint")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+
+    config = {**like.config, **(config_overrides or {})}
+    layout = _checked_layout(tensors, config, like)
+    kept = [name for name in tensors if not layout.is_tied_head(name)]
+    out_dtype = dtype or next(
+        (tensors[n].dtype for n in kept if tensors[n].is_floating_point()), torch.float32
+    )
+    dtype_name = str(out_dtype).removeprefix("torch.")
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_weights(tmp, tensors, kept, dtype, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for file in (*like.tokenizer_files(), *(like.path / f for f in _COPIED_FILES)):
+            if file.is_file():
+                shutil.copy2(file, tmp / file.name)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _checked_layout(
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], like: Checkpoint
+) -> Layout:
+    """The output's layout, after checking every name and shape against the base's."""
+    if not tensors:
+        raise CheckpointError("nothing to save: no tensors given")
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    try:
+        layout = layout_of(list(tensors), config, shapes)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot save a checkpoint like {like.label!r}: {exc}") from None
+    base = like.layout
+    base_layer_shapes = {
+        info.name[len(f"{base.layer_prefix}{info.layer}."):]: like.shapes[info.name]
+        for info in base.tensors
+        if info.layer == 0
+    }
+    base_outside = {i.name for i in base.tensors if i.layer is None and not base.is_tied_head(i.name)}
+    seen_outside: set[str] = set()
+    seen_in_layer: dict[int, set[str]] = {}
+    for info in layout.tensors:
+        if layout.is_tied_head(info.name):
+            continue
+        if info.layer is None:
+            expected = like.shapes.get(info.name) if info.name in base_outside else None
+            seen_outside.add(info.name)
+        else:
+            suffix = info.name[len(f"{layout.layer_prefix}{info.layer}."):]
+            expected = base_layer_shapes.get(suffix)
+            seen_in_layer.setdefault(info.layer, set()).add(suffix)
+        if expected is None:
+            raise CheckpointError(
+                f"tensor {info.name!r} has no counterpart in base {like.label!r}; "
+                f"cannot save it in a checkpoint like {like.path}"
+            )
+        if shapes[info.name] != expected:
+            raise CheckpointError(
+                f"tensor {info.name!r} has shape {list(shapes[info.name])}, base {like.label!r} "
+                f"has {list(expected)}"
+            )
+    missing_outside = sorted(base_outside - seen_outside)
+    if missing_outside:
+        raise CheckpointError(f"tensor {missing_outside[0]!r} of base {like.label!r} is missing")
+    for layer in range(layout.n_layers):
+        missing = sorted(set(base_layer_shapes) - seen_in_layer.get(layer, set()))
+        if missing:
+            raise CheckpointError(
+                f"tensor {layout.layer_prefix}{layer}.{missing[0]} is missing (base "
+                f"{like.label!r} has it in every layer)"
+            )
+    return layout
+
+
+def _write_weights(
+    folder: Path,
+    tensors: Mapping[str, torch.Tensor],
+    names: list[str],
+    dtype: torch.dtype | None,
+    max_shard_bytes: int,
+) -> None:
+    shards = list(_shards(tensors, names, max_shard_bytes))
+    if len(shards) == 1:
+        _write_shard(folder / SAFETENSORS_FILE, tensors, shards[0], dtype)
+        return
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, shard in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        total += _write_shard(folder / file, tensors, shard, dtype)
+        weight_map.update({name: file for name in shard})
+    index_data = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n")
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], names: list[str], limit: int) -> Iterator[list[str]]:
+    """Consecutive groups of names whose bytes stay under ``limit`` (a bigger tensor alone)."""
+    shard: list[str] = []
+    size = 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shard and size + nbytes > limit:
+            yield shard
+            shard, size = [], 0
+        shard.append(name)
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def _write_shard(
+    file: Path, tensors: Mapping[str, torch.Tensor], names: list[str], dtype: torch.dtype | None
+) -> int:
+    """Write one safetensors file; returns its tensor bytes. Raises on NaN / inf."""
+    prepared: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name in names:
+        tensor = tensors[name].detach()
+        if tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteMergeError(f"tensor {name!r} holds NaN or inf; not saving it")
+            if dtype is not None:
+                tensor = tensor.to(dtype)
+        tensor = tensor.to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (e.g. views of one buffer).
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        prepared[name] = tensor
+    save_file(prepared, str(file), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in prepared.values())
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Move the complete ``new`` folder to ``out``; an old ``out`` is removed only afterwards."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)  # put the old folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
