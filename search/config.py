@@ -1,0 +1,502 @@
+"""study.toml -> ``StudyConfig``: every key checked before anything heavy starts.
+
+Each error names the file, the TOML key path and what was expected, e.g.
+``study.toml: genome.density.max: must be <= 1, got 1.5``. Unknown keys are errors with
+a did-you-mean. Relative paths are relative to the study file's folder. The keys and
+their defaults are documented in docs/study-toml.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from fitness.errors import FitnessError
+from fitness.gates import GateSpec
+from fitness.metrics import BUILTIN_METRICS, is_user_metric
+from fitness.slices import TaskSpec
+from genome.errors import GenomeError
+from genome.space import check_sources, is_numeric
+from genome.spec import FRANKEN_PICKS, METHOD_GENES, Bounds, FrankenSpec, GenomeSpec, known_methods
+from search.errors import StudyConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SAMPLERS: tuple[str, ...] = ("cmaes", "tpe", "gp", "nsga2", "random")
+MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random")
+OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
+BACKENDS: tuple[str, ...] = ("ray", "inline")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+STORAGE_SCHEMES: tuple[str, ...] = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+", "journal:")
+_LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+RESERVED_LABELS: tuple[str, ...] = ("base", "best")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    base: Path
+    sources: dict[str, Path]  # label -> checkpoint folder, in file order
+    demo_family: bool = False  # build the built-in demo family at base's parent if missing
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    backend: str = "ray"  # "ray" | "inline"
+    address: str | None = None  # Ray cluster address (else $RAY_ADDRESS, else a local runtime)
+    workers: int = 1
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 1 per worker when device resolves to cuda
+    batch_size: int = 64
+    max_worker_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    path: Path  # the study.toml
+    name: str
+    seed: int
+    output: Path  # --out overrides
+    storage: str  # URL; default f"sqlite:///{output}/study.db"; "journal:PATH" for a journal file
+    trials: int  # search budget (baselines not counted); --trials overrides
+    sampler: str  # cmaes | tpe | gp | nsga2 | random (resolved from "auto")
+    population: int | None  # CMA-ES popsize / NSGA-II population_size (None: Optuna's default)
+    objective: str  # mean | min | per_task
+    top_k: int  # finalists re-scored on held-out
+    models: ModelsConfig
+    genome: GenomeSpec
+    tasks: tuple[TaskSpec, ...]
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+
+def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None) -> StudyConfig:
+    """Read and validate a study file; ``out`` / ``trials`` override the file (``--out``, ``--trials``)."""
+    file = Path(path)
+    name = str(path)
+    if not file.is_file():
+        raise StudyConfigError(f"{name}: study file not found" + (" (it is a folder)" if file.is_dir() else ""))
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyConfigError(f"{name}: TOML syntax error: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyConfigError(f"{name}: cannot read the study file: {exc}") from None
+    return _Parser(name, file.resolve().parent).study(data, file.resolve(), out=out, trials=trials)
+
+
+# -- reading tables -------------------------------------------------------------------
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+class _Table:
+    """One TOML table with its key path; typed getters; ``done()`` rejects unknown keys."""
+
+    def __init__(self, file: str, where: str, data: Mapping[str, object]) -> None:
+        self.file = file
+        self.where = where
+        self.data = data
+        self.read: list[str] = []
+
+    def key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, message: str) -> StudyConfigError:
+        return StudyConfigError(f"{self.file}: {self.key(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, default: object, check: Callable[[object], bool], expected: str) -> object:
+        self.read.append(key)
+        if key not in self.data:
+            if default is _MISSING:
+                raise self.error(key, f"required ({expected}) but missing")
+            return default
+        value = self.data[key]
+        if not check(value):
+            raise self.error(key, f"expected {expected}, got {_show(value)}")
+        return value
+
+    def get_str(self, key: str, default: object = _MISSING) -> str:
+        return self._get(key, default, lambda v: isinstance(v, str), "a string")  # type: ignore[return-value]
+
+    def get_bool(self, key: str, default: object = _MISSING) -> bool:
+        return self._get(key, default, lambda v: isinstance(v, bool), "true or false")  # type: ignore[return-value]
+
+    def get_int(self, key: str, default: object = _MISSING, *, minimum: int | None = None) -> int:
+        value = self._get(key, default, _is_int, "an integer")
+        if minimum is not None and value is not None and value < minimum:  # type: ignore[operator]
+            raise self.error(key, f"must be >= {minimum}, got {value}")
+        return value  # type: ignore[return-value]
+
+    def get_float(self, key: str, default: object = _MISSING) -> float:
+        value = self._get(key, default, _is_number, "a finite number")
+        return value if value is None else float(value)  # type: ignore[arg-type]
+
+    def get_table(self, key: str, default: object = _MISSING) -> _Table:
+        value = self._get(key, default, lambda v: isinstance(v, dict), "a table")
+        return _Table(self.file, self.key(key), value)  # type: ignore[arg-type]
+
+    def get_choice(self, key: str, choices: tuple[str, ...], default: object = _MISSING) -> str:
+        value = self.get_str(key, default)
+        if value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}{_did_you_mean(value, choices)}")
+        return value
+
+    def done(self, known: tuple[str, ...] | None = None) -> None:
+        """Every key of the table must have been read (or be in ``known``)."""
+        allowed = tuple(self.read) if known is None else known
+        for key in self.data:
+            if key not in allowed:
+                raise self.error(key, f"unknown key{_did_you_mean(key, allowed)} (known: {', '.join(allowed)})")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: object) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a table", list: "an array"}
+    kind = next((name for t, name in kinds.items() if type(value) is t), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, dict | list) else kind
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- the study ------------------------------------------------------------------------
+
+
+class _Parser:
+    def __init__(self, file: str, folder: Path) -> None:
+        self.file = file
+        self.folder = folder
+
+    def path(self, value: str) -> Path:
+        return (self.folder / Path(value).expanduser()).resolve()
+
+    def study(
+        self, data: Mapping[str, object], path: Path, *, out: str | Path | None, trials: int | None
+    ) -> StudyConfig:
+        root = _Table(self.file, "", data)
+        study = root.get_table("study", {})
+        models = self.models(root.get_table("models"))
+        genome = self.genome(root.get_table("genome"), models)
+        tasks = self.tasks(root, models)
+        execution = self.execution(root.get_table("execution", {}))
+        root.done(("study", "models", "genome", "tasks", "execution"))
+
+        name = study.get_str("name", path.stem if path.stem != "study" else path.parent.name)
+        if not name.strip():
+            raise study.error("name", "must not be empty")
+        seed = study.get_int("seed", 0, minimum=0)
+        output = self.path(study.get_str("output", f"runs/{name}"))
+        if out is not None:
+            output = Path(out).expanduser().resolve()
+        storage = self.storage(study, output)
+        budget = study.get_int("trials", 100, minimum=0)
+        if trials is not None:
+            if not _is_int(trials) or trials < 0:
+                raise StudyConfigError(f"--trials: expected an integer >= 0, got {trials!r}")
+            budget = trials
+        objective = study.get_choice("objective", OBJECTIVES, "mean")
+        sampler = self.sampler(study, genome, objective)
+        population = study.get_int("population", 0, minimum=0)
+        if population == 1:
+            raise study.error("population", "must be 0 (Optuna's default) or >= 2, got 1")
+        if population and sampler not in ("cmaes", "nsga2"):
+            raise study.error("population", f"only cmaes and nsga2 use a population, the sampler is {sampler!r}")
+        top_k = study.get_int("top_k", 5, minimum=1)
+        study.done()
+        try:
+            from fitness.objective import objective_directions
+
+            objective_directions(tasks, objective)
+        except FitnessError as exc:
+            raise StudyConfigError(f"{self.file}: study.objective: {exc}") from None
+        return StudyConfig(
+            path=path, name=name, seed=seed, output=output, storage=storage, trials=budget,
+            sampler=sampler, population=population or None, objective=objective, top_k=top_k,
+            models=models, genome=genome, tasks=tasks, execution=execution,
+        )
+
+    def storage(self, study: _Table, output: Path) -> str:
+        url = study.get_str("storage", "")
+        if not url:
+            return f"sqlite:///{output / 'study.db'}"
+        if not url.startswith(STORAGE_SCHEMES):
+            raise study.error(
+                "storage",
+                f"unknown storage URL {url!r} (expected sqlite:///PATH, postgresql://..., mysql://..., "
+                "or journal:PATH)",
+            )
+        # Relative file paths are relative to the study file, like every other path.
+        if url.startswith("sqlite:///"):
+            rest = url[len("sqlite:///"):]
+            if not rest or rest == ":memory:":
+                raise study.error("storage", "an SQLite storage needs a file path (sqlite:///PATH)")
+            return f"sqlite:///{self.path(rest)}"
+        if url.startswith("journal:"):
+            rest = url[len("journal:"):]
+            if not rest:
+                raise study.error("storage", "a journal storage needs a file path (journal:PATH)")
+            return f"journal:{self.path(rest)}"
+        return url
+
+    def sampler(self, study: _Table, genome: GenomeSpec, objective: str) -> str:
+        sampler = study.get_choice("sampler", ("auto", *SAMPLERS), "auto")
+        numeric = is_numeric(genome)
+        if sampler == "auto":
+            if objective == "per_task":
+                return "nsga2"
+            return "cmaes" if numeric else "tpe"
+        if sampler == "cmaes" and not numeric:
+            raise study.error(
+                "sampler",
+                f"cmaes cannot search the categorical genes of method {genome.method!r} (Optuna's "
+                "CmaEsSampler samples them at random); use tpe, gp, nsga2 or random, or one CMA-ES "
+                "study per method",
+            )
+        if objective == "per_task" and sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            raise study.error(
+                "sampler",
+                f"{sampler} is single-objective; objective 'per_task' needs one of "
+                f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}",
+            )
+        return sampler
+
+    def models(self, table: _Table) -> ModelsConfig:
+        base = self.path(table.get_str("base"))
+        sources_table = table.get_table("sources")
+        sources: dict[str, Path] = {}
+        for label in sources_table.data:
+            if not _LABEL.match(label) or label in RESERVED_LABELS:
+                raise sources_table.error(
+                    label,
+                    "a source label must start with a letter or _ and hold only letters, digits, _ and -"
+                    + (f", and {label!r} is reserved" if label in RESERVED_LABELS else ""),
+                )
+            sources[label] = self.path(sources_table.get_str(label))
+        if not sources:
+            raise table.error("sources", "expected at least one source checkpoint")
+        config = ModelsConfig(
+            base=base,
+            sources=sources,
+            demo_family=table.get_bool("demo_family", False),
+            allow_pickle=table.get_bool("allow_pickle", False),
+            trust_remote_code=table.get_bool("trust_remote_code", False),
+            dtype=table.get_choice("dtype", DTYPES, "float32"),
+        )
+        table.done()
+        for label, folder in sources.items():
+            if folder == base:
+                raise sources_table.error(label, f"is the base checkpoint itself ({folder})")
+        return config
+
+    def genome(self, table: _Table, models: ModelsConfig) -> GenomeSpec:
+        method = table.get_choice("method", known_methods())
+        genes = METHOD_GENES[method]
+        granularity = table.get_int("layer_granularity", 1, minimum=0)
+        per_role = table.get_bool("per_role", False)
+        embed_head = table.get_bool("embed_head", False)
+        fixed_table = table.get_table("fixed", {})
+        fixed: dict[str, float | bool] = {}
+        for key, value in fixed_table.data.items():
+            if not (isinstance(value, bool) or _is_number(value)):
+                raise fixed_table.error(key, f"expected a number or true/false, got {_show(value)}")
+            fixed[key] = value  # type: ignore[assignment]
+        bounds: dict[str, Bounds | None] = {}
+        for key in ("weight", "density", "lambda", "t"):
+            bounds[key] = None
+            if not table.has(key):
+                continue
+            if key not in genes.source_params and key not in genes.global_params:
+                raise table.error(key, f"method {method!r} has no {key}")
+            value = table.data[key]
+            if not _is_number(value):
+                bounds[key] = self.bounds(table, key)
+                continue
+            # A plain number fixes the parameter instead of searching it.
+            table.read.append(key)
+            if key in fixed:
+                raise table.error(key, f"set both here and in genome.fixed.{key}")
+            if key in ("density", "t") and not 0.0 <= value <= 1.0:  # type: ignore[operator]
+                raise table.error(key, f"must be within [0, 1], got {value:g}")
+            fixed[key] = float(value)  # type: ignore[arg-type]
+        if not table.has("weight") and "weight" not in fixed and "weight" in genes.source_params:
+            bounds["weight"] = Bounds(0.0, 1.0)
+        franken = self.frankenmerge(table.get_table("frankenmerge")) if table.has("frankenmerge") else None
+        table.done()
+        try:
+            spec = GenomeSpec(
+                method=method, layer_granularity=granularity, per_role=per_role, embed_head=embed_head,
+                weight=bounds["weight"], density=bounds["density"], lambda_=bounds["lambda"], t=bounds["t"],
+                fixed=fixed, frankenmerge=franken,
+            )
+            check_sources(spec, list(models.sources))
+        except GenomeError as exc:
+            raise StudyConfigError(f"{self.file}: {exc}") from None
+        return spec
+
+    def bounds(self, genome: _Table, key: str) -> Bounds:
+        table = genome.get_table(key)
+        low = table.get_float("min")
+        high = table.get_float("max")
+        step = table.get_float("step", None)
+        table.done()
+        limits = {"density": (0.0, 1.0), "t": (0.0, 1.0)}.get(key)
+        if limits is not None:
+            for bound, value in (("min", low), ("max", high)):
+                if value < limits[0]:
+                    raise table.error(bound, f"must be >= {limits[0]:g}, got {value:g}")
+                if value > limits[1]:
+                    raise table.error(bound, f"must be <= {limits[1]:g}, got {value:g}")
+        if low > high:
+            raise table.error("min", f"must be <= max ({high:g}), got {low:g}")
+        if step is not None and step <= 0:
+            raise table.error("step", f"must be > 0, got {step:g}")
+        bounds = Bounds(low, high, step)
+        try:
+            bounds.check(f"genome.{key}")
+        except GenomeError as exc:
+            raise StudyConfigError(f"{self.file}: {exc}") from None
+        return bounds
+
+    def frankenmerge(self, table: _Table) -> FrankenSpec:
+        layers = table.get_int("layers", None, minimum=1)
+        pick = table.get_choice("pick", FRANKEN_PICKS, "same_index")
+        include_base = table.get_bool("include_base", False)
+        layer_range: tuple[int, int] | None = None
+        if table.has("layer_range"):
+            value = table._get(
+                "layer_range", None,
+                lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v),
+                "[start, end] (two integers, end excluded)",
+            )
+            start, end = value  # type: ignore[misc]
+            if not 0 <= start < end:
+                raise table.error("layer_range", f"need 0 <= start < end, got [{start}, {end}]")
+            layer_range = (start, end)
+        table.done()
+        return FrankenSpec(layers=layers, pick=pick, include_base=include_base, layer_range=layer_range)
+
+    def tasks(self, root: _Table, models: ModelsConfig) -> tuple[TaskSpec, ...]:
+        raw = root._get(
+            "tasks", _MISSING,
+            lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v),
+            "one or more [[tasks]] tables",
+        )
+        tasks: list[TaskSpec] = []
+        seen: dict[str, int] = {}
+        for index, data in enumerate(raw):  # type: ignore[arg-type]
+            table = _Table(self.file, f"tasks[{index}]", data)
+            task = self.task(table, models)
+            if task.name in seen:
+                raise table.error("name", f"duplicate task name {task.name!r} (also tasks[{seen[task.name]}])")
+            seen[task.name] = index
+            tasks.append(task)
+        return tuple(tasks)
+
+    def task(self, table: _Table, models: ModelsConfig) -> TaskSpec:
+        name = table.get_str("name")
+        if not _LABEL.match(name):
+            raise table.error("name", f"a task name holds only letters, digits, _ and -, got {name!r}")
+        search = self.path(table.get_str("search"))
+        heldout = table.get_str("heldout", None)
+        fraction = table.get_float("heldout_fraction", 0.5)
+        if not 0.0 < fraction < 1.0:
+            raise table.error("heldout_fraction", f"must be between 0 and 1 (exclusive), got {fraction:g}")
+        metric = table.get_str("metric", "exact_match")
+        if metric not in BUILTIN_METRICS and not is_user_metric(metric):
+            raise table.error(
+                "metric",
+                f"unknown metric {metric!r}{_did_you_mean(metric, BUILTIN_METRICS)} (expected one of "
+                f"{', '.join(BUILTIN_METRICS)} or module:function)",
+            )
+        weight = table.get_float("weight", 1.0)
+        if weight <= 0:
+            raise table.error("weight", f"must be > 0, got {weight:g}")
+        fields = {
+            key: table.get_str(key, default)
+            for key, default in (
+                ("prompt_field", "prompt"), ("answer_field", "answer"), ("choices_field", None),
+                ("label_field", None), ("answer_separator", None),
+            )
+        }
+        add_bos = table.get_bool("add_bos", None)
+        gates = self.gates(table, name, models) if table.has("gates") else ()
+        kwargs = dict(
+            name=name, search=search, heldout=None if heldout is None else self.path(heldout),
+            heldout_fraction=fraction, split_seed=table.get_int("split_seed", 0), metric=metric, weight=weight,
+            limit=table.get_int("limit", None, minimum=1), chat_template=table.get_bool("chat_template", False),
+            gates=gates, add_bos=add_bos, **fields,
+        )
+        table.done()
+        try:
+            return TaskSpec(**kwargs)  # type: ignore[arg-type]
+        except FitnessError as exc:
+            raise StudyConfigError(f"{self.file}: {table.where}: {exc}") from None
+
+    def gates(self, task: _Table, name: str, models: ModelsConfig) -> tuple[GateSpec, ...]:
+        table = task.get_table("gates")
+        low = table.get_float("min", None)
+        regression = table.get_float("max_regression", None)
+        against = table.get_str("against", "best")
+        table.done()
+        if low is None and regression is None:
+            raise task.error("gates", "set min, max_regression, or both")
+        if regression is not None and regression < 0:
+            raise table.error("max_regression", f"must be >= 0, got {regression:g}")
+        if against != "best" and against not in models.sources:
+            raise table.error(
+                "against",
+                f"unknown source {against!r}{_did_you_mean(against, list(models.sources))} "
+                f"(expected 'best' or a source: {', '.join(models.sources)})",
+            )
+        try:
+            return (GateSpec(task=name, min=low, max_regression=regression, against=against),)
+        except FitnessError as exc:
+            raise StudyConfigError(f"{self.file}: {table.where}: {exc}") from None
+
+    def execution(self, table: _Table) -> ExecutionConfig:
+        address = table.get_str("address", "")
+        config = ExecutionConfig(
+            backend=table.get_choice("backend", BACKENDS, "ray"),
+            address=address or None,
+            workers=table.get_int("workers", 1, minimum=1),
+            device=table.get_choice("device", DEVICES, "auto"),
+            cpus_per_worker=table.get_float("cpus_per_worker", 1.0),
+            gpus_per_worker=table.get_float("gpus_per_worker", 0.0),
+            batch_size=table.get_int("batch_size", 64, minimum=1),
+            max_worker_restarts=table.get_int("max_worker_restarts", 3, minimum=0),
+        )
+        if config.cpus_per_worker <= 0:
+            raise table.error("cpus_per_worker", f"must be > 0, got {config.cpus_per_worker:g}")
+        if config.gpus_per_worker < 0:
+            raise table.error("gpus_per_worker", f"must be >= 0, got {config.gpus_per_worker:g}")
+        if config.backend == "inline" and config.address:
+            raise table.error("address", "is for backend 'ray'; backend 'inline' runs in this process")
+        table.done()
+        return config
+
