@@ -101,7 +101,7 @@ class RayPool:
             raise SearchError(f"execution.workers: must be >= 1, got {execution.workers}")
         self.size = execution.workers
         self._address = execution.address or os.environ.get("RAY_ADDRESS") or None
-        self._started_runtime = _connect(self._address)
+        self._connected = _connect(self._address)
         self._actors: list[ray.actor.ActorHandle | None] = []
         self._identities: dict[int, dict[str, str | int]] = {}
         self._idle: deque[int] = deque()
@@ -156,7 +156,11 @@ class RayPool:
         return finished
 
     def close(self) -> None:
-        """Stop the actors; stop the Ray runtime only when this pool started it."""
+        """Stop the actors; stop a local runtime this pool started, or leave a cluster it joined.
+
+        A cluster joined by address keeps running (``ray.shutdown`` only disconnects this
+        driver); a runtime that was already connected before the pool is left as it was.
+        """
         for actor in self._actors:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
@@ -164,9 +168,9 @@ class RayPool:
         self._idle.clear()
         self._running.clear()
         self._probes.clear()
-        if self._started_runtime and ray.is_initialized():
+        if self._connected and ray.is_initialized():
             ray.shutdown()
-        self._started_runtime = False
+        self._connected = False
 
     # -- introspection ----------------------------------------------------------------
 
@@ -286,7 +290,7 @@ class RayPool:
 
 
 def _connect(address: str | None) -> bool:
-    """Join ``address`` or start a local runtime; True when this call started one."""
+    """Join ``address`` or start a local runtime; False when Ray was already connected."""
     if ray.is_initialized():
         return False
     quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -303,7 +307,7 @@ def _connect(address: str | None) -> bool:
         raise SearchError(f"execution.address: cannot join the Ray cluster at {address}: {exc}") from exc
     finally:
         quiet.setLevel(previous)
-    return address is None
+    return True
 
 
 def _check_capacity(per_worker: int, execution: ExecutionConfig, *, cuda: bool) -> None:

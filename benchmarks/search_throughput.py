@@ -1,0 +1,182 @@
+"""Search throughput on the demo family: trials per minute with 1 and 2 Ray workers.
+
+Runs the same ask/tell loop the driver runs (Optuna TPE, SQLite storage, a TIES genome
+with per-layer weights and densities) on a ``RayPool`` of 1 and then 2 workers (one
+torch thread each) and reports, per run:
+
+* trials per minute (pool startup and one warm-up trial per worker excluded),
+* the share of a trial spent merging, scoring, and in the driver (sampling, storage
+  writes, decoding and dispatch), where a trial's time is the worker-seconds it takes
+  (``wall × workers / trials``); the rest is Ray messaging and idle time,
+* scaling efficiency: 2-worker rate / (2 × 1-worker rate),
+* the memory estimate next to each worker's measured resident set size.
+
+The last line is one JSON object (fractions from the 2-worker run)::
+
+    python benchmarks/search_throughput.py --trials 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import psutil
+
+from fitness.slices import TaskSpec
+from genome.space import decode, gene_space
+from genome.spec import Bounds, GenomeSpec
+from search.config import ExecutionConfig
+from search.memory import GIB, estimate_worker_memory
+from search.ray_pool import RayPool
+from search.worker import TrialOutcome, WorkerSetup
+
+TASKS = ("shipping", "refunds", "catalog")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    workers: int
+    trials: int
+    wall_s: float
+    merge_s: float  # summed over trials
+    score_s: float
+    driver_s: float  # sampling + storage + decode + dispatch, in the driver
+    rss_bytes: tuple[int, ...]
+
+    @property
+    def trials_per_min(self) -> float:
+        return 60.0 * self.trials / self.wall_s
+
+    def fraction(self, seconds: float) -> float:
+        """Share of the worker-seconds all trials took."""
+        return seconds / (self.wall_s * self.workers)
+
+
+def run(setup: WorkerSetup, workers: int, trials: int, *, storage_dir: Path, seed: int) -> RunResult:
+    spec = GenomeSpec(method="ties", layer_granularity=1, density=Bounds(0.1, 1.0))
+    n_layers = _n_layers(setup.base)
+    sources = {Path(s).name: s for s in setup.sources}
+    space = gene_space(spec, sources=sources, n_layers=n_layers)
+    storage = f"sqlite:///{storage_dir / f'bench-{workers}.db'}"
+    study = optuna.create_study(
+        storage=storage, sampler=optuna.samplers.TPESampler(seed=seed), direction="maximize",
+        study_name=f"throughput-{workers}",
+    )
+    execution = ExecutionConfig(backend="ray", workers=workers, cpus_per_worker=1.0)
+    pool = RayPool(setup, execution)
+    try:
+        in_flight: dict[int, optuna.Trial] = {}
+
+        def ask_and_submit() -> None:
+            trial = study.ask(fixed_distributions=space)
+            recipe = decode(spec, trial.params, base=setup.base, sources=sources, n_layers=n_layers, seed=seed)
+            in_flight[trial.number] = trial
+            pool.submit(trial.number, recipe.to_dict())
+
+        def record(ticket: int, outcome: TrialOutcome) -> None:
+            if outcome.error is not None:
+                raise SystemExit(f"trial {ticket} failed: {outcome.error}")
+            trial = in_flight.pop(ticket)
+            trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
+            trial.set_user_attr("worker", outcome.worker)
+            study.tell(trial, statistics.fmean(outcome.scores.values()))
+
+        # warm-up: one trial per worker (first forward passes allocate and tune)
+        for _ in range(workers):
+            ask_and_submit()
+        while in_flight:
+            for ticket, outcome in pool.wait():
+                record(ticket, outcome)
+
+        asked = finished = 0
+        merge_s = score_s = driver_s = 0.0
+        start = time.perf_counter()
+        while finished < trials:
+            tick = time.perf_counter()
+            while asked < trials and pool.free_slots() > 0:
+                ask_and_submit()
+                asked += 1
+            driver_s += time.perf_counter() - tick
+            results = pool.wait()
+            tick = time.perf_counter()
+            for ticket, outcome in results:
+                merge_s += outcome.merge_s
+                score_s += outcome.score_s
+                record(ticket, outcome)
+                finished += 1
+            driver_s += time.perf_counter() - tick
+        wall = time.perf_counter() - start
+        rss = tuple(psutil.Process(int(w["pid"])).memory_info().rss for w in pool.workers())
+    finally:
+        pool.close()
+    return RunResult(workers, trials, wall, merge_s, score_s, driver_s, rss)
+
+
+def _n_layers(base: str) -> int:
+    config = json.loads((Path(base) / "config.json").read_text())
+    return int(config["num_hidden_layers"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40, help="timed trials per run (default 40)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", type=Path, default=None, help="demo family folder (default: the test cache)")
+    args = parser.parse_args(argv)
+
+    from studies.demo_family import ensure_family
+
+    cache = Path(os.environ.get("MERGESEARCH_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
+    root = args.family or cache / "demo-family"
+    family = ensure_family(root, progress=True)
+    tasks = tuple(
+        TaskSpec(name=t, search=family.data(t, "search"), heldout=family.data(t, "heldout")) for t in TASKS
+    )
+    setup = WorkerSetup(
+        base=str(family.base), sources=tuple(str(family.sources[t]) for t in TASKS), tasks=tasks,
+        device="cpu", dtype="float32", batch_size=64, threads=1,
+    )
+    estimate = estimate_worker_memory(setup)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores", file=sys.stderr)
+
+    results: dict[int, RunResult] = {}
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        for workers in (1, 2):
+            result = run(setup, workers, args.trials, storage_dir=Path(tmp), seed=args.seed)
+            results[workers] = result
+            print(
+                f"{workers} worker(s): {result.trials} trials in {result.wall_s:.1f} s = "
+                f"{result.trials_per_min:.1f} trials/min; merge {result.fraction(result.merge_s):.1%}, "
+                f"score {result.fraction(result.score_s):.1%}, driver {result.fraction(result.driver_s):.1%} "
+                f"of a trial; worker RSS {', '.join(f'{r / GIB:.2f}' for r in result.rss_bytes)} GiB "
+                f"(estimate {estimate / GIB:.2f} GiB)",
+                file=sys.stderr,
+            )
+    one, two = results[1], results[2]
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
+    summary = {
+        "trials_per_min_1": round(one.trials_per_min, 2),
+        "trials_per_min_2": round(two.trials_per_min, 2),
+        "scaling_efficiency": round(two.trials_per_min / (2 * one.trials_per_min), 3),
+        "driver_overhead_frac": round(two.fraction(two.driver_s), 4),
+        "merge_frac": round(two.fraction(two.merge_s), 4),
+        "score_frac": round(two.fraction(two.score_s), 4),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""RayPool on one local Ray runtime: dead workers, ticket bookkeeping, the memory check.
+
+One Ray runtime for the whole module (each ``ray.init`` costs ~6 s on this machine);
+each test builds its own small pool on it. Worker death is made deterministic by
+freezing the actor (SIGSTOP) before handing it a trial and then SIGKILLing it: the
+trial is certainly in flight and never finished when the worker dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from search.errors import SearchError
+from search.memory import (
+    GIB,
+    NodeCapacity,
+    estimate_from_shape,
+    estimate_worker_memory,
+    model_shape,
+    plan_workers,
+)
+from tests.checkpoints import TinyFamily
+
+# -- memory estimate (no Ray) -----------------------------------------------------------
+
+
+def test_estimate_covers_the_resident_checkpoints(llama_family: TinyFamily) -> None:
+    shape = model_shape(str(llama_family.base))
+    weights = sum(path.stat().st_size for path in llama_family.base.glob("*.safetensors"))
+    estimate = estimate_from_shape(shape, n_sources=3, dtype="float32", batch_size=8, seq_len=32)
+    # base + 3 task vectors held resident, plus a live model: at least 5 checkpoints' worth
+    assert estimate.resident + estimate.live_model >= 5 * shape.numel * 4
+    assert shape.numel * 4 <= weights < shape.numel * 4 + 64 * 1024  # header only on top
+    assert estimate.total > estimate.resident + estimate.live_model + estimate.runtime
+
+
+def test_estimate_grows_with_sources_batch_and_width(llama_family: TinyFamily) -> None:
+    shape = model_shape(str(llama_family.base))
+    one = estimate_from_shape(shape, n_sources=1, dtype="float32", batch_size=8).total
+    three = estimate_from_shape(shape, n_sources=3, dtype="float32", batch_size=8).total
+    big_batch = estimate_from_shape(shape, n_sources=1, dtype="float32", batch_size=512).total
+    half = estimate_from_shape(shape, n_sources=1, dtype="bfloat16", batch_size=8).total
+    assert three - one == 2 * 2 * shape.numel * 4 + 2 * shape.largest_tensor * 4
+    assert big_batch > one > half
+
+
+def test_unknown_dtype_is_named() -> None:
+    from search.memory import ModelShape
+
+    shape = ModelShape(numel=10, largest_tensor=5, hidden=4, intermediate=8, vocab=16, max_positions=32)
+    with pytest.raises(SearchError, match="execution dtype.*'int8'"):
+        estimate_from_shape(shape, n_sources=1, dtype="int8", batch_size=1)
+
+
+def test_budget_overrun_names_the_numbers() -> None:
+    per_worker = int(3.1 * GIB)
+    node = NodeCapacity(node="node-a", available=int(7.8 * GIB), slots=4)
+    with pytest.raises(SearchError) as info:
+        plan_workers(per_worker, 4, [node], memory_kind="RAM")
+    message = str(info.value)
+    assert "4 workers × 3.10 GiB needed" in message
+    assert "7.80 GiB RAM available on node node-a" in message
+    assert "lower execution.workers" in message
+    assert plan_workers(per_worker, 2, [node], memory_kind="RAM") == {"node-a": 2}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    per_worker=st.integers(1, 10 * GIB),
+    workers=st.integers(1, 8),
+    nodes=st.lists(st.tuples(st.integers(0, 40 * GIB), st.integers(0, 4)), min_size=1, max_size=4),
+)
+def test_plan_respects_slots_and_memory(per_worker: int, workers: int, nodes: list[tuple[int, int]]) -> None:
+    capacities = [NodeCapacity(node=f"n{i}", available=a, slots=s) for i, (a, s) in enumerate(nodes)]
+    room = sum(min(c.slots, c.available // per_worker) for c in capacities)
+    if room < workers:
+        with pytest.raises(SearchError, match=f"{workers} workers × "):
+            plan_workers(per_worker, workers, capacities, memory_kind="RAM")
+        return
+    plan = plan_workers(per_worker, workers, capacities, memory_kind="RAM")
+    assert sum(plan.values()) == workers
+    by_name = {c.node: c for c in capacities}
+    for name, count in plan.items():
+        assert 0 < count <= by_name[name].slots
+        assert count * per_worker <= by_name[name].available
+
+
+# -- the pool on a real Ray runtime -------------------------------------------------------
+
+
+def write_slice(path: Path, rows: int, *, offset: int) -> Path:
+    """Prompt/answer rows over the tiny vocabulary (w0..w59), distinct prompts."""
+    lines = []
+    for i in range(rows):
+        a, b, c = (offset + i) % 60, (offset + 7 * i) % 60, (offset + 13 * i + i // 60) % 60
+        lines.append(json.dumps({"prompt": f"w{a} w{b} w{c} w{i % 60}", "answer": f"w{(a + b) % 60}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[None]:
+    import ray
+
+    from search.ray_pool import _connect
+
+    started = _connect(None)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup_and_execution(llama_family: TinyFamily, tmp_path_factory: pytest.TempPathFactory):
+    from fitness.slices import TaskSpec
+    from search.config import ExecutionConfig
+    from search.worker import WorkerSetup
+
+    data = tmp_path_factory.mktemp("slices")
+    tasks = tuple(
+        TaskSpec(name=name, search=write_slice(data / f"{name}.jsonl", 40, offset=k * 11), limit=16)
+        for k, name in enumerate(("alpha", "beta"))
+    )
+    setup = WorkerSetup(
+        base=str(llama_family.base), sources=tuple(str(s) for s in llama_family.sources),
+        tasks=tasks, device="cpu", dtype="float32", batch_size=8, threads=1,
+    )
+    execution = ExecutionConfig(backend="ray", workers=2, cpus_per_worker=1.0, max_worker_restarts=3)
+    return setup, execution
+
+
+def uniform_recipe(family: TinyFamily, weights: tuple[float, ...]) -> dict:
+    from merges.recipe import Recipe
+
+    recipe = Recipe.uniform(
+        "linear", None, [str(s) for s in family.sources], 4,
+        tensor_params={"weight": weights}, global_params={"normalize": True},
+    )
+    return recipe.to_dict()
+
+
+def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
+    ray_runtime: None, setup_and_execution, llama_family: TinyFamily
+) -> None:
+    import ray
+
+    from search.ray_pool import RayPool
+
+    setup, execution = setup_and_execution
+    pool = RayPool(setup, execution)
+    try:
+        assert pool.size == 2 and pool.free_slots() == 2
+        before = pool.workers()
+        pids = {int(w["pid"]) for w in before}
+        assert len(pids) == 2 and os.getpid() not in pids
+
+        victim = int(before[0]["pid"])
+        os.kill(victim, signal.SIGSTOP)  # frozen: it will receive the trial but never finish it
+        recipes = {t: uniform_recipe(llama_family, (0.2 + 0.1 * t, 0.3, 0.5)) for t in range(6)}
+        pool.submit(0, recipes[0])  # actor 0 (the frozen one) takes ticket 0
+        pool.submit(1, recipes[1])
+        assert pool.free_slots() == 0
+        for ticket in range(2, 6):  # queued behind the busy workers
+            pool.submit(ticket, recipes[ticket])
+        with pytest.raises(SearchError, match="ticket 3 is already"):
+            pool.submit(3, recipes[3])
+        os.kill(victim, signal.SIGKILL)
+
+        outcomes: dict[int, list] = {}
+        while sum(len(v) for v in outcomes.values()) < 6:
+            finished = pool.wait(timeout=120)
+            assert finished, "pool stalled after a worker died"
+            for ticket, outcome in finished:
+                outcomes.setdefault(ticket, []).append(outcome)
+
+        assert sorted(outcomes) == list(range(6))  # none lost
+        assert all(len(v) == 1 for v in outcomes.values())  # none reported twice
+        for outcome in (v[0] for v in outcomes.values()):
+            assert outcome.error is None, outcome.error
+            assert set(outcome.scores) == {"alpha", "beta"}
+        rerun = outcomes[0][0]
+        assert int(rerun.worker.rsplit(":", 1)[1]) != victim  # re-run on a live worker
+        assert pool.wait(timeout=0) == []  # nothing left over
+
+        # Ray restarted the killed actor (new pid); the pool uses it again
+        after = pool.workers()
+        assert len(after) == 2 and victim not in {int(w["pid"]) for w in after}
+        assert pool.free_slots() == 2
+        # the same recipe gives the same scores on any worker (resident models, in-place merge)
+        pool.submit(10, recipes[0])
+        pool.submit(11, recipes[0])
+        again = dict(pool.wait(timeout=120))
+        while len(again) < 2:
+            again.update(pool.wait(timeout=120))
+        assert again[10].scores == again[11].scores == rerun.scores
+    finally:
+        pool.close()
+    assert ray.is_initialized()  # the pool did not start this runtime, so it leaves it running
+
+
+def test_trials_fail_with_reason_when_no_worker_is_left(
+    ray_runtime: None, setup_and_execution, llama_family: TinyFamily
+) -> None:
+    from dataclasses import replace
+
+    from search.ray_pool import RayPool
+
+    setup, execution = setup_and_execution
+    pool = RayPool(setup, replace(execution, workers=1, max_worker_restarts=0))
+    try:
+        pid = int(pool.workers()[0]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        pool.submit(0, uniform_recipe(llama_family, (0.3, 0.3, 0.4)))
+        pool.submit(1, uniform_recipe(llama_family, (0.5, 0.2, 0.3)))
+        os.kill(pid, signal.SIGKILL)
+        finished = dict(pool.wait(timeout=120))
+        while len(finished) < 2:
+            more = pool.wait(timeout=120)
+            assert more, "pool stalled"
+            finished.update(more)
+        assert sorted(finished) == [0, 1]
+        for outcome in finished.values():
+            assert outcome.scores is None
+            assert outcome.error.startswith("worker died:"), outcome.error
+        with pytest.raises(SearchError, match="no live Ray workers left"):
+            pool.submit(2, uniform_recipe(llama_family, (0.3, 0.3, 0.4)))
+    finally:
+        pool.close()
+
+
+def test_pool_refuses_workers_that_do_not_fit(ray_runtime: None, setup_and_execution) -> None:
+    from dataclasses import replace
+
+    from search.ray_pool import RayPool
+
+    setup, execution = setup_and_execution
+    huge = replace(setup, batch_size=1 << 22)  # activations alone far beyond this machine's RAM
+    need = estimate_worker_memory(huge)
+    with pytest.raises(SearchError, match=rf"2 workers × {need / GIB:.2f} GiB needed"):
+        RayPool(huge, execution)
+    with pytest.raises(SearchError, match="5 workers × 1 CPU requested, the Ray cluster has room for 2"):
+        RayPool(setup, replace(execution, workers=5))
