@@ -1,0 +1,917 @@
+"""Recipe ⇄ mergekit YAML, exactly.
+
+Export writes one ``slices:`` entry per recipe layer group. Each source's ``parameters``
+hold a scalar when every role of the group has the same value, else a list of
+``{filter: <substring>, value: ...}`` entries ending in a catch-all; the filters come
+from :func:`role_filters`, which are checked against every tensor of the layout by
+simulating mergekit's first-match rule before anything is written.
+
+Import reads the ``models:`` and ``slices:`` forms and resolves every parameter the way
+mergekit 0.1.5 does (source > slice > top level; filters by substring, first match;
+gradients interpolated per layer with mergekit's own formula; tensors outside the
+layers take the first slice's values for the embeddings and the last slice's for the
+final norm and head, both at ``t = 0``). Whatever the engine cannot reproduce exactly
+raises :class:`UnsupportedConfigError` with the reason; nothing is approximated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from merges.errors import MergeError, UnsupportedConfigError
+from merges.layout import Layout
+from merges.methods.registry import METHODS, MethodSpec, validate_recipe
+from merges.recipe import ROLES, LayerSlice, Recipe, Scalar
+
+CATCH_ALL_ROLE = "norm"
+"""The role of tensors no filter matches (in-layer norms)."""
+
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+
+_SEED_LINE = re.compile(r"^#\s*mergesearch seed:\s*(-?\d+)\s*$", re.MULTILINE)
+_RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+# -- role filters: architecture knowledge as data ----------------------------------
+
+
+@dataclass(frozen=True)
+class _FilterFamily:
+    """Substring filters that pick each role out of one architecture family's tensor names.
+
+    Order matters (mergekit takes the first match); unmatched tensors are in-layer norms.
+    Filters are chosen to match mergekit's canonical names and the checkpoint's alike.
+    """
+
+    layer_prefixes: tuple[str, ...]
+    filters: tuple[tuple[str, str], ...]
+
+
+_FILTER_FAMILIES: tuple[_FilterFamily, ...] = (
+    _FilterFamily(  # Llama, Mistral, Qwen2, Gemma
+        ("model.layers.", "layers."),
+        (
+            ("self_attn", "attention"),
+            ("mlp", "mlp"),
+            ("block_sparse_moe", "mlp"),
+            ("embed_tokens", "embed"),
+            ("model.rotary_emb", "embed"),
+            ("lm_head", "head"),
+            ("model.norm", "head"),
+        ),
+    ),
+    _FilterFamily(  # GPT-2
+        ("transformer.h.", "h."),
+        (
+            ("ln_cross_attn", "norm"),
+            ("attn", "attention"),
+            ("crossattention", "attention"),
+            ("mlp", "mlp"),
+            ("wte", "embed"),
+            ("wpe", "embed"),
+            ("ln_f", "head"),
+            ("lm_head", "head"),
+        ),
+    ),
+    _FilterFamily(  # GPT-NeoX
+        ("gpt_neox.layers.",),
+        (
+            ("attention", "attention"),
+            ("mlp", "mlp"),
+            ("embed_in", "embed"),
+            ("gpt_neox.rotary_emb", "embed"),
+            ("final_layer_norm", "head"),
+            ("embed_out", "head"),
+            ("lm_head", "head"),
+        ),
+    ),
+    _FilterFamily(  # BERT
+        ("bert.encoder.layer.", "encoder.layer."),
+        (
+            ("embeddings", "embed"),
+            ("attention.output.LayerNorm", "norm"),
+            ("attention", "attention"),
+            ("intermediate", "mlp"),
+            ("output.LayerNorm", "norm"),
+            ("output.dense", "mlp"),
+            ("pooler", "head"),
+            ("cls.", "head"),
+        ),
+    ),
+)
+
+
+def role_filters(layout: Layout) -> list[tuple[str, str]]:
+    """``(substring filter, role)`` pairs that, by mergekit's first-match rule with a
+    catch-all for ``norm``, give every tensor of ``layout`` its own role.
+
+    Only filters that match some tensor of the layout are kept. Raises
+    ``UnsupportedConfigError`` naming the first tensor they would give the wrong role.
+    """
+    family = next((f for f in _FILTER_FAMILIES if layout.layer_prefix in f.layer_prefixes), None)
+    if family is None:
+        raise UnsupportedConfigError(
+            f"no mergekit role filters for layer prefix {layout.layer_prefix!r} "
+            f"(known: {sorted(p for f in _FILTER_FAMILIES for p in f.layer_prefixes)})"
+        )
+    names = layout.names
+    filters = [(sub, role) for sub, role in family.filters if any(sub in name for name in names)]
+    for info in layout.tensors:
+        matched = next(((sub, role) for sub, role in filters if sub in info.name), None)
+        got = matched[1] if matched else CATCH_ALL_ROLE
+        if got != info.role:
+            via = f"filter {matched[0]!r}" if matched else "the catch-all"
+            raise UnsupportedConfigError(
+                f"tensor {info.name!r} has role {info.role!r} but {via} would give it {got!r}; "
+                "mergekit filters cannot express this layout's roles"
+            )
+    return filters
+
+
+# -- the method table, seen from mergekit ------------------------------------------
+
+
+def _method(name: str, where: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnsupportedConfigError(
+            f"{where}: merge_method {name!r} is not one the engine implements (known: {sorted(METHODS)})"
+        ) from None
+
+
+# -- export ------------------------------------------------------------------------
+
+
+class _FlowDumper(yaml.SafeDumper):
+    """Plain YAML; short lists of numbers (layer ranges) in flow style like mergekit writes."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[object]) -> yaml.SequenceNode:
+    flow = bool(data) and all(isinstance(e, int | float) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+class _FilterEntry(dict[str, object]):
+    """One ``{filter: ..., value: ...}`` entry, written on one line."""
+
+
+def _represent_entry(dumper: yaml.SafeDumper, data: _FilterEntry) -> yaml.MappingNode:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True)
+
+
+_FlowDumper.add_representer(list, _represent_list)
+_FlowDumper.add_representer(_FilterEntry, _represent_entry)
+
+
+def _check_path(path: str, what: str) -> None:
+    # mergekit parses "a+b" as a LoRA and "a@rev" as a revision.
+    if "+" in path or "@" in path:
+        raise UnsupportedConfigError(
+            f"{what} path {path!r} contains '+' or '@', which mergekit reads as a LoRA or a revision"
+        )
+
+
+def _scalar_out(value: Scalar) -> float | bool:
+    if isinstance(value, bool):
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        raise UnsupportedConfigError(f"value {value!r} is not finite; mergekit YAML cannot hold it")
+    return value
+
+
+def _setting(values: Sequence[Scalar], filters: Sequence[tuple[str, str]]) -> object:
+    """One role-indexed row as a mergekit setting: a scalar, or filters plus a catch-all."""
+    by_role = dict(zip(ROLES, (_scalar_out(v) for v in values), strict=True))
+    first = by_role[ROLES[0]]
+    if all(v == first and type(v) is type(first) for v in by_role.values()):
+        return first
+    entries = [_FilterEntry(filter=sub, value=by_role[role]) for sub, role in filters]
+    entries.append(_FilterEntry(value=by_role[CATCH_ALL_ROLE]))
+    return entries
+
+
+def _verify_setting(setting: object, values: Sequence[Scalar], layout: Layout, where: str) -> None:
+    """Simulate mergekit on every tensor of the layout; the role's value must come out."""
+    if not isinstance(setting, list):
+        return
+    conditions = tuple(_Condition(e.get("filter"), e["value"]) for e in setting)  # type: ignore[union-attr]
+    for info in layout.tensors:
+        got = _evaluate(conditions, info.name, 0.0, _as_float_or_bool, where)
+        want = _scalar_out(values[ROLES.index(info.role)])
+        if got != want:
+            raise UnsupportedConfigError(
+                f"{where}: mergekit would give tensor {info.name!r} ({info.role}) {got!r}, not {want!r}"
+            )
+
+
+def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> str:
+    """The mergekit 0.1.5 ``slices:`` config that rebuilds ``recipe`` exactly.
+
+    ``layout`` is the base checkpoint's layer map (for the role filters). ``header`` is
+    written as ``#`` comment lines at the top.
+    """
+    try:
+        validate_recipe(recipe)
+    except MergeError as exc:
+        raise UnsupportedConfigError(f"recipe cannot be exported: {exc}") from exc
+    spec = _method(recipe.method, "recipe")
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    if recipe.method in _RANDOM_METHODS:
+        lines += [
+            f"# {recipe.method} drops entries at random; the engine seeds its masks per tensor.",
+            f"# `mergekit-yaml --random-seed {recipe.seed}` reproduces them in distribution,",
+            "# not bit for bit.",
+        ]
+    if recipe.method in _RANDOM_METHODS or recipe.seed != 0:
+        lines.append(f"# mergesearch seed: {recipe.seed}")
+
+    config: dict[str, object] = {"merge_method": recipe.method}
+    if recipe.base is not None:
+        _check_path(recipe.base, "base_model")
+        config["base_model"] = recipe.base
+    if recipe.dtype not in DTYPES:
+        raise UnsupportedConfigError(f"recipe dtype {recipe.dtype!r} is not one of {DTYPES}")
+    config["dtype"] = recipe.dtype
+    if recipe.out_dtype is not None:
+        if recipe.out_dtype not in DTYPES:
+            raise UnsupportedConfigError(f"recipe out_dtype {recipe.out_dtype!r} is not one of {DTYPES}")
+        config["out_dtype"] = recipe.out_dtype
+    if recipe.base is not None:
+        config["tokenizer_source"] = "base"
+
+    if recipe.layer_slices:
+        config["slices"] = _passthrough_slices(recipe)
+    else:
+        config.update(_layer_group_slices(recipe, spec, layout))
+    body = yaml.dump(config, Dumper=_FlowDumper, sort_keys=False, default_flow_style=False, width=100)
+    return "\n".join([*lines, body.rstrip(), ""]) if lines else body
+
+
+def _passthrough_slices(recipe: Recipe) -> list[dict[str, object]]:
+    if recipe.tensor_params or recipe.global_params:
+        raise UnsupportedConfigError(
+            "passthrough recipe: parameters other than each layer slice's scale cannot be exported "
+            f"(got {sorted([*recipe.tensor_params, *recipe.global_params])})"
+        )
+    expected, start = [], 0
+    for piece in recipe.layer_slices:
+        expected.append((start, start + piece.end - piece.start))
+        start += piece.end - piece.start
+    if tuple(expected) != recipe.groups:
+        raise UnsupportedConfigError(
+            f"passthrough recipe: groups {list(recipe.groups)} are not the output layers of its "
+            f"layer_slices {expected}"
+        )
+    slices: list[dict[str, object]] = []
+    for piece in recipe.layer_slices:
+        _check_path(piece.model, "layer slice model")
+        source: dict[str, object] = {"model": piece.model, "layer_range": [piece.start, piece.end]}
+        if piece.scale != 1.0:
+            source["parameters"] = {"scale": _scalar_out(piece.scale)}
+        slices.append({"sources": [source]})
+    return slices
+
+
+def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dict[str, object]:
+    if recipe.n_layers != layout.n_layers:
+        raise UnsupportedConfigError(
+            f"recipe groups cover {recipe.n_layers} layers but the base has {layout.n_layers}"
+        )
+    # A base listed among a base method's sources merges as the base (mergekit and the
+    # engine ignore its per-source values); it is written once, last, as mergekit adds it.
+    merged = [s for s in recipe.sources if not (spec.needs_base and s == recipe.base)]
+    inputs = list(merged)
+    if spec.needs_base:
+        if recipe.base is None:
+            raise UnsupportedConfigError(f"{recipe.method} needs a base model")
+        inputs.append(recipe.base)  # mergekit requires the base as a source of every slice
+    for path in inputs:
+        _check_path(path, "source")
+    duplicates = sorted({p for p in inputs if inputs.count(p) > 1})
+    if duplicates:
+        raise UnsupportedConfigError(f"model(s) {duplicates} appear twice among the merge inputs")
+
+    filters = role_filters(layout)
+    top_level: dict[str, object] = {}
+    per_group_globals: list[str] = []
+    for name, table in recipe.global_params.items():
+        cells = {(type(v), v) for row in table for v in row}
+        if len(cells) == 1:
+            top_level[name] = _scalar_out(table[0][0])
+        else:
+            per_group_globals.append(name)
+
+    slices: list[dict[str, object]] = []
+    for group, (start, end) in enumerate(recipe.groups):
+        sources: list[dict[str, object]] = []
+        for model in merged:
+            index = recipe.sources.index(model)
+            params: dict[str, object] = {}
+            for name, table in recipe.tensor_params.items():
+                values = [cell[index] for cell in table[group]]
+                params[name] = _setting(values, filters)
+                _verify_setting(params[name], values, layout, f"slice {group}, {model}, {name}")
+            source: dict[str, object] = {"model": model, "layer_range": [start, end]}
+            if params:
+                source["parameters"] = params
+            sources.append(source)
+        if spec.needs_base:
+            sources.append({"model": recipe.base, "layer_range": [start, end]})
+        entry: dict[str, object] = {"sources": sources}
+        if per_group_globals:
+            slice_params: dict[str, object] = {}
+            for name in per_group_globals:
+                row = recipe.global_params[name][group]
+                slice_params[name] = _setting(row, filters)
+                _verify_setting(slice_params[name], row, layout, f"slice {group}, {name}")
+            entry["parameters"] = slice_params
+        slices.append(entry)
+    out: dict[str, object] = {}
+    if top_level:
+        out["parameters"] = top_level
+    out["slices"] = slices
+    return out
+
+
+# -- import: mergekit's parameter semantics ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Condition:
+    filter: str | None
+    value: object  # a scalar or a gradient list
+
+
+@dataclass(frozen=True)
+class _Source:
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Source, ...]
+    parameters: Mapping[str, object]
+    where: str
+
+
+def _as_float_or_bool(value: object) -> float | bool:
+    return value if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, bool | int | float | str)
+
+
+def _evaluate(setting: object, tensor_name: str, t: float, validate: _Validator, where: str) -> Scalar | None:
+    """mergekit.config.evaluate_setting, for one tensor at gradient position ``t``."""
+    if isinstance(setting, _Condition):
+        setting = (setting,)
+    if _is_scalar(setting):
+        return validate(setting)
+    if isinstance(setting, tuple | list):
+        if not setting:
+            return None
+        if all(_is_scalar(e) for e in setting):
+            values = [validate(e) for e in setting]
+            if not all(isinstance(v, float) for v in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return validate((1 - frac) * values[i0] + frac * values[i1])  # type: ignore[operator]
+        for cond in setting:
+            if not isinstance(cond, _Condition):
+                raise UnsupportedConfigError(f"{where}: a list mixes filter entries and plain values")
+            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+                return _evaluate(cond.value, tensor_name, t, validate, where)
+        return None
+    raise UnsupportedConfigError(f"{where}: unexpected parameter value {setting!r}")
+
+
+class _Validator:
+    """Coerces a YAML scalar to a parameter's type the way mergekit's pydantic does."""
+
+    def __init__(self, kind: type, where: str) -> None:
+        self.kind = kind
+        self.where = where
+
+    def __call__(self, value: object) -> Scalar:
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[value.lower()]
+            raise UnsupportedConfigError(f"{self.where}: expected true/false, got {value!r}")
+        if isinstance(value, bool):
+            raise UnsupportedConfigError(f"{self.where}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-3 (no dot) as a string; pydantic parses it
+            except ValueError:
+                pass
+        raise UnsupportedConfigError(f"{self.where}: expected a number, got {value!r}")
+
+
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
+               "1": True, "0": False, "t": True, "f": False, "y": True, "n": False}
+
+
+def _has_gradient(setting: object) -> bool:
+    if isinstance(setting, _Condition):
+        return _has_gradient(setting.value)
+    if isinstance(setting, tuple | list):
+        return any(_has_gradient(e) for e in setting) if not all(_is_scalar(e) for e in setting) else len(setting) > 1
+    return False
+
+
+def _parse_setting(raw: object, where: str) -> object:
+    """YAML value -> scalar, gradient tuple, or tuple of _Condition (mergekit's ParameterSetting)."""
+    if isinstance(raw, Mapping):
+        return (_condition(raw, where),)
+    if isinstance(raw, list):
+        if all(_is_scalar(e) for e in raw):
+            return tuple(raw)
+        if all(isinstance(e, Mapping) for e in raw):
+            return tuple(_condition(e, where) for e in raw)
+        raise UnsupportedConfigError(f"{where}: a list mixes filter entries and plain values")
+    if _is_scalar(raw):
+        return raw
+    raise UnsupportedConfigError(f"{where}: unexpected parameter value {raw!r}")
+
+
+def _condition(raw: Mapping[str, object], where: str) -> _Condition:
+    extra = set(raw) - {"filter", "value"}
+    if extra or "value" not in raw:
+        raise UnsupportedConfigError(f"{where}: a filter entry needs 'value' (and optional 'filter'), got {dict(raw)}")
+    value = raw["value"]
+    if not (_is_scalar(value) or (isinstance(value, list) and all(_is_scalar(e) for e in value))):
+        raise UnsupportedConfigError(f"{where}: filter entry value must be a scalar or a gradient list")
+    filt = raw.get("filter")
+    if filt is not None and not isinstance(filt, str):
+        raise UnsupportedConfigError(f"{where}: filter must be a string, got {filt!r}")
+    return _Condition(filt, tuple(value) if isinstance(value, list) else value)
+
+
+# -- import ------------------------------------------------------------------------
+
+_TOP_KEYS = frozenset({
+    "merge_method", "base_model", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+    "chat_template", "parameters", "models", "slices", "modules",
+})
+
+
+@dataclass(frozen=True)
+class _Parameter:
+    """One parameter of a method as mergekit resolves it."""
+
+    name: str
+    per_source: bool  # resolved once per input model (weight, density...) vs shared (lambda...)
+    kind: type  # float or bool
+    default: Scalar | None  # None: required
+
+
+def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
+    params = {
+        name: _Parameter(name, True, float, default) for name, default in spec.tensor_params.items()
+    }
+    for name, default in spec.global_params.items():
+        kind = bool if isinstance(default, bool) else float
+        params[name] = _Parameter(name, False, kind, default)
+    return params
+
+
+def _read_source(source: str | Path) -> tuple[str, str, Path]:
+    """(text, name for messages, folder that relative model paths are relative to)."""
+    is_file = isinstance(source, Path) or ("\n" not in source and source.strip().endswith((".yaml", ".yml")))
+    if not is_file:
+        return str(source), "<mergekit yaml>", Path.cwd()
+    path = Path(source).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UnsupportedConfigError(f"{path}: cannot read mergekit config: {exc.strerror}") from exc
+    return text, str(path), path.absolute().parent
+
+
+def recipe_from_mergekit(
+    source: str | Path, *, base_dir: Path | None = None, layout: Layout | None = None
+) -> Recipe:
+    """The recipe a mergekit 0.1.5 config describes, or ``UnsupportedConfigError`` with the reason.
+
+    ``source`` is a YAML file path or the YAML text. Relative model paths resolve against
+    ``base_dir`` (default: the YAML's folder, or the working folder for text). ``layout``
+    is the base's layer map; by default it is read from the base checkpoint (or the first
+    model's), as are the tensor dtypes when the config sets no ``dtype``.
+    """
+    text, where, folder = _read_source(source)
+    root = (base_dir or folder).expanduser().absolute()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UnsupportedConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise UnsupportedConfigError(f"{where}: expected a mapping at the top level")
+    unknown = sorted(set(map(str, data)) - _TOP_KEYS)
+    if unknown:
+        raise UnsupportedConfigError(f"{where}: unknown top-level key(s) {unknown}")
+    for key, reason in (("modules", "per-module configs"), ("chat_template", "chat_template changes")):
+        if data.get(key) is not None:
+            raise UnsupportedConfigError(f"{where}: {key}: {reason} are not supported by the engine")
+    _check_tokenizer(data, where)
+
+    method = data.get("merge_method")
+    if not isinstance(method, str):
+        raise UnsupportedConfigError(f"{where}: merge_method is missing")
+    spec = _method(method, where)
+    base = _model_path(data["base_model"], f"{where}: base_model", root) if data.get("base_model") else None
+    dtype = _dtype(data.get("dtype"), f"{where}: dtype")
+    out_dtype = _dtype(data.get("out_dtype"), f"{where}: out_dtype")
+    top = _parameters(data.get("parameters"), f"{where}: parameters")
+
+    if (data.get("models") is None) == (data.get("slices") is None):
+        raise UnsupportedConfigError(f"{where}: needs exactly one of 'models' or 'slices'")
+    first_model = base
+    if data.get("models") is not None:
+        models = _model_list(data["models"], where, root)
+        first_model = first_model or models[0][0]
+    else:
+        slices = _slice_list(data["slices"], where, root, base)
+        first_model = first_model or slices[0].sources[0].model
+
+    checkpoint_layout, dtypes = _checkpoint_facts(first_model, layout, dtype is None, where)
+    if data.get("models") is not None:
+        slices = [_models_as_slice(models, base, checkpoint_layout.n_layers, method, spec, where)]
+    if dtype is None:
+        referenced = {s.model for sl in slices for s in sl.sources} | ({base} if base else set())
+        dtype = _implied_dtype(referenced, dtypes, where)
+
+    seed_match = _SEED_LINE.search(text)
+    seed = int(seed_match.group(1)) if seed_match else 0
+    if method == "passthrough" and not _in_place(slices, checkpoint_layout):
+        recipe = _passthrough_recipe(slices, top, base, checkpoint_layout, spec, where)
+    else:
+        recipe = _layer_group_recipe(method, slices, top, base, checkpoint_layout, spec, where)
+    recipe = Recipe(
+        recipe.method, recipe.base, recipe.sources, recipe.groups, recipe.tensor_params,
+        recipe.global_params, recipe.layer_slices, dtype, out_dtype, seed,
+    )
+    try:
+        validate_recipe(recipe)
+    except MergeError as exc:
+        raise UnsupportedConfigError(f"{where}: {exc}") from exc
+    return recipe
+
+
+def _check_tokenizer(data: Mapping[str, object], where: str) -> None:
+    source = data.get("tokenizer_source")
+    if source is not None and source != "base":
+        raise UnsupportedConfigError(
+            f"{where}: tokenizer_source {source!r}: only the base tokenizer is supported "
+            "(a union or another model's vocabulary changes the embeddings)"
+        )
+    tokenizer = data.get("tokenizer")
+    if tokenizer is None:
+        return
+    if source is not None:
+        raise UnsupportedConfigError(f"{where}: both tokenizer_source and tokenizer are set")
+    if not isinstance(tokenizer, Mapping) or tokenizer.get("source", "union") != "base":
+        raise UnsupportedConfigError(
+            f"{where}: tokenizer: only {{source: base}} is supported (mergekit's default is a union)"
+        )
+    extra = sorted(k for k, v in tokenizer.items() if k != "source" and v is not None)
+    if extra:
+        raise UnsupportedConfigError(f"{where}: tokenizer: {extra} change the vocabulary; not supported")
+
+
+def _model_path(raw: object, where: str, root: Path) -> str:
+    if isinstance(raw, Mapping):
+        raise UnsupportedConfigError(f"{where}: model references with LoRA/revision fields are not supported")
+    if not isinstance(raw, str) or not raw:
+        raise UnsupportedConfigError(f"{where}: expected a model path, got {raw!r}")
+    if "+" in raw:
+        raise UnsupportedConfigError(f"{where}: {raw!r} names a LoRA (model+lora); not supported")
+    if "@" in raw:
+        raise UnsupportedConfigError(f"{where}: {raw!r} names a revision (model@rev); not supported")
+    path = Path(raw).expanduser()
+    return str(path) if path.is_absolute() else str(Path(root, path))
+
+
+def _dtype(raw: object, where: str) -> str | None:
+    if raw is None:
+        return None
+    name = str(raw).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UnsupportedConfigError(f"{where}: {raw!r} is not one of {DTYPES}")
+    return name
+
+
+def _parameters(raw: object, where: str) -> dict[str, object]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise UnsupportedConfigError(f"{where}: expected a mapping of parameters")
+    return {str(k): _parse_setting(v, f"{where}.{k}") for k, v in raw.items()}
+
+
+def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, dict[str, object]]]:
+    if not isinstance(raw, list) or not raw:
+        raise UnsupportedConfigError(f"{where}: models: expected a non-empty list")
+    out = []
+    for i, entry in enumerate(raw):
+        here = f"{where}: models[{i}]"
+        if not isinstance(entry, Mapping) or "model" not in entry or set(entry) - {"model", "parameters"}:
+            raise UnsupportedConfigError(f"{here}: expected {{model, parameters}}")
+        out.append((_model_path(entry["model"], here, root), _parameters(entry.get("parameters"), f"{here}.parameters")))
+    return out
+
+
+def _slice_list(raw: object, where: str, root: Path, base: str | None) -> list[_Slice]:
+    if not isinstance(raw, list) or not raw:
+        raise UnsupportedConfigError(f"{where}: slices: expected a non-empty list")
+    out = []
+    for i, entry in enumerate(raw):
+        here = f"{where}: slices[{i}]"
+        if not isinstance(entry, Mapping) or "sources" not in entry:
+            raise UnsupportedConfigError(f"{here}: expected a mapping with 'sources'")
+        extra = sorted(set(entry) - {"sources", "parameters", "base_model", "residual_weight"})
+        if extra:
+            raise UnsupportedConfigError(f"{here}: unknown key(s) {extra}")
+        if entry.get("residual_weight") is not None:
+            raise UnsupportedConfigError(f"{here}: residual_weight is not supported")
+        if entry.get("base_model") is not None and _model_path(entry["base_model"], here, root) != base:
+            raise UnsupportedConfigError(f"{here}: a per-slice base_model different from the top-level one is not supported")
+        if not isinstance(entry["sources"], list) or not entry["sources"]:
+            raise UnsupportedConfigError(f"{here}: sources: expected a non-empty list")
+        sources = []
+        for j, src in enumerate(entry["sources"]):
+            there = f"{here}.sources[{j}]"
+            if not isinstance(src, Mapping) or set(src) - {"model", "layer_range", "parameters"} or "model" not in src:
+                raise UnsupportedConfigError(f"{there}: expected {{model, layer_range, parameters}}")
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                    and 0 <= lr[0] < lr[1]):
+                raise UnsupportedConfigError(f"{there}: layer_range must be [start, end] with 0 <= start < end, got {lr!r}")
+            sources.append(_Source(_model_path(src["model"], there, root), (lr[0], lr[1]),
+                                   _parameters(src.get("parameters"), f"{there}.parameters")))
+        out.append(_Slice(tuple(sources), _parameters(entry.get("parameters"), f"{here}.parameters"), here))
+    return out
+
+
+def _models_as_slice(models: list[tuple[str, dict[str, object]]], base: str | None, n_layers: int,
+                     method: str, spec: MethodSpec, where: str) -> _Slice:
+    """mergekit's normalize_config: one slice over all layers, the base appended when absent."""
+    sources = [_Source(model, (0, n_layers), params) for model, params in models]
+    if base is not None and base not in (m for m, _ in models):
+        if not spec.needs_base:
+            raise UnsupportedConfigError(
+                f"{where}: {method} with base_model {base!r} not among models: mergekit would add the "
+                "base as an input without parameters"
+            )
+        sources.append(_Source(base, (0, n_layers), {}))
+    return _Slice(tuple(sources), {}, f"{where}: models")
+
+
+def _checkpoint_facts(model: str | None, layout: Layout | None, need_dtypes: bool,
+                      where: str) -> tuple[Layout, dict[str, object]]:
+    if layout is not None and not need_dtypes:
+        return layout, {}
+    from merges.checkpoint import open_checkpoint  # only when the checkpoint must be read
+
+    if model is None:
+        raise UnsupportedConfigError(f"{where}: no model to read the layer map from")
+    checkpoint = open_checkpoint(model)
+    return layout or checkpoint.layout, {model: checkpoint}
+
+
+def _implied_dtype(models: set[str], opened: dict[str, object], where: str) -> str:
+    """With no ``dtype`` mergekit computes in the stored dtype; exact only when all are float32."""
+    import torch
+
+    from merges.checkpoint import Checkpoint, open_checkpoint
+
+    for model in sorted(models):
+        checkpoint = opened.get(model)
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = open_checkpoint(model)
+        odd = next((n for n, d in checkpoint.dtypes.items() if d.is_floating_point and d != torch.float32), None)
+        if odd is not None:
+            raise UnsupportedConfigError(
+                f"{where}: no dtype is set and {model} stores {odd!r} as {checkpoint.dtypes[odd]}; "
+                "set dtype explicitly"
+            )
+    return "float32"
+
+
+Probes = dict[str, list[tuple[str, float]]]  # role -> (tensor name, gradient position t)
+
+
+def _probes(layout: Layout, layers: Sequence[tuple[int, int | None, float]], first: bool, last: bool) -> Probes:
+    """The tensors whose parameters one layer group decides, per role, each with its ``t``.
+
+    ``layers`` holds (layer of the base layout, name of that layer in the input model or
+    None for the same, t). Embeddings count only in the first group and the final norm /
+    head only in the last, both at ``t = 0`` (mergekit plans them with the first/last
+    slice's reader at t = 0). A role no tensor of the group has is probed on the first
+    tensor of that role anywhere (its value then changes no tensor but must round-trip).
+    """
+    probes: Probes = {role: [] for role in ROLES}
+    for layer, input_layer, t in layers:
+        for info in layout.layer_tensors(layer):
+            name = info.name if input_layer is None else layout.rename_layer(info.name, input_layer)
+            probes[info.role].append((name, t))
+    for info in layout.tensors:
+        if info.layer is None and ((info.role == "embed" and first) or (info.role == "head" and last)):
+            probes[info.role].append((info.name, 0.0))
+    for role, found in probes.items():
+        if not found:
+            probes[role] = [(next((i.name for i in layout.tensors if i.role == role), ""), 0.0)]
+    return probes
+
+
+def _resolve(param: _Parameter, chain: Sequence[Mapping[str, object]], tensor: str, t: float,
+             where: str) -> Scalar | None:
+    """mergekit.parameter_resolver.resolve_parameter: first scope whose setting gives a value."""
+    validate = _Validator(param.kind, f"{where}: {param.name}")
+    for scope in chain:
+        if param.name in scope:
+            value = _evaluate(scope[param.name], tensor, t, validate, where)
+            if value is not None:
+                return value
+    return param.default
+
+
+def _role_value(param: _Parameter, chain: Sequence[Mapping[str, object]], role: str,
+                probes: list[tuple[str, float]], where: str) -> Scalar:
+    values = [(name, _resolve(param, chain, name, t, where)) for name, t in probes]
+    first_name, first = values[0]
+    for name, value in values[1:]:
+        if value != first or type(value) is not type(first):
+            raise UnsupportedConfigError(
+                f"{where}: {param.name} is {first!r} for {first_name!r} but {value!r} for {name!r}, both "
+                f"{role} tensors of one layer group; the engine sets one value per layer group and "
+                "role, so a filter must select whole roles"
+            )
+    if first is None:
+        raise UnsupportedConfigError(f"{where}: missing required parameter {param.name!r} (tensor {first_name!r})")
+    return first
+
+
+def _check_parameter_names(slices: Sequence[_Slice], top: Mapping[str, object], method: str,
+                           params: Mapping[str, _Parameter], where: str) -> None:
+    scopes: list[tuple[str, Mapping[str, object], bool]] = [(f"{where}: parameters", top, False)]
+    for sl in slices:
+        scopes.append((f"{sl.where}.parameters", sl.parameters, False))
+        scopes += [(f"{sl.where} ({s.model}).parameters", s.parameters, True) for s in sl.sources]
+    for here, scope, is_source in scopes:
+        for name in scope:
+            if name not in params:
+                raise UnsupportedConfigError(
+                    f"{here}: {name!r} is not a parameter of {method} (known: {sorted(params)}; "
+                    "mergekit would ignore it)"
+                )
+            if is_source and not params[name].per_source:
+                raise UnsupportedConfigError(
+                    f"{here}: {name!r} is shared by all models; mergekit ignores it in a source's "
+                    "parameters (put it in the slice's or the top-level parameters)"
+                )
+
+
+def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Mapping[str, object], base: str | None,
+                        layout: Layout, spec: MethodSpec, where: str) -> Recipe:
+    params = _parameters_of(spec)
+    _check_parameter_names(slices, top, method, params, where)
+    order: tuple[str, ...] | None = None
+    start = 0
+    for sl in slices:
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        ranges = sorted({s.layer_range for s in sl.sources})
+        if ranges != [(start, start + length)]:
+            raise UnsupportedConfigError(
+                f"{sl.where}: sources use layer ranges {ranges} for output layers "
+                f"[{start}, {start + length}); {method} merges layer i of every model into layer i, "
+                "so every source of a slice must use the slice's own output range"
+            )
+        models = [s.model for s in sl.sources]
+        if len(set(models)) != len(models):
+            raise UnsupportedConfigError(f"{sl.where}: a model is listed twice ({models})")
+        if spec.needs_base and base not in models:
+            raise UnsupportedConfigError(
+                f"{sl.where}: the base model must be listed as a source of every slice "
+                f"({method} needs it; mergekit refuses the slice otherwise)"
+            )
+        inputs = tuple(m for m in models if not (spec.needs_base and m == base))
+        if order is not None and inputs != order:
+            raise UnsupportedConfigError(
+                f"{sl.where}: models {list(inputs)} differ from the first slice's {list(order)}; "
+                "every layer group must merge the same models in the same order"
+            )
+        order = inputs
+        start += length
+    if start != layout.n_layers:
+        raise UnsupportedConfigError(f"{where}: slices give {start} layers but the base has {layout.n_layers}")
+    assert order is not None
+
+    def mentioned(param: _Parameter) -> bool:
+        scopes = [top, *(sl.parameters for sl in slices)]
+        if param.per_source:
+            scopes += [s.parameters for sl in slices for s in sl.sources if s.model in order]
+        return any(param.name in scope for scope in scopes)
+
+    used = [p for p in params.values() if mentioned(p)]
+    missing = [p.name for p in params.values() if p.default is None and not mentioned(p)]
+    if missing:
+        raise UnsupportedConfigError(f"{where}: missing required parameter(s) {missing} for {method}")
+
+    # (slice, its first layer, the layers of this group)
+    plan: list[tuple[_Slice, int, int, range]] = []
+    for sl in slices:
+        lo, hi = sl.sources[0].layer_range
+        chain = [top, sl.parameters, *(s.parameters for s in sl.sources)]
+        if any(_has_gradient(v) for scope in chain for v in scope.values()):
+            plan += [(sl, lo, hi, range(layer, layer + 1)) for layer in range(lo, hi)]
+        else:
+            plan.append((sl, lo, hi, range(lo, hi)))
+
+    groups = tuple((r.start, r.stop) for _, _, _, r in plan)
+    tensor_rows: dict[str, list[tuple[tuple[float, ...], ...]]] = {p.name: [] for p in used if p.per_source}
+    global_rows: dict[str, list[tuple[Scalar, ...]]] = {p.name: [] for p in used if not p.per_source}
+    for index, (sl, lo, hi, layers) in enumerate(plan):
+        ts = [(layer, None, (layer - lo) / (hi - lo - 1) if hi - lo > 1 else 1.0) for layer in layers]
+        probes = _probes(layout, ts, index == 0, index == len(plan) - 1)
+        here = f"{sl.where} layers [{layers.start}, {layers.stop})"
+        for param in used:
+            if param.per_source:
+                cells = []
+                for role in ROLES:
+                    cell = []
+                    for model in order:
+                        chain = [s.parameters for s in sl.sources if s.model == model] + [sl.parameters, top]
+                        cell.append(float(_role_value(param, chain, role, probes[role], f"{here} ({model})")))
+                    cells.append(tuple(cell))
+                tensor_rows[param.name].append(tuple(cells))
+            else:
+                chain = [sl.parameters, top]
+                global_rows[param.name].append(
+                    tuple(_role_value(param, chain, role, probes[role], here) for role in ROLES)
+                )
+    return Recipe(
+        method, base, order, groups,
+        tensor_params={k: tuple(v) for k, v in tensor_rows.items()},
+        global_params={k: tuple(v) for k, v in global_rows.items()},
+    )
+
+
+def _passthrough_recipe(slices: Sequence[_Slice], top: Mapping[str, object], base: str | None,
+                        layout: Layout, spec: MethodSpec, where: str) -> Recipe:
+    scale = _Parameter("scale", True, float, 1.0)
+    _check_parameter_names(slices, top, "passthrough", {"scale": scale}, where)
+    pieces: list[LayerSlice] = []
+    for index, sl in enumerate(slices):
+        if len(sl.sources) != 1:
+            raise UnsupportedConfigError(f"{sl.where}: passthrough takes exactly one source per slice")
+        source = sl.sources[0]
+        lo, hi = source.layer_range
+        # Per-source parameters match the input model's names: base layer 0 renamed to lo + i.
+        layers = [(0, lo + i, i / (hi - lo - 1) if hi - lo > 1 else 1.0) for i in range(hi - lo)]
+        probes = _probes(layout, layers, index == 0, index == len(slices) - 1)
+        chain = [source.parameters, sl.parameters, top]
+        values = {float(_role_value(scale, chain, role, probes[role], sl.where)) for role in ROLES
+                  if index in (0, len(slices) - 1) or role not in ("embed", "head")}
+        if len(values) > 1:
+            raise UnsupportedConfigError(
+                f"{sl.where}: scale differs between roles ({sorted(values)}); the engine applies one "
+                "scale per layer slice"
+            )
+        pieces.append(LayerSlice(source.model, lo, hi, values.pop()))
+    groups, start = [], 0
+    for piece in pieces:
+        groups.append((start, start + piece.end - piece.start))
+        start += piece.end - piece.start
+    sources = tuple(dict.fromkeys(p.model for p in pieces))
+    return Recipe("passthrough", base, sources, tuple(groups), layer_slices=tuple(pieces))
+
+
+def _in_place(slices: Sequence[_Slice], layout: Layout) -> bool:
+    """One model's layers, each kept where it is: a passthrough the layer-group form describes."""
+    models = {s.model for sl in slices for s in sl.sources}
+    start = 0
+    for sl in slices:
+        if len(sl.sources) != 1 or sl.sources[0].layer_range[0] != start:
+            return False
+        start = sl.sources[0].layer_range[1]
+    return len(models) == 1 and start == layout.n_layers
