@@ -230,7 +230,11 @@ def _load_pickle(file: Path) -> Mapping[str, Any]:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
         raise CheckpointError(f"{file}: cannot load pickle weights ({exc})") from exc
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+    if (
+        isinstance(state, Mapping)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], Mapping)
+    ):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{file}: expected a state dict, got {type(state).__name__}")

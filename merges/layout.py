@@ -51,7 +51,11 @@ class Layout:
 
     def is_tied_head(self, name: str) -> bool:
         """True for the output projection when it is tied to the embedding (never saved)."""
-        return self.tied_embeddings and bool(self.head_pattern) and re.fullmatch(self.head_pattern, name) is not None
+        return (
+            self.tied_embeddings
+            and bool(self.head_pattern)
+            and re.fullmatch(self.head_pattern, name) is not None
+        )
 
     def layer_tensors(self, layer: int) -> tuple[TensorInfo, ...]:
         """The tensors of one transformer layer, in checkpoint order."""
@@ -61,11 +65,13 @@ class Layout:
         """``name`` moved to layer ``new_layer`` (for passthrough frankenmerges)."""
         info = self.info(name)
         if info.layer is None:
-            raise CheckpointError(f"tensor {name!r} is outside the transformer layers; it has no layer to rename")
+            raise CheckpointError(
+                f"tensor {name!r} is outside the transformer layers; it has no layer to rename"
+            )
         if new_layer < 0:
             raise CheckpointError(f"cannot move tensor {name!r} to negative layer {new_layer}")
         old = f"{self.layer_prefix}{info.layer}."
-        return f"{self.layer_prefix}{new_layer}.{name[len(old):]}"
+        return f"{self.layer_prefix}{new_layer}.{name[len(old) :]}"
 
 
 # -- naming tables ----------------------------------------------------------------
@@ -169,7 +175,7 @@ def _match(family: _Family, name: str) -> _Match | None:
     """What ``family``'s tables say about ``name``; None when they do not recognise it at all."""
     layer_match = re.match(family.layer, name)
     if layer_match:
-        rest = name[layer_match.end():]
+        rest = name[layer_match.end() :]
         role = next((r for pattern, r in family.in_layer if re.match(pattern, rest)), None)
         return _Match(int(layer_match["layer"]), role, layer_match["prefix"])
     role = next((r for pattern, r in family.outside if re.match(pattern, name)), None)
@@ -183,7 +189,9 @@ def _pick_family(names: Sequence[str]) -> _Family:
     best = max(_FAMILIES, key=recognised)  # max keeps the first on ties: table order decides
     if recognised(best) == 0:
         shown = ", ".join(repr(n) for n in list(names)[:3])
-        raise CheckpointError(f"no known architecture recognises these tensor names (first: {shown})")
+        raise CheckpointError(
+            f"no known architecture recognises these tensor names (first: {shown})"
+        )
     return best
 
 

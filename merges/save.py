@@ -91,11 +91,13 @@ def _checked_layout(
         raise CheckpointError(f"cannot save a checkpoint like {like.label!r}: {exc}") from None
     base = like.layout
     base_layer_shapes = {
-        info.name[len(f"{base.layer_prefix}{info.layer}."):]: like.shapes[info.name]
+        info.name[len(f"{base.layer_prefix}{info.layer}.") :]: like.shapes[info.name]
         for info in base.tensors
         if info.layer == 0
     }
-    base_outside = {i.name for i in base.tensors if i.layer is None and not base.is_tied_head(i.name)}
+    base_outside = {
+        i.name for i in base.tensors if i.layer is None and not base.is_tied_head(i.name)
+    }
     seen_outside: set[str] = set()
     seen_in_layer: dict[int, set[str]] = {}
     for info in layout.tensors:
@@ -105,7 +107,7 @@ def _checked_layout(
             expected = like.shapes.get(info.name) if info.name in base_outside else None
             seen_outside.add(info.name)
         else:
-            suffix = info.name[len(f"{layout.layer_prefix}{info.layer}."):]
+            suffix = info.name[len(f"{layout.layer_prefix}{info.layer}.") :]
             expected = base_layer_shapes.get(suffix)
             seen_in_layer.setdefault(info.layer, set()).add(suffix)
         if expected is None:
@@ -152,7 +154,9 @@ def _write_weights(
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index_data, indent=2) + "\n")
 
 
-def _shards(tensors: Mapping[str, torch.Tensor], names: list[str], limit: int) -> Iterator[list[str]]:
+def _shards(
+    tensors: Mapping[str, torch.Tensor], names: list[str], limit: int
+) -> Iterator[list[str]]:
     """Consecutive groups of names whose bytes stay under ``limit`` (a bigger tensor alone)."""
     shard: list[str] = []
     size = 0

@@ -1,4 +1,4 @@
-"""Opening checkpoint folders: safetensors, shards, lazy memory-mapped reads, pickle opt-in, errors."""
+"""Opening checkpoint folders: safetensors, shards, lazy mmap reads, pickle opt-in, errors."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def test_tokenizer_files_are_listed(llama_family: TinyFamily) -> None:
     assert all(f.parent == llama_family.base for f in files)
 
 
-def test_sharded_checkpoint_reads_every_tensor(sharded: tuple[Path, dict[str, torch.Tensor]]) -> None:
+def test_sharded_checkpoint_reads_every_tensor(
+    sharded: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
     folder, state = sharded
     assert len(list(folder.glob("model-*.safetensors"))) > 5
     ckpt = open_checkpoint(folder)
@@ -67,17 +69,24 @@ def test_sharded_checkpoint_reads_every_tensor(sharded: tuple[Path, dict[str, to
         assert torch.equal(ckpt.read(name), tensor), name
     # Checkpoint order follows the shards: the embedding (first shard) before the last layer.
     order = list(ckpt.shapes)
-    assert order.index("model.embed_tokens.weight") < order.index("model.layers.5.mlp.down_proj.weight")
+    assert order.index("model.embed_tokens.weight") < order.index(
+        "model.layers.5.mlp.down_proj.weight"
+    )
 
 
-def test_shard_handles_stay_open(sharded: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+def test_shard_handles_stay_open(
+    sharded: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
     """Each shard is opened once and kept: replacing a file on disk later does not change reads."""
     folder = tmp_path / "copy"
     shutil.copytree(sharded[0], folder)
     ckpt = open_checkpoint(folder)
     name = "model.layers.3.self_attn.q_proj.weight"
     before = ckpt.read(name)
-    shard = folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+    shard = (
+        folder
+        / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][name]
+    )
     replacement = folder / "replacement"
     replacement.write_bytes(b"not a safetensors file")
     os.replace(replacement, shard)  # new inode; an already-open memory map still sees the old one
@@ -89,9 +98,16 @@ def test_shard_handles_stay_open(sharded: tuple[Path, dict[str, torch.Tensor]], 
 def _write_sparse_safetensors(path: Path, big_bytes: int) -> None:
     """A safetensors file whose big tensor is a sparse hole of zeros (no disk, no page cache)."""
     header = {
-        "model.layers.0.input_layernorm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-        "model.embed_tokens.weight": {"dtype": "F32", "shape": [big_bytes // 16, 4],
-                                      "data_offsets": [16, 16 + big_bytes]},
+        "model.layers.0.input_layernorm.weight": {
+            "dtype": "F32",
+            "shape": [4],
+            "data_offsets": [0, 16],
+        },
+        "model.embed_tokens.weight": {
+            "dtype": "F32",
+            "shape": [big_bytes // 16, 4],
+            "data_offsets": [16, 16 + big_bytes],
+        },
     }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -163,7 +179,9 @@ def test_single_pt_file_with_opt_in(tmp_path: Path) -> None:
     assert torch.equal(ckpt.read("model.norm.weight"), model.state_dict()["model.norm.weight"])
 
 
-def test_missing_folder_config_weights_and_shard(tmp_path: Path, sharded: tuple[Path, dict]) -> None:
+def test_missing_folder_config_weights_and_shard(
+    tmp_path: Path, sharded: tuple[Path, dict]
+) -> None:
     with pytest.raises(CheckpointError, match="nowhere"):
         open_checkpoint(tmp_path / "nowhere")
     folder = tmp_path / "empty"

@@ -39,17 +39,28 @@ def _layout(model: PreTrainedModel, drop: tuple[str, ...] = ()) -> tuple[Layout,
     return layout, {info.name: info.role for info in layout.tensors}
 
 
-def _llama_like(config_cls: type[PretrainedConfig], model_cls: type[PreTrainedModel]) -> PreTrainedModel:
+def _llama_like(
+    config_cls: type[PretrainedConfig], model_cls: type[PreTrainedModel]
+) -> PreTrainedModel:
     torch.manual_seed(0)
-    return model_cls(config_cls(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                num_key_value_heads=2, **TINY))
+    return model_cls(
+        config_cls(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_key_value_heads=2, **TINY
+        )
+    )
 
 
 @pytest.mark.parametrize(
     ("config_cls", "model_cls"),
-    [(LlamaConfig, LlamaForCausalLM), (MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)],
+    [
+        (LlamaConfig, LlamaForCausalLM),
+        (MistralConfig, MistralForCausalLM),
+        (Qwen2Config, Qwen2ForCausalLM),
+    ],
 )
-def test_llama_family_roles(config_cls: type[PretrainedConfig], model_cls: type[PreTrainedModel]) -> None:
+def test_llama_family_roles(
+    config_cls: type[PretrainedConfig], model_cls: type[PreTrainedModel]
+) -> None:
     layout, roles = _layout(_llama_like(config_cls, model_cls))
     assert layout.n_layers == 3
     assert layout.layer_prefix == "model.layers."
@@ -78,9 +89,15 @@ def test_qwen2_attention_biases_are_attention() -> None:
 
 def test_gpt2_roles_and_tied_head() -> None:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=32))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=32)
+    )
     layout, roles = _layout(model)
-    assert (layout.n_layers, layout.layer_prefix, layout.tied_embeddings) == (2, "transformer.h.", True)
+    assert (layout.n_layers, layout.layer_prefix, layout.tied_embeddings) == (
+        2,
+        "transformer.h.",
+        True,
+    )
     assert roles["transformer.wte.weight"] == roles["transformer.wpe.weight"] == "embed"
     assert roles["transformer.ln_f.weight"] == roles["transformer.ln_f.bias"] == "head"
     assert roles["transformer.h.1.attn.c_attn.weight"] == "attention"
@@ -95,8 +112,16 @@ def test_gpt2_roles_and_tied_head() -> None:
 
 def test_gpt2_legacy_names_and_mask_buffers() -> None:
     """Old GPT-2 checkpoints: no ``transformer.`` prefix and ``attn.bias`` causal masks."""
-    names = ["wte.weight", "wpe.weight", "h.0.attn.bias", "h.0.attn.masked_bias", "h.0.attn.c_attn.weight",
-             "h.0.ln_1.weight", "h.0.mlp.c_fc.weight", "ln_f.weight"]
+    names = [
+        "wte.weight",
+        "wpe.weight",
+        "h.0.attn.bias",
+        "h.0.attn.masked_bias",
+        "h.0.attn.c_attn.weight",
+        "h.0.ln_1.weight",
+        "h.0.mlp.c_fc.weight",
+        "ln_f.weight",
+    ]
     layout = layout_of(names, {"model_type": "gpt2", "n_layer": 1})
     assert layout.layer_prefix == "h."
     assert layout.info("h.0.attn.bias").role == "attention"
@@ -106,9 +131,15 @@ def test_gpt2_legacy_names_and_mask_buffers() -> None:
 
 def test_gpt_neox_roles() -> None:
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, **TINY))
+    model = GPTNeoXForCausalLM(
+        GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, **TINY)
+    )
     layout, roles = _layout(model)
-    assert (layout.n_layers, layout.layer_prefix, layout.tied_embeddings) == (2, "gpt_neox.layers.", False)
+    assert (layout.n_layers, layout.layer_prefix, layout.tied_embeddings) == (
+        2,
+        "gpt_neox.layers.",
+        False,
+    )
     assert roles["gpt_neox.embed_in.weight"] == "embed"
     assert roles["gpt_neox.final_layer_norm.weight"] == "head"
     assert roles["gpt_neox.layers.1.attention.query_key_value.weight"] == "attention"
@@ -118,8 +149,13 @@ def test_gpt_neox_roles() -> None:
     assert roles[head_name] == "head"
     # Older NeoX checkpoints name the head embed_out and keep rotary buffers per layer.
     legacy = layout_of(
-        ["gpt_neox.embed_in.weight", "gpt_neox.layers.0.attention.rotary_emb.inv_freq",
-         "gpt_neox.layers.0.attention.dense.weight", "gpt_neox.final_layer_norm.weight", "embed_out.weight"],
+        [
+            "gpt_neox.embed_in.weight",
+            "gpt_neox.layers.0.attention.rotary_emb.inv_freq",
+            "gpt_neox.layers.0.attention.dense.weight",
+            "gpt_neox.final_layer_norm.weight",
+            "embed_out.weight",
+        ],
         {"num_hidden_layers": 1, "tie_word_embeddings": False},
     )
     assert legacy.info("gpt_neox.layers.0.attention.rotary_emb.inv_freq").role == "attention"
@@ -129,7 +165,9 @@ def test_gpt_neox_roles() -> None:
 
 def test_bert_roles() -> None:
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, **TINY))
+    model = BertForPreTraining(
+        BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, **TINY)
+    )
     layout, roles = _layout(model)
     assert (layout.n_layers, layout.layer_prefix) == (2, "bert.encoder.layer.")
     assert layout.tied_embeddings
@@ -151,9 +189,15 @@ def test_every_role_is_a_recipe_role() -> None:
     assert set(roles.values()) == set(ROLES)
 
 
-LLAMA_NAMES = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-               "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.q_proj.weight",
-               "model.layers.1.input_layernorm.weight", "model.norm.weight", "lm_head.weight"]
+LLAMA_NAMES = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.1.self_attn.q_proj.weight",
+    "model.layers.1.input_layernorm.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+]
 
 
 def test_unknown_1d_tensor_in_a_layer_is_a_norm() -> None:
@@ -172,7 +216,9 @@ def test_unknown_2d_tensor_in_a_layer_is_an_error() -> None:
 
 def test_unknown_tensor_outside_layers_is_an_error() -> None:
     with pytest.raises(CheckpointError, match="vision_tower.proj.weight"):
-        layout_of([*LLAMA_NAMES, "vision_tower.proj.weight"], {}, {"vision_tower.proj.weight": (4,)})
+        layout_of(
+            [*LLAMA_NAMES, "vision_tower.proj.weight"], {}, {"vision_tower.proj.weight": (4,)}
+        )
 
 
 def test_layer_count_disagreeing_with_config_names_both_numbers() -> None:
@@ -201,18 +247,26 @@ def test_info_of_unknown_name_is_an_error() -> None:
 
 def test_rename_layer_moves_only_the_layer_index() -> None:
     layout = layout_of(LLAMA_NAMES, {"num_hidden_layers": 2})
-    assert layout.rename_layer("model.layers.1.self_attn.q_proj.weight", 13) == "model.layers.13.self_attn.q_proj.weight"
+    assert (
+        layout.rename_layer("model.layers.1.self_attn.q_proj.weight", 13)
+        == "model.layers.13.self_attn.q_proj.weight"
+    )
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         layout.rename_layer("model.norm.weight", 0)
 
 
-SUFFIXES = {"self_attn.o_proj.weight": "attention", "mlp.gate_proj.weight": "mlp",
-            "post_attention_layernorm.weight": "norm"}
+SUFFIXES = {
+    "self_attn.o_proj.weight": "attention",
+    "mlp.gate_proj.weight": "mlp",
+    "post_attention_layernorm.weight": "norm",
+}
 
 
 @settings(max_examples=40, deadline=None)
 @given(n_layers=st.integers(1, 40), target=st.integers(0, 200), data=st.data())
-def test_layer_indices_and_renames_for_any_depth(n_layers: int, target: int, data: st.DataObject) -> None:
+def test_layer_indices_and_renames_for_any_depth(
+    n_layers: int, target: int, data: st.DataObject
+) -> None:
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{s}" for i in range(n_layers) for s in SUFFIXES]
     names += ["model.norm.weight", "lm_head.weight"]

@@ -46,7 +46,9 @@ def test_compatible_family_passes_and_returns_the_base_layout(llama_family: Tiny
     assert layout.n_layers == 4
 
 
-def test_shape_mismatch_names_tensor_and_both_shapes(llama_family: TinyFamily, tmp_path: Path) -> None:
+def test_shape_mismatch_names_tensor_and_both_shapes(
+    llama_family: TinyFamily, tmp_path: Path
+) -> None:
     name = "model.layers.2.mlp.up_proj.weight"
     bad = _edited_copy(llama_family.sources[0], tmp_path / "wide", {name: torch.zeros(65, 32)})
     with pytest.raises(PreflightError) as err:
@@ -58,13 +60,23 @@ def test_shape_mismatch_names_tensor_and_both_shapes(llama_family: TinyFamily, t
 
 def test_missing_and_extra_tensors_are_named(llama_family: TinyFamily, tmp_path: Path) -> None:
     base = open_checkpoint(llama_family.base)
-    missing = _edited_copy(llama_family.sources[1], tmp_path / "lacking",
-                           {"model.layers.1.self_attn.v_proj.weight": None})
-    with pytest.raises(PreflightError, match=r"'lacking' lacks tensor 'model.layers.1.self_attn.v_proj.weight'"):
+    missing = _edited_copy(
+        llama_family.sources[1],
+        tmp_path / "lacking",
+        {"model.layers.1.self_attn.v_proj.weight": None},
+    )
+    with pytest.raises(
+        PreflightError, match=r"'lacking' lacks tensor 'model.layers.1.self_attn.v_proj.weight'"
+    ):
         preflight(base, [open_checkpoint(missing)])
-    extra = _edited_copy(llama_family.sources[1], tmp_path / "extra",
-                         {"model.layers.1.self_attn.q_norm.weight": torch.ones(8)})
-    with pytest.raises(PreflightError, match=r"'extra' has tensor 'model.layers.1.self_attn.q_norm.weight'"):
+    extra = _edited_copy(
+        llama_family.sources[1],
+        tmp_path / "extra",
+        {"model.layers.1.self_attn.q_norm.weight": torch.ones(8)},
+    )
+    with pytest.raises(
+        PreflightError, match=r"'extra' has tensor 'model.layers.1.self_attn.q_norm.weight'"
+    ):
         preflight(base, [open_checkpoint(extra)])
 
 
@@ -77,9 +89,14 @@ def test_different_architecture(llama_family: TinyFamily, gpt2_family: TinyFamil
 def test_math_config_key_is_named(llama_family: TinyFamily, tmp_path: Path) -> None:
     """Same tensor shapes, different math: RoPE base and head count are config-only changes."""
     base = open_checkpoint(llama_family.base)
-    rope = _edited_config(llama_family.sources[0], tmp_path / "rope",
-                          rope_parameters={"rope_theta": 500.0, "rope_type": "default"})
-    heads = _edited_config(llama_family.sources[0], tmp_path / "heads", num_attention_heads=8, head_dim=8)
+    rope = _edited_config(
+        llama_family.sources[0],
+        tmp_path / "rope",
+        rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
+    )
+    heads = _edited_config(
+        llama_family.sources[0], tmp_path / "heads", num_attention_heads=8, head_dim=8
+    )
     rope_ckpt, heads_ckpt = open_checkpoint(rope), open_checkpoint(heads)
     with pytest.raises(PreflightError, match=r"rope_parameters = \{'rope_theta': 500\.0"):
         preflight(base, [rope_ckpt])
@@ -111,8 +128,13 @@ def _swapped_tokenizer() -> PreTrainedTokenizerFast:
     words[a], words[b] = words[b], words[a]
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def _renamed_tokenizer() -> PreTrainedTokenizerFast:
@@ -120,18 +142,27 @@ def _renamed_tokenizer() -> PreTrainedTokenizerFast:
     words = [("v7" if t == "w7" else t) for t in VOCAB]
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def test_vocabulary_mismatch_names_the_token(tmp_path: Path) -> None:
     model = tiny_model("gpt2", layers=2)
     base = open_checkpoint(save(model, tmp_path / "base"))
     swapped = open_checkpoint(save(model, tmp_path / "swapped", _swapped_tokenizer()))
-    with pytest.raises(PreflightError, match=r"token 'w5' has id 10 in source 'swapped' but 9 in base"):
+    with pytest.raises(
+        PreflightError, match=r"token 'w5' has id 10 in source 'swapped' but 9 in base"
+    ):
         preflight(base, [swapped])
     renamed = open_checkpoint(save(model, tmp_path / "renamed", _renamed_tokenizer()))
-    with pytest.raises(PreflightError, match=r"'renamed' has token 'v7' where base 'base' has 'w7'"):
+    with pytest.raises(
+        PreflightError, match=r"'renamed' has token 'v7' where base 'base' has 'w7'"
+    ):
         preflight(base, [renamed])
 
 
@@ -144,7 +175,9 @@ def test_vocabulary_without_tokenizer_json_uses_autotokenizer(tmp_path: Path) ->
         folder = tmp_path / name
         model.save_pretrained(folder)
         (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "BertTokenizer"})
+        )
         folders.append(open_checkpoint(folder))
     assert not (tmp_path / "base" / "tokenizer.json").exists()
     with pytest.raises(PreflightError, match=r"adds 1 tokens to base's vocabulary: '<new>'"):

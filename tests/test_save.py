@@ -1,4 +1,4 @@
-"""Saving merged tensors: from_pretrained round trip, shards, tied heads, frankenmerges, atomicity."""
+"""Saving merged tensors: round trip, shards, tied heads, frankenmerges, atomicity."""
 
 from __future__ import annotations
 
@@ -32,9 +32,15 @@ def test_round_trip_through_from_pretrained(llama_family: TinyFamily, tmp_path: 
     out = save_checkpoint(tensors, tmp_path / "merged", like=base)
     assert out == tmp_path / "merged"
     assert {p.name for p in out.iterdir()} == {
-        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     }
-    assert (out / "tokenizer.json").read_bytes() == (llama_family.base / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (
+        llama_family.base / "tokenizer.json"
+    ).read_bytes()
     model = AutoModelForCausalLM.from_pretrained(out)
     state = model.state_dict()
     assert set(state) == set(tensors)
@@ -80,20 +86,26 @@ def test_sharded_save_writes_an_index_that_loads(llama_family: TinyFamily, tmp_p
     assert len(shards) > 3 and not (out / "model.safetensors").exists()
     assert set(index["weight_map"]) == set(tensors)
     assert set(index["weight_map"].values()) == {p.name for p in shards}
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor), name
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(limit=st.integers(1_000, 200_000), scale=st.floats(-3.0, 3.0))
 def test_any_shard_limit_preserves_tensors(
     llama_family: TinyFamily, tmp_path_factory: pytest.TempPathFactory, limit: int, scale: float
 ) -> None:
     base = open_checkpoint(llama_family.base)
     tensors = {name: base.read(name) * scale for name in base.shapes}
-    out = save_checkpoint(tensors, tmp_path_factory.mktemp("any") / "out", like=base, max_shard_bytes=limit)
+    out = save_checkpoint(
+        tensors, tmp_path_factory.mktemp("any") / "out", like=base, max_shard_bytes=limit
+    )
     reopened = open_checkpoint(out)
     for name, tensor in tensors.items():
         assert torch.equal(reopened.read(name), tensor), name
@@ -116,11 +128,15 @@ def test_frankenmerge_with_layer_count_override(llama_family: TinyFamily, tmp_pa
         for info in base.layout.layer_tensors(old_layer):
             tensors[base.layout.rename_layer(info.name, new_layer)] = base.read(info.name)
 
-    with pytest.raises(CheckpointError, match=r"num_hidden_layers = 4 but the tensor names hold 6 layers"):
+    with pytest.raises(
+        CheckpointError, match=r"num_hidden_layers = 4 but the tensor names hold 6 layers"
+    ):
         save_checkpoint(tensors, tmp_path / "franken", like=base)
     assert not (tmp_path / "franken").exists()
 
-    out = save_checkpoint(tensors, tmp_path / "franken", like=base, config_overrides={"num_hidden_layers": 6})
+    out = save_checkpoint(
+        tensors, tmp_path / "franken", like=base, config_overrides={"num_hidden_layers": 6}
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 6
     state = model.state_dict()
@@ -131,7 +147,9 @@ def test_frankenmerge_with_layer_count_override(llama_family: TinyFamily, tmp_pa
         )
 
 
-def test_failed_save_leaves_existing_folder_unchanged(llama_family: TinyFamily, tmp_path: Path) -> None:
+def test_failed_save_leaves_existing_folder_unchanged(
+    llama_family: TinyFamily, tmp_path: Path
+) -> None:
     base = open_checkpoint(llama_family.base)
     out = save_checkpoint(_source_tensors(base), tmp_path / "out", like=base)
     before = _files(out)
@@ -148,7 +166,9 @@ def test_failed_save_leaves_existing_folder_unchanged(llama_family: TinyFamily, 
 
     # A finite input with a wrong key fails the name check.
     misnamed = dict(good)
-    misnamed["model.layers.1.mlp.up_projection.weight"] = misnamed.pop("model.layers.1.mlp.up_proj.weight")
+    misnamed["model.layers.1.mlp.up_projection.weight"] = misnamed.pop(
+        "model.layers.1.mlp.up_proj.weight"
+    )
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_projection.weight"):
         save_checkpoint(misnamed, out, like=base)
     assert _files(out) == before
@@ -158,7 +178,9 @@ def test_failed_save_leaves_existing_folder_unchanged(llama_family: TinyFamily, 
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         save_checkpoint(lacking, out, like=base)
     wrong_shape = {**good, "model.layers.0.mlp.down_proj.weight": torch.zeros(32, 63)}
-    with pytest.raises(CheckpointError, match=r"down_proj.weight' has shape \[32, 63\], base 'base' has \[32, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"down_proj.weight' has shape \[32, 63\], base 'base' has \[32, 64\]"
+    ):
         save_checkpoint(wrong_shape, out, like=base)
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left behind
@@ -178,8 +200,12 @@ def test_refuses_to_overwrite_its_base(llama_family: TinyFamily) -> None:
 
 def test_config_overrides_and_generation_config(gpt2_family: TinyFamily, tmp_path: Path) -> None:
     base = open_checkpoint(gpt2_family.base)
-    out = save_checkpoint(_source_tensors(base), tmp_path / "g", like=base, config_overrides={"use_cache": False})
+    out = save_checkpoint(
+        _source_tensors(base), tmp_path / "g", like=base, config_overrides={"use_cache": False}
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["use_cache"] is False
     assert config["n_layer"] == 4 and config["model_type"] == "gpt2"
-    assert (out / "generation_config.json").read_text() == (gpt2_family.base / "generation_config.json").read_text()
+    assert (out / "generation_config.json").read_text() == (
+        gpt2_family.base / "generation_config.json"
+    ).read_text()
