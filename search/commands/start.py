@@ -1,0 +1,60 @@
+"""``search start STUDY``: run or continue a study up to its budget, then finalize it."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from search.config import load_study
+from search.driver import format_finalists, run_study
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "start",
+        help="run a study (or continue it) up to its trial budget",
+        description=(
+            "Run the search described by STUDY (a study.toml). Baselines (each source alone, the "
+            "uniform average, the method's untuned defaults) are scored first, then the sampler "
+            "proposes recipes until the budget of search trials is spent; finally the top-k "
+            "feasible trials are re-scored on the held-out split and the final trial is chosen. "
+            "Running it again continues the same study: finished trials are kept, trials a killed "
+            "run left behind are re-run. Ctrl-C stops after the trials in flight (twice: at once)."
+        ),
+    )
+    parser.add_argument("study", type=Path, help="the study file (study.toml)")
+    parser.add_argument("--trials", type=int, default=None, metavar="N",
+                        help="search budget: total search trials, baselines not counted (overrides study.trials)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (overrides study.output; holds study.db by default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_study(args.study, out=args.out, trials=args.trials)
+    result = run_study(config, quiet=args.quiet)
+    resume = ["search", "start", str(args.study)]
+    if args.out is not None:
+        resume += ["--out", str(args.out)]
+    if args.trials is not None:
+        resume += ["--trials", str(args.trials)]
+    if result.interrupted:
+        print(
+            f"stopped after {result.done}/{result.budget} trials; the study is saved in "
+            f"{config.storage}\nresume with: {shlex.join(resume)}",
+            file=sys.stderr,
+        )
+        return 130
+    if result.finalized is None:
+        print(f"{result.done}/{result.budget} trials done")
+        return 0
+    print(format_finalists(result.finalized, [t.name for t in config.tasks]))
+    export = ["search", "export", str(args.study), "-o", "recipe.yaml"]
+    if args.out is not None:
+        export += ["--out", str(args.out)]
+    if result.finalized.final_trial is not None:
+        print(f"export with: {shlex.join(export)}")
+    return 0

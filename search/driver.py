@@ -1,0 +1,812 @@
+"""The ask/tell loop: the only process that writes the Optuna storage.
+
+One run of ``search start``:
+
+1. open the checkpoints (preflight) and the study (created or loaded by name);
+2. recover from a killed driver: trials left RUNNING are failed with
+   :data:`~search.ranking.DRIVER_STOPPED` and their parameters enqueued to run again;
+3. score the baselines not stored yet (sources alone, uniform average, untuned method);
+4. ask/tell until the budget of search trials is spent. CMA-ES is asked one whole
+   generation at a time (exactly ``popsize`` trials, evaluated in parallel, all told);
+   other samplers get a new trial as soon as a pool slot frees;
+5. finalize: re-score the top-k feasible trials on held-out and pick the final one.
+
+Gates are stored on every trial as the ``constraints`` system attribute (what TPE,
+NSGA-II, GP and optuna-dashboard 0.21 read; never also ``trial.set_constraint``, which
+would double-count). CMA-ES ignores constraints, so for ``cmaes`` the told value is
+penalised (see :func:`penalised`) and the raw one is kept in ``objective_raw``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
+from fitness.metrics import higher_is_better
+from fitness.objective import objective_directions, objective_values
+from genome.errors import GenomeError
+from genome.space import decode, gene_space, is_numeric
+from merges.recipe import Recipe
+from search import ranking, storage
+from search.baselines import baseline_recipes, source_baseline_name
+from search.config import StudyConfig
+from search.errors import SearchError
+from search.pool import WorkerPool, make_pool
+from search.progress import Progress, ProgressState
+from search.worker import TrialOutcome, WorkerSetup
+
+CMA_GENERATION_KEY = "cma:generation"  # CmaEsSampler's system attr (plain CMA, no margin)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What every stage needs, derived once from the config and the checkpoints."""
+
+    config: StudyConfig
+    labels: tuple[str, ...]
+    paths: dict[str, str]  # label -> checkpoint path
+    base: str
+    n_layers: int
+    space: dict[str, BaseDistribution]
+    directions: tuple[str, ...]
+    gates: tuple[GateSpec, ...]
+    gate_names: tuple[str, ...]
+    task_higher: dict[str, bool]
+
+    @property
+    def tasks(self) -> tuple:
+        return self.config.tasks
+
+
+@dataclass
+class FinalizeResult:
+    final_trial: int | None
+    rows: list[FinalistRow] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class FinalistRow:
+    trial: int
+    search_objective: float
+    heldout_objective: float
+    feasible_heldout: bool
+    failed_gates: tuple[str, ...]
+
+    @property
+    def gap(self) -> float:
+        return self.search_objective - self.heldout_objective
+
+
+@dataclass(frozen=True)
+class RunResult:
+    done: int
+    budget: int
+    interrupted: bool
+    finalized: FinalizeResult | None
+
+
+# -- setup ------------------------------------------------------------------------------
+
+
+def plan_study(config: StudyConfig) -> StudyPlan:
+    """Preflight the checkpoints and derive the genome space, directions and gates."""
+    from merges.checkpoint import open_checkpoint
+    from merges.preflight import preflight
+
+    models = config.models
+    if models.demo_family and not (Path(models.base) / "config.json").exists():
+        from studies.demo_family import ensure_family
+
+        ensure_family(Path(models.base).parent)
+    base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
+    sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
+    layout = preflight(base, sources)
+    labels = tuple(models.sources)
+    paths = {label: str(path) for label, path in models.sources.items()}
+    gates = tuple(g for task in config.tasks for g in task.gates)
+    return StudyPlan(
+        config=config,
+        labels=labels,
+        paths=paths,
+        base=str(models.base),
+        n_layers=layout.n_layers,
+        space=gene_space(config.genome, sources=paths, n_layers=layout.n_layers),
+        directions=objective_directions(config.tasks, config.objective),
+        gates=gates,
+        gate_names=tuple(gate_names(gates)),
+        task_higher={t.name: higher_is_better(t.metric) for t in config.tasks},
+    )
+
+
+def worker_setup(config: StudyConfig) -> WorkerSetup:
+    """The picklable description a worker builds itself from."""
+    execution = config.execution
+    device = execution.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return WorkerSetup(
+        base=str(config.models.base),
+        sources=tuple(str(p) for p in config.models.sources.values()),
+        tasks=tuple(config.tasks),
+        device=device,
+        dtype=config.models.dtype,
+        batch_size=execution.batch_size,
+        allow_pickle=config.models.allow_pickle,
+        trust_remote_code=config.models.trust_remote_code,
+    )
+
+
+def open_plan_study(plan: StudyPlan) -> optuna.Study:
+    config = plan.config
+    if config.sampler == "cmaes" and len(plan.directions) > 1:
+        raise SearchError(
+            f"{config.path}: sampler 'cmaes' optimises one objective; objective "
+            f"{config.objective!r} gives {len(plan.directions)} (use 'nsga2' or objective 'mean')"
+        )
+    if config.sampler == "cmaes" and not is_numeric(config.genome):
+        print(
+            "warning: CMA-ES samples categorical genes at random; consider sampler 'tpe'",
+            file=sys.stderr,
+        )
+    sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space,
+                           population=config.population, parallel=config.execution.workers > 1)
+    study = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler)
+    attrs = study.user_attrs
+    wanted = {
+        "config_path": str(config.path),
+        "sources": dict(plan.paths),
+        "tasks": [t.name for t in config.tasks],
+        "gates": list(plan.gate_names),
+        "sampler": config.sampler,
+        "seed": config.seed,
+    }
+    for key, value in wanted.items():
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    return study
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """First Ctrl-C: stop asking, finish the in-flight trials. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.progress: Progress | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.progress is not None:
+            self.progress.message(
+                "stopping after the trials in flight (Ctrl-C again to stop now; they re-run on resume)"
+            )
+
+
+@contextmanager
+def _sigint_handler(stop: _StopRequest) -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: keep Python's default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None,
+              pool: WorkerPool | None = None) -> RunResult:
+    """Run (or continue) a study up to its budget, then finalize it."""
+    plan = plan_study(config)
+    study = open_plan_study(plan)
+    recover_interrupted(study, plan)
+    done = _budget_used(study)
+    progress = Progress(config.trials, quiet=quiet, stream=stream, already_done=done)
+    stop = _StopRequest()
+    stop.progress = progress
+    own_pool = pool is None
+    pool = pool or make_pool(worker_setup(config), config.execution)
+    loop = _Loop(study, plan, pool, progress, stop)
+    try:
+        with _sigint_handler(stop):
+            try:
+                run_baselines(study, plan, pool, progress)
+                loop.run()
+            except KeyboardInterrupt:
+                stop.requested = True
+            finally:
+                loop.fail_in_flight()
+            done = _budget_used(study)
+            interrupted = stop.requested and done < config.trials
+            finalized = None
+            if not interrupted and done >= config.trials:
+                finalized = finalize(study, plan, pool, progress)
+    finally:
+        progress.close()
+        if own_pool:
+            pool.close()
+    return RunResult(done=done, budget=config.trials, interrupted=interrupted, finalized=finalized)
+
+
+def recover_interrupted(study: optuna.Study, plan: StudyPlan) -> list[int]:
+    """Fail trials a killed driver left RUNNING and enqueue their parameters again.
+
+    Heartbeats only run inside ``study.optimize``; with ask/tell the driver does this
+    itself. Returns the numbers of the failed trials.
+    """
+    failed: list[int] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", ranking.DRIVER_STOPPED)
+        study.tell(trial.number, state=TrialState.FAIL)
+        failed.append(trial.number)
+        _enqueue_rerun(study, plan, trial)
+    return failed
+
+
+def _enqueue_rerun(study: optuna.Study, plan: StudyPlan, trial: FrozenTrial) -> None:
+    if ranking.kind(trial) != ranking.KIND_SEARCH or set(trial.params) != set(plan.space):
+        return  # nothing to re-run: not a search trial, or stopped before its genes were drawn
+    attrs: dict[str, object] = {"rerun_of": trial.number}
+    generation = trial.system_attrs.get(CMA_GENERATION_KEY)
+    if generation is not None:
+        attrs["rerun_generation"] = generation
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+
+
+def _budget_used(study: optuna.Study) -> int:
+    return sum(ranking.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+# -- baselines --------------------------------------------------------------------------
+
+
+def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: Progress) -> None:
+    """Score and store every baseline not stored yet (once per study).
+
+    Baselines are stored with ``study.add_trial`` as finished trials without genes: they
+    are references, not candidates. The samplers never see them (``search.samplers``
+    hides ``kind = "baseline"`` trials), so they cannot enter CMA-ES's update as if it had
+    proposed them, nor break the intersection search space of TPE/GP/NSGA-II.
+    """
+    config = plan.config
+    stored = ranking.baseline_trials(study.get_trials(deepcopy=False))
+    missing = [
+        b for b in baseline_recipes(
+            config.genome, base=plan.base, sources=list(plan.paths.values()), labels=plan.labels,
+            n_layers=plan.n_layers, seed=config.seed,
+        )
+        if b.name not in stored
+    ]
+    if not missing:
+        return
+    progress.message(f"scoring {len(missing)} baseline(s): {', '.join(b.name for b in missing)}")
+    outcomes = _evaluate_all(pool, [b.recipe.to_dict() for b in missing], "search")
+    scores_by_name = {name: t.user_attrs.get("scores_search") for name, t in stored.items()}
+    for baseline, outcome in zip(missing, outcomes, strict=True):
+        scores_by_name[baseline.name] = outcome.scores
+    references = {}
+    for label in plan.labels:
+        scores = scores_by_name.get(source_baseline_name(label))
+        if scores is None:
+            failed = outcomes[[b.name for b in missing].index(source_baseline_name(label))]
+            raise SearchError(
+                f"models.sources.{label}: the source alone cannot be scored ({failed.error}); "
+                "gates need every source's scores"
+            )
+        references[label] = dict(scores)
+    if "cma_penalty" not in study.user_attrs:
+        raws = [
+            v for o in outcomes if o.scores is not None
+            for v in objective_values(o.scores, plan.tasks, config.objective)
+        ]
+        spread = max(raws) - min(raws) if raws else 0.0
+        study.set_user_attr("cma_penalty", PENALTY_FLOOR * (1.0 + spread))
+    for baseline, outcome in zip(missing, outcomes, strict=True):
+        study.add_trial(_baseline_trial(study, plan, baseline.name, baseline.recipe, outcome, references))
+    progress.message(_baseline_table(study, plan))
+
+
+def _baseline_trial(study: optuna.Study, plan: StudyPlan, name: str, recipe: Recipe,
+                    outcome: TrialOutcome, references: Mapping[str, Mapping[str, float]]) -> FrozenTrial:
+    attrs: dict[str, object] = {
+        "kind": ranking.KIND_BASELINE,
+        "baseline": name,
+        "recipe": recipe.to_dict(),
+        "recipe_summary": summarize_recipe(recipe, plan.labels),
+        "timings": {"merge_s": outcome.merge_s, "score_s": outcome.score_s},
+        "worker": outcome.worker,
+    }
+    if outcome.scores is None:
+        attrs["failure"] = outcome.error
+        return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
+    gates = evaluate_gates(plan.gates, outcome.scores, references, plan.task_higher)
+    raw = objective_values(outcome.scores, plan.tasks, plan.config.objective)
+    attrs.update(_score_attrs(outcome.scores, gates, raw))
+    values = _told_values(study, plan, raw, gates)
+    return optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=list(values), user_attrs=attrs,
+        system_attrs={"constraints": [g.constraint for g in gates]},
+    )
+
+
+def _baseline_table(study: optuna.Study, plan: StudyPlan) -> str:
+    lines = ["baselines (search split):"]
+    for name, trial in ranking.baseline_trials(study.get_trials(deepcopy=False)).items():
+        scores = trial.user_attrs.get("scores_search", {})
+        mark = "feasible" if ranking.is_feasible(trial) else "infeasible"
+        lines.append(
+            f"  {name:<24} " + "  ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"  ({mark})"
+        )
+    return "\n".join(lines)
+
+
+def source_references(trials: Sequence[FrozenTrial], labels: Sequence[str], key: str) -> dict[str, dict[str, float]]:
+    """Source label -> task -> score, from the stored source baselines (``key``: which split)."""
+    by_name = ranking.baseline_trials(trials)
+    out: dict[str, dict[str, float]] = {}
+    for label in labels:
+        trial = by_name.get(source_baseline_name(label))
+        if trial is None or key not in trial.user_attrs:
+            raise SearchError(f"source baseline {source_baseline_name(label)!r} has no {key}; run `search start`")
+        out[label] = {str(k): float(v) for k, v in trial.user_attrs[key].items()}
+    return out
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class _InFlight:
+    trial: Trial
+    recipe: Recipe
+
+
+class _Loop:
+    def __init__(self, study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: Progress,
+                 stop: _StopRequest) -> None:
+        self.study = study
+        self.plan = plan
+        self.pool = pool
+        self.progress = progress
+        self.stop = stop
+        self.in_flight: dict[int, _InFlight] = {}
+        self.budget = plan.config.trials
+        self._references: dict[str, dict[str, float]] | None = None
+
+    @property
+    def references(self) -> dict[str, dict[str, float]]:
+        if self._references is None:
+            self._references = source_references(
+                self.study.get_trials(deepcopy=False), self.plan.labels, "scores_search"
+            )
+        return self._references
+
+    def run(self) -> None:
+        if self.plan.config.sampler == "cmaes":
+            self._run_generations()
+        else:
+            self._run_streaming()
+
+    def _run_streaming(self) -> None:
+        done = _budget_used(self.study)
+        while True:
+            while (not self.stop.requested and self.pool.free_slots() > 0
+                   and done + len(self.in_flight) < self.budget):
+                if not self._ask_and_submit():
+                    done += 1  # told as failed at once (the genes did not decode)
+            if not self.in_flight:
+                return
+            for ticket, outcome in self.pool.wait():
+                self._tell(self.in_flight.pop(ticket), outcome)
+                done += 1
+                self._report(done)
+
+    def _run_generations(self) -> None:
+        """CMA-ES: ask exactly the rest of the current generation, evaluate it, tell it all."""
+        popsize = self._popsize()
+        done = _budget_used(self.study)
+        while not self.stop.requested and done < self.budget:
+            batch = min(self._generation_remaining(popsize), self.budget - done)
+            for _ in range(batch):
+                if not self._ask_and_submit():
+                    done += 1
+            while self.in_flight:
+                for ticket, outcome in self.pool.wait():
+                    self._tell(self.in_flight.pop(ticket), outcome)
+                    done += 1
+                    self._report(done)
+
+    def _popsize(self) -> int:
+        if self.plan.config.population is not None:
+            return self.plan.config.population
+        # CmaEsSampler's default (cmaes.CMA, eq. 48) over the genes CMA models.
+        n_dim = sum(not d.single() for d in self.plan.space.values())
+        return 4 + math.floor(3 * math.log(max(n_dim, 1)))
+
+    def _generation_remaining(self, popsize: int) -> int:
+        """Trials still missing from the current CMA generation (a whole one when it is full)."""
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        generations = [t.system_attrs.get(CMA_GENERATION_KEY) for t in trials]
+        tagged = [g for g in generations if g is not None]
+        if not tagged:
+            return popsize
+        current = max(tagged)
+        complete = sum(g == current for g in tagged)
+        return popsize - complete if complete < popsize else popsize
+
+    def _ask_and_submit(self) -> bool:
+        """Ask one trial and submit it; False when it failed at once (told FAIL)."""
+        trial = self.study.ask(fixed_distributions=self.plan.space)
+        trial.set_user_attr("kind", ranking.KIND_SEARCH)
+        generation = trial.user_attrs.get("rerun_generation")
+        if generation is not None:
+            # A re-run of a trial the driver lost: it rejoins its CMA generation.
+            self.study._storage.set_trial_system_attr(trial._trial_id, CMA_GENERATION_KEY, generation)
+        config = self.plan.config
+        try:
+            recipe = decode(
+                config.genome, trial.params, base=self.plan.base, sources=self.plan.paths,
+                n_layers=self.plan.n_layers, seed=config.seed, dtype=config.models.dtype,
+            )
+        except GenomeError as exc:
+            trial.set_user_attr("failure", f"genes do not decode: {exc}")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return False
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("recipe_summary", summarize_recipe(recipe, self.plan.labels))
+        self.in_flight[trial.number] = _InFlight(trial, recipe)
+        self.pool.submit(trial.number, recipe.to_dict(), "search")
+        return True
+
+    def _tell(self, item: _InFlight, outcome: TrialOutcome) -> None:
+        trial = item.trial
+        trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
+        trial.set_user_attr("worker", outcome.worker)
+        if outcome.scores is None:
+            trial.set_user_attr("failure", outcome.error or "unknown error")
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.progress.message(f"trial {trial.number} failed: {outcome.error}")
+            return
+        gates = evaluate_gates(self.plan.gates, outcome.scores, self.references, self.plan.task_higher)
+        raw = objective_values(outcome.scores, self.plan.tasks, self.plan.config.objective)
+        for key, value in _score_attrs(outcome.scores, gates, raw).items():
+            trial.set_user_attr(key, value)
+        # The dashboard's format; written before tell so samplers see it in after_trial.
+        self.study._storage.set_trial_system_attr(
+            trial._trial_id, "constraints", [g.constraint for g in gates]
+        )
+        self.study.tell(trial, list(_told_values(self.study, self.plan, raw, gates)))
+
+    def fail_in_flight(self) -> None:
+        """Fail trials still in flight (Ctrl-C twice) and enqueue them to re-run on resume."""
+        for item in self.in_flight.values():
+            trial = item.trial
+            trial.set_user_attr("failure", ranking.DRIVER_STOPPED)
+            self.study.tell(trial, state=TrialState.FAIL)
+            _enqueue_rerun(self.study, self.plan, self.study._storage.get_trial(trial._trial_id))
+        self.in_flight.clear()
+
+    def _report(self, done: int) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        searched = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH]
+        best = ranking.best_feasible(ranking.search_trials(searched), self.plan.directions)
+        self.progress.update(ProgressState(
+            done=done, budget=self.budget,
+            feasible=sum(ranking.is_feasible(t) for t in searched),
+            failed=sum(t.state == TrialState.FAIL for t in searched),
+            best_objective=None if best is None else ranking.score(best, self.plan.directions),
+            best_scores={} if best is None else dict(best.user_attrs["scores_search"]),
+        ))
+
+
+def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult],
+                 raw: Sequence[float]) -> dict[str, object]:
+    return {
+        "scores_search": dict(scores),
+        "gate_margins": {g.name: g.margin for g in gates},
+        "feasible": all(g.passed for g in gates),
+        "objective_raw": list(raw),
+    }
+
+
+PENALTY_FLOOR = 10.0
+
+
+def penalty_scale(study: optuna.Study) -> float:
+    """How much one unit of gate violation (plus one) costs a CMA-ES candidate.
+
+    Stored once per study (user attr ``cma_penalty``) when the baselines are scored:
+    10 x (1 + the spread of the baselines' objectives). That exceeds the objective's whole
+    range for scores in [0, 1] (exact match, choice), so any infeasible candidate ranks
+    below any feasible one in its generation, and less violation still ranks higher. CMA-ES
+    only uses the ranks of a generation, so the size of the penalty distorts nothing else.
+    """
+    stored = study.user_attrs.get("cma_penalty")
+    if stored is not None:
+        return float(stored)
+    return PENALTY_FLOOR
+
+
+def penalised(raw: float, violation: float, direction: str, scale: float) -> float:
+    if violation <= 0:
+        return raw
+    cost = scale * (1.0 + violation)
+    return raw - cost if direction == "maximize" else raw + cost
+
+
+def _told_values(study: optuna.Study, plan: StudyPlan, raw: Sequence[float],
+                 gates: Sequence[GateResult]) -> tuple[float, ...]:
+    if plan.config.sampler != "cmaes":
+        return tuple(raw)
+    violation = sum(max(0.0, g.constraint) for g in gates)
+    scale = penalty_scale(study)
+    return tuple(penalised(v, violation, d, scale) for v, d in zip(raw, plan.directions, strict=True))
+
+
+def _evaluate_all(pool: WorkerPool, recipes: Sequence[dict], split: str) -> list[TrialOutcome]:
+    """Evaluate recipes on the pool, keeping it full; outcomes in input order."""
+    outcomes: dict[int, TrialOutcome] = {}
+    next_index = 0
+    while len(outcomes) < len(recipes):
+        while next_index < len(recipes) and (pool.free_slots() > 0 or next_index - len(outcomes) == 0):
+            pool.submit(next_index, recipes[next_index], split)
+            next_index += 1
+        for ticket, outcome in pool.wait():
+            outcomes[ticket] = outcome
+    return [outcomes[i] for i in range(len(recipes))]
+
+
+# -- finalize ---------------------------------------------------------------------------
+
+
+def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: Progress) -> FinalizeResult:
+    """Re-score the top-k feasible trials and every baseline on held-out; pick the final trial.
+
+    Held-out gates use the sources' held-out scores as references. The final trial is the
+    best on held-out among the finalists that pass every gate there too. Records go to
+    study user attrs ``heldout:<number>`` (finished trials cannot be changed).
+    """
+    config = plan.config
+    trials = study.get_trials(deepcopy=False)
+    finalists = ranking.top_feasible(ranking.search_trials(trials), plan.directions, config.top_k)
+    if not finalists:
+        blocker = ranking.what_blocks(trials, plan.gate_names)
+        reason = blocker.describe() if blocker else "no completed search trial"
+        study.set_user_attr("final_trial", None)
+        return FinalizeResult(None, [], f"nothing to finalize: {reason}")
+    baselines = list(ranking.baseline_trials(trials).values())
+    user_attrs = study.user_attrs
+    todo = [t for t in [*baselines, *finalists] if storage.heldout_record(user_attrs, t.number) is None]
+    if todo:
+        progress.message(f"re-scoring {len(todo)} trial(s) on the held-out split")
+        outcomes = _evaluate_all(pool, [t.user_attrs["recipe"] for t in todo], "heldout")
+        scored = dict(zip([t.number for t in todo], outcomes, strict=True))
+    else:
+        scored = {}
+    # References first: every source's held-out scores.
+    heldout_scores: dict[int, dict[str, float]] = {}
+    for trial in [*baselines, *finalists]:
+        record = storage.heldout_record(user_attrs, trial.number)
+        if record is not None:
+            heldout_scores[trial.number] = record.scores
+        elif scored[trial.number].scores is not None:
+            heldout_scores[trial.number] = dict(scored[trial.number].scores or {})
+    by_name = ranking.baseline_trials(trials)
+    references: dict[str, dict[str, float]] = {}
+    for label in plan.labels:
+        number = by_name[source_baseline_name(label)].number
+        if number not in heldout_scores:
+            raise SearchError(
+                f"models.sources.{label}: scoring the source alone on held-out failed: "
+                f"{scored[number].error}"
+            )
+        references[label] = heldout_scores[number]
+    for trial in [*baselines, *finalists]:
+        if trial.number in scored and trial.number in heldout_scores:
+            gates = evaluate_gates(plan.gates, heldout_scores[trial.number], references, plan.task_higher)
+            storage.save_heldout(study, trial.number, storage.HeldoutRecord(
+                heldout_scores[trial.number], {g.name: g.margin for g in gates}, all(g.passed for g in gates),
+            ))
+    user_attrs = study.user_attrs
+    rows: list[FinalistRow] = []
+    for trial in finalists:
+        record = storage.heldout_record(user_attrs, trial.number)
+        if record is None:
+            continue  # its held-out scoring failed; the error was reported
+        heldout_raw = objective_values(record.scores, plan.tasks, config.objective)
+        rows.append(FinalistRow(
+            trial=trial.number,
+            search_objective=ranking.score(trial, plan.directions),
+            heldout_objective=_signed_mean(heldout_raw, plan.directions),
+            feasible_heldout=record.feasible,
+            failed_gates=tuple(g for g, m in record.gate_margins.items() if m < 0),
+        ))
+    passing = [r for r in rows if r.feasible_heldout]
+    if not passing:
+        study.set_user_attr("final_trial", None)
+        return FinalizeResult(None, rows, "no finalist passes every gate on the held-out split")
+    final = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
+    study.set_user_attr("final_trial", final.trial)
+    return FinalizeResult(final.trial, rows, f"final trial: {final.trial}")
+
+
+def _signed_mean(values: Sequence[float], directions: Sequence[str]) -> float:
+    signed = [v if d == "maximize" else -v for v, d in zip(values, directions, strict=True)]
+    return sum(signed) / len(signed)
+
+
+def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None) -> FinalizeResult:
+    """``search finalize``: finalize an existing study (held-out re-score, final trial)."""
+    plan = plan_study(config)
+    study = storage.load_existing_study(config.name, config.storage)
+    progress = Progress(config.trials, quiet=quiet, stream=stream)
+    pool = make_pool(worker_setup(config), config.execution)
+    try:
+        return finalize(study, plan, pool, progress)
+    finally:
+        progress.close()
+        pool.close()
+
+
+def format_finalists(result: FinalizeResult, tasks: Sequence[str]) -> str:
+    if not result.rows:
+        return result.message
+    lines = [f"{'trial':>6} {'search':>8} {'heldout':>8} {'gap':>7}  gates on held-out"]
+    for row in result.rows:
+        mark = "pass" if row.feasible_heldout else "fail: " + ", ".join(row.failed_gates)
+        star = " *" if row.trial == result.final_trial else ""
+        lines.append(
+            f"{row.trial:>6} {row.search_objective:>8.4f} {row.heldout_objective:>8.4f} "
+            f"{row.gap:>+7.4f}  {mark}{star}"
+        )
+    lines.append(result.message)
+    return "\n".join(lines)
+
+
+# -- display ----------------------------------------------------------------------------
+
+
+def summarize_recipe(recipe: Recipe, labels: Sequence[str]) -> str:
+    """One readable line: method, groups, per-source means of each per-source parameter."""
+    parts = [recipe.method, f"{len(recipe.groups)} group(s)"]
+    for name, table in recipe.tensor_params.items():
+        cells = [cell for row in table for cell in row]
+        means = [sum(c[i] for c in cells) / len(cells) for i in range(len(recipe.sources))]
+        parts.append(f"{name} " + " ".join(f"{lab}={m:.2f}" for lab, m in zip(labels, means, strict=False)))
+    for name, table in recipe.global_params.items():
+        values = [v for row in table for v in row]
+        if all(isinstance(v, bool) for v in values):
+            parts.append(f"{name}={values[0]}")
+        else:
+            parts.append(f"{name}={sum(float(v) for v in values) / len(values):.2f}")
+    if recipe.layer_slices:
+        parts.append(" ".join(f"{s.model.rsplit('/', 1)[-1]}[{s.start}:{s.end}]" for s in recipe.layer_slices))
+    return ", ".join(parts)
+
+
+# -- samplers ---------------------------------------------------------------------------
+
+SAMPLERS = ("cmaes", "tpe", "gp", "nsga2", "random")
+
+
+def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
+                 population: int | None = None, parallel: bool = False) -> BaseSampler:
+    """The study's sampler, seeded from the study seed, blind to baseline trials."""
+    if name == "cmaes":
+        # CMA gets the genome's numeric genes as a fixed search space and
+        # n_startup_trials=0, so the very first generation is already CMA's (with the
+        # intersection search space of no finished trial, the whole first batch would be
+        # sampled at random and belong to no generation).
+        inner: BaseSampler = optuna.samplers.CmaEsSampler(
+            seed=seed, popsize=population, n_startup_trials=0, warn_independent_sampling=False
+        )
+        numeric = {
+            k: d for k, d in space.items()
+            if isinstance(d, (FloatDistribution, IntDistribution)) and not d.single()
+        }
+        return BaselineBlindSampler(inner, fixed_space=numeric)
+    elif name == "tpe":
+        inner = optuna.samplers.TPESampler(seed=seed, constant_liar=parallel)
+    elif name == "gp":
+        inner = optuna.samplers.GPSampler(seed=seed)
+    elif name == "nsga2":
+        inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=population or 50)
+    elif name == "random":
+        inner = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        raise SearchError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
+    return BaselineBlindSampler(inner)
+
+
+class _SearchTrialsView:
+    """The study as a sampler should see it: without the baseline trials.
+
+    Baselines carry no genes (they are references, not candidates); left visible they
+    would empty the intersection search space of CMA-ES/TPE/GP/NSGA-II and feed GP trials
+    without parameters. Samplers read trials through ``Study._get_trials`` (and the public
+    ``trials``/``get_trials``); everything else is the real study.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: object = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if t.user_attrs.get("kind") != ranking.KIND_BASELINE]
+
+    def get_trials(self, deepcopy: bool = True, states: object = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self._get_trials()
+
+
+class BaselineBlindSampler(BaseSampler):
+    """Delegates to ``inner`` with a view of the study that hides baseline trials.
+
+    With ``fixed_space`` the relative search space is that, not the inner sampler's
+    inference from finished trials.
+    """
+
+    def __init__(self, inner: BaseSampler, *, fixed_space: Mapping[str, BaseDistribution] | None = None) -> None:
+        self.inner = inner
+        self.fixed_space = None if fixed_space is None else dict(fixed_space)
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        if self.fixed_space is not None:
+            return dict(self.fixed_space)
+        return self.inner.infer_relative_search_space(_SearchTrialsView(study), trial)  # type: ignore[arg-type]
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, object]:
+        return self.inner.sample_relative(_SearchTrialsView(study), trial, search_space)  # type: ignore[arg-type]
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> object:
+        return self.inner.sample_independent(
+            _SearchTrialsView(study), trial, param_name, param_distribution  # type: ignore[arg-type]
+        )
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(_SearchTrialsView(study), trial)  # type: ignore[arg-type]
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        with warnings.catch_warnings():
+            # CMA-ES sees gates through the penalised value (see ``penalised``); its
+            # per-trial "constraints are not used" warning says nothing new.
+            warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler")
+            self.inner.after_trial(_SearchTrialsView(study), trial, state, values)  # type: ignore[arg-type]
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()

@@ -1,0 +1,71 @@
+"""Worker pools: where trials run. ``InlinePool`` runs them in this process.
+
+The driver talks to a pool through four calls: ``submit`` a ticket, ``free_slots``,
+``wait`` for finished tickets, ``close``. Backends: ``inline`` (this module) and ``ray``
+(``search.ray_pool.RayPool``, imported only when asked for).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from search.config import ExecutionConfig
+from search.errors import SearchError
+from search.worker import TrialOutcome, TrialWorker, WorkerSetup
+
+
+class WorkerPool(Protocol):
+    size: int
+
+    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None: ...
+
+    def free_slots(self) -> int: ...
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]: ...
+
+    def close(self) -> None: ...
+
+
+class InlinePool:
+    """One ``TrialWorker`` in the driver's process; submitted trials run inside ``wait``.
+
+    ``size`` is 1: trials run one after another, and CMA-ES generations are still asked
+    whole (the driver queues a generation, then waits for all of it).
+    """
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.size = 1
+        self._worker = TrialWorker(setup)
+        self._queue: deque[tuple[int, dict, str]] = deque()
+
+    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
+        self._queue.append((ticket, recipe, split))
+
+    def free_slots(self) -> int:
+        # A generation may be queued past ``size``; free slots never go negative.
+        return max(0, self.size - len(self._queue))
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]:
+        """Run the oldest queued trial and return it ([] when nothing is queued)."""
+        if not self._queue:
+            return []
+        ticket, recipe, split = self._queue.popleft()
+        return [(ticket, self._worker.evaluate(recipe, split))]
+
+    def pending(self) -> list[int]:
+        return [ticket for ticket, _, _ in self._queue]
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def make_pool(setup: WorkerSetup, execution: ExecutionConfig) -> WorkerPool:
+    """The pool for ``execution.backend``: ``inline`` or ``ray``."""
+    if execution.backend == "inline":
+        return InlinePool(setup)
+    if execution.backend == "ray":
+        from search.ray_pool import RayPool
+
+        return RayPool(setup, execution)
+    raise SearchError(f"execution.backend: expected 'inline' or 'ray', got {execution.backend!r}")

@@ -1,0 +1,105 @@
+"""Where a study lives: storage URLs, creating or loading the study, held-out records.
+
+The driver is the only process that writes the storage. ``status``/``export`` only read it.
+
+Optuna refuses to change a finished trial (``check_trial_is_updatable``), so numbers that
+arrive after a trial is told (its held-out re-score) are kept as study user attributes
+``heldout:<trial number>`` holding ``{"scores_heldout", "gate_margins_heldout",
+"feasible_heldout"}``; :func:`heldout_record` reads them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.samplers import BaseSampler
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from search.errors import SearchError, StudyConfigError
+
+JOURNAL_PREFIX = "journal:"
+HELDOUT_KEY_PREFIX = "heldout:"
+
+
+def resolve_storage(url: str) -> BaseStorage:
+    """The Optuna storage for a URL: ``journal:PATH``, ``sqlite:///PATH`` or any SQLAlchemy URL."""
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        # SQLite creates the file but not its folder.
+        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL
+        raise SearchError(f"storage {url!r}: cannot open: {exc}") from exc
+
+
+def open_study(
+    name: str, storage_url: str, directions: Sequence[str], *, sampler: BaseSampler | None = None
+) -> optuna.Study:
+    """Create the study or load it by name; its directions must match the config's."""
+    storage = resolve_storage(storage_url)
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, directions=list(directions),
+        load_if_exists=True,
+    )
+    stored = [d.name.lower() for d in study.directions]
+    if stored != [d.lower() for d in directions]:
+        raise StudyConfigError(
+            f"study {name!r} in {storage_url} was created with directions {stored}, "
+            f"but the config now asks for {list(directions)} (objective or tasks changed): "
+            "use a new study name or output folder"
+        )
+    return study
+
+
+def load_existing_study(
+    name: str, storage_url: str, *, sampler: BaseSampler | None = None
+) -> optuna.Study:
+    """Load a study that must exist (``status``, ``export``, ``finalize``)."""
+    storage = resolve_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        raise SearchError(
+            f"no study named {name!r} in {storage_url} (found: {names or 'none'}); "
+            "run `search start STUDY.toml` first"
+        )
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+
+
+@dataclass(frozen=True)
+class HeldoutRecord:
+    """A trial's scores on the held-out split and its gates evaluated there."""
+
+    scores: dict[str, float]
+    gate_margins: dict[str, float]
+    feasible: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "scores_heldout": dict(self.scores),
+            "gate_margins_heldout": dict(self.gate_margins),
+            "feasible_heldout": self.feasible,
+        }
+
+
+def save_heldout(study: optuna.Study, trial_number: int, record: HeldoutRecord) -> None:
+    study.set_user_attr(f"{HELDOUT_KEY_PREFIX}{trial_number}", record.to_json())
+
+
+def heldout_record(study_user_attrs: Mapping[str, object], trial_number: int) -> HeldoutRecord | None:
+    """The held-out record of a trial from the study's user attributes, if it was re-scored."""
+    raw = study_user_attrs.get(f"{HELDOUT_KEY_PREFIX}{trial_number}")
+    if not isinstance(raw, Mapping):
+        return None
+    return HeldoutRecord(
+        scores={str(k): float(v) for k, v in raw["scores_heldout"].items()},
+        gate_margins={str(k): float(v) for k, v in raw["gate_margins_heldout"].items()},
+        feasible=bool(raw["feasible_heldout"]),
+    )

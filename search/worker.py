@@ -1,0 +1,140 @@
+"""The trial worker: one resident merge engine, one live model, the encoded task slices.
+
+A worker builds itself from disk (so a Ray actor can be restarted anywhere), then
+``evaluate`` merges a recipe into its live model in place and scores every task.
+Trial-level failures (a non-finite merge, a scorer that raises) come back as
+``TrialOutcome.error``; ``evaluate`` never raises for them, so one bad candidate cannot
+stop a study. Both the inline pool and the Ray pool run this same class.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fitness.slices import TaskSpec
+from merges.errors import MergeError
+from merges.recipe import Recipe
+from search.errors import SearchError
+
+SPLITS = ("search", "heldout")
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs to build itself from disk (picklable)."""
+
+    base: str
+    sources: tuple[str, ...]
+    tasks: tuple[TaskSpec, ...]
+    device: str  # resolved: "cpu" or "cuda"
+    dtype: str
+    batch_size: int
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    threads: int | None = None  # torch intra-op threads for this worker
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What one evaluation produced; ``scores`` is None exactly when ``error`` says why."""
+
+    scores: dict[str, float] | None
+    merge_s: float
+    score_s: float
+    error: str | None = None
+    worker: str = ""  # "node_id:pid"
+
+
+class TrialWorker:
+    """Loads checkpoints, engine, live model and encoded slices once; evaluates recipes."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        # Imported here so that importing this module (for WorkerSetup) stays cheap.
+        from transformers import AutoTokenizer
+
+        from fitness.slices import load_task
+        from merges.checkpoint import open_checkpoint
+        from merges.engine import MergeEngine
+        from merges.preflight import preflight
+
+        if setup.threads is not None:
+            torch.set_num_threads(max(1, setup.threads))
+        dtype = getattr(torch, setup.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise SearchError(f"worker setup: dtype {setup.dtype!r} is not a torch dtype")
+        self.setup = setup
+        base = open_checkpoint(setup.base, allow_pickle=setup.allow_pickle)
+        sources = [open_checkpoint(s, allow_pickle=setup.allow_pickle) for s in setup.sources]
+        self.layout = preflight(base, sources)
+        self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype)
+        self.model = self.engine.new_model()
+        self.model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            setup.base, trust_remote_code=setup.trust_remote_code
+        )
+        self.tasks = {
+            spec.name: load_task(spec, tokenizer, batch_size=setup.batch_size) for spec in setup.tasks
+        }
+        self._node_id = _node_id()
+
+    def identity(self) -> dict[str, str | int]:
+        return {"node_id": self._node_id, "pid": os.getpid(), "hostname": socket.gethostname()}
+
+    def evaluate(self, recipe: Mapping[str, object] | Recipe, split: str = "search") -> TrialOutcome:
+        """Merge ``recipe`` into the live model and score every task on ``split``."""
+        worker = f"{self._node_id}:{os.getpid()}"
+        if split not in SPLITS:
+            return TrialOutcome(None, 0.0, 0.0, f"unknown split {split!r} (expected one of {SPLITS})", worker)
+        start = time.perf_counter()
+        try:
+            parsed = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+            self.engine.merge_into(self.model, parsed)
+        except MergeError as exc:
+            return TrialOutcome(None, time.perf_counter() - start, 0.0, f"merge failed: {exc}", worker)
+        except Exception as exc:  # an engine bug must fail this trial, not the whole study
+            return TrialOutcome(
+                None, time.perf_counter() - start, 0.0,
+                f"merge failed: {type(exc).__name__}: {exc}", worker,
+            )
+        merged = time.perf_counter()
+        scores: dict[str, float] = {}
+        try:
+            from fitness.scoring import score_slice
+
+            with torch.inference_mode():
+                for name, data in self.tasks.items():
+                    encoded = data.search if split == "search" else data.heldout
+                    scores[name] = float(score_slice(self.model, encoded, device=self.setup.device))
+        except Exception as exc:
+            # A user scorer (any exception type) or a degenerate model: this trial fails,
+            # the study goes on.
+            failed_task = next((t for t in self.tasks if t not in scores), "?")
+            return TrialOutcome(
+                None, merged - start, time.perf_counter() - merged,
+                f"scoring task {failed_task!r} failed: {type(exc).__name__}: {exc}", worker,
+            )
+        bad = [t for t, v in scores.items() if v != v or v in (float("inf"), float("-inf"))]
+        if bad:
+            return TrialOutcome(
+                None, merged - start, time.perf_counter() - merged,
+                f"scoring produced a non-finite score for task(s) {bad}", worker,
+            )
+        return TrialOutcome(scores, merged - start, time.perf_counter() - merged, None, worker)
+
+
+def _node_id() -> str:
+    """The Ray node id when running inside Ray, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return socket.gethostname()
