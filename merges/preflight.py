@@ -38,8 +38,6 @@ MATH_CONFIG_KEYS: tuple[str, ...] = (
     "rms_norm_eps",
     "layer_norm_eps",
     "layer_norm_epsilon",
-    "max_position_embeddings",
-    "n_positions",
     "tie_word_embeddings",
 )
 

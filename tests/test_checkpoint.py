@@ -167,6 +167,29 @@ def test_pickle_weights_need_opt_in(tmp_path: Path) -> None:
         assert ckpt.dtypes[name] == tensor.dtype
 
 
+def test_sharded_pickle_index_with_opt_in(tmp_path: Path) -> None:
+    model = tiny_model("llama", seed=4, layers=2)
+    folder = tmp_path / "pickled-shards"
+    folder.mkdir()
+    model.config.to_json_file(folder / "config.json")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = list(state)
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[:5],
+        "pytorch_model-00002-of-00002.bin": names[5:],
+    }
+    for file, part in halves.items():
+        torch.save({n: state[n] for n in part}, folder / file)
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        open_checkpoint(folder)
+    ckpt = open_checkpoint(folder, allow_pickle=True)
+    assert list(ckpt.shapes) == names
+    for name, tensor in state.items():
+        assert torch.equal(ckpt.read(name), tensor), name
+
+
 def test_single_pt_file_with_opt_in(tmp_path: Path) -> None:
     model = tiny_model("llama", seed=2, layers=2)
     folder = tmp_path / "pt"

@@ -82,6 +82,22 @@ def test_llama_family_roles(
     assert [i.name for i in layout.tensors] == list(_llama_like(config_cls, model_cls).state_dict())
 
 
+def test_llama_with_tied_embeddings_has_no_head_tensor_to_save() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        **TINY,
+    )
+    layout, _ = _layout(LlamaForCausalLM(config))
+    assert layout.tied_embeddings and layout.is_tied_head("lm_head.weight")
+    untied, _ = _layout(_llama_like(LlamaConfig, LlamaForCausalLM))
+    assert not untied.is_tied_head("lm_head.weight")
+
+
 def test_qwen2_attention_biases_are_attention() -> None:
     _, roles = _layout(_llama_like(Qwen2Config, Qwen2ForCausalLM))
     assert roles["model.layers.1.self_attn.k_proj.bias"] == "attention"
