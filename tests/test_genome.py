@@ -27,6 +27,8 @@ from genome import (
     is_numeric,
     layer_groups,
 )
+from genome.spec import METHOD_GENES, known_methods
+from merges.methods.registry import METHODS, REQUIRED, validate_recipe
 from merges.recipe import ROLES, LayerSlice, Recipe
 
 SOURCES = {"shipping": "/fam/shipping", "refunds": "/fam/refunds", "catalog": "/fam/catalog"}
@@ -90,6 +92,19 @@ def test_frankenmerge_space_is_categorical_with_optional_index_genes() -> None:
     assert len(space) == 12
     assert space["layer5.source"] == CategoricalDistribution(("base", *SOURCES))
     assert space["layer5.index"] == IntDistribution(1, 3)
+
+
+def test_genome_method_table_agrees_with_the_engine_registry() -> None:
+    """Genes may only produce parameters the engine knows, with its required ones and source counts."""
+    assert set(known_methods()) == set(METHOD_GENES) & set(METHODS)
+    for name in known_methods():
+        genes, engine = METHOD_GENES[name], METHODS[name]
+        assert set(genes.source_params) <= set(engine.tensor_params), name
+        assert set(genes.global_params) <= set(engine.global_params), name
+        assert genes.needs_weight == (engine.tensor_params.get("weight", 0.0) is REQUIRED), name
+        assert genes.needs_t == (engine.global_params.get("t", 0.0) is REQUIRED), name
+        if name != "passthrough":  # frankenmerges choose among all sources
+            assert (genes.min_sources, genes.max_sources) == (engine.min_sources, engine.max_sources), name
 
 
 def test_categorical_detection() -> None:
@@ -243,6 +258,7 @@ def spec_and_point(draw: st.DrawFn) -> tuple[GenomeSpec, dict[str, str], int, di
 def test_encode_inverts_decode(case: tuple[GenomeSpec, dict[str, str], int, dict[str, float | int | str]]) -> None:
     spec, sources, n_layers, params = case
     recipe = decode(spec, params, base=BASE, sources=sources, n_layers=n_layers, seed=3)
+    validate_recipe(recipe)  # the merge engine accepts every decoded recipe
     assert encode(spec, recipe, sources=sources, n_layers=n_layers) == params
     again = decode(spec, encode(spec, recipe, sources=sources, n_layers=n_layers), base=BASE,
                    sources=sources, n_layers=n_layers, seed=3)
