@@ -1,0 +1,625 @@
+"""The in-memory merge engine: resident tensors, precomputed statistics, one pass per trial.
+
+A ``MergeEngine`` reads the base and the sources once, keeps the base and the task
+vectors (source - base) resident on its device in the arithmetic dtype, and merges a
+``Recipe`` straight into a live model's parameter storage (``merge_into``) or into new
+tensors (``materialize``). Everything that does not depend on a recipe's numbers is
+computed once per engine, lazily, on the first recipe that needs it:
+
+* per delta, an int32 *key* per entry: the magnitude rank (TIES, ``magnitude``), the
+  ascending rank (breadcrumbs), or a uniform random key for the current seed (DARE);
+  a density then maps to a key window, so a trial needs no sort;
+* per delta, its L1 norm (for ``rescale``); DELLA's in-row rank positions;
+* per tensor, the slerp angle between the base and the other model.
+
+A trial is then one fused elementwise pass per tensor (``merges.methods.fused``):
+a C kernel on CPU split over a thread pool, or chunked torch operations on other
+devices (CUDA is the default device when available).
+
+Memory bound (N parameters, K sources, 4-byte float32 / int32 entries):
+``resident = N * 4 * (1 + K)`` for base and deltas, plus ``N * 4 * K`` for each key kind
+in use (magnitude ranks, breadcrumbs ranks, DARE keys of one seed; DELLA adds its row
+positions and keys). During a trial ``merge_into`` allocates nothing model-sized: it
+writes into the live parameters (one temporary tensor per parameter whose dtype or
+device differs from the engine's); ``materialize`` allocates the output (N entries).
+DELLA and model_stock build per-tensor temporaries (K tensors of the largest tensor).
+
+If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
+the model holds a partial merge: merge a recipe into it again before using it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from merges.checkpoint import Checkpoint
+from merges.errors import MergeError, NonFiniteMergeError, RecipeError
+from merges.layout import Layout, TensorInfo
+from merges.methods import sparsify
+from merges.methods.fused import (
+    FusedJob,
+    masked_l1_many,
+    native_library,
+    native_supports,
+    run_eager,
+    run_native_many,
+)
+from merges.methods.model_stock import model_stock
+from merges.methods.registry import METHODS, MethodSpec, non_base_sources, validate_recipe
+from merges.methods.slerp import SlerpGeometry, slerp_coefficients, slerp_geometry
+from merges.methods.task_arithmetic import FAMILY
+from merges.preflight import preflight
+from merges.recipe import Recipe
+
+BASE = -1  # model index of the base; sources are 0..K-1
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One output tensor: its name in the merged model and the input tensor it comes from."""
+
+    out_name: str
+    info: TensorInfo
+    model: int | None = None  # passthrough: which model supplies it
+    scale: float = 1.0  # passthrough scale
+
+
+@dataclass
+class _Work:
+    """One output tensor being computed: a fused job, or an eager function."""
+
+    target: _Target
+    out: torch.Tensor  # flat, engine dtype and device
+    job: FusedJob | None = None
+    eager: Callable[[], torch.Tensor] | None = None
+    rescale: list[int] | None = None  # item indices whose L1 scale is still to compute
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _stable_seed(*parts: object) -> int:
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MergeEngine:
+    """Merges recipes over one base and its sources, with every input tensor resident."""
+
+    def __init__(self, base: Checkpoint | None, sources: Sequence[Checkpoint], *,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 threads: int | None = None) -> None:
+        if base is None and not sources:
+            raise MergeError("MergeEngine needs a base or at least one source checkpoint")
+        if not dtype.is_floating_point:
+            raise MergeError(f"MergeEngine: arithmetic dtype must be floating point, got {dtype}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._threads = max(1, threads or torch.get_num_threads())
+        self._base_ckpt = base
+        self._sources = tuple(sources)
+        anchor = base if base is not None else self._sources[0]
+        others = [s for s in self._sources if s is not anchor]
+        self._layout = preflight(anchor, others) if others else anchor.layout
+        self._anchor = anchor
+        self._index: dict[Path, int] = {}
+        for i, source in enumerate(self._sources):
+            self._index.setdefault(source.path.resolve(), i)
+        if base is not None:
+            self._index[base.path.resolve()] = BASE
+        self._shapes = {info.name: tuple(anchor.shapes[info.name]) for info in self._layout.tensors}
+        self._floating = {name: anchor.dtypes[name].is_floating_point for name in self._shapes}
+        self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
+        self._lib = native_library() if self._device.type == "cpu" and dtype == torch.float32 else None
+
+        # resident: base (None without a base checkpoint: deltas are then the sources)
+        self._base: dict[str, torch.Tensor] = {}
+        self._deltas: dict[str, list[torch.Tensor]] = {}
+        self._fixed: dict[str, torch.Tensor] = {}  # non-floating tensors, taken from the anchor
+        self._load()
+        # lazily computed statistics (see the module docstring)
+        self._keys: dict[str, dict[str, list[torch.Tensor]]] = {}  # kind -> name -> per source
+        self._random_seed: int | None = None
+        self._random: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, position, source)
+        self._della_position: dict[str, list[torch.Tensor]] = {}
+        self._l1: dict[tuple[str, int], float] = {}
+        self._slerp: dict[tuple[str, int], SlerpGeometry] = {}
+
+    # -- public ---------------------------------------------------------------------
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def resident_bytes(self) -> int:
+        """Bytes of every tensor the engine holds (inputs and cached statistics)."""
+        tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
+                                       *self._random.values()]
+        for group in (self._deltas, self._della_position, *self._keys.values()):
+            for per_source in group.values():
+                tensors.extend(per_source)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def new_model(self) -> transformers.PreTrainedModel:
+        """A live model of the base's config with the base's weights, on the engine's device."""
+        path = self._anchor.path
+        config = transformers.AutoConfig.from_pretrained(path)
+        architecture = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, architecture, None) if architecture else None
+        if model_class is None:
+            model_class = transformers.AutoModelForCausalLM
+        model = model_class.from_pretrained(path, dtype=self._dtype)
+        return model.to(self._device).eval()
+
+    def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
+        """Write the merge of ``recipe`` into ``model``'s parameters, in place.
+
+        The recipe is validated before anything is written. After a
+        ``NonFiniteMergeError`` the model is partly merged: re-merge before use.
+        """
+        targets = self._plan(recipe)
+        live = self._model_tensors(model)
+        chosen = self._dedupe_tied(targets, live)
+        outputs: list[tuple[_Target, torch.Tensor, torch.Tensor]] = []
+        for target in chosen:
+            param = live.get(target.out_name)
+            if param is None:
+                raise RecipeError(f"model has no tensor {target.out_name!r} (recipe method "
+                                  f"{recipe.method!r}, {recipe.n_layers} output layers)")
+            if tuple(param.shape) != self._shapes[target.info.name]:
+                raise MergeError(f"model tensor {target.out_name!r} has shape {tuple(param.shape)}, "
+                                 f"the checkpoints have {self._shapes[target.info.name]}")
+            direct = (param.dtype == self._dtype and param.device == self._device
+                      and param.is_contiguous())
+            out = param.data.view(-1) if direct else torch.empty(
+                param.numel(), dtype=self._dtype, device=self._device)
+            outputs.append((target, out, param))
+        with torch.no_grad():
+            self._run(recipe, [(t, out) for t, out, _ in outputs])
+            for _target, out, param in outputs:
+                if out.data_ptr() != param.data_ptr():
+                    param.data.copy_(out.view(param.shape))
+
+    def materialize(self, recipe: Recipe, *, device: str | torch.device = "cpu"
+                    ) -> dict[str, torch.Tensor]:
+        """The merged tensors by output name, in ``recipe.out_dtype`` (default: arithmetic dtype)."""
+        targets = self._plan(recipe)
+        out_dtype = self._out_dtype(recipe)
+        outputs = [(t, torch.empty(self._numel(t.info.name), dtype=self._dtype, device=self._device))
+                   for t in targets]
+        with torch.no_grad():
+            self._run(recipe, outputs)
+        result: dict[str, torch.Tensor] = {}
+        for target, out in outputs:
+            tensor = out.view(self._shapes[target.info.name])
+            if self._floating[target.info.name]:
+                tensor = tensor.to(dtype=out_dtype)
+            result[target.out_name] = tensor.to(device=device)
+        return result
+
+    def close(self) -> None:
+        """Stop the worker threads (the engine stays usable, single-threaded)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # -- loading --------------------------------------------------------------------
+
+    def _load(self) -> None:
+        anchor = self._anchor
+        has_base = self._base_ckpt is not None
+        for info in self._layout.tensors:
+            name = info.name
+            if not self._floating[name]:
+                self._fixed[name] = anchor.read(name, device=self._device).reshape(-1)
+                continue
+            base = self._read_checked(anchor, name) if has_base else None
+            deltas = []
+            for source in self._sources:
+                tensor = self._read_checked(source, name)
+                deltas.append(tensor.sub_(base) if base is not None else tensor)
+            if base is not None:
+                self._base[name] = base
+            self._deltas[name] = deltas
+
+    def _read_checked(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        tensor = checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
+        tensor = tensor.contiguous().clone() if not tensor.is_contiguous() else tensor.clone()
+        if not bool(torch.isfinite(tensor).all()):
+            raise MergeError(f"{checkpoint.path}: tensor {name!r} holds NaN or inf")
+        return tensor
+
+    # -- recipe -> targets ------------------------------------------------------------
+
+    def _model_of(self, path: str, what: str) -> int:
+        index = self._index.get(Path(path).resolve())
+        if index is None:
+            known = [str(c.path) for c in ([self._base_ckpt] if self._base_ckpt else [])
+                     + list(self._sources)]
+            raise RecipeError(f"{what} {path!r} is not one of the engine's checkpoints "
+                              f"({', '.join(known)})")
+        return index
+
+    def _out_dtype(self, recipe: Recipe) -> torch.dtype:
+        if recipe.out_dtype is None:
+            return self._dtype
+        dtype = getattr(torch, recipe.out_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise RecipeError(f"recipe out_dtype {recipe.out_dtype!r} is not a torch float dtype")
+        return dtype
+
+    def _plan(self, recipe: Recipe) -> list[_Target]:
+        validate_recipe(recipe)
+        if recipe.dtype != _dtype_name(self._dtype):
+            raise RecipeError(f"recipe dtype {recipe.dtype!r} differs from the engine's arithmetic "
+                              f"dtype {_dtype_name(self._dtype)!r}; build the engine with that dtype")
+        self._out_dtype(recipe)
+        if recipe.base is not None and self._model_of(recipe.base, "base") != BASE:
+            raise RecipeError(f"recipe base {recipe.base!r} is not the engine's base")
+        for path in recipe.sources:
+            self._model_of(path, "source")
+        if recipe.method == "passthrough":
+            return self._passthrough_targets(recipe)
+        if recipe.n_layers != self._layout.n_layers:
+            raise RecipeError(f"recipe groups cover {recipe.n_layers} layers, the checkpoints have "
+                              f"{self._layout.n_layers}")
+        return [_Target(info.name, info) for info in self._layout.tensors]
+
+    def _passthrough_targets(self, recipe: Recipe) -> list[_Target]:
+        layout = self._layout
+        if not recipe.layer_slices:
+            if recipe.n_layers != layout.n_layers:
+                raise RecipeError(f"recipe groups cover {recipe.n_layers} layers, the checkpoints "
+                                  f"have {layout.n_layers}")
+            model = self._model_of(recipe.sources[0], "source")
+            return [_Target(info.name, info, model, self._scale(recipe, info)) for info in
+                    layout.tensors]
+        pieces = []
+        for piece in recipe.layer_slices:
+            if piece.end > layout.n_layers:
+                raise RecipeError(f"layer slice [{piece.start}, {piece.end}) of {piece.model} is "
+                                  f"outside its {layout.n_layers} layers")
+            pieces.append((piece, self._model_of(piece.model, "layer slice model")))
+        targets: list[_Target] = []
+        first, last = pieces[0], pieces[-1]
+        for info in layout.tensors:
+            if info.layer is None:  # mergekit: embeddings from the first slice, head from the last
+                piece, model = last if info.role == "head" else first
+                targets.append(_Target(info.name, info, model, piece.scale))
+        out_layer = 0
+        for piece, model in pieces:
+            for layer in range(piece.start, piece.end):
+                for info in layout.layer_tensors(layer):
+                    targets.append(_Target(layout.rename_layer(info.name, out_layer), info, model,
+                                           piece.scale))
+                out_layer += 1
+        return targets
+
+    def _scale(self, recipe: Recipe, info: TensorInfo) -> float:
+        if "scale" not in recipe.tensor_params:
+            return 1.0
+        group, role = self._cell(recipe, info)
+        return recipe.tensor_values("scale", group, role)[0]
+
+    @staticmethod
+    def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        return tensors
+
+    @staticmethod
+    def _dedupe_tied(targets: Iterable[_Target], live: dict[str, torch.Tensor]) -> list[_Target]:
+        """Where two outputs share one storage (tied head), keep the embedding's."""
+        by_storage: dict[int, _Target] = {}
+        order: list[_Target] = []
+        for target in targets:
+            param = live.get(target.out_name)
+            if param is None:
+                order.append(target)
+                continue
+            key = param.data_ptr()
+            seen = by_storage.get(key)
+            if seen is None:
+                by_storage[key] = target
+                order.append(target)
+            elif target.info.role == "embed" and seen.info.role != "embed":
+                order[order.index(seen)] = target
+                by_storage[key] = target
+        return order
+
+    # -- parameter lookup -------------------------------------------------------------
+
+    @staticmethod
+    def _cell(recipe: Recipe, info: TensorInfo) -> tuple[int, str]:
+        if info.layer is not None:
+            return recipe.group_of_layer(info.layer), info.role
+        if info.role == "head":
+            return len(recipe.groups) - 1, "head"
+        return 0, info.role
+
+    @staticmethod
+    def _tensor_values(recipe: Recipe, spec: MethodSpec, name: str, cell: tuple[int, str]
+                       ) -> tuple[float, ...]:
+        if name in recipe.tensor_params:
+            return recipe.tensor_values(name, *cell)
+        default = spec.tensor_default(name)
+        if default is None:
+            raise RecipeError(f"method {spec.name!r} needs per-source parameter {name!r}")
+        return (float(default),) * len(recipe.sources)
+
+    @staticmethod
+    def _global(recipe: Recipe, spec: MethodSpec, name: str, cell: tuple[int, str]
+                ) -> float | bool:
+        if name in recipe.global_params:
+            return recipe.global_value(name, *cell)
+        default = spec.global_default(name)
+        if default is None:
+            raise RecipeError(f"method {spec.name!r} needs global parameter {name!r}")
+        return default
+
+    # -- computing ----------------------------------------------------------------------
+
+    def _numel(self, name: str) -> int:
+        numel = 1
+        for size in self._shapes[name]:
+            numel *= size
+        return numel
+
+    def _tensor_of(self, name: str, model: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(base, delta)`` whose sum (a missing part is zero) is ``model``'s tensor."""
+        base = self._base.get(name)
+        if model == BASE:
+            return base, None
+        return base, self._deltas[name][model]
+
+    def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
+        spec = METHODS[recipe.method]
+        works = [self._work(recipe, spec, target, out) for target, out in outputs]
+        self._apply_rescale(works)
+        native = [w for w in works if w.job is not None and self._lib is not None
+                  and native_supports(w.job)]
+        native_ids = {id(w) for w in native}
+        if native:
+            assert self._lib is not None
+            counts = run_native_many(self._lib, [w.job for w in native if w.job is not None],
+                                     self._pool)
+            for work, count in zip(native, counts, strict=True):
+                if count:
+                    self._non_finite(recipe, work.target)
+        for work in works:
+            if id(work) in native_ids:
+                continue
+            if work.job is not None:
+                run_eager(work.job)
+            elif work.eager is not None:
+                work.out.copy_(work.eager())
+            if self._floating[work.target.info.name] and not bool(torch.isfinite(work.out).all()):
+                self._non_finite(recipe, work.target)
+
+    @staticmethod
+    def _non_finite(recipe: Recipe, target: _Target) -> None:
+        raise NonFiniteMergeError(f"merged tensor {target.out_name!r} holds NaN or inf (method "
+                                  f"{recipe.method!r}); the model is partly merged: re-merge "
+                                  "before using it")
+
+    def _work(self, recipe: Recipe, spec: MethodSpec, target: _Target, out: torch.Tensor) -> _Work:
+        name = target.info.name
+        if not self._floating[name]:
+            fixed = self._fixed[name]
+            return _Work(target, out, eager=lambda: fixed)
+        if recipe.method == "passthrough":
+            assert target.model is not None
+            base, delta = self._tensor_of(name, target.model)
+            if delta is None:
+                job = FusedJob(out, base, [], [], linear=True, base_weight=target.scale)
+            else:
+                job = FusedJob(out, base, [delta], [target.scale], linear=True)
+            return _Work(target, out, job=job)
+        cell = self._cell(recipe, target.info)
+        if recipe.method == "linear":
+            return self._linear_work(recipe, spec, target, cell, out)
+        if recipe.method == "slerp":
+            return self._slerp_work(recipe, spec, target, cell, out)
+        if recipe.method == "model_stock":
+            return self._model_stock_work(recipe, spec, target, cell, out)
+        return self._task_vector_work(recipe, spec, target, cell, out)
+
+    def _linear_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
+                     cell: tuple[int, str], out: torch.Tensor) -> _Work:
+        name = target.info.name
+        weights = self._tensor_values(recipe, spec, "weight", cell)
+        normalize = bool(self._global(recipe, spec, "normalize", cell))
+        deltas, used, base_weight = [], [], None
+        for position, path in enumerate(recipe.sources):
+            model = self._model_of(path, "source")
+            if model == BASE:
+                base_weight = weights[position] + (base_weight or 0.0)
+            else:
+                deltas.append(self._deltas[name][model])
+                used.append(weights[position])
+        divisor = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+        job = FusedJob(out, self._base.get(name), deltas, used, linear=True,
+                       base_weight=base_weight, normalize=normalize, divisor=divisor)
+        return _Work(target, out, job=job)
+
+    def _slerp_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
+                    cell: tuple[int, str], out: torch.Tensor) -> _Work:
+        name = target.info.name
+        (position,) = non_base_sources(recipe)
+        model = self._model_of(recipe.sources[position], "source")
+        t = float(self._global(recipe, spec, "t", cell))
+        geometry = self._slerp.get((name, model))
+        base = self._base[name]
+        if geometry is None:
+            geometry = slerp_geometry(base, base + self._deltas[name][model])
+            self._slerp[(name, model)] = geometry
+        c0, c1 = slerp_coefficients(t, geometry)
+        job = FusedJob(out, base, [self._deltas[name][model]], [float(c1)], linear=True,
+                       base_weight=float(c0))
+        return _Work(target, out, job=job)
+
+    def _model_stock_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
+                          cell: tuple[int, str], out: torch.Tensor) -> _Work:
+        name = target.info.name
+        filter_wise = bool(self._global(recipe, spec, "filter_wise", cell))
+        shape = self._shapes[name]
+        base = self._base[name]
+        models = [self._model_of(recipe.sources[p], "source") for p in non_base_sources(recipe)]
+
+        def compute() -> torch.Tensor:
+            sources = [(base + self._deltas[name][m]).view(shape) for m in models]
+            return model_stock(base.view(shape), sources, filter_wise=filter_wise).reshape(-1)
+
+        return _Work(target, out, eager=compute)
+
+    def _task_vector_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
+                          cell: tuple[int, str], out: torch.Tensor) -> _Work:
+        name = target.info.name
+        family = FAMILY[recipe.method]
+        weights = self._tensor_values(recipe, spec, "weight", cell)
+        densities = self._tensor_values(recipe, spec, "density", cell)
+        rescale = bool(self._global(recipe, spec, "rescale", cell))
+        normalize = bool(self._global(recipe, spec, "normalize", cell))
+        lam = float(self._global(recipe, spec, "lambda", cell))
+        numel = self._numel(name)
+        positions = non_base_sources(recipe)
+        models = [self._model_of(recipe.sources[p], "source") for p in positions]
+        deltas: list[torch.Tensor] = []
+        keys: list[torch.Tensor | None] = []
+        windows: list[tuple[int, int]] = []
+        to_rescale: list[int] = []
+        kind = family.sparsification
+        for item, (position, model) in enumerate(zip(positions, models, strict=True)):
+            delta = self._deltas[name][model]
+            density = densities[position]
+            key, window = None, (0, 0)
+            if kind == "magnitude" and density < 1:
+                key = self._stat("descending", sparsify.descending_ranks)[name][model]
+                window = (0, sparsify.magnitude_keep_count(density, numel))
+            elif kind == "magnitude_outliers" and density < 1:
+                gamma = self._tensor_values(recipe, spec, "gamma", cell)[position]
+                key = self._stat("ascending", sparsify.ascending_ranks)[name][model]
+                window = sparsify.outlier_window(density, gamma, numel)
+            elif kind == "random" and density < 1:
+                key = self._random_key(recipe.seed, name, position, model)
+                window = (0, sparsify.key_threshold(density))
+            elif kind == "della_magprune" and density < 1:
+                epsilon = self._tensor_values(recipe, spec, "epsilon", cell)[position]
+                delta = self._della(recipe.seed, name, position, model, density, epsilon, rescale)
+            if key is not None and rescale and not (kind == "magnitude" and density <= 0):
+                to_rescale.append(item)
+            deltas.append(delta)
+            keys.append(key)
+            windows.append(window)
+        used = [weights[p] for p in positions]
+        divisor = float(torch.tensor(used, dtype=self._dtype).sum()) if used else 0.0
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        job = FusedJob(out, self._base[name], deltas, used, keys=keys, windows=windows,
+                       scales=[None] * len(deltas), consensus=family.consensus,
+                       normalize=normalize, divisor=divisor, lam=lam)
+        return _Work(target, out, job=job, rescale=to_rescale)
+
+    def _apply_rescale(self, works: Sequence[_Work]) -> None:
+        """Fill in the L1 rescale factors of every job at once (one pass, on the pool)."""
+        items: list[tuple[_Work, int]] = [(w, i) for w in works if w.rescale for i in w.rescale]
+        if not items:
+            return
+        triples = []
+        for work, i in items:
+            assert work.job is not None
+            key = work.job.keys[i]
+            triples.append((work.job.deltas[i], key, work.job.windows[i]))
+        after = masked_l1_many(self._lib, triples, self._pool)
+        for (work, i), kept in zip(items, after, strict=True):
+            assert work.job is not None
+            before = self._l1_norm(work.target.info.name, work.job.deltas[i])
+            before32 = torch.tensor(before, dtype=torch.float32)
+            after32 = torch.tensor(kept, dtype=torch.float32)
+            if before32 < sparsify.RESCALE_EPS or after32 < sparsify.RESCALE_EPS:
+                continue
+            scales = list(work.job.scales)
+            scales[i] = float(before32 / after32)
+            work.job.scales = scales
+
+    def _l1_norm(self, name: str, delta: torch.Tensor) -> float:
+        key = (name, delta.data_ptr())
+        value = self._l1.get(key)
+        if value is None:
+            value = float(delta.abs().sum())
+            self._l1[key] = value
+        return value
+
+    # -- cached statistics --------------------------------------------------------------
+
+    def _map(self, fn: Callable[[str], list[torch.Tensor]], names: Sequence[str]
+             ) -> dict[str, list[torch.Tensor]]:
+        results = self._pool.map(fn, names) if self._pool is not None else map(fn, names)
+        return dict(zip(names, results, strict=True))
+
+    def _stat(self, kind: str, compute: Callable[[torch.Tensor], torch.Tensor]
+              ) -> dict[str, list[torch.Tensor]]:
+        cached = self._keys.get(kind)
+        if cached is None:
+            names = list(self._deltas)
+            cached = self._map(lambda n: [compute(d) for d in self._deltas[n]], names)
+            self._keys[kind] = cached
+        return cached
+
+    def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
+        return torch.Generator(device=self._device).manual_seed(_stable_seed(seed, name, position))
+
+    def _random_key(self, seed: int, name: str, position: int, model: int) -> torch.Tensor:
+        """Uniform keys of ``(seed, tensor, source position)``; only one seed is kept."""
+        if self._random_seed != seed:
+            self._random.clear()
+            self._random_seed = seed
+        cache_key = (name, position, model)
+        keys = self._random.get(cache_key)
+        if keys is None:
+            keys = sparsify.random_keys((self._numel(name),), self._generator(seed, name, position))
+            self._random[cache_key] = keys
+        return keys
+
+    def _della(self, seed: int, name: str, position: int, model: int, density: float,
+               epsilon: float, rescale: bool) -> torch.Tensor:
+        if density <= 0:
+            return torch.zeros_like(self._deltas[name][model])
+        try:
+            sparsify.check_della_bounds(density, epsilon, f"tensor {name!r}")
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        positions = self._della_position.get(name)
+        shape = self._shapes[name]
+        if positions is None:
+            positions = [sparsify.della_row_position(d.view(shape)).reshape(-1)
+                         for d in self._deltas[name]]
+            self._della_position[name] = positions
+        keys = self._random_key(seed, name, position, model)
+        generator = self._generator(seed, name, position)
+        return sparsify.della_magprune(self._deltas[name][model], density, epsilon,
+                                       generator=generator, rescale=rescale, keys=keys,
+                                       row_position=positions[model])
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)

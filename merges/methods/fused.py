@@ -1,0 +1,353 @@
+"""One fused pass per tensor for linear, slerp-style blends and the task-vector family.
+
+The engine keeps the base, the deltas (source - base) and integer *keys* per delta
+resident: magnitude ranks for TIES, ascending ranks for breadcrumbs, random keys for
+DARE. A recipe's density then turns into a key window ``[lo, hi)``: an entry is kept
+when its key is inside. With that, a whole merge of one tensor is a single elementwise
+pass, which this module runs either
+
+* natively: a small C kernel (compiled once with the system C compiler into a cache
+  folder, called through ctypes, which releases the GIL so a thread pool can split the
+  work), CPU only; or
+* eagerly: chunked torch operations, on any device (the CUDA path, and the CPU
+  fallback when no C compiler is available).
+
+Both compute what mergekit's ``GeneralizedTaskArithmeticMerge.merge_group`` and
+``linear`` compute, with the same order of float operations per entry (the L1 norm of
+a rescaled delta is summed in float64 natively, so it may differ by float32 rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+MAX_SOURCES = 32
+CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small enough to split
+
+
+@dataclass
+class FusedJob:
+    """Everything one output tensor needs. Tensors are flat, contiguous, in the compute dtype.
+
+    ``linear`` mode: ``out = base_weight * base + sum_i weights[i] * (base + deltas[i])``
+    (``base_weight`` None skips the first term; ``base`` None means zero), divided by
+    ``divisor`` when ``normalize``.
+    Task-vector mode: mask each delta by its key window, scale it, weight it, optionally
+    elect signs (``consensus``), sum, normalise, multiply by ``lam``, add to ``base``.
+    """
+
+    out: torch.Tensor
+    base: torch.Tensor | None
+    deltas: Sequence[torch.Tensor]
+    weights: Sequence[float]
+    linear: bool = False
+    base_weight: float | None = None
+    keys: Sequence[torch.Tensor | None] = ()
+    windows: Sequence[tuple[int, int]] = ()
+    scales: Sequence[float | None] = ()
+    consensus: bool = False
+    normalize: bool = False
+    divisor: float = 1.0  # without consensus: sum of weights (0 -> 1 handled by the caller)
+    lam: float = 1.0
+
+    def key(self, i: int) -> torch.Tensor | None:
+        return self.keys[i] if self.keys else None
+
+    def window(self, i: int) -> tuple[int, int]:
+        return self.windows[i] if self.windows else (0, 0)
+
+    def scale(self, i: int) -> float | None:
+        return self.scales[i] if self.scales else None
+
+
+# -- eager (any device) -----------------------------------------------------------------
+
+
+def _masked(delta: torch.Tensor, key: torch.Tensor | None, window: tuple[int, int]) -> torch.Tensor:
+    if key is None:
+        return delta
+    lo, hi = window
+    return delta * ((key >= lo) & (key < hi)).to(delta.dtype)
+
+
+def run_eager(job: FusedJob, chunk: int = 1 << 22) -> None:
+    """Compute ``job.out`` with torch operations, ``chunk`` entries at a time."""
+    n = job.out.numel()
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        job.out[start:end] = _eager_chunk(job, start, end)
+
+
+def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
+    base = job.base[start:end] if job.base is not None else None
+    dtype, device = job.out.dtype, job.out.device
+    if job.linear:
+        acc = (torch.mul(base, job.base_weight) if job.base_weight is not None and base is not None
+               else torch.zeros(end - start, dtype=dtype, device=device))
+        for i, delta in enumerate(job.deltas):
+            x = delta[start:end] if base is None else base + delta[start:end]
+            acc = acc + x * torch.tensor(job.weights[i], dtype=dtype, device=device)
+        if job.normalize:
+            acc = acc / torch.tensor(job.divisor, dtype=dtype, device=device)
+        return acc
+    weighted = []
+    for i, delta in enumerate(job.deltas):
+        key = job.key(i)
+        x = _masked(delta[start:end], key[start:end] if key is not None else None, job.window(i))
+        scale = job.scale(i)
+        if scale is not None:
+            x = x * torch.tensor(scale, dtype=dtype, device=device)
+        weighted.append(x * torch.tensor(job.weights[i], dtype=dtype, device=device))
+    stacked = torch.stack(weighted)
+    if job.consensus:
+        w = torch.tensor(list(job.weights), dtype=dtype, device=device).unsqueeze(-1)
+        majority = (stacked.sum(dim=0) >= 0).to(dtype) * 2 - 1
+        mask = stacked.sign() == majority
+        mixed = (stacked * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = torch.tensor(job.divisor, dtype=dtype, device=device)
+    if job.normalize:
+        mixed = mixed / divisor
+    if job.lam != 1:
+        mixed = mixed * job.lam
+    assert base is not None, "task-vector merges need a base"
+    return base + mixed
+
+
+def masked_l1_eager(delta: torch.Tensor, key: torch.Tensor | None, window: tuple[int, int]) -> float:
+    return float(_masked(delta, key, window).abs().sum())
+
+
+# -- native (CPU) ---------------------------------------------------------------------------
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+#define MAXK @MAXK@
+#define BLOCK 512
+
+typedef struct {
+    int32_t k, linear, consensus, normalize, has_base_weight, _pad;
+    float lam, divisor, base_weight, _padf;
+    const float *base;
+    float *out;
+    const float *delta[MAXK];
+    const int32_t *key[MAXK];
+    int64_t lo[MAXK], hi[MAXK];
+    float scale[MAXK];
+    int32_t has_scale[MAXK];
+    float weight[MAXK];
+} job_t;
+
+/* Merge entries [start, end); returns how many results are not finite. */
+int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
+    float wd[MAXK][BLOCK];
+    float acc[BLOCK], div[BLOCK];
+    int64_t bad = 0;
+    for (int64_t s = start; s < end; s += BLOCK) {
+        int64_t n = end - s < BLOCK ? end - s : BLOCK;
+        const float *b = a->base ? a->base + s : 0;
+        float *o = a->out + s;
+        if (a->linear) {
+            for (int64_t j = 0; j < n; ++j) acc[j] = (a->has_base_weight && b) ? b[j] * a->base_weight : 0.0f;
+            for (int i = 0; i < a->k; ++i) {
+                const float *d = a->delta[i] + s;
+                float w = a->weight[i];
+                if (b) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + (b[j] + d[j]) * w;
+                else for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + d[j] * w;
+            }
+            if (a->normalize) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / a->divisor;
+            for (int64_t j = 0; j < n; ++j) { o[j] = acc[j]; bad += !isfinite(acc[j]); }
+            continue;
+        }
+        for (int i = 0; i < a->k; ++i) {
+            const float *d = a->delta[i] + s;
+            const int32_t *key = a->key[i] ? a->key[i] + s : 0;
+            int32_t lo = (int32_t)a->lo[i], hi = (int32_t)a->hi[i];
+            float sc = a->scale[i], w = a->weight[i];
+            float *x = wd[i];
+            if (key) for (int64_t j = 0; j < n; ++j) x[j] = ((key[j] >= lo) & (key[j] < hi)) ? d[j] : 0.0f;
+            else for (int64_t j = 0; j < n; ++j) x[j] = d[j];
+            if (a->has_scale[i]) for (int64_t j = 0; j < n; ++j) x[j] = x[j] * sc;
+            for (int64_t j = 0; j < n; ++j) x[j] = x[j] * w;
+        }
+        for (int64_t j = 0; j < n; ++j) acc[j] = wd[0][j];
+        for (int i = 1; i < a->k; ++i) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + wd[i][j];
+        if (a->consensus) {
+            /* acc holds the sign-election sum; majority is +1 where it is >= 0 */
+            for (int64_t j = 0; j < n; ++j) { div[j] = 0.0f; }
+            float mixed[BLOCK];
+            for (int64_t j = 0; j < n; ++j) mixed[j] = 0.0f;
+            for (int i = 0; i < a->k; ++i) {
+                float w = a->weight[i];
+                const float *x = wd[i];
+                for (int64_t j = 0; j < n; ++j) {
+                    int agree = ((x[j] > 0.0f) & (acc[j] >= 0.0f)) | ((x[j] < 0.0f) & (acc[j] < 0.0f));
+                    mixed[j] = mixed[j] + (agree ? x[j] : 0.0f);
+                    div[j] = div[j] + (agree ? w : 0.0f);
+                }
+            }
+            for (int64_t j = 0; j < n; ++j) { acc[j] = mixed[j]; div[j] = div[j] == 0.0f ? 1.0f : div[j]; }
+        } else {
+            for (int64_t j = 0; j < n; ++j) div[j] = a->divisor;
+        }
+        if (a->normalize) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / div[j];
+        if (a->lam != 1.0f) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] * a->lam;
+        for (int64_t j = 0; j < n; ++j) { float r = b[j] + acc[j]; o[j] = r; bad += !isfinite(r); }
+    }
+    return bad;
+}
+
+/* sum |delta| over kept entries of [start, end), in double */
+double masked_l1(const float *delta, const int32_t *key, int64_t lo, int64_t hi, int64_t start, int64_t end) {
+    double total = 0.0;
+    for (int64_t j = start; j < end; ++j) {
+        if (!key || (key[j] >= lo && key[j] < hi)) total += fabsf(delta[j]);
+    }
+    return total;
+}
+""".replace("@MAXK@", str(MAX_SOURCES))
+
+
+class _Job(ctypes.Structure):
+    _fields_ = [
+        ("k", ctypes.c_int32), ("linear", ctypes.c_int32), ("consensus", ctypes.c_int32),
+        ("normalize", ctypes.c_int32), ("has_base_weight", ctypes.c_int32), ("_pad", ctypes.c_int32),
+        ("lam", ctypes.c_float), ("divisor", ctypes.c_float), ("base_weight", ctypes.c_float),
+        ("_padf", ctypes.c_float),
+        ("base", ctypes.c_void_p), ("out", ctypes.c_void_p),
+        ("delta", ctypes.c_void_p * MAX_SOURCES), ("key", ctypes.c_void_p * MAX_SOURCES),
+        ("lo", ctypes.c_int64 * MAX_SOURCES), ("hi", ctypes.c_int64 * MAX_SOURCES),
+        ("scale", ctypes.c_float * MAX_SOURCES), ("has_scale", ctypes.c_int32 * MAX_SOURCES),
+        ("weight", ctypes.c_float * MAX_SOURCES),
+    ]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MERGESEARCH_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "mergesearch") / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{flags}"
+
+
+@lru_cache(maxsize=1)
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None when no C compiler works."""
+    if os.environ.get("MERGESEARCH_NO_NATIVE"):
+        return None
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
+    digest = hashlib.sha256("\0".join([_C_SOURCE, *flags, _cpu_signature()]).encode()).hexdigest()
+    target = _cache_dir() / f"fused_{digest[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "fused.c"
+                src.write_text(_C_SOURCE)
+                built = target.parent / f"{target.name}.tmp-{os.getpid()}"
+                subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(built)],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(built, target)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    lib = ctypes.CDLL(str(target))
+    lib.fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
+    lib.fused_merge.restype = ctypes.c_int64
+    lib.masked_l1.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                              ctypes.c_int64, ctypes.c_int64]
+    lib.masked_l1.restype = ctypes.c_double
+    return lib
+
+
+def native_supports(job: FusedJob) -> bool:
+    tensors = [job.out, *([job.base] if job.base is not None else []), *job.deltas]
+    return (len(job.deltas) <= MAX_SOURCES
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                    for t in tensors)
+            and all(k is None or (k.dtype == torch.int32 and k.is_contiguous()) for k in job.keys))
+
+
+def _to_struct(job: FusedJob) -> _Job:
+    s = _Job()
+    s.k = len(job.deltas)
+    s.linear, s.consensus, s.normalize = int(job.linear), int(job.consensus), int(job.normalize)
+    s.has_base_weight = int(job.base_weight is not None)
+    s.base_weight = float(job.base_weight or 0.0)
+    s.lam, s.divisor = float(job.lam), float(job.divisor)
+    s.base = job.base.data_ptr() if job.base is not None else None
+    s.out = job.out.data_ptr()
+    for i, delta in enumerate(job.deltas):
+        s.delta[i] = delta.data_ptr()
+        key = job.key(i)
+        s.key[i] = key.data_ptr() if key is not None else None
+        s.lo[i], s.hi[i] = job.window(i)
+        scale = job.scale(i)
+        s.has_scale[i] = int(scale is not None)
+        s.scale[i] = float(scale or 1.0)
+        s.weight[i] = float(job.weights[i])
+    return s
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)] or [(0, 0)]
+
+
+def run_native_many(lib: ctypes.CDLL, jobs: Sequence[FusedJob], pool: ThreadPoolExecutor | None
+                    ) -> list[int]:
+    """Run every job's chunks on ``pool``; returns the non-finite count per job."""
+    structs = [_to_struct(job) for job in jobs]
+    work = [(index, start, end) for index, job in enumerate(jobs)
+            for start, end in _spans(job.out.numel())]
+
+    def one(item: tuple[int, int, int]) -> tuple[int, int]:
+        index, start, end = item
+        return index, lib.fused_merge(ctypes.byref(structs[index]), start, end)
+
+    bad = [0] * len(jobs)
+    results = pool.map(one, work) if pool is not None else map(one, work)
+    for index, count in results:
+        bad[index] += count
+    return bad
+
+
+def masked_l1_many(lib: ctypes.CDLL | None, items: Sequence[tuple[torch.Tensor, torch.Tensor | None,
+                                                                  tuple[int, int]]],
+                   pool: ThreadPoolExecutor | None) -> list[float]:
+    """L1 norm of each masked delta (``(delta, key, window)``), natively when possible."""
+    if lib is None or any(d.device.type != "cpu" or d.dtype != torch.float32 for d, _, _ in items):
+        return [masked_l1_eager(d, k, w) for d, k, w in items]
+    work = [(index, start, end) for index, (delta, _, _) in enumerate(items)
+            for start, end in _spans(delta.numel())]
+
+    def one(item: tuple[int, int, int]) -> tuple[int, float]:
+        index, start, end = item
+        delta, key, (lo, hi) = items[index]
+        return index, lib.masked_l1(delta.data_ptr(), key.data_ptr() if key is not None else None,
+                                    lo, hi, start, end)
+
+    totals = [0.0] * len(items)
+    for index, value in (pool.map(one, work) if pool is not None else map(one, work)):
+        totals[index] += value
+    return totals
