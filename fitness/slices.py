@@ -1,0 +1,465 @@
+"""Task slices: local data files -> disjoint search / held-out splits, tokenised once.
+
+``load_task(spec, tokenizer)`` reads the files named by a :class:`TaskSpec` with
+``datasets`` (local jsonl / json / csv / parquet only; a folder means every file of one
+format in it), splits them, checks the splits share no prompt, and tokenises every
+example once into right-padded CPU batches that the scorer reuses for every trial.
+
+How a prompt and its answer become tokens (what the model saw in training):
+
+* text = ``prompt + separator + answer``; the separator is ``answer_separator``
+  (default ``" "``, or ``""`` with a chat template) and is left out when the prompt
+  already ends with, or the answer starts with, whitespace;
+* the prompt's tokens are ``tokenizer(prompt)`` without special tokens, the answer's
+  are the rest of ``tokenizer(text)`` (so tokenisers that merge across the boundary
+  give the tokens seen in training), falling back to the separately tokenised answer
+  when the prompt's tokens are not a prefix of the text's;
+* ``add_bos`` (default: when the tokenizer has a bos token distinct from its eos token,
+  or adds bos itself; never with a chat template, which writes its own) puts the bos
+  token first;
+* with ``chat_template = True`` the prompt is rendered as one user message with the
+  base tokenizer's chat template and the generation prompt;
+* ``exact_match`` and user scorers append the tokenizer's eos token after the answer:
+  greedy decoding is right only if it stops there.
+
+Rows are numbered from 1 in file order; errors name the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fitness.errors import FitnessError
+from fitness.gates import GateSpec
+from fitness.metrics import CHOICE_METRICS, check_metric_name
+
+FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SPLITS: tuple[str, ...] = ("search", "heldout")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    search: Path  # file (jsonl/csv/parquet) or a folder of them
+    heldout: Path | None = None  # None: split `search` by heldout_fraction, seeded
+    heldout_fraction: float = 0.5
+    split_seed: int = 0
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    choices_field: str | None = None  # for metric "choice": a list of option strings
+    label_field: str | None = None  # index of the right choice (default: the answer's index)
+    metric: str = "exact_match"  # exact_match | choice | choice_norm | loglik | perplexity | "module:function"
+    weight: float = 1.0
+    limit: int | None = None  # first N rows of each split
+    chat_template: bool = False  # wrap prompts with the base tokenizer's chat template
+    gates: tuple[GateSpec, ...] = ()
+    answer_separator: str | None = None  # None: " " (plain prompts) or "" (chat template)
+    add_bos: bool | None = None  # None: decided from the tokenizer (see the module docstring)
+
+    def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if not self.name:
+            raise FitnessError("task: name must not be empty")
+        check_metric_name(self.metric, where)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise FitnessError(f"{where}: heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise FitnessError(f"{where}: limit must be >= 1, got {self.limit}")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise FitnessError(f"{where}: weight must be a finite number > 0, got {self.weight}")
+        if self.metric in CHOICE_METRICS and self.choices_field is None:
+            raise FitnessError(f"{where}: metric {self.metric!r} needs choices_field")
+        for gate in self.gates:
+            if gate.task != self.name:
+                raise FitnessError(f"{where}: gate for task {gate.task!r} listed under another task")
+
+
+@dataclass(frozen=True)
+class SliceExample:
+    """One row of a slice: its text, its tokens, and where it came from."""
+
+    prompt: str
+    answer: str
+    file: Path
+    row: int  # 1-based row in `file`
+    prompt_ids: tuple[int, ...]
+    continuation_ids: tuple[tuple[int, ...], ...]  # the answer's tokens, or one entry per option
+    choices: tuple[str, ...] = ()
+    label: int = -1  # right option (choice metrics), else -1
+
+    @property
+    def answer_ids(self) -> tuple[int, ...]:
+        return self.continuation_ids[0]
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedBatch:
+    """Right-padded sequences ``prompt + continuation (+ eos)``; CPU until moved.
+
+    ``target_ids[:, t]`` is the token position ``t`` must predict (``input_ids[:, t + 1]``);
+    ``answer_mask`` marks predictions of answer / option tokens, ``stop_mask`` the
+    prediction of the end token after the answer. ``scored_columns`` lists positions
+    where any row has a mask set (the only logits the scorer needs).
+    """
+
+    input_ids: torch.Tensor  # (rows, length) int64
+    attention_mask: torch.Tensor  # (rows, length) int64
+    position_ids: torch.Tensor  # (rows, length) int64
+    target_ids: torch.Tensor  # (rows, length) int64
+    answer_mask: torch.Tensor  # (rows, length) bool
+    stop_mask: torch.Tensor  # (rows, length) bool
+    scored_columns: torch.Tensor  # (k,) int64
+    sequence_index: torch.Tensor  # (rows,) int64: index into the slice's sequences
+    example_index: torch.Tensor  # (rows,) int64: index into the slice's examples
+
+    def to(self, device: torch.device | str) -> EncodedBatch:
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in _TENSOR_FIELDS}
+        return EncodedBatch(**moved)
+
+
+_TENSOR_FIELDS: tuple[str, ...] = (
+    "input_ids", "attention_mask", "position_ids", "target_ids", "answer_mask", "stop_mask",
+    "scored_columns", "sequence_index", "example_index",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedSlice:
+    """A tokenised split of one task: examples in file order, batches sorted by length."""
+
+    task: str
+    split: str  # "search" | "heldout"
+    metric: str
+    files: tuple[Path, ...]
+    examples: tuple[SliceExample, ...]
+    batches: tuple[EncodedBatch, ...]
+    sequence_example: torch.Tensor  # (sequences,) example of each sequence
+    sequence_choice: torch.Tensor  # (sequences,) option number of each sequence (0 if not choice)
+    labels: torch.Tensor  # (examples,) right option per example (-1 if not choice)
+    end_token_id: int | None = None  # the eos appended after answers, if any
+
+    @property
+    def n(self) -> int:
+        return len(self.examples)
+
+    def to(self, device: torch.device | str) -> EncodedSlice:
+        """The same slice with its batches on ``device`` (call once per worker)."""
+        return replace(self, batches=tuple(batch.to(device) for batch in self.batches))
+
+
+@dataclass(frozen=True)
+class TaskData:
+    spec: TaskSpec
+    search: EncodedSlice
+    heldout: EncodedSlice
+
+
+@dataclass(frozen=True)
+class _Row:
+    file: Path
+    row: int
+    prompt: str
+    answer: str
+    choices: tuple[str, ...] = ()
+    label: int = -1
+
+
+@dataclass
+class _Sequence:
+    example: int
+    choice: int
+    ids: list[int] = field(default_factory=list)
+    answer_start: int = 0  # first continuation token's position in `ids`
+    answer_end: int = 0  # one past the last continuation token
+    has_stop: bool = False
+
+
+def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 64) -> TaskData:
+    """Read, split, check and tokenise one task (once per study)."""
+    if batch_size < 1:
+        raise FitnessError(f"task {spec.name!r}: batch_size must be >= 1, got {batch_size}")
+    search_rows = _read_source(spec, spec.search)
+    if spec.heldout is None:
+        search_rows, heldout_rows = _split(spec, search_rows)
+    else:
+        heldout_rows = _read_source(spec, spec.heldout)
+    _check_disjoint(spec, search_rows, heldout_rows)
+    if spec.limit is not None:
+        search_rows, heldout_rows = search_rows[: spec.limit], heldout_rows[: spec.limit]
+    encoder = _Encoder(spec, tokenizer)
+    return TaskData(
+        spec=spec,
+        search=encoder.encode("search", search_rows, batch_size),
+        heldout=encoder.encode("heldout", heldout_rows, batch_size),
+    )
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def _data_files(spec: TaskSpec, path: Path) -> list[Path]:
+    where = f"task {spec.name!r}"
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+        if not files:
+            raise FitnessError(f"{where}: folder {path} has no {'/'.join(FORMATS)} files")
+        formats = {FORMATS[p.suffix.lower()] for p in files}
+        if len(formats) > 1:
+            raise FitnessError(f"{where}: folder {path} mixes formats ({', '.join(sorted(formats))})")
+        return files
+    if not path.is_file():
+        raise FitnessError(f"{where}: data file {path} does not exist")
+    if path.suffix.lower() not in FORMATS:
+        raise FitnessError(f"{where}: {path}: unsupported format (expected {'/'.join(FORMATS)})")
+    return [path]
+
+
+def _read_source(spec: TaskSpec, path: Path) -> list[_Row]:
+    rows: list[_Row] = []
+    for file in _data_files(spec, Path(path)):
+        rows.extend(_read_file(spec, file))
+    return rows
+
+
+def _read_file(spec: TaskSpec, file: Path) -> list[_Row]:
+    if not file.read_bytes().strip():
+        raise FitnessError(f"task {spec.name!r}: {file}: the file is empty")
+    fmt = FORMATS[file.suffix.lower()]
+    kwargs: dict[str, object] = {}
+    if fmt == "csv":  # keep text as written ("007" stays "007"; empty cells stay "")
+        kwargs = {"converters": {spec.prompt_field: str, spec.answer_field: str}, "keep_default_na": False}
+    progress_was_off = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(fmt, data_files=str(file), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise FitnessError(f"task {spec.name!r}: {file}: cannot read as {fmt}: {exc}") from exc
+    finally:
+        if not progress_was_off:
+            datasets.utils.enable_progress_bars()
+    if len(table) == 0:
+        raise FitnessError(f"task {spec.name!r}: {file}: the file has no rows")
+    return [_parse_row(spec, file, number, record) for number, record in enumerate(table, start=1)]
+
+
+def _parse_row(spec: TaskSpec, file: Path, number: int, record: Mapping[str, object]) -> _Row:
+    where = f"task {spec.name!r}: {file}: row {number}"
+    prompt = _text_field(record, spec.prompt_field, where)
+    if spec.metric not in CHOICE_METRICS:
+        return _Row(file, number, prompt, _text_field(record, spec.answer_field, where))
+    assert spec.choices_field is not None  # checked by TaskSpec
+    raw_choices = record.get(spec.choices_field)
+    if raw_choices is None:
+        raise FitnessError(f"{where}: missing field {spec.choices_field!r}")
+    if not isinstance(raw_choices, list) or not raw_choices:
+        raise FitnessError(f"{where}: field {spec.choices_field!r} must be a non-empty list of strings")
+    choices = tuple(_as_text(value, spec.choices_field, where) for value in raw_choices)
+    if any(not choice.strip() for choice in choices):
+        raise FitnessError(f"{where}: field {spec.choices_field!r} has an empty option")
+    if spec.label_field is not None:
+        label = record.get(spec.label_field)
+        if label is None:
+            raise FitnessError(f"{where}: missing field {spec.label_field!r}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+            raise FitnessError(
+                f"{where}: field {spec.label_field!r} must be an option index in [0, {len(choices)}), got {label!r}"
+            )
+        return _Row(file, number, prompt, choices[label], choices, label)
+    answer = _text_field(record, spec.answer_field, where)
+    if answer not in choices:
+        raise FitnessError(f"{where}: field {spec.answer_field!r} ({answer!r}) is not one of the options")
+    return _Row(file, number, prompt, answer, choices, choices.index(answer))
+
+
+def _text_field(record: Mapping[str, object], name: str, where: str) -> str:
+    value = record.get(name)
+    if value is None:
+        raise FitnessError(f"{where}: missing field {name!r}")
+    text = _as_text(value, name, where)
+    if not text.strip():
+        raise FitnessError(f"{where}: field {name!r} is empty")
+    return text
+
+
+def _as_text(value: object, name: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise FitnessError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
+
+
+def _split(spec: TaskSpec, rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
+    n_heldout = round(len(rows) * spec.heldout_fraction)
+    if not 0 < n_heldout < len(rows):
+        raise FitnessError(
+            f"task {spec.name!r}: {spec.search}: {len(rows)} rows cannot be split with "
+            f"heldout_fraction {spec.heldout_fraction} (both splits need at least one row)"
+        )
+    order = np.random.default_rng(spec.split_seed).permutation(len(rows))
+    heldout = set(order[:n_heldout].tolist())
+    return ([r for i, r in enumerate(rows) if i not in heldout],
+            [r for i, r in enumerate(rows) if i in heldout])
+
+
+def _check_disjoint(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row]) -> None:
+    first_in_search: dict[str, _Row] = {}
+    for row in search:
+        first_in_search.setdefault(row.prompt, row)
+    for row in heldout:
+        twin = first_in_search.get(row.prompt)
+        if twin is not None:
+            raise FitnessError(
+                f"task {spec.name!r}: {row.file}: row {row.row}: field {spec.prompt_field!r} also appears "
+                f"in the search split ({twin.file}: row {twin.row}); search and held-out must not overlap"
+            )
+
+
+# -- tokenising ------------------------------------------------------------------------
+
+
+class _Encoder:
+    """Turns rows into padded batches with one tokenizer and one task's settings."""
+
+    def __init__(self, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.where = f"task {spec.name!r}"
+        if spec.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise FitnessError(f"{self.where}: chat_template = true but the base tokenizer has no chat template")
+        default_separator = "" if spec.chat_template else " "
+        self.separator = default_separator if spec.answer_separator is None else spec.answer_separator
+        self.bos = self._bos_prefix()
+        self.end_token_id: int | None = None
+        if spec.metric not in CHOICE_METRICS and spec.metric not in ("loglik", "perplexity"):
+            # exact_match and user scorers: greedy decoding must stop right after the answer
+            if tokenizer.eos_token_id is None:
+                raise FitnessError(
+                    f"{self.where}: metric {spec.metric!r} needs the tokenizer's eos token to tell "
+                    "where an answer ends, and the tokenizer has none"
+                )
+            self.end_token_id = int(tokenizer.eos_token_id)
+        self.pad_id = next(
+            (int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+        )
+
+    def _bos_prefix(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        add = self.spec.add_bos
+        if add is None:
+            adds_itself = bos is not None and self.tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+            add = not self.spec.chat_template and bos is not None and (bos != self.tokenizer.eos_token_id or adds_itself)
+        if add and bos is None:
+            raise FitnessError(f"{self.where}: add_bos = true but the tokenizer has no bos token")
+        return [int(bos)] if add and bos is not None else []
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt_text(self, row: _Row) -> str:
+        if not self.spec.chat_template:
+            return row.prompt
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": row.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        assert isinstance(rendered, str)
+        return rendered
+
+    def _continuation(self, prompt_text: str, prompt_ids: list[int], answer: str, row: _Row,
+                      field_name: str) -> list[int]:
+        separator = self.separator
+        if not prompt_text or prompt_text[-1].isspace() or answer[:1].isspace():
+            separator = ""
+        whole = self._ids(prompt_text + separator + answer)
+        if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
+            continuation = whole[len(prompt_ids):]
+        else:  # the tokenizer merged across the boundary: keep the prompt's own tokens
+            continuation = self._ids(separator + answer)
+        if not continuation:
+            raise FitnessError(
+                f"{self.where}: {row.file}: row {row.row}: field {field_name!r} tokenizes to nothing"
+            )
+        return continuation
+
+    def _example(self, row: _Row) -> SliceExample:
+        prompt_text = self._prompt_text(row)
+        text_ids = self._ids(prompt_text)
+        if not text_ids:
+            raise FitnessError(
+                f"{self.where}: {row.file}: row {row.row}: field {self.spec.prompt_field!r} tokenizes to nothing"
+            )
+        # no second bos when the prompt text (or its chat template) already starts with one
+        prompt_ids = text_ids if text_ids[: len(self.bos)] == self.bos else self.bos + text_ids
+        if row.choices:
+            field_name = self.spec.choices_field or "choices"
+            continuations = [self._continuation(prompt_text, text_ids, c, row, field_name) for c in row.choices]
+        else:
+            continuations = [self._continuation(prompt_text, text_ids, row.answer, row, self.spec.answer_field)]
+        return SliceExample(
+            prompt=row.prompt, answer=row.answer, file=row.file, row=row.row,
+            prompt_ids=tuple(prompt_ids), continuation_ids=tuple(tuple(c) for c in continuations),
+            choices=row.choices, label=row.label,
+        )
+
+    def encode(self, split: str, rows: Sequence[_Row], batch_size: int) -> EncodedSlice:
+        examples = tuple(self._example(row) for row in rows)
+        sequences: list[_Sequence] = []
+        for index, example in enumerate(examples):
+            for choice, continuation in enumerate(example.continuation_ids):
+                ids = [*example.prompt_ids, *continuation]
+                has_stop = self.end_token_id is not None
+                if has_stop:
+                    ids.append(self.end_token_id)  # type: ignore[arg-type]
+                start = len(example.prompt_ids)
+                sequences.append(_Sequence(index, choice, ids, start, start + len(continuation), has_stop))
+        # sort by length so batches carry little padding; stable, so deterministic
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids))
+        batches = tuple(
+            self._batch(sequences, order[start: start + batch_size])
+            for start in range(0, len(order), batch_size)
+        )
+        files = tuple(dict.fromkeys(example.file for example in examples))
+        return EncodedSlice(
+            task=self.spec.name, split=split, metric=self.spec.metric, files=files, examples=examples,
+            batches=batches,
+            sequence_example=torch.tensor([s.example for s in sequences], dtype=torch.long),
+            sequence_choice=torch.tensor([s.choice for s in sequences], dtype=torch.long),
+            labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+            end_token_id=self.end_token_id,
+        )
+
+    def _batch(self, sequences: Sequence[_Sequence], members: Sequence[int]) -> EncodedBatch:
+        length = max(len(sequences[i].ids) for i in members)
+        rows = len(members)
+        input_ids = torch.full((rows, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, length), dtype=torch.long)
+        answer_mask = torch.zeros((rows, length), dtype=torch.bool)
+        stop_mask = torch.zeros((rows, length), dtype=torch.bool)
+        for r, i in enumerate(members):
+            seq = sequences[i]
+            input_ids[r, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
+            attention_mask[r, : len(seq.ids)] = 1
+            # position t predicts token t + 1
+            answer_mask[r, seq.answer_start - 1: seq.answer_end - 1] = True
+            if seq.has_stop:
+                stop_mask[r, seq.answer_end - 1] = True
+        target_ids = torch.full_like(input_ids, self.pad_id)
+        target_ids[:, :-1] = input_ids[:, 1:]
+        # right for left or right padding: count real tokens before each position
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        scored_columns = torch.nonzero((answer_mask | stop_mask).any(dim=0)).flatten()
+        return EncodedBatch(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            target_ids=target_ids, answer_mask=answer_mask, stop_mask=stop_mask,
+            scored_columns=scored_columns,
+            sequence_index=torch.tensor(list(members), dtype=torch.long),
+            example_index=torch.tensor([sequences[i].example for i in members], dtype=torch.long),
+        )
