@@ -8,7 +8,9 @@ group fills every role row of that group; with ``per_role`` the ``attention``, `
 ``norm`` genes fill their rows and the ``norm`` gene also fills ``embed`` and ``head`` (it
 is the catch-all, like an unfiltered mergekit value); with ``embed_head`` the ``embed`` and
 ``head`` genes fill those rows of every group. Only group 0's ``embed`` row and the last
-group's ``head`` row reach tensors, so ``encode`` reads and checks just the cells that do.
+group's ``head`` row reach tensors, so ``encode`` reads and checks just the cells that do,
+layer by layer: a recipe with other layer groups (a one-group baseline in a per-layer
+genome) encodes as long as each tensor gets a value the genome can give it.
 
 ``decode`` and ``encode`` are exact inverses on the genes' grid: ``encode(decode(p)) == p``
 for on-grid ``p`` and ``decode(encode(r)) == r`` for recipes the genome can express.
@@ -234,16 +236,10 @@ def _decode_numeric(
 
 
 def _encode_numeric(spec: GenomeSpec, recipe: Recipe, labels: tuple[str, ...]) -> dict[str, float | int | str]:
-    n_layers = recipe.n_layers
-    groups = layer_groups(spec, n_layers)
-    if tuple(recipe.groups) != groups:
-        raise GenomeError(
-            f"recipe.groups: the genome's layer groups are {[list(g) for g in groups]}, "
-            f"got {[list(g) for g in recipe.groups]}"
-        )
+    groups = layer_groups(spec, recipe.n_layers)
     params: dict[str, float | int | str] = {}
-    for gene in _numeric_genes(spec, labels, n_layers):
-        group, role = _first_cell(spec, gene.owner, len(groups))
+    for gene in _numeric_genes(spec, labels, recipe.n_layers):
+        group, role = _gene_cell(spec, gene.owner, groups, recipe)
         table = recipe.tensor_params if gene.source is not None else recipe.global_params
         if gene.param not in table:
             raise GenomeError(f"recipe: has no {gene.param!r}, which the genome searches ({gene.name})")
@@ -258,27 +254,34 @@ def _encode_numeric(spec: GenomeSpec, recipe: Recipe, labels: tuple[str, ...]) -
     return params
 
 
-def _first_cell(spec: GenomeSpec, owner: str, n_groups: int) -> tuple[int, str]:
-    """An effective ``[group][role]`` cell filled by ``owner``'s genes."""
+def _gene_cell(
+    spec: GenomeSpec, owner: str, groups: Sequence[tuple[int, int]], recipe: Recipe
+) -> tuple[int, str]:
+    """A ``[group][role]`` cell of ``recipe`` that reaches tensors ``owner``'s genes fill.
+
+    The recipe's own groups may differ from the genome's (a one-group baseline in a
+    per-layer genome): a genome group is read at its first layer.
+    """
     if owner in ("", "embed"):
         return 0, "embed" if owner else "attention"
     if owner == "head":
-        return n_groups - 1, "head"
+        return len(recipe.groups) - 1, "head"
     group, _, role = owner[1:].partition(".")
-    return int(group), role or "attention"
+    return recipe.group_of_layer(groups[int(group)][0]), role or "attention"
 
 
-def _effective_cells(recipe: Recipe) -> Iterator[tuple[int, str]]:
-    """The ``[group][role]`` cells that reach some tensor."""
-    last = len(recipe.groups) - 1
-    for group in range(len(recipe.groups)):
-        for role in ROLES:
-            if (role == "embed" and group != 0) or (role == "head" and group != last):
-                continue
-            yield group, role
+def _effective_cells(recipe: Recipe) -> Iterator[tuple[str, int, str]]:
+    """What reaches tensors: (where, group, role) for the embeddings, each layer's roles, the head."""
+    yield "embeddings", 0, "embed"
+    for layer in range(recipe.n_layers):
+        group = recipe.group_of_layer(layer)
+        for role in _LAYER_ROLES:
+            yield f"layer {layer}", group, role
+    yield "head", len(recipe.groups) - 1, "head"
 
 
 def _check_same_effect(spec: GenomeSpec, given: Recipe, decoded: Recipe) -> None:
+    """Every tensor must get the same values from ``decoded`` as from ``given``."""
     if spec.frankenmerge is not None:
         if _expand(given) != _expand(decoded) or any(s.scale != 1.0 for s in given.layer_slices):
             raise GenomeError("recipe.layer_slices: not expressible by this genome (scale must be 1)")
@@ -295,12 +298,14 @@ def _check_same_effect(spec: GenomeSpec, given: Recipe, decoded: Recipe) -> None
                 )
             if name not in mine:
                 raise GenomeError(f"recipe: has no {kind} parameter {name!r}, which the genome sets")
-            for group, role in _effective_cells(given):
-                a, b = mine[name][group][ROLES.index(role)], theirs[name][group][ROLES.index(role)]
+            for (where, group, role), (_, other, _) in zip(
+                _effective_cells(given), _effective_cells(decoded), strict=True
+            ):
+                a, b = mine[name][group][ROLES.index(role)], theirs[name][other][ROLES.index(role)]
                 if not _close(a, b):
                     raise GenomeError(
-                        f"recipe: {name} of group {group} ({list(given.groups[group])}), role {role} is "
-                        f"{a!r}; the genome can only give {b!r} there"
+                        f"recipe: {name} of the {role} tensors of {where} is {a!r}; the genome can only "
+                        f"give {b!r} there (layer groups {[list(g) for g in decoded.groups]})"
                     )
 
 

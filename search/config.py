@@ -41,6 +41,23 @@ STORAGE_SCHEMES: tuple[str, ...] = ("sqlite:///", "postgresql://", "postgresql+"
 _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 RESERVED_LABELS: tuple[str, ...] = ("base", "best")
 
+STUDY_KEYS = ("name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k")
+MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype")
+GENOME_KEYS = (
+    "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
+    "frankenmerge",
+)
+FRANKEN_KEYS = ("layers", "pick", "include_base", "layer_range")
+TASK_KEYS = (
+    "name", "search", "heldout", "heldout_fraction", "split_seed", "prompt_field", "answer_field",
+    "choices_field", "label_field", "metric", "weight", "limit", "chat_template", "answer_separator",
+    "add_bos", "gates",
+)
+EXECUTION_KEYS = (
+    "backend", "address", "workers", "device", "cpus_per_worker", "gpus_per_worker", "batch_size",
+    "max_worker_restarts",
+)
+
 
 @dataclass(frozen=True)
 class ModelsConfig:
@@ -104,13 +121,12 @@ _MISSING = object()
 
 
 class _Table:
-    """One TOML table with its key path; typed getters; ``done()`` rejects unknown keys."""
+    """One TOML table with its key path and typed getters."""
 
     def __init__(self, file: str, where: str, data: Mapping[str, object]) -> None:
         self.file = file
         self.where = where
         self.data = data
-        self.read: list[str] = []
 
     def key(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -121,8 +137,7 @@ class _Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def _get(self, key: str, default: object, check: Callable[[object], bool], expected: str) -> object:
-        self.read.append(key)
+    def get(self, key: str, default: object, check: Callable[[object], bool], expected: str) -> object:
         if key not in self.data:
             if default is _MISSING:
                 raise self.error(key, f"required ({expected}) but missing")
@@ -133,23 +148,23 @@ class _Table:
         return value
 
     def get_str(self, key: str, default: object = _MISSING) -> str:
-        return self._get(key, default, lambda v: isinstance(v, str), "a string")  # type: ignore[return-value]
+        return self.get(key, default, lambda v: isinstance(v, str), "a string")  # type: ignore[return-value]
 
     def get_bool(self, key: str, default: object = _MISSING) -> bool:
-        return self._get(key, default, lambda v: isinstance(v, bool), "true or false")  # type: ignore[return-value]
+        return self.get(key, default, lambda v: isinstance(v, bool), "true or false")  # type: ignore[return-value]
 
     def get_int(self, key: str, default: object = _MISSING, *, minimum: int | None = None) -> int:
-        value = self._get(key, default, _is_int, "an integer")
+        value = self.get(key, default, _is_int, "an integer")
         if minimum is not None and value is not None and value < minimum:  # type: ignore[operator]
             raise self.error(key, f"must be >= {minimum}, got {value}")
         return value  # type: ignore[return-value]
 
     def get_float(self, key: str, default: object = _MISSING) -> float:
-        value = self._get(key, default, _is_number, "a finite number")
+        value = self.get(key, default, _is_number, "a finite number")
         return value if value is None else float(value)  # type: ignore[arg-type]
 
     def get_table(self, key: str, default: object = _MISSING) -> _Table:
-        value = self._get(key, default, lambda v: isinstance(v, dict), "a table")
+        value = self.get(key, default, lambda v: isinstance(v, dict), "a table")
         return _Table(self.file, self.key(key), value)  # type: ignore[arg-type]
 
     def get_choice(self, key: str, choices: tuple[str, ...], default: object = _MISSING) -> str:
@@ -158,9 +173,8 @@ class _Table:
             raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}{_did_you_mean(value, choices)}")
         return value
 
-    def done(self, known: tuple[str, ...] | None = None) -> None:
-        """Every key of the table must have been read (or be in ``known``)."""
-        allowed = tuple(self.read) if known is None else known
+    def expect(self, allowed: tuple[str, ...]) -> None:
+        """Refuse unknown keys first, so a typo is reported as a typo, not as what it left unset."""
         for key in self.data:
             if key not in allowed:
                 raise self.error(key, f"unknown key{_did_you_mean(key, allowed)} (known: {', '.join(allowed)})")
@@ -200,12 +214,13 @@ class _Parser:
         self, data: Mapping[str, object], path: Path, *, out: str | Path | None, trials: int | None
     ) -> StudyConfig:
         root = _Table(self.file, "", data)
+        root.expect(("study", "models", "genome", "tasks", "execution"))
         study = root.get_table("study", {})
+        study.expect(STUDY_KEYS)
         models = self.models(root.get_table("models"))
         genome = self.genome(root.get_table("genome"), models)
         tasks = self.tasks(root, models)
         execution = self.execution(root.get_table("execution", {}))
-        root.done(("study", "models", "genome", "tasks", "execution"))
 
         name = study.get_str("name", path.stem if path.stem != "study" else path.parent.name)
         if not name.strip():
@@ -228,13 +243,13 @@ class _Parser:
         if population and sampler not in ("cmaes", "nsga2"):
             raise study.error("population", f"only cmaes and nsga2 use a population, the sampler is {sampler!r}")
         top_k = study.get_int("top_k", 5, minimum=1)
-        study.done()
         try:
             from fitness.objective import objective_directions
 
             objective_directions(tasks, objective)
         except FitnessError as exc:
-            raise StudyConfigError(f"{self.file}: study.objective: {exc}") from None
+            reason = str(exc).removeprefix("objective: ")
+            raise StudyConfigError(f"{self.file}: study.objective: {reason}") from None
         return StudyConfig(
             path=path, name=name, seed=seed, output=output, storage=storage, trials=budget,
             sampler=sampler, population=population or None, objective=objective, top_k=top_k,
@@ -287,6 +302,7 @@ class _Parser:
         return sampler
 
     def models(self, table: _Table) -> ModelsConfig:
+        table.expect(MODELS_KEYS)
         base = self.path(table.get_str("base"))
         sources_table = table.get_table("sources")
         sources: dict[str, Path] = {}
@@ -308,13 +324,13 @@ class _Parser:
             trust_remote_code=table.get_bool("trust_remote_code", False),
             dtype=table.get_choice("dtype", DTYPES, "float32"),
         )
-        table.done()
         for label, folder in sources.items():
             if folder == base:
                 raise sources_table.error(label, f"is the base checkpoint itself ({folder})")
         return config
 
     def genome(self, table: _Table, models: ModelsConfig) -> GenomeSpec:
+        table.expect(GENOME_KEYS)
         method = table.get_choice("method", known_methods())
         genes = METHOD_GENES[method]
         granularity = table.get_int("layer_granularity", 1, minimum=0)
@@ -338,7 +354,6 @@ class _Parser:
                 bounds[key] = self.bounds(table, key)
                 continue
             # A plain number fixes the parameter instead of searching it.
-            table.read.append(key)
             if key in fixed:
                 raise table.error(key, f"set both here and in genome.fixed.{key}")
             if key in ("density", "t") and not 0.0 <= value <= 1.0:  # type: ignore[operator]
@@ -347,7 +362,6 @@ class _Parser:
         if not table.has("weight") and "weight" not in fixed and "weight" in genes.source_params:
             bounds["weight"] = Bounds(0.0, 1.0)
         franken = self.frankenmerge(table.get_table("frankenmerge")) if table.has("frankenmerge") else None
-        table.done()
         try:
             spec = GenomeSpec(
                 method=method, layer_granularity=granularity, per_role=per_role, embed_head=embed_head,
@@ -361,10 +375,10 @@ class _Parser:
 
     def bounds(self, genome: _Table, key: str) -> Bounds:
         table = genome.get_table(key)
+        table.expect(("min", "max", "step"))
         low = table.get_float("min")
         high = table.get_float("max")
         step = table.get_float("step", None)
-        table.done()
         limits = {"density": (0.0, 1.0), "t": (0.0, 1.0)}.get(key)
         if limits is not None:
             for bound, value in (("min", low), ("max", high)):
@@ -384,12 +398,13 @@ class _Parser:
         return bounds
 
     def frankenmerge(self, table: _Table) -> FrankenSpec:
+        table.expect(FRANKEN_KEYS)
         layers = table.get_int("layers", None, minimum=1)
         pick = table.get_choice("pick", FRANKEN_PICKS, "same_index")
         include_base = table.get_bool("include_base", False)
         layer_range: tuple[int, int] | None = None
         if table.has("layer_range"):
-            value = table._get(
+            value = table.get(
                 "layer_range", None,
                 lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v),
                 "[start, end] (two integers, end excluded)",
@@ -398,11 +413,10 @@ class _Parser:
             if not 0 <= start < end:
                 raise table.error("layer_range", f"need 0 <= start < end, got [{start}, {end}]")
             layer_range = (start, end)
-        table.done()
         return FrankenSpec(layers=layers, pick=pick, include_base=include_base, layer_range=layer_range)
 
     def tasks(self, root: _Table, models: ModelsConfig) -> tuple[TaskSpec, ...]:
-        raw = root._get(
+        raw = root.get(
             "tasks", _MISSING,
             lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v),
             "one or more [[tasks]] tables",
@@ -419,6 +433,7 @@ class _Parser:
         return tuple(tasks)
 
     def task(self, table: _Table, models: ModelsConfig) -> TaskSpec:
+        table.expect(TASK_KEYS)
         name = table.get_str("name")
         if not _LABEL.match(name):
             raise table.error("name", f"a task name holds only letters, digits, _ and -, got {name!r}")
@@ -452,7 +467,6 @@ class _Parser:
             limit=table.get_int("limit", None, minimum=1), chat_template=table.get_bool("chat_template", False),
             gates=gates, add_bos=add_bos, **fields,
         )
-        table.done()
         try:
             return TaskSpec(**kwargs)  # type: ignore[arg-type]
         except FitnessError as exc:
@@ -460,10 +474,10 @@ class _Parser:
 
     def gates(self, task: _Table, name: str, models: ModelsConfig) -> tuple[GateSpec, ...]:
         table = task.get_table("gates")
+        table.expect(("min", "max_regression", "against"))
         low = table.get_float("min", None)
         regression = table.get_float("max_regression", None)
         against = table.get_str("against", "best")
-        table.done()
         if low is None and regression is None:
             raise task.error("gates", "set min, max_regression, or both")
         if regression is not None and regression < 0:
@@ -480,6 +494,7 @@ class _Parser:
             raise StudyConfigError(f"{self.file}: {table.where}: {exc}") from None
 
     def execution(self, table: _Table) -> ExecutionConfig:
+        table.expect(EXECUTION_KEYS)
         address = table.get_str("address", "")
         config = ExecutionConfig(
             backend=table.get_choice("backend", BACKENDS, "ray"),
@@ -497,6 +512,5 @@ class _Parser:
             raise table.error("gpus_per_worker", f"must be >= 0, got {config.gpus_per_worker:g}")
         if config.backend == "inline" and config.address:
             raise table.error("address", "is for backend 'ray'; backend 'inline' runs in this process")
-        table.done()
         return config
 

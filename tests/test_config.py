@@ -175,6 +175,12 @@ MALFORMED: list[tuple[str, str, str]] = [
     ('backend = "inline"', 'backend = "dask"', r"execution\.backend: expected one of ray, inline, got 'dask'"),
     ("workers = 2", "workers = 0", r"execution\.workers: must be >= 1, got 0"),
     ('base = "family/base"\n', "", r"models\.base: required \(a string\) but missing"),
+    ("[models]", "[model]", r"model: unknown key \(did you mean 'models'\?\)"),
+    ('sampler = "cmaes"', 'samplr = "tpe"', r"study\.samplr: unknown key \(did you mean 'sampler'\?\)"),
+    ("weight = { min = 0.0, max = 1.5, step = 0.05 }", 'weight = "high"',
+     r"genome\.weight: expected a table, got a string \('high'\)"),
+    ("density = { min = 0.1, max = 1.0 }", "density = { min = 0.1, mx = 1.0 }",
+     r"genome\.density\.mx: unknown key \(did you mean 'max'\?\)"),
     ('catalog = "family/catalog"', '2cat = "family/catalog"',
      r"models\.sources\.2cat: a source label must start with a letter"),
 ]

@@ -308,7 +308,8 @@ def test_encode_refuses_recipes_the_genome_cannot_express() -> None:
         "linear", BASE, paths, ((0, 1), (1, 2)),
         tensor_params={"weight": tuple(tuple((w, 0.5, 0.5) for _ in ROLES) for w in (0.2, 0.4))},
     )
-    with pytest.raises(GenomeError, match=r"recipe\.groups: the genome's layer groups are \[\[0, 2\]\]"):
+    with pytest.raises(GenomeError, match=r"weight of the attention tensors of layer 1 is \(0\.4, 0\.5, 0\.5\); "
+                       r"the genome can only give \(0\.2, 0\.5, 0\.5\) there \(layer groups \[\[0, 2\]\]\)"):
         encode(spec, per_layer, sources=SOURCES)
     off_grid = Recipe.uniform("linear", BASE, paths, 2, tensor_params={"weight": [0.33, 0.5, 0.5]})
     with pytest.raises(GenomeError, match=r"weight 0\.33 for gene g0\.weight\.shipping is not in genome\.weight"):
@@ -317,7 +318,7 @@ def test_encode_refuses_recipes_the_genome_cannot_express() -> None:
         "linear", BASE, paths, ((0, 2),),
         tensor_params={"weight": ((tuple((0.5, 0.5, 0.5) if r != "mlp" else (0.1, 0.5, 0.5) for r in ROLES)),)},
     )
-    with pytest.raises(GenomeError, match=r"weight of group 0 \(\[0, 2\]\), role mlp"):
+    with pytest.raises(GenomeError, match=r"weight of the mlp tensors of layer 0 is \(0\.1, 0\.5, 0\.5\)"):
         encode(spec, mixed_roles, sources=SOURCES)
     extra = Recipe.uniform("linear", BASE, paths, 2, tensor_params={"weight": [0.5] * 3},
                            global_params={"normalize": False})
@@ -328,6 +329,24 @@ def test_encode_refuses_recipes_the_genome_cannot_express() -> None:
     reordered = Recipe.uniform("linear", BASE, paths[::-1], 2, tensor_params={"weight": [0.5] * 3})
     with pytest.raises(GenomeError, match=r"recipe\.sources: expected"):
         encode(spec, reordered, sources=SOURCES)
+
+
+def test_a_one_group_baseline_encodes_into_a_per_group_genome() -> None:
+    """Baselines are written as one group; a genome with finer groups repeats their values."""
+    spec = ties_spec(lambda_=None, fixed={"normalize": True, "lambda": 1.0})
+    paths = tuple(SOURCES.values())
+    baseline = Recipe.uniform(
+        "ties", BASE, paths, 4, tensor_params={"weight": [0.5, 0.25, 1.0], "density": [0.5, 0.5, 0.5]},
+        global_params={"normalize": True, "lambda": 1.0},
+    )
+    params = encode(spec, baseline, sources=SOURCES)
+    assert params["g0.weight.refunds"] == params["g1.weight.refunds"] == 0.25
+    recipe = decode(spec, params, base=BASE, sources=SOURCES, n_layers=4, seed=0)
+    assert recipe.groups == ((0, 2), (2, 4))
+    for layer in range(4):
+        for role in ROLES:
+            assert recipe.tensor_values("weight", recipe.group_of_layer(layer), role) == (0.5, 0.25, 1.0)
+    assert encode(spec, recipe, sources=SOURCES) == params
 
 
 def test_encode_ignores_rows_no_tensor_reads() -> None:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 def check_checkpoints(config: StudyConfig) -> int:
     """Open base and sources, run the preflight; the base's layer count."""
     models = config.models
-    if models.demo_family and not models.base.exists():
+    if models.demo_family and not (models.base / "config.json").exists():
         from studies.demo_family import ensure_family
 
         ensure_family(models.base.parent)
