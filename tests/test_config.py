@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,7 @@ def test_good_study_parses_into_dataclasses_with_defaults(tmp_path: Path) -> Non
     assert refunds.heldout is None and refunds.weight == 2.0
     assert refunds.gates == (GateSpec("refunds", max_regression=0.1, against="refunds"),)
     assert config.execution == ExecutionConfig(backend="inline", workers=2)
+    assert pickle.loads(pickle.dumps(config)) == config  # travels to workers and subprocesses
 
 
 def test_minimal_study_gets_documented_defaults(tmp_path: Path) -> None:
@@ -181,6 +183,12 @@ MALFORMED: list[tuple[str, str, str]] = [
      r"genome\.weight: expected a table, got a string \('high'\)"),
     ("density = { min = 0.1, max = 1.0 }", "density = { min = 0.1, mx = 1.0 }",
      r"genome\.density\.mx: unknown key \(did you mean 'max'\?\)"),
+    ('search = "data/refunds/search.jsonl"', 'search = "data/refunds/search.jsonl"\nmetric = "perplexity"',
+     r"study\.objective: mode 'min' cannot combine higher-is-better tasks \(shipping\) with lower-is-better"),
+    ('sampler = "cmaes"', 'sampler = "tpe"\npopulation = 8',
+     r"study\.population: only cmaes and nsga2 use a population, the sampler is 'tpe'"),
+    ('objective = "min"', 'storage = "sqlite:///:memory:"', r"study\.storage: an SQLite storage needs a file path"),
+    ('objective = "min"', 'top_k = 0', r"study\.top_k: must be >= 1, got 0"),
     ('catalog = "family/catalog"', '2cat = "family/catalog"',
      r"models\.sources\.2cat: a source label must start with a letter"),
 ]
@@ -284,3 +292,19 @@ def test_validate_fails_with_exit_2_and_the_reason(
     missing_source = family_study(tmp_path, llama_family, **{str(llama_family.sources[1]): str(tmp_path / "gone")})
     assert main(["validate", str(missing_source)]) == 2
     assert f"checkpoint folder {tmp_path / 'gone'} does not exist" in capsys.readouterr().err
+
+
+def test_validate_checks_the_genome_against_the_checkpoints_layers(
+    tmp_path: Path, llama_family: TinyFamily, capsys: pytest.CaptureFixture[str]
+) -> None:
+    franken = 'method = "passthrough"\nfrankenmerge = { layers = 6 }'
+    path = family_study(tmp_path, llama_family, **{
+        'method = "dare_ties"': franken, "per_role = true\n": "", "layer_granularity = 2\n": "",
+        "density = { min = 0.2, max = 0.9 }\n": "",
+    })
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f'error: {path}: genome.frankenmerge.layers: 6 output layers with pick = "same_index" need 6 layers, '
+        "the checkpoints have 4"
+    )
