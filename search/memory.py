@@ -1,7 +1,7 @@
 """How much memory one trial worker needs, and whether a node can hold the workers asked for.
 
 A worker keeps the study's tensors resident (base + one task vector per source + the
-order statistics sparsifying methods rank by), a live model it merges into, a scratch
+int32 rank keys sparsifying methods select by, as ``merges.engine`` documents), a live model it merges into, a scratch
 buffer for one tensor's merge, the activations of one evaluation batch and the Python /
 torch runtime itself. All of it follows from checkpoint shapes (read from the
 safetensors headers, nothing loaded) and the setup, so the check runs before any actor
@@ -24,6 +24,8 @@ GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 RUNTIME_BYTES = 512 * 1024**2
 """Python + torch + transformers + the Ray worker runtime, measured around 0.4-0.5 GiB RSS."""
+KEY_BYTES = 4
+"""The engine's cached per-entry keys (magnitude ranks, DARE keys) are int32."""
 DEFAULT_SEQ_LEN_CAP = 512
 """Sequence length assumed for evaluation activations when the caller does not know it."""
 
@@ -95,15 +97,21 @@ def _config_value(config: object, *names: str, default: int) -> int:
 
 
 def estimate_from_shape(
-    shape: ModelShape, *, n_sources: int, dtype: str, batch_size: int, seq_len: int | None = None
+    shape: ModelShape, *, n_sources: int, dtype: str, batch_size: int, seq_len: int | None = None,
+    key_kinds: int = 1,
 ) -> MemoryEstimate:
-    """The per-worker estimate for a model of ``shape`` merged from ``n_sources`` fine-tunes."""
+    """The per-worker estimate for a model of ``shape`` merged from ``n_sources`` fine-tunes.
+
+    ``key_kinds``: per-entry statistics the engine caches (1 for ties / dare / breadcrumbs,
+    2 for della; 0 for linear-only studies).
+    """
     if dtype not in DTYPE_BYTES:
         raise SearchError(f"execution dtype: expected one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     width = DTYPE_BYTES[dtype]
     tensor_bytes = shape.numel * width
-    # base + K task vectors + K per-tensor magnitude orderings (kept for ties/dare/della ranks)
-    resident = tensor_bytes * (1 + 2 * n_sources)
+    # merges.engine's bound: base + K task vectors in the arithmetic dtype, plus one int32
+    # key per entry and source for the sparsifying method in use (ranks or DARE keys)
+    resident = tensor_bytes * (1 + n_sources) + shape.numel * KEY_BYTES * n_sources * key_kinds
     # merging one tensor holds the K weighted deltas, a mask and the result at once
     scratch = shape.largest_tensor * width * (n_sources + 2)
     seq = min(seq_len or DEFAULT_SEQ_LEN_CAP, shape.max_positions)

@@ -40,7 +40,7 @@ STARTUP_TIMEOUT_S = 900.0
 PROBE_PAUSE_S = 0.2
 """Pause between liveness probes of an actor Ray reports temporarily unavailable."""
 PROJECT_PACKAGES = ("fitness", "genome", "merges", "search", "studies")
-"""Shipped to the workers (runtime_env py_modules) when joining a cluster by address."""
+"""Shipped to the workers (job runtime_env py_modules) when the pool joins a cluster by address."""
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,11 @@ class RayPool:
         return max(0, len(self._idle) - len(self._pending))
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]:
-        """Finished ``(ticket, outcome)`` pairs: at least one, unless ``timeout`` s pass or nothing is queued."""
+        """Finished ``(ticket, outcome)`` pairs: at least one, unless ``timeout`` s pass or nothing is queued.
+
+        With no trial queued or running it returns [] once every restarting worker is back
+        (or gone), so ``wait()`` on an empty pool also means "all workers settled".
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._finished:
             self._dispatch()
@@ -174,9 +178,17 @@ class RayPool:
 
     # -- introspection ----------------------------------------------------------------
 
+    def pending(self) -> list[int]:
+        """Tickets waiting for a free worker (submitted past the free slots, or re-queued)."""
+        return [job.ticket for job in self._pending]
+
     def workers(self) -> list[dict[str, str | int]]:
-        """``identity()`` of each live actor as last seen (node_id, pid, hostname), by actor index."""
-        return [self._identities[i] for i in sorted(self._identities)]
+        """``identity()`` (node_id, pid, hostname) of each actor that is up, by actor index.
+
+        An actor Ray is restarting is left out until it answers again.
+        """
+        restarting = set(self._probes.values())
+        return [self._identities[i] for i in sorted(self._identities) if i not in restarting]
 
     # -- internals ----------------------------------------------------------------------
 
@@ -194,8 +206,6 @@ class RayPool:
         }
         if not cuda:
             options["memory"] = per_worker  # Ray then never packs more onto a node than fits
-        if self._address is not None:
-            options["runtime_env"] = {"py_modules": _project_module_dirs()}
         actor_class = ray.remote(_TrialActor).options(**options)
         self._actors = [actor_class.remote(setup, per_worker) for _ in range(execution.workers)]
         probes = {actor.identity.remote(): index for index, actor in enumerate(self._actors)}
@@ -302,7 +312,9 @@ def _connect(address: str | None) -> bool:
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
         else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            # Ray uploads local folders only at the job level, so the code ships here, once
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env={"py_modules": _project_module_dirs()})
     except ConnectionError as exc:
         raise SearchError(f"execution.address: cannot join the Ray cluster at {address}: {exc}") from exc
     finally:
