@@ -308,3 +308,12 @@ def test_validate_checks_the_genome_against_the_checkpoints_layers(
         f'error: {path}: genome.frankenmerge.layers: 6 output layers with pick = "same_index" need 6 layers, '
         "the checkpoints have 4"
     )
+
+
+def test_shipped_study_files_load(repo_root: Path) -> None:
+    """Every study file in studies/ passes validation (paths need not exist yet)."""
+    files = sorted(repo_root.glob("studies/**/*.toml"))
+    assert files, "no study files under studies/"
+    for path in files:
+        config = load_study(path)
+        assert config.path == path.resolve() and config.tasks
