@@ -54,8 +54,12 @@ def check_checkpoints(config: StudyConfig) -> int:
     models = config.models
     if models.demo_family and not (models.base / "config.json").exists():
         from studies.demo_family import ensure_family
+        from studies.demo_family.errors import DemoFamilyError
 
-        ensure_family(models.base.parent)
+        try:
+            ensure_family(models.base.parent)
+        except DemoFamilyError as exc:
+            raise StudyConfigError(f"{config.path}: models.demo_family: {exc}") from None
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(path, allow_pickle=models.allow_pickle) for path in models.sources.values()]
     return preflight(base, sources).n_layers
