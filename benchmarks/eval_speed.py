@@ -1,0 +1,149 @@
+"""Fast teacher-forced exact match vs greedy ``generate`` on the demo family's slices.
+
+Usage::
+
+    python benchmarks/eval_speed.py [--model shipping] [--split heldout] [--repeats 5]
+                                    [--batch-size 64] [--generate-batch-size 64] [--threads N]
+                                    [--root FAMILY_DIR]
+
+Scores every demo task's slice with one model (a demo checkpoint folder name: ``base``,
+``shipping``, ``refunds``, ``catalog``) twice: with :func:`fitness.scoring.score_examples`
+(one forward pass per pre-tokenised batch) and with ``model.generate(do_sample=False)``
+on the same prompt tokens (left-padded batches of ``--generate-batch-size``; 1 gives
+plain one-prompt-at-a-time decoding), decoding each continuation up to ``<eos>`` and
+comparing it with the answer text. Prints examples per second for both (median of
+``--repeats`` runs for the fast scorer; generate runs once), the speed ratio, whether
+every per-example result agrees, and ends with one JSON line::
+
+    {"fast_examples_per_s": ..., "generate_examples_per_s": ..., "ratio": ..., "agree": true}
+
+Tokenisation (``load_task``) happens once per study and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fitness.scoring import score_examples  # noqa: E402
+from fitness.slices import EncodedSlice, TaskSpec, load_task  # noqa: E402
+
+TASKS: tuple[str, ...] = ("shipping", "refunds", "catalog")
+
+
+def family_root(root: Path | None) -> Path:
+    if root is not None:
+        return root
+    from studies.demo_family import ensure_family
+
+    repo = Path(__file__).resolve().parents[1]
+    cache = Path(os.environ.get("MERGESEARCH_CACHE", repo / ".cache")) / "demo-family"
+    return ensure_family(cache, progress=True).root
+
+
+def generate_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: EncodedSlice,
+                   batch_size: int) -> list[float]:
+    """Greedy ``generate`` per example: 1.0 when the text up to eos equals the answer."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    results: list[float] = []
+    examples = data.examples
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start: start + batch_size]
+        width = max(len(e.prompt_ids) for e in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, example in enumerate(chunk):  # left padding, as generate expects
+            input_ids[row, width - len(example.prompt_ids):] = torch.tensor(example.prompt_ids)
+            attention_mask[row, width - len(example.prompt_ids):] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                max_new_tokens=max(len(e.answer_ids) for e in chunk) + 1,
+                pad_token_id=pad, eos_token_id=eos,
+            )
+        for row, example in enumerate(chunk):
+            continuation = out[row, width:].tolist()
+            stopped = eos in continuation
+            if stopped:
+                continuation = continuation[: continuation.index(eos)]
+            text = tokenizer.decode(continuation, skip_special_tokens=True)
+            results.append(float(stopped and text == example.answer))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shipping", help="demo checkpoint folder (default: shipping)")
+    parser.add_argument("--split", choices=("search", "heldout"), default="heldout")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of the fast scorer (median)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--generate-batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--root", type=Path, default=None, help="an already built family folder")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    root = family_root(args.root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / args.model).eval()
+    slices = []
+    for task in TASKS:
+        folder = root / "data" / task
+        data = load_task(TaskSpec(task, folder / "search.jsonl", folder / "heldout.jsonl"), tokenizer,
+                         batch_size=args.batch_size)
+        slices.append(data.search if args.split == "search" else data.heldout)
+    n = sum(s.n for s in slices)
+    print(f"model {args.model}, {args.split} slices of {', '.join(TASKS)}: {n} examples, "
+          f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
+
+    score_examples(model, slices[0])  # warm-up (first-call allocations)
+    fast_times: list[float] = []
+    fast: list[float] = []
+    for _ in range(max(1, args.repeats)):
+        start = time.perf_counter()
+        fast = [value for data in slices for value in score_examples(model, data)]
+        fast_times.append(time.perf_counter() - start)
+    fast_s = statistics.median(fast_times)
+
+    start = time.perf_counter()
+    slow = [value for data in slices for value in generate_exact(model, tokenizer, data, args.generate_batch_size)]
+    slow_s = time.perf_counter() - start
+
+    disagreements = [i for i, (a, b) in enumerate(zip(fast, slow, strict=True)) if a != b]
+    offset = 0
+    for data in slices:
+        accuracy = sum(fast[offset: offset + data.n]) / data.n
+        offset += data.n
+        print(f"  {data.task:<9} exact match {accuracy:.3f} ({data.n} examples)")
+    print(f"fast scorer: {fast_s:.3f} s median of {len(fast_times)} "
+          f"({', '.join(f'{t:.3f}' for t in fast_times)}): {n / fast_s:.1f} examples/s")
+    print(f"generate (greedy, batch {args.generate_batch_size}): {slow_s:.3f} s: {n / slow_s:.1f} examples/s")
+    print(f"ratio {slow_s / fast_s:.1f}x; per-example agreement: {n - len(disagreements)}/{n}")
+    result = {
+        "fast_examples_per_s": round(n / fast_s, 2),
+        "generate_examples_per_s": round(n / slow_s, 2),
+        "ratio": round(slow_s / fast_s, 2),
+        "agree": not disagreements,
+    }
+    print(json.dumps(result))
+    return 0 if not disagreements else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
