@@ -22,8 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
+from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import MergeError, UnsupportedConfigError
 from merges.layout import Layout
 from merges.methods.registry import METHODS, MethodSpec, validate_recipe
@@ -509,14 +511,19 @@ def _read_source(source: str | Path) -> tuple[str, str, Path]:
 
 
 def recipe_from_mergekit(
-    source: str | Path, *, base_dir: Path | None = None, layout: Layout | None = None
+    source: str | Path,
+    *,
+    base_dir: Path | None = None,
+    layout: Layout | None = None,
+    allow_pickle: bool = False,
 ) -> Recipe:
     """The recipe a mergekit 0.1.5 config describes, or ``UnsupportedConfigError`` with the reason.
 
     ``source`` is a YAML file path or the YAML text. Relative model paths resolve against
     ``base_dir`` (default: the YAML's folder, or the working folder for text). ``layout``
     is the base's layer map; by default it is read from the base checkpoint (or the first
-    model's), as are the tensor dtypes when the config sets no ``dtype``.
+    model's), as are the tensor dtypes when the config sets no ``dtype``; ``allow_pickle``
+    lets those reads open pickle weights.
     """
     text, where, folder = _read_source(source)
     root = (base_dir or folder).expanduser().absolute()
@@ -553,12 +560,12 @@ def recipe_from_mergekit(
         slices = _slice_list(data["slices"], where, root, base)
         first_model = first_model or slices[0].sources[0].model
 
-    checkpoint_layout, dtypes = _checkpoint_facts(first_model, layout, dtype is None, where)
+    checkpoint_layout, opened = _checkpoint_facts(first_model, layout, dtype is None, allow_pickle, where)
     if data.get("models") is not None:
         slices = [_models_as_slice(models, base, checkpoint_layout.n_layers, method, spec, where)]
     if dtype is None:
         referenced = {s.model for sl in slices for s in sl.sources} | ({base} if base else set())
-        dtype = _implied_dtype(referenced, dtypes, where)
+        dtype = _implied_dtype(referenced, opened, allow_pickle, where)
 
     seed_match = _SEED_LINE.search(text)
     seed = int(seed_match.group(1)) if seed_match else 0
@@ -686,28 +693,20 @@ def _models_as_slice(models: list[tuple[str, dict[str, object]]], base: str | No
     return _Slice(tuple(sources), {}, f"{where}: models")
 
 
-def _checkpoint_facts(model: str | None, layout: Layout | None, need_dtypes: bool,
-                      where: str) -> tuple[Layout, dict[str, object]]:
+def _checkpoint_facts(model: str | None, layout: Layout | None, need_dtypes: bool, allow_pickle: bool,
+                      where: str) -> tuple[Layout, dict[str, Checkpoint]]:
     if layout is not None and not need_dtypes:
         return layout, {}
-    from merges.checkpoint import open_checkpoint  # only when the checkpoint must be read
-
     if model is None:
         raise UnsupportedConfigError(f"{where}: no model to read the layer map from")
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(model, allow_pickle=allow_pickle)
     return layout or checkpoint.layout, {model: checkpoint}
 
 
-def _implied_dtype(models: set[str], opened: dict[str, object], where: str) -> str:
+def _implied_dtype(models: set[str], opened: dict[str, Checkpoint], allow_pickle: bool, where: str) -> str:
     """With no ``dtype`` mergekit computes in the stored dtype; exact only when all are float32."""
-    import torch
-
-    from merges.checkpoint import Checkpoint, open_checkpoint
-
     for model in sorted(models):
-        checkpoint = opened.get(model)
-        if not isinstance(checkpoint, Checkpoint):
-            checkpoint = open_checkpoint(model)
+        checkpoint = opened.get(model) or open_checkpoint(model, allow_pickle=allow_pickle)
         odd = next((n for n, d in checkpoint.dtypes.items() if d.is_floating_point and d != torch.float32), None)
         if odd is not None:
             raise UnsupportedConfigError(

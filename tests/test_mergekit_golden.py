@@ -1,0 +1,360 @@
+"""Golden tests: the engine against real mergekit 0.1.5 on the same exported YAML.
+
+For each deterministic method, a recipe with several layer groups and per-role values
+that differ is merged in memory, exported, merged by mergekit (in-process, through its
+Python API; once through the ``mergekit-yaml`` command) and every tensor is compared.
+
+Tolerance: both sides compute in float32 from the same float32 inputs; they differ only
+in the order of additions and in how a few formulas are arranged (mergekit's batched
+``addcmul`` linear, its chunked slerp norms, ...). That costs a few float32 ulps per
+operation (2^-24 ≈ 6e-8 relative); ``rtol=1e-5, atol=1e-6`` allows about a hundred ulps
+of headroom while still failing on any wrong weight, role, group boundary or mask
+(those move entries by ~1e-3 and more: deltas here are ~2e-2).
+
+DARE/DELLA masks come from different generators, so they are compared in distribution:
+exact self-consistency of the engine for a seed, keep rates within binomial tolerance,
+and L1 norms of the merged deltas (exact under ``rescale`` for one source).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+
+from merges.checkpoint import open_checkpoint
+from merges.engine import MergeEngine
+from merges.layout import Layout
+from merges.mergekit_yaml import recipe_to_mergekit
+from merges.recipe import ROLES, LayerSlice, Recipe, SourceTable
+from search.cli import main as search_main
+from tests.checkpoints import TinyFamily
+
+pytestmark = pytest.mark.slow
+
+GROUPS = ((0, 1), (1, 3), (3, 4))  # three groups: boundaries inside the 4 layers
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _table(start: float, per_group: float, per_role: float, per_source: float, n_sources: int,
+           groups: tuple[tuple[int, int], ...] = GROUPS) -> SourceTable:
+    """Values that differ by group, role and source (so every filter and boundary matters)."""
+    return tuple(
+        tuple(
+            tuple(start + g * per_group + r * per_role + s * per_source for s in range(n_sources))
+            for r in range(len(ROLES))
+        )
+        for g in range(len(groups))
+    )
+
+
+def _global(values_per_group: list[tuple[object, ...]]) -> tuple[tuple[object, ...], ...]:
+    return tuple(values_per_group)
+
+
+def _recipe(method: str, family: TinyFamily) -> Recipe:
+    base = str(family.base)
+    sources = tuple(str(s) for s in family.sources)
+    n = len(sources)
+    lam = _global([(1.0, 0.9, 1.1, 1.0, 1.2), (1.3,) * 5, (0.8, 1.0, 1.0, 1.1, 1.0)])
+    if method == "linear":
+        return Recipe(method, None, sources, GROUPS,
+                      tensor_params={"weight": _table(0.2, 0.1, 0.07, 0.13, n)},
+                      global_params={"normalize": _global([(True,) * 5, (False,) * 5, (True,) * 5])})
+    if method == "task_arithmetic":
+        return Recipe(method, base, sources, GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, n)}, global_params={"lambda": lam})
+    if method == "ties":
+        return Recipe(method, base, sources, GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, n),
+                                     "density": _table(0.3, 0.15, 0.05, 0.1, n)},
+                      global_params={"lambda": lam,
+                                     "normalize": _global([(True,) * 5, (False,) * 5, (True,) * 5])})
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        return Recipe(method, base, sources, GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, n),
+                                     "density": _table(0.5, 0.1, 0.04, 0.05, n),
+                                     "gamma": _table(0.01, 0.02, 0.01, 0.005, n)},
+                      global_params={"lambda": lam})
+    if method == "slerp":
+        return Recipe(method, base, sources[:1], GROUPS,
+                      global_params={"t": _global([(0.1, 0.3, 0.5, 0.7, 0.9), (0.6,) * 5,
+                                                   (0.2, 0.4, 0.8, 0.35, 0.55)])})
+    if method == "model_stock":
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"filter_wise": _global([(False,) * 5, (True,) * 5,
+                                                             (False, True, False, True, False)])})
+    if method == "passthrough":
+        # A frankenmerge with layer repetition: 3 + 3 + 2 = 8 layers from a 4-layer family.
+        pieces = (LayerSlice(sources[0], 0, 3), LayerSlice(sources[1], 1, 4, 0.5),
+                  LayerSlice(base, 2, 4))
+        return Recipe(method, base, (sources[0], sources[1], base), ((0, 3), (3, 6), (6, 8)),
+                      layer_slices=pieces)
+    raise AssertionError(method)
+
+
+def _engine(recipe: Recipe) -> dict[str, torch.Tensor]:
+    base = open_checkpoint(recipe.base) if recipe.base else None
+    sources = [open_checkpoint(path) for path in recipe.sources]
+    return MergeEngine(base, sources).materialize(recipe)
+
+
+def _mergekit(text: str, out: Path, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    run_merge(config, str(out), MergeOptions(quiet=True, write_model_card=False, random_seed=seed))
+    return load_file(out / "model.safetensors")
+
+
+def _layout(family: TinyFamily) -> Layout:
+    return open_checkpoint(family.base).layout
+
+
+def _comparable(tensors: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Without a head tied to the embedding (neither side needs to write it)."""
+    return {name: t for name, t in tensors.items() if not layout.is_tied_head(name)}
+
+
+def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], layout: Layout) -> None:
+    ours, theirs = _comparable(ours, layout), _comparable(theirs, layout)
+    assert sorted(ours) == sorted(theirs)
+    for name in sorted(ours):
+        assert ours[name].shape == theirs[name].shape, name
+        torch.testing.assert_close(ours[name].float(), theirs[name].float(), rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def family(request: pytest.FixtureRequest) -> TinyFamily:
+    return request.getfixturevalue(f"{request.param}_family")
+
+
+# -- deterministic methods --------------------------------------------------------------
+
+DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
+                 "model_stock", "passthrough"]
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_engine_matches_mergekit(method: str, family: TinyFamily, tmp_path: Path) -> None:
+    recipe = _recipe(method, family)
+    layout = _layout(family)
+    ours = _engine(recipe)
+    text = recipe_to_mergekit(recipe, layout)
+    assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
+
+
+def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:
+    """The comparison has teeth: one role's weight changed in one group moves its tensors only."""
+    recipe = _recipe("ties", llama_family)
+    weight = [list(map(list, row)) for row in recipe.tensor_params["weight"]]
+    weight[1][ROLES.index("mlp")] = [w + 0.5 for w in weight[1][ROLES.index("mlp")]]
+    changed = Recipe(recipe.method, recipe.base, recipe.sources, recipe.groups,
+                     {**recipe.tensor_params, "weight": tuple(tuple(map(tuple, r)) for r in weight)},
+                     recipe.global_params)
+    before, after = _engine(recipe), _engine(changed)
+    layout = _layout(llama_family)
+    moved = {name for name in before if not torch.allclose(before[name], after[name], rtol=RTOL, atol=ATOL)}
+    expected = {i.name for i in layout.tensors if i.role == "mlp" and i.layer in (1, 2)}
+    # Tensors the perturbation left equal to the base have a zero delta: nothing to move.
+    assert moved and moved <= expected
+
+
+def test_mergekit_yaml_command_line_agrees(llama_family: TinyFamily, tmp_path: Path) -> None:
+    recipe = _recipe("ties", llama_family)
+    layout = _layout(llama_family)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(recipe_to_mergekit(recipe, layout, header="golden test"))
+    out = tmp_path / "mk"
+    command = [str(Path(sys.executable).with_name("mergekit-yaml")), str(config), str(out), "--no-lazy-unpickle"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_tensors(_engine(recipe), load_file(out / "model.safetensors"), layout)
+
+
+# -- random sparsification ---------------------------------------------------------------
+
+RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
+Z = 5.0  # binomial tolerance in standard deviations (a false alarm is ~1e-6 per tensor)
+
+
+def _random_recipe(method: str, family: TinyFamily, *, n_sources: int, seed: int,
+                   rescale: bool | None = None) -> Recipe:
+    base = str(family.base)
+    sources = tuple(str(s) for s in family.sources[:n_sources])
+    groups = ((0, 2), (2, 4))
+    tensor = {"weight": _table(0.4, 0.2, 0.05, 0.3, n_sources, groups),
+              "density": _table(0.3, 0.1, 0.04, 0.08, n_sources, groups)}  # 0.3 .. 0.72
+    if method.startswith("della"):
+        tensor["epsilon"] = _table(0.05, 0.02, 0.01, 0.01, n_sources, groups)
+    params: dict[str, tuple[tuple[object, ...], ...]] = {"lambda": ((1.0,) * 5, (1.2,) * 5)}
+    if rescale is not None:
+        params["rescale"] = ((rescale,) * 5,) * 2
+        params["normalize"] = ((False,) * 5,) * 2  # so one source's delta is scaled by its weight
+    return Recipe(method, base, sources, groups, tensor, params, seed=seed)
+
+
+def _deltas(merged: dict[str, torch.Tensor], family: TinyFamily, layout: Layout) -> dict[str, torch.Tensor]:
+    base = open_checkpoint(family.base)
+    return {name: merged[name].float() - base.read(name).float() for name in _comparable(merged, layout)}
+
+
+def _moved_entries(family: TinyFamily, n_sources: int) -> dict[str, torch.Tensor]:
+    """Entries where at least one source differs from the base (only those can be kept)."""
+    base = open_checkpoint(family.base)
+    sources = [open_checkpoint(p) for p in family.sources[:n_sources]]
+    return {name: torch.stack([s.read(name) != base.read(name) for s in sources]).any(0) for name in base.names}
+
+
+@pytest.mark.parametrize("method", RANDOM)
+def test_engine_random_masks_are_seeded(method: str, llama_family: TinyFamily) -> None:
+    first = _engine(_random_recipe(method, llama_family, n_sources=3, seed=11))
+    again = _engine(_random_recipe(method, llama_family, n_sources=3, seed=11))
+    other = _engine(_random_recipe(method, llama_family, n_sources=3, seed=12))
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first)
+
+
+@pytest.mark.parametrize("method", RANDOM)
+def test_one_source_keep_rate_and_rescaled_norm(method: str, family: TinyFamily, tmp_path: Path) -> None:
+    """One source, rescale on, normalize off: each merged delta keeps ~density of its entries
+    and exactly lambda * weight * the source delta's L1 norm (mergekit rescales to the L1 norm)."""
+    recipe = _random_recipe(method, family, n_sources=1, seed=3, rescale=True)
+    layout = _layout(family)
+    text = recipe_to_mergekit(recipe, layout)
+    ours = _deltas(_engine(recipe), family, layout)
+    theirs = _deltas(_mergekit(text, tmp_path / "mk", seed=3), family, layout)
+    moved = _moved_entries(family, 1)
+    source = open_checkpoint(family.sources[0])
+    base = open_checkpoint(family.base)
+    checked = 0
+    for info in layout.tensors:
+        name = info.name
+        if name not in ours or not moved[name].any():
+            continue  # the perturbation left this tensor as the base: nothing to sparsify
+        group = recipe.group_of_layer(info.layer) if info.layer is not None else (
+            0 if info.role == "embed" else len(recipe.groups) - 1)
+        density = recipe.tensor_values("density", group, info.role)[0]
+        scale = recipe.tensor_values("weight", group, info.role)[0] * recipe.global_value("lambda", group, info.role)
+        n = int(moved[name].sum())
+        tolerance = Z * math.sqrt(density * (1 - density) / n) + 1 / n
+        source_l1 = (source.read(name).float() - base.read(name).float()).abs().sum().item()
+        for side, delta in (("engine", ours[name]), ("mergekit", theirs[name])):
+            kept = (delta[moved[name]] != 0).float().mean().item()
+            assert abs(kept - density) <= tolerance, f"{side} {name}: kept {kept:.3f}, density {density}"
+            assert delta.abs().sum().item() == pytest.approx(abs(scale) * source_l1, rel=1e-4), f"{side} {name}"
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("method", RANDOM)
+def test_three_sources_keep_rate_and_norm_match_mergekit(method: str, family: TinyFamily, tmp_path: Path) -> None:
+    """Several sources, the method's default rescale: engine and mergekit draw from the same
+    distribution, so per-tensor keep rates agree within a two-sample binomial tolerance and
+    the model's total merged-delta L1 norm within 5 % (its relative sd across masks is
+    ~sqrt((1-p)/(p n)) < 1 % for the ~30k moved entries here, doubled for two samples)."""
+    recipe = _random_recipe(method, family, n_sources=3, seed=5)
+    layout = _layout(family)
+    ours = _deltas(_engine(recipe), family, layout)
+    theirs = _deltas(_mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk", seed=5), family, layout)
+    assert sorted(ours) == sorted(theirs)
+    moved = _moved_entries(family, 3)
+    total_ours = total_theirs = 0.0
+    for name in ours:
+        n = int(moved[name].sum())
+        if n == 0:
+            continue
+        kept_ours = (ours[name][moved[name]] != 0).float().mean().item()
+        kept_theirs = (theirs[name][moved[name]] != 0).float().mean().item()
+        pooled = (kept_ours + kept_theirs) / 2
+        tolerance = Z * math.sqrt(2 * pooled * (1 - pooled) / n) + 2 / n
+        assert abs(kept_ours - kept_theirs) <= tolerance, f"{name}: engine {kept_ours:.3f}, mergekit {kept_theirs:.3f}"
+        total_ours += ours[name].abs().sum().item()
+        total_theirs += theirs[name].abs().sum().item()
+    assert total_ours == pytest.approx(total_theirs, rel=0.05)
+
+
+# -- search merge against mergekit on hand-written YAML ---------------------------------
+
+
+def _yaml_models_form(family: TinyFamily) -> str:
+    s0, s1, s2 = family.sources
+    return f"""
+merge_method: ties
+base_model: {family.base}
+dtype: float32
+parameters:
+  normalize: true
+models:
+  - model: {s0}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {s1}
+    parameters: {{weight: 0.3, density: 0.8}}
+  - model: {s2}
+    parameters: {{weight: 0.4, density: 0.3}}
+  - model: {family.base}
+"""
+
+
+def _yaml_slices_form(family: TinyFamily, attention: str, mlp: str, heads: list[str]) -> str:
+    """Filters per role, a gradient inside a filter and one over a whole source."""
+    s0, s1, _ = family.sources
+    head_entries = "".join(f"            - {{filter: {h}, value: 1.5}}\n" for h in heads)
+    return f"""
+merge_method: task_arithmetic
+base_model: {family.base}
+dtype: float32
+tokenizer_source: base
+slices:
+  - sources:
+      - model: {s0}
+        layer_range: [0, 1]
+        parameters: {{weight: 0.7}}
+      - model: {s1}
+        layer_range: [0, 1]
+        parameters: {{weight: 0.2}}
+      - model: {family.base}
+        layer_range: [0, 1]
+  - sources:
+      - model: {s0}
+        layer_range: [1, 4]
+        parameters:
+          weight:
+            - {{filter: {attention}, value: [0.1, 0.9, 0.4]}}
+            - {{filter: {mlp}, value: 0.55}}
+{head_entries}            - {{value: 0.25}}
+      - model: {s1}
+        layer_range: [1, 4]
+        parameters: {{weight: [1.0, 0.0]}}
+      - model: {family.base}
+        layer_range: [1, 4]
+    parameters:
+      lambda: [{{filter: {mlp}, value: 1.3}}, {{value: 0.9}}]
+"""
+
+
+@pytest.mark.parametrize("form", ["models", "slices"])
+def test_search_merge_matches_mergekit_on_the_same_yaml(form: str, family: TinyFamily, tmp_path: Path) -> None:
+    layout = _layout(family)
+    if form == "models":
+        text = _yaml_models_form(family)
+    elif layout.layer_prefix.startswith("transformer"):
+        text = _yaml_slices_form(family, "attn", "mlp", ["ln_f"])
+    else:
+        text = _yaml_slices_form(family, "self_attn", "mlp", ["lm_head", "model.norm"])
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
