@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from fitness.errors import FitnessError
 from fitness.gates import GateSpec
@@ -116,7 +115,6 @@ def load_study(path: str | Path, *, out: str | Path | None = None, trials: int |
 
 # -- reading tables -------------------------------------------------------------------
 
-T = TypeVar("T")
 _MISSING = object()
 
 
