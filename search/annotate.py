@@ -1,11 +1,22 @@
-"""What the dashboard shows beyond numbers: recipe artifacts on trials, a note on the best one.
+"""What the dashboard shows beyond numbers: recipe artifacts, and a note on the best trial.
 
-Both go through public Optuna / optuna-dashboard APIs (``upload_artifact``,
-``save_note``) so optuna-dashboard serves them as it serves any study's.
+Everything goes through public Optuna / optuna-dashboard APIs (``upload_artifact``,
+``save_note``), so optuna-dashboard serves it like any study's artifacts and notes:
+
+* :func:`attach_recipe` uploads a search trial's mergekit YAML as the trial artifact
+  ``recipe-<number>.yaml``. Optuna refuses to change a finished trial, so the driver calls
+  it while the trial is still running (after decoding its genes, before ``tell``).
+* :func:`attach_baseline_recipe` uploads a baseline's YAML as a *study* artifact
+  ``baseline-<name>.yaml``: baselines are stored finished (``study.add_trial``), so they
+  cannot take a trial artifact.
+* :func:`write_best_note` writes a Markdown note on the chosen trial (the final trial
+  after ``finalize``, else the best feasible search trial: the one ``search export``
+  writes and the report shows) and a short study note pointing at it.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,62 +26,162 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 from optuna_dashboard import save_note
 
+from merges.layout import Layout
+from merges.mergekit_yaml import recipe_to_mergekit
+from merges.recipe import Recipe
+from search import ranking, storage
+from search.errors import SearchError
 
-def artifact_store(artifact_dir: Path) -> FileSystemArtifactStore:
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(artifact_dir))
+ARTIFACTS_FOLDER = "artifacts"
+RECIPE_MIMETYPE = "application/yaml"
 
 
-def attach_recipe(study: optuna.Study, trial: FrozenTrial, yaml_text: str, artifact_dir: Path) -> str:
-    """Upload the trial's mergekit YAML as ``recipe-<number>.yaml``; returns the artifact id."""
+def artifact_dir(output: Path) -> Path:
+    """The study's artifact folder: ``<output>/artifacts`` (what ``search dashboard`` serves)."""
+    return Path(output) / ARTIFACTS_FOLDER
+
+
+def artifact_store(folder: Path) -> FileSystemArtifactStore:
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def recipe_yaml(recipe: Recipe, layout: Layout, *, header: str = "") -> str:
+    """The recipe as the mergekit YAML ``search export`` writes (``layout``: the base's)."""
+    return recipe_to_mergekit(recipe, layout, header=header)
+
+
+def attach_recipe(trial: optuna.Trial, recipe: Recipe, layout: Layout, folder: Path) -> str:
+    """Upload a running trial's mergekit YAML as ``recipe-<number>.yaml``; returns the artifact id."""
+    header = f"mergesearch study {trial.study.study_name!r}, trial {trial.number}"
+    return _upload(trial, f"recipe-{trial.number}.yaml", recipe_yaml(recipe, layout, header=header), folder)
+
+
+def attach_baseline_recipe(
+    study: optuna.Study, name: str, recipe: Recipe, layout: Layout, folder: Path
+) -> str:
+    """Upload a baseline's YAML as the study artifact ``baseline-<name>.yaml``."""
+    header = f"mergesearch study {study.study_name!r}, baseline {name}"
+    filename = f"baseline-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.yaml"
+    return _upload(study, filename, recipe_yaml(recipe, layout, header=header), folder)
+
+
+def _upload(target: optuna.Study | optuna.Trial, filename: str, text: str, folder: Path) -> str:
+    # upload_artifact names the artifact after the file it reads: write it under that name.
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"recipe-{trial.number}.yaml"
-        path.write_text(yaml_text, encoding="utf-8")
+        path = Path(tmp) / filename
+        path.write_text(text, encoding="utf-8")
         return upload_artifact(
-            artifact_store=artifact_store(artifact_dir),
-            file_path=str(path),
-            study_or_trial=trial,
-            storage=study._storage,
-            mimetype="application/yaml",
+            artifact_store=artifact_store(folder), file_path=str(path), study_or_trial=target,
+            mimetype=RECIPE_MIMETYPE,
         )
 
 
-def best_note(best: FrozenTrial, references: Sequence[FrozenTrial], tasks: Sequence[str]) -> str:
-    """Markdown: why this trial is best, and how it compares with each source and baseline."""
-    scores: Mapping[str, float] = best.user_attrs.get("scores_search", {})
-    held: Mapping[str, float] = best.user_attrs.get("scores_heldout", {})
-    margins: Mapping[str, float] = best.user_attrs.get("gate_margins", {})
+# -- the chosen trial and its note ---------------------------------------------------------
+
+
+def chosen_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The final trial (after ``finalize``), else the best feasible search trial, else None.
+
+    The same choice as ``search export`` without ``--trial``.
+    """
+    trials = study.get_trials(deepcopy=False)
+    final = study.user_attrs.get("final_trial")
+    if isinstance(final, int) and not isinstance(final, bool):
+        for trial in trials:
+            if trial.number == final:
+                return trial
+        raise SearchError(f"study {study.study_name!r}: final_trial {final} is not a trial of the study")
+    directions = [d.name.lower() for d in study.directions]
+    return ranking.best_feasible(ranking.search_trials(trials), directions)
+
+
+def best_note(study: optuna.Study, best: FrozenTrial) -> str:
+    """Markdown: why this trial is chosen, its gates, and how it compares with every baseline."""
+    trials = study.get_trials(deepcopy=False)
+    user_attrs = study.user_attrs
+    tasks = _tasks(study, best)
+    held = storage.heldout_record(user_attrs, best.number)
+    is_final = user_attrs.get("final_trial") == best.number
+    if is_final:
+        why = (
+            "It is the final trial: among the top finalists by search score, re-scored on the "
+            "held-out slices, it passes every gate there and has the best held-out objective."
+        )
+    else:
+        why = (
+            "It passes every gate on the search slices and has the best objective among the "
+            "search trials that do (not finalized yet: held-out scores come with `search finalize`)."
+        )
     lines = [
-        f"## Best feasible recipe: trial {best.number}",
+        f"## Chosen recipe: trial {best.number}",
         "",
-        best.user_attrs.get("recipe_summary", ""),
+        f"`{best.user_attrs.get('recipe_summary', '')}`",
         "",
-        "It passes every release gate"
-        + (" on the search and held-out slices" if held else " on the search slices")
-        + " and has the highest objective among trials that do.",
+        why,
+        "Its mergekit YAML is this trial's artifact.",
         "",
-        "| recipe | " + " | ".join(tasks) + " | min |",
+        "| | " + " | ".join(tasks) + " | lowest |",
         "| --- | " + " | ".join("---" for _ in tasks) + " | --- |",
-        _row(f"**trial {best.number}** (search)", scores, tasks),
+        _row(f"**trial {best.number}** (search)", best.user_attrs.get("scores_search", {}), tasks),
     ]
-    if held:
-        lines.append(_row(f"**trial {best.number}** (held-out)", held, tasks))
-    for ref in references:
-        name = ref.user_attrs.get("baseline", f"trial {ref.number}")
-        lines.append(_row(f"{name} (search)", ref.user_attrs.get("scores_search", {}), tasks))
+    if held is not None:
+        lines.append(_row(f"**trial {best.number}** (held-out)", held.scores, tasks))
+    for name, trial in ranking.baseline_trials(trials).items():
+        lines.append(_row(f"{name} (search)", trial.user_attrs.get("scores_search", {}), tasks))
+        record = storage.heldout_record(user_attrs, trial.number)
+        if held is not None and record is not None:
+            lines.append(_row(f"{name} (held-out)", record.scores, tasks))
+    margins: Mapping[str, float] = best.user_attrs.get("gate_margins", {})
     if margins:
-        lines += ["", "Gate margins (positive = passed by that much):", ""]
-        lines += [f"- `{name}`: {value:+.3f}" for name, value in margins.items()]
+        lines += ["", "Gate margins (positive: passed by that much):", ""]
+        lines += ["| gate | search | held-out |", "| --- | --- | --- |"]
+        for name, value in margins.items():
+            other = "" if held is None else f"{held.gate_margins.get(name, float('nan')):+.4f}"
+            lines.append(f"| `{name}` | {value:+.4f} | {other} |")
+    else:
+        lines += ["", "The study has no gates."]
     return "\n".join(lines) + "\n"
 
 
-def write_best_note(study: optuna.Study, best: FrozenTrial, references: Sequence[FrozenTrial]) -> None:
-    tasks = list(study.user_attrs.get("tasks", list(best.user_attrs.get("scores_search", {}))))
-    save_note(optuna.Trial(study, best._trial_id), best_note(best, references, tasks))
+def study_note(study: optuna.Study, best: FrozenTrial | None) -> str:
+    """The study's note: which trial is chosen, and why the dashboard's own 'best' may differ."""
+    if best is None:
+        gates = study.user_attrs.get("gates", [])
+        blocker = ranking.what_blocks(study.get_trials(deepcopy=False), list(gates))
+        reason = blocker.describe() if blocker else "no completed search trial yet"
+        return f"## No chosen recipe yet\n\n{reason}\n"
+    return (
+        f"## Chosen recipe: trial {best.number}\n\n"
+        f"`{best.user_attrs.get('recipe_summary', '')}`\n\n"
+        "See the note on that trial for its scores next to every baseline and its gate margins. "
+        "Trials in grey are infeasible (a gate failed). The dashboard's own *Best Trial* box "
+        "ranks by the told value alone: it also counts baselines and, unless the sampler is "
+        "CMA-ES (which is told a penalised value), infeasible trials.\n"
+    )
+
+
+def write_best_note(study: optuna.Study) -> FrozenTrial | None:
+    """Write the chosen trial's note and the study note; returns the chosen trial (or None)."""
+    best = chosen_trial(study)
+    save_note(study, study_note(study, best))
+    if best is not None:
+        # optuna.Trial is the handle save_note takes; notes live in study system attrs,
+        # so this works for a finished trial too.
+        save_note(optuna.Trial(study, best._trial_id), best_note(study, best))
+    return best
+
+
+def _tasks(study: optuna.Study, trial: FrozenTrial) -> list[str]:
+    names = study.user_attrs.get("tasks")
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    return list(trial.user_attrs.get("scores_search", {}))
 
 
 def _row(name: str, scores: Mapping[str, float], tasks: Sequence[str]) -> str:
     values = [scores.get(t) for t in tasks]
-    known = [v for v in values if v is not None]
-    cells = ["" if v is None else f"{v:.3f}" for v in values]
-    return f"| {name} | " + " | ".join(cells) + f" | {min(known):.3f} |" if known else f"| {name} |"
+    known = [float(v) for v in values if v is not None]
+    cells = ["" if v is None else f"{float(v):.4f}" for v in values]
+    lowest = f"{min(known):.4f}" if known else ""
+    return f"| {name} | " + " | ".join(cells) + f" | {lowest} |"

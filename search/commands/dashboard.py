@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from search.config import load_study
-from search.storage import resolve_storage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,9 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "dashboard",
         help="serve optuna-dashboard on the study (trials, gates, recipes, notes)",
         description=(
-            "Start optuna-dashboard on the study's storage with its artifact folder (each trial's "
-            "mergekit YAML), print the URL, and serve until Ctrl-C. Binds to 127.0.0.1 unless "
-            "--host says otherwise. Read-only for the search: it can run while `search start` does."
+            "Start optuna-dashboard on the study's storage with its artifact folder "
+            "(<output>/artifacts: each trial's mergekit YAML), print the URL, and serve until "
+            "Ctrl-C. Binds to 127.0.0.1 unless --host says otherwise. It only reads the study, "
+            "so it can run while `search start` does."
         ),
     )
     parser.add_argument("study", type=Path, help="the study file (study.toml)")
@@ -31,15 +32,17 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: optuna-dashboard pulls in its web stack, which other commands never need.
     from optuna_dashboard import run_server
 
-    from search.annotate import artifact_store
+    from search.annotate import artifact_dir, artifact_store
+    from search.storage import load_existing_study, resolve_storage
 
     config = load_study(args.study, out=args.out)
+    load_existing_study(config.name, config.storage)  # a missing study fails here, clearly
     storage = resolve_storage(config.storage)
-    print(f"optuna-dashboard for study {config.name!r} at http://{args.host}:{args.port}/ (Ctrl-C stops)",
-          flush=True)
-    try:
+    url = f"http://{args.host}:{args.port}/dashboard/studies/{storage.get_study_id_from_name(config.name)}"
+    print(f"optuna-dashboard for study {config.name!r}: {url}  (Ctrl-C stops)", flush=True)
+    # bottle's server loop returns on Ctrl-C itself; a Ctrl-C before it starts lands here.
+    with contextlib.suppress(KeyboardInterrupt):
         run_server(storage, host=args.host, port=args.port,
-                   artifact_store=artifact_store(config.output / "artifacts"))
-    except KeyboardInterrupt:
-        print("dashboard stopped", flush=True)
+                   artifact_store=artifact_store(artifact_dir(config.output)))
+    print("dashboard stopped", flush=True)
     return 0

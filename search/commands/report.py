@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 
 from search.config import load_study
-from search.report import write_report
-from search.storage import load_existing_study
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,11 +13,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="write a self-contained HTML report (plotly) of the study",
         description=(
-            "Write one HTML file that opens offline: optimisation history (feasible, infeasible "
-            "and baselines marked), per-task scores of the best recipe next to the sources and "
-            "baselines with the gates drawn, search vs held-out scores of the finalists, a heatmap "
-            "of the best recipe per layer group and source, parameter importances, and the Pareto "
-            "front for multi-objective studies."
+            "Write one HTML file that opens offline: the chosen recipe (final trial, else best "
+            "feasible) with its scores, gates and mergekit YAML; the optimisation history "
+            "(feasible, infeasible and baselines marked); per-task scores of the chosen recipe "
+            "next to every source and baseline with the gates drawn; search vs held-out scores of "
+            "the finalists; a heatmap of the chosen recipe per layer group and source; parameter "
+            "importances; and the Pareto front for multi-objective studies."
         ),
     )
     parser.add_argument("study", type=Path, help="the study file (study.toml)")
@@ -31,8 +30,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fitness.metrics import higher_is_better
+    from merges.checkpoint import open_checkpoint
+    from merges.recipe import Recipe
+    from search.annotate import chosen_trial, recipe_yaml
+    from search.report import write_report
+    from search.storage import load_existing_study
+
     config = load_study(args.study, out=args.out)
     study = load_existing_study(config.name, config.storage)
-    path = write_report(study, args.output or config.output / "report.html")
+    recipe_text = None
+    chosen = chosen_trial(study)
+    if chosen is not None:
+        layout = open_checkpoint(config.models.base, allow_pickle=config.models.allow_pickle).layout
+        header = f"mergesearch study {config.name!r}, trial {chosen.number}"
+        recipe_text = recipe_yaml(Recipe.from_dict(chosen.user_attrs["recipe"]), layout, header=header)
+    task_higher = {task.name: higher_is_better(task.metric) for task in config.tasks}
+    path = write_report(study, args.output or config.output / "report.html",
+                        task_higher=task_higher, recipe_text=recipe_text)
     print(f"wrote {path}")
     return 0
