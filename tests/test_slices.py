@@ -278,3 +278,29 @@ def test_too_few_rows_to_split_is_refused(tmp_path: Path, tokenizer: PreTrainedT
     source = write_jsonl(tmp_path / "one.jsonl", toy_rows(1))
     with pytest.raises(FitnessError, match="1 rows cannot be split"):
         load_task(TaskSpec("toy", source), tokenizer)
+
+
+def test_byte_level_bpe_answers_are_the_tokens_of_the_joined_text(tmp_path: Path) -> None:
+    """With a GPT-2-style tokenizer the answer's tokens carry the separating space."""
+    from tokenizers import decoders, trainers
+
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["the capital of france is paris", "the capital of spain is madrid", "paris and madrid"] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>")
+    rows = [{"prompt": "the capital of france is", "answer": "paris"},
+            {"prompt": "the capital of spain is", "answer": "madrid"}]
+    search = write_jsonl(tmp_path / "s.jsonl", rows)
+    heldout = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "paris and", "answer": "madrid"}])
+    data = load_task(TaskSpec("bpe", search, heldout), tokenizer)
+    for example in (*data.search.examples, *data.heldout.examples):
+        # bos == eos (GPT-2 convention): no bos is prepended by default
+        assert list(example.prompt_ids) == tokenizer(example.prompt)["input_ids"]
+        assert tokenizer.decode(list(example.answer_ids)) == " " + example.answer
+        whole = tokenizer(f"{example.prompt} {example.answer}")["input_ids"]
+        assert [*example.prompt_ids, *example.answer_ids] == whole
+    assert data.search.end_token_id == tokenizer.eos_token_id
