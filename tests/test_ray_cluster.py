@@ -1,9 +1,9 @@
-"""A real two-node Ray cluster on this machine: the pool joins it by address and uses both nodes.
+"""A real two-node Ray cluster on this machine: ``search start`` joins it by address and uses both nodes.
 
 ``ray.cluster_utils.Cluster`` starts a head and a worker node (1 CPU each, their own
-raylets and object stores); the pool joins through ``execution.address`` exactly as it
-would join ``ray start --head`` on another machine, ships the project packages as
-``py_modules`` and places one resident-model actor per node.
+raylets and object stores); the study's ``execution.address`` makes the driver's Ray pool
+join it exactly as it would join ``ray start --head`` on another machine, ship the
+project packages as ``py_modules`` and place one resident-model actor per node.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import TinyFamily
-from tests.test_ray_pool import uniform_recipe, write_slice
+from tests.test_ray_pool import write_slice
 
 
 @dataclass(frozen=True)
@@ -52,39 +52,66 @@ def two_node_cluster() -> Iterator[TwoNodes]:
         cluster.shutdown()
 
 
-def test_pool_joins_cluster_and_runs_trials_on_both_nodes(
+def write_study(folder: Path, family: TinyFamily, address: str) -> Path:
+    """A small TPE study over the tiny Llama family, run on the cluster at ``address``."""
+    sources = "\n".join(f's{i} = "{path}"' for i, path in enumerate(family.sources))
+    tasks = "\n".join(
+        f'[[tasks]]\nname = "{name}"\nsearch = "{write_slice(folder / f"{name}.jsonl", 48, offset=k * 5)}"\n'
+        f"limit = 12\n"
+        for k, name in enumerate(("alpha", "beta"))
+    )
+    study = folder / "study.toml"
+    study.write_text(f"""
+[study]
+name = "cluster"
+seed = 1
+output = "{folder / 'run'}"
+trials = 4
+sampler = "tpe"
+top_k = 2
+
+[models]
+base = "{family.base}"
+[models.sources]
+{sources}
+
+[genome]
+method = "linear"
+layer_granularity = 2
+
+{tasks}
+[execution]
+backend = "ray"
+address = "{address}"
+workers = 2
+cpus_per_worker = 1.0
+device = "cpu"
+batch_size = 8
+""")
+    return study
+
+
+def test_search_start_runs_the_study_on_both_nodes(
     two_node_cluster: TwoNodes, llama_family: TinyFamily, tmp_path: Path
 ) -> None:
+    import optuna
     import ray
+    from optuna.trial import TrialState
 
-    from fitness.slices import TaskSpec
-    from search.config import ExecutionConfig
-    from search.ray_pool import RayPool
-    from search.worker import WorkerSetup
+    from search.cli import main
+    from search.config import load_study
 
-    tasks = (TaskSpec(name="alpha", search=write_slice(tmp_path / "alpha.jsonl", 32, offset=3), limit=12),)
-    setup = WorkerSetup(
-        base=str(llama_family.base), sources=tuple(str(s) for s in llama_family.sources),
-        tasks=tasks, device="cpu", dtype="float32", batch_size=8,
-    )
-    execution = ExecutionConfig(backend="ray", address=two_node_cluster.address, workers=2, cpus_per_worker=1.0)
-    pool = RayPool(setup, execution)
-    try:
-        assert {w["node_id"] for w in pool.workers()} == two_node_cluster.node_ids
-        for ticket in range(6):
-            pool.submit(ticket, uniform_recipe(llama_family, (0.1 * ticket, 0.5, 0.5)))
-        outcomes = {}
-        while len(outcomes) < 6:
-            finished = pool.wait(timeout=120)
-            assert finished, "cluster pool stalled"
-            outcomes.update(finished)
-        assert sorted(outcomes) == list(range(6))
-        assert all(o.error is None and set(o.scores) == {"alpha"} for o in outcomes.values())
-        nodes_used = {o.worker.rsplit(":", 1)[0] for o in outcomes.values()}
-        assert nodes_used == two_node_cluster.node_ids  # trials ran on both nodes
-    finally:
-        pool.close()
-    # the pool disconnected from the cluster it joined, and left the cluster running
+    study_file = write_study(tmp_path, llama_family, two_node_cluster.address)
+    assert main(["start", str(study_file), "--quiet"]) == 0
+
+    config = load_study(study_file)
+    trials = optuna.load_study(study_name=config.name, storage=config.storage).get_trials(deepcopy=False)
+    search = [t for t in trials if t.user_attrs.get("kind") == "search"]
+    assert len(search) == 4 and all(t.state == TrialState.COMPLETE for t in search)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    nodes_used = {t.user_attrs["worker"].rsplit(":", 1)[0] for t in trials}
+    assert nodes_used == two_node_cluster.node_ids  # trials ran on both nodes of the cluster
+    # the driver disconnected from the cluster it joined, and left the cluster running
     assert not ray.is_initialized()
     cluster = two_node_cluster.cluster
     assert all(node.remaining_processes_alive() for node in [cluster.head_node, *cluster.worker_nodes])
