@@ -234,6 +234,12 @@ class _Parser:
                 raise StudyConfigError(f"--trials: expected an integer >= 0, got {trials!r}")
             budget = trials
         objective = study.get_choice("objective", OBJECTIVES, "mean")
+        if budget and not genome.bounds() and genome.frankenmerge is None:
+            raise StudyConfigError(
+                f"{self.file}: genome: nothing to search: method {genome.method!r} with no weight, density, "
+                "lambda or t bounds has no genes (give bounds, or set study.trials = 0 to score the "
+                "baselines only)"
+            )
         sampler = self.sampler(study, genome, objective)
         population = study.get_int("population", 0, minimum=0)
         if population == 1:

@@ -189,6 +189,10 @@ MALFORMED: list[tuple[str, str, str]] = [
      r"study\.population: only cmaes and nsga2 use a population, the sampler is 'tpe'"),
     ('objective = "min"', 'storage = "sqlite:///:memory:"', r"study\.storage: an SQLite storage needs a file path"),
     ('objective = "min"', 'top_k = 0', r"study\.top_k: must be >= 1, got 0"),
+    ('method = "ties"\nlayer_granularity = 2\nweight = { min = 0.0, max = 1.5, step = 0.05 }\n'
+     'density = { min = 0.1, max = 1.0 }\nlambda = { min = 0.5, max = 1.5 }',
+     'method = "ties"\nweight = 0.5\ndensity = 0.5',
+     r"genome: nothing to search: method 'ties' with no weight, density, lambda or t bounds has no genes"),
     ('catalog = "family/catalog"', '2cat = "family/catalog"',
      r"models\.sources\.2cat: a source label must start with a letter"),
 ]
