@@ -225,8 +225,12 @@ class _Parser:
             raise study.error("name", "must not be empty")
         seed = study.get_int("seed", 0, minimum=0)
         output = self.path(study.get_str("output", f"runs/{name}"))
+        if output.exists() and not output.is_dir():
+            raise study.error("output", f"{output} exists and is not a folder")
         if out is not None:
             output = Path(out).expanduser().resolve()
+            if output.exists() and not output.is_dir():
+                raise StudyConfigError(f"--out: {output} exists and is not a folder")
         storage = self.storage(study, output)
         budget = study.get_int("trials", 100, minimum=0)
         if trials is not None:

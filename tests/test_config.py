@@ -126,6 +126,9 @@ def test_overrides_and_storage_urls(tmp_path: Path) -> None:
     assert pg.storage == "postgresql://u@h/db"
     with pytest.raises(StudyConfigError, match=r"--trials: expected an integer >= 0, got -1"):
         load_study(write(tmp_path, GOOD), trials=-1)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StudyConfigError, match=rf"^--out: {tmp_path}/afile exists and is not a folder"):
+        load_study(write(tmp_path, GOOD), out=tmp_path / "afile")
 
 
 def test_auto_sampler_follows_genome_and_objective(tmp_path: Path) -> None:
