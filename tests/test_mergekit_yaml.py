@@ -391,3 +391,19 @@ _GOOD_SOURCES = f"""
 def test_unsupported_configs_are_refused_with_the_reason(text: str, reason: str, llama_layout: Layout) -> None:
     with pytest.raises(UnsupportedConfigError, match=reason):
         recipe_from_mergekit(text, layout=llama_layout)
+
+
+def test_without_dtype_the_stored_float32_is_used(llama_family: TinyFamily) -> None:
+    # No layout given: the importer reads the base checkpoint's layer map and dtypes.
+    text = (f"merge_method: ties\nbase_model: {llama_family.base}\nmodels:\n"
+            f"  - model: {llama_family.sources[0]}\n    parameters: {{weight: 0.5}}\n")
+    recipe = recipe_from_mergekit(text)
+    assert recipe.dtype == "float32" and recipe.n_layers == 4
+    assert recipe.sources == (str(llama_family.sources[0]),)
+
+
+def test_a_base_listed_among_sources_is_written_once_as_the_base(llama_layout: Layout) -> None:
+    recipe = Recipe.uniform("ties", BASE, [A, BASE], 4, tensor_params={"weight": [0.5, 0.9]})
+    config = yaml.safe_load(recipe_to_mergekit(recipe, llama_layout))
+    assert [s["model"] for s in config["slices"][0]["sources"]] == [A, BASE]
+    assert "parameters" not in config["slices"][0]["sources"][1]
