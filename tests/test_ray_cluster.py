@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import TinyFamily
-from tests.test_ray_pool import write_slice
+from tests.test_ray_pool import write_study
 
 
 @dataclass(frozen=True)
@@ -50,45 +50,6 @@ def two_node_cluster() -> Iterator[TwoNodes]:
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-
-
-def write_study(folder: Path, family: TinyFamily, address: str) -> Path:
-    """A small TPE study over the tiny Llama family, run on the cluster at ``address``."""
-    sources = "\n".join(f's{i} = "{path}"' for i, path in enumerate(family.sources))
-    tasks = "\n".join(
-        f'[[tasks]]\nname = "{name}"\nsearch = "{write_slice(folder / f"{name}.jsonl", 48, offset=k * 5)}"\n'
-        f"limit = 12\n"
-        for k, name in enumerate(("alpha", "beta"))
-    )
-    study = folder / "study.toml"
-    study.write_text(f"""
-[study]
-name = "cluster"
-seed = 1
-output = "{folder / 'run'}"
-trials = 4
-sampler = "tpe"
-top_k = 2
-
-[models]
-base = "{family.base}"
-[models.sources]
-{sources}
-
-[genome]
-method = "linear"
-layer_granularity = 2
-
-{tasks}
-[execution]
-backend = "ray"
-address = "{address}"
-workers = 2
-cpus_per_worker = 1.0
-device = "cpu"
-batch_size = 8
-""")
-    return study
 
 
 def test_search_start_runs_the_study_on_both_nodes(

@@ -109,6 +109,45 @@ def write_slice(path: Path, rows: int, *, offset: int) -> Path:
     return path
 
 
+def write_study(folder: Path, family: TinyFamily, address: str | None = None, trials: int = 4) -> Path:
+    """A small TPE study over the tiny Llama family on 2 Ray workers (joining ``address`` if given)."""
+    sources = "\n".join(f's{i} = "{path}"' for i, path in enumerate(family.sources))
+    tasks = "\n".join(
+        f'[[tasks]]\nname = "{name}"\nsearch = "{write_slice(folder / f"{name}.jsonl", 48, offset=k * 5)}"\n'
+        f"limit = 12\n"
+        for k, name in enumerate(("alpha", "beta"))
+    )
+    study = folder / "study.toml"
+    study.write_text(f"""
+[study]
+name = "cluster"
+seed = 1
+output = "{folder / 'run'}"
+trials = {trials}
+sampler = "tpe"
+top_k = 2
+
+[models]
+base = "{family.base}"
+[models.sources]
+{sources}
+
+[genome]
+method = "linear"
+layer_granularity = 2
+
+{tasks}
+[execution]
+backend = "ray"
+{f'address = "{address}"' if address else ""}
+workers = 2
+cpus_per_worker = 1.0
+device = "cpu"
+batch_size = 8
+""")
+    return study
+
+
 @pytest.fixture(scope="module")
 def ray_runtime() -> Iterator[None]:
     import ray
@@ -252,3 +291,45 @@ def test_pool_refuses_workers_that_do_not_fit(ray_runtime: None, setup_and_execu
         RayPool(huge, execution)
     with pytest.raises(SearchError, match="5 workers × 1 CPU requested, the Ray cluster has room for 2"):
         RayPool(setup, replace(execution, workers=5))
+
+
+def test_study_survives_a_killed_worker_with_every_trial_recorded_once(
+    ray_runtime: None, llama_family: TinyFamily, tmp_path: Path
+) -> None:
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.config import load_study
+    from search.driver import run_study, worker_setup
+    from search.ray_pool import RayPool
+
+    config = load_study(write_study(tmp_path, llama_family, trials=6))
+    pool = RayPool(worker_setup(config), config.execution)
+    try:
+        victim = int(pool.workers()[0]["pid"])
+        os.kill(victim, signal.SIGSTOP)  # the driver's first trial goes to this frozen worker
+
+        def kill_when_it_holds_a_trial() -> None:
+            while pool.free_slots() > 0:  # both workers busy: the frozen one holds a trial
+                threading.Event().wait(0.05)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_it_holds_a_trial, daemon=True)
+        killer.start()
+        result = run_study(config, quiet=True, pool=pool)
+        killer.join(timeout=60)
+        assert not killer.is_alive()
+    finally:
+        pool.close()
+
+    assert result.done == 6 and not result.interrupted
+    trials = optuna.load_study(study_name=config.name, storage=config.storage).get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs.get("failure") for t in trials]
+    search = [t for t in trials if t.user_attrs["kind"] == "search"]
+    baselines = [t.user_attrs["baseline"] for t in trials if t.user_attrs["kind"] == "baseline"]
+    assert len(search) == 6  # the budget, no trial lost or run twice
+    assert len(baselines) == len(set(baselines)) > 0  # each baseline recorded once
+    assert all(int(t.user_attrs["worker"].rsplit(":", 1)[1]) != victim for t in trials)
