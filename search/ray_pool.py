@@ -165,9 +165,10 @@ class RayPool:
         A cluster joined by address keeps running (``ray.shutdown`` only disconnects this
         driver); a runtime that was already connected before the pool is left as it was.
         """
-        for actor in self._actors:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
+        if ray.is_initialized():
+            for actor in self._actors:
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
         self._actors = []
         self._idle.clear()
         self._running.clear()
@@ -197,10 +198,11 @@ class RayPool:
         threads = setup.threads or max(1, math.floor(execution.cpus_per_worker))
         setup = replace(setup, threads=threads)
         per_worker = estimate_worker_memory(setup)
-        _check_capacity(per_worker, execution, cuda=cuda)
+        gpus = (execution.gpus_per_worker or 1.0) if cuda else 0.0
+        _check_capacity(per_worker, execution, gpus=gpus)
         options: dict[str, object] = {
             "num_cpus": execution.cpus_per_worker,
-            "num_gpus": 1 if cuda else 0,
+            "num_gpus": gpus,
             "max_restarts": execution.max_worker_restarts,
             "max_task_retries": 0,  # the pool re-runs a dead worker's trial itself, once
         }
@@ -322,25 +324,27 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _check_capacity(per_worker: int, execution: ExecutionConfig, *, cuda: bool) -> None:
-    """Fail before starting actors when the cluster cannot hold them by CPUs/GPUs or RAM."""
+def _check_capacity(per_worker: int, execution: ExecutionConfig, *, gpus: float) -> None:
+    """Fail before starting actors when the cluster cannot hold them by CPUs/GPUs or RAM.
+
+    ``gpus``: the GPU share each worker asks for (0 on CPU).
+    """
+    cuda = gpus > 0
     here = ray.util.get_node_ip_address()
     nodes: list[NodeCapacity] = []
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
         resources: Mapping[str, float] = node.get("Resources", {})
+        cpu = execution.cpus_per_worker
+        slots = int(resources.get("CPU", 0) // cpu) if cpu > 0 else execution.workers
         if cuda:
-            slots = int(resources.get("GPU", 0))
-        elif execution.cpus_per_worker > 0:
-            slots = int(resources.get("CPU", 0) // execution.cpus_per_worker)
-        else:
-            slots = execution.workers
+            slots = min(slots, int(resources.get("GPU", 0) // gpus))
         available = int(resources.get("memory", 0))
         if node.get("NodeManagerAddress") == here:
             available = min(available, psutil.virtual_memory().available)
         nodes.append(NodeCapacity(node=str(node["NodeID"]), available=available, slots=slots))
-    unit = "GPU" if cuda else f"{execution.cpus_per_worker:g} CPU"
+    unit = f"{gpus:g} GPU" if cuda else f"{execution.cpus_per_worker:g} CPU"
     if sum(node.slots for node in nodes) < execution.workers:
         have = sum(n.slots for n in nodes)
         raise SearchError(
