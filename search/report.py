@@ -587,7 +587,7 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         bound = "" if limit is None else f"{'>=' if limit.higher_is_better else '<='} {limit.limit:.4f}"
         held_margin = held.gate_margins.get(gate) if held else None
         gates.append(
-            f"<tr><td><code>{html.escape(gate)}</code></td><td>{bound}</td>{_margin(margin)}"
+            f"<tr><td><code>{html.escape(gate)}</code></td><td>{html.escape(bound)}</td>{_margin(margin)}"
             f"{_margin(held_margin)}</tr>"
         )
     gate_table = (

@@ -1,0 +1,212 @@
+"""``search report`` on real tiny studies (real driver, inline pool), rendered in headless Chromium.
+
+Each study runs once per module: baselines, a few search trials, finalize. The report is
+written by the real command, loaded in Chromium with the network disabled, and every
+figure must have drawn (plotly's ``main-svg`` inside its container) with no script error.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+
+from fitness.metrics import higher_is_better
+from merges.mergekit_yaml import recipe_from_mergekit
+from merges.recipe import ROLES, Recipe
+from search import ranking, storage
+from search.annotate import chosen_trial
+from search.cli import main
+from search.config import StudyConfig
+from search.report import (
+    Figure,
+    build_report,
+    gate_limits,
+    history_figure,
+    pareto_front,
+    read_study,
+    recipe_figure,
+)
+from tests.checkpoints import TinyFamily
+from tests.studies import gated_study, run, write_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+CHROMIUM = Path("/usr/bin/chromium")
+SINGLE_FIGURES = {"history", "tasks", "heldout", "recipe", "importances"}
+
+
+@dataclass(frozen=True)
+class Built:
+    path: Path  # study.toml
+    config: StudyConfig
+    study: optuna.Study
+    report: Path
+
+
+def build(folder: Path, path: Path) -> Built:
+    config, study = run(path)
+    report = folder / "report.html"
+    assert main(["report", str(path), "-o", str(report)]) == 0
+    return Built(path, config, study, report)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory, llama_family: TinyFamily) -> Built:
+    folder = tmp_path_factory.mktemp("single")
+    return build(folder, gated_study(folder, llama_family, trials=6))
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory, llama_family: TinyFamily) -> Built:
+    folder = tmp_path_factory.mktemp("multi")
+    path = gated_study(folder, llama_family, trials=6, sampler="nsga2", objective="per_task")
+    return build(folder, path)
+
+
+def expected_limit(built: Built) -> float:
+    """The alpha gate's limit on the search split: best source score minus max_regression."""
+    gate = built.config.tasks[0].gates[0]
+    assert gate.max_regression is not None
+    best = max(
+        t.user_attrs["scores_search"]["alpha"]
+        for name, t in ranking.baseline_trials(built.study.get_trials()).items() if name.startswith("source:")
+    )
+    return best - gate.max_regression
+
+
+def render(page: Path, tmp_path: Path) -> str:
+    """The DOM after Chromium ran the page's scripts (no network, virtual time)."""
+    proc = subprocess.run(
+        [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=30000",
+            # Every http(s) fetch goes to a closed port: the page must need no network.
+            "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+            "--dump-dom", page.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "</html>" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def figures(dom: str) -> dict[str, str]:
+    """Figure key -> the DOM inside its ``<figure class="report-figure">``."""
+    found = re.findall(r'<figure class="report-figure" id="section-([a-z]+)"[^>]*>(.*?)</figure>', dom, re.S)
+    return dict(found)
+
+
+def report_errors(dom: str) -> str:
+    match = re.search(r'<pre id="report-errors"[^>]*>(.*?)</pre>', dom, re.S)
+    assert match is not None, "the error box is missing"
+    return html.unescape(match.group(1))
+
+
+def assert_self_contained(text: str) -> None:
+    assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js inlined
+    assert not re.search(r"<script[^>]+src=", text) and "<link" not in text
+
+
+def test_single_objective_report_draws_every_figure_without_errors(single: Built, tmp_path: Path) -> None:
+    text = single.report.read_text()
+    assert_self_contained(text)
+    dom = render(single.report, tmp_path)
+    drawn = figures(dom)
+    assert set(drawn) == SINGLE_FIGURES
+    for key, inner in drawn.items():
+        assert 'class="main-svg"' in inner, f"figure {key} did not draw"
+    assert report_errors(dom) == ""
+    assert not list(single.report.parent.glob("report.html.tmp-*"))
+
+
+def test_report_shows_the_chosen_trial_with_its_gates_and_exact_recipe(single: Built) -> None:
+    study = single.study
+    chosen = chosen_trial(study)
+    final = study.user_attrs["final_trial"]
+    assert chosen is not None and chosen.number == final
+    text = single.report.read_text()
+    assert f"data-trial='{final}'" in text and f"Chosen recipe: trial {final}" in text
+    # The gate row: the configured limit and the stored margins on both splits.
+    threshold = expected_limit(single)
+    margin = chosen.user_attrs["gate_margins"]["alpha.max_regression"]
+    held = storage.heldout_record(study.user_attrs, final)
+    assert held is not None
+    row = re.search(r"<tr><td><code>alpha\.max_regression</code></td>(.*?)</tr>", text)
+    assert row is not None
+    assert f"&gt;= {threshold:.4f}" in row.group(1)
+    assert f"{margin:+.4f} pass" in row.group(1)
+    assert f"{held.gate_margins['alpha.max_regression']:+.4f}" in row.group(1)
+    # The mergekit YAML shown rebuilds exactly the stored recipe.
+    shown = re.search(r"<pre id='chosen-recipe'>(.*?)</pre>", text, re.S)
+    assert shown is not None
+    recipe = recipe_from_mergekit(html.unescape(shown.group(1)))
+    assert recipe == Recipe.from_dict(chosen.user_attrs["recipe"])
+
+
+def test_figures_carry_the_stored_trials_gates_and_recipe(single: Built) -> None:
+    study, config = single.study, single.config
+    view = read_study(study, {t.name: higher_is_better(t.metric) for t in config.tasks})
+    searched = ranking.search_trials(study.get_trials())
+    feasible = sorted(t.number for t in searched if ranking.is_feasible(t))
+    infeasible = sorted(t.number for t in searched if not ranking.is_feasible(t))
+    assert feasible and infeasible, "the gate halfway between the sources should split the trials"
+    history = {trace.name.split(" (")[0]: trace for trace in history_figure(view).figure.data}
+    assert sorted(history["feasible"].x) == feasible
+    assert sorted(history["infeasible"].x) == infeasible
+    baselines = ranking.baseline_trials(study.get_trials())
+    assert sorted(history["baselines"].x) == sorted(t.number for t in baselines.values())
+    assert list(history[f"chosen #{study.user_attrs['final_trial']}"].x) == [study.user_attrs["final_trial"]]
+    # The gate limit recovered from stored margins is the configured one.
+    (limit,) = gate_limits(view)
+    assert limit.name == "alpha.max_regression"
+    assert limit.limit == pytest.approx(expected_limit(single), abs=1e-9)
+    # The heatmap holds the chosen recipe's weights, one row per source, one column per group.
+    html_text = build_report(study, task_higher=view.task_higher)
+    assert "figure-recipe" in html_text
+    figure = recipe_figure(view)
+    assert isinstance(figure, Figure) and view.chosen is not None
+    recipe = Recipe.from_dict(view.chosen.user_attrs["recipe"])
+    (heatmap,) = figure.figure.data
+    assert list(heatmap.y) == list(config.models.sources)
+    expected = [[recipe.tensor_params["weight"][g][ROLES.index("attention")][s] for g in range(len(recipe.groups))]
+                for s in range(len(recipe.sources))]
+    assert [list(row) for row in heatmap.z] == expected
+
+
+def test_no_feasible_trial_gives_a_report_that_names_the_blocking_gate(
+    tmp_path: Path, llama_family: TinyFamily
+) -> None:
+    # loglik is <= 0: a minimum of 1.0 is never met.
+    path = write_study(tmp_path, llama_family, trials=2, gates={"beta": "{ min = 1.0 }"})
+    config, study = run(path)
+    text = build_report(study, task_higher={t.name: True for t in config.tasks})
+    assert "No chosen recipe yet" in text
+    assert "fails gate &#x27;beta.min&#x27;" in text
+    assert "Not drawn: no chosen trial yet." in text  # the recipe heatmap
+    assert "figure-history" in text and "figure-tasks" in text
+
+
+def test_multi_objective_report_has_the_feasible_pareto_front(multi: Built, tmp_path: Path) -> None:
+    dom = render(multi.report, tmp_path)
+    drawn = figures(dom)
+    assert "pareto" in drawn and 'class="main-svg"' in drawn["pareto"]
+    assert all('class="main-svg"' in inner for inner in drawn.values())
+    assert report_errors(dom) == ""
+    study = multi.study
+    view = read_study(study, {t.name: True for t in multi.config.tasks})
+    assert view.directions == ["maximize", "maximize"]
+    # Optuna's own front over the same search trials (it honours the stored constraints).
+    scratch = optuna.create_study(directions=view.directions)
+    scratch.add_trials(view.search)
+    # add_trials renumbers: scratch trial i is view.search[i].
+    assert {t.number for t in pareto_front(view.search, view.directions)} == {
+        view.search[t.number].number for t in scratch.best_trials
+    }
