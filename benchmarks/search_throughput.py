@@ -1,7 +1,7 @@
 """Search throughput on the demo family: trials per minute with 1 and 2 Ray workers.
 
-Runs the same ask/tell loop the driver runs (Optuna TPE, SQLite storage, a TIES genome
-with per-layer weights and densities) on a ``RayPool`` of 1 and then 2 workers (one
+Runs the same ask/tell loop the driver runs (Optuna TPE, SQLite storage by default, a
+TIES genome with per-layer weights and densities) on a ``RayPool`` of 1 and then 2 workers (one
 torch thread each) and reports, per run:
 
 * trials per minute (pool startup and one warm-up trial per worker excluded),
@@ -13,7 +13,7 @@ torch thread each) and reports, per run:
 
 The last line is one JSON object (fractions from the 2-worker run)::
 
-    python benchmarks/search_throughput.py --trials 40
+    python benchmarks/search_throughput.py --trials 40 [--storage sqlite|journal|memory]
 """
 
 from __future__ import annotations
@@ -61,12 +61,24 @@ class RunResult:
         return seconds / (self.wall_s * self.workers)
 
 
-def run(setup: WorkerSetup, workers: int, trials: int, *, storage_dir: Path, seed: int) -> RunResult:
+def make_storage(kind: str, folder: Path, workers: int) -> str | optuna.storages.BaseStorage | None:
+    """``sqlite``: what the driver uses by default; ``journal``: a journal file; ``memory``: none."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / f'bench-{workers}.db'}"
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(folder / f"bench-{workers}.log")))
+    return None
+
+
+def run(setup: WorkerSetup, workers: int, trials: int, *, storage_dir: Path, seed: int,
+        storage_kind: str = "sqlite") -> RunResult:
     spec = GenomeSpec(method="ties", layer_granularity=1, density=Bounds(0.1, 1.0))
     n_layers = _n_layers(setup.base)
     sources = {Path(s).name: s for s in setup.sources}
     space = gene_space(spec, sources=sources, n_layers=n_layers)
-    storage = f"sqlite:///{storage_dir / f'bench-{workers}.db'}"
+    storage = make_storage(storage_kind, storage_dir, workers)
     study = optuna.create_study(
         storage=storage, sampler=optuna.samplers.TPESampler(seed=seed), direction="maximize",
         study_name=f"throughput-{workers}",
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=40, help="timed trials per run (default 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", type=Path, default=None, help="demo family folder (default: the test cache)")
+    parser.add_argument("--storage", choices=("sqlite", "journal", "memory"), default="sqlite",
+                        help="Optuna storage of the benchmark study (default sqlite, the driver's default)")
     args = parser.parse_args(argv)
 
     from studies.demo_family import ensure_family
@@ -153,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[int, RunResult] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         for workers in (1, 2):
-            result = run(setup, workers, args.trials, storage_dir=Path(tmp), seed=args.seed)
+            result = run(setup, workers, args.trials, storage_dir=Path(tmp), seed=args.seed,
+                         storage_kind=args.storage)
             results[workers] = result
             print(
                 f"{workers} worker(s): {result.trials} trials in {result.wall_s:.1f} s = "
