@@ -150,6 +150,8 @@ def worker_setup(config: StudyConfig) -> WorkerSetup:
         batch_size=execution.batch_size,
         allow_pickle=config.models.allow_pickle,
         trust_remote_code=config.models.trust_remote_code,
+        # Torch's default (every core) oversubscribes a shared machine; a worker gets its share.
+        threads=max(1, int(execution.cpus_per_worker)),
     )
 
 
@@ -223,6 +225,8 @@ def run_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None
     study = open_plan_study(plan)
     recover_interrupted(study, plan)
     done = _budget_used(study)
+    if done < config.trials and study.user_attrs.get("final_trial") is not None:
+        study.set_user_attr("final_trial", None)  # more trials to come: finalize again after them
     progress = Progress(config.trials, quiet=quiet, stream=stream, already_done=done)
     stop = _StopRequest()
     stop.progress = progress

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from fitness.errors import FitnessError
 from fitness.slices import TaskSpec
 from merges.errors import MergeError
 from merges.recipe import Recipe
@@ -115,9 +117,11 @@ class TrialWorker:
             # A user scorer (any exception type) or a degenerate model: this trial fails,
             # the study goes on.
             failed_task = next((t for t in self.tasks if t not in scores), "?")
+            # A FitnessError already names the task, split and scorer.
+            reason = str(exc) if isinstance(exc, FitnessError) else f"{type(exc).__name__}: {exc}"
             return TrialOutcome(
                 None, merged - start, time.perf_counter() - merged,
-                f"scoring task {failed_task!r} failed: {type(exc).__name__}: {exc}", worker,
+                f"scoring task {failed_task!r} failed: {reason}", worker,
             )
         bad = [t for t, v in scores.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
@@ -130,11 +134,7 @@ class TrialWorker:
 
 def _node_id() -> str:
     """The Ray node id when running inside Ray, else the host name."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return str(ray.get_runtime_context().get_node_id())
-    except ImportError:  # pragma: no cover - ray is a dependency
-        pass
+    ray = sys.modules.get("ray")  # not imported: not in Ray (and importing it costs seconds)
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
     return socket.gethostname()

@@ -1,0 +1,112 @@
+"""Resuming a study: after a driver killed mid-trial (SIGKILL) and after Ctrl-C (SIGINT).
+
+The driver runs as the real ``search`` CLI in a subprocess. The kill happens inside a
+user scorer at a fixed call, so it lands mid-trial at the same point every time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from search import ranking
+from search.config import load_study
+from search.driver import run_study
+from tests.checkpoints import TinyFamily
+from tests.test_driver import load, search_trials, write_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def killing_scorer(model: torch.nn.Module, batch: object, examples: Sequence[object]) -> list[float]:
+    """Scores by the first head weight; SIGKILLs its own process at call $KILL_AT_CALL."""
+    counter = os.environ.get("KILL_COUNTER_FILE")
+    if counter:
+        path = Path(counter)
+        calls = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(calls))
+        if calls == int(os.environ["KILL_AT_CALL"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return [float(model.lm_head.weight[0, 0])] * len(examples)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", *args], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+    )
+
+
+def test_killed_driver_fails_running_trials_and_reruns_them(tmp_path: Path, llama_family: TinyFamily) -> None:
+    path = write_study(tmp_path, llama_family, trials=8, sampler="cmaes", population=4,
+                       metric="tests.test_resume:killing_scorer")
+    # 4 baselines x 2 tasks = 8 calls; each search trial makes 2: call 13 is the second
+    # search trial's first task, while the other 3 trials of generation 0 wait RUNNING.
+    proc = cli("start", str(path), "--quiet",
+               env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": "13"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    before = {t.number: t for t in load(path).get_trials()}
+    running = [t for t in before.values() if t.state == TrialState.RUNNING]
+    finished = [t for t in before.values() if t.state == TrialState.COMPLETE]
+    assert len(running) == 3 and all(t.user_attrs["kind"] == "search" for t in running)
+    assert sum(t.user_attrs.get("kind") == "search" for t in finished) == 1
+
+    result = run_study(load_study(path), quiet=True)
+    assert result.done == 8 and not result.interrupted
+    after = {t.number: t for t in load(path).get_trials()}
+    for trial in finished:  # no finished trial lost or changed
+        assert after[trial.number].state == TrialState.COMPLETE
+        assert after[trial.number].values == trial.values
+        assert after[trial.number].params == trial.params
+    for trial in running:  # failed with the reason, and re-run with the same genes
+        assert after[trial.number].state == TrialState.FAIL
+        assert after[trial.number].user_attrs["failure"] == ranking.DRIVER_STOPPED
+        reruns = [t for t in after.values() if t.user_attrs.get("rerun_of") == trial.number]
+        assert len(reruns) == 1 and reruns[0].params == trial.params
+        assert reruns[0].state == TrialState.COMPLETE
+        # It rejoined the CMA generation it was asked in.
+        assert reruns[0].system_attrs["cma:generation"] == trial.system_attrs["cma:generation"]
+    searched = [t for t in after.values() if t.user_attrs.get("kind") == "search"]
+    assert sum(ranking.counts_toward_budget(t) for t in searched) == 8
+    assert not [t for t in after.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len(ranking.baseline_trials(after.values())) == 4  # baselines not scored twice
+
+
+def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama_family: TinyFamily) -> None:
+    path = write_study(tmp_path, llama_family, trials=400, sampler="tpe")
+    proc = cli("start", str(path))
+    config = load_study(path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name=config.name, storage=config.storage)
+        except KeyError:
+            continue  # not created yet
+        if sum(t.state == TrialState.COMPLETE for t in search_trials(study)) >= 3:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"resume with: search start {path}" in err
+    study = load(path)
+    done = sum(ranking.counts_toward_budget(t) for t in search_trials(study))
+    assert 3 <= done < 400
+    # The trial in flight was finished, not abandoned.
+    assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert study.user_attrs.get("final_trial") is None
+
+    result = run_study(load_study(path, trials=done + 2), quiet=True)
+    assert result.done == done + 2 and result.finalized is not None
+    study = load(path)
+    assert sum(ranking.counts_toward_budget(t) for t in search_trials(study)) == done + 2
