@@ -128,7 +128,8 @@ class MergeEngine:
         self._fixed: dict[str, torch.Tensor] = {}  # non-floating tensors, taken from the anchor
         self._load()
         # lazily computed statistics (see the module docstring)
-        self._keys: dict[str, dict[str, list[torch.Tensor]]] = {}  # kind -> name -> per source
+        self._sorted_desc: dict[tuple[str, int], torch.Tensor] = {}  # on CPU: only looked up
+        self._rank: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, name, source), ties only
         self._random_seed: int | None = None
         self._random: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, position, source)
         self._della_position: dict[str, list[torch.Tensor]] = {}
@@ -152,8 +153,9 @@ class MergeEngine:
     def resident_bytes(self) -> int:
         """Bytes of every tensor the engine holds (inputs and cached statistics)."""
         tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
-                                       *self._random.values()]
-        for group in (self._deltas, self._della_position, *self._keys.values()):
+                                       *self._random.values(), *self._sorted_desc.values(),
+                                       *self._rank.values()]
+        for group in (self._deltas, self._della_position):
             for per_source in group.values():
                 tensors.extend(per_source)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -506,34 +508,42 @@ class MergeEngine:
         keys: list[torch.Tensor | None] = []
         windows: list[tuple[int, int]] = []
         to_rescale: list[int] = []
+        bands: list[sparsify.Band | None] = []
         kind = family.sparsification
         for item, (position, model) in enumerate(zip(positions, models, strict=True)):
             delta = self._deltas[name][model]
             density = densities[position]
-            key, window = None, (0, 0)
+            key, window, band = None, (0, 0), None
             if kind == "magnitude" and density < 1:
-                key = self._stat("descending", sparsify.descending_ranks)[name][model]
-                window = (0, sparsify.magnitude_keep_count(density, numel))
+                count = sparsify.magnitude_keep_count(density, numel)
+                band = sparsify.magnitude_band(self._sorted(name, model), count)
+                if band is None:  # a tie at the threshold: mergekit's sort order decides
+                    key = self._ranks("descending", name, model)
+                    window = (0, count)
             elif kind == "magnitude_outliers" and density < 1:
                 gamma = self._tensor_values(recipe, spec, "gamma", cell)[position]
-                key = self._stat("ascending", sparsify.ascending_ranks)[name][model]
                 window = sparsify.outlier_window(density, gamma, numel)
+                band = sparsify.outlier_band(self._sorted(name, model), *window)
+                if band is None:
+                    key = self._ranks("ascending", name, model)
             elif kind == "random" and density < 1:
                 key = self._random_key(recipe.seed, name, position, model)
                 window = (0, sparsify.key_threshold(density))
             elif kind == "della_magprune" and density < 1:
                 epsilon = self._tensor_values(recipe, spec, "epsilon", cell)[position]
                 delta = self._della(recipe.seed, name, position, model, density, epsilon, rescale)
-            if key is not None and rescale and not (kind == "magnitude" and density <= 0):
+            masked = key is not None or band is not None
+            if masked and rescale and not (kind == "magnitude" and density <= 0):
                 to_rescale.append(item)
             deltas.append(delta)
             keys.append(key)
             windows.append(window)
+            bands.append(band if key is None else None)
         used = [weights[p] for p in positions]
         divisor = float(torch.tensor(used, dtype=self._dtype).sum()) if used else 0.0
         if abs(divisor) < 1e-8:
             divisor = 1.0
-        job = FusedJob(out, self._base[name], deltas, used, keys=keys, windows=windows,
+        job = FusedJob(out, self._base[name], deltas, used, keys=keys, windows=windows, bands=bands,
                        scales=[None] * len(deltas), consensus=family.consensus,
                        normalize=normalize, divisor=divisor, lam=lam)
         return _Work(target, out, job=job, rescale=to_rescale)
@@ -543,12 +553,8 @@ class MergeEngine:
         items: list[tuple[_Work, int]] = [(w, i) for w in works if w.rescale for i in w.rescale]
         if not items:
             return
-        triples = []
-        for work, i in items:
-            assert work.job is not None
-            key = work.job.keys[i]
-            triples.append((work.job.deltas[i], key, work.job.windows[i]))
-        after = masked_l1_many(self._lib, triples, self._pool)
+        jobs = [(work.job, i) for work, i in items if work.job is not None]
+        after = masked_l1_many(self._lib, jobs, self._pool)
         for (work, i), kept in zip(items, after, strict=True):
             assert work.job is not None
             before = self._l1_norm(work.target.info.name, work.job.deltas[i])
@@ -570,19 +576,29 @@ class MergeEngine:
 
     # -- cached statistics --------------------------------------------------------------
 
-    def _map(self, fn: Callable[[str], list[torch.Tensor]], names: Sequence[str]
-             ) -> dict[str, list[torch.Tensor]]:
-        results = self._pool.map(fn, names) if self._pool is not None else map(fn, names)
-        return dict(zip(names, results, strict=True))
+    def _sorted(self, name: str, model: int) -> torch.Tensor:
+        """Descending ``|delta|``; on first use computed for every tensor of ``model`` at once."""
+        found = self._sorted_desc.get((name, model))
+        if found is None:
+            names = [n for n in self._deltas if (n, model) not in self._sorted_desc]
 
-    def _stat(self, kind: str, compute: Callable[[torch.Tensor], torch.Tensor]
-              ) -> dict[str, list[torch.Tensor]]:
-        cached = self._keys.get(kind)
-        if cached is None:
-            names = list(self._deltas)
-            cached = self._map(lambda n: [compute(d) for d in self._deltas[n]], names)
-            self._keys[kind] = cached
-        return cached
+            def compute(n: str) -> torch.Tensor:
+                return sparsify.sorted_magnitudes(self._deltas[n][model]).cpu()
+
+            results = self._pool.map(compute, names) if self._pool is not None else map(compute, names)
+            for n, values in zip(names, results, strict=True):
+                self._sorted_desc[(n, model)] = values
+            found = self._sorted_desc[(name, model)]
+        return found
+
+    def _ranks(self, kind: str, name: str, model: int) -> torch.Tensor:
+        """mergekit's sort positions of one delta, for a tensor whose threshold is tied."""
+        found = self._rank.get((kind, name, model))
+        if found is None:
+            compute = sparsify.descending_ranks if kind == "descending" else sparsify.ascending_ranks
+            found = compute(self._deltas[name][model])
+            self._rank[(kind, name, model)] = found
+        return found
 
     def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
         return torch.Generator(device=self._device).manual_seed(_stable_seed(seed, name, position))

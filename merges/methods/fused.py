@@ -44,8 +44,10 @@ class FusedJob:
     ``linear`` mode: ``out = base_weight * base + sum_i weights[i] * (base + deltas[i])``
     (``base_weight`` None skips the first term; ``base`` None means zero), divided by
     ``divisor`` when ``normalize``.
-    Task-vector mode: mask each delta by its key window, scale it, weight it, optionally
-    elect signs (``consensus``), sum, normalise, multiply by ``lam``, add to ``base``.
+    Task-vector mode: mask each delta (by its key window ``keys[i] in [lo, hi)``, else by
+    its magnitude band ``band_lo <= |delta| <= band_hi``, else keep all), scale it, weight
+    it, optionally elect signs (``consensus``), sum, normalise, multiply by ``lam``, add to
+    ``base``.
     """
 
     out: torch.Tensor
@@ -56,6 +58,7 @@ class FusedJob:
     base_weight: float | None = None
     keys: Sequence[torch.Tensor | None] = ()
     windows: Sequence[tuple[int, int]] = ()
+    bands: Sequence[tuple[float, float] | None] = ()
     scales: Sequence[float | None] = ()
     consensus: bool = False
     normalize: bool = False
@@ -68,18 +71,27 @@ class FusedJob:
     def window(self, i: int) -> tuple[int, int]:
         return self.windows[i] if self.windows else (0, 0)
 
+    def band(self, i: int) -> tuple[float, float] | None:
+        return self.bands[i] if self.bands else None
+
     def scale(self, i: int) -> float | None:
         return self.scales[i] if self.scales else None
 
+    def kept(self, i: int, start: int, end: int) -> torch.Tensor:
+        """Delta ``i`` on ``[start, end)`` with dropped entries zeroed (eager)."""
+        delta = self.deltas[i][start:end]
+        key, band = self.key(i), self.band(i)
+        if key is not None:
+            lo, hi = self.window(i)
+            keys = key[start:end]
+            return delta * ((keys >= lo) & (keys < hi)).to(delta.dtype)
+        if band is not None:
+            magnitude = delta.abs()
+            return delta * ((magnitude >= band[0]) & (magnitude <= band[1])).to(delta.dtype)
+        return delta
+
 
 # -- eager (any device) -----------------------------------------------------------------
-
-
-def _masked(delta: torch.Tensor, key: torch.Tensor | None, window: tuple[int, int]) -> torch.Tensor:
-    if key is None:
-        return delta
-    lo, hi = window
-    return delta * ((key >= lo) & (key < hi)).to(delta.dtype)
 
 
 def run_eager(job: FusedJob, chunk: int = 1 << 22) -> None:
@@ -103,9 +115,8 @@ def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
             acc = acc / torch.tensor(job.divisor, dtype=dtype, device=device)
         return acc
     weighted = []
-    for i, delta in enumerate(job.deltas):
-        key = job.key(i)
-        x = _masked(delta[start:end], key[start:end] if key is not None else None, job.window(i))
+    for i in range(len(job.deltas)):
+        x = job.kept(i, start, end)
         scale = job.scale(i)
         if scale is not None:
             x = x * torch.tensor(scale, dtype=dtype, device=device)
@@ -129,8 +140,9 @@ def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
     return base + mixed
 
 
-def masked_l1_eager(delta: torch.Tensor, key: torch.Tensor | None, window: tuple[int, int]) -> float:
-    return float(_masked(delta, key, window).abs().sum())
+def masked_l1_eager(job: FusedJob, i: int) -> float:
+    """L1 norm of delta ``i`` after masking."""
+    return float(job.kept(i, 0, job.deltas[i].numel()).abs().sum())
 
 
 # -- native (CPU) ---------------------------------------------------------------------------
@@ -140,6 +152,7 @@ _C_SOURCE = r"""
 #include <math.h>
 #define MAXK @MAXK@
 #define BLOCK 512
+#define LANES 16
 
 typedef struct {
     int32_t k, linear, consensus, normalize, has_base_weight, _pad;
@@ -147,17 +160,37 @@ typedef struct {
     const float *base;
     float *out;
     const float *delta[MAXK];
-    const int32_t *key[MAXK];
+    const int32_t *key[MAXK];      /* key window [lo, hi) when set */
     int64_t lo[MAXK], hi[MAXK];
+    int32_t has_band[MAXK];        /* else magnitude band: keep band_lo <= |delta| <= band_hi */
+    float band_lo[MAXK], band_hi[MAXK];
     float scale[MAXK];
     int32_t has_scale[MAXK];
     float weight[MAXK];
 } job_t;
 
+/* x = delta where kept, else 0 (for entries s .. s+n-1 of source i) */
+static void kept(const job_t *a, int i, int64_t s, int64_t n, float *x) {
+    const float *d = a->delta[i] + s;
+    if (a->key[i]) {
+        const int32_t *key = a->key[i] + s;
+        int32_t lo = (int32_t)a->lo[i], hi = (int32_t)a->hi[i];
+        for (int64_t j = 0; j < n; ++j) x[j] = ((key[j] >= lo) & (key[j] < hi)) ? d[j] : 0.0f;
+    } else if (a->has_band[i]) {
+        float lo = a->band_lo[i], hi = a->band_hi[i];
+        for (int64_t j = 0; j < n; ++j) {
+            float m = fabsf(d[j]);
+            x[j] = ((m >= lo) & (m <= hi)) ? d[j] : 0.0f;
+        }
+    } else {
+        for (int64_t j = 0; j < n; ++j) x[j] = d[j];
+    }
+}
+
 /* Merge entries [start, end); returns how many results are not finite. */
 int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
     float wd[MAXK][BLOCK];
-    float acc[BLOCK], div[BLOCK];
+    float acc[BLOCK], div[BLOCK], mixed[BLOCK];
     int64_t bad = 0;
     for (int64_t s = start; s < end; s += BLOCK) {
         int64_t n = end - s < BLOCK ? end - s : BLOCK;
@@ -176,23 +209,17 @@ int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
             continue;
         }
         for (int i = 0; i < a->k; ++i) {
-            const float *d = a->delta[i] + s;
-            const int32_t *key = a->key[i] ? a->key[i] + s : 0;
-            int32_t lo = (int32_t)a->lo[i], hi = (int32_t)a->hi[i];
-            float sc = a->scale[i], w = a->weight[i];
             float *x = wd[i];
-            if (key) for (int64_t j = 0; j < n; ++j) x[j] = ((key[j] >= lo) & (key[j] < hi)) ? d[j] : 0.0f;
-            else for (int64_t j = 0; j < n; ++j) x[j] = d[j];
+            float sc = a->scale[i], w = a->weight[i];
+            kept(a, i, s, n, x);
             if (a->has_scale[i]) for (int64_t j = 0; j < n; ++j) x[j] = x[j] * sc;
             for (int64_t j = 0; j < n; ++j) x[j] = x[j] * w;
         }
         for (int64_t j = 0; j < n; ++j) acc[j] = wd[0][j];
         for (int i = 1; i < a->k; ++i) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + wd[i][j];
         if (a->consensus) {
-            /* acc holds the sign-election sum; majority is +1 where it is >= 0 */
-            for (int64_t j = 0; j < n; ++j) { div[j] = 0.0f; }
-            float mixed[BLOCK];
-            for (int64_t j = 0; j < n; ++j) mixed[j] = 0.0f;
+            /* acc holds the sign-election sum; the majority sign is + where it is >= 0 */
+            for (int64_t j = 0; j < n; ++j) { div[j] = 0.0f; mixed[j] = 0.0f; }
             for (int i = 0; i < a->k; ++i) {
                 float w = a->weight[i];
                 const float *x = wd[i];
@@ -213,11 +240,21 @@ int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
     return bad;
 }
 
-/* sum |delta| over kept entries of [start, end), in double */
-double masked_l1(const float *delta, const int32_t *key, int64_t lo, int64_t hi, int64_t start, int64_t end) {
+/* Sum of |delta| over the kept entries of source i in [start, end): float lanes per block,
+   blocks summed in double. */
+double masked_l1(const job_t *a, int32_t i, int64_t start, int64_t end) {
+    float x[BLOCK];
     double total = 0.0;
-    for (int64_t j = start; j < end; ++j) {
-        if (!key || (key[j] >= lo && key[j] < hi)) total += fabsf(delta[j]);
+    for (int64_t s = start; s < end; s += BLOCK) {
+        int64_t n = end - s < BLOCK ? end - s : BLOCK;
+        kept(a, i, s, n, x);
+        for (int64_t j = n; j < BLOCK; ++j) x[j] = 0.0f;
+        float lanes[LANES] = {0};
+        for (int64_t j = 0; j < BLOCK; j += LANES)
+            for (int l = 0; l < LANES; ++l) lanes[l] += fabsf(x[j + l]);
+        double block = 0.0;
+        for (int l = 0; l < LANES; ++l) block += lanes[l];
+        total += block;
     }
     return total;
 }
@@ -233,6 +270,8 @@ class _Job(ctypes.Structure):
         ("base", ctypes.c_void_p), ("out", ctypes.c_void_p),
         ("delta", ctypes.c_void_p * MAX_SOURCES), ("key", ctypes.c_void_p * MAX_SOURCES),
         ("lo", ctypes.c_int64 * MAX_SOURCES), ("hi", ctypes.c_int64 * MAX_SOURCES),
+        ("has_band", ctypes.c_int32 * MAX_SOURCES), ("band_lo", ctypes.c_float * MAX_SOURCES),
+        ("band_hi", ctypes.c_float * MAX_SOURCES),
         ("scale", ctypes.c_float * MAX_SOURCES), ("has_scale", ctypes.c_int32 * MAX_SOURCES),
         ("weight", ctypes.c_float * MAX_SOURCES),
     ]
@@ -275,8 +314,7 @@ def native_library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
     lib.fused_merge.restype = ctypes.c_int64
-    lib.masked_l1.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_int64, ctypes.c_int64]
+    lib.masked_l1.argtypes = [ctypes.POINTER(_Job), ctypes.c_int32, ctypes.c_int64, ctypes.c_int64]
     lib.masked_l1.restype = ctypes.c_double
     return lib
 
@@ -303,6 +341,9 @@ def _to_struct(job: FusedJob) -> _Job:
         key = job.key(i)
         s.key[i] = key.data_ptr() if key is not None else None
         s.lo[i], s.hi[i] = job.window(i)
+        band = job.band(i)
+        s.has_band[i] = int(band is not None)
+        s.band_lo[i], s.band_hi[i] = band if band is not None else (0.0, 0.0)
         scale = job.scale(i)
         s.has_scale[i] = int(scale is not None)
         s.scale[i] = float(scale or 1.0)
@@ -332,20 +373,19 @@ def run_native_many(lib: ctypes.CDLL, jobs: Sequence[FusedJob], pool: ThreadPool
     return bad
 
 
-def masked_l1_many(lib: ctypes.CDLL | None, items: Sequence[tuple[torch.Tensor, torch.Tensor | None,
-                                                                  tuple[int, int]]],
+def masked_l1_many(lib: ctypes.CDLL | None, items: Sequence[tuple[FusedJob, int]],
                    pool: ThreadPoolExecutor | None) -> list[float]:
-    """L1 norm of each masked delta (``(delta, key, window)``), natively when possible."""
-    if lib is None or any(d.device.type != "cpu" or d.dtype != torch.float32 for d, _, _ in items):
-        return [masked_l1_eager(d, k, w) for d, k, w in items]
-    work = [(index, start, end) for index, (delta, _, _) in enumerate(items)
-            for start, end in _spans(delta.numel())]
+    """L1 norm of each masked delta ``(job, source index)``, natively when possible."""
+    if lib is None or not all(native_supports(job) for job, _ in items):
+        return [masked_l1_eager(job, i) for job, i in items]
+    structs = {id(job): _to_struct(job) for job, _ in items}
+    work = [(index, start, end) for index, (job, i) in enumerate(items)
+            for start, end in _spans(job.deltas[i].numel())]
 
     def one(item: tuple[int, int, int]) -> tuple[int, float]:
         index, start, end = item
-        delta, key, (lo, hi) = items[index]
-        return index, lib.masked_l1(delta.data_ptr(), key.data_ptr() if key is not None else None,
-                                    lo, hi, start, end)
+        job, i = items[index]
+        return index, lib.masked_l1(ctypes.byref(structs[id(job)]), i, start, end)
 
     totals = [0.0] * len(items)
     for index, value in (pool.map(one, work) if pool is not None else map(one, work)):

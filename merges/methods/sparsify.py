@@ -71,6 +71,49 @@ def outlier_window(density: float, gamma: float, numel: int) -> tuple[int, int]:
     return lo, hi
 
 
+Band = tuple[float, float]  # keep entries with band[0] <= |delta| <= band[1]
+KEEP_NONE: Band = (float("inf"), float("-inf"))
+
+
+def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
+    """``|delta|`` flattened and sorted in descending order (float32)."""
+    return torch.sort(_magnitudes(delta).float(), descending=True).values
+
+
+def _tied(sorted_desc: torch.Tensor, inside: int, outside: int) -> bool:
+    """True when positions ``inside`` (kept) and ``outside`` (dropped) hold one nonzero value:
+    then a value threshold cannot say which of the equal entries mergekit's sort keeps.
+    Equal zeros do not matter: a zero delta adds nothing however it is masked."""
+    if not 0 <= outside < sorted_desc.numel():
+        return False
+    value = float(sorted_desc[inside])
+    return value != 0.0 and float(sorted_desc[outside]) == value
+
+
+def magnitude_band(sorted_desc: torch.Tensor, keep: int) -> Band | None:
+    """Band that keeps the ``keep`` largest magnitudes; None when a tie makes it ambiguous."""
+    n = sorted_desc.numel()
+    if keep <= 0:
+        return KEEP_NONE
+    if keep >= n:
+        return (0.0, float("inf"))
+    if _tied(sorted_desc, keep - 1, keep):
+        return None
+    return (float(sorted_desc[keep - 1]), float("inf"))
+
+
+def outlier_band(sorted_desc: torch.Tensor, lo: int, hi: int) -> Band | None:
+    """Band that keeps ascending ranks ``[lo, hi)``; None when a tie makes it ambiguous."""
+    n = sorted_desc.numel()
+    if hi <= lo:
+        return KEEP_NONE
+    top, bottom = n - hi, n - lo - 1  # the kept run in descending order
+    if _tied(sorted_desc, top, top - 1) or _tied(sorted_desc, bottom, bottom + 1):
+        return None
+    return (float(sorted_desc[bottom]) if lo > 0 else 0.0,
+            float(sorted_desc[top]) if hi < n else float("inf"))
+
+
 def random_keys(shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Uniform int32 keys in ``[0, 2**24)``, one per entry, on the generator's device."""
     return torch.randint(0, KEY_RANGE, tuple(shape), generator=generator, dtype=torch.int32,

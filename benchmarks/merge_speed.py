@@ -1,0 +1,283 @@
+"""Merge speed: the in-memory engine vs ``search merge`` vs ``mergekit-yaml``, per method.
+
+Builds (once, cached under ``.cache/bench/<size>/``) a Llama-style base with three
+fine-tune-like sources, then for each method prints
+
+* ``engine_s``: median ``MergeEngine.merge_into`` time of one recipe into a live model
+  (after a first merge that also builds the engine's statistics: ``engine_first_s``),
+* ``search_merge_s``: ``search merge recipe.yaml OUT --seed 0``, disk to disk (tmpfs),
+* ``mergekit_s``: ``mergekit-yaml recipe.yaml OUT``, disk to disk (tmpfs),
+* ``floor_s``: a memcpy pass over the bytes a merge must touch (read K+1, write one),
+* peak RSS of each process (each runs as a child, measured with ``os.wait4``).
+
+The last line is one JSON object keyed by method. Usage::
+
+    python -m benchmarks.merge_speed --size small --methods linear,ties
+    python -m benchmarks.merge_speed --size 250m --skip-mergekit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merges.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+N_SOURCES = 3
+WEIGHTS = [0.5, 0.3, 0.8]
+DENSITY = 0.5
+DEFAULT_METHODS = "linear,task_arithmetic,ties,dare_ties"
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+
+
+SIZES = {
+    "small": Size(hidden=256, intermediate=688, layers=4, heads=4, vocab=4000),
+    "250m": Size(hidden=1024, intermediate=2816, layers=14, heads=16, vocab=32000),
+}
+
+
+# -- the checkpoint family --------------------------------------------------------------
+
+
+def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path]]:
+    """Base + sources as safetensors folders; reused when ``root/complete`` exists."""
+    base_dir, source_dirs = root / "base", [root / f"source{i}" for i in range(N_SOURCES)]
+    if (root / "complete").exists():
+        return base_dir, source_dirs
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    shutil.rmtree(root, ignore_errors=True)
+    config = LlamaConfig(hidden_size=size.hidden, intermediate_size=size.intermediate,
+                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                         num_key_value_heads=size.heads, vocab_size=size.vocab,
+                         max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         architectures=["LlamaForCausalLM"])
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(size.vocab - 4)]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    shapes = _llama_shapes(size)
+    gen = torch.Generator().manual_seed(seed)
+    base = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02)
+            for name, shape in shapes.items()}
+    for index, folder in enumerate([base_dir, *source_dirs]):
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+        tmp.mkdir(parents=True)
+        config.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        if index == 0:
+            tensors = base
+        else:  # a fine-tune: small noise on most tensors, every fifth left as the base
+            tensors = {}
+            for position, (name, tensor) in enumerate(base.items()):
+                if position % 5 == 4:
+                    tensors[name] = tensor
+                else:
+                    noise = torch.randn(tensor.shape, generator=gen)
+                    tensors[name] = tensor + noise.mul_(0.002 * index)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        os.replace(tmp, folder)
+    (root / "complete").write_text("ok\n")
+    return base_dir, source_dirs
+
+
+def _llama_shapes(size: Size) -> dict[str, tuple[int, ...]]:
+    h, m = size.hidden, size.intermediate
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (size.vocab, h)}
+    for layer in range(size.layers):
+        p = f"model.layers.{layer}."
+        for proj in ("q", "k", "v", "o"):
+            shapes[f"{p}self_attn.{proj}_proj.weight"] = (h, h)
+        shapes[f"{p}mlp.gate_proj.weight"] = (m, h)
+        shapes[f"{p}mlp.up_proj.weight"] = (m, h)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, m)
+        shapes[f"{p}input_layernorm.weight"] = (h,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (size.vocab, h)
+    return shapes
+
+
+def make_recipe(method: str, base: Path, sources: list[Path], n_layers: int) -> Recipe:
+    params: dict[str, list[float]] = {"weight": WEIGHTS}
+    if method not in ("linear", "task_arithmetic"):
+        params["density"] = [DENSITY] * N_SOURCES
+    return Recipe.uniform(method, None if method == "linear" else str(base),
+                          [str(s) for s in sources], n_layers, params)
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+def run_child(command: list[str]) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (MB), exit status and output of one child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024, process.returncode, output
+
+
+def engine_child(method: str, root: Path, size_name: str, repeats: int, threads: int | None) -> None:
+    """Runs inside a child: time merge_into, print one JSON line."""
+    from merges.checkpoint import open_checkpoint
+    from merges.engine import MergeEngine
+
+    base_dir, source_dirs = build_family(root, SIZES[size_name])
+    base = open_checkpoint(base_dir)
+    sources = [open_checkpoint(s) for s in source_dirs]
+    started = time.perf_counter()
+    engine = MergeEngine(base, sources, device="cpu", threads=threads)
+    load_s = time.perf_counter() - started
+    model = engine.new_model()
+    recipe = make_recipe(method, base_dir, source_dirs, engine.layout.n_layers)
+    started = time.perf_counter()
+    engine.merge_into(model, recipe)
+    first_s = time.perf_counter() - started
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.merge_into(model, recipe)
+        times.append(time.perf_counter() - started)
+    # memcpy floor: an in-place pass reads N and writes N; a merge reads (K+1) N and writes N
+    params = list(model.parameters())
+    copies = []
+    for _ in range(3):
+        started = time.perf_counter()
+        with torch.no_grad():
+            for param in params:
+                param.mul_(1.0)
+        copies.append(time.perf_counter() - started)
+    n_params = sum(p.numel() for p in params)
+    print(json.dumps({"engine_s": statistics.median(times), "engine_first_s": first_s,
+                      "engine_load_s": load_s, "copy_s": min(copies), "n_params": n_params,
+                      "resident_mb": engine.resident_bytes() / 2**20}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
+    parser.add_argument("--repeats", type=int, default=5, help="timed merges per method (median)")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
+    parser.add_argument("--engine-child", metavar="METHOD", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    root = REPO / ".cache" / "bench" / args.size
+    if args.engine_child:
+        engine_child(args.engine_child, root, args.size, args.repeats, args.threads)
+        return 0
+
+    size = SIZES[args.size]
+    started = time.perf_counter()
+    base_dir, source_dirs = build_family(root, size)
+    print(f"family {root} ready in {time.perf_counter() - started:.1f} s", flush=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    search_cli = shutil.which("search")
+    mergekit_cli = shutil.which("mergekit-yaml")
+    scratch = Path(tempfile.mkdtemp(prefix="mergesearch-bench-", dir="/dev/shm"))
+    results: dict[str, dict[str, float | None]] = {}
+    try:
+        for method in methods:
+            row: dict[str, float | None] = {}
+            command = [sys.executable, "-m", "benchmarks.merge_speed", "--size", args.size,
+                       "--engine-child", method, "--repeats", str(args.repeats)]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            _, rss, status, output = run_child(command)
+            if status != 0:
+                print(f"{method}: engine failed:\n{output}", flush=True)
+                continue
+            engine = json.loads(output.strip().splitlines()[-1])
+            # memcpy floor: the copy pass moves 2N floats; a merge moves (K+2)N
+            floor = engine["copy_s"] * (N_SOURCES + 2) / 2
+            row.update(engine_s=engine["engine_s"], engine_first_s=engine["engine_first_s"],
+                       floor_s=floor, peak_rss_mb=rss, resident_mb=engine["resident_mb"])
+            yaml_path = scratch / f"{method}.yaml"
+            row["search_merge_s"] = row["search_merge_rss_mb"] = None
+            row["mergekit_s"] = row["mergekit_rss_mb"] = None
+            try:
+                from merges.checkpoint import open_checkpoint
+                from merges.mergekit_yaml import recipe_to_mergekit
+
+                recipe = make_recipe(method, base_dir, source_dirs, size.layers)
+                yaml_path.write_text(recipe_to_mergekit(recipe, open_checkpoint(base_dir).layout))
+            except Exception as exc:  # the exporter is another module: report, keep measuring
+                print(f"{method}: no YAML ({exc!r}); disk-to-disk runs skipped", flush=True)
+                yaml_path = None
+            if yaml_path is not None and search_cli:
+                out = scratch / f"{method}-search"
+                wall, rss, status, output = run_child([search_cli, "merge", str(yaml_path), str(out),
+                                                       "--seed", "0"])
+                if status == 0:
+                    row["search_merge_s"], row["search_merge_rss_mb"] = wall, rss
+                else:
+                    print(f"{method}: search merge failed:\n{output[-2000:]}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            if yaml_path is not None and mergekit_cli and not args.skip_mergekit:
+                out = scratch / f"{method}-mergekit"
+                wall, rss, status, output = run_child([mergekit_cli, str(yaml_path), str(out),
+                                                       "--random-seed", "0", "--quiet"])
+                if status == 0:
+                    row["mergekit_s"], row["mergekit_rss_mb"] = wall, rss
+                else:
+                    print(f"{method}: mergekit-yaml failed:\n{output[-2000:]}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            results[method] = row
+            print(_line(method, row, engine["n_params"]), flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(results))
+    return 0
+
+
+def _fmt(value: float | None, unit: str = "s") -> str:
+    return "n/a" if value is None else f"{value:.3f} {unit}"
+
+
+def _line(method: str, row: dict[str, float | None], n_params: int) -> str:
+    engine, floor = row["engine_s"], row["floor_s"]
+    parts = [f"{method:>16}: engine {_fmt(engine)} (first {_fmt(row['engine_first_s'])})",
+             f"search merge {_fmt(row['search_merge_s'])}", f"mergekit {_fmt(row['mergekit_s'])}",
+             f"floor {_fmt(floor)}"]
+    if engine and floor:
+        parts.append(f"engine/floor {engine / floor:.1f}x")
+    if engine and row["mergekit_s"]:
+        parts.append(f"mergekit/engine {row['mergekit_s'] / engine:.0f}x")
+    if row["search_merge_s"] and row["mergekit_s"]:
+        parts.append(f"mergekit/search-merge {row['mergekit_s'] / row['search_merge_s']:.1f}x")
+    parts.append(f"peak RSS engine {_fmt(row['peak_rss_mb'], 'MB')}, search merge "
+                 f"{_fmt(row['search_merge_rss_mb'], 'MB')}, mergekit {_fmt(row['mergekit_rss_mb'], 'MB')}")
+    parts.append(f"{n_params / 1e6:.1f}M params")
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
