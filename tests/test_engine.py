@@ -257,3 +257,35 @@ def test_resident_bytes_counts_inputs_and_statistics(llama_family: TinyFamily) -
     assert engine.resident_bytes() == 4 * n * (1 + len(sources))
     engine.materialize(recipe(llama_family, "ties", *RECIPES["ties"]))
     assert engine.resident_bytes() == 4 * n * (1 + 2 * len(sources))  # + magnitude ranks
+
+
+def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path) -> None:
+    """Quantised fine-tunes: many equal |delta| straddle the TIES / breadcrumbs cut, where the
+    engine falls back to mergekit's own sort order; the merge must still equal the reference."""
+    from tests.checkpoints import save, tiny_model
+
+    base_model = tiny_model("llama", seed=4, layers=2)
+    save(base_model, tmp_path / "base")
+    for i in range(2):
+        gen = torch.Generator().manual_seed(100 + i)
+        copy = type(base_model)(base_model.config)
+        copy.load_state_dict(base_model.state_dict())
+        with torch.no_grad():
+            for param in copy.parameters():
+                param.add_(torch.randint(-2, 3, param.shape, generator=gen).float() * 0.01)
+        save(copy, tmp_path / f"source{i}")
+    base = open_checkpoint(tmp_path / "base")
+    sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
+    engine = MergeEngine(base, sources, device="cpu")
+    paths = [str(tmp_path / f"source{i}") for i in range(2)]
+    for method, extra in (("ties", {}), ("breadcrumbs_ties", {"gamma": [0.05, 0.1]})):
+        params = {"weight": [0.7, 0.4], "density": [0.35, 0.6], **extra}
+        merged = engine.materialize(Recipe.uniform(method, str(tmp_path / "base"), paths, 2, params))
+        for name in merged:
+            expected = merge_task_vectors(
+                method, base.read(name), [s.read(name) for s in sources], weights=params["weight"],
+                densities=params["density"], gammas=extra.get("gamma"))
+            torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-7)
+    # sort positions were kept for some tensors: beyond base, deltas and sorted magnitudes
+    n = sum(torch.Size(shape).numel() for shape in base.shapes.values())
+    assert engine.resident_bytes() > 4 * n * (1 + 2 * len(sources))

@@ -355,3 +355,33 @@ def test_validate_recipe_names_what_is_wrong() -> None:
         validate_recipe(Recipe.uniform("slerp", "/b", ["/s0"], 4))
     with pytest.raises(RecipeError, match="'dare_ties' needs a base"):
         validate_recipe(Recipe.uniform("dare_ties", None, ["/s0"], 4, {"weight": [1]}))
+
+
+@FEW
+@given(shape=shapes, seed=seeds, density=st.floats(0.01, 0.99), gamma=st.floats(0.0, 0.3),
+       quantized=st.booleans())
+def test_magnitude_bands_equal_mergekit_sorting(shape: tuple[int, int], seed: int, density: float,
+                                                gamma: float, quantized: bool) -> None:
+    """A value band keeps what mergekit's sort keeps; a nonzero tie across the cut says so."""
+    gen = torch.Generator().manual_seed(seed)
+    if quantized:  # many equal magnitudes, and zeros
+        delta = torch.randint(-3, 4, shape, generator=gen).float() * 0.25
+    else:
+        delta = torch.randn(shape, generator=gen)
+    flat = delta.reshape(-1)
+    ordered = sp.sorted_magnitudes(flat)
+    magnitude = flat.abs()
+    keep = sp.magnitude_keep_count(density, flat.numel())
+    for band, expected, cuts in [
+        (sp.magnitude_band(ordered, keep), sp.magnitude(flat, density), [(keep - 1, keep)]),
+        (sp.outlier_band(ordered, *sp.outlier_window(density, gamma, flat.numel())),
+         sp.magnitude_outliers(flat, density, gamma), None),
+    ]:
+        if band is None:
+            assert quantized  # distinct magnitudes never tie
+            if cuts:
+                inside, outside = cuts[0]
+                assert float(ordered[inside]) == float(ordered[outside]) != 0.0
+            continue
+        got = flat * ((magnitude >= band[0]) & (magnitude <= band[1])).float()
+        assert torch.equal(got, expected)
