@@ -24,7 +24,6 @@ from pathlib import Path
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
-from optuna_dashboard import save_note
 
 from merges.layout import Layout
 from merges.mergekit_yaml import recipe_to_mergekit
@@ -163,6 +162,8 @@ def study_note(study: optuna.Study, best: FrozenTrial | None) -> str:
 
 def write_best_note(study: optuna.Study) -> FrozenTrial | None:
     """Write the chosen trial's note and the study note; returns the chosen trial (or None)."""
+    from optuna_dashboard import save_note  # here: the driver calls this, and needs no web stack
+
     best = chosen_trial(study)
     save_note(study, study_note(study, best))
     if best is not None:
