@@ -6,23 +6,29 @@ vectors (source - base) resident on its device in the arithmetic dtype, and merg
 tensors (``materialize``). Everything that does not depend on a recipe's numbers is
 computed once per engine, lazily, on the first recipe that needs it:
 
-* per delta, an int32 *key* per entry: the magnitude rank (TIES, ``magnitude``), the
-  ascending rank (breadcrumbs), or a uniform random key for the current seed (DARE);
-  a density then maps to a key window, so a trial needs no sort;
-* per delta, its L1 norm (for ``rescale``); DELLA's in-row rank positions;
-* per tensor, the slerp angle between the base and the other model.
+* per delta, ``|delta|`` sorted in descending order (kept in CPU memory; only looked
+  up): a TIES or breadcrumbs density becomes an exact magnitude band by one lookup, with
+  no sort per trial. Where equal nonzero magnitudes straddle the cut, mergekit's sort
+  order decides which are kept, so for that tensor the engine keeps mergekit's sort
+  positions (int32) and masks by position instead;
+* DARE / DELLA: uniform int32 keys per entry from a ``torch.Generator`` seeded by a
+  stable hash of (recipe seed, tensor name, source position); one seed is cached;
+* per delta, its L1 norm (for ``rescale``); DELLA's in-row rank positions; per tensor,
+  the slerp angle between the base and the other model.
 
-A trial is then one fused elementwise pass per tensor (``merges.methods.fused``):
-a C kernel on CPU split over a thread pool, or chunked torch operations on other
-devices (CUDA is the default device when available).
+A trial is then one fused elementwise pass per tensor (``merges.methods.fused``): a C
+kernel on CPU split over a thread pool, or chunked torch operations on other devices
+(CUDA is the default device when available). Methods that rescale (DARE by default)
+make one more pass over the kept entries to get their L1 norm.
 
-Memory bound (N parameters, K sources, 4-byte float32 / int32 entries):
-``resident = N * 4 * (1 + K)`` for base and deltas, plus ``N * 4 * K`` for each key kind
-in use (magnitude ranks, breadcrumbs ranks, DARE keys of one seed; DELLA adds its row
-positions and keys). During a trial ``merge_into`` allocates nothing model-sized: it
-writes into the live parameters (one temporary tensor per parameter whose dtype or
-device differs from the engine's); ``materialize`` allocates the output (N entries).
-DELLA and model_stock build per-tensor temporaries (K tensors of the largest tensor).
+Memory bound (N parameters, K sources, float32): ``resident = 4 N (1 + K)`` bytes for
+base and deltas, plus ``4 N K`` for the sorted magnitudes once TIES / breadcrumbs run,
+plus ``4 N K`` of random keys for the DARE seed in use (DELLA adds ``4 N K`` of row
+positions), plus ``4`` bytes per entry of tensors whose cut is tied. During a trial
+``merge_into`` allocates nothing model-sized: it writes into the live parameters, with a
+temporary only for a parameter whose dtype or device differs from the engine's.
+``materialize`` allocates its output (N entries). DELLA and model_stock build per-tensor
+temporaries (K copies of one tensor).
 
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
 the model holds a partial merge: merge a recipe into it again before using it.
