@@ -1,0 +1,253 @@
+"""Build the demo family into a folder: data slices, a base, three specialists, a manifest.
+
+The base learns every task under the old policy with noisy answers (plus a copy task);
+each specialist is fine-tuned from the base on its task under the current policy,
+with half of every batch replaying the base's mix of the other tasks. See
+``studies/demo_family/README.md`` for why each choice is there.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from studies.demo_family.errors import DemoFamilyError
+from studies.demo_family.tasks import SLICE_ROWS, TASKS, TaskSplit, split_tasks
+from studies.demo_family.tokenizer import build_tokenizer
+from studies.demo_family.train import (
+    TRAIN_THREADS,
+    CopyPool,
+    Encoder,
+    Mix,
+    ModelShape,
+    Pool,
+    Schedule,
+    batches,
+    exact_match,
+    fixed_threads,
+    new_model,
+    train,
+)
+
+FAMILY_VERSION = "1"  # bump whenever tasks, plan or file layout change: old builds get rebuilt
+MANIFEST = "family.json"
+SPLITS: tuple[str, ...] = ("search", "heldout")
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """How the family is trained (recorded in the manifest)."""
+
+    shape: ModelShape = field(default_factory=ModelShape)
+    base: Schedule = field(default_factory=lambda: Schedule(steps=1000, lr=2e-3))
+    base_noise: float = 0.4  # share of base answers replaced by another answer of the task
+    copy_share: float = 0.25  # share of the base mix that is the copy task
+    specialist_steps: int = 250
+    # Different learning rates make the task vectors uneven, so weights per source matter.
+    specialist_lr: tuple[tuple[str, float], ...] = (
+        ("shipping", 5e-4),
+        ("refunds", 5e-4),
+        ("catalog", 5e-4),
+    )
+    replay_share: float = 0.5  # share of a specialist batch replaying the base mix
+
+    def specialist_schedule(self, task: str) -> Schedule:
+        return Schedule(steps=self.specialist_steps, lr=dict(self.specialist_lr)[task])
+
+    @property
+    def total_steps(self) -> int:
+        return self.base.steps + self.specialist_steps * len(TASKS)
+
+
+PLAN = FamilyPlan()
+
+
+def build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan = PLAN) -> dict[str, object]:
+    """Write the whole family into the empty folder ``out``; returns the manifest written."""
+    with fixed_threads(TRAIN_THREADS):
+        return _build_family(out, seed=seed, progress=progress, plan=plan)
+
+
+def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> dict[str, object]:
+    started, started_cpu = time.perf_counter(), time.process_time()
+    tokenizer = build_tokenizer()
+    encoder = Encoder(tokenizer)
+    splits = split_tasks(seed)
+    for split in splits.values():
+        check_disjoint(split)
+        write_slices(out / "data" / split.task, split)
+
+    old = {t: Pool(tuple(encoder.encode(e) for e in s.train_old), plan.base_noise) for t, s in splits.items()}
+    current = {t: Pool(tuple(encoder.encode(e) for e in s.train_current)) for t, s in splits.items()}
+    copy_pool = CopyPool(encoder)
+    task_share = (1 - plan.copy_share) / len(TASKS)
+
+    bar = tqdm(total=plan.total_steps, desc="demo family", unit="step", disable=not progress)
+    base = new_model(plan.shape, tokenizer, seed=seed)
+    base_mix = Mix((*((task_share, old[t]) for t in TASKS), (plan.copy_share, copy_pool)))
+    train(base, batches(base_mix, batch_size=plan.base.batch_size, pad=encoder.pad, seed=seed),
+          plan.base, bar=bar, label="base")
+    save_model(base, tokenizer, out / "base")
+
+    models: dict[str, LlamaForCausalLM] = {"base": base}
+    for index, task in enumerate(TASKS):
+        specialist = copy.deepcopy(base)
+        replay = [(task_share, old[t]) for t in TASKS if t != task] + [(plan.copy_share, copy_pool)]
+        replay_total = sum(share for share, _ in replay)
+        mix = Mix((
+            *((plan.replay_share * share / replay_total, pool) for share, pool in replay),
+            (1 - plan.replay_share, current[task]),
+        ))
+        schedule = plan.specialist_schedule(task)
+        stream = batches(mix, batch_size=schedule.batch_size, pad=encoder.pad, seed=seed * 1000 + index + 1)
+        train(specialist, stream, schedule, bar=bar, label=task)
+        save_model(specialist, tokenizer, out / task)
+        models[task] = specialist
+    bar.close()
+
+    heldout = {t: [encoder.encode(e) for e in s.heldout] for t, s in splits.items()}
+    accuracy = {
+        name: {t: round(exact_match(model, heldout[t], pad=encoder.pad), 4) for t in TASKS}
+        for name, model in models.items()
+    }
+    manifest: dict[str, object] = {
+        "format": "mergesearch-demo-family",
+        "version": FAMILY_VERSION,
+        "seed": seed,
+        "tasks": list(TASKS),
+        "models": ["base", *TASKS],
+        "slice_rows": SLICE_ROWS,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "build_cpu_seconds": round(time.process_time() - started_cpu, 2),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "train_threads": TRAIN_THREADS,
+        "plan": plan_record(plan),
+        "heldout_exact_match": accuracy,
+        "sha256": file_hashes(out),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def check_disjoint(split: TaskSplit) -> None:
+    """Slices are full, disjoint from each other, and never seen in training."""
+    search = {e.prompt for e in split.search}
+    heldout = {e.prompt for e in split.heldout}
+    train = split.train_prompts()
+    problems = []
+    if len(search) != SLICE_ROWS or len(heldout) != SLICE_ROWS:
+        problems.append(f"slices have {len(search)} search / {len(heldout)} held-out distinct prompts")
+    if search & heldout:
+        problems.append(f"search and held-out share {sorted(search & heldout)[:3]}")
+    if (search | heldout) & train:
+        problems.append(f"training data contains slice prompts {sorted((search | heldout) & train)[:3]}")
+    if problems:
+        raise DemoFamilyError(f"demo task {split.task}: " + "; ".join(problems))
+
+
+def write_slices(folder: Path, split: TaskSplit) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("search", split.search), ("heldout", split.heldout)):
+        text = "".join(json.dumps(e.as_row()) + "\n" for e in rows)
+        write_text_atomic(folder / f"{name}.jsonl", text)
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """A normal Hugging Face checkpoint: config, float32 safetensors, tokenizer files."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def write_json_atomic(path: Path, data: dict[str, object]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, object] | None:
+    """The manifest of a complete build in ``root``, or None when there is none."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DemoFamilyError(f"{path}: unreadable demo-family manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise DemoFamilyError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def plan_record(plan: FamilyPlan) -> object:
+    """The plan as the manifest stores it (JSON types)."""
+    return json.loads(json.dumps(asdict(plan)))
+
+
+def is_current(root: Path, seed: int, plan: FamilyPlan = PLAN) -> bool:
+    """True when ``root`` holds a complete build of this version, seed and plan."""
+    if root.exists() and not root.is_dir():
+        raise DemoFamilyError(f"{root}: exists and is not a folder; cannot hold the demo family")
+    manifest = read_manifest(root) if root.is_dir() else None
+    if manifest is None or manifest.get("version") != FAMILY_VERSION or manifest.get("seed") != seed:
+        return False
+    if manifest.get("plan") != plan_record(plan):
+        return False
+    expected = [root / m / "model.safetensors" for m in ("base", *TASKS)]
+    expected += [root / "data" / t / f"{s}.jsonl" for t in TASKS for s in SPLITS]
+    return all(path.is_file() for path in expected)
+
+
+def build_into_place(
+    root: Path, *, seed: int, progress: bool, plan: FamilyPlan = PLAN
+) -> dict[str, object]:
+    """Build in a temp sibling folder, then rename it to ``root`` (replacing an old build)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        manifest = build_family(temp, seed=seed, progress=progress, plan=plan)
+        if is_current(root, seed, plan):  # another process finished first: keep its build
+            shutil.rmtree(temp)
+            return manifest
+        if root.exists():
+            stale = root.with_name(f".{root.name}.old-{os.getpid()}")
+            os.replace(root, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(temp, root)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    print(
+        f"demo family built in {manifest['build_seconds']:.0f} s "
+        f"({manifest['build_cpu_seconds']:.0f} s CPU) at {root}",
+        file=sys.stderr,
+    )
+    return manifest
