@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,10 +69,12 @@ def test_start_kill_resume_status_finalize_export_and_mergekit_rebuild(
     killed_mid_trial = False
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
+        if not (config.output / "study.db").exists():
+            continue
         try:
             study = optuna.load_study(study_name=config.name, storage=config.storage)
-        except KeyError:
-            continue
+        except (KeyError, sqlalchemy.exc.OperationalError):
+            continue  # not created yet
         searched = [t for t in study.get_trials() if t.user_attrs.get("kind") == "search"]
         complete = sum(t.state == TrialState.COMPLETE for t in searched)
         running = sum(t.state == TrialState.RUNNING for t in searched)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
@@ -49,10 +50,10 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
 def test_killed_driver_fails_running_trials_and_reruns_them(tmp_path: Path, llama_family: TinyFamily) -> None:
     path = write_study(tmp_path, llama_family, trials=8, sampler="cmaes", population=4,
                        metric="tests.test_resume:killing_scorer")
-    # 4 baselines x 2 tasks = 8 calls; each search trial makes 2: call 13 is the second
-    # search trial's first task, while the other 3 trials of generation 0 wait RUNNING.
+    # 4 baselines x 2 tasks = 8 calls; each search trial makes 2: call 11 is the second
+    # search trial's first task, while the last 2 trials of generation 0 wait RUNNING.
     proc = cli("start", str(path), "--quiet",
-               env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": "13"})
+               env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": "11"})
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     before = {t.number: t for t in load(path).get_trials()}
@@ -89,9 +90,11 @@ def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(0.5)
+        if not (config.output / "study.db").exists():
+            continue
         try:
             study = optuna.load_study(study_name=config.name, storage=config.storage)
-        except KeyError:
+        except (KeyError, sqlalchemy.exc.OperationalError):
             continue  # not created yet
         if sum(t.state == TrialState.COMPLETE for t in search_trials(study)) >= 3:
             break
