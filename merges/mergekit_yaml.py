@@ -16,6 +16,7 @@ raises :class:`UnsupportedConfigError` with the reason; nothing is approximated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -499,7 +500,9 @@ def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
 
 def _read_source(source: str | Path) -> tuple[str, str, Path]:
     """(text, name for messages, folder that relative model paths are relative to)."""
-    is_file = isinstance(source, Path) or ("\n" not in source and source.strip().endswith((".yaml", ".yml")))
+    is_file = isinstance(source, Path) or (
+        "\n" not in source and (source.strip().endswith((".yaml", ".yml")) or Path(source).is_file())
+    )
     if not is_file:
         return str(source), "<mergekit yaml>", Path.cwd()
     path = Path(source).expanduser()
@@ -546,6 +549,8 @@ def recipe_from_mergekit(
         raise UnsupportedConfigError(f"{where}: merge_method is missing")
     spec = _method(method, where)
     base = _model_path(data["base_model"], f"{where}: base_model", root) if data.get("base_model") else None
+    if base is None and (data.get("tokenizer_source") == "base" or data.get("tokenizer") is not None):
+        raise UnsupportedConfigError(f"{where}: the base tokenizer is asked for but no base_model is set")
     dtype = _dtype(data.get("dtype"), f"{where}: dtype")
     out_dtype = _dtype(data.get("out_dtype"), f"{where}: out_dtype")
     top = _parameters(data.get("parameters"), f"{where}: parameters")
@@ -567,16 +572,13 @@ def recipe_from_mergekit(
         referenced = {s.model for sl in slices for s in sl.sources} | ({base} if base else set())
         dtype = _implied_dtype(referenced, opened, allow_pickle, where)
 
-    seed_match = _SEED_LINE.search(text)
-    seed = int(seed_match.group(1)) if seed_match else 0
+    seed_lines = _SEED_LINE.findall(text)  # the exporter writes it after any header
+    seed = int(seed_lines[-1]) if seed_lines else 0
     if method == "passthrough" and not _in_place(slices, checkpoint_layout):
-        recipe = _passthrough_recipe(slices, top, base, checkpoint_layout, spec, where)
+        recipe = _passthrough_recipe(slices, top, base, checkpoint_layout, where)
     else:
         recipe = _layer_group_recipe(method, slices, top, base, checkpoint_layout, spec, where)
-    recipe = Recipe(
-        recipe.method, recipe.base, recipe.sources, recipe.groups, recipe.tensor_params,
-        recipe.global_params, recipe.layer_slices, dtype, out_dtype, seed,
-    )
+    recipe = dataclasses.replace(recipe, dtype=dtype, out_dtype=out_dtype, seed=seed)
     try:
         validate_recipe(recipe)
     except MergeError as exc:
@@ -876,7 +878,7 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Mapping[str,
 
 
 def _passthrough_recipe(slices: Sequence[_Slice], top: Mapping[str, object], base: str | None,
-                        layout: Layout, spec: MethodSpec, where: str) -> Recipe:
+                        layout: Layout, where: str) -> Recipe:
     scale = _Parameter("scale", True, float, 1.0)
     _check_parameter_names(slices, top, "passthrough", {"scale": scale}, where)
     pieces: list[LayerSlice] = []

@@ -407,3 +407,12 @@ def test_a_base_listed_among_sources_is_written_once_as_the_base(llama_layout: L
     config = yaml.safe_load(recipe_to_mergekit(recipe, llama_layout))
     assert [s["model"] for s in config["slices"][0]["sources"]] == [A, BASE]
     assert "parameters" not in config["slices"][0]["sources"][1]
+
+
+def test_a_header_cannot_change_the_recorded_seed(llama_layout: Layout, tmp_path: Path) -> None:
+    recipe = Recipe.uniform("dare_linear", BASE, [A], 4, tensor_params={"weight": [1.0], "density": [0.5]}, seed=9)
+    text = recipe_to_mergekit(recipe, llama_layout, header="mergesearch seed: 1\nfrom trial 3")
+    assert text.splitlines()[:2] == ["# mergesearch seed: 1", "# from trial 3"]
+    config = tmp_path / "recipe.txt"  # a path given as a string, whatever its suffix
+    config.write_text(text)
+    assert recipe_from_mergekit(str(config), layout=llama_layout) == recipe
