@@ -102,6 +102,11 @@ def _recipe(method: str, family: TinyFamily) -> Recipe:
                   LayerSlice(base, 2, 4))
         return Recipe(method, base, (sources[0], sources[1], base), ((0, 3), (3, 6), (6, 8)),
                       layer_slices=pieces)
+    if method == "passthrough_scaled":
+        # Scales on the first and last slices also scale the embeddings and the head (mergekit
+        # plans those tensors with the first / last slice's parameters).
+        pieces = (LayerSlice(sources[2], 1, 4, 0.8), LayerSlice(sources[0], 0, 2, 1.25))
+        return Recipe("passthrough", base, (sources[2], sources[0]), ((0, 3), (3, 5)), layer_slices=pieces)
     raise AssertionError(method)
 
 
@@ -143,7 +148,7 @@ def family(request: pytest.FixtureRequest) -> TinyFamily:
 # -- deterministic methods --------------------------------------------------------------
 
 DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
-                 "model_stock", "passthrough"]
+                 "model_stock", "passthrough", "passthrough_scaled"]
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC)
