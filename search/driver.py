@@ -40,8 +40,10 @@ from fitness.metrics import higher_is_better
 from fitness.objective import objective_directions, objective_values
 from genome.errors import GenomeError
 from genome.space import decode, gene_space, is_numeric
+from merges.layout import Layout
 from merges.recipe import Recipe
 from search import ranking, storage
+from search.annotate import artifact_dir, attach_baseline_recipe, attach_recipe, write_best_note
 from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
 from search.errors import SearchError
@@ -66,6 +68,11 @@ class StudyPlan:
     gates: tuple[GateSpec, ...]
     gate_names: tuple[str, ...]
     task_higher: dict[str, bool]
+    layout: Layout
+
+    @property
+    def artifacts(self) -> Path:
+        return artifact_dir(self.config.output)
 
     @property
     def tasks(self) -> tuple:
@@ -130,6 +137,7 @@ def plan_study(config: StudyConfig) -> StudyPlan:
         gates=gates,
         gate_names=tuple(gate_names(gates)),
         task_higher={t.name: higher_is_better(t.metric) for t in config.tasks},
+        layout=layout,
     )
 
 
@@ -329,6 +337,7 @@ def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progre
         study.set_user_attr("cma_penalty", PENALTY_FLOOR * (1.0 + spread))
     for baseline, outcome in zip(missing, outcomes, strict=True):
         study.add_trial(_baseline_trial(study, plan, baseline.name, baseline.recipe, outcome, references))
+        attach_baseline_recipe(study, baseline.name, baseline.recipe, plan.layout, plan.artifacts)
     progress.message(_baseline_table(study, plan))
 
 
@@ -480,6 +489,8 @@ class _Loop:
             return False
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("recipe_summary", summarize_recipe(recipe, self.plan.labels))
+        # The dashboard's artifact; a finished trial could not take it any more.
+        attach_recipe(trial, recipe, self.plan.layout, self.plan.artifacts)
         self.in_flight[trial.number] = _InFlight(trial, recipe)
         self.pool.submit(trial.number, recipe.to_dict(), "search")
         return True
@@ -599,6 +610,7 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
         blocker = ranking.what_blocks(trials, plan.gate_names)
         reason = blocker.describe() if blocker else "no completed search trial"
         study.set_user_attr("final_trial", None)
+        write_best_note(study)
         return FinalizeResult(None, [], f"nothing to finalize: {reason}")
     baselines = list(ranking.baseline_trials(trials).values())
     user_attrs = study.user_attrs
@@ -650,9 +662,11 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
     passing = [r for r in rows if r.feasible_heldout]
     if not passing:
         study.set_user_attr("final_trial", None)
+        write_best_note(study)
         return FinalizeResult(None, rows, "no finalist passes every gate on the held-out split")
     final = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
     study.set_user_attr("final_trial", final.trial)
+    write_best_note(study)  # the dashboard's note on the chosen trial
     return FinalizeResult(final.trial, rows, f"final trial: {final.trial}")
 
 
