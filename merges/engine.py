@@ -195,10 +195,11 @@ class MergeEngine:
             if tuple(param.shape) != self._shapes[target.info.name]:
                 raise MergeError(f"model tensor {target.out_name!r} has shape {tuple(param.shape)}, "
                                  f"the checkpoints have {self._shapes[target.info.name]}")
-            direct = (param.dtype == self._dtype and param.device == self._device
+            dtype = self._compute_dtype(target.info.name)
+            direct = (param.dtype == dtype and param.device == self._device
                       and param.is_contiguous())
             out = param.data.view(-1) if direct else torch.empty(
-                param.numel(), dtype=self._dtype, device=self._device)
+                param.numel(), dtype=dtype, device=self._device)
             outputs.append((target, out, param))
         with torch.no_grad():
             self._run(recipe, [(t, out) for t, out, _ in outputs])
@@ -211,8 +212,8 @@ class MergeEngine:
         """The merged tensors by output name, in ``recipe.out_dtype`` (default: arithmetic dtype)."""
         targets = self._plan(recipe)
         out_dtype = self._out_dtype(recipe)
-        outputs = [(t, torch.empty(self._numel(t.info.name), dtype=self._dtype, device=self._device))
-                   for t in targets]
+        outputs = [(t, torch.empty(self._numel(t.info.name), dtype=self._compute_dtype(t.info.name),
+                                   device=self._device)) for t in targets]
         with torch.no_grad():
             self._run(recipe, outputs)
         result: dict[str, torch.Tensor] = {}
@@ -384,6 +385,10 @@ class MergeEngine:
         return default
 
     # -- computing ----------------------------------------------------------------------
+
+    def _compute_dtype(self, name: str) -> torch.dtype:
+        """The arithmetic dtype; a non-floating tensor (a mask buffer) keeps its own."""
+        return self._dtype if self._floating[name] else self._fixed[name].dtype
 
     def _numel(self, name: str) -> int:
         numel = 1

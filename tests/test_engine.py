@@ -289,3 +289,19 @@ def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path) -> None:
     # sort positions were kept for some tensors: beyond base, deltas and sorted magnitudes
     n = sum(torch.Size(shape).numel() for shape in base.shapes.values())
     assert engine.resident_bytes() > 4 * n * (1 + 2 * len(sources))
+
+
+def test_engine_without_base_merges_linear(llama_family: TinyFamily) -> None:
+    _, sources = open_family(llama_family)
+    engine = MergeEngine(None, sources, device="cpu")
+    paths = [str(s) for s in llama_family.sources]
+    r = Recipe.uniform("linear", None, paths, N_LAYERS, {"weight": WEIGHTS})
+    merged = engine.materialize(r)
+    name = "model.layers.3.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[name], linear([s.read(name) for s in sources], WEIGHTS),
+                               rtol=1e-6, atol=1e-7)
+    model = engine.new_model()
+    engine.merge_into(model, r)
+    assert_model_equals(model, merged)
+    with pytest.raises(RecipeError, match="'ties' needs a base model"):
+        engine.materialize(Recipe.uniform("ties", None, paths, N_LAYERS, {"weight": WEIGHTS}))
