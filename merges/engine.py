@@ -405,6 +405,9 @@ class MergeEngine:
 
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         spec = METHODS[recipe.method]
+        family = FAMILY.get(recipe.method)
+        if family is not None and family.sparsification in ("random", "della_magprune"):
+            self._prefetch_random_keys(recipe)
         works = [self._work(recipe, spec, target, out) for target, out in outputs]
         self._apply_rescale(works)
         native = [w for w in works if w.job is not None and self._lib is not None
@@ -625,6 +628,29 @@ class MergeEngine:
             keys = sparsify.random_keys((self._numel(name),), self._generator(seed, name, position))
             self._random[cache_key] = keys
         return keys
+
+    def _prefetch_random_keys(self, recipe: Recipe) -> None:
+        """Draw the keys of every source that some cell sparsifies, on the thread pool."""
+        if self._random_seed != recipe.seed:
+            self._random.clear()
+            self._random_seed = recipe.seed
+        table = recipe.tensor_params.get("density")
+        if table is None:  # density defaults to 1: nothing is dropped
+            return
+        positions = [p for p in non_base_sources(recipe)
+                     if any(cell[p] < 1 for row in table for cell in row)]
+        wanted = [(name, p, self._model_of(recipe.sources[p], "source"))
+                  for name in self._deltas for p in positions]
+        missing = [item for item in wanted if item not in self._random]
+
+        def draw(item: tuple[str, int, int]) -> torch.Tensor:
+            name, position, _ = item
+            return sparsify.random_keys((self._numel(name),),
+                                        self._generator(recipe.seed, name, position))
+
+        results = self._pool.map(draw, missing) if self._pool is not None else map(draw, missing)
+        for item, keys in zip(missing, results, strict=True):
+            self._random[item] = keys
 
     def _della(self, seed: int, name: str, position: int, model: int, density: float,
                epsilon: float, rescale: bool) -> torch.Tensor:
