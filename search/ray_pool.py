@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -314,6 +315,7 @@ def _connect(address: str | None) -> bool:
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
         else:
+            _check_reachable(address)
             # Ray uploads local folders only at the job level, so the code ships here, once
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      runtime_env={"py_modules": _project_module_dirs()})
@@ -322,6 +324,21 @@ def _connect(address: str | None) -> bool:
     finally:
         quiet.setLevel(previous)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast when nothing listens at a ``host:port`` address (Ray itself retries for minutes)."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # "auto" or a form Ray resolves itself; let ray.init judge it
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise SearchError(
+            f"execution.address: nothing answers at {target} ({exc.strerror or exc}); "
+            "is `ray start --head` running there, and is the port open?"
+        ) from exc
 
 
 def _check_capacity(per_worker: int, execution: ExecutionConfig, *, gpus: float) -> None:

@@ -189,6 +189,24 @@ def uniform_recipe(family: TinyFamily, weights: tuple[float, ...]) -> dict:
     return recipe.to_dict()
 
 
+def test_unreachable_address_fails_fast_naming_it(setup_and_execution) -> None:
+    import socket
+    from dataclasses import replace
+
+    import ray
+
+    from search.ray_pool import RayPool
+
+    assert not ray.is_initialized()  # runs before this module's Ray runtime starts
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    setup, execution = setup_and_execution
+    with pytest.raises(SearchError, match=f"execution.address: nothing answers at 127.0.0.1:{port}"):
+        RayPool(setup, replace(execution, address=f"127.0.0.1:{port}"))
+    assert not ray.is_initialized()
+
+
 def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
     ray_runtime: None, setup_and_execution, llama_family: TinyFamily
 ) -> None:
