@@ -30,6 +30,7 @@ from merges.mergekit_yaml import recipe_from_mergekit
 from merges.recipe import Recipe
 from search import ranking
 from search.annotate import chosen_trial
+from search.cli import main
 from search.config import StudyConfig
 from tests.checkpoints import TinyFamily
 from tests.studies import gated_study, run
@@ -154,7 +155,7 @@ def test_every_search_trial_serves_its_mergekit_yaml(served: Served) -> None:
         artifacts = shown["artifacts"]
         assert [a["filename"] for a in artifacts] == [f"recipe-{trial.number}.yaml"], (
             f"trial {trial.number} has no recipe artifact: search/driver.py must call "
-            "search.annotate.attach_recipe before telling the trial (docs/dashboard.md)"
+            "search.annotate.attach_recipe before telling the trial (see search/annotate.py)"
         )
         (artifact,) = artifacts
         assert artifact["mimetype"] == "application/yaml"
@@ -182,6 +183,25 @@ def test_the_chosen_trial_carries_a_note_with_why_and_its_gates(served: Served) 
     assert [n for n, b in notes.items() if b] == [chosen.number]
     study_note = detail["note"]["body"]
     assert study_note.startswith(f"## Chosen recipe: trial {chosen.number}")
+
+
+def test_a_taken_port_or_a_missing_study_is_a_one_line_error(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = served.url.rsplit(":", 1)[1]
+    taken = subprocess.run(
+        [sys.executable, "-m", "search.cli", "dashboard", str(served.config.path), "--port", port],
+        cwd=REPO, capture_output=True, text=True, timeout=STARTUP_S,
+    )
+    assert taken.returncode == 2
+    assert taken.stderr.startswith(f"error: --host 127.0.0.1 --port {port}: cannot serve there")
+    assert len(taken.stderr.strip().splitlines()) == 1
+    # A study file whose study was never started: nothing is served.
+    other = tmp_path / "other.toml"
+    other.write_text(served.config.path.read_text().replace('name = "tiny"', 'name = "never-started"'))
+    assert main(["dashboard", str(other), "--port", port]) == 2
+    assert "error: no study named 'never-started'" in capsys.readouterr().err
+    assert get_json(f"{served.url}/api/meta")  # the running dashboard is unaffected
 
 
 def test_ctrl_c_stops_the_dashboard_cleanly(served: Served) -> None:
