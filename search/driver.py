@@ -110,8 +110,11 @@ class RunResult:
 # -- setup ------------------------------------------------------------------------------
 
 
-def plan_study(config: StudyConfig) -> StudyPlan:
-    """Preflight the checkpoints and derive the genome space, directions and gates."""
+def plan_study(config: StudyConfig, *, progress: bool = True) -> StudyPlan:
+    """Preflight the checkpoints and derive the genome space, directions and gates.
+
+    With ``models.demo_family`` the built-in family is built first if it is missing.
+    """
     from merges.checkpoint import open_checkpoint
     from merges.preflight import preflight
 
@@ -119,7 +122,7 @@ def plan_study(config: StudyConfig) -> StudyPlan:
     if models.demo_family and not (Path(models.base) / "config.json").exists():
         from studies.demo_family import ensure_family
 
-        ensure_family(Path(models.base).parent)
+        ensure_family(Path(models.base).parent, progress=progress)
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
     layout = preflight(base, sources)
@@ -229,7 +232,7 @@ def _sigint_handler(stop: _StopRequest) -> Iterator[None]:
 def run_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None,
               pool: WorkerPool | None = None) -> RunResult:
     """Run (or continue) a study up to its budget, then finalize it."""
-    plan = plan_study(config)
+    plan = plan_study(config, progress=not quiet)
     study = open_plan_study(plan)
     recover_interrupted(study, plan)
     done = _budget_used(study)
@@ -677,7 +680,7 @@ def _signed_mean(values: Sequence[float], directions: Sequence[str]) -> float:
 
 def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None) -> FinalizeResult:
     """``search finalize``: finalize an existing study (held-out re-score, final trial)."""
-    plan = plan_study(config)
+    plan = plan_study(config, progress=not quiet)
     study = storage.load_existing_study(config.name, config.storage)
     progress = Progress(config.trials, quiet=quiet, stream=stream)
     pool = make_pool(worker_setup(config), config.execution)

@@ -57,7 +57,8 @@ class Progress:
         if self._bar is not None:
             self._bar.n = state.done
             self._bar.set_postfix_str(
-                f"feasible {state.feasible} failed {state.failed} {best}", refresh=False
+                f"feasible {state.feasible} failed {state.failed} {best} {per_min:.1f} trials/min",
+                refresh=False,
             )
             self._bar.refresh()
             return

@@ -279,3 +279,34 @@ def test_malformed_study_fails_in_validation_with_the_key_path(
     assert len(lines) == 1, proc.stderr
     assert "genome.density.max" in lines[0] and "1.5" in lines[0]
     assert not (tmp_path / "out" / "study.db").exists()
+
+
+def test_export_writes_the_final_recipe_and_its_materialized_checkpoint(
+    tmp_path: Path, llama_family: TinyFamily, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search.cli import main
+
+    path = write_study(tmp_path, llama_family, trials=3, method="ties",
+                       genome_extra="density = { min = 0.3, max = 1.0 }")
+    config = load_study(path)
+    run_study(config, quiet=True)
+    study = load(path)
+    final = study.user_attrs["final_trial"]
+    assert isinstance(final, int)
+    recipe = tmp_path / "export" / "recipe.yaml"
+    merged = tmp_path / "merged"
+    assert main(["export", str(path), "-o", str(recipe), "--materialize", str(merged)]) == 0
+    text = recipe.read_text()
+    assert f"# trial: {final} (search trial); seed: 0" in text
+    assert "merge_method: ties" in text and "# scores (held-out slices): alpha" in text
+    trial = study.get_trials()[final]
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    for task in config.tasks:
+        assert score_slice(model, load_task(task, tokenizer).search) == trial.user_attrs["scores_search"][task.name]
+    # --trial picks another trial; a baseline is exportable too.
+    source = ranking.baseline_trials(study.get_trials())["source:s1"]
+    assert main(["export", str(path), "-o", str(recipe), "--trial", str(source.number)]) == 0
+    assert "(source:s1)" in recipe.read_text()
+    assert main(["export", str(path), "-o", str(recipe), "--trial", "999"]) == 2
+    assert "--trial 999: no such trial" in capsys.readouterr().err
