@@ -17,6 +17,7 @@ raises :class:`UnsupportedConfigError` with the reason; nothing is approximated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,11 @@ CATCH_ALL_ROLE = "norm"
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
-_SEED_LINE = re.compile(r"^#\s*mergesearch seed:\s*(-?\d+)\s*$", re.MULTILINE)
+# Facts of a recipe that change no tensor and that mergekit has no key for (the DARE seed,
+# passthrough sources no slice uses, the layer-slice form of an in-place passthrough) ride
+# in one JSON comment line, so that import inverts export exactly.
+_HINT_PREFIX = "# mergesearch: "
+_HINT_LINE = re.compile(r"^# mergesearch: (\{.*\})[ \t]*$", re.MULTILINE)
 _RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
@@ -233,8 +238,9 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> s
             f"# `mergekit-yaml --random-seed {recipe.seed}` reproduces them in distribution,",
             "# not bit for bit.",
         ]
-    if recipe.method in _RANDOM_METHODS or recipe.seed != 0:
-        lines.append(f"# mergesearch seed: {recipe.seed}")
+    hints = _hints_of(recipe, layout)
+    if hints:
+        lines.append(_HINT_PREFIX + json.dumps(hints, sort_keys=True))
 
     config: dict[str, object] = {"merge_method": recipe.method}
     if recipe.base is not None:
@@ -256,6 +262,33 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> s
         config.update(_layer_group_slices(recipe, spec, layout))
     body = yaml.dump(config, Dumper=_FlowDumper, sort_keys=False, default_flow_style=False, width=100)
     return "\n".join([*lines, body.rstrip(), ""]) if lines else body
+
+
+def _hints_of(recipe: Recipe, layout: Layout) -> dict[str, object]:
+    hints: dict[str, object] = {}
+    if recipe.method in _RANDOM_METHODS or recipe.seed != 0:
+        hints["seed"] = recipe.seed
+    if recipe.layer_slices:
+        pieces = recipe.layer_slices
+        if recipe.sources != tuple(dict.fromkeys(p.model for p in pieces)):
+            hints["sources"] = list(recipe.sources)
+        in_place = (len({p.model for p in pieces}) == 1 and pieces[0].start == 0
+                    and all(a.end == b.start for a, b in zip(pieces, pieces[1:], strict=False))
+                    and pieces[-1].end == layout.n_layers)
+        if in_place:
+            hints["layer_slices"] = True
+    return hints
+
+
+def _read_hints(text: str, where: str) -> dict[str, object]:
+    found = _HINT_LINE.findall(text)
+    if not found:
+        return {}
+    try:
+        hints = json.loads(found[-1])  # the exporter writes it after any header
+    except json.JSONDecodeError as exc:
+        raise UnsupportedConfigError(f"{where}: malformed '{_HINT_PREFIX.strip()}' comment: {exc}") from exc
+    return hints if isinstance(hints, dict) else {}
 
 
 def _passthrough_slices(recipe: Recipe) -> list[dict[str, object]]:
@@ -572,10 +605,17 @@ def recipe_from_mergekit(
         referenced = {s.model for sl in slices for s in sl.sources} | ({base} if base else set())
         dtype = _implied_dtype(referenced, opened, allow_pickle, where)
 
-    seed_lines = _SEED_LINE.findall(text)  # the exporter writes it after any header
-    seed = int(seed_lines[-1]) if seed_lines else 0
-    if method == "passthrough" and not _in_place(slices, checkpoint_layout):
+    hints = _read_hints(text, where)
+    seed = hints.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UnsupportedConfigError(f"{where}: seed in the '{_HINT_PREFIX.strip()}' comment must be an integer")
+    if method == "passthrough" and (hints.get("layer_slices") is True or not _in_place(slices, checkpoint_layout)):
         recipe = _passthrough_recipe(slices, top, base, checkpoint_layout, where)
+        listed = hints.get("sources")
+        if isinstance(listed, list) and all(isinstance(p, str) for p in listed):
+            paths = tuple(_model_path(p, f"{where}: sources comment", root) for p in listed)
+            if set(recipe.sources) <= set(paths):  # a stale comment is ignored
+                recipe = dataclasses.replace(recipe, sources=paths)
     else:
         recipe = _layer_group_recipe(method, slices, top, base, checkpoint_layout, spec, where)
     recipe = dataclasses.replace(recipe, dtype=dtype, out_dtype=out_dtype, seed=seed)

@@ -69,8 +69,8 @@ def _recipe(method: str, family: TinyFamily) -> Recipe:
     sources = tuple(str(s) for s in family.sources)
     n = len(sources)
     lam = _global([(1.0, 0.9, 1.1, 1.0, 1.2), (1.3,) * 5, (0.8, 1.0, 1.0, 1.1, 1.0)])
-    if method == "linear":
-        return Recipe(method, None, sources, GROUPS,
+    if method == "linear":  # with a base, as the genome writes it: mergekit ignores it for linear
+        return Recipe(method, base, sources, GROUPS,
                       tensor_params={"weight": _table(0.2, 0.1, 0.07, 0.13, n)},
                       global_params={"normalize": _global([(True,) * 5, (False,) * 5, (True,) * 5])})
     if method == "task_arithmetic":

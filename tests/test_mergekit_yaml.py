@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mergekit.config import ParameterSetting, evaluate_setting
 from pydantic import TypeAdapter
@@ -196,6 +196,15 @@ def _recipes(draw: st.DrawFn, n_layers: int) -> Recipe:
     dtype = draw(st.sampled_from(["float32", "bfloat16", "float16"]))
     out_dtype = draw(st.sampled_from([None, "float32", "bfloat16"]))
     seed = draw(st.integers(0, 2**31 - 1))
+    if method == "passthrough" and draw(st.booleans()):  # one model in place, scale per cell
+        cuts = sorted(draw(st.sets(st.integers(1, n_layers - 1))))
+        bounds = [0, *cuts, n_layers]
+        groups = tuple(zip(bounds, bounds[1:], strict=False))
+        scale = {}
+        if draw(st.booleans()):
+            scale["scale"] = tuple(tuple((v,) for v in draw(_row(_FLOATS))) for _ in groups)
+        return Recipe(method, draw(st.sampled_from([None, BASE])), (A,), groups, scale,
+                      dtype=dtype, out_dtype=out_dtype, seed=seed)
     if method == "passthrough":
         models = [BASE, A, B]
         pieces = []
@@ -204,15 +213,18 @@ def _recipes(draw: st.DrawFn, n_layers: int) -> Recipe:
             end = draw(st.integers(start + 1, n_layers))
             scale = draw(st.sampled_from([1.0, 0.5])) if draw(st.booleans()) else draw(_FLOATS)
             pieces.append(LayerSlice(draw(st.sampled_from(models)), start, end, scale))
-        in_place = (len({p.model for p in pieces}) == 1 and pieces[0].start == 0
-                    and all(a.end == b.start for a, b in zip(pieces, pieces[1:], strict=False))
-                    and pieces[-1].end == n_layers)
-        assume(not in_place)  # that one is written in the layer-group form
+        if draw(st.booleans()):  # in place: one model, its layers where they are
+            cuts = sorted(draw(st.sets(st.integers(1, n_layers - 1))))
+            bounds = [0, *cuts, n_layers]
+            model = draw(st.sampled_from(models))
+            pieces = [LayerSlice(model, a, b, draw(_FLOATS)) for a, b in zip(bounds, bounds[1:], strict=False)]
         groups, start = [], 0
         for piece in pieces:
             groups.append((start, start + piece.end - piece.start))
             start += piece.end - piece.start
         sources = tuple(dict.fromkeys(p.model for p in pieces))
+        if draw(st.booleans()):  # the genome lists every source, used or not
+            sources = tuple(dict.fromkeys([*draw(st.permutations(models)), *sources]))
         base = draw(st.sampled_from([None, BASE]))
         return Recipe(method, base, sources, tuple(groups), layer_slices=tuple(pieces),
                       dtype=dtype, out_dtype=out_dtype, seed=seed)
@@ -411,8 +423,9 @@ def test_a_base_listed_among_sources_is_written_once_as_the_base(llama_layout: L
 
 def test_a_header_cannot_change_the_recorded_seed(llama_layout: Layout, tmp_path: Path) -> None:
     recipe = Recipe.uniform("dare_linear", BASE, [A], 4, tensor_params={"weight": [1.0], "density": [0.5]}, seed=9)
-    text = recipe_to_mergekit(recipe, llama_layout, header="mergesearch seed: 1\nfrom trial 3")
-    assert text.splitlines()[:2] == ["# mergesearch seed: 1", "# from trial 3"]
+    text = recipe_to_mergekit(recipe, llama_layout, header='mergesearch: {"seed": 1}\nfrom trial 3')
+    assert text.splitlines()[:2] == ['# mergesearch: {"seed": 1}', "# from trial 3"]
+    assert '# mergesearch: {"seed": 9}' in text
     config = tmp_path / "recipe.txt"  # a path given as a string, whatever its suffix
     config.write_text(text)
     assert recipe_from_mergekit(str(config), layout=llama_layout) == recipe
