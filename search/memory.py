@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-RUNTIME_BYTES = 512 * 1024**2
-"""Python + torch + transformers + the Ray worker runtime, measured around 0.4-0.5 GiB RSS."""
+RUNTIME_BYTES = 640 * 1024**2
+"""Python + torch + transformers + the Ray worker runtime: a Ray trial actor on the demo
+family (tensors ~20 MB) measured 0.57 GiB RSS (benchmarks/search_throughput.py)."""
 KEY_BYTES = 4
 """The engine's cached per-entry keys (magnitude ranks, DARE keys) are int32."""
 DEFAULT_SEQ_LEN_CAP = 512
