@@ -365,3 +365,31 @@ def test_search_merge_matches_mergekit_on_the_same_yaml(form: str, family: TinyF
     assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
+
+
+def test_search_merge_matches_mergekit_on_its_canonical_slerp_example(llama_family: TinyFamily,
+                                                                     tmp_path: Path) -> None:
+    """mergekit's README example: slerp with per-role gradients of t across all layers."""
+    text = f"""
+slices:
+  - sources:
+      - model: {llama_family.base}
+        layer_range: [0, 4]
+      - model: {llama_family.sources[1]}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {llama_family.base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+    config = tmp_path / "slerp.yaml"
+    config.write_text(text)
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    layout = _layout(llama_family)
+    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), _mergekit(text, tmp_path / "mk"), layout)

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "in distribution, not bit for bit. The output folder is written atomically."
         ),
     )
-    parser.add_argument("config", type=Path, help="the mergekit YAML (e.g. one `search export` wrote)")
+    parser.add_argument("config", type=Path, metavar="CONFIG", help="the mergekit YAML (e.g. one `search export` wrote)")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write the merged checkpoint to")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the engine merges (default: cpu)")
