@@ -6,14 +6,18 @@ Usage::
                                     [--batch-size 64] [--generate-batch-size 64] [--threads N]
                                     [--root FAMILY_DIR]
 
-Scores every demo task's slice with one model (a demo checkpoint folder name: ``base``,
-``shipping``, ``refunds``, ``catalog``) twice: with :func:`fitness.scoring.score_examples`
-(one forward pass per pre-tokenised batch) and with ``model.generate(do_sample=False)``
-on the same prompt tokens (left-padded batches of ``--generate-batch-size``; 1 gives
-plain one-prompt-at-a-time decoding), decoding each continuation up to ``<eos>`` and
-comparing it with the answer text. Prints examples per second for both (median of
-``--repeats`` runs for the fast scorer; generate runs once), the speed ratio, whether
-every per-example result agrees, and ends with one JSON line::
+Scores every demo task's slice with one model twice: with
+:func:`fitness.scoring.score_examples` (one forward pass per pre-tokenised batch) and
+with ``model.generate(do_sample=False)`` on the same prompt tokens, one prompt at a time
+(plain greedy decoding; ``--generate-batch-size N`` uses left-padded batches instead),
+decoding each continuation up to ``<eos>`` and comparing it with the answer text. The
+model is a demo checkpoint folder (``base``, ``shipping``, ``refunds``, ``catalog``) or
+``task_arithmetic`` (default): base + the sum of the three specialists' task vectors
+(what a merge search starts from), whose exact match is neither all 0 nor all 1, so the
+agreement check means something. Prints examples
+per second for both (median of ``--repeats`` runs for the fast scorer; generate runs
+once), the ratio, whether every per-example result agrees, and, for reference, batched
+generate (batch 64) too; ends with one JSON line::
 
     {"fast_examples_per_s": ..., "generate_examples_per_s": ..., "ratio": ..., "agree": true}
 
@@ -56,6 +60,17 @@ def family_root(root: Path | None) -> Path:
     return ensure_family(cache, progress=True).root
 
 
+def load_model(root: Path, name: str) -> PreTrainedModel:
+    """A demo checkpoint, or ``task_arithmetic``: base + sum of (specialist - base), lambda 1."""
+    if name != "task_arithmetic":
+        return AutoModelForCausalLM.from_pretrained(root / name).eval()
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    base = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    specialists = [AutoModelForCausalLM.from_pretrained(root / task).state_dict() for task in TASKS]
+    model.load_state_dict({key: base[key] + sum(s[key] - base[key] for s in specialists) for key in base})
+    return model
+
+
 def generate_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: EncodedSlice,
                    batch_size: int) -> list[float]:
     """Greedy ``generate`` per example: 1.0 when the text up to eos equals the answer."""
@@ -88,11 +103,12 @@ def generate_exact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="shipping", help="demo checkpoint folder (default: shipping)")
+    parser.add_argument("--model", default="task_arithmetic",
+                        help="demo checkpoint folder, or 'task_arithmetic' (default)")
     parser.add_argument("--split", choices=("search", "heldout"), default="heldout")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the fast scorer (median)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--generate-batch-size", type=int, default=64)
+    parser.add_argument("--generate-batch-size", type=int, default=1, help="1: plain per-prompt generate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--root", type=Path, default=None, help="an already built family folder")
     args = parser.parse_args(argv)
@@ -101,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = family_root(args.root)
     tokenizer = AutoTokenizer.from_pretrained(root / "base")
-    model = AutoModelForCausalLM.from_pretrained(root / args.model).eval()
+    model = load_model(root, args.model)
     slices = []
     for task in TASKS:
         folder = root / "data" / task
@@ -125,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     slow = [value for data in slices for value in generate_exact(model, tokenizer, data, args.generate_batch_size)]
     slow_s = time.perf_counter() - start
 
+    start = time.perf_counter()
+    batched = [value for data in slices for value in generate_exact(model, tokenizer, data, 64)]
+    batched_s = time.perf_counter() - start
+
     disagreements = [i for i, (a, b) in enumerate(zip(fast, slow, strict=True)) if a != b]
+    batched_disagreements = sum(a != b for a, b in zip(fast, batched, strict=True))
     offset = 0
     for data in slices:
         accuracy = sum(fast[offset: offset + data.n]) / data.n
@@ -134,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fast scorer: {fast_s:.3f} s median of {len(fast_times)} "
           f"({', '.join(f'{t:.3f}' for t in fast_times)}): {n / fast_s:.1f} examples/s")
     print(f"generate (greedy, batch {args.generate_batch_size}): {slow_s:.3f} s: {n / slow_s:.1f} examples/s")
+    print(f"generate (greedy, batch 64, for reference): {batched_s:.3f} s: {n / batched_s:.1f} examples/s, "
+          f"{batched_s / fast_s:.1f}x the fast scorer's time, "
+          f"agreement {n - batched_disagreements}/{n}")
     print(f"ratio {slow_s / fast_s:.1f}x; per-example agreement: {n - len(disagreements)}/{n}")
     result = {
         "fast_examples_per_s": round(n / fast_s, 2),
