@@ -195,7 +195,7 @@ def _scalar_out(value: Scalar) -> float | bool:
     return value
 
 
-def _setting(values: Sequence[Scalar], filters: Sequence[tuple[str, str]]) -> object:
+def _setting(values: Sequence[Scalar], filters: Sequence[tuple[str, str]]) -> float | bool | list[_FilterEntry]:
     """One role-indexed row as a mergekit setting: a scalar, or filters plus a catch-all."""
     by_role = dict(zip(ROLES, (_scalar_out(v) for v in values), strict=True))
     first = by_role[ROLES[0]]
@@ -206,14 +206,15 @@ def _setting(values: Sequence[Scalar], filters: Sequence[tuple[str, str]]) -> ob
     return entries
 
 
-def _verify_setting(setting: object, values: Sequence[Scalar], layout: Layout, where: str) -> None:
+def _verify_setting(setting: float | bool | list[_FilterEntry], values: Sequence[Scalar], layout: Layout,
+                    where: str) -> None:
     """Simulate mergekit on every tensor of the layout; the role's value must come out."""
     if not isinstance(setting, list):
         return
-    conditions = tuple(_Condition(e.get("filter"), e["value"]) for e in setting)  # type: ignore[union-attr]
+    conditions = tuple(_Condition(entry.get("filter"), entry["value"]) for entry in setting)
     for info in layout.tensors:
-        got = _evaluate(conditions, info.name, 0.0, _as_float_or_bool, where)
         want = _scalar_out(values[ROLES.index(info.role)])
+        got = _evaluate(conditions, info.name, 0.0, _Validator(type(want), where), where)
         if got != want:
             raise UnsupportedConfigError(
                 f"{where}: mergekit would give tensor {info.name!r} ({info.role}) {got!r}, not {want!r}"
@@ -380,59 +381,60 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
 # -- import: mergekit's parameter semantics ----------------------------------------
 
 
+RawScalar = bool | int | float | str  # a YAML scalar, before the parameter's type applies
+Gradient = tuple[RawScalar, ...]  # interpolated across the layers of a slice
+
+
 @dataclass(frozen=True)
 class _Condition:
+    """``{filter: ..., value: ...}``; no filter (or ``*``) matches every tensor."""
+
     filter: str | None
-    value: object  # a scalar or a gradient list
+    value: RawScalar | Gradient
+
+
+Setting = RawScalar | Gradient | tuple[_Condition, ...]  # mergekit's ParameterSetting
+Parameters = Mapping[str, Setting]
 
 
 @dataclass(frozen=True)
 class _Source:
     model: str
     layer_range: tuple[int, int]
-    parameters: Mapping[str, object]
+    parameters: Parameters
 
 
 @dataclass(frozen=True)
 class _Slice:
     sources: tuple[_Source, ...]
-    parameters: Mapping[str, object]
+    parameters: Parameters
     where: str
-
-
-def _as_float_or_bool(value: object) -> float | bool:
-    return value if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
 
 
 def _is_scalar(value: object) -> bool:
     return isinstance(value, bool | int | float | str)
 
 
-def _evaluate(setting: object, tensor_name: str, t: float, validate: _Validator, where: str) -> Scalar | None:
+def _evaluate(setting: Setting, tensor_name: str, t: float, validate: _Validator, where: str) -> Scalar | None:
     """mergekit.config.evaluate_setting, for one tensor at gradient position ``t``."""
-    if isinstance(setting, _Condition):
-        setting = (setting,)
-    if _is_scalar(setting):
+    if isinstance(setting, bool | int | float | str):
         return validate(setting)
-    if isinstance(setting, tuple | list):
-        if not setting:
-            return None
-        if all(_is_scalar(e) for e in setting):
-            values = [validate(e) for e in setting]
-            if not all(isinstance(v, float) for v in values):
-                return values[int(t * (len(values) - 1))]
-            scaled = t * (len(setting) - 1)
-            i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = scaled - i0
-            return validate((1 - frac) * values[i0] + frac * values[i1])  # type: ignore[operator]
-        for cond in setting:
-            if not isinstance(cond, _Condition):
-                raise UnsupportedConfigError(f"{where}: a list mixes filter entries and plain values")
-            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-                return _evaluate(cond.value, tensor_name, t, validate, where)
+    if not setting:
         return None
-    raise UnsupportedConfigError(f"{where}: unexpected parameter value {setting!r}")
+    conditions = [e for e in setting if isinstance(e, _Condition)]
+    if not conditions:
+        values = [validate(e) for e in setting if not isinstance(e, _Condition)]
+        if not all(isinstance(v, float) for v in values):  # booleans select, numbers interpolate
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return validate((1 - frac) * float(values[i0]) + frac * float(values[i1]))
+    for cond in conditions:
+        if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+            return _evaluate(cond.value, tensor_name, t, validate, where)
+    return None
 
 
 class _Validator:
@@ -467,15 +469,14 @@ _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": Tru
                "1": True, "0": False, "t": True, "f": False, "y": True, "n": False}
 
 
-def _has_gradient(setting: object) -> bool:
-    if isinstance(setting, _Condition):
-        return _has_gradient(setting.value)
-    if isinstance(setting, tuple | list):
-        return any(_has_gradient(e) for e in setting) if not all(_is_scalar(e) for e in setting) else len(setting) > 1
-    return False
+def _has_gradient(setting: Setting) -> bool:
+    if not isinstance(setting, tuple):
+        return False
+    values = [c.value for c in setting if isinstance(c, _Condition)]
+    return any(isinstance(v, tuple) and len(v) > 1 for v in values) or (not values and len(setting) > 1)
 
 
-def _parse_setting(raw: object, where: str) -> object:
+def _parse_setting(raw: object, where: str) -> Setting:
     """YAML value -> scalar, gradient tuple, or tuple of _Condition (mergekit's ParameterSetting)."""
     if isinstance(raw, Mapping):
         return (_condition(raw, where),)
@@ -485,7 +486,7 @@ def _parse_setting(raw: object, where: str) -> object:
         if all(isinstance(e, Mapping) for e in raw):
             return tuple(_condition(e, where) for e in raw)
         raise UnsupportedConfigError(f"{where}: a list mixes filter entries and plain values")
-    if _is_scalar(raw):
+    if isinstance(raw, bool | int | float | str):
         return raw
     raise UnsupportedConfigError(f"{where}: unexpected parameter value {raw!r}")
 
@@ -669,7 +670,7 @@ def _dtype(raw: object, where: str) -> str | None:
     return name
 
 
-def _parameters(raw: object, where: str) -> dict[str, object]:
+def _parameters(raw: object, where: str) -> dict[str, Setting]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -677,7 +678,7 @@ def _parameters(raw: object, where: str) -> dict[str, object]:
     return {str(k): _parse_setting(v, f"{where}.{k}") for k, v in raw.items()}
 
 
-def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, dict[str, object]]]:
+def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, Parameters]]:
     if not isinstance(raw, list) or not raw:
         raise UnsupportedConfigError(f"{where}: models: expected a non-empty list")
     out = []
@@ -721,7 +722,7 @@ def _slice_list(raw: object, where: str, root: Path, base: str | None) -> list[_
     return out
 
 
-def _models_as_slice(models: list[tuple[str, dict[str, object]]], base: str | None, n_layers: int,
+def _models_as_slice(models: list[tuple[str, Parameters]], base: str | None, n_layers: int,
                      method: str, spec: MethodSpec, where: str) -> _Slice:
     """mergekit's normalize_config: one slice over all layers, the base appended when absent."""
     sources = [_Source(model, (0, n_layers), params) for model, params in models]
@@ -784,7 +785,7 @@ def _probes(layout: Layout, layers: Sequence[tuple[int, int | None, float]], fir
     return probes
 
 
-def _resolve(param: _Parameter, chain: Sequence[Mapping[str, object]], tensor: str, t: float,
+def _resolve(param: _Parameter, chain: Sequence[Parameters], tensor: str, t: float,
              where: str) -> Scalar | None:
     """mergekit.parameter_resolver.resolve_parameter: first scope whose setting gives a value."""
     validate = _Validator(param.kind, f"{where}: {param.name}")
@@ -796,7 +797,7 @@ def _resolve(param: _Parameter, chain: Sequence[Mapping[str, object]], tensor: s
     return param.default
 
 
-def _role_value(param: _Parameter, chain: Sequence[Mapping[str, object]], role: str,
+def _role_value(param: _Parameter, chain: Sequence[Parameters], role: str,
                 probes: list[tuple[str, float]], where: str) -> Scalar:
     values = [(name, _resolve(param, chain, name, t, where)) for name, t in probes]
     first_name, first = values[0]
@@ -812,9 +813,9 @@ def _role_value(param: _Parameter, chain: Sequence[Mapping[str, object]], role: 
     return first
 
 
-def _check_parameter_names(slices: Sequence[_Slice], top: Mapping[str, object], method: str,
+def _check_parameter_names(slices: Sequence[_Slice], top: Parameters, method: str,
                            params: Mapping[str, _Parameter], where: str) -> None:
-    scopes: list[tuple[str, Mapping[str, object], bool]] = [(f"{where}: parameters", top, False)]
+    scopes: list[tuple[str, Parameters, bool]] = [(f"{where}: parameters", top, False)]
     for sl in slices:
         scopes.append((f"{sl.where}.parameters", sl.parameters, False))
         scopes += [(f"{sl.where} ({s.model}).parameters", s.parameters, True) for s in sl.sources]
@@ -832,7 +833,7 @@ def _check_parameter_names(slices: Sequence[_Slice], top: Mapping[str, object], 
                 )
 
 
-def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Mapping[str, object], base: str | None,
+def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, base: str | None,
                         layout: Layout, spec: MethodSpec, where: str) -> Recipe:
     params = _parameters_of(spec)
     _check_parameter_names(slices, top, method, params, where)
@@ -917,7 +918,7 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Mapping[str,
     )
 
 
-def _passthrough_recipe(slices: Sequence[_Slice], top: Mapping[str, object], base: str | None,
+def _passthrough_recipe(slices: Sequence[_Slice], top: Parameters, base: str | None,
                         layout: Layout, where: str) -> Recipe:
     scale = _Parameter("scale", True, float, 1.0)
     _check_parameter_names(slices, top, "passthrough", {"scale": scale}, where)
