@@ -12,6 +12,11 @@ gradients interpolated per layer with mergekit's own formula; tensors outside th
 layers take the first slice's values for the embeddings and the last slice's for the
 final norm and head, both at ``t = 0``). Whatever the engine cannot reproduce exactly
 raises :class:`UnsupportedConfigError` with the reason; nothing is approximated.
+
+The few recipe facts that change no tensor and have no mergekit key (the seed of DARE /
+DELLA masks, passthrough sources no slice uses, the layer-slice form of a passthrough that
+keeps one model's layers in place) are written as one ``# mergesearch: {json}`` comment
+line, so that ``recipe_from_mergekit(recipe_to_mergekit(r, layout)) == r`` for every recipe.
 """
 
 from __future__ import annotations

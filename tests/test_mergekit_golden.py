@@ -107,6 +107,9 @@ def _recipe(method: str, family: TinyFamily) -> Recipe:
         # plans those tensors with the first / last slice's parameters).
         pieces = (LayerSlice(sources[2], 1, 4, 0.8), LayerSlice(sources[0], 0, 2, 1.25))
         return Recipe("passthrough", base, (sources[2], sources[0]), ((0, 3), (3, 5)), layer_slices=pieces)
+    if method == "passthrough_roles":
+        # One model in place, a scale per layer group and role (written with role filters).
+        return Recipe("passthrough", base, sources[:1], GROUPS, tensor_params={"scale": _table(0.5, 0.2, 0.1, 0, 1)})
     raise AssertionError(method)
 
 
@@ -148,7 +151,7 @@ def family(request: pytest.FixtureRequest) -> TinyFamily:
 # -- deterministic methods --------------------------------------------------------------
 
 DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
-                 "model_stock", "passthrough", "passthrough_scaled"]
+                 "model_stock", "passthrough", "passthrough_scaled", "passthrough_roles"]
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC)
