@@ -266,7 +266,8 @@ def task_scores_figure(view: StudyView) -> Figure | Omitted:
                       line={"color": "red", "dash": "dash", "width": 2})
         sign = ">=" if gate.higher_is_better else "<="
         fig.add_annotation(x=index, y=gate.limit, text=f"{gate.name} {sign} {gate.limit:.3f}",
-                           showarrow=False, yshift=10, font={"color": "red", "size": 11})
+                           showarrow=False, yshift=10, font={"color": "red", "size": 11},
+                           bgcolor="rgba(255,255,255,0.85)")
     if not bars:
         shown = [float(v) for _, scores, _ in rows for v in scores.values()] + [g.limit for g in limits]
         pad = 0.1 * (max(shown) - min(shown) or 1.0)
@@ -335,11 +336,13 @@ def recipe_figure(view: StudyView) -> Figure | Omitted:
                 y.append(label if len(roles) == 1 else f"{label} / {role}")
         fig.add_trace(go.Heatmap(
             z=z, x=[_column_name(recipe, c, g) for c, g in columns], y=y, text=text,
-            texttemplate="%{text}", colorscale="Viridis", showscale=row == 1,
+            texttemplate="%{text}", coloraxis="coloraxis",
             hovertemplate=name + " %{y}, %{x}: %{z:.4f}<extra></extra>",
         ), row=row, col=1)
         height += 60 + 32 * len(y)
-    fig.update_layout(height=120 + height)
+    fig.update_yaxes(autorange="reversed")  # sources top to bottom in study order
+    # One colour scale for all parameters, so equal colours mean equal values.
+    fig.update_layout(height=120 + height, coloraxis={"colorscale": "Viridis"})
     shared = ", ".join(
         f"{name} = {_global_text(recipe, name)}" for name in recipe.global_params
     )
@@ -511,7 +514,7 @@ h1{margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-
 table{border-collapse:collapse;margin:.6em 0} td,th{border:1px solid #ccc;padding:.25em .7em;
   text-align:right} th:first-child,td:first-child{text-align:left}
 .pass{color:#1a7f37} .fail{color:#cf222e;font-weight:600} .muted{color:#666}
-figcaption{color:#555;margin-top:.3em} pre{background:#f6f8fa;padding:.8em;overflow:auto;
+.report-figure,.report-omitted{margin:2em 0} figcaption{color:#555;margin-top:.3em} pre{background:#f6f8fa;padding:.8em;overflow:auto;
   font-size:12px} #report-errors{color:#cf222e}
 """
 
@@ -595,7 +598,7 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         f"<th>margin (held-out)</th></tr>{''.join(gates)}</table>" if gates else "<p>The study has no gates.</p>"
     )
     recipe = (
-        f"<details open><summary>mergekit YAML (what <code>search export</code> writes)</summary>"
+        f"<details><summary>mergekit YAML (what <code>search export</code> writes)</summary>"
         f"<pre id='chosen-recipe'>{html.escape(recipe_text)}</pre></details>" if recipe_text else ""
     )
     return (
