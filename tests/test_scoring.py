@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from transformers import (
 from fitness.errors import FitnessError
 from fitness.metrics import higher_is_better
 from fitness.scoring import score_examples, score_slice
-from fitness.slices import EncodedSlice, SliceExample, TaskSpec, load_task
+from fitness.slices import EncodedBatch, EncodedSlice, SliceExample, TaskSpec, load_task
 from tests.checkpoints import tiny_tokenizer
 from tests.test_slices import write_jsonl
 
@@ -225,6 +225,32 @@ def test_results_do_not_depend_on_batching_or_train_mode(gpt2: Trained) -> None:
         assert gpt2.model.training
     finally:
         gpt2.model.eval()
+
+
+def _left_padded(batch: EncodedBatch) -> EncodedBatch:
+    """The same rows with their padding moved to the front."""
+    shifts = (batch.attention_mask == 0).sum(dim=1).tolist()
+
+    def roll(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([row.roll(shift) for row, shift in zip(t, shifts, strict=True)])
+
+    mask = roll(batch.attention_mask)
+    answer, stop = roll(batch.answer_mask), roll(batch.stop_mask)
+    return replace(
+        batch, input_ids=roll(batch.input_ids), attention_mask=mask,
+        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), target_ids=roll(batch.target_ids),
+        answer_mask=answer, stop_mask=stop,
+        scored_columns=torch.nonzero((answer | stop).any(dim=0)).flatten(),
+    )
+
+
+def test_left_padded_batches_score_the_same(gpt2: Trained) -> None:
+    """GPT-2's absolute positions make wrong position ids visible."""
+    for metric in ("exact_match", "loglik"):
+        data = load_task(TaskSpec("toy", gpt2.data_file, metric=metric), gpt2.tokenizer, batch_size=9).search
+        left = replace(data, batches=tuple(_left_padded(b) for b in data.batches))
+        assert any(bool(b.attention_mask[:, 0].eq(0).any()) for b in left.batches)
+        assert score_examples(gpt2.model, left) == pytest.approx(score_examples(gpt2.model, data), abs=1e-5)
 
 
 def test_slice_moved_to_device_scores_the_same(llama: Trained) -> None:
