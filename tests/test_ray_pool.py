@@ -207,6 +207,28 @@ def test_unreachable_address_fails_fast_naming_it(setup_and_execution) -> None:
     assert not ray.is_initialized()
 
 
+def test_pool_starts_and_stops_its_own_local_runtime(setup_and_execution, llama_family: TinyFamily) -> None:
+    from dataclasses import replace
+
+    import ray
+
+    from search.ray_pool import RayPool
+
+    assert not ray.is_initialized()  # runs before this module's shared Ray runtime starts
+    setup, execution = setup_and_execution
+    pool = RayPool(setup, replace(execution, workers=1))
+    try:
+        assert ray.is_initialized()
+        (node,) = [n for n in ray.nodes() if n["Alive"]]  # a private one-node runtime
+        assert pool.workers()[0]["node_id"] == node["NodeID"]
+        pool.submit(7, uniform_recipe(llama_family, (0.2, 0.3, 0.5)))
+        [(ticket, outcome)] = pool.wait(timeout=120)
+        assert ticket == 7 and outcome.error is None and set(outcome.scores) == {"alpha", "beta"}
+    finally:
+        pool.close()
+    assert not ray.is_initialized()  # the pool started this runtime, so close() stopped it
+
+
 def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
     ray_runtime: None, setup_and_execution, llama_family: TinyFamily
 ) -> None:
