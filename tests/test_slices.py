@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -304,3 +307,26 @@ def test_byte_level_bpe_answers_are_the_tokens_of_the_joined_text(tmp_path: Path
         whole = tokenizer(f"{example.prompt} {example.answer}")["input_ids"]
         assert [*example.prompt_ids, *example.answer_ids] == whole
     assert data.search.end_token_id == tokenizer.eos_token_id
+
+
+WORDS = st.lists(st.sampled_from([f"w{i}" for i in range(60)]), min_size=1, max_size=6).map(" ".join)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(WORDS, WORDS), min_size=2, max_size=20, unique_by=lambda p: p[0]),
+    batch_size=st.integers(1, 8),
+)
+def test_any_rows_round_trip_through_the_batches(pairs: list[tuple[str, str]], batch_size: int) -> None:
+    tokenizer = tiny_tokenizer(("=",))
+    with tempfile.TemporaryDirectory() as folder:
+        source = write_jsonl(Path(folder) / "all.jsonl", [{"prompt": p, "answer": a} for p, a in pairs])
+        data = load_task(TaskSpec("toy", source, heldout_fraction=0.5), tokenizer, batch_size=batch_size)
+    examples = (*data.search.examples, *data.heldout.examples)
+    assert sorted((e.prompt, e.answer) for e in examples) == sorted(pairs)
+    for example in examples:
+        assert list(example.prompt_ids) == [tokenizer.bos_token_id, *word_ids(tokenizer, example.prompt)]
+        assert list(example.answer_ids) == word_ids(tokenizer, example.answer)
+    for encoded in (data.search, data.heldout):
+        assert all(len(batch.example_index) <= batch_size for batch in encoded.batches)
+        _assert_batches_hold_every_example(encoded, tokenizer.eos_token_id)
