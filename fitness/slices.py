@@ -413,15 +413,13 @@ class _Encoder:
 
     def encode(self, split: str, rows: Sequence[_Row], batch_size: int) -> EncodedSlice:
         examples = tuple(self._example(row) for row in rows)
+        stop = [] if self.end_token_id is None else [self.end_token_id]
         sequences: list[_Sequence] = []
         for index, example in enumerate(examples):
             for choice, continuation in enumerate(example.continuation_ids):
-                ids = [*example.prompt_ids, *continuation]
-                has_stop = self.end_token_id is not None
-                if has_stop:
-                    ids.append(self.end_token_id)  # type: ignore[arg-type]
+                ids = [*example.prompt_ids, *continuation, *stop]
                 start = len(example.prompt_ids)
-                sequences.append(_Sequence(index, choice, ids, start, start + len(continuation), has_stop))
+                sequences.append(_Sequence(index, choice, ids, start, start + len(continuation), bool(stop)))
         # sort by length so batches carry little padding; stable, so deterministic
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].ids))
         batches = tuple(
