@@ -13,15 +13,13 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from merges.checkpoint import Checkpoint, open_checkpoint
-from merges.engine import MergeEngine
-from merges.mergekit_yaml import recipe_from_mergekit
-from merges.recipe import Recipe
-from merges.save import save_checkpoint
 from search.errors import SearchError
+
+if TYPE_CHECKING:  # torch, transformers and the engine load in run(): `search --help` stays fast
+    from merges.checkpoint import Checkpoint
+    from merges.recipe import Recipe
 
 # config.json keys that hold the layer count (a frankenmerge changes it).
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -53,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     started = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SearchError("--device cuda: no CUDA device is available")
@@ -65,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
 def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int | None = None,
                  allow_pickle: bool = False) -> Path:
     """Merge what ``config`` describes into ``out_dir``; returns the folder written."""
+    import torch
+
+    from merges.engine import MergeEngine
+    from merges.mergekit_yaml import recipe_from_mergekit
+    from merges.save import save_checkpoint
+
     if not config.is_file():
         raise SearchError(f"{config}: no such mergekit config file")
     recipe = recipe_from_mergekit(config, allow_pickle=allow_pickle)
@@ -81,6 +87,8 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
 
 
 def _open(recipe: Recipe, allow_pickle: bool) -> tuple[Checkpoint | None, list[Checkpoint]]:
+    from merges.checkpoint import open_checkpoint
+
     base = open_checkpoint(recipe.base, allow_pickle=allow_pickle) if recipe.base else None
     sources = [open_checkpoint(path, allow_pickle=allow_pickle) for path in recipe.sources]
     return base, sources
