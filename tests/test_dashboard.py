@@ -32,6 +32,7 @@ from search import ranking
 from search.annotate import chosen_trial
 from search.cli import main
 from search.config import StudyConfig
+from search.report import build_report
 from tests.checkpoints import TinyFamily
 from tests.studies import gated_study, run
 
@@ -183,6 +184,11 @@ def test_the_chosen_trial_carries_a_note_with_why_and_its_gates(served: Served) 
     assert [n for n, b in notes.items() if b] == [chosen.number]
     study_note = detail["note"]["body"]
     assert study_note.startswith(f"## Chosen recipe: trial {chosen.number}")
+    # The report picks the same trial and shows the same gate margins.
+    report = build_report(served.study, task_higher={t.name: True for t in served.config.tasks})
+    assert f"data-trial='{chosen.number}'" in report
+    for margin in chosen.user_attrs["gate_margins"].values():
+        assert f"{margin:+.4f} pass" in report
 
 
 def test_a_taken_port_or_a_missing_study_is_a_one_line_error(

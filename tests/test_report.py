@@ -15,6 +15,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fitness.metrics import higher_is_better
 from merges.mergekit_yaml import recipe_from_mergekit
@@ -210,3 +212,25 @@ def test_multi_objective_report_has_the_feasible_pareto_front(multi: Built, tmp_
     assert {t.number for t in pareto_front(view.search, view.directions)} == {
         view.search[t.number].number for t in scratch.best_trials
     }
+
+
+point = st.tuples(
+    st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=2, max_size=2),  # ties on purpose
+    st.sampled_from([-0.5, 0.0, 0.5]),  # gate constraint: <= 0 passes
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points=st.lists(point, max_size=12), directions=st.lists(st.sampled_from(["maximize", "minimize"]),
+                                                                  min_size=2, max_size=2))
+def test_pareto_front_is_optunas_feasible_front(points: list[tuple[list[float], float]],
+                                                directions: list[str]) -> None:
+    trials = [
+        optuna.trial.create_trial(values=values, user_attrs={"kind": "search"},
+                                  system_attrs={"constraints": [constraint]})
+        for values, constraint in points
+    ]
+    scratch = optuna.create_study(directions=directions)
+    scratch.add_trials(trials)
+    stored = scratch.get_trials()
+    assert {t.number for t in pareto_front(stored, directions)} == {t.number for t in scratch.best_trials}
