@@ -3,8 +3,9 @@
 Each actor builds a ``TrialWorker`` from disk in its own ``__init__`` (base and sources
 stay resident on its device), so Ray can rebuild it after a crash (``max_restarts``).
 Per trial only the recipe dict goes in and only the ``TrialOutcome`` comes back; no
-tensor crosses the object store. ``wait`` hands back trials as they finish, so the
-driver refills a worker the moment it frees up instead of waiting for a generation.
+tensor crosses the object store. ``wait`` hands back trials as they finish, and a trial
+queued behind each worker starts the moment that worker frees up, so the workers stay
+busy while the driver stores results and samples, without a generation barrier.
 
 A trial whose worker dies (SIGKILL, OOM kill, node loss) is re-run once on a live
 worker; if that worker dies too, the trial comes back failed with the reason. A dead
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from search.config import ExecutionConfig
     from search.worker import TrialOutcome, WorkerSetup
 
+QUEUED_PER_WORKER = 1
+"""Trials queued behind each busy worker: the next one starts the moment a worker returns,
+while the driver is still storing the last result and sampling (its time is then hidden
+behind the workers' instead of added to every trial)."""
 RERUNS_AFTER_DEATH = 1
 """How often a trial whose worker died is run again before it is reported failed."""
 STARTUP_TIMEOUT_S = 900.0
@@ -129,7 +134,9 @@ class RayPool:
         self._dispatch()
 
     def free_slots(self) -> int:
-        return max(0, len(self._idle) - len(self._pending))
+        """Trials the pool takes now: a running one plus ``QUEUED_PER_WORKER`` waiting, per worker up."""
+        up = self._alive() - len(self._probes)
+        return max(0, up * (1 + QUEUED_PER_WORKER) - len(self._running) - len(self._pending))
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]:
         """Finished ``(ticket, outcome)`` pairs: at least one, unless ``timeout`` s pass or nothing is queued.
@@ -157,6 +164,7 @@ class RayPool:
                     self._probed(ref)
             if self._alive() == 0:
                 self._fail_pending()
+        self._dispatch()  # freed workers take queued trials before the driver gets control
         finished, self._finished = self._finished, []
         return finished
 

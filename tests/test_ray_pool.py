@@ -239,7 +239,7 @@ def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
     setup, execution = setup_and_execution
     pool = RayPool(setup, execution)
     try:
-        assert pool.size == 2 and pool.free_slots() == 2
+        assert pool.size == 2 and pool.free_slots() == 4  # one running + one queued per worker
         before = pool.workers()
         pids = {int(w["pid"]) for w in before}
         assert len(pids) == 2 and os.getpid() not in pids
@@ -249,9 +249,10 @@ def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
         recipes = {t: uniform_recipe(llama_family, (0.2 + 0.1 * t, 0.3, 0.5)) for t in range(6)}
         pool.submit(0, recipes[0])  # actor 0 (the frozen one) takes ticket 0
         pool.submit(1, recipes[1])
-        assert pool.free_slots() == 0
-        for ticket in range(2, 6):  # queued behind the busy workers
+        assert pool.free_slots() == 2 and pool.pending() == []
+        for ticket in range(2, 6):  # queued behind the busy workers, past the free slots
             pool.submit(ticket, recipes[ticket])
+        assert pool.free_slots() == 0 and pool.pending() == [2, 3, 4, 5]
         with pytest.raises(SearchError, match="ticket 3 is already"):
             pool.submit(3, recipes[3])
         os.kill(victim, signal.SIGKILL)
@@ -276,7 +277,7 @@ def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
         # Ray restarted the killed actor (new pid); the pool uses it again
         after = pool.workers()
         assert len(after) == 2 and victim not in {int(w["pid"]) for w in after}
-        assert pool.free_slots() == 2
+        assert pool.free_slots() == 4
         # the same recipe gives the same scores on any worker (resident models, in-place merge)
         pool.submit(10, recipes[0])
         pool.submit(11, recipes[0])
@@ -351,8 +352,12 @@ def test_study_survives_a_killed_worker_with_every_trial_recorded_once(
         victim = int(pool.workers()[0]["pid"])
         os.kill(victim, signal.SIGSTOP)  # the driver's first trial goes to this frozen worker
 
+        capacity = pool.free_slots()
+
         def kill_when_it_holds_a_trial() -> None:
-            while pool.free_slots() > 0:  # both workers busy: the frozen one holds a trial
+            # The first trial submitted goes to actor 0, the frozen one, and stays there: once
+            # the free slots drop below the capacity, it holds a trial it will never finish.
+            while pool.free_slots() >= capacity:
                 threading.Event().wait(0.05)
             os.kill(victim, signal.SIGKILL)
 
