@@ -301,6 +301,8 @@ def heldout_figure(view: StudyView) -> Figure | Omitted:
             name=f"#{trial.number}{' chosen' if chosen else ''}{mark}",
             marker={"size": 14 if chosen else 9, "symbol": "star" if chosen else "circle"},
         ))
+    if not points:
+        return Omitted("heldout", title, "the finalists share no task between their search and held-out scores")
     lo, hi = min(points), max(points)
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="same score",
                              line={"dash": "dot", "color": "grey"}))

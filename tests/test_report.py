@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fitness.metrics import higher_is_better
 from merges.mergekit_yaml import recipe_from_mergekit
-from merges.recipe import ROLES, Recipe
+from merges.recipe import ROLES, LayerSlice, Recipe
 from search import ranking, storage
 from search.annotate import chosen_trial
 from search.cli import main
@@ -234,3 +234,24 @@ def test_pareto_front_is_optunas_feasible_front(points: list[tuple[list[float], 
     scratch.add_trials(trials)
     stored = scratch.get_trials()
     assert {t.number for t in pareto_front(stored, directions)} == {t.number for t in scratch.best_trials}
+
+
+def test_passthrough_recipe_draws_which_source_layer_feeds_each_output_layer() -> None:
+    sources = {"a": "/models/a", "b": "/models/b"}
+    recipe = Recipe(
+        method="passthrough", base=None, sources=("/models/a", "/models/b"), groups=((0, 2), (2, 3), (3, 4)),
+        layer_slices=(LayerSlice("/models/a", 0, 2), LayerSlice("/models/b", 1, 2), LayerSlice("/models/a", 3, 4)),
+    )
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("sources", sources)
+    study.set_user_attr("tasks", ["t"])
+    study.add_trial(optuna.trial.create_trial(
+        value=0.5, user_attrs={"kind": "search", "recipe": recipe.to_dict(), "scores_search": {"t": 0.5}},
+        system_attrs={"constraints": []},
+    ))
+    view = read_study(study, {"t": True})
+    figure = recipe_figure(view)
+    assert isinstance(figure, Figure)
+    (heatmap,) = figure.figure.data
+    assert list(heatmap.y) == ["a", "b"]
+    assert [list(row) for row in heatmap.text] == [["L0", "L1", "", "L3"], ["", "", "L1", ""]]
