@@ -29,7 +29,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from search.errors import SearchError
-from search.memory import GIB, NodeCapacity, estimate_worker_memory, plan_workers
+from search.memory import GIB, NodeCapacity, plan_workers, worker_memory_breakdown
 
 if TYPE_CHECKING:
     from search.config import ExecutionConfig
@@ -55,6 +55,7 @@ class _TrialActor:
     """The Ray actor: one ``TrialWorker`` with its models resident, built from disk."""
 
     def __init__(self, setup: WorkerSetup, memory_needed: int) -> None:
+        """``memory_needed``: bytes the worker's tensors and activations take on its device."""
         import torch
 
         if setup.threads:
@@ -206,7 +207,8 @@ class RayPool:
         cuda = setup.device == "cuda"
         threads = setup.threads or max(1, math.floor(execution.cpus_per_worker))
         setup = replace(setup, threads=threads)
-        per_worker = estimate_worker_memory(setup)
+        estimate = worker_memory_breakdown(setup)
+        per_worker = estimate.total
         gpus = (execution.gpus_per_worker or 1.0) if cuda else 0.0
         _check_capacity(per_worker, execution, gpus=gpus)
         options: dict[str, object] = {
@@ -218,7 +220,8 @@ class RayPool:
         if not cuda:
             options["memory"] = per_worker  # Ray then never packs more onto a node than fits
         actor_class = ray.remote(_TrialActor).options(**options)
-        self._actors = [actor_class.remote(setup, per_worker) for _ in range(execution.workers)]
+        on_device = per_worker - estimate.runtime  # what must fit in GPU memory on cuda
+        self._actors = [actor_class.remote(setup, on_device) for _ in range(execution.workers)]
         probes = {actor.identity.remote(): index for index, actor in enumerate(self._actors)}
         ready, not_ready = ray.wait(list(probes), num_returns=len(probes), timeout=STARTUP_TIMEOUT_S)
         if not_ready:
