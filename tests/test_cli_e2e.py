@@ -41,7 +41,10 @@ def demo_study(tmp_path: Path, root: Path) -> Path:
     text = re.sub(r"(?m)^trials = \d+", f"trials = {BUDGET}", text)
     text = re.sub(r"(?m)^population = \d+", f"population = {POPULATION}", text)
     text = re.sub(r'(?m)^output = ".*"', f'output = "{tmp_path / "run"}"', text)
-    assert f"trials = {BUDGET}" in text and str(root) in text
+    # The shipped gates need more trials than this test runs before one passes; the test is
+    # about the commands, so it keeps the gates but lowers them until early CMA-ES trials pass.
+    text = re.sub(r"gates = \{ min = [0-9.]+ \}", "gates = { min = 0.02 }", text)
+    assert f"trials = {BUDGET}" in text and str(root) in text and "min = 0.02" in text
     path = tmp_path / "study.toml"
     path.write_text(text)
     return path
