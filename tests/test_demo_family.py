@@ -185,7 +185,7 @@ def test_rebuild_replaces_another_seed_and_leaves_no_temp(tmp_path: Path) -> Non
     ensure_family(root, seed=2, progress=False, plan=TINY_PLAN)
     assert json.loads((root / MANIFEST).read_text())["seed"] == 2
     assert (root / "data" / "shipping" / "search.jsonl").read_text() != first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["family"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".family.lock", "family"]
 
 
 def test_a_build_without_manifest_or_model_is_not_complete(tmp_path: Path) -> None:

@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from studies.demo_family.build import PLAN, SPLITS, FamilyPlan, build_into_place, is_current
+from studies.demo_family.build import (
+    PLAN,
+    SPLITS,
+    FamilyPlan,
+    build_into_place,
+    build_lock,
+    is_current,
+)
 from studies.demo_family.errors import DemoFamilyError
 from studies.demo_family.tasks import TASKS
 
@@ -52,6 +59,9 @@ def ensure_family(
     ``plan`` is for tests (a few training steps); the demo uses the default.
     """
     root = Path(root).expanduser().absolute()
-    if not is_current(root, seed, plan):
-        build_into_place(root, seed=seed, progress=progress, plan=plan)
+    if is_current(root, seed, plan):
+        return DemoFamily.at(root)
+    with build_lock(root):  # a second caller waits, then finds the first one's build
+        if not is_current(root, seed, plan):
+            build_into_place(root, seed=seed, progress=progress, plan=plan)
     return DemoFamily.at(root)
