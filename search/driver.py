@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
 from fitness.metrics import higher_is_better
 from fitness.objective import objective_directions, objective_values
+from fitness.slices import TaskSpec
 from genome.errors import GenomeError
 from genome.space import decode, gene_space, is_numeric
 from merges.layout import Layout
@@ -75,7 +76,7 @@ class StudyPlan:
         return artifact_dir(self.config.output)
 
     @property
-    def tasks(self) -> tuple:
+    def tasks(self) -> tuple[TaskSpec, ...]:
         return self.config.tasks
 
 
@@ -502,6 +503,13 @@ class _Loop:
         trial = item.trial
         trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
         trial.set_user_attr("worker", outcome.worker)
+        if outcome.scores is None and self.stop.requested:
+            # Ctrl-C reaches Ray workers too; a trial lost while stopping is re-run on resume.
+            trial.set_user_attr("failure", ranking.DRIVER_STOPPED)
+            trial.set_user_attr("failure_detail", outcome.error or "unknown error")
+            self.study.tell(trial, state=TrialState.FAIL)
+            _enqueue_rerun(self.study, self.plan, self.study._storage.get_trial(trial._trial_id))
+            return
         if outcome.scores is None:
             trial.set_user_attr("failure", outcome.error or "unknown error")
             self.study.tell(trial, state=TrialState.FAIL)

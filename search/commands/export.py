@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from merges.recipe import Recipe
@@ -66,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def choose_trial(trials: list[FrozenTrial], user_attrs: dict[str, object], directions: list,
-                 number: int | None) -> FrozenTrial:
+def choose_trial(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object],
+                 directions: Sequence[StudyDirection], number: int | None) -> FrozenTrial:
     """``--trial N``, else the final trial, else the best feasible one."""
     if number is not None:
         matches = [t for t in trials if t.number == number]
@@ -90,7 +92,7 @@ def choose_trial(trials: list[FrozenTrial], user_attrs: dict[str, object], direc
     return best
 
 
-def export_header(config: StudyConfig, user_attrs: dict[str, object], trial: FrozenTrial) -> str:
+def export_header(config: StudyConfig, user_attrs: Mapping[str, object], trial: FrozenTrial) -> str:
     what = trial.user_attrs.get("baseline", "search trial")
     lines = [
         "mergesearch export",
