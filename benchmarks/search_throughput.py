@@ -1,25 +1,28 @@
 """Search throughput on the demo family: trials per minute with 1 and 2 Ray workers.
 
 Runs the ask/tell loop the driver runs, with the same storage writes per trial (Optuna
-TPE, SQLite storage by default, a TIES genome with per-layer weights and densities) on a ``RayPool`` of 1 and then 2 workers (one
-torch thread each) and reports, per run:
+TPE, SQLite storage by default, a TIES genome with per-layer weights and densities), on a
+``RayPool`` of 1 worker and one of 2 workers (one torch thread each), alternating timed
+blocks between the two so that a change in the machine's load hits both alike. Reports:
 
 * trials per minute (pool startup and one warm-up trial per worker excluded),
 * the share of a trial spent merging, scoring, and in the driver (sampling, storage
   writes, decoding and dispatch), where a trial's time is the worker-seconds it takes
-  (``wall × workers / trials``); the rest is Ray messaging and idle time,
+  (``wall × workers / trials``). The pool queues one trial behind each worker, so driver
+  time overlaps the workers' and the shares need not add up to 1,
 * scaling efficiency: 2-worker rate / (2 × 1-worker rate),
 * the memory estimate next to each worker's measured resident set size.
 
 The last line is one JSON object (fractions from the 2-worker run)::
 
-    python benchmarks/search_throughput.py --trials 40 [--storage sqlite|journal|memory]
+    python benchmarks/search_throughput.py --trials 40 --blocks 4 [--storage sqlite|journal|memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import optuna
 import psutil
+import ray
 
 from fitness.slices import TaskSpec
 from genome.space import decode, gene_space
@@ -72,72 +76,81 @@ def make_storage(kind: str, folder: Path, workers: int) -> str | optuna.storages
     return None
 
 
-def run(setup: WorkerSetup, workers: int, trials: int, *, storage_dir: Path, seed: int,
-        storage_kind: str = "sqlite") -> RunResult:
-    spec = GenomeSpec(method="ties", layer_granularity=1, density=Bounds(0.1, 1.0))
-    n_layers = _n_layers(setup.base)
-    sources = {Path(s).name: s for s in setup.sources}
-    space = gene_space(spec, sources=sources, n_layers=n_layers)
-    storage = make_storage(storage_kind, storage_dir, workers)
-    study = optuna.create_study(
-        storage=storage, sampler=optuna.samplers.TPESampler(seed=seed), direction="maximize",
-        study_name=f"throughput-{workers}",
-    )
-    execution = ExecutionConfig(backend="ray", workers=workers, cpus_per_worker=1.0)
-    pool = RayPool(setup, execution)
-    try:
-        in_flight: dict[int, optuna.Trial] = {}
+class Bench:
+    """One study + one RayPool of ``workers`` workers; timed blocks of trials accumulate."""
 
-        def ask_and_submit() -> None:
-            trial = study.ask(fixed_distributions=space)
-            recipe = decode(spec, trial.params, base=setup.base, sources=sources, n_layers=n_layers, seed=seed)
-            # the user attributes the driver writes per trial (one storage write each)
-            trial.set_user_attr("kind", "search")
-            trial.set_user_attr("recipe", recipe.to_dict())
-            trial.set_user_attr("recipe_summary", f"{recipe.method} over {len(recipe.groups)} groups")
-            in_flight[trial.number] = trial
-            pool.submit(trial.number, recipe.to_dict())
+    def __init__(self, setup: WorkerSetup, workers: int, *, storage_dir: Path, seed: int,
+                 storage_kind: str) -> None:
+        self.setup, self.workers, self.seed = setup, workers, seed
+        self.spec = GenomeSpec(method="ties", layer_granularity=1, density=Bounds(0.1, 1.0))
+        self.n_layers = _n_layers(setup.base)
+        self.sources = {Path(s).name: s for s in setup.sources}
+        self.space = gene_space(self.spec, sources=self.sources, n_layers=self.n_layers)
+        self.study = optuna.create_study(
+            storage=make_storage(storage_kind, storage_dir, workers),
+            sampler=optuna.samplers.TPESampler(seed=seed), direction="maximize",
+            study_name=f"throughput-{workers}",
+        )
+        self.pool = RayPool(setup, ExecutionConfig(backend="ray", workers=workers, cpus_per_worker=1.0))
+        self.in_flight: dict[int, optuna.Trial] = {}
+        self.trials = 0
+        self.wall_s = self.merge_s = self.score_s = self.driver_s = 0.0
 
-        def record(ticket: int, outcome: TrialOutcome) -> None:
-            if outcome.error is not None:
-                raise SystemExit(f"trial {ticket} failed: {outcome.error}")
-            trial = in_flight.pop(ticket)
-            trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
-            trial.set_user_attr("worker", outcome.worker)
-            trial.set_user_attr("scores_search", outcome.scores)
-            trial.set_user_attr("gate_margins", {})
-            trial.set_user_attr("feasible", True)
-            study.tell(trial, statistics.fmean(outcome.scores.values()))
+    def ask_and_submit(self) -> None:
+        trial = self.study.ask(fixed_distributions=self.space)
+        recipe = decode(self.spec, trial.params, base=self.setup.base, sources=self.sources,
+                        n_layers=self.n_layers, seed=self.seed)
+        # the user attributes the driver writes per trial (one storage write each)
+        trial.set_user_attr("kind", "search")
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("recipe_summary", f"{recipe.method} over {len(recipe.groups)} groups")
+        self.in_flight[trial.number] = trial
+        self.pool.submit(trial.number, recipe.to_dict())
 
-        # warm-up: one trial per worker (first forward passes allocate and tune)
-        for _ in range(workers):
-            ask_and_submit()
-        while in_flight:
-            for ticket, outcome in pool.wait():
-                record(ticket, outcome)
+    def record(self, ticket: int, outcome: TrialOutcome) -> None:
+        if outcome.error is not None:
+            raise SystemExit(f"trial {ticket} failed: {outcome.error}")
+        trial = self.in_flight.pop(ticket)
+        trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
+        trial.set_user_attr("worker", outcome.worker)
+        trial.set_user_attr("scores_search", outcome.scores)
+        trial.set_user_attr("gate_margins", {})
+        trial.set_user_attr("feasible", True)
+        self.study.tell(trial, statistics.fmean(outcome.scores.values()))
 
+    def warm_up(self) -> None:
+        """One trial per worker, untimed (first forward passes allocate and tune)."""
+        for _ in range(self.workers):
+            self.ask_and_submit()
+        while self.in_flight:
+            for ticket, outcome in self.pool.wait():
+                self.record(ticket, outcome)
+
+    def block(self, trials: int) -> None:
+        """Run ``trials`` trials the way the driver streams them, timing every part."""
         asked = finished = 0
-        merge_s = score_s = driver_s = 0.0
         start = time.perf_counter()
         while finished < trials:
             tick = time.perf_counter()
-            while asked < trials and pool.free_slots() > 0:
-                ask_and_submit()
+            while asked < trials and self.pool.free_slots() > 0:
+                self.ask_and_submit()
                 asked += 1
-            driver_s += time.perf_counter() - tick
-            results = pool.wait()
+            self.driver_s += time.perf_counter() - tick
+            results = self.pool.wait()
             tick = time.perf_counter()
             for ticket, outcome in results:
-                merge_s += outcome.merge_s
-                score_s += outcome.score_s
-                record(ticket, outcome)
+                self.merge_s += outcome.merge_s
+                self.score_s += outcome.score_s
+                self.record(ticket, outcome)
                 finished += 1
-            driver_s += time.perf_counter() - tick
-        wall = time.perf_counter() - start
-        rss = tuple(psutil.Process(int(w["pid"])).memory_info().rss for w in pool.workers())
-    finally:
-        pool.close()
-    return RunResult(workers, trials, wall, merge_s, score_s, driver_s, rss)
+            self.driver_s += time.perf_counter() - tick
+        self.wall_s += time.perf_counter() - start
+        self.trials += trials
+
+    def result(self) -> RunResult:
+        rss = tuple(psutil.Process(int(w["pid"])).memory_info().rss for w in self.pool.workers())
+        return RunResult(self.workers, self.trials, self.wall_s, self.merge_s, self.score_s,
+                         self.driver_s, rss)
 
 
 def _n_layers(base: str) -> int:
@@ -147,7 +160,9 @@ def _n_layers(base: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=40, help="timed trials per run (default 40)")
+    parser.add_argument("--trials", type=int, default=40, help="timed trials per pool (default 40)")
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="timed blocks per pool, alternating 1 and 2 workers (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", type=Path, default=None, help="demo family folder (default: the test cache)")
     parser.add_argument("--storage", choices=("sqlite", "journal", "memory"), default="sqlite",
@@ -171,20 +186,37 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores", file=sys.stderr)
 
+    # One local runtime for both pools (3 logical CPUs: the idle pool holds its share but
+    # computes nothing), so timed blocks alternate 1-worker / 2-worker and a change in the
+    # machine's load hits both rates alike.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    blocks = max(1, args.blocks)
+    per_block = max(1, args.trials // blocks)
     results: dict[int, RunResult] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        for workers in (1, 2):
-            result = run(setup, workers, args.trials, storage_dir=Path(tmp), seed=args.seed,
-                         storage_kind=args.storage)
-            results[workers] = result
-            print(
-                f"{workers} worker(s): {result.trials} trials in {result.wall_s:.1f} s = "
-                f"{result.trials_per_min:.1f} trials/min; merge {result.fraction(result.merge_s):.1%}, "
-                f"score {result.fraction(result.score_s):.1%}, driver {result.fraction(result.driver_s):.1%} "
-                f"of a trial; worker RSS {', '.join(f'{r / GIB:.2f}' for r in result.rss_bytes)} GiB "
-                f"(estimate {estimate / GIB:.2f} GiB)",
-                file=sys.stderr,
-            )
+        benches = {w: Bench(setup, w, storage_dir=Path(tmp), seed=args.seed, storage_kind=args.storage)
+                   for w in (1, 2)}
+        try:
+            for bench in benches.values():
+                bench.warm_up()
+            for _ in range(blocks):
+                for bench in benches.values():
+                    bench.block(per_block)
+            results = {w: bench.result() for w, bench in benches.items()}
+        finally:
+            for bench in benches.values():
+                bench.pool.close()
+            ray.shutdown()
+    for result in results.values():
+        print(
+            f"{result.workers} worker(s): {result.trials} trials in {result.wall_s:.1f} s = "
+            f"{result.trials_per_min:.1f} trials/min; merge {result.fraction(result.merge_s):.1%}, "
+            f"score {result.fraction(result.score_s):.1%}, driver {result.fraction(result.driver_s):.1%} "
+            f"of a trial; worker RSS {', '.join(f'{r / GIB:.2f}' for r in result.rss_bytes)} GiB "
+            f"(estimate {estimate / GIB:.2f} GiB)",
+            file=sys.stderr,
+        )
     one, two = results[1], results[2]
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
