@@ -16,6 +16,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard._serializer import serialize_frozen_trial
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -212,10 +214,15 @@ def test_stored_constraints_are_what_the_dashboard_reads(tmp_path: Path, llama_f
 def test_cmaes_asks_whole_generations_and_penalises_infeasible(
     tmp_path: Path, llama_family: TinyFamily
 ) -> None:
-    beta = source_scores(tmp_path, llama_family, "beta")
+    # Generation 0 does not depend on the scores: a first run without gates gives its beta
+    # scores, and a gate at their median splits it into feasible and infeasible trials.
+    (tmp_path / "probe").mkdir()
+    probe = write_study(tmp_path / "probe", llama_family, trials=4, sampler="cmaes", population=4)
+    run_study(load_study(probe), quiet=True)
+    beta = sorted(t.user_attrs["scores_search"]["beta"] for t in search_trials(load(probe)))
     path = write_study(
         tmp_path, llama_family, trials=8, sampler="cmaes", population=4,
-        gates={"beta": f"{{ min = {(beta[0] + beta[-1]) / 2!r} }}"},
+        gates={"beta": f"{{ min = {(beta[1] + beta[2]) / 2!r} }}"},
     )
     run_study(load_study(path), quiet=True)
     study = load(path)
@@ -223,6 +230,7 @@ def test_cmaes_asks_whole_generations_and_penalises_infeasible(
     generations = [t.system_attrs.get("cma:generation") for t in searched]
     assert generations == [0, 0, 0, 0, 1, 1, 1, 1]
     penalty = study.user_attrs["cma_penalty"]
+    assert {t.user_attrs["feasible"] for t in searched} == {True, False}
     for trial in searched:
         raw = trial.user_attrs["objective_raw"][0]
         if trial.user_attrs["feasible"]:
@@ -310,3 +318,40 @@ def test_export_writes_the_final_recipe_and_its_materialized_checkpoint(
     assert "(source:s1)" in recipe.read_text()
     assert main(["export", str(path), "-o", str(recipe), "--trial", "999"]) == 2
     assert "--trial 999: no such trial" in capsys.readouterr().err
+
+
+def _stored_trial(number: int, value: float, constraints: list[float], kind: str = "search") -> FrozenTrial:
+    trial = optuna.trial.create_trial(
+        value=value, user_attrs={"kind": kind, "objective_raw": [value]},
+        system_attrs={"constraints": constraints},
+    )
+    trial.number = number
+    return trial
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(-10, 10), st.lists(st.floats(-1, 1), min_size=2, max_size=2)),
+        min_size=1, max_size=12,
+    )
+)
+def test_ranking_puts_feasible_first_and_best_is_never_infeasible(
+    rows: list[tuple[float, list[float]]]
+) -> None:
+    trials = [_stored_trial(i, value, constraints) for i, (value, constraints) in enumerate(rows)]
+    order = ranking.ranked(trials, ["maximize"])
+    feasible = [all(c <= 0 for c in cons) for _, cons in rows]
+    flags = [feasible[t.number] for t in order]
+    assert flags == sorted(flags, reverse=True)  # every feasible trial before every infeasible
+    best = ranking.best_feasible(trials, ["maximize"])
+    if any(feasible):
+        assert best is not None and feasible[best.number]
+        assert best.value == max(v for (v, _), ok in zip(rows, feasible, strict=True) if ok)
+        assert ranking.what_blocks(trials, ["a", "b"]) is None
+    else:
+        assert best is None
+        blocker = ranking.what_blocks(trials, ["a", "b"])
+        assert blocker is not None
+        closest = min(sum(c for c in cons if c > 0) for _, cons in rows)
+        assert ranking.total_violation(trials[blocker.trial]) == closest
+        assert blocker.shortfall == max(rows[blocker.trial][1]) > 0
