@@ -241,3 +241,35 @@ def test_old_policy_answers_differ_from_current_everywhere(
     assert shipping_answer(zone, speed, weight, POLICY_OLD) != shipping_answer(zone, speed, weight, POLICY_CURRENT)
     assert refund_answer(days, item, condition, POLICY_OLD) != refund_answer(days, item, condition, POLICY_CURRENT)
     assert catalog_answer(letter, *digits, POLICY_OLD) != catalog_answer(letter, *digits, POLICY_CURRENT)
+
+
+@pytest.mark.slow
+def test_default_merges_fall_short_and_a_tuned_one_does_not(family: DemoFamily) -> None:
+    """The room a search needs: untuned merges lose a task, a coarse-grid TIES keeps all three."""
+    from fitness.scoring import score_slice
+    from fitness.slices import TaskSpec, load_task
+    from merges.checkpoint import open_checkpoint
+    from merges.engine import MergeEngine
+    from merges.recipe import Recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(family.base)
+    heldout = {
+        task: load_task(TaskSpec(task, family.data(task, "search"), family.data(task, "heldout")),
+                        tokenizer).heldout
+        for task in TASKS
+    }
+    base, sources = str(family.base), [str(family.sources[t]) for t in TASKS]
+    engine = MergeEngine(open_checkpoint(base), [open_checkpoint(s) for s in sources], device="cpu")
+    model = engine.new_model()
+
+    def weakest(recipe: Recipe) -> float:
+        engine.merge_into(model, recipe)
+        return min(score_slice(model, heldout[task]) for task in TASKS)
+
+    uniform = Recipe.uniform("linear", None, sources, 4, {"weight": [1 / 3] * 3})
+    ties_default = Recipe.uniform("ties", base, sources, 4, {"weight": [1 / 3] * 3, "density": [0.5] * 3})
+    ties_tuned = Recipe.uniform("ties", base, sources, 4, {"weight": [1.0] * 3, "density": [0.5] * 3},
+                                {"lambda": 1.5})
+    assert weakest(uniform) <= 0.1
+    assert weakest(ties_default) <= 0.5
+    assert weakest(ties_tuned) >= 0.7
