@@ -190,7 +190,11 @@ def test_rebuild_replaces_another_seed_and_leaves_no_temp(tmp_path: Path) -> Non
 
 def test_a_build_without_manifest_or_model_is_not_complete(tmp_path: Path) -> None:
     root = tmp_path / "family"
+    killed = tmp_path / ".family.tmp-999999"  # what a build killed half-way leaves behind
+    (killed / "base").mkdir(parents=True)
+    assert not is_current(root, 0, TINY_PLAN)
     ensure_family(root, seed=0, progress=False, plan=TINY_PLAN)
+    assert not killed.exists()
     (root / "catalog" / "model.safetensors").unlink()  # as if a copy was cut short
     assert not is_current(root, 0, TINY_PLAN)
     ensure_family(root, seed=0, progress=False, plan=TINY_PLAN)

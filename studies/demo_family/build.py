@@ -248,8 +248,10 @@ def build_into_place(
 ) -> dict[str, object]:
     """Build in a temp sibling folder, then rename it to ``root`` (replacing an old build)."""
     root.parent.mkdir(parents=True, exist_ok=True)
+    # Called under build_lock: leftovers of killed builds are nobody's work in progress.
+    for leftover in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     temp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
         manifest = build_family(temp, seed=seed, progress=progress, plan=plan)

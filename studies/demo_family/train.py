@@ -7,6 +7,7 @@ training runs with a fixed number of torch threads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -187,19 +188,15 @@ def train(
     return losses
 
 
-class fixed_threads:  # noqa: N801 - used like a function: ``with fixed_threads(2):``
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
     """Run a block with a fixed torch thread count, then restore the previous one."""
-
-    def __init__(self, threads: int) -> None:
-        self._threads = threads
-        self._previous = 0
-
-    def __enter__(self) -> None:
-        self._previous = torch.get_num_threads()
-        torch.set_num_threads(self._threads)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self._previous)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # -- evaluation (used by the build's sanity check and the tests) ---------------------
