@@ -6,8 +6,7 @@ vectors (source - base) resident on its device in the arithmetic dtype, and merg
 tensors (``materialize``). Everything that does not depend on a recipe's numbers is
 computed once per engine, lazily, on the first recipe that needs it:
 
-* per delta, ``|delta|`` sorted in descending order (kept in CPU memory; only looked
-  up): a TIES or breadcrumbs density becomes an exact magnitude band by one lookup, with
+* per delta, ``|delta|`` sorted (kept in CPU memory; only looked up): a TIES or breadcrumbs density becomes an exact magnitude band by one lookup, with
   no sort per trial. Where equal nonzero magnitudes straddle the cut, mergekit's sort
   order decides which are kept, so for that tensor the engine keeps mergekit's sort
   positions (int32) and masks by position instead;
@@ -134,7 +133,7 @@ class MergeEngine:
         self._fixed: dict[str, torch.Tensor] = {}  # non-floating tensors, taken from the anchor
         self._load()
         # lazily computed statistics (see the module docstring)
-        self._sorted_desc: dict[tuple[str, int], torch.Tensor] = {}  # on CPU: only looked up
+        self._ascending: dict[tuple[str, int], torch.Tensor] = {}  # |delta| ascending, CPU: lookups
         self._rank: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, name, source), ties only
         self._random_seed: int | None = None
         self._random: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, position, source)
@@ -159,7 +158,7 @@ class MergeEngine:
     def resident_bytes(self) -> int:
         """Bytes of every tensor the engine holds (inputs and cached statistics)."""
         tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
-                                       *self._random.values(), *self._sorted_desc.values(),
+                                       *self._random.values(), *self._ascending.values(),
                                        *self._rank.values()]
         for group in (self._deltas, self._della_position):
             for per_source in group.values():
@@ -174,8 +173,14 @@ class MergeEngine:
         model_class = getattr(transformers, architecture, None) if architecture else None
         if model_class is None:
             model_class = transformers.AutoModelForCausalLM
-        model = model_class.from_pretrained(path, dtype=self._dtype)
-        return model.to(self._device).eval()
+        model = model_class.from_pretrained(path, dtype=self._dtype).to(self._device)
+        if self._device.type == "cpu":
+            # from_pretrained leaves CPU weights mapped from the checkpoint file: give them
+            # their own memory, so merges write to RAM, not to copy-on-write file pages
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    tensor.data = tensor.data.clone()
+        return model.eval()
 
     def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
         """Write the merge of ``recipe`` into ``model``'s parameters, in place.
@@ -591,18 +596,18 @@ class MergeEngine:
     # -- cached statistics --------------------------------------------------------------
 
     def _sorted(self, name: str, model: int) -> torch.Tensor:
-        """Descending ``|delta|``; on first use computed for every tensor of ``model`` at once."""
-        found = self._sorted_desc.get((name, model))
+        """Ascending ``|delta|``; on first use computed for every tensor of ``model`` at once."""
+        found = self._ascending.get((name, model))
         if found is None:
-            names = [n for n in self._deltas if (n, model) not in self._sorted_desc]
+            names = [n for n in self._deltas if (n, model) not in self._ascending]
 
             def compute(n: str) -> torch.Tensor:
-                return sparsify.sorted_magnitudes(self._deltas[n][model]).cpu()
+                return sparsify.sorted_magnitudes(self._deltas[n][model])
 
             results = self._pool.map(compute, names) if self._pool is not None else map(compute, names)
             for n, values in zip(names, results, strict=True):
-                self._sorted_desc[(n, model)] = values
-            found = self._sorted_desc[(name, model)]
+                self._ascending[(n, model)] = values
+            found = self._ascending[(name, model)]
         return found
 
     def _ranks(self, kind: str, name: str, model: int) -> torch.Tensor:

@@ -370,10 +370,12 @@ def test_magnitude_bands_equal_mergekit_sorting(shape: tuple[int, int], seed: in
         delta = torch.randn(shape, generator=gen)
     flat = delta.reshape(-1)
     ordered = sp.sorted_magnitudes(flat)
+    assert torch.equal(ordered, torch.sort(flat.abs()).values)
     magnitude = flat.abs()
     keep = sp.magnitude_keep_count(density, flat.numel())
     for band, expected, cuts in [
-        (sp.magnitude_band(ordered, keep), sp.magnitude(flat, density), [(keep - 1, keep)]),
+        (sp.magnitude_band(ordered, keep), sp.magnitude(flat, density),
+         [(flat.numel() - keep, flat.numel() - keep - 1)]),
         (sp.outlier_band(ordered, *sp.outlier_window(density, gamma, flat.numel())),
          sp.magnitude_outliers(flat, density, gamma), None),
     ]:

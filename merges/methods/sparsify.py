@@ -18,6 +18,7 @@ a density then maps to a window of ranks, with no sort per trial.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 KEY_BITS = 24
@@ -76,42 +77,49 @@ KEEP_NONE: Band = (float("inf"), float("-inf"))
 
 
 def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    """``|delta|`` flattened and sorted in descending order (float32)."""
-    return torch.sort(_magnitudes(delta).float(), descending=True).values
+    """``|delta|`` flattened and sorted ascending (float32, on the CPU).
+
+    On the CPU numpy's vectorised sort does it (about 100x faster than ``torch.sort`` here);
+    sorted values do not depend on the algorithm, so the result is the same either way.
+    """
+    magnitudes = _magnitudes(delta).float()
+    if magnitudes.device.type == "cpu":
+        return torch.from_numpy(np.sort(magnitudes.numpy()))
+    return torch.sort(magnitudes).values.cpu()
 
 
-def _tied(sorted_desc: torch.Tensor, inside: int, outside: int) -> bool:
+def _tied(ascending: torch.Tensor, inside: int, outside: int) -> bool:
     """True when positions ``inside`` (kept) and ``outside`` (dropped) hold one nonzero value:
     then a value threshold cannot say which of the equal entries mergekit's sort keeps.
     Equal zeros do not matter: a zero delta adds nothing however it is masked."""
-    if not 0 <= outside < sorted_desc.numel():
+    if not 0 <= outside < ascending.numel():
         return False
-    value = float(sorted_desc[inside])
-    return value != 0.0 and float(sorted_desc[outside]) == value
+    value = float(ascending[inside])
+    return value != 0.0 and float(ascending[outside]) == value
 
 
-def magnitude_band(sorted_desc: torch.Tensor, keep: int) -> Band | None:
-    """Band that keeps the ``keep`` largest magnitudes; None when a tie makes it ambiguous."""
-    n = sorted_desc.numel()
+def magnitude_band(ascending: torch.Tensor, keep: int) -> Band | None:
+    """Band that keeps the ``keep`` largest magnitudes; None when a tie makes it ambiguous.
+
+    ``ascending`` is ``sorted_magnitudes(delta)``.
+    """
+    n = ascending.numel()
     if keep <= 0:
         return KEEP_NONE
     if keep >= n:
         return (0.0, float("inf"))
-    if _tied(sorted_desc, keep - 1, keep):
-        return None
-    return (float(sorted_desc[keep - 1]), float("inf"))
+    return outlier_band(ascending, n - keep, n)
 
 
-def outlier_band(sorted_desc: torch.Tensor, lo: int, hi: int) -> Band | None:
+def outlier_band(ascending: torch.Tensor, lo: int, hi: int) -> Band | None:
     """Band that keeps ascending ranks ``[lo, hi)``; None when a tie makes it ambiguous."""
-    n = sorted_desc.numel()
+    n = ascending.numel()
     if hi <= lo:
         return KEEP_NONE
-    top, bottom = n - hi, n - lo - 1  # the kept run in descending order
-    if _tied(sorted_desc, top, top - 1) or _tied(sorted_desc, bottom, bottom + 1):
+    if _tied(ascending, lo, lo - 1) or _tied(ascending, hi - 1, hi):
         return None
-    return (float(sorted_desc[bottom]) if lo > 0 else 0.0,
-            float(sorted_desc[top]) if hi < n else float("inf"))
+    return (float(ascending[lo]) if lo > 0 else 0.0,
+            float(ascending[hi - 1]) if hi < n else float("inf"))
 
 
 def random_keys(shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
