@@ -85,6 +85,7 @@ class _Work:
     job: FusedJob | None = None
     eager: Callable[[], torch.Tensor] | None = None
     rescale: list[int] | None = None  # item indices whose L1 scale is still to compute
+    ranks: list[tuple[int, tuple[str, str, int]]] | None = None  # (item, rank key) still to fill
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -414,6 +415,7 @@ class MergeEngine:
         if family is not None and family.sparsification in ("random", "della_magprune"):
             self._prefetch_random_keys(recipe)
         works = [self._work(recipe, spec, target, out) for target, out in outputs]
+        self._fill_ranks(works)
         self._apply_rescale(works)
         native = [w for w in works if w.job is not None and self._lib is not None
                   and native_supports(w.job)]
@@ -527,6 +529,7 @@ class MergeEngine:
         keys: list[torch.Tensor | None] = []
         windows: list[tuple[int, int]] = []
         to_rescale: list[int] = []
+        pending: list[tuple[int, tuple[str, str, int]]] = []
         bands: list[sparsify.Band | None] = []
         kind = family.sparsification
         for item, (position, model) in enumerate(zip(positions, models, strict=True)):
@@ -535,23 +538,27 @@ class MergeEngine:
             key, window, band = None, (0, 0), None
             if kind == "magnitude" and density < 1:
                 count = sparsify.magnitude_keep_count(density, numel)
-                band = sparsify.magnitude_band(self._sorted(name, model), count)
-                if band is None:  # a tie at the threshold: mergekit's sort order decides
-                    key = self._ranks("descending", name, model)
-                    window = (0, count)
+                window = (0, count)
+                key = self._rank.get(("descending", name, model))
+                if key is None:
+                    band = sparsify.magnitude_band(self._sorted(name, model), count)
+                    if band is None:  # a tie at the cut: mergekit's sort order decides
+                        pending.append((item, ("descending", name, model)))
             elif kind == "magnitude_outliers" and density < 1:
                 gamma = self._tensor_values(recipe, spec, "gamma", cell)[position]
                 window = sparsify.outlier_window(density, gamma, numel)
-                band = sparsify.outlier_band(self._sorted(name, model), *window)
-                if band is None:
-                    key = self._ranks("ascending", name, model)
+                key = self._rank.get(("ascending", name, model))
+                if key is None:
+                    band = sparsify.outlier_band(self._sorted(name, model), *window)
+                    if band is None:
+                        pending.append((item, ("ascending", name, model)))
             elif kind == "random" and density < 1:
                 key = self._random_key(recipe.seed, name, position, model)
                 window = (0, sparsify.key_threshold(density))
             elif kind == "della_magprune" and density < 1:
                 epsilon = self._tensor_values(recipe, spec, "epsilon", cell)[position]
                 delta = self._della(recipe.seed, name, position, model, density, epsilon, rescale)
-            masked = key is not None or band is not None
+            masked = key is not None or band is not None or (pending and pending[-1][0] == item)
             if masked and rescale and not (kind == "magnitude" and density <= 0):
                 to_rescale.append(item)
             deltas.append(delta)
@@ -565,7 +572,7 @@ class MergeEngine:
         job = FusedJob(out, self._base[name], deltas, used, keys=keys, windows=windows, bands=bands,
                        scales=[None] * len(deltas), consensus=family.consensus,
                        normalize=normalize, divisor=divisor, lam=lam)
-        return _Work(target, out, job=job, rescale=to_rescale)
+        return _Work(target, out, job=job, rescale=to_rescale, ranks=pending)
 
     def _apply_rescale(self, works: Sequence[_Work]) -> None:
         """Fill in the L1 rescale factors of every job at once (one pass, on the pool)."""
@@ -610,14 +617,32 @@ class MergeEngine:
             found = self._ascending[(name, model)]
         return found
 
-    def _ranks(self, kind: str, name: str, model: int) -> torch.Tensor:
-        """mergekit's sort positions of one delta, for a tensor whose threshold is tied."""
-        found = self._rank.get((kind, name, model))
-        if found is None:
-            compute = sparsify.descending_ranks if kind == "descending" else sparsify.ascending_ranks
-            found = compute(self._deltas[name][model])
-            self._rank[(kind, name, model)] = found
-        return found
+    def _fill_ranks(self, works: Sequence[_Work]) -> None:
+        """Compute (on the pool) and plug in mergekit's sort positions where a cut was tied.
+
+        They are kept from then on for any density, and replace the delta's sorted magnitudes
+        (dropped; recomputed if the other kind of cut needs them again).
+        """
+        wanted = {key for w in works if w.ranks for _, key in w.ranks}
+        missing = sorted(key for key in wanted if key not in self._rank)
+
+        def compute(key: tuple[str, str, int]) -> torch.Tensor:
+            kind, name, model = key
+            ranks = sparsify.descending_ranks if kind == "descending" else sparsify.ascending_ranks
+            return ranks(self._deltas[name][model])
+
+        results = self._pool.map(compute, missing) if self._pool is not None else map(compute, missing)
+        for key, ranks in zip(missing, results, strict=True):
+            self._rank[key] = ranks
+            _, name, model = key
+            self._ascending.pop((name, model), None)
+        for work in works:
+            if work.job is None or not work.ranks:
+                continue
+            keys = list(work.job.keys)
+            for item, key in work.ranks:
+                keys[item] = self._rank[key]
+            work.job.keys = keys
 
     def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
         return torch.Generator(device=self._device).manual_seed(_stable_seed(seed, name, position))
