@@ -246,21 +246,31 @@ class MergeEngine:
             if not self._floating[name]:
                 self._fixed[name] = anchor.read(name, device=self._device).reshape(-1)
                 continue
-            base = self._read_checked(anchor, name) if has_base else None
+            base = None
+            if has_base:
+                base = self._read(anchor, name).clone()  # own memory, not the file's pages
+                self._check_finite(anchor, name, base, base)
             deltas = []
             for source in self._sources:
-                tensor = self._read_checked(source, name)
-                deltas.append(tensor.sub_(base) if base is not None else tensor)
+                raw = self._read(source, name)
+                delta = torch.sub(raw, base) if base is not None else raw.clone()
+                self._check_finite(source, name, delta, raw)
+                deltas.append(delta)
             if base is not None:
                 self._base[name] = base
             self._deltas[name] = deltas
 
-    def _read_checked(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
-        tensor = checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
-        tensor = tensor.contiguous().clone() if not tensor.is_contiguous() else tensor.clone()
-        if not bool(torch.isfinite(tensor).all()):
-            raise MergeError(f"{checkpoint.path}: tensor {name!r} holds NaN or inf")
-        return tensor
+    def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        return checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
+
+    @staticmethod
+    def _check_finite(checkpoint: Checkpoint, name: str, derived: torch.Tensor,
+                      raw: torch.Tensor) -> None:
+        """A NaN or inf in ``raw`` makes the sum of ``derived`` (raw or raw - base) non-finite;
+        only then is ``raw`` checked entry by entry (a finite sum can also overflow)."""
+        if bool(torch.isfinite(derived.sum())) or bool(torch.isfinite(raw).all()):
+            return
+        raise MergeError(f"{checkpoint.path}: tensor {name!r} holds NaN or inf")
 
     # -- recipe -> targets ------------------------------------------------------------
 
