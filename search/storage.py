@@ -16,8 +16,9 @@ from pathlib import Path
 
 import optuna
 from optuna.samplers import BaseSampler
-from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy import event
 
 from search.errors import SearchError, StudyConfigError
 
@@ -35,9 +36,32 @@ def resolve_storage(url: str) -> BaseStorage:
         # SQLite creates the file but not its folder.
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.get_storage(url)
+        storage = RDBStorage(url)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL
         raise SearchError(f"storage {url!r}: cannot open: {exc}") from exc
+    if url.startswith("sqlite"):
+        _write_ahead_log(storage)
+    return storage  # create_study / load_study wrap it in Optuna's cache
+
+
+def _write_ahead_log(storage: RDBStorage) -> None:
+    """WAL journal with ``synchronous=NORMAL`` on every SQLite connection.
+
+    Optuna commits once per parameter and attribute; with SQLite's default rollback
+    journal each commit is an fsync (about 10 ms here: 0.74 s of storage time per trial
+    of the demo genome, more than the trial itself). In WAL mode a commit survives a
+    killed process (what resume relies on) and only a power loss can drop the last few;
+    readers (status, dashboard) no longer block the driver either.
+    """
+
+    def on_connect(connection: object, _record: object) -> None:
+        cursor = connection.cursor()  # type: ignore[attr-defined]
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened before the listener get replaced
 
 
 def open_study(
