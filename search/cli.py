@@ -10,32 +10,32 @@ from collections.abc import Sequence
 from fitness.errors import FitnessError
 from genome.errors import GenomeError
 from merges.errors import MergeError
-from search.commands import COMMANDS
+from search.commands import SUMMARIES
 from search.errors import SearchError
 
 # Errors a user can act on: printed as one line, no traceback, exit status 2.
 USER_ERRORS = (SearchError, MergeError, FitnessError, GenomeError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (the others are listed by summary)."""
     parser = argparse.ArgumentParser(
         prog="search",
         description="Search model-merge recipes with Optuna, gate them on held-out tasks, export mergekit YAML.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"search.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"search.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+    for name, summary in SUMMARIES.items():
+        if name == command:
+            importlib.import_module(f"search.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in SUMMARIES else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

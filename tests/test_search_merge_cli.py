@@ -15,7 +15,7 @@ from merges.checkpoint import open_checkpoint
 from merges.engine import MergeEngine
 from merges.mergekit_yaml import recipe_to_mergekit
 from merges.recipe import LayerSlice, Recipe
-from search.cli import build_parser, main
+from search.cli import main
 from tests.checkpoints import TinyFamily
 
 
@@ -36,7 +36,7 @@ def _only_entries(folder: Path) -> list[str]:
 
 def test_help_describes_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        build_parser().parse_args(["merge", "--help"])
+        main(["merge", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
     for words in ("mergekit-yaml", "OUT_DIR", "--device", "--seed", "--allow-pickle", "refused"):

@@ -9,6 +9,7 @@ from socketserver import ThreadingMixIn
 from types import FrameType
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from search.commands import SUMMARIES
 from search.config import load_study
 from search.errors import SearchError
 
@@ -16,7 +17,7 @@ from search.errors import SearchError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "dashboard",
-        help="serve optuna-dashboard on the study (trials, gates, recipes, notes)",
+        help=SUMMARIES["dashboard"],
         description=(
             "Start optuna-dashboard on the study's storage with its artifact folder "
             "(<output>/artifacts: each trial's mergekit YAML), print the URL, and serve until "

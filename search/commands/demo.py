@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import studies
+from search.commands import SUMMARIES
 from search.errors import SearchError
 from studies.demo_family import TASKS, DemoFamilyError, ensure_family
 
@@ -15,7 +16,7 @@ DEFAULT_ROOT = Path(studies.__file__).resolve().parent / "logistics" / "family"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="build the demo model family (base + 3 specialists, CPU, a few minutes)",
+        help=SUMMARIES["demo"],
         description="Build the built-in logistics demo family: a tiny Llama base, three "
         "specialists (shipping, refunds, catalog) and their search / held-out slices.",
     )

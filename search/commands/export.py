@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from merges.recipe import Recipe
 from search import ranking, storage
+from search.commands import SUMMARIES
 from search.config import StudyConfig, load_study
 from search.errors import SearchError
 
@@ -19,7 +20,7 @@ from search.errors import SearchError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write the best recipe as a mergekit YAML (and optionally the merged checkpoint)",
+        help=SUMMARIES["export"],
         description=(
             "Write a trial's recipe as a mergekit config: after `search finalize` the final trial, "
             "before it the best feasible trial on the search split, or --trial N. The header "

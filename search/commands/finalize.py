@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from search.commands import SUMMARIES
 from search.config import load_study
 from search.driver import finalize_study, format_finalists
 
@@ -12,7 +13,7 @@ from search.driver import finalize_study, format_finalists
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "finalize",
-        help="re-score the best trials on the held-out split and choose the final recipe",
+        help=SUMMARIES["finalize"],
         description=(
             "Re-score the top-k feasible search trials (study.top_k) and every baseline on the "
             "held-out split, evaluate the gates there (against the sources' held-out scores), and "

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from search.commands import SUMMARIES
 from search.errors import SearchError
 
 if TYPE_CHECKING:  # torch, transformers and the engine load in run(): `search --help` stays fast
@@ -28,7 +29,7 @@ _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge",
-        help="merge checkpoints from a mergekit YAML with the in-memory engine",
+        help=SUMMARIES["merge"],
         description=(
             "Run a mergekit 0.1.5 config (the `models:` or `slices:` form) with the in-memory "
             "engine and save the result as a Hugging Face checkpoint folder: the same tensors "

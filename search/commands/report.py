@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from search.commands import SUMMARIES
 from search.config import load_study
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="write a self-contained HTML report (plotly) of the study",
+        help=SUMMARIES["report"],
         description=(
             "Write one HTML file that opens offline: the chosen recipe (final trial, else best "
             "feasible) with its scores, gates and mergekit YAML; the optimisation history "

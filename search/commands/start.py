@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from search.commands import SUMMARIES
 from search.config import load_study
 from search.driver import format_finalists, run_study
 
@@ -14,7 +15,7 @@ from search.driver import format_finalists, run_study
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "start",
-        help="run a study (or continue it) up to its trial budget",
+        help=SUMMARIES["start"],
         description=(
             "Run the search described by STUDY (a study.toml). Baselines (each source alone, the "
             "uniform average, the method's untuned defaults) are scored first, then the sampler "

@@ -10,13 +10,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import ranking, storage
+from search.commands import SUMMARIES
 from search.config import load_study
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "status",
-        help="trials done / feasible / failed, the best recipe per task with its gate margins",
+        help=SUMMARIES["status"],
         description=(
             "Summarise a study from its storage (read only; safe while `search start` runs): trials "
             "done of the budget, feasible, failed and baseline counts, throughput, the best feasible "

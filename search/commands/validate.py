@@ -16,6 +16,7 @@ from genome.errors import GenomeError
 from genome.space import gene_space, layer_groups
 from merges.checkpoint import open_checkpoint
 from merges.preflight import preflight
+from search.commands import SUMMARIES
 from search.config import StudyConfig, load_study
 from search.errors import StudyConfigError
 
@@ -23,7 +24,7 @@ from search.errors import StudyConfigError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "validate",
-        help="check a study file, its checkpoints and data; print the genes it would search",
+        help=SUMMARIES["validate"],
         description=(
             "Validate study.toml (every key), open the base and source checkpoints and run the "
             "compatibility preflight, check each task's data files exist, and print a summary: "
