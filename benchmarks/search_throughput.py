@@ -41,6 +41,7 @@ from genome.spec import Bounds, GenomeSpec
 from search.config import ExecutionConfig
 from search.memory import GIB, estimate_worker_memory
 from search.ray_pool import RayPool
+from search.storage import resolve_storage
 from search.worker import TrialOutcome, WorkerSetup
 
 TASKS = ("shipping", "refunds", "catalog")
@@ -68,7 +69,7 @@ class RunResult:
 def make_storage(kind: str, folder: Path, workers: int) -> str | optuna.storages.BaseStorage | None:
     """``sqlite``: what the driver uses by default; ``journal``: a journal file; ``memory``: none."""
     if kind == "sqlite":
-        return f"sqlite:///{folder / f'bench-{workers}.db'}"
+        return resolve_storage(f"sqlite:///{folder / f'bench-{workers}.db'}")  # as the driver opens it
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend
 
