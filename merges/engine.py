@@ -123,6 +123,7 @@ class MergeEngine:
             self._index.setdefault(source.path.resolve(), i)
         if base is not None:
             self._index[base.path.resolve()] = BASE
+        self._index_by_text: dict[str, int] = {}
         self._shapes = {info.name: tuple(anchor.shapes[info.name]) for info in self._layout.tensors}
         self._floating = {name: anchor.dtypes[name].is_floating_point for name in self._shapes}
         self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 else None
@@ -275,7 +276,11 @@ class MergeEngine:
     # -- recipe -> targets ------------------------------------------------------------
 
     def _model_of(self, path: str, what: str) -> int:
-        index = self._index.get(Path(path).resolve())
+        index = self._index_by_text.get(path)
+        if index is None:
+            index = self._index.get(Path(path).resolve())
+            if index is not None:  # resolving costs file system calls: once per spelling
+                self._index_by_text[path] = index
         if index is None:
             known = [str(c.path) for c in ([self._base_ckpt] if self._base_ckpt else [])
                      + list(self._sources)]

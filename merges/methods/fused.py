@@ -1,10 +1,11 @@
 """One fused pass per tensor for linear, slerp-style blends and the task-vector family.
 
-The engine keeps the base, the deltas (source - base) and integer *keys* per delta
-resident: magnitude ranks for TIES, ascending ranks for breadcrumbs, random keys for
-DARE. A recipe's density then turns into a key window ``[lo, hi)``: an entry is kept
-when its key is inside. With that, a whole merge of one tensor is a single elementwise
-pass, which this module runs either
+The engine keeps the base and the deltas (source - base) resident, plus what turns a
+density into a per-entry keep test without sorting: a magnitude band
+``[band_lo, band_hi]`` on ``|delta|`` (TIES, breadcrumbs; looked up in sorted magnitudes)
+or an int32 key per entry with a window ``[lo, hi)`` (DARE's random keys, and mergekit's
+sort positions where equal magnitudes straddle a TIES cut). With that, a whole merge of
+one tensor is a single elementwise pass, which this module runs either
 
 * natively: a small C kernel (compiled once with the system C compiler into a cache
   folder, called through ctypes, which releases the GIL so a thread pool can split the
