@@ -9,6 +9,7 @@ requires ``t``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from merges.errors import RecipeError
@@ -67,10 +68,15 @@ METHODS: dict[str, MethodSpec] = {
 
 def non_base_sources(recipe: Recipe) -> tuple[int, ...]:
     """Indices of ``recipe.sources`` that are not the base (mergekit ignores a listed base)."""
-    if recipe.base is None:
-        return tuple(range(len(recipe.sources)))
-    base = Path(recipe.base).resolve()
-    return tuple(i for i, s in enumerate(recipe.sources) if Path(s).resolve() != base)
+    return _non_base(recipe.base, recipe.sources)
+
+
+@lru_cache(maxsize=64)  # resolving paths costs file system calls; recipes repeat them
+def _non_base(base: str | None, sources: tuple[str, ...]) -> tuple[int, ...]:
+    if base is None:
+        return tuple(range(len(sources)))
+    resolved = Path(base).resolve()
+    return tuple(i for i, s in enumerate(sources) if Path(s).resolve() != resolved)
 
 
 def validate_recipe(recipe: Recipe) -> None:
