@@ -3,7 +3,7 @@
 Each error names the file, the TOML key path and what was expected, e.g.
 ``study.toml: genome.density.max: must be <= 1, got 1.5``. Unknown keys are errors with
 a did-you-mean. Relative paths are relative to the study file's folder. The keys and
-their defaults are documented in docs/study-toml.md.
+their defaults are documented in README.md ("The study file").
 """
 
 from __future__ import annotations
