@@ -31,81 +31,10 @@ from search.config import load_study
 from search.driver import run_study
 from search.errors import SearchError
 from tests.checkpoints import TinyFamily
+from tests.studies import write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-ROWS = 12
-
-
-def write_slices(folder: Path, task: str, *, seed: int) -> tuple[Path, Path]:
-    """Search and held-out jsonl files of word prompts and one-word answers."""
-    gen = torch.Generator().manual_seed(seed)
-    paths = []
-    for split in ("search", "heldout"):
-        path = folder / f"{task}-{split}.jsonl"
-        with path.open("w") as f:
-            for _ in range(ROWS):
-                words = torch.randint(4, 60, (4,), generator=gen).tolist()
-                prompt = " ".join(f"w{w - 4}" for w in words[:3])
-                f.write(json.dumps({"prompt": prompt, "answer": f"w{words[3] - 4}"}) + "\n")
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-def write_study(
-    tmp_path: Path,
-    family: TinyFamily,
-    *,
-    trials: int,
-    sampler: str = "random",
-    method: str = "linear",
-    population: int | None = None,
-    gates: dict[str, str] | None = None,
-    metric: str = "loglik",
-    genome_extra: str = "",
-    seed: int = 0,
-) -> Path:
-    sources = "\n".join(f's{i} = "{p}"' for i, p in enumerate(family.sources))
-    tasks = []
-    for index, task in enumerate(("alpha", "beta")):
-        search, heldout = write_slices(tmp_path, task, seed=index)
-        gate = (gates or {}).get(task)
-        tasks.append(
-            f'[[tasks]]\nname = "{task}"\nsearch = "{search}"\nheldout = "{heldout}"\n'
-            f'metric = "{metric}"\n' + (f"gates = {gate}\n" if gate else "")
-        )
-    text = f"""
-[study]
-name = "tiny"
-seed = {seed}
-output = "{tmp_path / 'out'}"
-trials = {trials}
-sampler = "{sampler}"
-{f'population = {population}' if population else ''}
-objective = "mean"
-top_k = 2
-
-[models]
-base = "{family.base}"
-
-[models.sources]
-{sources}
-
-[genome]
-method = "{method}"
-layer_granularity = 2
-{genome_extra}
-
-{chr(10).join(tasks)}
-
-[execution]
-backend = "inline"
-device = "cpu"
-batch_size = 16
-"""
-    path = tmp_path / "study.toml"
-    path.write_text(text)
-    return path
 
 
 def search_trials(study: optuna.Study) -> list[FrozenTrial]:
