@@ -6,6 +6,9 @@ being run, so ``search --help`` and a quick ``search status`` do not pay for tor
 transformers and Ray; keep heavy imports out of the listing below.
 """
 
+import argparse
+from pathlib import Path
+
 SUMMARIES: dict[str, str] = {
     "start": "run a study (or continue it) up to its trial budget",
     "validate": "check a study file, its checkpoints and data; print the genes it would search",
@@ -17,3 +20,10 @@ SUMMARIES: dict[str, str] = {
     "merge": "merge checkpoints from a mergekit YAML with the in-memory engine",
     "demo": "build the demo model family (base + 3 specialists, CPU, a few minutes)",
 }
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every study command takes: the study file and ``--out``."""
+    parser.add_argument("study", type=Path, help="the study file (study.toml)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder of the study (overrides study.output; holds study.db by default)")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import signal
-from pathlib import Path
 from socketserver import ThreadingMixIn
 from types import FrameType
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 from search.errors import SearchError
 
@@ -25,9 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "so it can run while `search start` does."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder of the study (overrides study.output)")
+    add_study_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     parser.set_defaults(func=run)

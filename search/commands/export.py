@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from merges.recipe import Recipe
 from search import ranking, storage
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import SearchError
 
@@ -28,15 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the gates. `mergekit-yaml recipe.yaml OUT/` rebuilds the checkpoint the study scored."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
+    add_study_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                         help="where to write the mergekit YAML")
     parser.add_argument("--trial", type=int, default=None, metavar="N",
                         help="export trial N instead of the final / best feasible one")
     parser.add_argument("--materialize", type=Path, default=None, metavar="DIR",
                         help="also merge and save the checkpoint (safetensors + config + tokenizer) to DIR")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder of the study (overrides study.output)")
     parser.set_defaults(func=run)
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 from search.driver import finalize_study, format_finalists
 
@@ -22,9 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "spent; run it to finalize a study stopped early. Prints search vs held-out per finalist."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder of the study (overrides study.output)")
+    add_study_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
 

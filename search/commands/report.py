@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 
 
@@ -22,11 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "importances; and the Pareto front for multi-objective studies."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
+    add_study_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
                         help="where to write (default: <study output>/report.html)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder of the study (overrides study.output)")
     parser.set_defaults(func=run)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 from search.driver import format_finalists, run_study
 
@@ -25,11 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "run left behind are re-run. Ctrl-C stops after the trials in flight (twice: at once)."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
+    add_study_arguments(parser)
     parser.add_argument("--trials", type=int, default=None, metavar="N",
                         help="search budget: total search trials, baselines not counted (overrides study.trials)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder (overrides study.output; holds study.db by default)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
 

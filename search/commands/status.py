@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import ranking, storage
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 
 
@@ -25,9 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trial is feasible, which gate blocks and by how much."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder of the study (overrides study.output)")
+    add_study_arguments(parser)
     parser.set_defaults(func=run)
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from pathlib import Path
 
 from fitness.gates import gate_names
 from genome.errors import GenomeError
 from genome.space import gene_space, layer_groups
 from merges.checkpoint import open_checkpoint
 from merges.preflight import preflight
-from search.commands import SUMMARIES
+from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import StudyConfigError
 
@@ -32,9 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Exit status 0 when the study is ready to start, 2 with the error otherwise."
         ),
     )
-    parser.add_argument("study", type=Path, help="the study file (study.toml)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder of the study (overrides study.output)")
+    add_study_arguments(parser)
     parser.set_defaults(func=run)
 
 
