@@ -25,6 +25,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from studies.demo_family.errors import DemoFamilyError
 from studies.demo_family.tasks import SLICE_ROWS, TASKS, TaskSplit, split_tasks
@@ -97,12 +98,21 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
     copy_pool = CopyPool(encoder)
     task_share = (1 - plan.copy_share) / len(TASKS)
 
-    bar = tqdm(total=plan.total_steps, desc="demo family", unit="step", disable=not progress)
+    # A live bar on a terminal; in logs (CI, nohup) one plain line per trained model instead.
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=plan.total_steps, desc="demo family", unit="step", disable=not live)
+
+    def trained(name: str) -> None:
+        if progress and not live:
+            print(f"demo family: {name} trained ({time.perf_counter() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
+
     base = new_model(plan.shape, tokenizer, seed=seed)
     base_mix = Mix((*((task_share, old[t]) for t in TASKS), (plan.copy_share, copy_pool)))
     train(base, batches(base_mix, batch_size=plan.base.batch_size, pad=encoder.pad, seed=seed),
           plan.base, bar=bar, label="base")
     save_model(base, tokenizer, out / "base")
+    trained("base")
 
     models: dict[str, LlamaForCausalLM] = {"base": base}
     for index, task in enumerate(TASKS):
@@ -117,6 +127,7 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
         stream = batches(mix, batch_size=schedule.batch_size, pad=encoder.pad, seed=seed * 10 + index + 1)
         train(specialist, stream, schedule, bar=bar, label=task)
         save_model(specialist, tokenizer, out / task)
+        trained(task)
         models[task] = specialist
     bar.close()
 
@@ -171,7 +182,14 @@ def write_slices(folder: Path, split: TaskSplit) -> None:
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     """A normal Hugging Face checkpoint: config, float32 safetensors, tokenizer files."""
-    model.save_pretrained(folder, safe_serialization=True)
+    # transformers draws a "Writing model shards" bar per save; the build has its own.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
 
 
