@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import torch
 
 from search import storage
@@ -139,3 +140,13 @@ def gated_study(
         folder, family, trials=trials, sampler=sampler, objective=objective, population=population,
         gates={task: f'{{ max_regression = {allowed!r}, against = "best" }}'},
     )
+
+
+def open_running_study(config: StudyConfig) -> optuna.Study | None:
+    """The study another process (a ``search start`` under test) is writing, once it exists."""
+    if not (config.output / "study.db").exists():
+        return None
+    try:
+        return optuna.load_study(study_name=config.name, storage=config.storage)
+    except (KeyError, sqlalchemy.exc.OperationalError):
+        return None  # not created yet

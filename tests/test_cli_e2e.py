@@ -18,7 +18,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy.exc
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,6 +25,7 @@ from fitness.scoring import score_slice
 from fitness.slices import load_task
 from search import ranking, storage
 from search.config import load_study
+from tests.studies import open_running_study
 
 pytestmark = pytest.mark.slow
 
@@ -72,12 +72,9 @@ def test_start_kill_resume_status_finalize_export_and_mergekit_rebuild(
     killed_mid_trial = False
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        if not (config.output / "study.db").exists():
+        study = open_running_study(config)
+        if study is None:
             continue
-        try:
-            study = optuna.load_study(study_name=config.name, storage=config.storage)
-        except (KeyError, sqlalchemy.exc.OperationalError):
-            continue  # not created yet
         searched = [t for t in study.get_trials() if t.user_attrs.get("kind") == "search"]
         complete = sum(t.state == TrialState.COMPLETE for t in searched)
         running = sum(t.state == TrialState.RUNNING for t in searched)

@@ -14,9 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import optuna
 import pytest
-import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
@@ -25,7 +23,8 @@ from search.config import load_study
 from search.driver import LOCK_NAME, run_study
 from search.errors import SearchError
 from tests.checkpoints import TinyFamily
-from tests.test_driver import load, search_trials, write_study
+from tests.studies import open_running_study, write_study
+from tests.test_driver import load, search_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,12 +91,9 @@ def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        if not (config.output / "study.db").exists():
+        study = open_running_study(config)
+        if study is None:
             continue
-        try:
-            study = optuna.load_study(study_name=config.name, storage=config.storage)
-        except (KeyError, sqlalchemy.exc.OperationalError):
-            continue  # not created yet
         if sum(t.state == TrialState.COMPLETE for t in search_trials(study)) >= 3:
             break
     proc.send_signal(signal.SIGINT)
