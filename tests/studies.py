@@ -7,12 +7,13 @@ Studies run in-process with the inline pool, so a handful of trials takes second
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 import torch
 
 from search import storage
@@ -143,10 +144,22 @@ def gated_study(
 
 
 def open_running_study(config: StudyConfig) -> optuna.Study | None:
-    """The study another process (a ``search start`` under test) is writing, once it exists."""
-    if not (config.output / "study.db").exists():
+    """The study another process (a ``search start`` under test) is writing, once it exists.
+
+    Opening the storage while the driver is still creating its schema would make this
+    process create it too, and one of the two would fail on alembic's version row; so the
+    storage is opened only after a read-only look finds the study's row.
+    """
+    db = config.output / "study.db"
+    if not db.exists():
         return None
     try:
-        return optuna.load_study(study_name=config.name, storage=config.storage)
-    except (KeyError, sqlalchemy.exc.OperationalError):
-        return None  # not created yet
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+            row = connection.execute(
+                "SELECT 1 FROM studies WHERE study_name = ?", (config.name,)
+            ).fetchone()
+    except sqlite3.OperationalError:
+        return None  # no schema yet
+    if row is None:
+        return None
+    return optuna.load_study(study_name=config.name, storage=config.storage)
