@@ -1,21 +1,23 @@
-"""Search throughput on the demo family: trials per minute with 1 and 2 Ray workers.
+"""Search throughput of the real driver on the demo study: trials per minute with 1 and 2 Ray workers.
 
-Runs the ask/tell loop the driver runs, with the same storage writes per trial (Optuna
-TPE, SQLite storage by default, a TIES genome with per-layer weights and densities), on a
-``RayPool`` of 1 worker and one of 2 workers (one torch thread each), alternating timed
-blocks between the two so that a change in the machine's load hits both alike. Reports:
+Runs ``search.driver.run_study`` (the loop ``search start`` runs: sampler, storage,
+recipe artifacts, gates, Ray pool) on the demo study (``studies/logistics/study.toml``,
+its family built on first use) with ``execution.backend = "ray"``, once with a pool of 1
+worker and once with a pool of 2 (one torch thread each). Timed blocks alternate between
+the two studies, so that a change in the machine's load hits both rates alike; the
+baselines and a first generation per study are run untimed (warm-up). Reports:
 
-* trials per minute (pool startup and one warm-up trial per worker excluded),
+* trials per minute of the search loop (pool start-up, baselines and warm-up excluded),
 * the share of a trial spent merging, scoring, and in the driver (sampling, storage
-  writes, decoding and dispatch), where a trial's time is the worker-seconds it takes
-  (``wall × workers / trials``). The pool queues one trial behind each worker, so driver
-  time overlaps the workers' and the shares need not add up to 1,
+  writes, dispatch), where a trial's time is the worker-seconds it takes
+  (``loop wall × workers / trials``); the pool queues one trial behind each worker, so
+  driver time overlaps the workers' and the shares need not add up to 1,
 * scaling efficiency: 2-worker rate / (2 × 1-worker rate),
-* the memory estimate next to each worker's measured resident set size.
+* each worker's measured resident set size next to the memory estimate.
 
 The last line is one JSON object (fractions from the 2-worker run)::
 
-    python benchmarks/search_throughput.py --trials 40 --blocks 4 [--storage sqlite|journal|memory]
+    python benchmarks/search_throughput.py [--blocks 3] [--per-block 16] [--sampler tpe] [--storage journal]
 """
 
 from __future__ import annotations
@@ -24,212 +26,138 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import optuna
 import psutil
 import ray
 
-from fitness.slices import TaskSpec
-from genome.space import decode, gene_space
-from genome.spec import Bounds, GenomeSpec
-from search.config import ExecutionConfig
+from search.config import StudyConfig, load_study
+from search.driver import LoopTimings, run_study, worker_setup
 from search.memory import GIB, estimate_worker_memory
 from search.ray_pool import RayPool
-from search.storage import resolve_storage
-from search.worker import TrialOutcome, WorkerSetup
 
-TASKS = ("shipping", "refunds", "catalog")
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
 
 
-@dataclass(frozen=True)
-class RunResult:
+@dataclass
+class Pooled:
+    """One study and the Ray pool that runs it; timings accumulate over its timed blocks."""
+
     workers: int
-    trials: int
-    wall_s: float
-    merge_s: float  # summed over trials
-    score_s: float
-    driver_s: float  # sampling + storage + decode + dispatch, in the driver
-    rss_bytes: tuple[int, ...]
+    config: StudyConfig
+    pool: RayPool
+    done: int = 0
+    timed: LoopTimings | None = None
 
-    @property
-    def trials_per_min(self) -> float:
-        return 60.0 * self.trials / self.wall_s
-
-    def fraction(self, seconds: float) -> float:
-        """Share of the worker-seconds all trials took."""
-        return seconds / (self.wall_s * self.workers)
-
-
-def make_storage(kind: str, folder: Path, workers: int) -> str | optuna.storages.BaseStorage | None:
-    """``sqlite``: what the driver uses by default; ``journal``: a journal file; ``memory``: none."""
-    if kind == "sqlite":
-        return resolve_storage(f"sqlite:///{folder / f'bench-{workers}.db'}")  # as the driver opens it
-    if kind == "journal":
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(folder / f"bench-{workers}.log")))
-    return None
+    def run(self, trials: int, *, timed: bool) -> None:
+        """Run ``trials`` more search trials (the budget grows; the driver resumes the study)."""
+        self.done += trials
+        result = run_study(replace(self.config, trials=self.done), quiet=True, pool=self.pool,
+                           finalize_after=False)
+        if result.done != self.done:
+            raise SystemExit(f"{self.workers}-worker study stopped at {result.done} of {self.done} trials")
+        if timed:
+            self.timed = _add(self.timed, result.timings)
 
 
-class Bench:
-    """One study + one RayPool of ``workers`` workers; timed blocks of trials accumulate."""
-
-    def __init__(self, setup: WorkerSetup, workers: int, *, storage_dir: Path, seed: int,
-                 storage_kind: str) -> None:
-        self.setup, self.workers, self.seed = setup, workers, seed
-        self.spec = GenomeSpec(method="ties", layer_granularity=1, density=Bounds(0.1, 1.0))
-        self.n_layers = _n_layers(setup.base)
-        self.sources = {Path(s).name: s for s in setup.sources}
-        self.space = gene_space(self.spec, sources=self.sources, n_layers=self.n_layers)
-        self.study = optuna.create_study(
-            storage=make_storage(storage_kind, storage_dir, workers),
-            sampler=optuna.samplers.TPESampler(seed=seed), direction="maximize",
-            study_name=f"throughput-{workers}",
-        )
-        self.pool = RayPool(setup, ExecutionConfig(backend="ray", workers=workers, cpus_per_worker=1.0))
-        self.in_flight: dict[int, optuna.Trial] = {}
-        self.trials = 0
-        self.wall_s = self.merge_s = self.score_s = self.driver_s = 0.0
-
-    def ask_and_submit(self) -> None:
-        trial = self.study.ask(fixed_distributions=self.space)
-        recipe = decode(self.spec, trial.params, base=self.setup.base, sources=self.sources,
-                        n_layers=self.n_layers, seed=self.seed)
-        # the user attributes the driver writes per trial (one storage write each)
-        trial.set_user_attr("kind", "search")
-        trial.set_user_attr("recipe", recipe.to_dict())
-        trial.set_user_attr("recipe_summary", f"{recipe.method} over {len(recipe.groups)} groups")
-        self.in_flight[trial.number] = trial
-        self.pool.submit(trial.number, recipe.to_dict())
-
-    def record(self, ticket: int, outcome: TrialOutcome) -> None:
-        if outcome.error is not None:
-            raise SystemExit(f"trial {ticket} failed: {outcome.error}")
-        trial = self.in_flight.pop(ticket)
-        trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
-        trial.set_user_attr("worker", outcome.worker)
-        trial.set_user_attr("scores_search", outcome.scores)
-        trial.set_user_attr("gate_margins", {})
-        trial.set_user_attr("feasible", True)
-        self.study.tell(trial, statistics.fmean(outcome.scores.values()))
-
-    def warm_up(self) -> None:
-        """One trial per worker, untimed (first forward passes allocate and tune)."""
-        for _ in range(self.workers):
-            self.ask_and_submit()
-        while self.in_flight:
-            for ticket, outcome in self.pool.wait():
-                self.record(ticket, outcome)
-
-    def block(self, trials: int) -> None:
-        """Run ``trials`` trials the way the driver streams them, timing every part."""
-        asked = finished = 0
-        start = time.perf_counter()
-        while finished < trials:
-            tick = time.perf_counter()
-            while asked < trials and self.pool.free_slots() > 0:
-                self.ask_and_submit()
-                asked += 1
-            self.driver_s += time.perf_counter() - tick
-            results = self.pool.wait()
-            tick = time.perf_counter()
-            for ticket, outcome in results:
-                self.merge_s += outcome.merge_s
-                self.score_s += outcome.score_s
-                self.record(ticket, outcome)
-                finished += 1
-            self.driver_s += time.perf_counter() - tick
-        self.wall_s += time.perf_counter() - start
-        self.trials += trials
-
-    def result(self) -> RunResult:
-        rss = tuple(psutil.Process(int(w["pid"])).memory_info().rss for w in self.pool.workers())
-        return RunResult(self.workers, self.trials, self.wall_s, self.merge_s, self.score_s,
-                         self.driver_s, rss)
+def _add(total: LoopTimings | None, more: LoopTimings) -> LoopTimings:
+    if total is None:
+        return more
+    return LoopTimings(**{f: getattr(total, f) + getattr(more, f) for f in total.__dataclass_fields__})
 
 
-def _n_layers(base: str) -> int:
-    config = json.loads((Path(base) / "config.json").read_text())
-    return int(config["num_hidden_layers"])
+def study_config(path: Path, workers: int, folder: Path, *, sampler: str | None, storage: str) -> StudyConfig:
+    config = load_study(path)
+    output = folder / f"workers-{workers}"
+    url = f"sqlite:///{output / 'study.db'}" if storage == "sqlite" else f"journal:{output / 'study.log'}"
+    execution = replace(config.execution, backend="ray", workers=workers, cpus_per_worker=1.0)
+    config = replace(config, output=output, storage=url, execution=execution)
+    if sampler is not None:
+        population = config.population if sampler in ("cmaes", "nsga2") else None
+        config = replace(config, sampler=sampler, population=population)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=40, help="timed trials per pool (default 40)")
-    parser.add_argument("--blocks", type=int, default=4,
-                        help="timed blocks per pool, alternating 1 and 2 workers (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", type=Path, default=None, help="demo family folder (default: the test cache)")
-    parser.add_argument("--storage", choices=("sqlite", "journal", "memory"), default="sqlite",
-                        help="Optuna storage of the benchmark study (default sqlite, the driver's default)")
+    parser.add_argument("--study", type=Path, default=DEMO_STUDY, help="study.toml (default: the demo study)")
+    parser.add_argument("--blocks", type=int, default=3, help="timed blocks per pool, alternating (default 3)")
+    parser.add_argument("--per-block", type=int, default=16,
+                        help="trials per timed block (default 16: two CMA-ES generations of the demo study)")
+    parser.add_argument("--sampler", default=None, help="override the study's sampler (e.g. tpe)")
+    parser.add_argument("--storage", choices=("sqlite", "journal"), default="sqlite",
+                        help="study storage (default sqlite, the product's default)")
     args = parser.parse_args(argv)
 
-    from studies.demo_family import ensure_family
-
-    cache = Path(os.environ.get("MERGESEARCH_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
-    root = args.family or cache / "demo-family"
-    family = ensure_family(root, progress=True)
-    tasks = tuple(
-        TaskSpec(name=t, search=family.data(t, "search"), heldout=family.data(t, "heldout")) for t in TASKS
-    )
-    setup = WorkerSetup(
-        base=str(family.base), sources=tuple(str(family.sources[t]) for t in TASKS), tasks=tasks,
-        device="cpu", dtype="float32", batch_size=64, threads=1,
-    )
-    estimate = estimate_worker_memory(setup)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     load = os.getloadavg()
-    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores", file=sys.stderr)
-
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores",
+          file=sys.stderr)
     # One local runtime for both pools (3 logical CPUs: the idle pool holds its share but
-    # computes nothing), so timed blocks alternate 1-worker / 2-worker and a change in the
-    # machine's load hits both rates alike.
+    # computes nothing while the other one runs).
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
-    blocks = max(1, args.blocks)
-    per_block = max(1, args.trials // blocks)
-    results: dict[int, RunResult] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        benches = {w: Bench(setup, w, storage_dir=Path(tmp), seed=args.seed, storage_kind=args.storage)
-                   for w in (1, 2)}
+        runs: dict[int, Pooled] = {}
         try:
-            for bench in benches.values():
-                bench.warm_up()
-            for _ in range(blocks):
-                for bench in benches.values():
-                    bench.block(per_block)
-            results = {w: bench.result() for w, bench in benches.items()}
+            for workers in (1, 2):
+                config = study_config(args.study, workers, Path(tmp), sampler=args.sampler,
+                                      storage=args.storage)
+                runs[workers] = Pooled(workers, config, RayPool(worker_setup(config), config.execution))
+            warm_up = max(runs[1].config.population or 0, 2)
+            for run in runs.values():  # baselines, then one generation: untimed
+                run.run(warm_up, timed=False)
+            for _ in range(max(1, args.blocks)):
+                for run in runs.values():
+                    run.run(args.per_block, timed=True)
+            estimate = estimate_worker_memory(worker_setup(runs[1].config))
+            rss = {w: [psutil.Process(int(i["pid"])).memory_info().rss for i in run.pool.workers()]
+                   for w, run in runs.items()}
         finally:
-            for bench in benches.values():
-                bench.pool.close()
+            for run in runs.values():
+                run.pool.close()
             ray.shutdown()
-    for result in results.values():
+
+    config = runs[1].config
+    print(f"study {args.study} ({config.sampler}, {config.genome.method}, storage {args.storage}): "
+          f"{args.blocks} blocks of {args.per_block} trials per pool", file=sys.stderr)
+    fractions: dict[int, dict[str, float]] = {}
+    for workers, run in runs.items():
+        t = run.timed
+        assert t is not None
+        per_trial = t.wall_s * workers / t.trials  # worker-seconds a trial takes
+        fractions[workers] = {
+            "merge": t.merge_s / t.trials / per_trial,
+            "score": t.score_s / t.trials / per_trial,
+            "driver": t.driver_s / t.trials / per_trial,
+        }
+        ms = {k: 1000 * v / t.trials for k, v in
+              (("sample", t.sample_s), ("store", t.store_s), ("dispatch", t.dispatch_s))}
+        f = fractions[workers]
         print(
-            f"{result.workers} worker(s): {result.trials} trials in {result.wall_s:.1f} s = "
-            f"{result.trials_per_min:.1f} trials/min; merge {result.fraction(result.merge_s):.1%}, "
-            f"score {result.fraction(result.score_s):.1%}, driver {result.fraction(result.driver_s):.1%} "
-            f"of a trial; worker RSS {', '.join(f'{r / GIB:.2f}' for r in result.rss_bytes)} GiB "
-            f"(estimate {estimate / GIB:.2f} GiB)",
+            f"{workers} worker(s): {t.trials} trials in {t.wall_s:.1f} s = {60 * t.trials / t.wall_s:.1f} "
+            f"trials/min; a trial {1000 * per_trial:.0f} ms of worker time: merge {f['merge']:.1%}, "
+            f"score {f['score']:.1%}, driver {f['driver']:.1%} (sample {ms['sample']:.1f} ms, store "
+            f"{ms['store']:.1f} ms, dispatch {ms['dispatch']:.1f} ms); worker RSS "
+            f"{', '.join(f'{r / GIB:.2f}' for r in rss[workers])} GiB (estimate {estimate / GIB:.2f} GiB)",
             file=sys.stderr,
         )
-    one, two = results[1], results[2]
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
-    summary = {
-        "trials_per_min_1": round(one.trials_per_min, 2),
-        "trials_per_min_2": round(two.trials_per_min, 2),
-        "scaling_efficiency": round(two.trials_per_min / (2 * one.trials_per_min), 3),
-        "driver_overhead_frac": round(two.fraction(two.driver_s), 4),
-        "merge_frac": round(two.fraction(two.merge_s), 4),
-        "score_frac": round(two.fraction(two.score_s), 4),
-    }
-    print(json.dumps(summary))
+    one, two = (runs[w].timed for w in (1, 2))
+    assert one is not None and two is not None
+    rate_1, rate_2 = 60 * one.trials / one.wall_s, 60 * two.trials / two.wall_s
+    print(json.dumps({
+        "trials_per_min_1": round(rate_1, 2),
+        "trials_per_min_2": round(rate_2, 2),
+        "scaling_efficiency": round(rate_2 / (2 * rate_1), 3),
+        "driver_overhead_frac": round(fractions[2]["driver"], 4),
+        "merge_frac": round(fractions[2]["merge"], 4),
+        "score_frac": round(fractions[2]["score"], 4),
+    }))
     return 0
 
 

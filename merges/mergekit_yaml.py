@@ -162,7 +162,11 @@ def _method(name: str, where: str) -> MethodSpec:
 # -- export ------------------------------------------------------------------------
 
 
-class _FlowDumper(yaml.SafeDumper):
+# libyaml's emitter writes the same text 3-10x faster (the driver writes one recipe per trial).
+_SafeDumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _FlowDumper(_SafeDumper):  # type: ignore[valid-type,misc]
     """Plain YAML; short lists of numbers (layer ranges) in flow style like mergekit writes."""
 
 

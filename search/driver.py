@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ from search.errors import SearchError
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, ProgressState
 from search.worker import TrialOutcome, WorkerSetup
+from search.write_behind import WriteBehindStorage
 
 CMA_GENERATION_KEY = "cma:generation"  # CmaEsSampler's system attr (plain CMA, no margin)
 
@@ -101,12 +103,36 @@ class FinalistRow:
         return self.search_objective - self.heldout_objective
 
 
+@dataclass
+class LoopTimings:
+    """Where the search loop's time went (seconds, summed over this run's search trials).
+
+    ``sample_s``: the sampler and ``study.ask``; ``store_s``: decoding, attributes, the
+    recipe artifact, ``tell`` and storage flushes; ``dispatch_s``: handing trials to the
+    pool. Those three are the driver's overhead. ``merge_s``/``score_s`` are what the
+    workers reported; ``wall_s`` is the loop's wall time.
+    """
+
+    trials: int = 0
+    wall_s: float = 0.0
+    sample_s: float = 0.0
+    store_s: float = 0.0
+    dispatch_s: float = 0.0
+    merge_s: float = 0.0
+    score_s: float = 0.0
+
+    @property
+    def driver_s(self) -> float:
+        return self.sample_s + self.store_s + self.dispatch_s
+
+
 @dataclass(frozen=True)
 class RunResult:
     done: int
     budget: int
     interrupted: bool
     finalized: FinalizeResult | None
+    timings: LoopTimings = field(default_factory=LoopTimings)
 
 
 # -- setup ------------------------------------------------------------------------------
@@ -182,7 +208,11 @@ def open_plan_study(plan: StudyPlan) -> optuna.Study:
         )
     sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space,
                            population=config.population, parallel=config.execution.workers > 1)
-    study = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler)
+    durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler)
+    # The driver is the only writer (driver.lock): it reads from memory and writes in batches.
+    study = optuna.Study(
+        study_name=config.name, storage=WriteBehindStorage(durable._storage, config.name), sampler=sampler
+    )
     attrs = study.user_attrs
     wanted = {
         "config_path": str(config.path),
@@ -282,14 +312,18 @@ def _lock_holder(path: Path) -> int | None:
 
 
 def run_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None,
-              pool: WorkerPool | None = None) -> RunResult:
-    """Run (or continue) a study up to its budget, then finalize it (one driver at a time)."""
+              pool: WorkerPool | None = None, finalize_after: bool = True) -> RunResult:
+    """Run (or continue) a study up to its budget, then finalize it (one driver at a time).
+
+    ``pool``: run on this pool (left open) instead of one built from ``config.execution``;
+    ``finalize_after=False`` skips the held-out re-scoring (benchmarks time the loop alone).
+    """
     with driver_lock(Path(config.output)):
-        return _run_study(config, quiet=quiet, stream=stream, pool=pool)
+        return _run_study(config, quiet=quiet, stream=stream, pool=pool, finalize_after=finalize_after)
 
 
 def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
-               pool: WorkerPool | None) -> RunResult:
+               pool: WorkerPool | None, finalize_after: bool) -> RunResult:
     plan = plan_study(config, progress=not quiet)
     study = open_plan_study(plan)
     recover_interrupted(study, plan)
@@ -314,13 +348,21 @@ def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
             done = _budget_used(study)
             interrupted = stop.requested and done < config.trials
             finalized = None
-            if not interrupted and done >= config.trials:
+            if finalize_after and not interrupted and done >= config.trials:
                 finalized = finalize(study, plan, pool, progress)
     finally:
+        _flush(study)
         progress.close()
         if own_pool:
             pool.close()
-    return RunResult(done=done, budget=config.trials, interrupted=interrupted, finalized=finalized)
+    return RunResult(done=done, budget=config.trials, interrupted=interrupted, finalized=finalized,
+                     timings=loop.timings)
+
+
+def _flush(study: optuna.Study) -> None:
+    """Write what the driver's storage still holds back (a no-op for other storages)."""
+    if isinstance(study._storage, WriteBehindStorage):
+        study._storage.flush()
 
 
 def recover_interrupted(study: optuna.Study, plan: StudyPlan) -> list[int]:
@@ -468,6 +510,8 @@ class _Loop:
         self.in_flight: dict[int, _InFlight] = {}
         self.budget = plan.config.trials
         self._references: dict[str, dict[str, float]] | None = None
+        self.timings = LoopTimings()
+        self._dispatched = 0.0  # pool.submit time of the trial being submitted
 
     @property
     def references(self) -> dict[str, dict[str, float]]:
@@ -478,10 +522,14 @@ class _Loop:
         return self._references
 
     def run(self) -> None:
-        if self.plan.config.sampler == "cmaes":
-            self._run_generations()
-        else:
-            self._run_streaming()
+        start = time.perf_counter()
+        try:
+            if self.plan.config.sampler == "cmaes":
+                self._run_generations()
+            else:
+                self._run_streaming()
+        finally:
+            self.timings.wall_s += time.perf_counter() - start
 
     def _run_streaming(self) -> None:
         done = _budget_used(self.study)
@@ -532,7 +580,19 @@ class _Loop:
 
     def _ask_and_submit(self) -> bool:
         """Ask one trial and submit it; False when it failed at once (told FAIL)."""
-        trial = self.study.ask(fixed_distributions=self.plan.space)
+        start = time.perf_counter()
+        try:
+            trial = self.study.ask(fixed_distributions=self.plan.space)
+        finally:
+            asked = time.perf_counter()
+            self.timings.sample_s += asked - start
+        try:
+            return self._record_and_submit(trial)
+        finally:
+            self.timings.store_s += time.perf_counter() - asked - self._dispatched
+
+    def _record_and_submit(self, trial: Trial) -> bool:
+        self._dispatched = 0.0
         trial.set_user_attr("kind", ranking.KIND_SEARCH)
         generation = trial.user_attrs.get("rerun_generation")
         if generation is not None:
@@ -552,11 +612,25 @@ class _Loop:
         trial.set_user_attr("recipe_summary", summarize_recipe(recipe, self.plan.labels))
         # The dashboard's artifact; a finished trial could not take it any more.
         attach_recipe(trial, recipe, self.plan.layout, self.plan.artifacts)
+        _flush(self.study)  # readers see the running trial's genes and recipe
         self.in_flight[trial.number] = _InFlight(trial, recipe)
+        start = time.perf_counter()
         self.pool.submit(trial.number, recipe.to_dict(), "search")
+        self._dispatched = time.perf_counter() - start
+        self.timings.dispatch_s += self._dispatched
         return True
 
     def _tell(self, item: _InFlight, outcome: TrialOutcome) -> None:
+        start = time.perf_counter()
+        try:
+            self._store_outcome(item, outcome)
+        finally:
+            self.timings.store_s += time.perf_counter() - start
+            self.timings.trials += 1
+            self.timings.merge_s += outcome.merge_s
+            self.timings.score_s += outcome.score_s
+
+    def _store_outcome(self, item: _InFlight, outcome: TrialOutcome) -> None:
         trial = item.trial
         trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
         trial.set_user_attr("worker", outcome.worker)
@@ -592,6 +666,13 @@ class _Loop:
         self.in_flight.clear()
 
     def _report(self, done: int) -> None:
+        start = time.perf_counter()
+        try:
+            self._update_progress(done)
+        finally:
+            self.timings.store_s += time.perf_counter() - start
+
+    def _update_progress(self, done: int) -> None:
         trials = self.study.get_trials(deepcopy=False)
         searched = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH]
         best = ranking.best_feasible(ranking.search_trials(searched), self.plan.directions)
@@ -801,6 +882,7 @@ def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
                  population: int | None = None, parallel: bool = False) -> BaseSampler:
     """The study's sampler, seeded from the study seed, blind to baseline trials."""
     if name == "cmaes":
+        import cmaes  # noqa: F401  # Optuna imports it (and scipy.stats, ~1 s) at the first ask otherwise
         # CMA gets the genome's numeric genes as a fixed search space and
         # n_startup_trials=0, so the very first generation is already CMA's (with the
         # intersection search space of no finished trial, the whole first batch would be
