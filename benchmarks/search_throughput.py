@@ -13,7 +13,10 @@ baselines and a first generation per study are run untimed (warm-up). Reports:
   (``loop wall × workers / trials``); the pool queues one trial behind each worker, so
   driver time overlaps the workers' and the shares need not add up to 1,
 * scaling efficiency: 2-worker rate / (2 × 1-worker rate),
-* each worker's measured resident set size next to the memory estimate.
+* each worker's measured resident set size next to the memory estimate,
+* the machine's own ceiling for comparison: the same recipes evaluated by ``TrialWorker``
+  in one bare process, then in two at once (no driver, no Ray); on a machine whose cores
+  share caches or memory bandwidth, two bare processes already scale below 1.
 
 The last line is one JSON object (fractions from the 2-worker run)::
 
@@ -25,19 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import psutil
 import ray
 
+from search import ranking
 from search.config import StudyConfig, load_study
 from search.driver import LoopTimings, run_study, worker_setup
 from search.memory import GIB, estimate_worker_memory
 from search.ray_pool import RayPool
+from search.storage import load_existing_study
+from search.worker import WorkerSetup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
@@ -82,6 +92,32 @@ def study_config(path: Path, workers: int, folder: Path, *, sampler: str | None,
     return config
 
 
+def _bare_worker(setup: WorkerSetup, recipes: list[dict], start: Barrier, out: Queue) -> None:
+    from search.worker import TrialWorker
+
+    worker = TrialWorker(setup)
+    worker.evaluate(recipes[0])  # warm-up: first forward passes allocate
+    start.wait()
+    tick = time.perf_counter()
+    for recipe in recipes:
+        worker.evaluate(recipe)
+    out.put(time.perf_counter() - tick)
+
+
+def bare_rate(setup: WorkerSetup, recipes: list[dict], processes: int) -> float:
+    """Trials per minute of ``processes`` bare worker processes evaluating ``recipes`` each."""
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Barrier(processes), context.Queue()
+    procs = [context.Process(target=_bare_worker, args=(setup, recipes, start, out))
+             for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    walls = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return 60 * processes * len(recipes) / max(walls)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=DEMO_STUDY, help="study.toml (default: the demo study)")
@@ -120,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs.values():
                 run.pool.close()
             ray.shutdown()
+        # the machine's ceiling, on the recipes the 2-worker study ran
+        study = load_existing_study(runs[2].config.name, runs[2].config.storage)
+        recipes = [t.user_attrs["recipe"] for t in study.get_trials(deepcopy=False)
+                   if ranking.kind(t) == ranking.KIND_SEARCH][: 2 * args.per_block]
+        setup = replace(worker_setup(runs[1].config), threads=1)
+        bare = {n: bare_rate(setup, recipes, n) for n in (1, 2)}
 
     config = runs[1].config
     print(f"study {args.study} ({config.sampler}, {config.genome.method}, storage {args.storage}): "
@@ -145,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(f'{r / GIB:.2f}' for r in rss[workers])} GiB (estimate {estimate / GIB:.2f} GiB)",
             file=sys.stderr,
         )
+    print(f"bare TrialWorker processes, no driver or Ray ({len(recipes)} recipes each): 1 process "
+          f"{bare[1]:.1f} trials/min, 2 processes {bare[2]:.1f} trials/min, scaling efficiency "
+          f"{bare[2] / (2 * bare[1]):.3f} (this machine's ceiling)", file=sys.stderr)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
     one, two = (runs[w].timed for w in (1, 2))

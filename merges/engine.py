@@ -175,7 +175,13 @@ class MergeEngine:
         model_class = getattr(transformers, architecture, None) if architecture else None
         if model_class is None:
             model_class = transformers.AutoModelForCausalLM
-        model = model_class.from_pretrained(path, dtype=self._dtype).to(self._device)
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # a local load: the bar is noise in logs
+        try:
+            model = model_class.from_pretrained(path, dtype=self._dtype).to(self._device)
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
         if self._device.type == "cpu":
             # from_pretrained leaves CPU weights mapped from the checkpoint file: give them
             # their own memory, so merges write to RAM, not to copy-on-write file pages
