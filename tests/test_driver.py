@@ -106,6 +106,22 @@ def test_trial_whose_scorer_raises_is_failed_with_its_reason_and_the_study_goes_
     assert f"{len(failed)} failed" in status and "flaky scorer refuses" in status
 
 
+def test_loop_timings_account_for_this_runs_search_trials(tmp_path: Path, llama_family: TinyFamily) -> None:
+    path = write_study(tmp_path, llama_family, trials=4)
+    config = load_study(path)
+    first = run_study(config, quiet=True)
+    # a resumed run reports only its own trials
+    second = run_study(load_study(path, trials=7), quiet=True)
+    searched = sorted(search_trials(load(path)), key=lambda t: t.number)
+    assert [first.timings.trials, second.timings.trials] == [4, 3] and len(searched) == 7
+    for timings, trials in ((first.timings, searched[:4]), (second.timings, searched[4:])):
+        assert timings.merge_s == pytest.approx(sum(t.user_attrs["timings"]["merge_s"] for t in trials))
+        assert timings.score_s == pytest.approx(sum(t.user_attrs["timings"]["score_s"] for t in trials))
+        assert timings.sample_s > 0 and timings.store_s > 0 and timings.dispatch_s >= 0
+        # inline, the loop's wall time holds the merges, the scoring and the driver's work
+        assert timings.wall_s >= timings.driver_s + timings.merge_s + timings.score_s
+
+
 def source_scores(tmp_path: Path, family: TinyFamily, task: str) -> list[float]:
     """The sources' search scores on ``task`` (from a study with no search trials)."""
     folder = tmp_path / "probe"
