@@ -1,0 +1,442 @@
+"""The driver's write-behind storage against real SQLite and journal files.
+
+``WriteBehindStorage`` answers reads from an in-memory copy and batches trial writes into
+the study's storage. These tests hold it to its contract: it behaves like a plain Optuna
+study (same trials as an in-memory reference under the same seeded sampler), a fresh
+reader of the file sees a told trial complete with every attribute when ``tell`` returns,
+and a second writer of the same storage is detected instead of silently diverging.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.samplers import RandomSampler
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, Trial, TrialState, create_trial
+
+from search.errors import SearchError
+from search.storage import open_study, resolve_storage
+from search.write_behind import WriteBehindStorage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+NAME = "wb"
+SPACE: dict[str, BaseDistribution] = {
+    "x": FloatDistribution(-1.0, 1.0),
+    "lr": FloatDistribution(1e-4, 1.0, log=True),
+    "quarter": FloatDistribution(0.0, 1.0, step=0.25),
+    "n": IntDistribution(1, 8),
+    "method": CategoricalDistribution(["linear", "ties", None, 3]),
+}
+OTHER_WRITER = "no other writer"
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def storage_url(folder: Path, backend: str) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{folder / 'study.db'}"
+    return f"journal:{folder / 'study.journal'}"
+
+
+def open_write_behind(url: str, directions: Sequence[str], seed: int = 0) -> optuna.Study:
+    """The study as ``open_plan_study`` opens it: the durable study, wrapped."""
+    durable = open_study(NAME, url, directions)
+    return optuna.Study(
+        study_name=NAME, storage=WriteBehindStorage(durable._storage, NAME),
+        sampler=RandomSampler(seed),
+    )
+
+
+def write_behind(study: optuna.Study) -> WriteBehindStorage:
+    storage = study._storage
+    assert isinstance(storage, WriteBehindStorage)
+    return storage
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a reader of the storage sees (no trial ids, no datetimes)."""
+
+    trials: list[tuple[object, ...]]
+    user_attrs: dict[str, object]
+    system_attrs: dict[str, object]
+
+
+def trial_view(trial: FrozenTrial) -> tuple[object, ...]:
+    return (
+        trial.number, trial.state, trial.params, trial.distributions, trial.values,
+        trial.intermediate_values, trial.user_attrs, trial.system_attrs,
+    )
+
+
+def snapshot(study: optuna.Study) -> Snapshot:
+    return Snapshot(
+        [trial_view(t) for t in study.get_trials()],
+        study.user_attrs,
+        study._storage.get_study_system_attrs(study._study_id),
+    )
+
+
+def read_fresh(url: str, read: Callable[[optuna.Study], object] = snapshot) -> object:
+    """``read`` of the study through a new storage object: only what was committed."""
+    storage = resolve_storage(url)
+    try:
+        return read(optuna.load_study(study_name=NAME, storage=storage))
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()
+
+
+def fresh_trial(url: str, number: int) -> FrozenTrial:
+    found = read_fresh(url, lambda study: study.get_trials()[number])
+    assert isinstance(found, FrozenTrial)
+    return found
+
+
+# -- 1. equivalence with a plain in-memory study -------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+enqueued_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "x": st.floats(-1.0, 1.0),
+        "n": st.integers(1, 8),
+        "method": st.sampled_from(["linear", "ties", None, 3]),
+    },
+)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("ask")),
+        st.tuples(st.just("ask")),  # twice: trials to write to
+        st.tuples(st.just("enqueue"), enqueued_params),
+        st.tuples(st.just("user_attr"), st.integers(0, 5), st.sampled_from("abc"), json_values),
+        st.tuples(st.just("system_attr"), st.integers(0, 5), st.sampled_from("de"), json_values),
+        st.tuples(st.just("report"), st.integers(0, 5), st.integers(0, 3), finite),
+        st.tuples(st.just("complete"), st.integers(0, 5), st.lists(finite, min_size=2, max_size=2)),
+        st.tuples(st.just("fail"), st.integers(0, 5)),
+        st.tuples(st.just("prune"), st.integers(0, 5)),
+        st.tuples(st.just("add_complete"), st.lists(finite, min_size=2, max_size=2)),
+        st.tuples(st.just("study_attr"), st.sampled_from("fg"), json_values),
+        st.tuples(st.just("flush")),
+    ),
+    min_size=12,
+    max_size=24,
+)
+
+
+class Twin:
+    """The same operations on the write-behind study and an in-memory reference study."""
+
+    def __init__(self, url: str, directions: list[str], seed: int) -> None:
+        self.url = url
+        self.objectives = len(directions)
+        self.study = open_write_behind(url, directions, seed)
+        self.reference = optuna.create_study(directions=directions, sampler=RandomSampler(seed))
+        self.running: list[tuple[Trial, Trial]] = []  # (write-behind, reference)
+
+    def check(self) -> None:
+        """All three views agree: write-behind, a fresh reader of the file, the reference."""
+        expected = snapshot(self.reference)
+        assert snapshot(self.study) == expected
+        assert read_fresh(self.url) == expected
+
+    def apply(self, op: tuple[object, ...]) -> None:
+        kind = op[0]
+        if kind == "ask":
+            pair = (self.study.ask(SPACE), self.reference.ask(SPACE))
+            assert pair[0].number == pair[1].number
+            self.running.append(pair)
+        elif kind == "enqueue":
+            for study in (self.study, self.reference):
+                study.enqueue_trial(dict(op[1]))  # type: ignore[call-overload]
+        elif kind == "add_complete":
+            values = list(op[1])[: self.objectives]  # type: ignore[call-overload]
+            for study in (self.study, self.reference):
+                study.add_trial(create_trial(
+                    params={"x": 0.5, "n": 3}, distributions={"x": SPACE["x"], "n": SPACE["n"]},
+                    values=values, user_attrs={"added": True},
+                ))
+            self.check()
+        elif kind == "study_attr":
+            for study in (self.study, self.reference):
+                study.set_user_attr(str(op[1]), op[2])
+        elif kind == "flush":
+            write_behind(self.study).flush()
+            self.check()
+        elif self.running:
+            self.apply_to_running(op)
+
+    def apply_to_running(self, op: tuple[object, ...]) -> None:
+        kind, index = op[0], int(op[1])  # type: ignore[call-overload]
+        pair = self.running[index % len(self.running)]
+        if kind == "user_attr":
+            for trial in pair:
+                trial.set_user_attr(str(op[2]), op[3])
+        elif kind == "system_attr":
+            for trial in pair:
+                trial.storage.set_trial_system_attr(trial._trial_id, str(op[2]), op[3])
+        elif kind == "report" and self.objectives == 1:
+            for trial in pair:
+                trial.report(float(op[3]), int(op[2]))  # type: ignore[arg-type]
+        elif kind in ("complete", "fail", "prune"):
+            if kind == "prune" and self.objectives > 1:
+                return  # Optuna prunes single-objective studies only
+            self.running.remove(pair)
+            values = list(op[2])[: self.objectives] if kind == "complete" else None  # type: ignore[call-overload]
+            state = {"complete": TrialState.COMPLETE, "fail": TrialState.FAIL,
+                     "prune": TrialState.PRUNED}[str(kind)]
+            self.study.tell(pair[0], values, state)
+            self.reference.tell(pair[1], values, state)
+            self.check()  # told: everything written so far is on disk
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=operations,
+    objectives=st.sampled_from([1, 2]),
+    backend=st.sampled_from(["sqlite", "journal"]),
+    seed=st.integers(0, 2**16),
+)
+def test_write_behind_study_matches_a_plain_study_and_its_file(
+    ops: list[tuple[object, ...]], objectives: int, backend: str, seed: int
+) -> None:
+    directions = ["maximize", "minimize"][:objectives]
+    with tempfile.TemporaryDirectory() as folder:
+        twin = Twin(storage_url(Path(folder), backend), directions, seed)
+        for op in ops:
+            twin.apply(op)
+        write_behind(twin.study).flush()
+        twin.check()
+
+
+# -- 2 + 4. durability on tell and on flush --------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_told_trial_is_complete_on_disk_when_tell_returns(tmp_path: Path, backend: str) -> None:
+    url = storage_url(tmp_path, backend)
+    study = open_write_behind(url, ["maximize"])
+    trial = study.ask(SPACE)
+    trial.set_user_attr("recipe", {"method": "linear", "weights": [0.25, 0.75]})
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [-0.5])
+    trial.report(0.1, 0)
+    study.tell(trial, 0.75)
+
+    seen = fresh_trial(url, trial.number)
+    assert seen.state == TrialState.COMPLETE and seen.values == [0.75]
+    assert seen.params == trial.params and set(seen.params) == set(SPACE)
+    assert seen.distributions == SPACE
+    assert seen.user_attrs == {"recipe": {"method": "linear", "weights": [0.25, 0.75]}}
+    assert seen.system_attrs == {"constraints": [-0.5]}
+    assert seen.intermediate_values == {0: 0.1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_running_trial_shows_its_writes_after_flush(tmp_path: Path, backend: str) -> None:
+    url = storage_url(tmp_path, backend)
+    study = open_write_behind(url, ["maximize", "minimize"])
+    trial = study.ask(SPACE)
+    trial.set_user_attr("kind", "search")
+    trial.set_user_attr("kind", "baseline")  # the last write wins
+    trial.storage.set_trial_system_attr(trial._trial_id, "fixed", {"a": [1, 2]})
+    write_behind(study).flush()
+
+    seen = fresh_trial(url, trial.number)
+    assert seen.state == TrialState.RUNNING
+    assert seen.params == trial.params and seen.distributions == SPACE
+    assert seen.user_attrs == {"kind": "baseline"}
+    assert seen.system_attrs == {"fixed": {"a": [1, 2]}}
+
+
+def test_study_attrs_are_written_through_without_a_flush(tmp_path: Path) -> None:
+    url = storage_url(tmp_path, "sqlite")
+    study = open_write_behind(url, ["maximize"])
+    study.set_user_attr("final_trial", 3)
+    study._storage.set_study_system_attr(study._study_id, "cma:penalty", [1.5])
+    seen = read_fresh(url)
+    assert isinstance(seen, Snapshot)
+    assert seen.user_attrs == {"final_trial": 3}
+    assert seen.system_attrs == {"cma:penalty": [1.5]}
+
+
+def test_it_creates_and_deletes_no_studies(tmp_path: Path) -> None:
+    study = open_write_behind(storage_url(tmp_path, "sqlite"), ["maximize"])
+    storage = write_behind(study)
+    with pytest.raises(SearchError):
+        storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "another")
+    with pytest.raises(SearchError):
+        storage.delete_study(study._study_id)
+
+
+def test_a_write_that_cannot_be_stored_loses_no_other_trials_writes(tmp_path: Path) -> None:
+    """Optuna's SQLite storage refuses an attribute that is not JSON when it is set; here it
+    is queued. Whatever it raises, the other trial's attribute and state must still reach the
+    file when that trial is told."""
+    url = storage_url(tmp_path, "sqlite")
+    study = open_write_behind(url, ["maximize"])
+    good, bad = study.ask(SPACE), study.ask(SPACE)
+    good.set_user_attr("scores_search", {"alpha": 0.5})
+    with pytest.raises(Exception):  # noqa: B017 - any refusal, at set or at tell, is fine
+        bad.set_user_attr("not_json", {1, 2})
+        study.tell(bad, 1.0)
+    study.tell(good, 0.5)
+    seen = fresh_trial(url, good.number)
+    assert seen.state == TrialState.COMPLETE
+    assert seen.user_attrs == {"scores_search": {"alpha": 0.5}}
+
+
+# -- 3. resume over a study another (plain) Optuna process wrote -----------------------------
+
+
+def test_resumed_study_reads_every_stored_trial_and_numbers_on(tmp_path: Path) -> None:
+    url = storage_url(tmp_path, "sqlite")
+    plain = open_study(NAME, url, ["maximize"], sampler=RandomSampler(1))
+    plain.set_user_attr("sources", {"s0": "/a"})
+    for number in range(5):
+        trial = plain.ask(SPACE)
+        trial.set_user_attr("kind", "search")
+        trial.report(float(number), 0)
+        if number == 1:
+            plain.tell(trial, state=TrialState.FAIL)
+        elif number == 2:
+            plain.tell(trial, state=TrialState.PRUNED)
+        elif number < 4:
+            plain.tell(trial, number / 10)
+        # trial 4 stays RUNNING (an interrupted driver)
+    plain.enqueue_trial({"x": 0.25, "n": 2})  # trial 5 waits
+    stored = plain.get_trials()
+    assert [t.state for t in stored] == [
+        TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE,
+        TrialState.RUNNING, TrialState.WAITING,
+    ]
+
+    study = open_write_behind(url, ["maximize"], seed=2)
+    read = study.get_trials()
+    # identical, datetimes included; only the ids may differ
+    assert [(trial_view(t), t.datetime_start, t.datetime_complete) for t in read] == [
+        (trial_view(t), t.datetime_start, t.datetime_complete) for t in stored
+    ]
+    assert study.user_attrs == {"sources": {"s0": "/a"}}
+    assert study.best_trial.number == 3
+
+    waiting = study.ask(SPACE)  # takes the waiting trial
+    assert waiting.number == 5 and waiting.params["x"] == 0.25 and waiting.params["n"] == 2
+    fresh = study.ask(SPACE)
+    assert fresh.number == 6
+    study.tell(fresh, 0.9)
+    study.tell(waiting, 0.1)
+    study.tell(4, state=TrialState.FAIL)  # recover the interrupted one
+    on_disk = read_fresh(url)
+    assert on_disk == snapshot(study)
+    assert isinstance(on_disk, Snapshot)
+    assert [t[0] for t in on_disk.trials] == list(range(7))
+    assert [t[1] for t in on_disk.trials][4:] == [
+        TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE
+    ]
+
+
+# -- 5. a second writer is detected ------------------------------------------------------------
+
+
+def other_writer(url: str) -> optuna.Study:
+    return optuna.load_study(study_name=NAME, storage=resolve_storage(url))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_trial_created_by_another_writer_stops_the_next_ask(tmp_path: Path, backend: str) -> None:
+    url = storage_url(tmp_path, backend)
+    study = open_write_behind(url, ["maximize"])
+    study.tell(study.ask(SPACE), 0.5)
+    other_writer(url).ask()  # trial 1, behind the write-behind study's back
+    with pytest.raises(SearchError, match=OTHER_WRITER):
+        study.ask(SPACE)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_waiting_trial_taken_by_another_writer_stops_the_ask(tmp_path: Path, backend: str) -> None:
+    url = storage_url(tmp_path, backend)
+    study = open_write_behind(url, ["maximize"])
+    study.enqueue_trial({"x": 0.5})
+    taken = other_writer(url).ask()
+    assert taken.number == 0
+    with pytest.raises(SearchError, match=OTHER_WRITER):
+        study.ask(SPACE)
+
+
+def running_trial_finished_elsewhere(url: str) -> tuple[optuna.Study, Trial]:
+    """A write-behind study whose RUNNING trial another writer has just told."""
+    study = open_write_behind(url, ["maximize"])
+    trial = study.ask(SPACE)
+    trial.set_user_attr("kind", "search")
+    write_behind(study).flush()
+    other_writer(url).tell(trial.number, 0.1)
+    return study, trial
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_tell_with_queued_writes_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
+    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
+    trial.set_user_attr("scores_search", {"alpha": 0.5})
+    with pytest.raises(SearchError, match=OTHER_WRITER):
+        study.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_flush_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
+    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
+    trial.set_user_attr("worker", "inline")
+    with pytest.raises(SearchError, match=OTHER_WRITER):
+        write_behind(study).flush()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_tell_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
+    """Nothing queued: the state write itself meets the finished trial."""
+    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
+    with pytest.raises(SearchError, match=OTHER_WRITER):
+        study.tell(trial, 0.5)
+
+
+def test_another_study_in_the_same_file_is_not_a_second_writer(tmp_path: Path) -> None:
+    """Trial ids are shared by every study of a database: another study's trials move them,
+    but not this study's numbers."""
+    url = storage_url(tmp_path, "sqlite")
+    neighbour = optuna.create_study(study_name="neighbour", storage=resolve_storage(url))
+    neighbour.tell(neighbour.ask(), 1.0)
+    study = open_write_behind(url, ["maximize"])
+    first = study.ask(SPACE)
+    neighbour.tell(neighbour.ask(), 2.0)
+    neighbour.ask()
+    second = study.ask(SPACE)
+    second.set_user_attr("kind", "search")
+    study.tell(second, 0.2)
+    study.tell(first, 0.1)
+    assert [t.number for t in study.get_trials()] == [0, 1]
+    on_disk = read_fresh(url)
+    assert on_disk == snapshot(study)
+    assert isinstance(on_disk, Snapshot)
+    assert on_disk.trials[1][6] == {"kind": "search"}
+    assert len(neighbour.get_trials()) == 3
