@@ -28,9 +28,14 @@ from optuna.samplers import RandomSampler
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState, create_trial
 
+from search.config import load_study
+from search.driver import run_study, worker_setup
 from search.errors import SearchError
+from search.pool import InlinePool
 from search.storage import open_study, resolve_storage
 from search.write_behind import WriteBehindStorage
+from tests.checkpoints import TinyFamily
+from tests.studies import write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -440,3 +445,59 @@ def test_another_study_in_the_same_file_is_not_a_second_writer(tmp_path: Path) -
     assert isinstance(on_disk, Snapshot)
     assert on_disk.trials[1][6] == {"kind": "search"}
     assert len(neighbour.get_trials()) == 3
+
+
+# -- 6. the real driver: what a reader sees while the study runs -------------------------------
+
+
+class ReadingPool(InlinePool):
+    """The real inline pool that, as each trial is submitted to be scored on the search
+    split, reads the study through a fresh storage (what ``search status`` and the
+    dashboard do mid-run)."""
+
+    def __init__(self, config_path: Path) -> None:
+        config = load_study(config_path)
+        super().__init__(worker_setup(config))
+        self.url = config.storage
+        self.name = config.name
+        self.seen: list[tuple[int, list[FrozenTrial]]] = []
+
+    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
+        if split == "search":
+            storage = resolve_storage(self.url)
+            try:
+                trials = optuna.load_study(study_name=self.name, storage=storage).get_trials()
+            finally:
+                if isinstance(storage, RDBStorage):
+                    storage.engine.dispose()
+            self.seen.append((ticket, trials))
+        super().submit(ticket, recipe, split)
+
+
+def test_a_reader_sees_the_driver_s_trials_while_the_study_runs(
+    tmp_path: Path, llama_family: TinyFamily
+) -> None:
+    path = write_study(tmp_path, llama_family, trials=3)
+    pool = ReadingPool(path)
+    result = run_study(load_study(path), quiet=True, pool=pool, finalize_after=False)
+    assert result.done == 3
+    # the baselines are scored first, on the same split; the search trials are the last three
+    searched = pool.seen[-3:]
+    assert [len([t for t in trials if t.user_attrs.get("kind") == "search"]) for _, trials in searched] == [
+        1, 2, 3
+    ]
+    for ticket, trials in searched:
+        by_number = {t.number: t for t in trials}
+        submitted = by_number[ticket]  # flushed before submit: its genes and recipe are there
+        assert submitted.state == TrialState.RUNNING
+        assert submitted.params and submitted.user_attrs.get("kind") == "search"
+        assert "recipe" in submitted.user_attrs and "recipe_summary" in submitted.user_attrs
+        # the inline pool runs one trial at a time: every other trial was told, on disk in full
+        for trial in trials:
+            if trial.number == ticket:
+                continue
+            assert trial.state.is_finished(), trial.number
+            if trial.user_attrs.get("kind") == "search" and trial.state == TrialState.COMPLETE:
+                assert {"recipe", "scores_search", "feasible"} <= set(trial.user_attrs)
+                assert "constraints" in trial.system_attrs
+                assert trial.values is not None
