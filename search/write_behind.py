@@ -47,6 +47,7 @@ class _Write:
     key: str | int
     value: Any
     distribution: BaseDistribution | None = None
+    value_json: str = ""  # attributes: encoded when set, so a bad value fails there
 
 
 class WriteBehindStorage(BaseStorage):
@@ -82,12 +83,26 @@ class WriteBehindStorage(BaseStorage):
         """Write every queued trial write to the durable storage (one transaction on a database)."""
         if not self._queue:
             return
-        writes, self._queue = self._queue, []
-        if isinstance(self._durable, RDBStorage):
-            _write_rdb(self._durable, writes)
+        durable = self._durable
+        if isinstance(durable, RDBStorage):
+            self._write(lambda writes: _write_rdb(durable, writes))
         else:
-            for write in writes:
-                _write_one(self._durable, write)
+            self._write(lambda writes: _write_each(durable, writes))
+
+    def _write(self, write: Callable[[list[_Write]], None]) -> None:
+        """Hand the queue to ``write``; on failure the queue keeps what was not written."""
+        writes, self._queue = self._queue, []
+        try:
+            write(writes)
+        except UpdateFinishedTrialError as exc:
+            self._queue = writes + self._queue
+            raise SearchError(
+                f"{exc}: a trial changed in the storage behind the driver's back; a study the "
+                "driver runs must have no other writer"
+            ) from exc
+        except BaseException:
+            self._queue = writes + self._queue
+            raise
 
     def _check_study(self, study_id: int) -> None:
         if study_id != self._study:
@@ -176,12 +191,14 @@ class WriteBehindStorage(BaseStorage):
                                   param_value_internal, distribution))
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        encoded = _json(key, value)
         self._memory.set_trial_user_attr(trial_id, key, value)
-        self._queue.append(_Write("user_attr", self._durable_trial(trial_id), key, value))
+        self._queue.append(_Write("user_attr", self._durable_trial(trial_id), key, value, value_json=encoded))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        encoded = _json(key, value)
         self._memory.set_trial_system_attr(trial_id, key, value)
-        self._queue.append(_Write("system_attr", self._durable_trial(trial_id), key, value))
+        self._queue.append(_Write("system_attr", self._durable_trial(trial_id), key, value, value_json=encoded))
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         self._memory.set_trial_intermediate_value(trial_id, step, intermediate_value)
@@ -195,8 +212,8 @@ class WriteBehindStorage(BaseStorage):
         try:
             if isinstance(self._durable, RDBStorage) and state.is_finished():
                 # the trial's last writes and its state in one transaction
-                writes, self._queue = self._queue, []
-                _write_rdb(self._durable, writes, finish=(trial_id, state, values))
+                rdb = self._durable
+                self._write(lambda writes: _write_rdb(rdb, writes, finish=(trial_id, state, values)))
                 return True
             self.flush()
             changed = self._durable.set_trial_state_values(trial_id, state, values)
@@ -247,7 +264,7 @@ def _write_rdb(storage: RDBStorage, writes: Sequence[_Write],
         elif write.kind == "intermediate":
             steps.append(write)
         else:
-            attrs[write.kind][(write.trial_id, str(write.key))] = write.value  # the last one wins
+            attrs[write.kind][(write.trial_id, str(write.key))] = write.value_json  # the last one wins
     trial_ids = sorted({write.trial_id for write in writes} | ({finish[0]} if finish else set()))
     with _create_scoped_session(storage.scoped_session) as session:
         states = session.execute(
@@ -271,8 +288,8 @@ def _write_rdb(storage: RDBStorage, writes: Sequence[_Write],
                 keys = [key for t, key in rows if t == trial_id]
                 session.execute(delete(model).where(model.trial_id == trial_id, model.key.in_(keys)))
             session.execute(insert(model), [
-                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                for (trial_id, key), value in rows.items()
+                {"trial_id": trial_id, "key": key, "value_json": value_json}
+                for (trial_id, key), value_json in rows.items()
             ])
         for write in steps:
             storage._set_trial_intermediate_value_without_commit(
@@ -295,5 +312,19 @@ _ONE_WRITERS: dict[str, Callable[[BaseStorage, _Write], None]] = {
 }
 
 
-def _write_one(storage: BaseStorage, write: _Write) -> None:
-    _ONE_WRITERS[write.kind](storage, write)
+def _write_each(storage: BaseStorage, writes: list[_Write]) -> None:
+    """One call per write (storages without transactions, e.g. a journal file)."""
+    for index, write in enumerate(writes):
+        try:
+            _ONE_WRITERS[write.kind](storage, write)
+        except BaseException:
+            del writes[:index]  # written ones stay written; the caller re-queues the rest
+            raise
+
+
+def _json(key: str, value: Any) -> str:
+    """The stored form of an attribute; refuses what JSON cannot hold when it is set."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"trial attribute {key!r} cannot be stored: {exc}") from exc
