@@ -14,13 +14,14 @@ baselines and a first generation per study are run untimed (warm-up). Reports:
   driver time overlaps the workers' and the shares need not add up to 1,
 * scaling efficiency: 2-worker rate / (2 × 1-worker rate),
 * each worker's measured resident set size next to the memory estimate,
-* the machine's own ceiling for comparison: the same recipes evaluated by ``TrialWorker``
-  in one bare process, then in two at once (no driver, no Ray); on a machine whose cores
-  share caches or memory bandwidth, two bare processes already scale below 1.
+* the machine's own ceiling for comparison: random recipes of the same genome evaluated
+  by ``TrialWorker`` in one bare process, then in two at once (no driver, no Ray), in
+  blocks alternating with the pools' blocks; on a machine whose cores share caches or
+  memory bandwidth (or its host), two bare processes already scale below 1.
 
 The last line is one JSON object (fractions from the 2-worker run)::
 
-    python benchmarks/search_throughput.py [--blocks 3] [--per-block 16] [--sampler tpe] [--storage journal]
+    python benchmarks/search_throughput.py [--blocks 5] [--per-block 16] [--sampler tpe] [--storage journal]
 """
 
 from __future__ import annotations
@@ -34,19 +35,18 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Barrier
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import optuna
 import psutil
 import ray
 
-from search import ranking
+from genome.space import decode
 from search.config import StudyConfig, load_study
-from search.driver import LoopTimings, run_study, worker_setup
+from search.driver import LoopTimings, plan_study, run_study, worker_setup
 from search.memory import GIB, estimate_worker_memory
 from search.ray_pool import RayPool
-from search.storage import load_existing_study
 from search.worker import WorkerSetup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,36 +92,71 @@ def study_config(path: Path, workers: int, folder: Path, *, sampler: str | None,
     return config
 
 
-def _bare_worker(setup: WorkerSetup, recipes: list[dict], start: Barrier, out: Queue) -> None:
+def _bare_worker(setup: WorkerSetup, recipes: list[dict], conn: Connection) -> None:
+    """A bare process: on each message, evaluate every recipe and send back the wall time."""
     from search.worker import TrialWorker
 
     worker = TrialWorker(setup)
     worker.evaluate(recipes[0])  # warm-up: first forward passes allocate
-    start.wait()
-    tick = time.perf_counter()
-    for recipe in recipes:
-        worker.evaluate(recipe)
-    out.put(time.perf_counter() - tick)
+    conn.send("ready")
+    while conn.recv():
+        tick = time.perf_counter()
+        for recipe in recipes:
+            worker.evaluate(recipe)
+        conn.send(time.perf_counter() - tick)
 
 
-def bare_rate(setup: WorkerSetup, recipes: list[dict], processes: int) -> float:
-    """Trials per minute of ``processes`` bare worker processes evaluating ``recipes`` each."""
-    context = multiprocessing.get_context("spawn")
-    start, out = context.Barrier(processes), context.Queue()
-    procs = [context.Process(target=_bare_worker, args=(setup, recipes, start, out))
-             for _ in range(processes)]
-    for proc in procs:
-        proc.start()
-    walls = [out.get() for _ in procs]
-    for proc in procs:
-        proc.join()
-    return 60 * processes * len(recipes) / max(walls)
+class BareWorkers:
+    """Two ``TrialWorker`` processes with no driver or Ray: the machine's own scaling ceiling."""
+
+    def __init__(self, setup: WorkerSetup, recipes: list[dict]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.recipes = recipes
+        self.walls: dict[int, float] = {1: 0.0, 2: 0.0}
+        self.trials: dict[int, int] = {1: 0, 2: 0}
+        self._conns: list[Connection] = []
+        self._procs = []
+        for _ in range(2):
+            here, there = context.Pipe()
+            proc = context.Process(target=_bare_worker, args=(setup, recipes, there), daemon=True)
+            proc.start()
+            self._conns.append(here)
+            self._procs.append(proc)
+        for conn in self._conns:
+            conn.recv()
+
+    def block(self, processes: int) -> None:
+        """Every recipe once on each of ``processes`` processes at the same time."""
+        for conn in self._conns[:processes]:
+            conn.send(True)
+        self.walls[processes] += max(conn.recv() for conn in self._conns[:processes])
+        self.trials[processes] += processes * len(self.recipes)
+
+    def rate(self, processes: int) -> float:
+        return 60 * self.trials[processes] / self.walls[processes]
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.send(False)
+        for proc in self._procs:
+            proc.join()
+
+
+def sample_recipes(config: StudyConfig, count: int) -> list[dict]:
+    """``count`` recipes of the study's genome, drawn at random (seeded)."""
+    plan = plan_study(config, progress=False)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=config.seed))
+    return [
+        decode(config.genome, study.ask(fixed_distributions=plan.space).params, base=plan.base,
+               sources=plan.paths, n_layers=plan.n_layers, seed=config.seed).to_dict()
+        for _ in range(count)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=DEMO_STUDY, help="study.toml (default: the demo study)")
-    parser.add_argument("--blocks", type=int, default=3, help="timed blocks per pool, alternating (default 3)")
+    parser.add_argument("--blocks", type=int, default=5, help="timed blocks per pool, alternating (default 5)")
     parser.add_argument("--per-block", type=int, default=16,
                         help="trials per timed block (default 16: two CMA-ES generations of the demo study)")
     parser.add_argument("--sampler", default=None, help="override the study's sampler (e.g. tpe)")
@@ -132,36 +167,40 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores",
           file=sys.stderr)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     # One local runtime for both pools (3 logical CPUs: the idle pool holds its share but
     # computes nothing while the other one runs).
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         runs: dict[int, Pooled] = {}
+        bare: BareWorkers | None = None
         try:
             for workers in (1, 2):
                 config = study_config(args.study, workers, Path(tmp), sampler=args.sampler,
                                       storage=args.storage)
                 runs[workers] = Pooled(workers, config, RayPool(worker_setup(config), config.execution))
-            warm_up = max(runs[1].config.population or 0, 2)
+            config = runs[1].config
+            bare = BareWorkers(replace(worker_setup(config), threads=1),
+                               sample_recipes(config, args.per_block))
+            warm_up = max(config.population or 0, 2)
             for run in runs.values():  # baselines, then one generation: untimed
                 run.run(warm_up, timed=False)
+            # Blocks alternate, so that a change in the machine's load hits every rate alike.
             for _ in range(max(1, args.blocks)):
                 for run in runs.values():
                     run.run(args.per_block, timed=True)
-            estimate = estimate_worker_memory(worker_setup(runs[1].config))
+                for processes in (1, 2):
+                    bare.block(processes)
+            estimate = estimate_worker_memory(worker_setup(config))
             rss = {w: [psutil.Process(int(i["pid"])).memory_info().rss for i in run.pool.workers()]
                    for w, run in runs.items()}
         finally:
+            if bare is not None:
+                bare.close()
             for run in runs.values():
                 run.pool.close()
             ray.shutdown()
-        # the machine's ceiling, on the recipes the 2-worker study ran
-        study = load_existing_study(runs[2].config.name, runs[2].config.storage)
-        recipes = [t.user_attrs["recipe"] for t in study.get_trials(deepcopy=False)
-                   if ranking.kind(t) == ranking.KIND_SEARCH][: 2 * args.per_block]
-        setup = replace(worker_setup(runs[1].config), threads=1)
-        bare = {n: bare_rate(setup, recipes, n) for n in (1, 2)}
 
     config = runs[1].config
     print(f"study {args.study} ({config.sampler}, {config.genome.method}, storage {args.storage}): "
@@ -187,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(f'{r / GIB:.2f}' for r in rss[workers])} GiB (estimate {estimate / GIB:.2f} GiB)",
             file=sys.stderr,
         )
-    print(f"bare TrialWorker processes, no driver or Ray ({len(recipes)} recipes each): 1 process "
-          f"{bare[1]:.1f} trials/min, 2 processes {bare[2]:.1f} trials/min, scaling efficiency "
-          f"{bare[2] / (2 * bare[1]):.3f} (this machine's ceiling)", file=sys.stderr)
+    print(f"bare TrialWorker processes, no driver or Ray (same blocks, {args.per_block} random recipes "
+          f"each): 1 process {bare.rate(1):.1f} trials/min, 2 processes {bare.rate(2):.1f} trials/min, "
+          f"scaling efficiency {bare.rate(2) / (2 * bare.rate(1)):.3f} (this machine's ceiling)",
+          file=sys.stderr)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", file=sys.stderr)
     one, two = (runs[w].timed for w in (1, 2))
