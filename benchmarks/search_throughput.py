@@ -8,8 +8,9 @@ the two studies, so that a change in the machine's load hits both rates alike; t
 baselines and a first generation per study are run untimed (warm-up). Reports:
 
 * trials per minute of the search loop (pool start-up, baselines and warm-up excluded),
-* the share of a trial spent merging, scoring, and in the driver (sampling, storage
-  writes, dispatch), where a trial's time is the worker-seconds it takes
+* the share of a trial spent merging, scoring, and in the driver (the driver process's
+  CPU time for sampling, storage writes and dispatch: on 2 cores that is what it takes
+  from the workers), where a trial's time is the worker-seconds it takes
   (``loop wall × workers / trials``); the pool queues one trial behind each worker, so
   driver time overlaps the workers' and the shares need not add up to 1,
 * scaling efficiency: 2-worker rate / (2 × 1-worker rate),
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{workers} worker(s): {t.trials} trials in {t.wall_s:.1f} s = {60 * t.trials / t.wall_s:.1f} "
             f"trials/min; a trial {1000 * per_trial:.0f} ms of worker time: merge {f['merge']:.1%}, "
-            f"score {f['score']:.1%}, driver {f['driver']:.1%} (sample {ms['sample']:.1f} ms, store "
+            f"score {f['score']:.1%}, driver {f['driver']:.1%} (CPU: sample {ms['sample']:.1f} ms, store "
             f"{ms['store']:.1f} ms, dispatch {ms['dispatch']:.1f} ms); worker RSS "
             f"{', '.join(f'{r / GIB:.2f}' for r in rss[workers])} GiB (estimate {estimate / GIB:.2f} GiB)",
             file=sys.stderr,

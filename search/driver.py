@@ -107,10 +107,12 @@ class FinalistRow:
 class LoopTimings:
     """Where the search loop's time went (seconds, summed over this run's search trials).
 
-    ``sample_s``: the sampler and ``study.ask``; ``store_s``: decoding, attributes, the
-    recipe artifact, ``tell`` and storage flushes; ``dispatch_s``: handing trials to the
-    pool. Those three are the driver's overhead. ``merge_s``/``score_s`` are what the
-    workers reported; ``wall_s`` is the loop's wall time.
+    The driver's overhead, in CPU seconds of the driver process (the work it does: on a
+    busy machine its wall time also counts the waits for a core, during which the
+    workers run): ``sample_s``, the sampler and ``study.ask``; ``store_s``, decoding,
+    attributes, the recipe artifact, ``tell``, storage flushes and progress;
+    ``dispatch_s``, handing trials to the pool. ``merge_s``/``score_s``: what the
+    workers reported (wall); ``wall_s``: the loop's wall time.
     """
 
     trials: int = 0
@@ -580,16 +582,16 @@ class _Loop:
 
     def _ask_and_submit(self) -> bool:
         """Ask one trial and submit it; False when it failed at once (told FAIL)."""
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             trial = self.study.ask(fixed_distributions=self.plan.space)
         finally:
-            asked = time.perf_counter()
+            asked = time.process_time()
             self.timings.sample_s += asked - start
         try:
             return self._record_and_submit(trial)
         finally:
-            self.timings.store_s += time.perf_counter() - asked - self._dispatched
+            self.timings.store_s += time.process_time() - asked - self._dispatched
 
     def _record_and_submit(self, trial: Trial) -> bool:
         self._dispatched = 0.0
@@ -614,18 +616,18 @@ class _Loop:
         attach_recipe(trial, recipe, self.plan.layout, self.plan.artifacts)
         _flush(self.study)  # readers see the running trial's genes and recipe
         self.in_flight[trial.number] = _InFlight(trial, recipe)
-        start = time.perf_counter()
+        start = time.process_time()
         self.pool.submit(trial.number, recipe.to_dict(), "search")
-        self._dispatched = time.perf_counter() - start
+        self._dispatched = time.process_time() - start
         self.timings.dispatch_s += self._dispatched
         return True
 
     def _tell(self, item: _InFlight, outcome: TrialOutcome) -> None:
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             self._store_outcome(item, outcome)
         finally:
-            self.timings.store_s += time.perf_counter() - start
+            self.timings.store_s += time.process_time() - start
             self.timings.trials += 1
             self.timings.merge_s += outcome.merge_s
             self.timings.score_s += outcome.score_s
@@ -666,11 +668,11 @@ class _Loop:
         self.in_flight.clear()
 
     def _report(self, done: int) -> None:
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             self._update_progress(done)
         finally:
-            self.timings.store_s += time.perf_counter() - start
+            self.timings.store_s += time.process_time() - start
 
     def _update_progress(self, done: int) -> None:
         trials = self.study.get_trials(deepcopy=False)
