@@ -513,7 +513,6 @@ class _Loop:
         self.budget = plan.config.trials
         self._references: dict[str, dict[str, float]] | None = None
         self.timings = LoopTimings()
-        self._dispatched = 0.0  # pool.submit time of the trial being submitted
 
     @property
     def references(self) -> dict[str, dict[str, float]]:
@@ -582,19 +581,26 @@ class _Loop:
 
     def _ask_and_submit(self) -> bool:
         """Ask one trial and submit it; False when it failed at once (told FAIL)."""
-        start = time.process_time()
-        try:
-            trial = self.study.ask(fixed_distributions=self.plan.space)
-        finally:
-            asked = time.process_time()
-            self.timings.sample_s += asked - start
-        try:
-            return self._record_and_submit(trial)
-        finally:
-            self.timings.store_s += time.process_time() - asked - self._dispatched
+        clock = time.process_time()
+        trial = self.study.ask(fixed_distributions=self.plan.space)
+        clock = self._charge("sample_s", clock)
+        recipe = self._record(trial)
+        clock = self._charge("store_s", clock)
+        if recipe is None:
+            return False
+        self.in_flight[trial.number] = _InFlight(trial, recipe)
+        self.pool.submit(trial.number, recipe.to_dict(), "search")
+        self._charge("dispatch_s", clock)
+        return True
 
-    def _record_and_submit(self, trial: Trial) -> bool:
-        self._dispatched = 0.0
+    def _charge(self, part: str, since: float) -> float:
+        """Add the driver's CPU time since ``since`` to ``part`` of the timings; returns now."""
+        now = time.process_time()
+        setattr(self.timings, part, getattr(self.timings, part) + now - since)
+        return now
+
+    def _record(self, trial: Trial) -> Recipe | None:
+        """Decode and store a new trial's recipe; None when its genes do not decode (told FAIL)."""
         trial.set_user_attr("kind", ranking.KIND_SEARCH)
         generation = trial.user_attrs.get("rerun_generation")
         if generation is not None:
@@ -609,28 +615,21 @@ class _Loop:
         except GenomeError as exc:
             trial.set_user_attr("failure", f"genes do not decode: {exc}")
             self.study.tell(trial, state=TrialState.FAIL)
-            return False
+            return None
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("recipe_summary", summarize_recipe(recipe, self.plan.labels))
         # The dashboard's artifact; a finished trial could not take it any more.
         attach_recipe(trial, recipe, self.plan.layout, self.plan.artifacts)
         _flush(self.study)  # readers see the running trial's genes and recipe
-        self.in_flight[trial.number] = _InFlight(trial, recipe)
-        start = time.process_time()
-        self.pool.submit(trial.number, recipe.to_dict(), "search")
-        self._dispatched = time.process_time() - start
-        self.timings.dispatch_s += self._dispatched
-        return True
+        return recipe
 
     def _tell(self, item: _InFlight, outcome: TrialOutcome) -> None:
-        start = time.process_time()
-        try:
-            self._store_outcome(item, outcome)
-        finally:
-            self.timings.store_s += time.process_time() - start
-            self.timings.trials += 1
-            self.timings.merge_s += outcome.merge_s
-            self.timings.score_s += outcome.score_s
+        clock = time.process_time()
+        self._store_outcome(item, outcome)
+        self._charge("store_s", clock)
+        self.timings.trials += 1
+        self.timings.merge_s += outcome.merge_s
+        self.timings.score_s += outcome.score_s
 
     def _store_outcome(self, item: _InFlight, outcome: TrialOutcome) -> None:
         trial = item.trial
@@ -668,11 +667,9 @@ class _Loop:
         self.in_flight.clear()
 
     def _report(self, done: int) -> None:
-        start = time.process_time()
-        try:
-            self._update_progress(done)
-        finally:
-            self.timings.store_s += time.process_time() - start
+        clock = time.process_time()
+        self._update_progress(done)
+        self._charge("store_s", clock)
 
     def _update_progress(self, done: int) -> None:
         trials = self.study.get_trials(deepcopy=False)
