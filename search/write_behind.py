@@ -40,7 +40,7 @@ from search.errors import SearchError
 
 @dataclass(frozen=True)
 class _Write:
-    """One queued trial write, addressed to the durable trial id."""
+    """One queued trial write (trial ids are the same in the copy and the durable storage)."""
 
     kind: str  # "param" | "user_attr" | "system_attr" | "intermediate"
     trial_id: int
@@ -72,7 +72,6 @@ class WriteBehindStorage(BaseStorage):
             self._memory.set_study_user_attr(self._study, key, value)
         for key, value in self._durable.get_study_system_attrs(self._durable_study).items():
             self._memory.set_study_system_attr(self._study, key, value)
-        self._trial_ids: set[int] = set()  # the copy's trial ids are the durable ones
         for trial in self._durable.get_all_trials(self._durable_study, deepcopy=False):
             self._copy_trial(trial._trial_id, trial)
         self._queue: list[_Write] = []
@@ -107,11 +106,6 @@ class WriteBehindStorage(BaseStorage):
     def _check_study(self, study_id: int) -> None:
         if study_id != self._study:
             raise KeyError(f"study id {study_id}: this storage holds only study {self._study}")
-
-    def _durable_trial(self, trial_id: int) -> int:
-        if trial_id not in self._trial_ids:
-            raise KeyError(f"no trial with id {trial_id}")
-        return trial_id
 
     # -- studies: reads from memory, writes through -----------------------------------
 
@@ -174,41 +168,37 @@ class WriteBehindStorage(BaseStorage):
         Ids leak into stored data (optuna-dashboard keys a trial's note by its id), so
         the copy must use the same ones. InMemoryStorage numbers ids from ``_max_trial_id``.
         """
-        if durable_id in self._trial_ids:
-            raise SearchError(f"internal: trial id {durable_id} is already in the memory copy")
         self._memory._max_trial_id = durable_id - 1
         memory_id = self._memory.create_new_trial(self._study, template)
         if memory_id != durable_id:
             raise SearchError(f"internal: the memory copy gave trial id {memory_id}, not {durable_id}")
-        self._trial_ids.add(memory_id)
         return memory_id
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
         # memory first: it checks the trial is running and the distribution is compatible
         self._memory.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        self._queue.append(_Write("param", self._durable_trial(trial_id), param_name,
+        self._queue.append(_Write("param", trial_id, param_name,
                                   param_value_internal, distribution))
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         encoded = _json(key, value)
         self._memory.set_trial_user_attr(trial_id, key, value)
-        self._queue.append(_Write("user_attr", self._durable_trial(trial_id), key, value, value_json=encoded))
+        self._queue.append(_Write("user_attr", trial_id, key, value, value_json=encoded))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         encoded = _json(key, value)
         self._memory.set_trial_system_attr(trial_id, key, value)
-        self._queue.append(_Write("system_attr", self._durable_trial(trial_id), key, value, value_json=encoded))
+        self._queue.append(_Write("system_attr", trial_id, key, value, value_json=encoded))
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         self._memory.set_trial_intermediate_value(trial_id, step, intermediate_value)
-        self._queue.append(_Write("intermediate", self._durable_trial(trial_id), step, intermediate_value))
+        self._queue.append(_Write("intermediate", trial_id, step, intermediate_value))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
         if not self._memory.set_trial_state_values(trial_id, state, values):
             return False  # e.g. a waiting trial already taken: nothing changed
-        trial_id = self._durable_trial(trial_id)
         try:
             if isinstance(self._durable, RDBStorage) and state.is_finished():
                 # the trial's last writes and its state in one transaction
