@@ -39,3 +39,56 @@ def test_every_command_is_in_the_cli_reference() -> None:
     cli = text[text.index("## CLI reference"):text.index("## Exporting to mergekit")]
     missing = [name for name in SUMMARIES if f"`search {name} " not in cli]
     assert not missing, f"README CLI reference lacks {missing}"
+
+
+# -- docs point only inside the repository ----------------------------------------------
+
+REPO = README.parent
+_NOT_DOCS = {"__pycache__", "runs", "build", "dist", "family"}  # build outputs, study outputs
+_LINK = re.compile(r"\]\(([^)\s]+)\)")  # markdown links and images
+_UP_PATH = re.compile(r"(?:^|[\s`(\"'])((?:\.\./)+[\w./-]*)", re.MULTILINE)  # ../x in text or code
+_ABSOLUTE_PATH = re.compile(r"(?:^|[\s`(\"'])(/(?:[\w.-]+/)+[\w.-]*)", re.MULTILINE)  # /a/b, not URLs
+
+
+def _docs() -> list[Path]:
+    docs = []
+    for path in sorted(REPO.rglob("*.md")):
+        parts = path.relative_to(REPO).parts[:-1]
+        if not any(p.startswith(".") or p in _NOT_DOCS or p.endswith(".egg-info") for p in parts):
+            docs.append(path)
+    return docs
+
+
+def _outside_pointers_in(text: str, doc: Path) -> list[str]:
+    """Links and paths in ``text`` (of ``doc``) that leave the repository or name nothing in it."""
+    found = []
+    for match in _LINK.finditer(text):
+        target = match.group(1).split("#", 1)[0]
+        if not target or re.match(r"^[a-z][a-z0-9+.-]*:", target):  # an anchor or a URL
+            continue
+        resolved = (doc.parent / target).resolve()
+        if not resolved.is_relative_to(REPO) or not resolved.exists():
+            found.append(f"link {match.group(1)}")
+    for match in _UP_PATH.finditer(text):
+        resolved = (doc.parent / match.group(1)).resolve()
+        if not resolved.is_relative_to(REPO) or not resolved.exists():
+            found.append(f"path {match.group(1)}")
+    found += [f"absolute path {match.group(1)}" for match in _ABSOLUTE_PATH.finditer(text)]
+    return found
+
+
+def test_docs_point_only_inside_the_repository() -> None:
+    docs = _docs()
+    assert REPO / "README.md" in docs and REPO / "docs" / "ARCHITECTURE.md" in docs
+    outside = {str(doc.relative_to(REPO)): _outside_pointers_in(doc.read_text(encoding="utf-8"), doc)
+               for doc in docs}
+    assert not {doc: found for doc, found in outside.items() if found}
+
+
+def test_the_pointer_check_catches_paths_outside() -> None:
+    doc = REPO / "docs" / "x.md"  # never written: only its folder matters
+    text = ("See `../shared/DESIGN.md`, `/work/shared/notes.md`, [a](../../elsewhere.md), "
+            "[b](missing.md), [c](https://example.com/a/b), [d](../README.md#quick-start).")
+    pointers = _outside_pointers_in(text, doc)
+    assert pointers == ["link ../../elsewhere.md", "link missing.md", "path ../shared/DESIGN.md",
+                        "path ../../elsewhere.md", "absolute path /work/shared/notes.md"]
