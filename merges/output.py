@@ -58,7 +58,7 @@ def check_file_target(path: str | Path, *, signature: str) -> Path:
     An existing file is replaced only when ``signature`` occurs near its start (one this tool
     wrote earlier); a folder, a link or any other file is refused.
     """
-    path = Path(path).expanduser().absolute()
+    path = Path(os.path.abspath(Path(path).expanduser()))
     if path.is_symlink():
         raise OutputError(f"{path}: is a symbolic link; refusing to replace it (give the file it points to)")
     if path.is_dir():
@@ -133,7 +133,7 @@ def check_output_folder(
     previous output of this tool. Never: a protected folder or any parent of one, a link,
     a file, a folder holding anything this tool did not write.
     """
-    out = Path(out).expanduser().absolute()
+    out = Path(os.path.abspath(Path(out).expanduser()))  # ".." folded: messages name the real folder
     if out.is_symlink():
         raise OutputError(f"{out}: is a symbolic link; give the folder itself as the output")
     real = out.resolve()
@@ -182,7 +182,7 @@ def output_folder(
     (while filling or publishing) become one :class:`OutputError` naming ``out`` and the cause.
     """
     protected = list(protected)
-    out = Path(out).expanduser().absolute()
+    out = Path(os.path.abspath(Path(out).expanduser()))  # ".." folded: messages name the real folder
     tmp = out.parent / _temp_name(out.name, "tmp", os.getpid())
     try:
         _clean_stale_folders(out)  # first: it may put a previous output back in place
