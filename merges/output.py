@@ -1,6 +1,6 @@
 """Every file and folder the tool writes: atomic, fsynced, and never over what it did not write.
 
-Files (recipe YAML, report HTML) are written to a temp sibling ``.NAME.tmp-PID``, fsynced,
+Files (recipe YAML, report HTML) are written to a temp sibling ``NAME.tmp-PID``, fsynced,
 renamed into place and the folder fsynced. An existing file is replaced only when it holds
 the caller's ``signature`` (a string the tool writes at the top of every such file).
 
@@ -33,7 +33,7 @@ from merges.errors import MergeError
 
 MARKER = ".mergesearch-output.json"
 _TOOL = "mergesearch"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+_PID = re.compile(r"[0-9]+")
 _SIGNATURE_WINDOW = 4096  # the signature must sit this close to the start of a file
 
 
@@ -84,7 +84,7 @@ def write_file(path: str | Path, data: str | bytes, *, signature: str) -> Path:
     if signature.encode("utf-8") not in raw[:_SIGNATURE_WINDOW]:
         raise ValueError(f"the data to write to {path} lacks its signature {signature!r}")
     path = check_file_target(path, signature=signature)
-    tmp = path.with_name(_temp_name(path.name, "tmp", os.getpid()))
+    tmp = path.with_name(_temp_name(path.name, "file", os.getpid()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale_files(path, signature)
@@ -114,8 +114,8 @@ def _holds_signature(path: Path, signature: str) -> bool:
 
 
 def _clean_stale_files(path: Path, signature: str) -> None:
-    """Remove ``.NAME.tmp-PID`` files of dead runs that hold the signature (so are ours)."""
-    for entry, pid in _temps(path, "tmp"):
+    """Remove ``NAME.tmp-PID`` files of dead runs that hold the signature (so are ours)."""
+    for entry, pid in _temps(path, "file"):
         if entry.is_file() and not entry.is_symlink() and not _alive(pid) and _holds_signature(entry, signature):
             with contextlib.suppress(OSError):
                 entry.unlink()
@@ -191,8 +191,10 @@ def output_folder(
     check_output_folder(out, overwrite=overwrite, protected=protected)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # a folder of an earlier run with this very PID: ours, and dead
-            shutil.rmtree(tmp)
+        if tmp.exists() or tmp.is_symlink():
+            if tmp.is_symlink() or not tmp.is_dir() or _read_marker(tmp) is None:
+                raise OutputError(f"{tmp}: is in the way and was not made by mergesearch; move it away")
+            shutil.rmtree(tmp)  # left by an earlier run with this very PID (a reused PID)
         tmp.mkdir()
         _write_marker(tmp, {"tool": _TOOL, "pid": os.getpid(), "host": socket.gethostname(), "complete": False})
     except OSError as exc:
@@ -315,11 +317,13 @@ def _stale(entry: Path, pid: int) -> bool:
 
 
 def _temps(path: Path, kind: str) -> Iterator[tuple[Path, int]]:
+    """Temp siblings of ``path`` of this ``kind`` (see :func:`_temp_name`), with their PIDs."""
+    prefix = _temp_name(path.name, kind, "")
     with contextlib.suppress(OSError):
         for entry in path.parent.iterdir():
-            match = _TEMP.match(entry.name)
-            if match and match["name"] == path.name and match["kind"] == kind:
-                yield entry, int(match["pid"])
+            pid = entry.name[len(prefix):]
+            if entry.name.startswith(prefix) and _PID.fullmatch(pid):
+                yield entry, int(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -334,8 +338,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _temp_name(name: str, kind: str, pid: int) -> str:
-    return f".{name}.{kind}-{pid}"
+def _temp_name(name: str, kind: str, pid: int | str) -> str:
+    """``NAME.tmp-PID`` for a file being written; ``.NAME.tmp-PID`` for a folder being built,
+    ``.NAME.old-PID`` for a previous output moved aside (hidden: they can be large)."""
+    return {"file": f"{name}.tmp-{pid}", "tmp": f".{name}.tmp-{pid}", "old": f".{name}.old-{pid}"}[kind]
 
 
 def _read_marker(folder: Path) -> dict | None:

@@ -41,6 +41,13 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err.strip()
 
 
+def _dead_pid() -> int:
+    """The PID of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
 @pytest.fixture
 def config(llama_family: TinyFamily, tmp_path: Path) -> Path:
     """A mergekit YAML of a linear merge of the tiny family's sources."""
@@ -170,9 +177,7 @@ def test_a_live_runs_temp_folder_and_an_unmarked_lookalike_are_left_alone(
     config: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "merged"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    lookalike = tmp_path / f".merged.tmp-{dead.stdout.strip()}"  # a dead PID, but no marker: not ours
+    lookalike = tmp_path / f".merged.tmp-{_dead_pid()}"  # a dead PID, but no marker: not ours
     lookalike.mkdir()
     (lookalike / "thesis.tex").write_text("mine\n")
     with _run_in_output(out, "live") as (_proc, temp):
@@ -189,13 +194,21 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(config: Path,
     out = tmp_path / "merged"
     assert main(["merge", str(config), str(out)]) == 0
     first = _tree(out)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    aside = tmp_path / f".merged.old-{dead.stdout.strip()}"
+    aside = tmp_path / f".merged.old-{_dead_pid()}"
     os.replace(out, aside)  # killed between its two renames: the old output aside, the new one not in
     assert main(["merge", str(config), str(out)]) == 2
     assert "pass --overwrite" in _one_error_line(capsys)
     assert _tree(out) == first and not aside.exists()
+
+
+def test_a_killed_exports_temp_file_is_cleaned_and_a_lookalike_kept(study: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    killed = tmp_path / f"recipe.yaml.tmp-{_dead_pid()}"
+    killed.write_text("# mergesearch export\n# study: ... (cut off)")  # what a killed export leaves
+    lookalike = tmp_path / f"recipe.yaml.tmp-{_dead_pid()}"
+    lookalike.write_text("models: []\n")  # same name pattern, not ours
+    assert main(["export", str(study), "-o", str(recipe)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["recipe.yaml", lookalike.name])
 
 
 # -- search export --materialize and -o, search report -o ---------------------------------------
