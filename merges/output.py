@@ -149,6 +149,8 @@ def check_output_folder(
         raise OutputError(f"{out}: exists and is not a folder")
     if not out.exists():
         return out
+    if os.path.ismount(out):  # the output is built beside it and renamed: not across file systems
+        raise OutputError(f"{out}: is a mount point; give a folder inside it")
     try:
         entries = sorted(p.name for p in out.iterdir())
     except OSError as exc:

@@ -287,12 +287,18 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_that_looks_complete(
-    config: Path, study: Path, full_disk: Path, capsys: pytest.CaptureFixture[str]
+    config: Path, study: Path, full_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert main(["merge", str(config), str(full_disk)]) == 2
+    assert _one_error_line(capsys) == f"error: {full_disk}: is a mount point; give a folder inside it"
     out = full_disk / "merged"
     assert main(["merge", str(config), str(out)]) == 2
     assert _one_error_line(capsys) == f"error: could not write {out}: No space left on device"
     assert list(full_disk.iterdir()) == []  # no folder, no temp
+    materialized = full_disk / "materialized"
+    assert main(["export", str(study), "-o", str(tmp_path / "exported.yaml"), "--materialize", str(materialized)]) == 2
+    assert _one_error_line(capsys) == f"error: could not write {materialized}: No space left on device"
+    assert list(full_disk.iterdir()) == []
 
     filler = full_disk / "filler"
     with contextlib.suppress(OSError), open(filler, "wb") as handle:
