@@ -1,8 +1,9 @@
 """Write merged tensors as a ``save_pretrained``-compatible checkpoint folder, atomically.
 
-The folder is built next to ``out_dir`` under a temporary name and renamed into place
-only when complete; an existing ``out_dir`` is replaced only then, so a save that fails
-halfway leaves the old folder as it was. Tensor names are checked against the layout of
+The folder is built and published by :func:`merges.output.output_folder`: in a temp sibling,
+fsynced, renamed into place only when complete, never over a folder the tool did not write
+(a non-empty ``out_dir`` only with ``overwrite`` and only if it is a previous output), so a
+save that fails halfway leaves the old folder as it was. Tensor names are checked against the layout of
 ``like`` (the base) before anything is written: every in-layer tensor must be one the base
 has in each layer, every other tensor one the base has, with the base's shapes.
 """
@@ -11,17 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from merges.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, Checkpoint
 from merges.errors import CheckpointError, NonFiniteMergeError
 from merges.layout import Layout, layout_of
+from merges.output import Protected, output_folder
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _COPIED_FILES = ("generation_config.json",)
@@ -35,18 +39,19 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    protected: Sequence[Protected] = (),
 ) -> Path:
     """Save ``tensors`` as a checkpoint shaped like ``like``; returns the folder.
 
     ``dtype`` casts floating tensors (default: keep theirs). ``config_overrides`` update the
     base's config.json (e.g. ``num_hidden_layers`` of a passthrough frankenmerge). A head
     tied to the embedding is not written. Shards above ``max_shard_bytes`` get an index.
+    ``overwrite`` allows replacing a previous output of this tool; ``like`` and every
+    ``protected`` folder (sources, the study folder) and their parents are refused as outputs.
     """
     out = Path(out_dir).expanduser().absolute()
-    if out.resolve() == like.path.resolve():
-        raise CheckpointError(f"{out}: refusing to save a merge over its own base checkpoint")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder")
+    guards = [Protected("base checkpoint", like.path), *protected]
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
 
@@ -61,20 +66,12 @@ def save_checkpoint(
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with output_folder(out, overwrite=overwrite, protected=guards) as tmp:
         _write_weights(tmp, tensors, kept, dtype, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file in (*like.tokenizer_files(), *(like.path / f for f in _COPIED_FILES)):
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -190,21 +187,14 @@ def _write_shard(
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         prepared[name] = tensor
-    save_file(prepared, str(file), metadata={"format": "pt"})
+    try:
+        save_file(prepared, str(file), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        # safetensors reports OS errors as text ("... (os error 28)"): give them back their errno.
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(file)) from None
     return sum(t.numel() * t.element_size() for t in prepared.values())
 
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Move the complete ``new`` folder to ``out``; an old ``out`` is removed only afterwards."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)  # put the old folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import itertools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
 from search import ranking, storage
 from search.annotate import chosen_trial
@@ -121,18 +121,19 @@ def build_report(
     return _page(view, parts, recipe_text)
 
 
+# In the <head> of every report (see _page): an existing -o FILE is replaced only if it has it.
+REPORT_SIGNATURE = "<title>mergesearch report"
+
+
 def write_report(
     study: optuna.Study, path: str | Path, *, task_higher: Mapping[str, bool],
     recipe_text: str | None = None,
 ) -> Path:
-    """Write the report atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the report atomically and durably; an existing ``path`` only if it is a report."""
+    check_file_target(path, signature=REPORT_SIGNATURE)  # before the (slow) build
     text = build_report(study, task_higher=task_higher, recipe_text=recipe_text)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    write_file(path, text, signature=REPORT_SIGNATURE)
+    return Path(path)
 
 
 # -- stored values --------------------------------------------------------------------

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import CheckpointError, NonFiniteMergeError
+from merges.output import MARKER, OutputError
 from merges.save import save_checkpoint
 from tests.checkpoints import TinyFamily
 
@@ -37,6 +38,7 @@ def test_round_trip_through_from_pretrained(llama_family: TinyFamily, tmp_path: 
         "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
+        MARKER,
     }
     assert (out / "tokenizer.json").read_bytes() == (
         llama_family.base / "tokenizer.json"
@@ -161,7 +163,7 @@ def test_failed_save_leaves_existing_folder_unchanged(
     poisoned[last] = poisoned[last].clone()
     poisoned[last].view(-1)[3] = float("nan")
     with pytest.raises(NonFiniteMergeError, match=last):
-        save_checkpoint(poisoned, out, like=base, max_shard_bytes=10_000)
+        save_checkpoint(poisoned, out, like=base, max_shard_bytes=10_000, overwrite=True)
     assert _files(out) == before
 
     # A finite input with a wrong key fails the name check.
@@ -170,23 +172,26 @@ def test_failed_save_leaves_existing_folder_unchanged(
         "model.layers.1.mlp.up_proj.weight"
     )
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_projection.weight"):
-        save_checkpoint(misnamed, out, like=base)
+        save_checkpoint(misnamed, out, like=base, overwrite=True)
     assert _files(out) == before
 
     # A tensor the base has is missing; a shape differs.
     lacking = {k: v for k, v in good.items() if k != "model.norm.weight"}
     with pytest.raises(CheckpointError, match="model.norm.weight"):
-        save_checkpoint(lacking, out, like=base)
+        save_checkpoint(lacking, out, like=base, overwrite=True)
     wrong_shape = {**good, "model.layers.0.mlp.down_proj.weight": torch.zeros(32, 63)}
     with pytest.raises(
         CheckpointError, match=r"down_proj.weight' has shape \[32, 63\], base 'base' has \[32, 64\]"
     ):
-        save_checkpoint(wrong_shape, out, like=base)
+        save_checkpoint(wrong_shape, out, like=base, overwrite=True)
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left behind
 
-    # A good save then replaces the folder.
-    save_checkpoint(good, out, like=base)
+    # Without --overwrite a good save is refused; with it, it replaces the folder.
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        save_checkpoint(good, out, like=base)
+    assert _files(out) == before
+    save_checkpoint(good, out, like=base, overwrite=True)
     assert _files(out) != before
     assert torch.equal(open_checkpoint(out).read(last), good[last])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -194,8 +199,12 @@ def test_failed_save_leaves_existing_folder_unchanged(
 
 def test_refuses_to_overwrite_its_base(llama_family: TinyFamily) -> None:
     base = open_checkpoint(llama_family.base)
-    with pytest.raises(CheckpointError, match="own base"):
-        save_checkpoint(_source_tensors(base), llama_family.base, like=base)
+    before = _files(llama_family.base)
+    for target in (llama_family.base, llama_family.base.parent):  # the base, or a folder holding it
+        for overwrite in (False, True):
+            with pytest.raises(OutputError, match="base checkpoint"):
+                save_checkpoint(_source_tensors(base), target, like=base, overwrite=overwrite)
+    assert _files(llama_family.base) == before
 
 
 def test_config_overrides_and_generation_config(gpt2_family: TinyFamily, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from merges.checkpoint import open_checkpoint
 from merges.engine import MergeEngine
 from merges.mergekit_yaml import recipe_to_mergekit
+from merges.output import MARKER
 from merges.recipe import LayerSlice, Recipe
 from search.cli import main
 from tests.checkpoints import TinyFamily
@@ -39,7 +40,7 @@ def test_help_describes_the_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["merge", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for words in ("mergekit-yaml", "OUT_DIR", "--device", "--seed", "--allow-pickle", "refused"):
+    for words in ("mergekit-yaml", "OUT_DIR", "--device", "--seed", "--allow-pickle", "refused", "--overwrite"):
         assert words in text
 
 
@@ -59,6 +60,7 @@ def test_merge_writes_a_loadable_checkpoint_equal_to_the_engine(
     assert torch.equal(model.state_dict()["model.norm.weight"], expected["model.norm.weight"])
     assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(llama_family.base).get_vocab()
     assert _only_entries(tmp_path) == ["merged", "recipe.yaml"]  # no temporary folder left
+    assert (out / MARKER).is_file()  # what lets a later --overwrite recognise it
 
 
 def test_unsupported_config_is_refused_with_its_reason_and_writes_nothing(

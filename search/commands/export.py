@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from merges.output import Protected, check_file_target, check_output_folder, write_file
 from merges.recipe import Recipe
 from search import ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trial", type=int, default=None, metavar="N",
                         help="export trial N instead of the final / best feasible one")
     parser.add_argument("--materialize", type=Path, default=None, metavar="DIR",
-                        help="also merge and save the checkpoint (safetensors + config + tokenizer) to DIR")
+                        help="also merge and save the checkpoint (safetensors + config + tokenizer) to DIR "
+                             "(new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --materialize replace DIR if it holds a previous output of mergesearch "
+                             "(never other files)")
     parser.set_defaults(func=run)
 
 
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
     layout = preflight(base, sources)
     text = recipe_to_mergekit(recipe, layout, header=export_header(config, study.user_attrs, trial))
-    write_atomic(args.output, text)
+    protected = _check_outputs(args, config)  # before writing anything
+    write_file(args.output, text, signature=RECIPE_SIGNATURE)
     print(f"wrote {args.output} (trial {trial.number})")
     if args.materialize is not None:
         import torch
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         engine = MergeEngine(base, sources, device="cpu", dtype=getattr(torch, models.dtype))
         tensors = engine.materialize(recipe)
-        save_checkpoint(tensors, args.materialize, like=base)
+        save_checkpoint(tensors, args.materialize, like=base, overwrite=args.overwrite, protected=protected)
         print(f"wrote the merged checkpoint to {args.materialize}")
     return 0
 
@@ -125,9 +130,22 @@ def _gates(margins: object) -> str:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+# The first line of every exported YAML: an existing -o FILE is replaced only if it has it.
+RECIPE_SIGNATURE = "# mergesearch export"
+
+
+def _check_outputs(args: argparse.Namespace, config: StudyConfig) -> list[Protected]:
+    """Refuse a bad -o FILE or --materialize DIR up front; returns the folders DIR must spare."""
+    output = check_file_target(args.output, signature=RECIPE_SIGNATURE)
+    models = config.models
+    protected = [
+        Protected("study folder", config.path.parent),
+        Protected("study output folder", config.output),
+        Protected("base checkpoint", Path(models.base)),
+        *(Protected(f"source checkpoint {label!r}", Path(p)) for label, p in models.sources.items()),
+    ]
+    if args.materialize is not None:
+        folder = check_output_folder(args.materialize, overwrite=args.overwrite, protected=protected)
+        if folder.resolve() in output.resolve().parents:
+            raise SearchError(f"-o {args.output} is inside --materialize {args.materialize}; write it elsewhere")
+    return protected

@@ -4,7 +4,9 @@ A fast drop-in for ``mergekit-yaml`` on the configs the engine reproduces exactl
 config is read with :func:`merges.mergekit_yaml.recipe_from_mergekit` (which refuses
 anything else, with the reason), the checkpoints are opened and preflighted, the engine
 materialises the merged tensors and :func:`merges.save.save_checkpoint` writes them
-atomically, so a failed run leaves no output folder behind.
+atomically, so a failed run leaves no output folder behind. The output folder is checked
+(:mod:`merges.output`) before anything is merged: new or empty, or with ``--overwrite`` a
+previous output of this tool; never a source, the base, or a folder holding one.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "cannot reproduce exactly (other merge methods, tokenizer unions, chat templates, "
             "filters that split a tensor role, LoRAs...) are refused with the reason. DARE and "
             "DELLA masks are drawn from the engine's own seeded generators: equal to mergekit's "
-            "in distribution, not bit for bit. The output folder is written atomically."
+            "in distribution, not bit for bit. The output folder is written atomically; it must be "
+            "new or empty (--overwrite replaces a previous output of this command, nothing else)."
         ),
     )
     parser.add_argument("config", type=Path, metavar="CONFIG", help="the mergekit YAML (e.g. one `search export` wrote)")
@@ -48,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seed of DARE/DELLA masks (default: the seed the YAML records, else 0)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow reading pickle weights (pytorch_model.bin); only for trusted files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it holds a previous output of mergesearch (never other files)")
     parser.set_defaults(func=run)
 
 
@@ -58,18 +63,19 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SearchError("--device cuda: no CUDA device is available")
     out = merge_config(args.config, args.out_dir, device=args.device, seed=args.seed,
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     print(f"wrote {out} in {time.perf_counter() - started:.2f} s")
     return 0
 
 
 def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int | None = None,
-                 allow_pickle: bool = False) -> Path:
+                 allow_pickle: bool = False, overwrite: bool = False) -> Path:
     """Merge what ``config`` describes into ``out_dir``; returns the folder written."""
     import torch
 
     from merges.engine import MergeEngine
     from merges.mergekit_yaml import recipe_from_mergekit
+    from merges.output import Protected, check_output_folder
     from merges.save import save_checkpoint
 
     if not config.is_file():
@@ -77,6 +83,10 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     recipe = recipe_from_mergekit(config, allow_pickle=allow_pickle)
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
+    # Refuse a bad output before the merge, not after it.
+    protected = [Protected("base checkpoint", Path(recipe.base))] if recipe.base else []
+    protected += [Protected("source checkpoint", Path(path)) for path in recipe.sources]
+    check_output_folder(out_dir, overwrite=overwrite, protected=protected)
     base, sources = _open(recipe, allow_pickle)
     like = base or sources[0]
     # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
@@ -84,7 +94,8 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     tensors = engine.materialize(recipe, device="cpu")
     out_dtype = getattr(torch, recipe.out_dtype or recipe.dtype)
     return save_checkpoint(tensors, out_dir, like=like, dtype=out_dtype,
-                           config_overrides=_layer_count_override(like, recipe))
+                           config_overrides=_layer_count_override(like, recipe),
+                           overwrite=overwrite, protected=protected)
 
 
 def _open(recipe: Recipe, allow_pickle: bool) -> tuple[Checkpoint | None, list[Checkpoint]]:
