@@ -186,6 +186,32 @@ def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, batch_size:
     """Read, split, check and tokenise one task (once per study)."""
     if batch_size < 1:
         raise FitnessError(f"task {spec.name!r}: batch_size must be >= 1, got {batch_size}")
+    search_rows, heldout_rows = _split_rows(spec)
+    encoder = _Encoder(spec, tokenizer)
+    return TaskData(
+        spec=spec,
+        search=encoder.encode("search", search_rows, batch_size),
+        heldout=encoder.encode("heldout", heldout_rows, batch_size),
+    )
+
+
+def check_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, encode_rows: int = 8) -> dict[str, int]:
+    """What ``load_task`` would refuse, without tokenising everything (``search validate``).
+
+    Every row of every file is read and checked against the fields and the metric, the
+    splits are made and checked disjoint, and the first ``encode_rows`` rows of each split
+    are tokenised (chat template, bos / eos, empty encodings). Returns the rows per split.
+    """
+    search_rows, heldout_rows = _split_rows(spec)
+    encoder = _Encoder(spec, tokenizer)
+    for rows in (search_rows, heldout_rows):
+        for row in rows[:encode_rows]:
+            encoder._example(row)
+    return {"search": len(search_rows), "heldout": len(heldout_rows)}
+
+
+def _split_rows(spec: TaskSpec) -> tuple[list[_Row], list[_Row]]:
+    """The rows of both splits, read, split, checked disjoint and cut to ``limit``."""
     search_rows = _read_source(spec, spec.search)
     if spec.heldout is None:
         search_rows, heldout_rows = _split(spec, search_rows)
@@ -194,12 +220,7 @@ def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, batch_size:
     _check_disjoint(spec, search_rows, heldout_rows)
     if spec.limit is not None:
         search_rows, heldout_rows = search_rows[: spec.limit], heldout_rows[: spec.limit]
-    encoder = _Encoder(spec, tokenizer)
-    return TaskData(
-        spec=spec,
-        search=encoder.encode("search", search_rows, batch_size),
-        heldout=encoder.encode("heldout", heldout_rows, batch_size),
-    )
+    return search_rows, heldout_rows
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -254,13 +275,13 @@ def _read_file(spec: TaskSpec, file: Path) -> list[_Row]:
 
 def _parse_row(spec: TaskSpec, file: Path, number: int, record: Mapping[str, object]) -> _Row:
     where = f"task {spec.name!r}: {file}: row {number}"
-    prompt = _text_field(record, spec.prompt_field, where)
+    prompt = _text_field(record, spec.prompt_field, where, "prompt_field")
     if spec.metric not in CHOICE_METRICS:
-        return _Row(file, number, prompt, _text_field(record, spec.answer_field, where))
+        return _Row(file, number, prompt, _text_field(record, spec.answer_field, where, "answer_field"))
     assert spec.choices_field is not None  # checked by TaskSpec
     raw_choices = record.get(spec.choices_field)
     if raw_choices is None:
-        raise FitnessError(f"{where}: missing field {spec.choices_field!r}")
+        raise FitnessError(_missing(record, spec.choices_field, where, "choices_field", spec.metric))
     if not isinstance(raw_choices, list) or not raw_choices:
         raise FitnessError(f"{where}: field {spec.choices_field!r} must be a non-empty list of strings")
     choices = tuple(_as_text(value, spec.choices_field, where) for value in raw_choices)
@@ -269,26 +290,36 @@ def _parse_row(spec: TaskSpec, file: Path, number: int, record: Mapping[str, obj
     if spec.label_field is not None:
         label = record.get(spec.label_field)
         if label is None:
-            raise FitnessError(f"{where}: missing field {spec.label_field!r}")
+            raise FitnessError(_missing(record, spec.label_field, where, "label_field"))
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
             raise FitnessError(
                 f"{where}: field {spec.label_field!r} must be an option index in [0, {len(choices)}), got {label!r}"
             )
         return _Row(file, number, prompt, choices[label], choices, label)
-    answer = _text_field(record, spec.answer_field, where)
+    answer = _text_field(record, spec.answer_field, where, "answer_field")
     if answer not in choices:
         raise FitnessError(f"{where}: field {spec.answer_field!r} ({answer!r}) is not one of the options")
     return _Row(file, number, prompt, answer, choices, choices.index(answer))
 
 
-def _text_field(record: Mapping[str, object], name: str, where: str) -> str:
+def _text_field(record: Mapping[str, object], name: str, where: str, key: str) -> str:
     value = record.get(name)
     if value is None:
-        raise FitnessError(f"{where}: missing field {name!r}")
+        raise FitnessError(_missing(record, name, where, key))
     text = _as_text(value, name, where)
     if not text.strip():
         raise FitnessError(f"{where}: field {name!r} is empty")
     return text
+
+
+def _missing(record: Mapping[str, object], name: str, where: str, key: str, metric: str | None = None) -> str:
+    """A missing (or null) field, with the row's own fields and the task key that picks it."""
+    present = [str(k) for k, v in record.items() if v is not None]
+    needs = f" (metric {metric!r} reads it)" if metric else ""
+    return (
+        f"{where}: missing field {name!r}{needs}; the row has {', '.join(map(repr, present)) or 'no fields'} "
+        f"(set the task's {key} to the field that holds it)"
+    )
 
 
 def _as_text(value: object, name: str, where: str) -> str:

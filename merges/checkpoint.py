@@ -94,6 +94,32 @@ class Checkpoint:
         tensor = handle[name] if self._pickle else handle.get_tensor(name)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
+    def remote_code(self) -> dict[str, tuple[str, ...]]:
+        """The Python classes the folder asks transformers to import: file -> ``Auto… -> module.Class``.
+
+        Read from the ``auto_map`` of config.json and tokenizer_config.json. transformers
+        runs that code only with ``trust_remote_code=True``; the study decides
+        (``models.trust_remote_code``), so every load must pass the flag explicitly.
+        """
+        found: dict[str, tuple[str, ...]] = {}
+        tokenizer_config = self.path / "tokenizer_config.json"
+        sources = [("config.json", self.config)]
+        if tokenizer_config.is_file():
+            sources.append(("tokenizer_config.json", _read_json(tokenizer_config, what="tokenizer_config.json")))
+        for file, data in sources:
+            auto_map = data.get("auto_map") if isinstance(data, dict) else None
+            if not auto_map:
+                continue
+            if isinstance(auto_map, dict):
+                entries = [
+                    f"{auto} -> {', '.join(str(c) for c in (target if isinstance(target, list) else [target]) if c)}"
+                    for auto, target in auto_map.items()
+                ]
+            else:  # an older list form: class names only
+                entries = [str(auto_map)]
+            found[file] = tuple(entries)
+        return found
+
     def tokenizer_files(self) -> tuple[Path, ...]:
         """The tokenizer files present in the folder (copied next to a saved merge)."""
         return tuple(self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file())

@@ -167,10 +167,15 @@ class MergeEngine:
                 tensors.extend(per_source)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def new_model(self) -> transformers.PreTrainedModel:
-        """A live model of the base's config with the base's weights, on the engine's device."""
+    def new_model(self, *, trust_remote_code: bool = False) -> transformers.PreTrainedModel:
+        """A live model of the base's config with the base's weights, on the engine's device.
+
+        ``trust_remote_code`` (the study's ``models.trust_remote_code``) goes to every
+        transformers call explicitly: left unset, transformers asks ``[y/N]`` on a terminal
+        before running a checkpoint's own Python (``auto_map``) and fails without one.
+        """
         path = self._anchor.path
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         architecture = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, architecture, None) if architecture else None
         if model_class is None:
@@ -178,7 +183,9 @@ class MergeEngine:
         bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()  # a local load: the bar is noise in logs
         try:
-            model = model_class.from_pretrained(path, dtype=self._dtype).to(self._device)
+            model = model_class.from_pretrained(
+                path, dtype=self._dtype, trust_remote_code=trust_remote_code
+            ).to(self._device)
         finally:
             if bars:
                 transformers.utils.logging.enable_progress_bar()

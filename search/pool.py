@@ -12,6 +12,7 @@ from typing import Protocol
 
 from search.config import ExecutionConfig
 from search.errors import SearchError
+from search.memory import check_local_memory
 from search.worker import TrialOutcome, TrialWorker, WorkerSetup
 
 
@@ -36,6 +37,9 @@ class InlinePool:
 
     def __init__(self, setup: WorkerSetup) -> None:
         self.size = 1
+        # The same estimate the Ray pool checks, before a single tensor is loaded: an inline
+        # study too big for this machine fails with the numbers instead of swapping to death.
+        check_local_memory(setup)
         self._worker = TrialWorker(setup)
         self._queue: deque[tuple[int, dict, str]] = deque()
 

@@ -29,7 +29,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from search.errors import SearchError
-from search.memory import GIB, NodeCapacity, plan_workers, worker_memory_breakdown
+from search.memory import GIB, MemoryEstimate, NodeCapacity, plan_workers, worker_memory_breakdown
 
 if TYPE_CHECKING:
     from search.config import ExecutionConfig
@@ -210,7 +210,7 @@ class RayPool:
         estimate = worker_memory_breakdown(setup)
         per_worker = estimate.total
         gpus = (execution.gpus_per_worker or 1.0) if cuda else 0.0
-        _check_capacity(per_worker, execution, gpus=gpus)
+        _check_capacity(per_worker, execution, gpus=gpus, estimate=estimate)
         options: dict[str, object] = {
             "num_cpus": execution.cpus_per_worker,
             "num_gpus": gpus,
@@ -352,10 +352,13 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         ) from exc
 
 
-def _check_capacity(per_worker: int, execution: ExecutionConfig, *, gpus: float) -> None:
+def _check_capacity(
+    per_worker: int, execution: ExecutionConfig, *, gpus: float, estimate: MemoryEstimate | None = None
+) -> None:
     """Fail before starting actors when the cluster cannot hold them by CPUs/GPUs or RAM.
 
-    ``gpus``: the GPU share each worker asks for (0 on CPU).
+    ``gpus``: the GPU share each worker asks for (0 on CPU); ``estimate``: the parts of
+    ``per_worker``, named in the message when not even one worker fits.
     """
     cuda = gpus > 0
     here = ray.util.get_node_ip_address()
@@ -375,12 +378,14 @@ def _check_capacity(per_worker: int, execution: ExecutionConfig, *, gpus: float)
     unit = f"{gpus:g} GPU" if cuda else f"{execution.cpus_per_worker:g} CPU"
     if sum(node.slots for node in nodes) < execution.workers:
         have = sum(n.slots for n in nodes)
+        lower = "execution.gpus_per_worker" if cuda else "execution.cpus_per_worker"
+        advice = f"lower execution.workers to {have} or {lower}" if have else f"lower {lower}"
         raise SearchError(
             f"{execution.workers} workers × {unit} requested, the Ray cluster has room for {have}; "
-            "lower execution.workers or execution.cpus_per_worker, or add nodes"
+            f"{advice}, or add nodes"
         )
     if not cuda:  # GPU memory is checked on the worker's own GPU, in the actor
-        plan_workers(per_worker, execution.workers, nodes, memory_kind="RAM")
+        plan_workers(per_worker, execution.workers, nodes, memory_kind="RAM", estimate=estimate)
 
 
 def _project_module_dirs() -> list[str]:

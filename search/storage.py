@@ -1,6 +1,7 @@
 """Where a study lives: storage URLs, creating or loading the study, held-out records.
 
-The driver is the only process that writes the storage. ``status``/``export`` only read it.
+The driver is the only process that writes the storage. ``status``/``export``/``report``/
+``dashboard`` only read it, and never create it when it is missing.
 
 Optuna refuses to change a finished trial (``check_trial_is_updatable``), so numbers that
 arrive after a trial is told (its held-out re-score) are kept as study user attributes
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
@@ -24,17 +26,33 @@ from search.errors import SearchError, StudyConfigError
 
 JOURNAL_PREFIX = "journal:"
 HELDOUT_KEY_PREFIX = "heldout:"
+START_HINT = "start one with `search start STUDY.toml`"
 
 
-def resolve_storage(url: str) -> BaseStorage:
-    """The Optuna storage for a URL: ``journal:PATH``, ``sqlite:///PATH`` or any SQLAlchemy URL."""
+class NoStudyYetError(SearchError):
+    """A read-only command found no study: nothing was created, ``search start`` makes one."""
+
+
+def resolve_storage(url: str, *, create: bool = True) -> BaseStorage:
+    """The Optuna storage for a URL: ``journal:PATH``, ``sqlite:///PATH`` or any SQLAlchemy URL.
+
+    ``create=False`` (the read-only commands): a storage that does not exist yet raises
+    :class:`NoStudyYetError` instead of being created (no folder, file or tables written).
+    """
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        if not create and not path.is_file():
+            raise NoStudyYetError(f"no study yet: the journal {path} does not exist; {START_HINT}")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):]).expanduser()
+        if not create and not path.is_file():
+            raise NoStudyYetError(f"no study yet: the storage {path} does not exist; {START_HINT}")
         # SQLite creates the file but not its folder.
-        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if not create and not _has_optuna_tables(url):
+        raise NoStudyYetError(f"no study yet: storage {url!r} holds no Optuna tables; {START_HINT}")
     try:
         storage = RDBStorage(url)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL
@@ -42,6 +60,20 @@ def resolve_storage(url: str) -> BaseStorage:
     if url.startswith("sqlite"):
         _write_ahead_log(storage)
     return storage  # create_study / load_study wrap it in Optuna's cache
+
+
+def _has_optuna_tables(url: str) -> bool:
+    """Whether an SQLAlchemy database already holds Optuna's schema (looked up, nothing written)."""
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except Exception as exc:  # a malformed URL, a missing driver module
+        raise SearchError(f"storage {url!r}: cannot open: {exc}") from exc
+    try:
+        return sqlalchemy.inspect(engine).has_table("studies")
+    except Exception as exc:  # the server is unreachable, credentials are wrong
+        raise SearchError(f"storage {url!r}: cannot open: {exc}") from exc
+    finally:
+        engine.dispose()
 
 
 def _write_ahead_log(storage: RDBStorage) -> None:
@@ -86,13 +118,15 @@ def open_study(
 def load_existing_study(
     name: str, storage_url: str, *, sampler: BaseSampler | None = None
 ) -> optuna.Study:
-    """Load a study that must exist (``status``, ``export``, ``finalize``)."""
-    storage = resolve_storage(storage_url)
+    """Load a study that must exist (``status``, ``export``, ``report``, ``dashboard``, ``finalize``).
+
+    Read-only: a storage that does not exist yet is not created (:class:`NoStudyYetError`).
+    """
+    storage = resolve_storage(storage_url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
-        raise SearchError(
-            f"no study named {name!r} in {storage_url} (found: {names or 'none'}); "
-            "run `search start STUDY.toml` first"
+        raise NoStudyYetError(
+            f"no study named {name!r} in {storage_url} yet (found: {', '.join(names) or 'none'}); {START_HINT}"
         )
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
 

@@ -75,7 +75,7 @@ class TrialWorker:
         sources = [open_checkpoint(s, allow_pickle=setup.allow_pickle) for s in setup.sources]
         self.layout = preflight(base, sources)
         self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype)
-        self.model = self.engine.new_model()
+        self.model = self.engine.new_model(trust_remote_code=setup.trust_remote_code)
         self.model.eval()
         tokenizer = AutoTokenizer.from_pretrained(
             setup.base, trust_remote_code=setup.trust_remote_code

@@ -85,7 +85,7 @@ def test_plan_respects_slots_and_memory(per_worker: int, workers: int, nodes: li
     capacities = [NodeCapacity(node=f"n{i}", available=a, slots=s) for i, (a, s) in enumerate(nodes)]
     room = sum(min(c.slots, c.available // per_worker) for c in capacities)
     if room < workers:
-        with pytest.raises(SearchError, match=f"{workers} workers × "):
+        with pytest.raises(SearchError, match=rf"{workers} workers? × "):
             plan_workers(per_worker, workers, capacities, memory_kind="RAM")
         return
     plan = plan_workers(per_worker, workers, capacities, memory_kind="RAM")

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from search.commands import SUMMARIES, add_study_arguments
+from search.commands.validate import check_study
 from search.config import load_study
 from search.driver import format_finalists, run_study
 
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "uniform average, the method's untuned defaults) are scored first, then the sampler "
             "proposes recipes until the budget of search trials is spent; finally the top-k "
             "feasible trials are re-scored on the held-out split and the final trial is chosen. "
+            "It first checks everything `search validate` does, before creating the storage. "
             "Running it again continues the same study: finished trials are kept, trials a killed "
             "run left behind are re-run. Ctrl-C stops after the trials in flight (twice: at once)."
         ),
@@ -33,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_study(args.study, out=args.out, trials=args.trials)
+    # Everything `search validate` checks, before a storage is created or a weight loaded.
+    check_study(config, progress=not args.quiet)
     result = run_study(config, quiet=args.quiet)
     resume = ["search", "start", str(args.study)]
     if args.out is not None:

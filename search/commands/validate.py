@@ -1,23 +1,33 @@
-"""``search validate STUDY``: check a study file and its checkpoints without merging anything.
+"""``search validate STUDY``: everything ``search start`` would refuse, checked without merging.
 
-Runs the full config validation, opens the checkpoints and runs the preflight (building the
-built-in demo family first when ``models.demo_family`` asks for it), checks that every
-task's data files exist, then prints what the study would search.
+``check_study`` is the whole check; ``search start`` runs it first, before any storage is
+created. In order: the checkpoints (built first for ``models.demo_family``; each error
+names ``models.base`` or ``models.sources.<label>``), the checkpoints' own Python
+(``auto_map``; refused unless ``models.trust_remote_code``), the compatibility preflight,
+the genes, the output folder and an existing storage (a study created with other
+directions), the memory one worker needs against this machine (the same estimate the
+pools check), and each task's data files: every row read against the configured fields
+and metric, the splits made, the first rows tokenised with the base tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
+from dataclasses import dataclass
 
+from fitness.errors import FitnessError
 from fitness.gates import gate_names
 from genome.errors import GenomeError
 from genome.space import gene_space, layer_groups
-from merges.checkpoint import open_checkpoint
+from merges.checkpoint import Checkpoint, open_checkpoint
+from merges.errors import MergeError
 from merges.preflight import preflight
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
-from search.errors import StudyConfigError
+from search.errors import SearchError, StudyConfigError
+from search.memory import MemoryEstimate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,54 +35,171 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validate",
         help=SUMMARIES["validate"],
         description=(
-            "Validate study.toml (every key), open the base and source checkpoints and run the "
-            "compatibility preflight, check each task's data files exist, and print a summary: "
-            "sources, layers, layer groups, genes, sampler, budget, storage, tasks and gates. "
-            "Exit status 0 when the study is ready to start, 2 with the error otherwise."
+            "Check everything `search start` would, without merging: study.toml (every key), the "
+            "base and source checkpoints and their compatibility preflight, checkpoint code "
+            "(auto_map) against models.trust_remote_code, an existing storage, the memory one "
+            "worker needs against this machine, and each task's data rows against the configured "
+            "fields and metric. Print a summary: sources, layers, layer groups, genes, sampler, "
+            "budget, storage, memory, tasks and gates. Creates no storage. Exit status 0 when the "
+            "study is ready to start, 2 with the error otherwise."
         ),
     )
     add_study_arguments(parser)
     parser.set_defaults(func=run)
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What ``check_study`` found out, for the summary."""
+
+    n_layers: int
+    genes: list[str]
+    memory: MemoryEstimate
+    memory_note: str  # what the estimate was checked against
+    rows: dict[str, dict[str, int]]  # task -> split -> rows
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_study(args.study, out=args.out)
-    n_layers = check_checkpoints(config)
-    check_data(config)
-    try:
-        genes = list(gene_space(config.genome, sources=config.models.sources, n_layers=n_layers))
-    except GenomeError as exc:
-        raise StudyConfigError(f"{args.study}: {exc}") from None
-    print(summary(config, n_layers, genes))
+    print(summary(config, check_study(config, progress=False)))
     return 0
 
 
-def check_checkpoints(config: StudyConfig) -> int:
-    """Open base and sources, run the preflight; the base's layer count."""
+def check_study(config: StudyConfig, *, progress: bool = True) -> Validation:
+    """Everything ``search start`` would refuse, as ``StudyConfigError`` / ``SearchError`` naming the key.
+
+    Reads checkpoint headers, tokenizer and data files; loads no weights and writes
+    nothing (but the demo family, when ``models.demo_family`` asks for it and it is missing).
+    """
+    n_layers = check_checkpoints(config, progress=progress)
+    try:
+        genes = list(gene_space(config.genome, sources=config.models.sources, n_layers=n_layers))
+    except GenomeError as exc:
+        raise StudyConfigError(f"{config.path}: {exc}") from None
+    check_output(config)
+    memory, note = check_memory(config)
+    rows = check_data(config)
+    return Validation(n_layers=n_layers, genes=genes, memory=memory, memory_note=note, rows=rows)
+
+
+def check_checkpoints(config: StudyConfig, *, progress: bool = False) -> int:
+    """Open base and sources, refuse unwanted checkpoint code, run the preflight; the base's layer count."""
     models = config.models
     if models.demo_family and not (models.base / "config.json").exists():
         from studies.demo_family import ensure_family
         from studies.demo_family.errors import DemoFamilyError
 
         try:
-            ensure_family(models.base.parent)
+            ensure_family(models.base.parent, progress=progress)
         except DemoFamilyError as exc:
             raise StudyConfigError(f"{config.path}: models.demo_family: {exc}") from None
-    base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
-    sources = [open_checkpoint(path, allow_pickle=models.allow_pickle) for path in models.sources.values()]
-    return preflight(base, sources).n_layers
+    keyed = {"models.base": models.base, **{f"models.sources.{label}": path for label, path in models.sources.items()}}
+    opened: dict[str, Checkpoint] = {}
+    for key, path in keyed.items():
+        try:
+            opened[key] = open_checkpoint(path, allow_pickle=models.allow_pickle)
+        except MergeError as exc:
+            raise StudyConfigError(f"{config.path}: {key}: {exc}") from None
+    if not models.trust_remote_code:
+        # Before the preflight: it may load a slow tokenizer through transformers.
+        for key, checkpoint in opened.items():
+            code = checkpoint.remote_code()
+            if code:
+                found = "; ".join(f"{file} auto_map: {', '.join(entries)}" for file, entries in code.items())
+                raise StudyConfigError(
+                    f"{config.path}: models.trust_remote_code: {key} ({checkpoint.path}) ships its own "
+                    f"Python code ({found}), which runs only with models.trust_remote_code = true; set it "
+                    "if you trust that code, or use a checkpoint without auto_map"
+                )
+    base = opened.pop("models.base")
+    for key, source in opened.items():
+        try:
+            preflight(base, [source])
+        except MergeError as exc:
+            raise StudyConfigError(f"{config.path}: {key}: {exc}") from None
+    return base.layout.n_layers
 
 
-def check_data(config: StudyConfig) -> None:
+def check_output(config: StudyConfig) -> None:
+    """The output folder can be made, and an existing storage holds this study with the same directions."""
+    from fitness.objective import objective_directions
+    from search.storage import NoStudyYetError, resolve_storage
+
+    folder = config.output
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise StudyConfigError(f"{config.path}: study.output: cannot create {config.output} ({folder} is not writable)")
+    try:
+        storage = resolve_storage(config.storage, create=False)  # read only: validate creates nothing
+    except NoStudyYetError:
+        return
+    except SearchError as exc:
+        raise StudyConfigError(f"{config.path}: study.storage: {exc}") from None
+    import optuna
+
+    for stored in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if stored.study_name != config.name:
+            continue
+        had = [d.name.lower() for d in stored.directions]
+        wanted = list(objective_directions(config.tasks, config.objective))
+        if had != wanted:
+            raise StudyConfigError(
+                f"{config.path}: study.name: study {config.name!r} in {config.storage} was created with "
+                f"directions {had}, the study file now gives {wanted} (objective or tasks changed); use a "
+                "new study.name or study.output"
+            )
+
+
+def check_memory(config: StudyConfig) -> tuple[MemoryEstimate, str]:
+    """The per-worker estimate, checked against this machine when the workers run here."""
+    from search.driver import worker_setup
+    from search.memory import check_local_memory, worker_memory_breakdown
+
+    execution = config.execution
+    setup = worker_setup(config)
+    try:
+        if execution.backend == "ray" and (execution.address or os.environ.get("RAY_ADDRESS")):
+            estimate = worker_memory_breakdown(setup)
+            return estimate, "checked against the Ray cluster when `search start` joins it"
+        workers = 1 if execution.backend == "inline" or setup.device == "cuda" else execution.workers
+        estimate = check_local_memory(setup, workers=workers)
+    except MergeError as exc:
+        raise StudyConfigError(f"{config.path}: models.base: {exc}") from None
+    except SearchError as exc:
+        raise StudyConfigError(f"{config.path}: memory: {exc}") from None
+    kind = "GPU memory" if setup.device == "cuda" else "RAM"
+    return estimate, f"{workers} worker(s) fit in this machine's free {kind}"
+
+
+def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
+    """Each task's files exist and every row fits the fields and metric; rows per split by task."""
     for index, task in enumerate(config.tasks):
         for key, path in (("search", task.search), ("heldout", task.heldout)):
             if path is not None and not path.exists():
                 raise StudyConfigError(
                     f"{config.path}: tasks[{index}].{key}: data file {path} does not exist (task {task.name!r})"
                 )
+    from transformers import AutoTokenizer
+
+    from fitness.slices import check_task
+
+    base = config.models.base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=config.models.trust_remote_code)
+    except Exception as exc:  # transformers raises OSError / ValueError / ImportError variants
+        raise StudyConfigError(f"{config.path}: models.base: cannot load the tokenizer of {base}: {exc}") from None
+    rows: dict[str, dict[str, int]] = {}
+    for index, task in enumerate(config.tasks):
+        try:
+            rows[task.name] = check_task(task, tokenizer)
+        except FitnessError as exc:
+            raise StudyConfigError(f"{config.path}: tasks[{index}]: {exc}") from None
+    return rows
 
 
-def summary(config: StudyConfig, n_layers: int, genes: list[str]) -> str:
+def summary(config: StudyConfig, validation: Validation) -> str:
+    n_layers, genes = validation.n_layers, validation.genes
     genome = config.genome
     groups = layer_groups(genome, n_layers)
     if genome.frankenmerge is not None:
@@ -97,11 +224,16 @@ def summary(config: StudyConfig, n_layers: int, genes: list[str]) -> str:
         f"execution: {config.execution.backend}"
         + (f" at {config.execution.address}" if config.execution.address else "")
         + f", {config.execution.workers} worker(s), device {config.execution.device}",
+        f"memory: {validation.memory.describe()}; {validation.memory_note}",
         "tasks:",
     ]
     for task in config.tasks:
         heldout = task.heldout if task.heldout is not None else f"{task.heldout_fraction:g} of search"
-        lines.append(f"  {task.name}: {task.metric}, weight {task.weight:g}, search {task.search}, heldout {heldout}")
+        counts = validation.rows.get(task.name, {})
+        lines.append(
+            f"  {task.name}: {task.metric}, weight {task.weight:g}, search {task.search}, heldout {heldout}"
+            f" ({counts.get('search', '?')} search / {counts.get('heldout', '?')} held-out rows)"
+        )
         for gate in task.gates:
             parts = []
             if gate.min is not None:
