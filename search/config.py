@@ -251,9 +251,15 @@ class _Parser:
         if population and sampler not in ("cmaes", "nsga2"):
             raise study.error("population", f"only cmaes and nsga2 use a population, the sampler is {sampler!r}")
         top_k = study.get_int("top_k", 5, minimum=1)
-        try:
-            from fitness.objective import objective_directions
+        from fitness.metrics import higher_is_better
+        from fitness.objective import objective_directions
 
+        for index, task in enumerate(tasks):  # a user scorer that fails to import names its task
+            try:
+                higher_is_better(task.metric)
+            except FitnessError as exc:
+                raise StudyConfigError(f"{self.file}: tasks[{index}].metric: {exc}") from None
+        try:
             objective_directions(tasks, objective)
         except FitnessError as exc:
             reason = str(exc).removeprefix("objective: ")

@@ -169,6 +169,6 @@ def test_a_lower_is_better_task_cannot_join_a_mean_objective(byo_study: Path) ->
 def test_validate_names_a_scorer_it_cannot_import(byo_study: Path) -> None:
     variant = byo_study.with_name("typo.toml")
     variant.write_text(byo_study.read_text().replace("studies.byo.scorers:", "studies.byo.scorer:"))
-    with pytest.raises(StudyConfigError, match=r"typo\.toml: study\.objective: metric "
+    with pytest.raises(StudyConfigError, match=r"typo\.toml: tasks\[2\]\.metric: metric "
                        r"'studies\.byo\.scorer:token_accuracy': cannot import module 'studies\.byo\.scorer'"):
         load_study(variant)
