@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         server.server_close()
     # Nothing is left to do, so skip the interpreter's teardown: unloading the ~2,000 modules
     # the study file's checks import (torch, transformers) costs over a second of CPU, and on a
-    # busy machine that made Ctrl-C take more than a minute. Every storage write is committed.
+    # busy machine that made Ctrl-C take more than a minute. Nothing is lost: the storages
+    # commit each write as it is made, and request threads are daemons (never waited for).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
