@@ -34,7 +34,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial
 
 from search.annotate import artifact_dir, artifact_store, chosen_trial
@@ -45,6 +44,7 @@ from search.storage import load_existing_study, resolve_storage
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from optuna.study._frozen import FrozenStudy  # what get_all_studies returns (not exported)
 
 READ_METHODS = ("GET", "HEAD")
 _STUDY_DETAIL = re.compile(r"^/api/studies/\d+/?$")
