@@ -29,13 +29,16 @@ from typing import Any
 
 import optuna
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from fitness.gates import GateResult
 from merges.mergekit_yaml import recipe_from_mergekit
 from merges.recipe import Recipe
 from search import ranking, storage
-from search.annotate import chosen_trial
+from search.annotate import chosen_trial, gate_status
 from search.cli import main
 from search.commands.dashboard import is_loopback
 from search.config import StudyConfig
@@ -354,6 +357,23 @@ def test_allow_writes_lets_writes_through_and_a_public_host_warns(served: Served
     assert "(read-write: --allow-writes)" in out
     assert "warning: --host 0.0.0.0: the dashboard has no login" in err
     assert "with --allow-writes, change or delete it" in err
+
+
+_margins = st.floats(min_value=-10, max_value=10, allow_nan=False).map(lambda m: m if m else 0.0)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z]{1,6}\.(min|max_regression)", fullmatch=True), _margins, max_size=5))
+def test_gate_status_names_every_failed_gate_and_by_how_much(margins: dict[str, float]) -> None:
+    gates = [GateResult(name, -m if m else 0.0, m, m >= 0) for name, m in margins.items()]
+    status = gate_status(gates)
+    failed = [g for g in gates if not g.passed]
+    assert status.startswith("infeasible: " if failed else "feasible: ")
+    for gate in gates:
+        assert f"{gate.name} {'passes' if gate.passed else 'fails'} by {abs(gate.margin):.4g}" in status
+    if failed:  # the failed gates come first
+        assert status.index(f"{failed[-1].name} fails") < min(
+            (status.index(f"{g.name} passes") for g in gates if g.passed), default=len(status)
+        )
 
 
 @pytest.mark.parametrize(("host", "loopback"), [
