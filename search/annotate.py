@@ -7,8 +7,10 @@ Everything goes through public Optuna / optuna-dashboard APIs (``upload_artifact
   ``recipe-<number>.yaml``. Optuna refuses to change a finished trial, so the driver calls
   it while the trial is still running (after decoding its genes, before ``tell``).
 * :func:`attach_baseline_recipe` uploads a baseline's YAML as a *study* artifact
-  ``baseline-<name>.yaml``: baselines are stored finished (``study.add_trial``), so they
-  cannot take a trial artifact.
+  ``baseline-<name>.yaml`` (baselines are stored finished, ``study.add_trial``, so they
+  cannot take a trial artifact) and writes a note on the baseline's trial saying it is one.
+* :func:`gate_status` is the one-line user attr ``gate_status``: which gates failed and by
+  how much, readable on the trial's page without decoding ``gate_margins``.
 * :func:`write_best_note` writes a Markdown note on the chosen trial (the final trial
   after ``finalize``, else the best feasible search trial: the one ``search export``
   writes and the report shows) and a short study note pointing at it.
@@ -25,6 +27,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 
+from fitness.gates import GateResult
 from merges.layout import Layout
 from merges.mergekit_yaml import recipe_to_mergekit
 from merges.recipe import Recipe
@@ -59,10 +62,44 @@ def attach_recipe(trial: optuna.Trial, recipe: Recipe, layout: Layout, folder: P
 def attach_baseline_recipe(
     study: optuna.Study, name: str, recipe: Recipe, layout: Layout, folder: Path
 ) -> str:
-    """Upload a baseline's YAML as the study artifact ``baseline-<name>.yaml``."""
+    """Upload a baseline's YAML as the study artifact ``baseline-<name>.yaml``; returns its id.
+
+    Once the baseline's trial is stored, it also gets a note saying it is a baseline (the
+    dashboard lists baselines like any trial, and shows a trial's note at the top of its page).
+    """
+    from optuna_dashboard import save_note  # here: the driver calls this, and needs no web stack
+
     header = f"mergesearch study {study.study_name!r}, baseline {name}"
     filename = f"baseline-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.yaml"
-    return _upload(study, filename, recipe_yaml(recipe, layout, header=header), folder)
+    artifact_id = _upload(study, filename, recipe_yaml(recipe, layout, header=header), folder)
+    trial = ranking.baseline_trials(study.get_trials(deepcopy=False)).get(name)
+    if trial is not None:
+        save_note(optuna.Trial(study, trial._trial_id), baseline_note(name, filename, trial))
+    return artifact_id
+
+
+def baseline_note(name: str, filename: str, trial: FrozenTrial) -> str:
+    """Markdown for a baseline's trial: what it is, and that it is never the chosen recipe."""
+    return (
+        f"## Baseline `{name}`\n\n"
+        f"`{trial.user_attrs.get('recipe_summary', '')}`\n\n"
+        "A reference the search trials are compared with, not a candidate the sampler "
+        "proposed: it is never the chosen recipe nor the *Best Trial*. Its mergekit YAML is "
+        f"the study artifact `{filename}`.\n"
+    )
+
+
+def gate_status(gates: Sequence[GateResult]) -> str:
+    """One line: ``infeasible: code.min fails by 0.031; chat.max_regression passes by 0.012``.
+
+    Failed gates first, each with how far it is from its threshold in score units.
+    """
+    if not gates:
+        return "feasible: the study has no gates"
+    ordered = sorted(gates, key=lambda g: g.passed)  # stable: failed gates first, in gate order
+    parts = [f"{g.name} {'passes' if g.passed else 'fails'} by {abs(g.margin):.4g}" for g in ordered]
+    verdict = "feasible" if all(g.passed for g in gates) else "infeasible"
+    return f"{verdict}: " + "; ".join(parts)
 
 
 def _upload(target: optuna.Study | optuna.Trial, filename: str, text: str, folder: Path) -> str:
@@ -106,6 +143,12 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
         why = (
             "It is the final trial: among the top finalists by search score, re-scored on the "
             "held-out slices, it passes every gate there and has the best held-out objective."
+        )
+    elif "final_trial" in user_attrs and user_attrs["final_trial"] is None:  # finalize found none
+        why = (
+            "It passes every gate on the search slices and has the best objective among the "
+            "search trials that do. `search finalize` found no finalist that passes every gate "
+            "on the held-out slices, so there is no final trial."
         )
     else:
         why = (
@@ -154,9 +197,9 @@ def study_note(study: optuna.Study, best: FrozenTrial | None) -> str:
         f"## Chosen recipe: trial {best.number}\n\n"
         f"`{best.user_attrs.get('recipe_summary', '')}`\n\n"
         "See the note on that trial for its scores next to every baseline and its gate margins. "
-        "Trials in grey are infeasible (a gate failed). The dashboard's own *Best Trial* box "
-        "ranks by the told value alone: it also counts baselines and, unless the sampler is "
-        "CMA-ES (which is told a penalised value), infeasible trials.\n"
+        "Served by `search dashboard`, the *Best Trial* box shows this trial. Trials in grey "
+        "are infeasible: their user attr `gate_status` says which gate failed and by how "
+        "much. Baselines have a note saying so.\n"
     )
 
 

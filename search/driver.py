@@ -45,7 +45,7 @@ from genome.errors import GenomeError
 from genome.space import decode, gene_space, is_numeric
 from merges.layout import Layout
 from merges.recipe import Recipe
-from search import ranking, storage
+from search import annotate, ranking, storage
 from search.annotate import artifact_dir, attach_baseline_recipe, attach_recipe, write_best_note
 from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
@@ -689,6 +689,7 @@ def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult],
     return {
         "scores_search": dict(scores),
         "gate_margins": {g.name: g.margin for g in gates},
+        "gate_status": annotate.gate_status(gates),  # the same, as one line the dashboard shows as is
         "feasible": all(g.passed for g in gates),
         "objective_raw": list(raw),
     }

@@ -2,9 +2,14 @@
 
 The study is run by the real driver (inline pool, ``llama_family``, a gate that splits the
 candidates). The real command is started as a subprocess on a free loopback port; every
-trial's scores, gate margins, recipe summary, feasibility (the ``constraints`` list that
-the dashboard's frontend tests with ``constraints.every(c => c <= 0)``), the recipe YAML
-artifacts and the note on the chosen trial must be served. Ctrl-C must stop it cleanly.
+trial's scores, gate margins and ``gate_status``, recipe summary, feasibility (the
+``constraints`` list that the dashboard's frontend tests with
+``constraints.every(c => c <= 0)``), the recipe YAML artifacts and the notes on the chosen
+trial and the baselines must be served. The *Best Trial* box (``best_trials``) holds the chosen
+trial, never an infeasible trial or a baseline: studies built by hand in the same storage
+check the cases a driver run cannot force. It is read-only: every writing route answers 403
+and changes nothing; ``--allow-writes`` lets writes through, and a non-loopback ``--host``
+warns. Ctrl-C must stop it cleanly.
 """
 
 from __future__ import annotations
@@ -24,13 +29,18 @@ from typing import Any
 
 import optuna
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from fitness.gates import GateResult
 from merges.mergekit_yaml import recipe_from_mergekit
 from merges.recipe import Recipe
-from search import ranking
-from search.annotate import chosen_trial
+from search import ranking, storage
+from search.annotate import chosen_trial, gate_status
 from search.cli import main
+from search.commands.dashboard import is_loopback
 from search.config import StudyConfig
 from search.report import build_report
 from tests.checkpoints import TinyFamily
@@ -40,6 +50,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 120.0  # bounded: the command imports torch/transformers before it serves
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,27 @@ def get_json(url: str) -> Any:  # the dashboard's JSON, checked field by field b
     return json.loads(get(url))
 
 
+def send(url: str, request: Request) -> tuple[int, Any]:
+    """The status and JSON answer of one request (4xx/5xx answers included)."""
+    data = None if request.body is None else json.dumps(request.body).encode()
+    req = urllib.request.Request(  # noqa: S310 (loopback)
+        url + request.path, data=data, method=request.method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310 (loopback)
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    return status, json.loads(body) if body else None
+
+
+def start_dashboard(path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "dashboard", str(path), "--port", str(port), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 def wait_until_serving(process: subprocess.Popen[str], url: str) -> None:
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
@@ -85,10 +123,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, llama_family: TinyFamily) -
     path = gated_study(folder, llama_family, trials=6)
     config, study = run(path)
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "dashboard", str(path), "--port", str(port)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = start_dashboard(path, port)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(process, url)
@@ -99,11 +134,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, llama_family: TinyFamily) -
             process.communicate(timeout=30)
 
 
-def study_detail(served: Served) -> tuple[int, Any]:
+def study_detail(served: Served, name: str | None = None) -> tuple[int, Any]:
     studies = get_json(f"{served.url}/api/studies")["study_summaries"]
-    (summary,) = [s for s in studies if s["study_name"] == served.config.name]
+    (summary,) = [s for s in studies if s["study_name"] == (name or served.config.name)]
     study_id = int(summary["study_id"])
     return study_id, get_json(f"{served.url}/api/studies/{study_id}")
+
+
+def best_numbers(detail: Any) -> list[int]:
+    return [int(t["number"]) for t in detail["best_trials"]]
 
 
 def attrs(served_trial: Any) -> dict[str, str]:
@@ -131,6 +170,11 @@ def test_trials_serve_scores_gate_margins_summary_and_feasibility(served: Served
         assert values["kind"] == ranking.kind(trial)
         if ranking.kind(trial) == ranking.KIND_BASELINE:
             assert values["baseline"] == trial.user_attrs["baseline"]
+        # Which gate failed and by how much, in one line on the trial's page.
+        status = values["gate_status"]
+        assert status.startswith("feasible: " if trial.user_attrs["feasible"] else "infeasible: ")
+        for gate, margin in trial.user_attrs["gate_margins"].items():
+            assert f"{gate} {'passes' if margin >= 0 else 'fails'} by {abs(margin):.4g}" in status
         # The dashboard's frontend: feasible iff every constraint <= 0.
         constraints = shown["constraints"]
         assert constraints == [-m if m else 0.0 for m in trial.user_attrs["gate_margins"].values()]
@@ -181,7 +225,11 @@ def test_the_chosen_trial_carries_a_note_with_why_and_its_gates(served: Served) 
         assert f"| `{gate}` | {margin:+.4f} |" in body
     for name in ranking.baseline_trials(served.study.get_trials()):
         assert f"| {name} (search) |" in body
-    assert [n for n, b in notes.items() if b] == [chosen.number]
+    baselines = ranking.baseline_trials(served.study.get_trials())
+    assert sorted(n for n, b in notes.items() if b) == sorted([chosen.number, *(t.number for t in baselines.values())])
+    for name, trial in baselines.items():
+        assert notes[trial.number].startswith(f"## Baseline `{name}`")
+        assert "never the chosen recipe" in notes[trial.number]
     study_note = detail["note"]["body"]
     assert study_note.startswith(f"## Chosen recipe: trial {chosen.number}")
     # The report picks the same trial and shows the same gate margins.
@@ -189,6 +237,151 @@ def test_the_chosen_trial_carries_a_note_with_why_and_its_gates(served: Served) 
     assert f"data-trial='{chosen.number}'" in report
     for margin in chosen.user_attrs["gate_margins"].values():
         assert f"{margin:+.4f} pass" in report
+
+
+# -- the Best Trial box ---------------------------------------------------------------------
+
+Row = tuple[list[float], list[float], str]  # told values, constraints, kind
+
+
+def hand_built_study(served: Served, name: str, directions: list[str], rows: list[Row]) -> optuna.Study:
+    """A study in the served storage whose trials are exactly ``rows`` (numbered in order)."""
+    study = optuna.create_study(
+        study_name=name, storage=storage.resolve_storage(served.config.storage), directions=directions
+    )
+    for number, (values, constraints, kind) in enumerate(rows):
+        attrs: dict[str, Any] = {"kind": kind, "objective_raw": values}
+        if kind == ranking.KIND_BASELINE:
+            attrs["baseline"] = f"baseline-{number}"
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, values=values, params={"x": 0.5},
+            distributions={"x": FloatDistribution(0.0, 1.0)}, user_attrs=attrs,
+            system_attrs={"constraints": constraints},
+        ))
+    return study
+
+
+def test_the_best_trial_box_shows_the_chosen_trial(served: Served) -> None:
+    # The driver's study: after finalize the box holds the final trial.
+    _, detail = study_detail(served)
+    assert best_numbers(detail) == [served.study.user_attrs["final_trial"]]
+    # By hand: a baseline with the highest value and an infeasible trial above the feasible ones.
+    study = hand_built_study(served, "best-by-hand", ["maximize"], [
+        ([10.0], [0.0], "baseline"), ([9.0], [0.2], "search"), ([5.0], [-0.1], "search"),
+        ([3.0], [0.0], "search"),
+    ])
+    assert study._storage.get_best_trial(study._study_id).number == 0  # what Optuna alone would show
+    _, detail = study_detail(served, "best-by-hand")
+    assert best_numbers(detail) == [2]  # before finalize: the best feasible search trial
+    study.set_user_attr("final_trial", 3)
+    _, detail = study_detail(served, "best-by-hand")
+    assert best_numbers(detail) == [3]  # after: the final trial
+
+
+def test_the_best_trial_box_is_empty_without_a_feasible_search_trial(served: Served) -> None:
+    hand_built_study(served, "none-feasible", ["maximize"], [
+        ([10.0], [0.0], "baseline"), ([9.0], [0.2], "search"), ([1.0], [0.0, 0.5], "search"),
+    ])
+    _, detail = study_detail(served, "none-feasible")
+    assert len(detail["trials"]) == 3
+    assert best_numbers(detail) == []
+
+
+def test_several_objectives_show_only_feasible_search_trials_as_best(served: Served) -> None:
+    # All four are on the Pareto front that optuna-dashboard computes (it ignores constraints).
+    hand_built_study(served, "pareto-by-hand", ["maximize", "maximize"], [
+        ([10.0, 0.0], [0.0], "baseline"), ([9.0, 1.0], [0.3], "search"), ([5.0, 5.0], [0.0], "search"),
+        ([1.0, 9.0], [-0.2], "search"),
+    ])
+    _, detail = study_detail(served, "pareto-by-hand")
+    assert sorted(best_numbers(detail)) == [2, 3]
+
+
+# -- read-only unless --allow-writes ---------------------------------------------------------
+
+
+def writing_requests(study_id: int, detail: Any) -> list[Request]:
+    """One request per route of optuna-dashboard 0.21 that changes the storage or artifacts."""
+    trial = next(t for t in detail["trials"] if t["artifacts"])
+    trial_id, trial_artifact = trial["trial_id"], trial["artifacts"][0]["artifact_id"]
+    study_artifact = detail["artifacts"][0]["artifact_id"]
+    upload = {"file": "data:text/plain;base64,eA==", "filename": "x.txt"}
+    note = {"version": 99, "body": "overwritten"}
+    return [
+        Request("DELETE", f"/api/studies/{study_id}"),
+        Request("PUT", f"/api/studies/{study_id}/note", note),
+        Request("PUT", f"/api/studies/{study_id}/{trial_id}/note", note),
+        Request("POST", f"/api/trials/{trial_id}/tell", {"state": "fail"}),
+        Request("POST", f"/api/trials/{trial_id}/user-attrs", {"user_attrs": {"x": 1}}),
+        Request("POST", "/api/studies", {"study_name": "created", "directions": ["maximize"]}),
+        Request("POST", f"/api/studies/{study_id}/rename", {"study_name": "renamed"}),
+        Request("POST", f"/api/studies/{study_id}/preference", {"mode": "ChooseWorst", "candidates": [0, 1], "clicked": 0}),
+        Request("PUT", f"/api/studies/{study_id}/preference_feedback_component", {"output_type": "note"}),
+        Request("POST", f"/api/studies/{study_id}/{trial_id}/skip"),
+        Request("POST", f"/api/artifacts/{study_id}/{trial_id}", upload),
+        Request("POST", f"/api/artifacts/{study_id}", upload),
+        Request("DELETE", f"/api/artifacts/{study_id}/{trial_id}/{trial_artifact}"),
+        Request("DELETE", f"/api/artifacts/{study_id}/{study_artifact}"),
+        Request("POST", "/incompatible-rdb-schema"),
+    ]
+
+
+def test_every_write_is_refused_and_changes_nothing(served: Served) -> None:
+    study_id, before = study_detail(served)
+    studies = get_json(f"{served.url}/api/studies")
+    artifacts = sorted(p.name for p in (served.config.output / "artifacts").iterdir())
+    for request in writing_requests(study_id, before):
+        status, answer = send(served.url, request)
+        assert status == 403, f"{request.method} {request.path} answered {status}: {answer}"
+        assert "read-only" in answer["reason"] and "--allow-writes" in answer["reason"]
+    assert get_json(f"{served.url}/api/studies") == studies
+    _, after = study_detail(served)
+    assert after == before  # trials, notes (the chosen trial's and the study's), artifacts
+    assert sorted(p.name for p in (served.config.output / "artifacts").iterdir()) == artifacts
+
+
+def test_allow_writes_lets_writes_through_and_a_public_host_warns(served: Served) -> None:
+    study = hand_built_study(served, "writable", ["maximize"], [([1.0], [0.0], "search")])
+    port = free_port()
+    process = start_dashboard(served.config.path, port, "--allow-writes", "--host", "0.0.0.0")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(process, url)
+        status, _ = send(url, Request("PUT", f"/api/studies/{study._study_id}/note", {"version": 1, "body": "kept"}))
+        assert status == 204
+        assert study_detail(served, "writable")[1]["note"]["body"] == "kept"
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)  # a hang guard
+    assert process.returncode == 0, err
+    assert "(read-write: --allow-writes)" in out
+    assert "warning: --host 0.0.0.0: the dashboard has no login" in err
+    assert "with --allow-writes, change or delete it" in err
+
+
+_margins = st.floats(min_value=-10, max_value=10, allow_nan=False).map(lambda m: m if m else 0.0)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z]{1,6}\.(min|max_regression)", fullmatch=True), _margins, max_size=5))
+def test_gate_status_names_every_failed_gate_and_by_how_much(margins: dict[str, float]) -> None:
+    gates = [GateResult(name, -m if m else 0.0, m, m >= 0) for name, m in margins.items()]
+    status = gate_status(gates)
+    failed = [g for g in gates if not g.passed]
+    assert status.startswith("infeasible: " if failed else "feasible: ")
+    for gate in gates:
+        assert f"{gate.name} {'passes' if gate.passed else 'fails'} by {abs(gate.margin):.4g}" in status
+    if failed:  # the failed gates come first
+        assert status.index(f"{failed[-1].name} fails") < min(
+            (status.index(f"{g.name} passes") for g in gates if g.passed), default=len(status)
+        )
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.0.1.1", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("192.0.2.7", False),
+])
+def test_only_loopback_hosts_count_as_local(host: str, loopback: bool) -> None:
+    assert is_loopback(host) == loopback
 
 
 def test_a_taken_port_or_a_missing_study_is_a_one_line_error(
@@ -212,9 +405,12 @@ def test_a_taken_port_or_a_missing_study_is_a_one_line_error(
 
 def test_ctrl_c_stops_the_dashboard_cleanly(served: Served) -> None:
     # Runs last in this module (pytest keeps file order): the server goes down here.
+    # The timeout is a hang guard. On a busy machine this used to pass 60 s: after "dashboard
+    # stopped" the interpreter tore down torch and transformers (imported by the study file's
+    # checks), over a second of CPU a niced process barely gets; it now exits without that.
     served.process.send_signal(signal.SIGINT)
     out, err = served.process.communicate(timeout=60)
     assert served.process.returncode == 0, err
-    assert f"http://127.0.0.1:{served.url.rsplit(':', 1)[1]}/dashboard/studies/" in out
+    assert f"(read-only): http://127.0.0.1:{served.url.rsplit(':', 1)[1]}/dashboard/studies/" in out
     assert "dashboard stopped" in out
     assert "Traceback" not in err
