@@ -120,7 +120,7 @@ class Progress:
             # No tqdm rate: the one throughput figure is ours (see the module docstring).
             self._bar = tqdm(total=budget, initial=already_done, file=self._stream, unit="trial",
                              dynamic_ncols=True,
-                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} search trials [{elapsed}] {postfix}")
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} search trials [{elapsed}]{postfix}")
 
     def message(self, text: str) -> None:
         if self._quiet:
