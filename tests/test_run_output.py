@@ -8,6 +8,7 @@ minute since its search began), ``--seed`` / ``--sampler`` on the command line, 
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import subprocess
@@ -22,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import ranking, storage
 from search.cli import main
 from search.config import load_study
-from search.progress import RunRecord, throughput
+from search.progress import Progress, ProgressState, RunRecord, throughput
 from tests.checkpoints import TinyFamily
 from tests.studies import write_study
 
@@ -172,3 +173,18 @@ def test_bad_overrides_are_one_line_errors(tmp_path: Path, llama_family: TinyFam
     assert main(["start", str(path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_the_terminal_bar_shows_our_throughput_and_not_tqdms_own_rate() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = Progress(48, stream=screen, already_done=40)
+    progress.update(ProgressState(done=41, budget=48, feasible=30, failed=1, last_trial=45, best_trial=44,
+                                  best_objective=0.5, best_scores={"alpha": 0.5}, per_min=67.5))
+    progress.close()
+    text = screen.getvalue()
+    assert "41/48 search trials" in text and "best trial 44 0.5000 (alpha 0.500) 67.5 search trials/min" in text
+    assert "trial/s" not in text and "s/trial" not in text  # one throughput figure, ours
