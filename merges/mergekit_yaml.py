@@ -274,6 +274,36 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> s
     return "\n".join([*lines, body.rstrip(), ""]) if lines else body
 
 
+def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
+    """``recipe`` with every model path (base, sources, layer slices) replaced by ``names[path]``.
+
+    What an export writes instead of this machine's folders: a path relative to where
+    ``mergekit-yaml`` will run (mergekit 0.1.5 resolves a relative model path against the
+    current folder, ``ModelReference.local_path``), an absolute path, or a Hugging Face Hub
+    id (any name that is not an existing folder there is downloaded from the Hub).
+    """
+    models = [*([recipe.base] if recipe.base is not None else []), *recipe.sources,
+              *(piece.model for piece in recipe.layer_slices)]
+    missing = [m for m in dict.fromkeys(models) if m not in names]
+    if missing:
+        raise UnsupportedConfigError(f"recipe model(s) {missing} have no name to export them as")
+    taken: dict[str, str] = {}
+    for model in dict.fromkeys(models):
+        name = names[model]
+        if not name.strip():
+            raise UnsupportedConfigError(f"model {model!r}: the name to export it as is empty")
+        _check_path(name, f"model {model!r} exported as")
+        if taken.setdefault(name, model) != model:
+            # mergekit would read one model where the recipe has two.
+            raise UnsupportedConfigError(f"models {taken[name]!r} and {model!r} would both be exported as {name!r}")
+    return dataclasses.replace(
+        recipe,
+        base=None if recipe.base is None else names[recipe.base],
+        sources=tuple(names[s] for s in recipe.sources),
+        layer_slices=tuple(dataclasses.replace(p, model=names[p.model]) for p in recipe.layer_slices),
+    )
+
+
 def _hints_of(recipe: Recipe, layout: Layout) -> dict[str, object]:
     hints: dict[str, object] = {}
     if recipe.method in _RANDOM_METHODS or recipe.seed != 0:

@@ -98,8 +98,14 @@ class StudyConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
-def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None) -> StudyConfig:
-    """Read and validate a study file; ``out`` / ``trials`` override the file (``--out``, ``--trials``)."""
+def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None,
+               seed: int | None = None, sampler: str | None = None) -> StudyConfig:
+    """Read and validate a study file; ``out`` / ``trials`` / ``seed`` / ``sampler`` override the
+    file (``--out``, ``--trials``, ``--seed``, ``--sampler``).
+
+    An overriding sampler that uses no population (tpe, gp, random) ignores
+    ``study.population``, so one file serves every sampler.
+    """
     file = Path(path)
     name = str(path)
     if not file.is_file():
@@ -110,7 +116,9 @@ def load_study(path: str | Path, *, out: str | Path | None = None, trials: int |
         raise StudyConfigError(f"{name}: TOML syntax error: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise StudyConfigError(f"{name}: cannot read the study file: {exc}") from None
-    return _Parser(name, file.resolve().parent).study(data, file.resolve(), out=out, trials=trials)
+    return _Parser(name, file.resolve().parent).study(
+        data, file.resolve(), out=out, trials=trials, seed=seed, sampler=sampler
+    )
 
 
 # -- reading tables -------------------------------------------------------------------
@@ -209,7 +217,8 @@ class _Parser:
         return (self.folder / Path(value).expanduser()).resolve()
 
     def study(
-        self, data: Mapping[str, object], path: Path, *, out: str | Path | None, trials: int | None
+        self, data: Mapping[str, object], path: Path, *, out: str | Path | None, trials: int | None,
+        seed: int | None = None, sampler: str | None = None,
     ) -> StudyConfig:
         root = _Table(self.file, "", data)
         root.expect(("study", "models", "genome", "tasks", "execution"))
@@ -223,7 +232,10 @@ class _Parser:
         name = study.get_str("name", path.stem if path.stem != "study" else path.parent.name)
         if not name.strip():
             raise study.error("name", "must not be empty")
-        seed = study.get_int("seed", 0, minimum=0)
+        file_seed = study.get_int("seed", 0, minimum=0)
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise StudyConfigError(f"--seed: expected an integer >= 0, got {seed!r}")
+        seed = file_seed if seed is None else seed
         output = self.path(study.get_str("output", f"runs/{name}"))
         if output.exists() and not output.is_dir():
             raise study.error("output", f"{output} exists and is not a folder")
@@ -244,8 +256,11 @@ class _Parser:
                 "lambda or t bounds has no genes (give bounds, or set study.trials = 0 to score the "
                 "baselines only)"
             )
-        sampler = self.sampler(study, genome, objective)
+        chosen = sampler
+        sampler = self.sampler(study, genome, objective, override=chosen)
         population = study.get_int("population", 0, minimum=0)
+        if chosen is not None and sampler not in ("cmaes", "nsga2"):
+            population = 0  # --sampler: the file's population is for the samplers that use one
         if population == 1:
             raise study.error("population", "must be 0 (Optuna's default) or >= 2, got 1")
         if population and sampler not in ("cmaes", "nsga2"):
@@ -293,22 +308,35 @@ class _Parser:
             return f"journal:{self.path(rest)}"
         return url
 
-    def sampler(self, study: _Table, genome: GenomeSpec, objective: str) -> str:
+    def sampler(self, study: _Table, genome: GenomeSpec, objective: str, *, override: str | None = None) -> str:
         sampler = study.get_choice("sampler", ("auto", *SAMPLERS), "auto")
+        if override is not None:
+            if override not in ("auto", *SAMPLERS):
+                raise StudyConfigError(
+                    f"--sampler: expected one of {', '.join(('auto', *SAMPLERS))}, got {override!r}"
+                )
+            sampler = override
+
+        def error(key: str, message: str) -> StudyConfigError:
+            # A sampler the command line chose is wrong there, not in the file.
+            return study.error(key, message) if override is None else StudyConfigError(
+                f"--sampler {override}: {message}"
+            )
+
         numeric = is_numeric(genome)
         if sampler == "auto":
             if objective == "per_task":
                 return "nsga2"
             return "cmaes" if numeric else "tpe"
         if sampler == "cmaes" and not numeric:
-            raise study.error(
+            raise error(
                 "sampler",
                 f"cmaes cannot search the categorical genes of method {genome.method!r} (Optuna's "
                 "CmaEsSampler samples them at random); use tpe, gp, nsga2 or random, or one CMA-ES "
                 "study per method",
             )
         if objective == "per_task" and sampler not in MULTI_OBJECTIVE_SAMPLERS:
-            raise study.error(
+            raise error(
                 "sampler",
                 f"{sampler} is single-objective; objective 'per_task' needs one of "
                 f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}",

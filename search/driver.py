@@ -51,7 +51,7 @@ from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
 from search.errors import SearchError
 from search.pool import WorkerPool, make_pool
-from search.progress import Progress, ProgressState
+from search.progress import Progress, ProgressState, run_record, start_run, throughput
 from search.worker import TrialOutcome, WorkerSetup
 from search.write_behind import WriteBehindStorage
 
@@ -152,6 +152,9 @@ def plan_study(config: StudyConfig, *, progress: bool = True) -> StudyPlan:
     if models.demo_family and not (Path(models.base) / "config.json").exists():
         from studies.demo_family import ensure_family
 
+        if progress:  # the build is silent until its first model is trained
+            print(f"building the demo family at {Path(models.base).parent} (a few minutes on CPU)",
+                  file=sys.stderr, flush=True)
         ensure_family(Path(models.base).parent, progress=progress)
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
@@ -342,6 +345,7 @@ def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
         with _sigint_handler(stop):
             try:
                 run_baselines(study, plan, pool, progress)
+                start_run(study, config.trials)  # the budget and the clock `search status` shows
                 loop.run()
             except KeyboardInterrupt:
                 stop.requested = True
@@ -675,12 +679,18 @@ class _Loop:
         trials = self.study.get_trials(deepcopy=False)
         searched = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH]
         best = ranking.best_feasible(ranking.search_trials(searched), self.plan.directions)
+        finished = [t for t in searched if t.datetime_complete is not None]
+        last = max(finished, key=lambda t: (t.datetime_complete, t.number)) if finished else None
         self.progress.update(ProgressState(
             done=done, budget=self.budget,
             feasible=sum(ranking.is_feasible(t) for t in searched),
             failed=sum(t.state == TrialState.FAIL for t in searched),
+            last_trial=None if last is None else last.number,
+            best_trial=None if best is None else best.number,
             best_objective=None if best is None else ranking.score(best, self.plan.directions),
             best_scores={} if best is None else dict(best.user_attrs["scores_search"]),
+            # the same figure `search status` shows (see search.progress)
+            per_min=throughput(searched, run_record(self.study.user_attrs)).per_min,
         ))
 
 
@@ -765,7 +775,7 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
     user_attrs = study.user_attrs
     todo = [t for t in [*baselines, *finalists] if storage.heldout_record(user_attrs, t.number) is None]
     if todo:
-        progress.message(f"re-scoring {len(todo)} trial(s) on the held-out split")
+        progress.message(_rescoring_message(todo, finalists, config.top_k))
         outcomes = _evaluate_all(pool, [t.user_attrs["recipe"] for t in todo], "heldout")
         scored = dict(zip([t.number for t in todo], outcomes, strict=True))
     else:
@@ -817,6 +827,20 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
     study.set_user_attr("final_trial", final.trial)
     write_best_note(study)  # the dashboard's note on the chosen trial
     return FinalizeResult(final.trial, rows, f"final trial: {final.trial}")
+
+
+def _rescoring_message(todo: Sequence[FrozenTrial], finalists: Sequence[FrozenTrial], top_k: int) -> str:
+    """What finalize re-scores: finalists (numbered) and baselines (the gates' references), apart."""
+    numbers = {t.number for t in todo}
+    picked = [t.number for t in finalists if t.number in numbers]
+    references = len(numbers) - len(picked)
+    parts = []
+    if picked:
+        parts.append(f"{len(picked)} finalist(s), trial(s) {', '.join(map(str, picked))} "
+                     f"(the best feasible search trials, top_k = {top_k})")
+    if references:
+        parts.append(f"{references} baseline(s) (the held-out gates' references)")
+    return "re-scoring on the held-out split: " + " and ".join(parts)
 
 
 def _signed_mean(values: Sequence[float], directions: Sequence[str]) -> float:

@@ -12,6 +12,7 @@ split every trial is gated against the same limits.
 
 from __future__ import annotations
 
+import base64
 import html
 import itertools
 import math
@@ -34,6 +35,7 @@ FEASIBLE = "#1f77b4"
 INFEASIBLE = "#d62728"
 BASELINE = "#2ca02c"
 CHOSEN = "#ff7f0e"
+RECIPE_FILENAME = "recipe.yaml"  # the download's name; `search report` writes its paths for that file beside the report
 
 
 @dataclass(frozen=True)
@@ -601,6 +603,7 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         f"<th>margin (held-out)</th></tr>{''.join(gates)}</table>" if gates else "<p>The study has no gates.</p>"
     )
     recipe = (
+        f"<p>{_download_link(recipe_text)}</p>"
         f"<details><summary>mergekit YAML (what <code>search export</code> writes)</summary>"
         f"<pre id='chosen-recipe'>{html.escape(recipe_text)}</pre></details>" if recipe_text else ""
     )
@@ -609,6 +612,15 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         f"<p>{html.escape(why)}.<br><code>{html.escape(best.user_attrs.get('recipe_summary', ''))}</code></p>"
         f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{gate_table}{recipe}</section>"
     )
+
+
+def _download_link(recipe_text: str) -> str:
+    """A link that saves the YAML as ``recipe.yaml``: a data URI, so it works offline too."""
+    data = base64.b64encode(recipe_text.encode("utf-8")).decode("ascii")
+    return (f"<a id='download-recipe' download='{RECIPE_FILENAME}' href='data:application/yaml;base64,{data}'>"
+            f"Download {RECIPE_FILENAME}</a> (its header says how to run <code>mergekit-yaml</code>; "
+            "model paths are as <code>search report</code> wrote them: relative to this report's folder "
+            "unless it was given <code>--model-name</code> / <code>--model-root</code>)")
 
 
 def _cell(value: float | None) -> str:

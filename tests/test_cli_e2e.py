@@ -118,7 +118,7 @@ def test_start_kill_resume_status_finalize_export_and_mergekit_rebuild(
 
     # 4. finalize (again: idempotent, same final trial)
     final = study.user_attrs["final_trial"]
-    finalized = search_cli("finalize", str(path), "--quiet")
+    finalized = search_cli("finalize", str(path))
     assert finalized.returncode == 0, finalized.stderr + finalized.stdout
     assert f"final trial: {final}" in finalized.stdout
     assert "gap" in finalized.stdout
@@ -135,7 +135,10 @@ def test_start_kill_resume_status_finalize_export_and_mergekit_rebuild(
     out = tmp_path / "rebuilt"
     mergekit = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
     assert mergekit is not None
-    built = subprocess.run([mergekit, str(recipe), str(out)], capture_output=True, text=True, timeout=600)
+    # from the folder the header names: the model paths are relative to it
+    assert "# run from the folder that holds this file: mergekit-yaml recipe.yaml OUTPUT_FOLDER" in text
+    built = subprocess.run([mergekit, recipe.name, str(out)], cwd=recipe.parent, capture_output=True, text=True,
+                           timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.models.base)

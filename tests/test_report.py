@@ -7,7 +7,9 @@ figure must have drawn (plotly's ``main-svg`` inside its container) with no scri
 
 from __future__ import annotations
 
+import base64
 import html
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fitness.metrics import higher_is_better
-from merges.mergekit_yaml import recipe_from_mergekit
+from merges.mergekit_yaml import recipe_from_mergekit, rename_models
 from merges.recipe import ROLES, LayerSlice, Recipe
 from search import ranking, storage
 from search.annotate import chosen_trial
@@ -146,11 +148,26 @@ def test_report_shows_the_chosen_trial_with_its_gates_and_exact_recipe(single: B
     assert f"&gt;= {threshold:.4f}" in row.group(1)
     assert f"{margin:+.4f} pass" in row.group(1)
     assert f"{held.gate_margins['alpha.max_regression']:+.4f}" in row.group(1)
-    # The mergekit YAML shown rebuilds exactly the stored recipe.
+    # The mergekit YAML shown rebuilds exactly the stored recipe (its model paths are relative
+    # to the report's folder, where the download link's recipe.yaml belongs).
     shown = re.search(r"<pre id='chosen-recipe'>(.*?)</pre>", text, re.S)
     assert shown is not None
-    recipe = recipe_from_mergekit(html.unescape(shown.group(1)))
-    assert recipe == Recipe.from_dict(chosen.user_attrs["recipe"])
+    recipe = recipe_from_mergekit(html.unescape(shown.group(1)), base_dir=single.report.parent)
+    stored = Recipe.from_dict(chosen.user_attrs["recipe"])
+    paths = [stored.base, *stored.sources]
+    assert rename_models(recipe, {p: os.path.normpath(p) for p in [recipe.base, *recipe.sources]}) == stored
+    assert not any(str(Path(p).parent) in shown.group(1) for p in paths)  # no folder of this machine
+
+
+def test_report_links_the_yaml_that_search_export_writes_beside_it(single: Built) -> None:
+    text = single.report.read_text()
+    link = re.search(r"<a id='download-recipe' download='recipe.yaml' href='data:application/yaml;base64,([^']+)'>",
+                     text)
+    assert link is not None, "no download link"
+    downloaded = base64.b64decode(link.group(1)).decode("utf-8")
+    exported = single.report.parent / "recipe.yaml"
+    assert main(["export", str(single.path), "-o", str(exported)]) == 0
+    assert downloaded == exported.read_text()
 
 
 def test_figures_carry_the_stored_trials_gates_and_recipe(single: Built) -> None:

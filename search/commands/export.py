@@ -1,11 +1,22 @@
-"""``search export STUDY -o recipe.yaml``: the chosen recipe as a mergekit YAML."""
+"""``search export STUDY -o recipe.yaml``: the chosen recipe as a mergekit YAML another machine can run.
+
+Model paths: mergekit 0.1.5 resolves a relative model path against the folder it runs in
+(``ModelReference.local_path``: a path that exists there is read, any other name is fetched
+from the Hugging Face Hub). So the export writes every model relative to the folder that
+holds the YAML (or as the name the team uses: ``--model-name LABEL=NAME``, or
+``--model-root ROOT``) and its header says to run ``mergekit-yaml`` from that folder.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -16,6 +27,11 @@ from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import SearchError
 
+if TYPE_CHECKING:
+    from merges.layout import Layout
+
+BASE_LABEL = "base"  # --model-name's name for the base checkpoint (a reserved source label)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,9 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=SUMMARIES["export"],
         description=(
             "Write a trial's recipe as a mergekit config: after `search finalize` the final trial, "
-            "before it the best feasible trial on the search split, or --trial N. The header "
-            "comments give the study, trial, seed, scores on the search and held-out slices and "
-            "the gates. `mergekit-yaml recipe.yaml OUT/` rebuilds the checkpoint the study scored."
+            "before it the best feasible trial on the search split, or --trial N (Optuna's trial "
+            "number, as status and the dashboard show it). The header comments give the study, "
+            "trial, seed, scores on the search and held-out slices, the gates, and the folder to "
+            "run `mergekit-yaml` from. Model paths are written relative to the YAML's folder "
+            "unless --model-name / --model-root give the names your team uses. Exporting an "
+            "infeasible or unfinalised trial prints a WARNING and says so in the header."
         ),
     )
     add_study_arguments(parser)
@@ -33,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where to write the mergekit YAML")
     parser.add_argument("--trial", type=int, default=None, metavar="N",
                         help="export trial N instead of the final / best feasible one")
+    add_model_name_arguments(parser)
     parser.add_argument("--materialize", type=Path, default=None, metavar="DIR",
                         help="also merge and save the checkpoint (safetensors + config + tokenizer) to DIR "
                              "(new or empty)")
@@ -42,22 +62,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def add_model_name_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model-name`` / ``--model-root``: how the YAML names the models (export and report)."""
+    parser.add_argument(
+        "--model-name", action="append", default=[], metavar="LABEL=NAME",
+        help="write model LABEL (`base` or a models.sources label) as NAME: a Hugging Face Hub id "
+             "(org/model), an absolute path, or a path relative to the YAML's folder (write it as "
+             "./a/b: mergekit takes a/b for a possible Hub id); repeatable",
+    )
+    parser.add_argument(
+        "--model-root", default=None, metavar="ROOT",
+        help="write every model not named by --model-name as ROOT/<its folder name> "
+             "(ROOT absolute, or relative to the YAML's folder)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from merges.checkpoint import open_checkpoint
-    from merges.mergekit_yaml import recipe_to_mergekit
     from merges.preflight import preflight
 
     config = load_study(args.study, out=args.out)
     study = storage.load_existing_study(config.name, config.storage)
     trial = choose_trial(study.get_trials(deepcopy=False), study.user_attrs, study.directions, args.trial)
-    recipe = Recipe.from_dict(trial.user_attrs["recipe"])
     models = config.models
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
     layout = preflight(base, sources)
-    text = recipe_to_mergekit(recipe, layout, header=export_header(config, study.user_attrs, trial))
     protected = _check_outputs(args, config)  # before writing anything
+    names = parse_model_names(args.model_name, config)
+    warnings = export_warnings(study, trial)
+    text = export_text(config, study, trial, layout, yaml_path=args.output, names=names,
+                       model_root=args.model_root, warnings=warnings)
     write_file(args.output, text, signature=RECIPE_SIGNATURE)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(f"wrote {args.output} (trial {trial.number})")
     if args.materialize is not None:
         import torch
@@ -66,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         from merges.save import save_checkpoint
 
         engine = MergeEngine(base, sources, device="cpu", dtype=getattr(torch, models.dtype))
-        tensors = engine.materialize(recipe)
+        tensors = engine.materialize(Recipe.from_dict(trial.user_attrs["recipe"]))
         save_checkpoint(tensors, args.materialize, like=base, overwrite=args.overwrite, protected=protected)
         print(f"wrote the merged checkpoint to {args.materialize}")
     return 0
@@ -96,11 +134,128 @@ def choose_trial(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object]
     return best
 
 
-def export_header(config: StudyConfig, user_attrs: Mapping[str, object], trial: FrozenTrial) -> str:
+def export_warnings(study: optuna.Study, trial: FrozenTrial) -> list[str]:
+    """Why this trial may not be a release: infeasible (search or held-out), or not the final one."""
+    out = []
+    failed = _failed_gates(trial.user_attrs.get("gate_margins", {}))
+    if failed or not ranking.is_feasible(trial):
+        out.append(f"trial {trial.number} is INFEASIBLE on the search slices: it fails "
+                   f"{failed or 'its gates'}")
+    record = storage.heldout_record(study.user_attrs, trial.number)
+    if record is not None and not record.feasible:
+        out.append(f"trial {trial.number} is INFEASIBLE on the held-out slices: it fails "
+                   f"{_failed_gates(record.gate_margins) or 'its gates'}")
+    final = study.user_attrs.get("final_trial")
+    if not isinstance(final, int):
+        out.append(f"the study is not finalized: trial {trial.number} is not a final trial chosen on "
+                   "the held-out slices (run `search finalize`)")
+    elif final != trial.number:
+        out.append(f"trial {trial.number} is not the study's final trial (trial {final})")
+    return out
+
+
+def _failed_gates(margins: object) -> str:
+    if not isinstance(margins, Mapping):
+        return ""
+    return ", ".join(f"{g} ({float(m):+.4f})" for g, m in margins.items() if float(m) < 0)
+
+
+# -- model names --------------------------------------------------------------------------
+
+
+def parse_model_names(pairs: Sequence[str], config: StudyConfig) -> dict[str, str]:
+    """``--model-name LABEL=NAME`` pairs as {label: name}; labels are ``base`` and the sources'."""
+    labels = [BASE_LABEL, *config.models.sources]
+    names: dict[str, str] = {}
+    for pair in pairs:
+        label, sep, name = pair.partition("=")
+        label, name = label.strip(), name.strip()
+        if not sep or not label or not name:
+            raise SearchError(f"--model-name {pair!r}: expected LABEL=NAME, e.g. base=org/base-model")
+        if label not in labels:
+            raise SearchError(f"--model-name {pair!r}: no model labelled {label!r} (labels: {', '.join(labels)})")
+        if label in names:
+            raise SearchError(f"--model-name: {label!r} is named twice ({names[label]!r}, {name!r})")
+        names[label] = name
+    return names
+
+
+def exported_names(config: StudyConfig, user_attrs: Mapping[str, object], recipe: Recipe, *,
+                   yaml_dir: Path, names: Mapping[str, str], model_root: str | None) -> dict[str, str]:
+    """Each model path of ``recipe`` -> how the YAML writes it.
+
+    A model is known by its label: the recipe's paths are the ones the study ran with
+    (the study's ``sources`` attribute), its folder now is the study file's.
+    """
+    current = {BASE_LABEL: Path(config.models.base), **{k: Path(v) for k, v in config.models.sources.items()}}
+    stored = user_attrs.get("sources")
+    ran_with = dict(stored) if isinstance(stored, Mapping) else {}
+    label_of = {str(path): label for label, path in current.items()}
+    label_of.update({str(path): str(label) for label, path in ran_with.items()})
+    if recipe.base is not None:
+        label_of[recipe.base] = BASE_LABEL
+    models = [*([recipe.base] if recipe.base is not None else []), *recipe.sources,
+              *(piece.model for piece in recipe.layer_slices)]
+    out: dict[str, str] = {}
+    for model in dict.fromkeys(models):
+        label = label_of.get(model)
+        if label is None or label not in current:
+            raise SearchError(
+                f"the recipe names model {model!r}, which {config.path} no longer lists "
+                "(models.base / models.sources)"
+            )
+        if label in names:
+            out[model] = names[label]
+        elif model_root is not None:
+            out[model] = _local(f"{model_root.rstrip('/')}/{current[label].name}")
+        else:
+            out[model] = _local(Path(os.path.relpath(current[label].resolve(), yaml_dir.resolve())).as_posix())
+    return out
+
+
+def _local(path: str) -> str:
+    """A relative folder as ``./a/b``: mergekit 0.1.5 takes ``a/b`` (one slash) for a possible Hub
+    id and asks the Hub while writing the model card (``card.is_hf``), which fails offline."""
+    if os.path.isabs(path) or path.startswith(("./", "../")) or path in (".", ".."):
+        return path
+    return f"./{path}"
+
+
+# -- the YAML -----------------------------------------------------------------------------
+
+
+def export_text(config: StudyConfig, study: optuna.Study, trial: FrozenTrial, layout: Layout, *,
+                yaml_path: Path, names: Mapping[str, str] | None = None, model_root: str | None = None,
+                warnings: Sequence[str] = ()) -> str:
+    """The mergekit YAML of ``trial`` as ``search export`` writes it to ``yaml_path``."""
+    from merges.mergekit_yaml import recipe_to_mergekit, rename_models  # torch: only when exporting
+
+    recipe = Recipe.from_dict(trial.user_attrs["recipe"])
+    written = exported_names(config, study.user_attrs, recipe, yaml_dir=Path(yaml_path).absolute().parent,
+                             names=names or {}, model_root=model_root)
+    shipped = rename_models(recipe, written)
+    header = export_header(config, study.user_attrs, trial, warnings=warnings,
+                           run_from=_run_from(written.values(), Path(yaml_path).name))
+    return recipe_to_mergekit(shipped, layout, header=header)
+
+
+def _run_from(written: Iterable[str], yaml_name: str) -> str:
+    """The header line that says from where ``mergekit-yaml`` finds the models."""
+    paths = list(written)
+    command = f"mergekit-yaml {yaml_name} OUTPUT_FOLDER"
+    if all(os.path.isabs(p) for p in paths):
+        return f"run: {command}\n(every model path is absolute: run it from any folder)"
+    return (f"run from the folder that holds this file: {command}\n"
+            "(mergekit reads a relative model path from the current folder; a name that is no folder "
+            "there\nis downloaded from the Hugging Face Hub)")
+
+
+def export_header(config: StudyConfig, user_attrs: Mapping[str, object], trial: FrozenTrial, *,
+                  warnings: Sequence[str] = (), run_from: str = "") -> str:
     what = trial.user_attrs.get("baseline", "search trial")
-    lines = [
-        "mergesearch export",
-        f"study: {config.name} ({config.path})",
+    lines = ["mergesearch export", *(f"WARNING: {w}" for w in warnings)]
+    lines += [
+        f"study: {config.name} ({config.path.name})",
         f"trial: {trial.number} ({what}); seed: {config.seed}",
         f"recipe: {trial.user_attrs.get('recipe_summary', '')}",
         "scores (search slices): " + _scores(trial.user_attrs.get("scores_search", {})),
@@ -113,6 +268,8 @@ def export_header(config: StudyConfig, user_attrs: Mapping[str, object], trial: 
     lines.append("gates (search): " + _gates(trial.user_attrs.get("gate_margins", {})))
     if record is not None:
         lines.append("gates (held-out): " + _gates(record.gate_margins))
+    if run_from:
+        lines.append(run_from)
     return "\n".join(lines)
 
 

@@ -22,12 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_study_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but warnings and errors (the exit status says whether a final trial was chosen)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_study(args.study, out=args.out)
     result = finalize_study(config, quiet=args.quiet)
-    print(format_finalists(result, [t.name for t in config.tasks]))
+    if not args.quiet:
+        print(format_finalists(result, [t.name for t in config.tasks]))
     return 0 if result.final_trial is not None else 1

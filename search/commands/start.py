@@ -6,10 +6,12 @@ import argparse
 import shlex
 import sys
 
+import optuna
+
 from search.commands import SUMMARIES, add_study_arguments
 from search.commands.validate import check_study
 from search.config import load_study
-from search.driver import format_finalists, run_study
+from search.driver import SAMPLERS, format_finalists, run_study
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,29 +31,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_study_arguments(parser)
     parser.add_argument("--trials", type=int, default=None, metavar="N",
                         help="search budget: total search trials, baselines not counted (overrides study.trials)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="the study's seed (overrides study.seed); run a variant with its own --out")
+    parser.add_argument("--sampler", choices=("auto", *SAMPLERS), default=None,
+                        help="the sampler (overrides study.sampler; study.population only applies to "
+                             "cmaes and nsga2); run a variant with its own --out")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but warnings and errors (no progress, no Optuna log, no summary)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_study(args.study, out=args.out, trials=args.trials)
+    config = load_study(args.study, out=args.out, trials=args.trials, seed=args.seed, sampler=args.sampler)
+    if args.quiet:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "[I ...] study created" line
+    else:
+        print(f"study {config.name}: sampler {config.sampler}, seed {config.seed}, budget {config.trials} "
+              f"search trials; storage {config.storage}", flush=True)
     # Everything `search validate` checks, before a storage is created or a weight loaded.
     check_study(config, progress=not args.quiet)
     result = run_study(config, quiet=args.quiet)
     resume = ["search", "start", str(args.study)]
-    if args.out is not None:
-        resume += ["--out", str(args.out)]
-    if args.trials is not None:
-        resume += ["--trials", str(args.trials)]
+    for flag, value in (("--out", args.out), ("--trials", args.trials), ("--seed", args.seed),
+                        ("--sampler", args.sampler)):
+        if value is not None:
+            resume += [flag, str(value)]
     if result.interrupted:
         print(
-            f"stopped after {result.done}/{result.budget} trials; the study is saved in "
+            f"stopped after {result.done}/{result.budget} search trials; the study is saved in "
             f"{config.storage}\nresume with: {shlex.join(resume)}",
             file=sys.stderr,
         )
         return 130
+    if args.quiet:
+        return 0
     if result.finalized is None:
-        print(f"{result.done}/{result.budget} trials done")
+        print(f"{result.done}/{result.budget} search trials done")
         return 0
     print(format_finalists(result.finalized, [t.name for t in config.tasks]))
     export = ["search", "export", str(args.study), "-o", "recipe.yaml"]

@@ -8,7 +8,7 @@ import statistics
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import ranking, storage
+from search import progress, ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 
@@ -18,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status",
         help=SUMMARIES["status"],
         description=(
-            "Summarise a study from its storage (read only; safe while `search start` runs): trials "
-            "done of the budget, feasible, failed and baseline counts, throughput, the best feasible "
+            "Summarise a study from its storage (read only; safe while `search start` runs): search "
+            "trials done of the latest run's budget, feasible, failed and baseline counts, throughput "
+            "(search trials finished in the latest run per minute since its search began), the best feasible "
             "trial's scores per task with its gate margins next to the baselines, and, when no "
             "trial is feasible, which gate blocks and by how much."
         ),
@@ -35,9 +36,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_status(study: optuna.Study, *, budget: int) -> str:
+def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
+    """The status text. The budget is the latest run's (stored on the study); ``budget`` is
+    shown only for a study that has none stored (one from before runs were recorded)."""
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
+    run = progress.run_record(attrs)
+    if run is not None:
+        budget = run.budget
     directions = [d.name.lower() for d in study.directions]
     tasks = [str(t) for t in attrs.get("tasks", [])]
     gate_names = [str(g) for g in attrs.get("gates", [])]
@@ -47,11 +53,12 @@ def render_status(study: optuna.Study, *, budget: int) -> str:
     failed = [t for t in searched if t.state == TrialState.FAIL]
     lines = [
         f"study {study.study_name}: sampler {attrs.get('sampler', '?')}, seed {attrs.get('seed', '?')}",
-        f"trials: {sum(ranking.counts_toward_budget(t) for t in searched)}/{budget} done, "
+        f"search trials: {sum(ranking.counts_toward_budget(t) for t in searched)}/"
+        f"{'?' if budget is None else budget} done, "
         f"{len(complete)} complete, {sum(ranking.is_feasible(t) for t in complete)} feasible, "
         f"{len(failed)} failed, {sum(t.state == TrialState.RUNNING for t in searched)} running, "
         f"{sum(t.state == TrialState.WAITING for t in searched)} waiting; {len(baselines)} baselines",
-        _throughput(complete),
+        _throughput(complete, progress.throughput(searched, run)),
     ]
     for reason, count in _failure_reasons(failed).items():
         lines.append(f"  failed x{count}: {reason}")
@@ -62,7 +69,7 @@ def render_status(study: optuna.Study, *, budget: int) -> str:
         shown.append((f"final (trial {final})", next(t for t in trials if t.number == final)))
     if best is not None and best.number != final:
         shown.append((f"best feasible (trial {best.number})", best))
-    shown += [(name, trial) for name, trial in baselines.items()]
+    shown += [(f"{name} (trial {trial.number})", trial) for name, trial in baselines.items()]
     lines.append("")
     lines.append(_table(shown, tasks, gate_names, attrs))
     if best is None:
@@ -101,17 +108,14 @@ def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], gate_names: li
     return "\n".join(out)
 
 
-def _throughput(complete: list[FrozenTrial]) -> str:
-    stamps = [t for t in complete if t.datetime_start and t.datetime_complete]
-    if len(stamps) < 2:
-        return "throughput: not enough trials yet"
-    first = min(t.datetime_start for t in stamps)  # type: ignore[type-var]
-    last = max(t.datetime_complete for t in stamps)  # type: ignore[type-var]
-    minutes = (last - first).total_seconds() / 60.0
-    merge = statistics.median(float(t.user_attrs.get("timings", {}).get("merge_s", 0.0)) for t in stamps)
-    score = statistics.median(float(t.user_attrs.get("timings", {}).get("score_s", 0.0)) for t in stamps)
-    rate = f"{len(stamps) / minutes:.1f} trials/min" if minutes > 0 else "n/a"
-    return f"throughput: {rate} (median merge {merge:.3f} s, scoring {score:.3f} s per trial)"
+def _throughput(complete: list[FrozenTrial], rate: progress.Throughput) -> str:
+    """The progress line's throughput (see search.progress) and the median trial's work."""
+    timed = [t.user_attrs["timings"] for t in complete if isinstance(t.user_attrs.get("timings"), dict)]
+    if not timed:
+        return f"throughput: {rate.describe()}"
+    merge = statistics.median(float(t.get("merge_s", 0.0)) for t in timed)
+    score = statistics.median(float(t.get("score_s", 0.0)) for t in timed)
+    return f"throughput: {rate.describe()}; median merge {merge:.3f} s, scoring {score:.3f} s per trial"
 
 
 def _failure_reasons(failed: list[FrozenTrial]) -> dict[str, int]:
