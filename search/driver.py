@@ -11,10 +11,10 @@ One run of ``search start``:
    other samplers get a new trial as soon as a pool slot frees;
 5. finalize: re-score the top-k feasible trials on held-out and pick the final one.
 
-Gates are stored on every trial as the ``constraints`` system attribute (what TPE,
-NSGA-II, GP and optuna-dashboard 0.21 read; never also ``trial.set_constraint``, which
-would double-count). CMA-ES ignores constraints, so for ``cmaes`` the told value is
-penalised (see :func:`penalised`) and the raw one is kept in ``objective_raw``.
+Every trial is told its real objective. Gates are stored on every trial as the
+``constraints`` system attribute (what TPE, NSGA-II, GP and optuna-dashboard 0.21 read;
+never also ``trial.set_constraint``, which would double-count). CMA-ES ignores
+constraints: ``search.samplers`` shows it a penalised value for infeasible trials.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +32,7 @@ from types import FrameType
 from typing import TextIO
 
 import optuna
-from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from optuna.samplers import BaseSampler
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
@@ -52,6 +50,7 @@ from search.config import StudyConfig
 from search.errors import SearchError
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, ProgressState
+from search.samplers import PENALTY_ATTR, make_sampler, penalty_for_baselines
 from search.worker import TrialOutcome, WorkerSetup
 from search.write_behind import WriteBehindStorage
 
@@ -433,13 +432,12 @@ def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progre
                 "gates need every source's scores"
             )
         references[label] = dict(scores)
-    if "cma_penalty" not in study.user_attrs:
+    if PENALTY_ATTR not in study.user_attrs:
         raws = [
             v for o in outcomes if o.scores is not None
             for v in objective_values(o.scores, plan.tasks, config.objective)
         ]
-        spread = max(raws) - min(raws) if raws else 0.0
-        study.set_user_attr("cma_penalty", PENALTY_FLOOR * (1.0 + spread))
+        study.set_user_attr(PENALTY_ATTR, penalty_for_baselines(raws))
     for baseline, outcome in zip(missing, outcomes, strict=True):
         study.add_trial(_baseline_trial(study, plan, baseline.name, baseline.recipe, outcome, references))
         attach_baseline_recipe(study, baseline.name, baseline.recipe, plan.layout, plan.artifacts)
@@ -461,10 +459,9 @@ def _baseline_trial(study: optuna.Study, plan: StudyPlan, name: str, recipe: Rec
         return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
     gates = evaluate_gates(plan.gates, outcome.scores, references, plan.task_higher)
     raw = objective_values(outcome.scores, plan.tasks, plan.config.objective)
-    attrs.update(_score_attrs(outcome.scores, gates, raw))
-    values = _told_values(study, plan, raw, gates)
+    attrs.update(_score_attrs(outcome.scores, gates))
     return optuna.trial.create_trial(
-        state=TrialState.COMPLETE, values=list(values), user_attrs=attrs,
+        state=TrialState.COMPLETE, values=list(raw), user_attrs=attrs,
         system_attrs={"constraints": [g.constraint for g in gates]},
     )
 
@@ -649,13 +646,13 @@ class _Loop:
             return
         gates = evaluate_gates(self.plan.gates, outcome.scores, self.references, self.plan.task_higher)
         raw = objective_values(outcome.scores, self.plan.tasks, self.plan.config.objective)
-        for key, value in _score_attrs(outcome.scores, gates, raw).items():
+        for key, value in _score_attrs(outcome.scores, gates).items():
             trial.set_user_attr(key, value)
         # The dashboard's format; written before tell so samplers see it in after_trial.
         self.study._storage.set_trial_system_attr(
             trial._trial_id, "constraints", [g.constraint for g in gates]
         )
-        self.study.tell(trial, list(_told_values(self.study, self.plan, raw, gates)))
+        self.study.tell(trial, list(raw))  # the real objective; CMA-ES sees a penalty (search.samplers)
 
     def fail_in_flight(self) -> None:
         """Fail trials still in flight (Ctrl-C twice) and enqueue them to re-run on resume."""
@@ -684,48 +681,12 @@ class _Loop:
         ))
 
 
-def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult],
-                 raw: Sequence[float]) -> dict[str, object]:
+def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult]) -> dict[str, object]:
     return {
         "scores_search": dict(scores),
         "gate_margins": {g.name: g.margin for g in gates},
         "feasible": all(g.passed for g in gates),
-        "objective_raw": list(raw),
     }
-
-
-PENALTY_FLOOR = 10.0
-
-
-def penalty_scale(study: optuna.Study) -> float:
-    """How much one unit of gate violation (plus one) costs a CMA-ES candidate.
-
-    Stored once per study (user attr ``cma_penalty``) when the baselines are scored:
-    10 x (1 + the spread of the baselines' objectives). That exceeds the objective's whole
-    range for scores in [0, 1] (exact match, choice), so any infeasible candidate ranks
-    below any feasible one in its generation, and less violation still ranks higher. CMA-ES
-    only uses the ranks of a generation, so the size of the penalty distorts nothing else.
-    """
-    stored = study.user_attrs.get("cma_penalty")
-    if stored is not None:
-        return float(stored)
-    return PENALTY_FLOOR
-
-
-def penalised(raw: float, violation: float, direction: str, scale: float) -> float:
-    if violation <= 0:
-        return raw
-    cost = scale * (1.0 + violation)
-    return raw - cost if direction == "maximize" else raw + cost
-
-
-def _told_values(study: optuna.Study, plan: StudyPlan, raw: Sequence[float],
-                 gates: Sequence[GateResult]) -> tuple[float, ...]:
-    if plan.config.sampler != "cmaes":
-        return tuple(raw)
-    violation = sum(max(0.0, g.constraint) for g in gates)
-    scale = penalty_scale(study)
-    return tuple(penalised(v, violation, d, scale) for v, d in zip(raw, plan.directions, strict=True))
 
 
 def _evaluate_all(pool: WorkerPool, recipes: Sequence[dict], split: str) -> list[TrialOutcome]:
@@ -870,110 +831,3 @@ def summarize_recipe(recipe: Recipe, labels: Sequence[str]) -> str:
     if recipe.layer_slices:
         parts.append(" ".join(f"{s.model.rsplit('/', 1)[-1]}[{s.start}:{s.end}]" for s in recipe.layer_slices))
     return ", ".join(parts)
-
-
-# -- samplers ---------------------------------------------------------------------------
-
-SAMPLERS = ("cmaes", "tpe", "gp", "nsga2", "random")
-
-
-def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
-                 population: int | None = None, parallel: bool = False) -> BaseSampler:
-    """The study's sampler, seeded from the study seed, blind to baseline trials."""
-    if name == "cmaes":
-        import cmaes  # noqa: F401  # Optuna imports it (and scipy.stats, ~1 s) at the first ask otherwise
-        # CMA gets the genome's numeric genes as a fixed search space and
-        # n_startup_trials=0, so the very first generation is already CMA's (with the
-        # intersection search space of no finished trial, the whole first batch would be
-        # sampled at random and belong to no generation).
-        inner: BaseSampler = optuna.samplers.CmaEsSampler(
-            seed=seed, popsize=population, n_startup_trials=0, warn_independent_sampling=False
-        )
-        numeric = {
-            k: d for k, d in space.items()
-            if isinstance(d, (FloatDistribution, IntDistribution)) and not d.single()
-        }
-        return BaselineBlindSampler(inner, fixed_space=numeric)
-    elif name == "tpe":
-        inner = optuna.samplers.TPESampler(seed=seed, constant_liar=parallel)
-    elif name == "gp":
-        inner = optuna.samplers.GPSampler(seed=seed)
-    elif name == "nsga2":
-        inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=population or 50)
-    elif name == "random":
-        inner = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        raise SearchError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
-    return BaselineBlindSampler(inner)
-
-
-class _SearchTrialsView:
-    """The study as a sampler should see it: without the baseline trials.
-
-    Baselines carry no genes (they are references, not candidates); left visible they
-    would empty the intersection search space of CMA-ES/TPE/GP/NSGA-II and feed GP trials
-    without parameters. Samplers read trials through ``Study._get_trials`` (and the public
-    ``trials``/``get_trials``); everything else is the real study.
-    """
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: object = None,
-                    use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if t.user_attrs.get("kind") != ranking.KIND_BASELINE]
-
-    def get_trials(self, deepcopy: bool = True, states: object = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self._get_trials()
-
-
-class BaselineBlindSampler(BaseSampler):
-    """Delegates to ``inner`` with a view of the study that hides baseline trials.
-
-    With ``fixed_space`` the relative search space is that, not the inner sampler's
-    inference from finished trials.
-    """
-
-    def __init__(self, inner: BaseSampler, *, fixed_space: Mapping[str, BaseDistribution] | None = None) -> None:
-        self.inner = inner
-        self.fixed_space = None if fixed_space is None else dict(fixed_space)
-
-    def __str__(self) -> str:
-        return str(self.inner)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        if self.fixed_space is not None:
-            return dict(self.fixed_space)
-        return self.inner.infer_relative_search_space(_SearchTrialsView(study), trial)  # type: ignore[arg-type]
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, object]:
-        return self.inner.sample_relative(_SearchTrialsView(study), trial, search_space)  # type: ignore[arg-type]
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> object:
-        return self.inner.sample_independent(
-            _SearchTrialsView(study), trial, param_name, param_distribution  # type: ignore[arg-type]
-        )
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.inner.before_trial(_SearchTrialsView(study), trial)  # type: ignore[arg-type]
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        with warnings.catch_warnings():
-            # CMA-ES sees gates through the penalised value (see ``penalised``); its
-            # per-trial "constraints are not used" warning says nothing new.
-            warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler")
-            self.inner.after_trial(_SearchTrialsView(study), trial, state, values)  # type: ignore[arg-type]
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
