@@ -50,11 +50,19 @@ from search.config import StudyConfig
 from search.errors import SearchError
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, ProgressState
-from search.samplers import PENALTY_ATTR, make_sampler, penalty_for_baselines
+from search.samplers import (
+    CMA_PREFIX,
+    HORIZON,
+    PENALTY_ATTR,
+    POSITION,
+    make_sampler,
+    penalty_for_baselines,
+)
 from search.worker import TrialOutcome, WorkerSetup
 from search.write_behind import WriteBehindStorage
 
-CMA_GENERATION_KEY = "cma:generation"  # CmaEsSampler's system attr (plain CMA, no margin)
+CMA_GENERATION_KEY = CMA_PREFIX + "generation"  # CmaEsSampler's system attr (plain CMA, no margin)
+LAG_ATTR = "sampler_lag"  # study user attr: trials running beside each streaming ask (see _Loop)
 
 
 @dataclass(frozen=True)
@@ -382,17 +390,37 @@ def recover_interrupted(study: optuna.Study, plan: StudyPlan) -> list[int]:
 
 
 def _enqueue_rerun(study: optuna.Study, plan: StudyPlan, trial: FrozenTrial) -> None:
+    """Enqueue a lost search trial's genes under its position (the next asks take it first)."""
     if ranking.kind(trial) != ranking.KIND_SEARCH or set(trial.params) != set(plan.space):
         return  # nothing to re-run: not a search trial, or stopped before its genes were drawn
-    attrs: dict[str, object] = {"rerun_of": trial.number}
-    generation = trial.system_attrs.get(CMA_GENERATION_KEY)
-    if generation is not None:
-        attrs["rerun_generation"] = generation
+    attrs: dict[str, object] = {"kind": ranking.KIND_SEARCH, "rerun_of": trial.number}
+    for key in (POSITION, HORIZON):
+        if key in trial.user_attrs:
+            attrs[key] = trial.user_attrs[key]
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
 
 def _budget_used(study: optuna.Study) -> int:
     return sum(ranking.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def _next_position(search: Sequence[FrozenTrial], done: int) -> int:
+    """The position after every placed one (a study from before positions: after its trials)."""
+    placed = [int(t.user_attrs[POSITION]) for t in search if POSITION in t.user_attrs]
+    return max(placed) + 1 if placed else done
+
+
+def _generation_remaining(trials: Sequence[FrozenTrial], popsize: int) -> int:
+    """Trials still missing from the current CMA generation (a whole one when it is full)."""
+    tagged = [
+        t.system_attrs[CMA_GENERATION_KEY] for t in trials
+        if t.state == TrialState.COMPLETE and CMA_GENERATION_KEY in t.system_attrs
+    ]
+    if not tagged:
+        return popsize
+    current = max(tagged)
+    complete = sum(g == current for g in tagged)
+    return popsize - complete if complete < popsize else popsize
 
 
 # -- baselines --------------------------------------------------------------------------
@@ -496,6 +524,7 @@ def source_references(trials: Sequence[FrozenTrial], labels: Sequence[str], key:
 class _InFlight:
     trial: Trial
     recipe: Recipe
+    position: int
 
 
 class _Loop:
@@ -529,12 +558,33 @@ class _Loop:
         finally:
             self.timings.wall_s += time.perf_counter() - start
 
+    # Every search trial has a position (0, 1, ... in asking order; a re-run keeps the lost
+    # trial's) and a horizon: its genes are drawn seeing the positions before the horizon
+    # finished (search.samplers). Horizons depend only on positions, never on timing, so a
+    # resumed study draws what an uninterrupted one drew.
+
     def _run_streaming(self) -> None:
+        """Ask as soon as a pool slot frees; position p is drawn seeing positions < p - lag finished.
+
+        ``lag`` is how many trials the pool runs beside the one being asked (0 inline); a
+        position waits until every position before its horizon is told.
+        """
         done = _budget_used(self.study)
+        lag = self._streaming_lag()
+        position = _next_position(self._search_trials(), done)
         while True:
-            while (not self.stop.requested and self.pool.free_slots() > 0
-                   and done + len(self.in_flight) < self.budget):
-                if not self._ask_and_submit():
+            while not self.stop.requested and self.pool.free_slots() > 0:
+                waiting = self._waiting()
+                if waiting is not None:
+                    if not self._told_before(waiting.user_attrs.get(HORIZON, 0)):
+                        break
+                    asked = self._ask_and_submit()  # a lost trial's re-run, under its position
+                elif position < self.budget and self._told_before(max(0, position - lag)):
+                    asked = self._ask_and_submit(position, max(0, position - lag))
+                    position += 1
+                else:
+                    break
+                if not asked:
                     done += 1  # told as failed at once (the genes did not decode)
             if not self.in_flight:
                 return
@@ -543,20 +593,60 @@ class _Loop:
                 done += 1
                 self._report(done)
 
+    def _streaming_lag(self) -> int:
+        """The study's lag (user attr ``sampler_lag``): fixed by the pool of its first run."""
+        lag = self.study.user_attrs.get(LAG_ATTR)
+        if lag is None:
+            lag = max(0, self.pool.free_slots() - 1)
+            self.study.set_user_attr(LAG_ATTR, lag)
+        return int(lag)
+
+    def _told_before(self, horizon: int) -> bool:
+        return all(item.position >= horizon for item in self.in_flight.values())
+
     def _run_generations(self) -> None:
-        """CMA-ES: ask exactly the rest of the current generation, evaluate it, tell it all."""
+        """CMA-ES: ask exactly the rest of the current generation, evaluate it, tell it all.
+
+        Each such batch is drawn seeing the positions before the batch finished (horizon:
+        its first position). Re-runs of trials a killed driver lost run first, then the
+        rest of the batch it left unfinished.
+        """
         popsize = self._popsize()
         done = _budget_used(self.study)
-        while not self.stop.requested and done < self.budget:
-            batch = min(self._generation_remaining(popsize), self.budget - done)
-            for _ in range(batch):
-                if not self._ask_and_submit():
-                    done += 1
+        while not self.stop.requested:
+            if self._waiting() is not None:
+                while self._waiting() is not None:  # re-runs first: later draws see them told
+                    if not self._ask_and_submit():
+                        done += 1
+            else:
+                start, positions = self._next_batch(popsize, done)
+                if not positions:
+                    return
+                for position in positions:
+                    if not self._ask_and_submit(position, start):
+                        done += 1
             while self.in_flight:
                 for ticket, outcome in self.pool.wait():
                     self._tell(self.in_flight.pop(ticket), outcome)
                     done += 1
                     self._report(done)
+
+    def _next_batch(self, popsize: int, done: int) -> tuple[int, range]:
+        """The first position of the batch to ask now and the positions still to ask in it."""
+        trials = self._search_trials()
+        position = _next_position(trials, done)
+        placed = [t for t in trials if HORIZON in t.user_attrs]
+        if placed:
+            start = int(max(placed, key=lambda t: t.user_attrs[POSITION]).user_attrs[HORIZON])
+            end = start + self._batch_size(trials, start, popsize)
+            if position < end:
+                return start, range(position, end)  # the rest of a batch a killed driver began
+        return position, range(position, position + self._batch_size(trials, position, popsize))
+
+    def _batch_size(self, trials: Sequence[FrozenTrial], start: int, popsize: int) -> int:
+        """A batch from ``start``: the rest of the generation the positions before it leave."""
+        before = [t for t in trials if t.user_attrs.get(POSITION, -1) < start]
+        return max(0, min(_generation_remaining(before, popsize), self.budget - start))
 
     def _popsize(self) -> int:
         if self.plan.config.population is not None:
@@ -565,27 +655,36 @@ class _Loop:
         n_dim = sum(not d.single() for d in self.plan.space.values())
         return 4 + math.floor(3 * math.log(max(n_dim, 1)))
 
-    def _generation_remaining(self, popsize: int) -> int:
-        """Trials still missing from the current CMA generation (a whole one when it is full)."""
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        generations = [t.system_attrs.get(CMA_GENERATION_KEY) for t in trials]
-        tagged = [g for g in generations if g is not None]
-        if not tagged:
-            return popsize
-        current = max(tagged)
-        complete = sum(g == current for g in tagged)
-        return popsize - complete if complete < popsize else popsize
+    def _search_trials(self) -> list[FrozenTrial]:
+        """Search trials that hold a position: not the runs a stopped driver lost (re-run instead)."""
+        return [
+            t for t in self.study.get_trials(deepcopy=False)
+            if ranking.kind(t) == ranking.KIND_SEARCH
+            and not (t.state == TrialState.FAIL and t.user_attrs.get("failure") == ranking.DRIVER_STOPPED)
+        ]
 
-    def _ask_and_submit(self) -> bool:
-        """Ask one trial and submit it; False when it failed at once (told FAIL)."""
+    def _waiting(self) -> FrozenTrial | None:
+        """The enqueued trial the next ask takes: a lost trial's re-run (or a position a
+        killed driver had placed but not asked), else None."""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return waiting[0] if waiting else None
+
+    def _ask_and_submit(self, position: int | None = None, horizon: int | None = None) -> bool:
+        """Ask one trial and submit it; False when it failed at once (told FAIL).
+
+        With ``position`` a new trial is placed there (enqueued with its position and
+        horizon, so the sampler knows them when it draws); without, the enqueued one is asked.
+        """
         clock = time.process_time()
+        if position is not None:
+            self.study.enqueue_trial({}, user_attrs={"kind": ranking.KIND_SEARCH, POSITION: position, HORIZON: horizon})
         trial = self.study.ask(fixed_distributions=self.plan.space)
         clock = self._charge("sample_s", clock)
         recipe = self._record(trial)
         clock = self._charge("store_s", clock)
         if recipe is None:
             return False
-        self.in_flight[trial.number] = _InFlight(trial, recipe)
+        self.in_flight[trial.number] = _InFlight(trial, recipe, int(trial.user_attrs.get(POSITION, -1)))
         self.pool.submit(trial.number, recipe.to_dict(), "search")
         self._charge("dispatch_s", clock)
         return True
@@ -598,11 +697,13 @@ class _Loop:
 
     def _record(self, trial: Trial) -> Recipe | None:
         """Decode and store a new trial's recipe; None when its genes do not decode (told FAIL)."""
-        trial.set_user_attr("kind", ranking.KIND_SEARCH)
-        generation = trial.user_attrs.get("rerun_generation")
-        if generation is not None:
-            # A re-run of a trial the driver lost: it rejoins its CMA generation.
-            self.study._storage.set_trial_system_attr(trial._trial_id, CMA_GENERATION_KEY, generation)
+        lost = trial.user_attrs.get("rerun_of")
+        if lost is not None:
+            # A re-run of a trial the driver lost takes over what CMA-ES stored on it (its
+            # generation, the optimizer it drew from): later draws restore from finished trials.
+            for key, value in self.study.get_trials(deepcopy=False)[lost].system_attrs.items():
+                if key.startswith(CMA_PREFIX):
+                    self.study._storage.set_trial_system_attr(trial._trial_id, key, value)
         config = self.plan.config
         try:
             recipe = decode(
