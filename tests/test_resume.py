@@ -185,3 +185,35 @@ def test_a_killed_and_resumed_study_ends_like_an_uninterrupted_one(
     assert len(lost) >= len(kill_at)  # the kills landed mid-search
     assert by_position(paths["killed"]) == expected
     assert final_recipe(paths["killed"]) == final_recipe(paths["plain"])
+
+
+def test_parallel_draws_do_not_depend_on_which_trial_finishes_first(
+    tmp_path: Path, llama_family: TinyFamily
+) -> None:
+    """TPE on a Ray pool of 2 workers (4 trials in flight, told as they finish) draws what a
+    run with one trial at a time draws when it has the same lag: each candidate sees the
+    trials before its horizon finished, whatever finished first."""
+    from dataclasses import replace
+
+    from search.driver import LAG_ATTR, open_plan_study, plan_study, worker_setup
+    from search.ray_pool import RayPool
+
+    paths = {}
+    for name in ("ray", "inline"):
+        (tmp_path / name).mkdir()
+        paths[name] = write_study(tmp_path / name, llama_family, trials=12, sampler="tpe", seed=5)
+    config = load_study(paths["ray"])
+    pool = RayPool(worker_setup(config), replace(config.execution, backend="ray", workers=2, cpus_per_worker=1))
+    try:
+        lag = pool.free_slots() - 1
+        run_study(config, quiet=True, pool=pool, finalize_after=False)
+    finally:
+        pool.close()
+    assert lag == 3 and load(paths["ray"]).user_attrs[LAG_ATTR] == lag
+    workers = {t.user_attrs["worker"] for t in search_trials(load(paths["ray"]))}
+    assert len(workers) == 2  # both workers ran trials
+
+    inline = load_study(paths["inline"])
+    open_plan_study(plan_study(inline, progress=False)).set_user_attr(LAG_ATTR, lag)
+    run_study(inline, quiet=True, finalize_after=False)
+    assert by_position(paths["ray"]) == by_position(paths["inline"])
