@@ -4,11 +4,14 @@ One run of ``search start``:
 
 1. open the checkpoints (preflight) and the study (created or loaded by name);
 2. recover from a killed driver: trials left RUNNING are failed with
-   :data:`~search.ranking.DRIVER_STOPPED` and their parameters enqueued to run again;
+   :data:`~search.ranking.DRIVER_STOPPED` and their parameters enqueued to run again,
+   under the same search position, before any new trial;
 3. score the baselines not stored yet (sources alone, uniform average, untuned method);
 4. ask/tell until the budget of search trials is spent. CMA-ES is asked one whole
    generation at a time (exactly ``popsize`` trials, evaluated in parallel, all told);
-   other samplers get a new trial as soon as a pool slot frees;
+   other samplers get a new trial as soon as a pool slot frees and the trials before its
+   horizon are told. Each search trial's position and horizon decide what its genes are
+   drawn from (``search.samplers``), never timing or interruptions;
 5. finalize: re-score the top-k feasible trials on held-out and pick the final one.
 
 Every trial is told its real objective. Gates are stored on every trial as the
