@@ -24,14 +24,13 @@ from genome.errors import GenomeError
 from genome.space import check_sources, is_numeric
 from genome.spec import FRANKEN_PICKS, METHOD_GENES, Bounds, FrankenSpec, GenomeSpec, known_methods
 from search.errors import StudyConfigError
+from search.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-SAMPLERS: tuple[str, ...] = ("cmaes", "tpe", "gp", "nsga2", "random")
-MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random")
 OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
 BACKENDS: tuple[str, ...] = ("ray", "inline")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")

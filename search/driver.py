@@ -4,17 +4,20 @@ One run of ``search start``:
 
 1. open the checkpoints (preflight) and the study (created or loaded by name);
 2. recover from a killed driver: trials left RUNNING are failed with
-   :data:`~search.ranking.DRIVER_STOPPED` and their parameters enqueued to run again;
+   :data:`~search.ranking.DRIVER_STOPPED` and their parameters enqueued to run again,
+   under the same search position, before any new trial;
 3. score the baselines not stored yet (sources alone, uniform average, untuned method);
 4. ask/tell until the budget of search trials is spent. CMA-ES is asked one whole
    generation at a time (exactly ``popsize`` trials, evaluated in parallel, all told);
-   other samplers get a new trial as soon as a pool slot frees;
+   other samplers get a new trial as soon as a pool slot frees and the trials before its
+   horizon are told. Each search trial's position and horizon decide what its genes are
+   drawn from (``search.samplers``), never timing or interruptions;
 5. finalize: re-score the top-k feasible trials on held-out and pick the final one.
 
-Gates are stored on every trial as the ``constraints`` system attribute (what TPE,
-NSGA-II, GP and optuna-dashboard 0.21 read; never also ``trial.set_constraint``, which
-would double-count). CMA-ES ignores constraints, so for ``cmaes`` the told value is
-penalised (see :func:`penalised`) and the raw one is kept in ``objective_raw``.
+Every trial is told its real objective. Gates are stored on every trial as the
+``constraints`` system attribute (what TPE, NSGA-II, GP and optuna-dashboard 0.21 read;
+never also ``trial.set_constraint``, which would double-count). CMA-ES ignores
+constraints: ``search.samplers`` shows it a penalised value for infeasible trials.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +35,7 @@ from types import FrameType
 from typing import TextIO
 
 import optuna
-from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from optuna.samplers import BaseSampler
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
@@ -52,10 +53,19 @@ from search.config import StudyConfig
 from search.errors import SearchError
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, ProgressState, run_record, start_run, throughput
+from search.samplers import (
+    CMA_PREFIX,
+    HORIZON,
+    PENALTY_ATTR,
+    POSITION,
+    make_sampler,
+    penalty_for_baselines,
+)
 from search.worker import TrialOutcome, WorkerSetup
 from search.write_behind import WriteBehindStorage
 
-CMA_GENERATION_KEY = "cma:generation"  # CmaEsSampler's system attr (plain CMA, no margin)
+CMA_GENERATION_KEY = CMA_PREFIX + "generation"  # CmaEsSampler's system attr (plain CMA, no margin)
+LAG_ATTR = "sampler_lag"  # study user attr: trials running beside each streaming ask (see _Loop)
 
 
 @dataclass(frozen=True)
@@ -387,17 +397,37 @@ def recover_interrupted(study: optuna.Study, plan: StudyPlan) -> list[int]:
 
 
 def _enqueue_rerun(study: optuna.Study, plan: StudyPlan, trial: FrozenTrial) -> None:
+    """Enqueue a lost search trial's genes under its position (the next asks take it first)."""
     if ranking.kind(trial) != ranking.KIND_SEARCH or set(trial.params) != set(plan.space):
         return  # nothing to re-run: not a search trial, or stopped before its genes were drawn
-    attrs: dict[str, object] = {"rerun_of": trial.number}
-    generation = trial.system_attrs.get(CMA_GENERATION_KEY)
-    if generation is not None:
-        attrs["rerun_generation"] = generation
+    attrs: dict[str, object] = {"kind": ranking.KIND_SEARCH, "rerun_of": trial.number}
+    for key in (POSITION, HORIZON):
+        if key in trial.user_attrs:
+            attrs[key] = trial.user_attrs[key]
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
 
 def _budget_used(study: optuna.Study) -> int:
     return sum(ranking.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def _next_position(search: Sequence[FrozenTrial], done: int) -> int:
+    """The position after every placed one (a study from before positions: after its trials)."""
+    placed = [int(t.user_attrs[POSITION]) for t in search if POSITION in t.user_attrs]
+    return max(placed) + 1 if placed else done
+
+
+def _generation_remaining(trials: Sequence[FrozenTrial], popsize: int) -> int:
+    """Trials still missing from the current CMA generation (a whole one when it is full)."""
+    tagged = [
+        t.system_attrs[CMA_GENERATION_KEY] for t in trials
+        if t.state == TrialState.COMPLETE and CMA_GENERATION_KEY in t.system_attrs
+    ]
+    if not tagged:
+        return popsize
+    current = max(tagged)
+    complete = sum(g == current for g in tagged)
+    return popsize - complete if complete < popsize else popsize
 
 
 # -- baselines --------------------------------------------------------------------------
@@ -437,13 +467,12 @@ def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progre
                 "gates need every source's scores"
             )
         references[label] = dict(scores)
-    if "cma_penalty" not in study.user_attrs:
+    if PENALTY_ATTR not in study.user_attrs:
         raws = [
             v for o in outcomes if o.scores is not None
             for v in objective_values(o.scores, plan.tasks, config.objective)
         ]
-        spread = max(raws) - min(raws) if raws else 0.0
-        study.set_user_attr("cma_penalty", PENALTY_FLOOR * (1.0 + spread))
+        study.set_user_attr(PENALTY_ATTR, penalty_for_baselines(raws))
     for baseline, outcome in zip(missing, outcomes, strict=True):
         study.add_trial(_baseline_trial(study, plan, baseline.name, baseline.recipe, outcome, references))
         attach_baseline_recipe(study, baseline.name, baseline.recipe, plan.layout, plan.artifacts)
@@ -465,10 +494,9 @@ def _baseline_trial(study: optuna.Study, plan: StudyPlan, name: str, recipe: Rec
         return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
     gates = evaluate_gates(plan.gates, outcome.scores, references, plan.task_higher)
     raw = objective_values(outcome.scores, plan.tasks, plan.config.objective)
-    attrs.update(_score_attrs(outcome.scores, gates, raw))
-    values = _told_values(study, plan, raw, gates)
+    attrs.update(_score_attrs(outcome.scores, gates))
     return optuna.trial.create_trial(
-        state=TrialState.COMPLETE, values=list(values), user_attrs=attrs,
+        state=TrialState.COMPLETE, values=list(raw), user_attrs=attrs,
         system_attrs={"constraints": [g.constraint for g in gates]},
     )
 
@@ -503,6 +531,7 @@ def source_references(trials: Sequence[FrozenTrial], labels: Sequence[str], key:
 class _InFlight:
     trial: Trial
     recipe: Recipe
+    position: int
 
 
 class _Loop:
@@ -536,12 +565,33 @@ class _Loop:
         finally:
             self.timings.wall_s += time.perf_counter() - start
 
+    # Every search trial has a position (0, 1, ... in asking order; a re-run keeps the lost
+    # trial's) and a horizon: its genes are drawn seeing the positions before the horizon
+    # finished (search.samplers). Horizons depend only on positions, never on timing, so a
+    # resumed study draws what an uninterrupted one drew.
+
     def _run_streaming(self) -> None:
+        """Ask as soon as a pool slot frees; position p is drawn seeing positions < p - lag finished.
+
+        ``lag`` is how many trials the pool runs beside the one being asked (0 inline); a
+        position waits until every position before its horizon is told.
+        """
         done = _budget_used(self.study)
+        lag = self._streaming_lag()
+        position = _next_position(self._search_trials(), done)
         while True:
-            while (not self.stop.requested and self.pool.free_slots() > 0
-                   and done + len(self.in_flight) < self.budget):
-                if not self._ask_and_submit():
+            while not self.stop.requested and self.pool.free_slots() > 0:
+                waiting = self._waiting()
+                if waiting is not None:
+                    if not self._told_before(waiting.user_attrs.get(HORIZON, 0)):
+                        break
+                    asked = self._ask_and_submit()  # a lost trial's re-run, under its position
+                elif position < self.budget and self._told_before(max(0, position - lag)):
+                    asked = self._ask_and_submit(position, max(0, position - lag))
+                    position += 1
+                else:
+                    break
+                if not asked:
                     done += 1  # told as failed at once (the genes did not decode)
             if not self.in_flight:
                 return
@@ -550,20 +600,60 @@ class _Loop:
                 done += 1
                 self._report(done)
 
+    def _streaming_lag(self) -> int:
+        """The study's lag (user attr ``sampler_lag``): fixed by the pool of its first run."""
+        lag = self.study.user_attrs.get(LAG_ATTR)
+        if lag is None:
+            lag = max(0, self.pool.free_slots() - 1)
+            self.study.set_user_attr(LAG_ATTR, lag)
+        return int(lag)
+
+    def _told_before(self, horizon: int) -> bool:
+        return all(item.position >= horizon for item in self.in_flight.values())
+
     def _run_generations(self) -> None:
-        """CMA-ES: ask exactly the rest of the current generation, evaluate it, tell it all."""
+        """CMA-ES: ask exactly the rest of the current generation, evaluate it, tell it all.
+
+        Each such batch is drawn seeing the positions before the batch finished (horizon:
+        its first position). Re-runs of trials a killed driver lost run first, then the
+        rest of the batch it left unfinished.
+        """
         popsize = self._popsize()
         done = _budget_used(self.study)
-        while not self.stop.requested and done < self.budget:
-            batch = min(self._generation_remaining(popsize), self.budget - done)
-            for _ in range(batch):
-                if not self._ask_and_submit():
-                    done += 1
+        while not self.stop.requested:
+            if self._waiting() is not None:
+                while self._waiting() is not None:  # re-runs first: later draws see them told
+                    if not self._ask_and_submit():
+                        done += 1
+            else:
+                start, positions = self._next_batch(popsize, done)
+                if not positions:
+                    return
+                for position in positions:
+                    if not self._ask_and_submit(position, start):
+                        done += 1
             while self.in_flight:
                 for ticket, outcome in self.pool.wait():
                     self._tell(self.in_flight.pop(ticket), outcome)
                     done += 1
                     self._report(done)
+
+    def _next_batch(self, popsize: int, done: int) -> tuple[int, range]:
+        """The first position of the batch to ask now and the positions still to ask in it."""
+        trials = self._search_trials()
+        position = _next_position(trials, done)
+        placed = [t for t in trials if HORIZON in t.user_attrs]
+        if placed:
+            start = int(max(placed, key=lambda t: t.user_attrs[POSITION]).user_attrs[HORIZON])
+            end = start + self._batch_size(trials, start, popsize)
+            if position < end:
+                return start, range(position, end)  # the rest of a batch a killed driver began
+        return position, range(position, position + self._batch_size(trials, position, popsize))
+
+    def _batch_size(self, trials: Sequence[FrozenTrial], start: int, popsize: int) -> int:
+        """A batch from ``start``: the rest of the generation the positions before it leave."""
+        before = [t for t in trials if t.user_attrs.get(POSITION, -1) < start]
+        return max(0, min(_generation_remaining(before, popsize), self.budget - start))
 
     def _popsize(self) -> int:
         if self.plan.config.population is not None:
@@ -572,27 +662,36 @@ class _Loop:
         n_dim = sum(not d.single() for d in self.plan.space.values())
         return 4 + math.floor(3 * math.log(max(n_dim, 1)))
 
-    def _generation_remaining(self, popsize: int) -> int:
-        """Trials still missing from the current CMA generation (a whole one when it is full)."""
-        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        generations = [t.system_attrs.get(CMA_GENERATION_KEY) for t in trials]
-        tagged = [g for g in generations if g is not None]
-        if not tagged:
-            return popsize
-        current = max(tagged)
-        complete = sum(g == current for g in tagged)
-        return popsize - complete if complete < popsize else popsize
+    def _search_trials(self) -> list[FrozenTrial]:
+        """Search trials that hold a position: not the runs a stopped driver lost (re-run instead)."""
+        return [
+            t for t in self.study.get_trials(deepcopy=False)
+            if ranking.kind(t) == ranking.KIND_SEARCH
+            and not (t.state == TrialState.FAIL and t.user_attrs.get("failure") == ranking.DRIVER_STOPPED)
+        ]
 
-    def _ask_and_submit(self) -> bool:
-        """Ask one trial and submit it; False when it failed at once (told FAIL)."""
+    def _waiting(self) -> FrozenTrial | None:
+        """The enqueued trial the next ask takes: a lost trial's re-run (or a position a
+        killed driver had placed but not asked), else None."""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return waiting[0] if waiting else None
+
+    def _ask_and_submit(self, position: int | None = None, horizon: int | None = None) -> bool:
+        """Ask one trial and submit it; False when it failed at once (told FAIL).
+
+        With ``position`` a new trial is placed there (enqueued with its position and
+        horizon, so the sampler knows them when it draws); without, the enqueued one is asked.
+        """
         clock = time.process_time()
+        if position is not None:
+            self.study.enqueue_trial({}, user_attrs={"kind": ranking.KIND_SEARCH, POSITION: position, HORIZON: horizon})
         trial = self.study.ask(fixed_distributions=self.plan.space)
         clock = self._charge("sample_s", clock)
         recipe = self._record(trial)
         clock = self._charge("store_s", clock)
         if recipe is None:
             return False
-        self.in_flight[trial.number] = _InFlight(trial, recipe)
+        self.in_flight[trial.number] = _InFlight(trial, recipe, int(trial.user_attrs.get(POSITION, -1)))
         self.pool.submit(trial.number, recipe.to_dict(), "search")
         self._charge("dispatch_s", clock)
         return True
@@ -605,11 +704,13 @@ class _Loop:
 
     def _record(self, trial: Trial) -> Recipe | None:
         """Decode and store a new trial's recipe; None when its genes do not decode (told FAIL)."""
-        trial.set_user_attr("kind", ranking.KIND_SEARCH)
-        generation = trial.user_attrs.get("rerun_generation")
-        if generation is not None:
-            # A re-run of a trial the driver lost: it rejoins its CMA generation.
-            self.study._storage.set_trial_system_attr(trial._trial_id, CMA_GENERATION_KEY, generation)
+        lost = trial.user_attrs.get("rerun_of")
+        if lost is not None:
+            # A re-run of a trial the driver lost takes over what CMA-ES stored on it (its
+            # generation, the optimizer it drew from): later draws restore from finished trials.
+            for key, value in self.study.get_trials(deepcopy=False)[lost].system_attrs.items():
+                if key.startswith(CMA_PREFIX):
+                    self.study._storage.set_trial_system_attr(trial._trial_id, key, value)
         config = self.plan.config
         try:
             recipe = decode(
@@ -653,13 +754,13 @@ class _Loop:
             return
         gates = evaluate_gates(self.plan.gates, outcome.scores, self.references, self.plan.task_higher)
         raw = objective_values(outcome.scores, self.plan.tasks, self.plan.config.objective)
-        for key, value in _score_attrs(outcome.scores, gates, raw).items():
+        for key, value in _score_attrs(outcome.scores, gates).items():
             trial.set_user_attr(key, value)
         # The dashboard's format; written before tell so samplers see it in after_trial.
         self.study._storage.set_trial_system_attr(
             trial._trial_id, "constraints", [g.constraint for g in gates]
         )
-        self.study.tell(trial, list(_told_values(self.study, self.plan, raw, gates)))
+        self.study.tell(trial, list(raw))  # the real objective; CMA-ES sees a penalty (search.samplers)
 
     def fail_in_flight(self) -> None:
         """Fail trials still in flight (Ctrl-C twice) and enqueue them to re-run on resume."""
@@ -694,49 +795,13 @@ class _Loop:
         ))
 
 
-def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult],
-                 raw: Sequence[float]) -> dict[str, object]:
+def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult]) -> dict[str, object]:
     return {
         "scores_search": dict(scores),
         "gate_margins": {g.name: g.margin for g in gates},
         "gate_status": annotate.gate_status(gates),  # the same, as one line the dashboard shows as is
         "feasible": all(g.passed for g in gates),
-        "objective_raw": list(raw),
     }
-
-
-PENALTY_FLOOR = 10.0
-
-
-def penalty_scale(study: optuna.Study) -> float:
-    """How much one unit of gate violation (plus one) costs a CMA-ES candidate.
-
-    Stored once per study (user attr ``cma_penalty``) when the baselines are scored:
-    10 x (1 + the spread of the baselines' objectives). That exceeds the objective's whole
-    range for scores in [0, 1] (exact match, choice), so any infeasible candidate ranks
-    below any feasible one in its generation, and less violation still ranks higher. CMA-ES
-    only uses the ranks of a generation, so the size of the penalty distorts nothing else.
-    """
-    stored = study.user_attrs.get("cma_penalty")
-    if stored is not None:
-        return float(stored)
-    return PENALTY_FLOOR
-
-
-def penalised(raw: float, violation: float, direction: str, scale: float) -> float:
-    if violation <= 0:
-        return raw
-    cost = scale * (1.0 + violation)
-    return raw - cost if direction == "maximize" else raw + cost
-
-
-def _told_values(study: optuna.Study, plan: StudyPlan, raw: Sequence[float],
-                 gates: Sequence[GateResult]) -> tuple[float, ...]:
-    if plan.config.sampler != "cmaes":
-        return tuple(raw)
-    violation = sum(max(0.0, g.constraint) for g in gates)
-    scale = penalty_scale(study)
-    return tuple(penalised(v, violation, d, scale) for v, d in zip(raw, plan.directions, strict=True))
 
 
 def _evaluate_all(pool: WorkerPool, recipes: Sequence[dict], split: str) -> list[TrialOutcome]:
@@ -895,110 +960,3 @@ def summarize_recipe(recipe: Recipe, labels: Sequence[str]) -> str:
     if recipe.layer_slices:
         parts.append(" ".join(f"{s.model.rsplit('/', 1)[-1]}[{s.start}:{s.end}]" for s in recipe.layer_slices))
     return ", ".join(parts)
-
-
-# -- samplers ---------------------------------------------------------------------------
-
-SAMPLERS = ("cmaes", "tpe", "gp", "nsga2", "random")
-
-
-def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
-                 population: int | None = None, parallel: bool = False) -> BaseSampler:
-    """The study's sampler, seeded from the study seed, blind to baseline trials."""
-    if name == "cmaes":
-        import cmaes  # noqa: F401  # Optuna imports it (and scipy.stats, ~1 s) at the first ask otherwise
-        # CMA gets the genome's numeric genes as a fixed search space and
-        # n_startup_trials=0, so the very first generation is already CMA's (with the
-        # intersection search space of no finished trial, the whole first batch would be
-        # sampled at random and belong to no generation).
-        inner: BaseSampler = optuna.samplers.CmaEsSampler(
-            seed=seed, popsize=population, n_startup_trials=0, warn_independent_sampling=False
-        )
-        numeric = {
-            k: d for k, d in space.items()
-            if isinstance(d, (FloatDistribution, IntDistribution)) and not d.single()
-        }
-        return BaselineBlindSampler(inner, fixed_space=numeric)
-    elif name == "tpe":
-        inner = optuna.samplers.TPESampler(seed=seed, constant_liar=parallel)
-    elif name == "gp":
-        inner = optuna.samplers.GPSampler(seed=seed)
-    elif name == "nsga2":
-        inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=population or 50)
-    elif name == "random":
-        inner = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        raise SearchError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
-    return BaselineBlindSampler(inner)
-
-
-class _SearchTrialsView:
-    """The study as a sampler should see it: without the baseline trials.
-
-    Baselines carry no genes (they are references, not candidates); left visible they
-    would empty the intersection search space of CMA-ES/TPE/GP/NSGA-II and feed GP trials
-    without parameters. Samplers read trials through ``Study._get_trials`` (and the public
-    ``trials``/``get_trials``); everything else is the real study.
-    """
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: object = None,
-                    use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if t.user_attrs.get("kind") != ranking.KIND_BASELINE]
-
-    def get_trials(self, deepcopy: bool = True, states: object = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self._get_trials()
-
-
-class BaselineBlindSampler(BaseSampler):
-    """Delegates to ``inner`` with a view of the study that hides baseline trials.
-
-    With ``fixed_space`` the relative search space is that, not the inner sampler's
-    inference from finished trials.
-    """
-
-    def __init__(self, inner: BaseSampler, *, fixed_space: Mapping[str, BaseDistribution] | None = None) -> None:
-        self.inner = inner
-        self.fixed_space = None if fixed_space is None else dict(fixed_space)
-
-    def __str__(self) -> str:
-        return str(self.inner)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        if self.fixed_space is not None:
-            return dict(self.fixed_space)
-        return self.inner.infer_relative_search_space(_SearchTrialsView(study), trial)  # type: ignore[arg-type]
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, object]:
-        return self.inner.sample_relative(_SearchTrialsView(study), trial, search_space)  # type: ignore[arg-type]
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> object:
-        return self.inner.sample_independent(
-            _SearchTrialsView(study), trial, param_name, param_distribution  # type: ignore[arg-type]
-        )
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.inner.before_trial(_SearchTrialsView(study), trial)  # type: ignore[arg-type]
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        with warnings.catch_warnings():
-            # CMA-ES sees gates through the penalised value (see ``penalised``); its
-            # per-trial "constraints are not used" warning says nothing new.
-            warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler")
-            self.inner.after_trial(_SearchTrialsView(study), trial, state, values)  # type: ignore[arg-type]
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()

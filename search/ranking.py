@@ -2,8 +2,9 @@
 
 A trial is feasible when every value of its ``constraints`` system attribute is <= 0 (the
 rule Optuna and optuna-dashboard apply). "Best" is never an infeasible trial. Rankings use
-the raw objective (user attr ``objective_raw``), not the penalised value told to CMA-ES.
-With several objectives (``objective = "per_task"``) trials are ordered by the mean of the
+the objective a trial was told (studies stored before every trial was told its real
+objective keep it in user attr ``objective_raw``; see :func:`raw_values`). With several
+objectives (``objective = "per_task"``) trials are ordered by the mean of the
 objectives, each signed so that larger is better.
 """
 
@@ -32,7 +33,8 @@ def total_violation(trial: FrozenTrial) -> float:
 
 
 def raw_values(trial: FrozenTrial) -> tuple[float, ...]:
-    raw = trial.user_attrs.get("objective_raw")
+    """The trial's objectives (told values; CMA-ES's penalty is never stored)."""
+    raw = trial.user_attrs.get("objective_raw")  # older studies told CMA-ES penalised values
     if raw is not None:
         return tuple(float(v) for v in raw)
     return tuple(float(v) for v in (trial.values or ()))

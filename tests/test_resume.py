@@ -1,7 +1,9 @@
 """Resuming a study: after a driver killed mid-trial (SIGKILL) and after Ctrl-C (SIGINT).
 
 The driver runs as the real ``search`` CLI in a subprocess. The kill happens inside a
-user scorer at a fixed call, so it lands mid-trial at the same point every time.
+user scorer at a fixed call, so it lands mid-trial at the same point every time. A study
+killed and resumed ends with the trials (genes and values, by search position) and the
+final recipe of one never interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from search import ranking
 from search.config import load_study
 from search.driver import LOCK_NAME, run_study
 from search.errors import SearchError
+from search.samplers import POSITION
 from tests.checkpoints import TinyFamily
 from tests.studies import open_running_study, write_study
 from tests.test_driver import load, search_trials
@@ -128,3 +131,89 @@ def test_a_second_driver_is_refused_and_a_stale_lock_is_taken_over(
     lock.write_text(str(dead.pid))  # its driver was killed
     assert run_study(config, quiet=True).done == 1
     assert not lock.exists()
+
+
+def by_position(path: Path) -> dict[int, tuple[dict, list[float] | None, TrialState]]:
+    """The study's search, position by position: genes, told values, state (lost runs left out)."""
+    return {
+        t.user_attrs[POSITION]: (t.params, t.values, t.state)
+        for t in search_trials(load(path)) if ranking.counts_toward_budget(t)
+    }
+
+
+def final_recipe(path: Path) -> dict:
+    study = load(path)
+    return study.get_trials()[study.user_attrs["final_trial"]].user_attrs["recipe"]
+
+
+BASELINE_CALLS = 8  # 4 baselines x 2 tasks; search trial k then makes calls 9 + 2k and 10 + 2k
+
+
+@pytest.mark.parametrize(("sampler", "trials", "kill_at"), [
+    # generation 1 (positions 4-7) lost whole; then position 9, mid-generation 2
+    ("cmaes", 12, (BASELINE_CALLS + 2 * 4 + 1, 4 * 2 + 2 * 1 + 1)),
+    # during a random startup trial (position 3); then position 11, drawn by TPE itself
+    ("tpe", 12, (BASELINE_CALLS + 2 * 3 + 1, 8 * 2 + 1)),
+    ("random", 5, (BASELINE_CALLS + 2 * 1 + 1, 2 * 2 + 1)),
+])
+def test_a_killed_and_resumed_study_ends_like_an_uninterrupted_one(
+    tmp_path: Path, llama_family: TinyFamily, sampler: str, trials: int, kill_at: tuple[int, ...]
+) -> None:
+    metric = "tests.test_resume:killing_scorer"
+    population = 4 if sampler == "cmaes" else None
+    paths = {}
+    for name in ("plain", "killed"):
+        (tmp_path / name).mkdir()
+        paths[name] = write_study(tmp_path / name, llama_family, trials=trials, sampler=sampler,
+                                  population=population, metric=metric, seed=2)
+    run_study(load_study(paths["plain"]), quiet=True)
+    expected = by_position(paths["plain"])
+    assert sorted(expected) == list(range(trials))
+
+    calls = 0
+    for after in kill_at:  # each kill counts calls from the previous one
+        calls += after
+        proc = cli("start", str(paths["killed"]), "--quiet",
+                   env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": str(calls)})
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, err
+    result = run_study(load_study(paths["killed"]), quiet=True)
+    assert result.done == trials and result.finalized is not None
+
+    lost = [t for t in search_trials(load(paths["killed"]))
+            if t.user_attrs.get("failure") == ranking.DRIVER_STOPPED]
+    assert len(lost) >= len(kill_at)  # the kills landed mid-search
+    assert by_position(paths["killed"]) == expected
+    assert final_recipe(paths["killed"]) == final_recipe(paths["plain"])
+
+
+def test_parallel_draws_do_not_depend_on_which_trial_finishes_first(
+    tmp_path: Path, llama_family: TinyFamily
+) -> None:
+    """TPE on a Ray pool of 2 workers (4 trials in flight, told as they finish) draws what a
+    run with one trial at a time draws when it has the same lag: each candidate sees the
+    trials before its horizon finished, whatever finished first."""
+    from dataclasses import replace
+
+    from search.driver import LAG_ATTR, open_plan_study, plan_study, worker_setup
+    from search.ray_pool import RayPool
+
+    paths = {}
+    for name in ("ray", "inline"):
+        (tmp_path / name).mkdir()
+        paths[name] = write_study(tmp_path / name, llama_family, trials=12, sampler="tpe", seed=5)
+    config = load_study(paths["ray"])
+    pool = RayPool(worker_setup(config), replace(config.execution, backend="ray", workers=2, cpus_per_worker=1))
+    try:
+        lag = pool.free_slots() - 1
+        run_study(config, quiet=True, pool=pool, finalize_after=False)
+    finally:
+        pool.close()
+    assert lag == 3 and load(paths["ray"]).user_attrs[LAG_ATTR] == lag
+    workers = {t.user_attrs["worker"] for t in search_trials(load(paths["ray"]))}
+    assert len(workers) == 2  # both workers ran trials
+
+    inline = load_study(paths["inline"])
+    open_plan_study(plan_study(inline, progress=False)).set_user_attr(LAG_ATTR, lag)
+    run_study(inline, quiet=True, finalize_after=False)
+    assert by_position(paths["ray"]) == by_position(paths["inline"])

@@ -1,0 +1,190 @@
+"""What the sampler sees (search.samplers), on real Optuna studies in memory.
+
+The driver places every search trial (user attrs ``position`` and ``horizon``) before it is
+asked; these tests do the same, without models, and check that a draw depends only on the
+study seed, the position and the trials before the horizon.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from search import ranking
+from search.samplers import (
+    HORIZON,
+    POSITION,
+    SAMPLERS,
+    make_sampler,
+    penalised,
+    visible_trials,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {f"w{i}": FloatDistribution(0.0, 1.0) for i in range(3)}
+
+
+def objective(params: dict[str, float]) -> float:
+    return -sum((v - 0.3 * i) ** 2 for i, (_, v) in enumerate(sorted(params.items())))
+
+
+def place(study: optuna.Study, position: int, horizon: int) -> optuna.Trial:
+    """Ask a new search trial at ``position`` the way the driver does."""
+    study.enqueue_trial({}, user_attrs={"kind": "search", POSITION: position, HORIZON: horizon})
+    return study.ask(fixed_distributions=SPACE)
+
+
+def searched(study: optuna.Study, sampler: str, n: int, *, popsize: int = 4) -> None:
+    """``n`` positions, asked as the driver asks them: CMA-ES in whole batches, others one by one."""
+    position = len([t for t in study.get_trials() if POSITION in t.user_attrs])
+    while position < n:
+        size = min(popsize, n - position) if sampler == "cmaes" else 1
+        asked = [place(study, position + i, position) for i in range(size)]
+        for trial in asked:
+            study.tell(trial, objective(trial.params))
+        position += size
+
+
+def new_study(name: str, seed: int = 3) -> optuna.Study:
+    return optuna.create_study(
+        direction="maximize", sampler=make_sampler(name, seed=seed, space=SPACE, population=4)
+    )
+
+
+def noise(number: int, *, kind: str = "baseline", failure: str | None = None) -> FrozenTrial:
+    """A trial the sampler must not see: a baseline, or a run a stopped driver lost."""
+    if failure is not None:
+        trial = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"kind": kind, "failure": failure})
+    else:
+        trial = optuna.trial.create_trial(value=123.0, user_attrs={"kind": kind, "baseline": f"b{number}"})
+    return trial
+
+
+@pytest.mark.parametrize("name", ["cmaes", "tpe", "random", "gp"])
+def test_a_draw_depends_on_seed_position_and_the_trials_before_the_horizon_only(name: str) -> None:
+    n = 12 if name != "tpe" else 13  # TPE leaves its 10 random startup trials behind
+    plain = new_study(name)
+    searched(plain, name, n)
+    horizon = n
+    expected = place(plain, n, horizon).params
+
+    # Another process (a fresh sampler), trial numbers shifted by baselines and by runs a
+    # killed driver lost.
+    busy = new_study(name)
+    for i in range(2):
+        busy.add_trial(noise(i))
+    for trial in plain.get_trials():
+        if trial.user_attrs[POSITION] == 5:
+            busy.add_trial(noise(0, kind="search", failure=ranking.DRIVER_STOPPED))
+        if trial.state == TrialState.COMPLETE and trial.user_attrs[POSITION] < n:
+            busy.add_trial(copy.deepcopy(trial))
+    assert busy.get_trials()[-1].number != plain.get_trials()[-1].number
+    assert place(busy, n, horizon).params == expected
+    other = new_study(name, seed=4)
+    searched(other, name, n)
+    assert place(other, n, horizon).params != expected  # the seed matters
+
+
+def test_cmaes_batch_drawn_after_part_of_it_finished_is_the_uninterrupted_one() -> None:
+    # A killed driver told 2 of generation 1's 4 trials; the resumed one draws the other 2
+    # with the horizon of the batch: they must be what the uninterrupted run drew.
+    plain = new_study("cmaes")
+    searched(plain, "cmaes", 4)
+    batch = [place(plain, 4 + i, 4) for i in range(4)]
+    expected = [t.params for t in batch]
+    for trial in batch:
+        plain.tell(trial, objective(trial.params))
+
+    resumed = new_study("cmaes")
+    searched(resumed, "cmaes", 4)
+    first = [place(resumed, 4 + i, 4) for i in range(2)]
+    for trial in first:
+        resumed.tell(trial, objective(trial.params))
+    resumed.sampler = make_sampler("cmaes", seed=3, space=SPACE, population=4)  # a new process
+    rest = [place(resumed, 6 + i, 4) for i in range(2)]
+    assert [t.params for t in first + rest] == expected
+    generation = [t.system_attrs["cma:generation"] for t in plain.get_trials()]
+    assert generation == [0] * 4 + [1] * 4
+
+
+def trial_at(number: int, position: int | None, *, state: TrialState = TrialState.COMPLETE,
+             value: float = 0.5, constraints: tuple[float, ...] = (0.0,), kind: str = "search",
+             failure: str | None = None) -> FrozenTrial:
+    attrs: dict[str, object] = {"kind": kind}
+    if position is not None:
+        attrs[POSITION] = position
+    if failure:
+        attrs["failure"] = failure
+    trial = optuna.trial.create_trial(
+        state=state, value=value if state == TrialState.COMPLETE else None, user_attrs=attrs,
+        system_attrs={"constraints": list(constraints)},
+    )
+    trial.number = number
+    return trial
+
+
+def test_the_view_hides_baselines_and_lost_runs_and_shows_unfinished_positions_as_running() -> None:
+    trials = [
+        trial_at(0, None, kind="baseline"),
+        trial_at(1, 0),
+        trial_at(2, 1, state=TrialState.FAIL, failure=ranking.DRIVER_STOPPED),
+        trial_at(3, 2, state=TrialState.FAIL, failure="scorer raised"),
+        trial_at(4, 1, value=0.7),  # the re-run of position 1
+        trial_at(5, 3, value=0.9),  # finished, but after the horizon
+        trial_at(6, 4, state=TrialState.RUNNING),  # the trial being drawn
+        trial_at(7, 5, state=TrialState.RUNNING),  # after it: not seen
+    ]
+    seen = visible_trials(trials, position=4, horizon=3, directions=None)
+    assert [(t.number, t.state, t.value) for t in seen] == [
+        (0, TrialState.COMPLETE, 0.5),
+        (1, TrialState.COMPLETE, 0.7),
+        (2, TrialState.FAIL, None),
+        (3, TrialState.RUNNING, None),
+        (4, TrialState.RUNNING, None),
+    ]
+    # The stored trials are untouched.
+    assert trials[5].state == TrialState.COMPLETE and trials[5].value == 0.9 and trials[5].number == 5
+
+
+@settings(deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(-1, 1), st.lists(st.floats(-1, 1), min_size=1, max_size=3)), min_size=1, max_size=8),
+    st.sampled_from(["maximize", "minimize"]),
+    st.floats(3, 100),  # more than the spread of the values: every infeasible one ranks last
+)
+def test_cmaes_sees_infeasible_trials_penalised_and_below_every_feasible_one(
+    rows: list[tuple[float, list[float]]], direction: str, scale: float
+) -> None:
+    trials = [trial_at(i, i, value=v, constraints=tuple(c)) for i, (v, c) in enumerate(rows)]
+    seen = visible_trials(trials, position=len(rows), horizon=len(rows), directions=[direction], scale=scale)
+    assert [t.number for t in seen] == list(range(len(rows)))
+    sign = 1 if direction == "maximize" else -1
+    for stored, shown in zip(trials, seen, strict=True):
+        violation = sum(c for c in stored.constraints.values() if c > 0)
+        assert shown.value == penalised(stored.value, violation, direction, scale)
+        assert stored.value == rows[stored.number][0]  # what the study stores stays the real value
+    feasible = [sign * s.value for s, t in zip(seen, trials, strict=True) if ranking.is_feasible(t)]
+    infeasible = [sign * s.value for s, t in zip(seen, trials, strict=True) if not ranking.is_feasible(t)]
+    if feasible and infeasible:
+        assert max(infeasible) < min(feasible)
+
+
+def test_every_sampler_draws_through_the_view_and_other_names_are_refused() -> None:
+    from search.errors import SearchError
+
+    for name in SAMPLERS:  # past NSGA-II's and CMA-ES's first generation (population 4)
+        study = new_study(name)
+        searched(study, name, 9)
+        drawn = [t.params for t in study.get_trials()]
+        assert len(drawn) == 9 and all(set(p) == set(SPACE) for p in drawn)
+        if name != "nsga2":  # NSGA-II's crossover may repeat a parent; the others never repeat
+            assert len({tuple(sorted(p.items())) for p in drawn}) == 9, name
+    with pytest.raises(SearchError, match="sampler: expected one of cmaes, tpe, gp, nsga2, random, got 'x'"):
+        make_sampler("x", seed=0, space=SPACE)
