@@ -176,7 +176,7 @@ def test_figures_carry_the_stored_trials_gates_and_recipe(single: Built) -> None
     searched = ranking.search_trials(study.get_trials())
     feasible = sorted(t.number for t in searched if ranking.is_feasible(t))
     infeasible = sorted(t.number for t in searched if not ranking.is_feasible(t))
-    assert feasible and infeasible, "the gate halfway between the sources should split the trials"
+    assert feasible and infeasible, "the gate between the sources should split the trials"
     history = {trace.name.split(" (")[0]: trace for trace in history_figure(view).figure.data}
     assert sorted(history["feasible"].x) == feasible
     assert sorted(history["infeasible"].x) == infeasible
