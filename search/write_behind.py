@@ -3,7 +3,7 @@
 Optuna commits once per parameter and attribute, and every sampler call re-reads the
 running trials from the database: on the demo genome that was 35-50 ms of SQLite work per
 trial in the driver, 90% of its time, against ~2 ms for the same calls on an in-memory
-storage. The driver is the study's only writer (``driver.lock``), so it can keep the whole
+storage. The driver is the study's only writer (``search.lock``), so it can keep the whole
 study in memory and answer every read from there. Writes are applied to memory at once
 and queued for the durable storage, which gets them in one transaction per ``flush``:
 
