@@ -48,6 +48,7 @@ from search import ranking, storage
 from search.annotate import artifact_dir, attach_baseline_recipe, attach_recipe, write_best_note
 from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
+from search.definition import check_definition, study_definition
 from search.errors import SearchError
 from search.lock import storage_lock
 from search.pool import WorkerPool, make_pool
@@ -210,7 +211,8 @@ def open_plan_study(plan: StudyPlan) -> optuna.Study:
         )
     sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space,
                            population=config.population, parallel=config.execution.workers > 1)
-    durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler)
+    durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler,
+                                 definition=study_definition(config))
     # The driver is the only writer (driver.lock): it reads from memory and writes in batches.
     study = optuna.Study(
         study_name=config.name, storage=WriteBehindStorage(durable._storage, config.name), sampler=sampler
@@ -777,6 +779,7 @@ def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO |
     """``search finalize``: finalize an existing study (held-out re-score, final trial)."""
     plan = plan_study(config, progress=not quiet)
     study = storage.load_existing_study(config.name, config.storage)
+    check_definition(study, study_definition(config), config.storage, store=False)
     progress = Progress(config.trials, quiet=quiet, stream=stream)
     pool = make_pool(worker_setup(config), config.execution)
     try:

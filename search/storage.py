@@ -20,6 +20,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy import event
 
+from search.definition import check_definition
 from search.errors import SearchError, StudyConfigError
 
 JOURNAL_PREFIX = "journal:"
@@ -65,9 +66,14 @@ def _write_ahead_log(storage: RDBStorage) -> None:
 
 
 def open_study(
-    name: str, storage_url: str, directions: Sequence[str], *, sampler: BaseSampler | None = None
+    name: str, storage_url: str, directions: Sequence[str], *, sampler: BaseSampler | None = None,
+    definition: Mapping[str, object] | None = None,
 ) -> optuna.Study:
-    """Create the study or load it by name; its directions must match the config's."""
+    """Create the study or load it by name; its directions must match the config's.
+
+    ``definition`` (``search.definition.study_definition``): stored on a new study; an
+    existing study defined otherwise is refused, naming what changed.
+    """
     storage = resolve_storage(storage_url)
     study = optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, directions=list(directions),
@@ -80,6 +86,8 @@ def open_study(
             f"but the config now asks for {list(directions)} (objective or tasks changed): "
             "use a new study name or output folder"
         )
+    if definition is not None:
+        check_definition(study, definition, storage_url)
     return study
 
 
