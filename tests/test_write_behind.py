@@ -9,6 +9,9 @@ and a second writer of the same storage is detected instead of silently divergin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from tests.checkpoints import TinyFamily
 from tests.studies import write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+REPO = Path(__file__).resolve().parents[1]
 
 NAME = "wb"
 SPACE: dict[str, BaseDistribution] = {
@@ -402,27 +407,34 @@ def running_trial_finished_elsewhere(url: str) -> tuple[optuna.Study, Trial]:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_tell_with_queued_writes_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
-    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
-    trial.set_user_attr("scores_search", {"alpha": 0.5})
-    with pytest.raises(SearchError, match=OTHER_WRITER):
-        study.tell(trial, 0.5)
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_flush_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
-    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
-    trial.set_user_attr("worker", "inline")
-    with pytest.raises(SearchError, match=OTHER_WRITER):
+@pytest.mark.parametrize("before_tell", ["queued writes", "flush", "nothing"])
+def test_a_trial_finished_elsewhere_is_detached_and_the_study_goes_on(
+    tmp_path: Path, backend: str, before_tell: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = storage_url(tmp_path, backend)
+    study, trial = running_trial_finished_elsewhere(url)
+    other = study.ask(SPACE)  # another running trial, whose writes must all land
+    other.set_user_attr("kind", "search")
+    if before_tell != "nothing":
+        trial.set_user_attr("scores_search", {"alpha": 0.5})
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [0.0])
+    if before_tell == "flush":
         write_behind(study).flush()
+    told = study.tell(trial, 0.5)  # what the driver does next: no error
 
+    # The stored trial is the other writer's; the driver's copy became the same.
+    assert told.values == [0.1] and told.state == TrialState.COMPLETE
+    on_disk = fresh_trial(url, trial.number)
+    assert "scores_search" not in on_disk.user_attrs and "constraints" not in on_disk.system_attrs
+    assert trial_view(study.get_trials()[trial.number]) == trial_view(on_disk)
+    message = write_behind(study).foreign_finished()[trial.number]
+    assert f"trial {trial.number} was finished by another process (stored as COMPLETE" in message
+    assert message in caplog.text
 
-@pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_tell_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
-    """Nothing queued: the state write itself meets the finished trial."""
-    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
-    with pytest.raises(SearchError, match=OTHER_WRITER):
-        study.tell(trial, 0.5)
+    other.set_user_attr("scores_search", {"alpha": 0.7})
+    study.tell(other, 0.7)
+    assert read_fresh(url) == snapshot(study)
+    assert fresh_trial(url, other.number).user_attrs == {"kind": "search", "scores_search": {"alpha": 0.7}}
 
 
 def test_another_study_in_the_same_file_is_not_a_second_writer(tmp_path: Path) -> None:
@@ -501,3 +513,76 @@ def test_a_reader_sees_the_driver_s_trials_while_the_study_runs(
                 assert {"recipe", "scores_search", "feasible"} <= set(trial.user_attrs)
                 assert "constraints" in trial.system_attrs
                 assert trial.values is not None
+
+
+# -- 7. the real driver survives a dashboard's tell of its running trial ------------------------
+
+# optuna-dashboard's own app, in another process, answering POST /api/trials/<id>/tell (what
+# its "Mark as Complete" button sends) on the study's SQLite file.
+DASHBOARD_TELL = """
+import io, json, sys
+from wsgiref.util import setup_testing_defaults
+import optuna
+from optuna_dashboard import wsgi
+url, name, number = sys.argv[1], sys.argv[2], int(sys.argv[3])
+trial_id = optuna.load_study(study_name=name, storage=url).trials[number]._trial_id
+body = json.dumps({"state": "Complete", "values": [0.5]}).encode()
+environ = {"REQUEST_METHOD": "POST", "PATH_INFO": f"/api/trials/{trial_id}/tell",
+           "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+           "wsgi.input": io.BytesIO(body)}
+setup_testing_defaults(environ)
+status = []
+b"".join(wsgi(url)(environ, lambda code, headers, *rest: status.append(code)))
+print(status[0])
+"""
+
+
+class DashboardTellingPool(InlinePool):
+    """The real inline pool; when the first search trial is submitted (running, flushed), a
+    dashboard in another process tells it complete."""
+
+    def __init__(self, config_path: Path) -> None:
+        config = load_study(config_path)
+        super().__init__(worker_setup(config))
+        self.url, self.name = config.storage, config.name
+        self.told: int | None = None
+
+    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
+        if self.told is None and split == "search":
+            trials = optuna.load_study(study_name=self.name, storage=self.url).trials
+            if any(t.number == ticket and t.state == TrialState.RUNNING for t in trials):
+                done = subprocess.run([sys.executable, "-c", DASHBOARD_TELL, self.url, self.name, str(ticket)],
+                                      capture_output=True, text=True, timeout=300, cwd=REPO,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)})
+                assert done.stdout.strip() == "204 No Content", done.stderr
+                self.told = ticket
+        super().submit(ticket, recipe, split)
+
+
+def test_driver_survives_a_dashboard_tell_of_its_running_trial_and_never_ranks_it(
+    tmp_path: Path, llama_family: TinyFamily, caplog: pytest.LogCaptureFixture
+) -> None:
+    from search import ranking
+    from search.commands.export import choose_trial
+    from search.commands.status import render_status
+
+    path = write_study(tmp_path, llama_family, trials=3)
+    pool = DashboardTellingPool(path)
+    result = run_study(load_study(path), quiet=True, pool=pool)
+    told = pool.told
+    assert told is not None and result.done == 3 and result.finalized is not None
+    assert f"trial {told} was finished by another process" in caplog.text
+
+    study = optuna.load_study(study_name="tiny", storage=load_study(path).storage)
+    trials = study.get_trials()
+    stored = trials[told]
+    assert stored.state == TrialState.COMPLETE and stored.values == [0.5]
+    assert "scores_search" not in stored.user_attrs  # never scored by the driver
+    assert told not in {t.number for t in ranking.search_trials(trials)}
+    assert result.finalized.final_trial != told
+    assert told not in {row.trial for row in result.finalized.rows}
+    assert choose_trial(trials, {}, study.directions, None).number != told
+    assert "complete" in render_status(study, budget=3)
+
+    resumed = run_study(load_study(path, trials=4), quiet=True)  # resume: no KeyError, one more trial
+    assert resumed.done == 4 and resumed.finalized is not None and resumed.finalized.final_trial != told
