@@ -6,11 +6,11 @@ file of the same name): the kernel releases it when the holder exits or is kille
 there is no stale lock to take over and no race between processes taking one over.
 Which file (:func:`lock_path`):
 
-* ``sqlite:///PATH`` -> ``PATH.lock``, ``journal:PATH`` -> ``PATH.lock``: next to the
+* ``sqlite:///PATH`` -> ``PATH.writer.lock``, ``journal:PATH`` -> ``PATH.writer.lock``: next to the
   study file, so every driver that opens that file meets the same lock, whatever its
   output folder;
 * any other URL (a database server) -> ``~/.cache/mergesearch/locks/<sha256 of the
-  URL>.lock``: this guards one machine only (drivers on other machines do not see it);
+  URL>.writer.lock``: this guards one machine only (drivers on other machines do not see it);
 * an in-memory SQLite database needs none (no other process can open it).
 
 The holder writes a record into the file (pid, host, process start time, storage,
@@ -35,7 +35,7 @@ import psutil
 
 from search.errors import SearchError
 
-LOCK_SUFFIX = ".lock"
+LOCK_SUFFIX = ".writer.lock"  # not ".lock": Optuna's journal backend locks "<journal>.lock" itself
 JOURNAL_PREFIX = "journal:"
 SQLITE_PREFIX = "sqlite:///"
 RECORD_POLLS = 20

@@ -132,14 +132,32 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 def test_lock_file_is_derived_from_the_storage_not_the_output_folder(tmp_path: Path) -> None:
     db = tmp_path / "shared" / "study.db"
-    assert lock_path(f"sqlite:///{db}") == db.with_name("study.db.lock")
+    assert lock_path(f"sqlite:///{db}") == db.with_name("study.db.writer.lock")
     journal = tmp_path / "study.journal"
-    assert lock_path(f"journal:{journal}") == journal.with_name("study.journal.lock")
+    assert lock_path(f"journal:{journal}") == journal.with_name("study.journal.writer.lock")
     assert lock_path("sqlite:///:memory:") is None and lock_path("sqlite://") is None
     server = lock_path("postgresql://user:pw@db.example/studies")
-    assert server is not None and server.suffix == ".lock"
+    assert server is not None and server.name.endswith(".writer.lock")
     assert server == lock_path("postgresql://user:pw@db.example/studies")
     assert server != lock_path("postgresql://user:pw@db.example/other")
+
+
+def test_the_lock_leaves_optuna_s_own_journal_lock_alone(tmp_path: Path) -> None:
+    """Optuna's journal backend locks ``<journal>.lock`` around each append (and deletes a
+    lock it finds held too long): the writer lock must not be that file."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "study.journal"
+    url = f"journal:{journal}"
+    with storage_lock(url) as path:
+        study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))))
+        study.tell(study.ask(), 1.0)  # with the same name it waits for the lock, then deletes it
+        assert not (tmp_path / "study.journal.lock").exists()
+        assert path is not None and path.exists()
+        with pytest.raises(SearchError, match="another `search start`"), storage_lock(url):
+            pass
 
 
 def test_killed_holder_is_taken_over_by_exactly_one_of_many_concurrent_takers(tmp_path: Path) -> None:
