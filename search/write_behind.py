@@ -44,6 +44,7 @@ from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import SearchError
+from search.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,12 @@ class _Write:
 class WriteBehindStorage(BaseStorage):
     """One study of ``durable``, mirrored in memory for a process that is its only writer."""
 
-    def __init__(self, durable: BaseStorage, study_name: str) -> None:
+    def __init__(self, durable: BaseStorage, study_name: str, *, url: str = "") -> None:
+        """``url``: the storage's URL, for error messages (derived from ``durable`` if not given)."""
         # Optuna wraps an RDBStorage in its _CachedStorage; write to the database itself.
         backend = getattr(durable, "_backend", durable)
         self._durable: BaseStorage = backend if isinstance(backend, RDBStorage) else durable
+        self._url = url or _url_of(self._durable)
         self._durable_study = self._durable.get_study_id_from_name(study_name)
         self._memory = InMemoryStorage()
         quiet = logging.getLogger("optuna.storages._in_memory")
@@ -120,7 +123,8 @@ class WriteBehindStorage(BaseStorage):
         while True:
             writes, self._queue = self._queue, []
             try:
-                write(writes)
+                with storage_errors(self._url):
+                    write(writes)
                 return
             except _FinishedElsewhere as elsewhere:
                 for trial_id in elsewhere.trial_ids:
@@ -163,12 +167,14 @@ class WriteBehindStorage(BaseStorage):
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         self._check_study(study_id)
         self._memory.set_study_user_attr(study_id, key, value)
-        self._durable.set_study_user_attr(self._durable_study, key, value)
+        with storage_errors(self._url):
+            self._durable.set_study_user_attr(self._durable_study, key, value)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
         self._check_study(study_id)
         self._memory.set_study_system_attr(study_id, key, value)
-        self._durable.set_study_system_attr(self._durable_study, key, value)
+        with storage_errors(self._url):
+            self._durable.set_study_system_attr(self._durable_study, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._memory.get_study_id_from_name(study_name)
@@ -193,12 +199,13 @@ class WriteBehindStorage(BaseStorage):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         self._check_study(study_id)
         self.flush()
-        if isinstance(self._durable, RDBStorage):  # returns the new row: no read back
-            created = self._durable._create_new_trial(self._durable_study, template_trial)
-            durable_id, number = created._trial_id, created.number
-        else:
-            durable_id = self._durable.create_new_trial(self._durable_study, template_trial)
-            number = self._durable.get_trial(durable_id).number
+        with storage_errors(self._url):
+            if isinstance(self._durable, RDBStorage):  # returns the new row: no read back
+                created = self._durable._create_new_trial(self._durable_study, template_trial)
+                durable_id, number = created._trial_id, created.number
+            else:
+                durable_id = self._durable.create_new_trial(self._durable_study, template_trial)
+                number = self._durable.get_trial(durable_id).number
         memory_id = self._copy_trial(durable_id, template_trial)
         if number != self._memory.get_trial(memory_id).number:
             raise SearchError(
@@ -260,9 +267,11 @@ class WriteBehindStorage(BaseStorage):
                 self._write(write)
             else:
                 self.flush()
-                if trial_id not in self._detached and not self._durable.set_trial_state_values(
-                    trial_id, state, values
-                ):
+                with storage_errors(self._url):
+                    changed = trial_id in self._detached or self._durable.set_trial_state_values(
+                        trial_id, state, values
+                    )
+                if not changed:
                     raise SearchError(
                         f"trial {self._memory.get_trial(trial_id).number} changed state in the storage "
                         "behind the driver's back: a study the driver runs must have no other writer"
@@ -282,6 +291,14 @@ class WriteBehindStorage(BaseStorage):
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         return self._memory.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+
+def _url_of(storage: BaseStorage) -> str:
+    if isinstance(storage, RDBStorage):
+        return storage.engine.url.render_as_string(hide_password=True)
+    backend = getattr(storage, "_backend", None)
+    path = getattr(backend, "_file_path", None)
+    return f"journal:{path}" if path else type(storage).__name__
 
 
 def _write_rdb(storage: RDBStorage, writes: Sequence[_Write],

@@ -9,16 +9,20 @@ and a second writer of the same storage is detected instead of silently divergin
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.distributions import (
@@ -586,3 +590,103 @@ def test_driver_survives_a_dashboard_tell_of_its_running_trial_and_never_ranks_i
 
     resumed = run_study(load_study(path, trials=4), quiet=True)  # resume: no KeyError, one more trial
     assert resumed.done == 4 and resumed.finalized is not None and resumed.finalized.final_trial != told
+
+
+# -- 8. a full disk under the study storage: one clear line, nothing half-written ---------------
+
+
+def filling_scorer(model: torch.nn.Module, batch: object, examples: Sequence[object]) -> list[float]:
+    """Scores by the first head weight; at call $FILL_AT_CALL the study file's disk fills up.
+
+    ``FILL_MODE=tmpfs``: a filler file takes every free byte of the small file system under
+    the storage. ``FILL_MODE=rlimit``: this process's file size limit drops to the size the
+    storage files have now (writes past it fail with EFBIG instead of SIGXFSZ killing it).
+    """
+    counter = os.environ.get("FILL_COUNTER_FILE")
+    if counter:
+        path = Path(counter)
+        calls = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(calls))
+        if calls == int(os.environ["FILL_AT_CALL"]):
+            target = Path(os.environ["FILL_TARGET"])
+            if os.environ["FILL_MODE"] == "tmpfs":
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT)
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * 65536)
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0")
+                os.close(fd)
+            else:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                sizes = [p.stat().st_size for p in target.parent.iterdir() if p.name.startswith(target.name)]
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max(sizes), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return [float(model.lm_head.weight[0, 0])] * len(examples)
+
+
+def trials_on_disk(url: str, name: str) -> list[FrozenTrial]:
+    """The study's trials through a storage opened and closed here (no file is left open)."""
+    storage = resolve_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()
+
+
+@contextlib.contextmanager
+def small_file_system(folder: Path, mode: str) -> Iterator[Path]:
+    """A 16 MiB tmpfs at ``folder`` (root only), or a plain folder for the rlimit mode."""
+    folder.mkdir()
+    if mode == "rlimit":
+        yield folder
+        return
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the rlimit case covers a failing write")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("tmpfs", "sqlite"), ("tmpfs", "journal"), ("rlimit", "sqlite")])
+def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
+    tmp_path: Path, llama_family: TinyFamily, mode: str, backend: str
+) -> None:
+    with small_file_system(tmp_path / "small", mode) as small:
+        url = storage_url(small, backend)
+        stored_file = small / ("study.db" if backend == "sqlite" else "study.journal")
+        path = write_study(tmp_path, llama_family, trials=12, metric="tests.test_write_behind:filling_scorer")
+        path.write_text(path.read_text().replace("[study]\n", f'[study]\nstorage = "{url}"\n', 1))
+        filler = small / "filler"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "FILL_COUNTER_FILE": str(tmp_path / "calls"),
+               "FILL_AT_CALL": "14", "FILL_MODE": mode,
+               "FILL_TARGET": str(filler if mode == "tmpfs" else stored_file)}
+        cli = [sys.executable, "-m", "search.cli", "start", str(path), "--quiet"]
+        first = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert first.returncode == 2, first.stderr
+        lines = first.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in first.stderr, first.stderr
+        assert lines[0].startswith(f"error: storage {stored_file}: cannot write the study: "), lines[0]
+        assert ("ENOSPC" if mode == "tmpfs" else "EFBIG") in lines[0] and "exceeding max length" not in lines[0]
+        assert "run `search start` again to resume" in lines[0]
+
+        filler.unlink(missing_ok=True)  # space again
+        stored = trials_on_disk(url, "tiny")
+        searched = [t for t in stored if t.user_attrs.get("kind") == "search"]
+        assert len([t for t in searched if t.state == TrialState.COMPLETE]) < 12
+        for trial in stored:  # finished means complete: nothing half-written looks done
+            if trial.state == TrialState.COMPLETE:
+                assert {"scores_search", "feasible", "objective_raw"} <= set(trial.user_attrs), trial.number
+
+        env.pop("FILL_COUNTER_FILE")
+        again = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr
+        final = trials_on_disk(url, "tiny")
+        done = [t for t in final if t.user_attrs.get("kind") == "search" and t.state == TrialState.COMPLETE]
+        assert len(done) == 12 and all("scores_search" in t.user_attrs for t in done)
