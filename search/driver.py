@@ -213,7 +213,7 @@ def open_plan_study(plan: StudyPlan) -> optuna.Study:
                            population=config.population, parallel=config.execution.workers > 1)
     durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler,
                                  definition=study_definition(config))
-    # The driver is the only writer (driver.lock): it reads from memory and writes in batches.
+    # The driver is the only writer (search.lock): it reads from memory and writes in batches.
     study = optuna.Study(
         study_name=config.name, storage=WriteBehindStorage(durable._storage, config.name), sampler=sampler
     )
