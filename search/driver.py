@@ -23,7 +23,6 @@ constraints: ``search.samplers`` shows it a penalised value for infeasible trial
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -50,7 +49,9 @@ from search import annotate, ranking, storage
 from search.annotate import artifact_dir, attach_baseline_recipe, attach_recipe, write_best_note
 from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
+from search.definition import check_definition, study_definition
 from search.errors import SearchError
+from search.lock import storage_lock
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, ProgressState, run_record, start_run, throughput
 from search.samplers import (
@@ -223,8 +224,9 @@ def open_plan_study(plan: StudyPlan) -> optuna.Study:
         )
     sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space,
                            population=config.population, parallel=config.execution.workers > 1)
-    durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler)
-    # The driver is the only writer (driver.lock): it reads from memory and writes in batches.
+    durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler,
+                                 definition=study_definition(config))
+    # The driver is the only writer (search.lock): it reads from memory and writes in batches.
     study = optuna.Study(
         study_name=config.name, storage=WriteBehindStorage(durable._storage, config.name), sampler=sampler
     )
@@ -276,64 +278,14 @@ def _sigint_handler(stop: _StopRequest) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-LOCK_NAME = "driver.lock"
-
-
-@contextmanager
-def driver_lock(output: Path) -> Iterator[None]:
-    """One driver per study: ``<output>/driver.lock`` holds the running driver's pid.
-
-    A lock whose process is gone (a killed driver) is taken over; a live one is an error,
-    since a second driver would fail the first one's running trials as interrupted.
-    """
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None:
-                raise SearchError(
-                    f"{path}: another `search start` (pid {holder}) is running this study; "
-                    "wait for it or stop it (Ctrl-C) first"
-                ) from None
-            path.unlink(missing_ok=True)  # stale: its driver was killed
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _lock_holder(path: Path) -> int | None:
-    """The pid in a lock file if that process is alive, else None."""
-    try:
-        pid = int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, another user's
-    return pid
-
-
 def run_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None,
               pool: WorkerPool | None = None, finalize_after: bool = True) -> RunResult:
-    """Run (or continue) a study up to its budget, then finalize it (one driver at a time).
+    """Run (or continue) a study up to its budget, then finalize it (one driver per storage).
 
     ``pool``: run on this pool (left open) instead of one built from ``config.execution``;
     ``finalize_after=False`` skips the held-out re-scoring (benchmarks time the loop alone).
     """
-    with driver_lock(Path(config.output)):
+    with storage_lock(config.storage, output=config.output):
         return _run_study(config, quiet=quiet, stream=stream, pool=pool, finalize_after=finalize_after)
 
 
@@ -917,6 +869,7 @@ def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO |
     """``search finalize``: finalize an existing study (held-out re-score, final trial)."""
     plan = plan_study(config, progress=not quiet)
     study = storage.load_existing_study(config.name, config.storage)
+    check_definition(study, study_definition(config), config.storage, store=False)
     progress = Progress(config.trials, quiet=quiet, stream=stream)
     pool = make_pool(worker_setup(config), config.execution)
     try:

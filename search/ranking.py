@@ -24,6 +24,13 @@ def kind(trial: FrozenTrial) -> str:
     return str(trial.user_attrs.get("kind", KIND_SEARCH))
 
 
+def is_scored(trial: FrozenTrial) -> bool:
+    """Completed with the driver's scores: not a trial someone else told (a dashboard's tell
+    of a running trial completes it without ``scores_search`` or gates; it is never ranked
+    or picked as best)."""
+    return trial.state == TrialState.COMPLETE and "scores_search" in trial.user_attrs
+
+
 def is_feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
 
@@ -48,8 +55,8 @@ def score(trial: FrozenTrial, directions: Sequence[str]) -> float:
 
 
 def search_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
-    """Completed trials proposed by the sampler (baselines excluded)."""
-    return [t for t in trials if t.state == TrialState.COMPLETE and kind(t) == KIND_SEARCH]
+    """Scored trials proposed by the sampler (baselines excluded)."""
+    return [t for t in trials if is_scored(t) and kind(t) == KIND_SEARCH]
 
 
 def baseline_trials(trials: Iterable[FrozenTrial]) -> dict[str, FrozenTrial]:
@@ -71,8 +78,8 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
 
 
 def ranked(trials: Iterable[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
-    """Completed trials, feasible ones first (best objective first), then the least violating."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    """Scored trials, feasible ones first (best objective first), then the least violating."""
+    done = [t for t in trials if is_scored(t)]
     feasible = sorted(
         (t for t in done if is_feasible(t)), key=lambda t: (-score(t, directions), t.number)
     )

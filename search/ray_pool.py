@@ -9,7 +9,10 @@ busy while the driver stores results and samples, without a generation barrier.
 
 A trial whose worker dies (SIGKILL, OOM kill, node loss) is re-run once on a live
 worker; if that worker dies too, the trial comes back failed with the reason. A dead
-actor is probed until Ray has restarted it, then takes trials again.
+actor is probed until Ray has restarted it, then takes trials again. When no worker is
+left, trials still queued never ran: ``wait`` raises :class:`NoWorkersLeftError` naming
+them instead of reporting them failed, so the driver releases them (they re-run on
+resume) rather than spending budget on them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -49,6 +53,14 @@ PROJECT_PACKAGES = ("fitness", "genome", "merges", "search", "studies")
 """Shipped to the workers (job runtime_env py_modules) when the pool joins a cluster by address."""
 
 log = logging.getLogger(__name__)
+
+
+class NoWorkersLeftError(SearchError):
+    """Every worker is gone; ``tickets`` were queued and never finished on a worker."""
+
+    def __init__(self, message: str, tickets: list[int]) -> None:
+        super().__init__(message)
+        self.tickets = tickets
 
 
 class _TrialActor:
@@ -143,7 +155,9 @@ class RayPool:
         """Finished ``(ticket, outcome)`` pairs: at least one, unless ``timeout`` s pass or nothing is queued.
 
         With no trial queued or running it returns [] once every restarting worker is back
-        (or gone), so ``wait()`` on an empty pool also means "all workers settled".
+        (or gone), so ``wait()`` on an empty pool also means "all workers settled". With
+        trials queued and no worker left it raises :class:`NoWorkersLeftError` (after
+        handing back what did finish).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._finished:
@@ -164,9 +178,17 @@ class RayPool:
                 else:
                     self._probed(ref)
             if self._alive() == 0:
-                self._fail_pending()
+                break
         self._dispatch()  # freed workers take queued trials before the driver gets control
         finished, self._finished = self._finished, []
+        if not finished and self._pending and self._alive() == 0:
+            # Not failures of these trials: nothing is left to run them. They stay queued
+            # (unspent) and the caller releases them.
+            tickets = self.pending()
+            raise NoWorkersLeftError(
+                f"no live Ray workers left ({self._last_death}); trial(s) {', '.join(map(str, tickets))} "
+                "were not run and run again on resume", tickets,
+            )
         return finished
 
     def close(self) -> None:
@@ -262,14 +284,15 @@ class RayPool:
 
     def _on_death(self, job: _Job, index: int, exc: RayActorError) -> None:
         job.deaths += 1
-        self._last_death = f"worker {self._name(index)} died: {_reason(exc)}"
+        name = self._dead_name(index, exc)
+        self._last_death = f"worker {name} died: {_reason(exc)}"
         log.warning("%s; trial %d %s", self._last_death, job.ticket,
                     "re-queued" if job.deaths <= RERUNS_AFTER_DEATH else "failed")
         if job.deaths <= RERUNS_AFTER_DEATH:
             self._pending.appendleft(job)
         else:
-            reason = f"worker died: {self._name(index)}: {_reason(exc)}"
-            self._finished.append((job.ticket, _failed(reason, self._name(index))))
+            reason = f"worker died: {name}: {_reason(exc)}"
+            self._finished.append((job.ticket, _failed(reason, name)))
         self._probe(index)
 
     def _probe(self, index: int) -> None:
@@ -284,7 +307,7 @@ class RayPool:
             self._identities[index] = ray.get(ref)
         except RayActorError as exc:
             if _is_gone(exc):
-                self._last_death = f"worker {self._name(index)} is gone: {_reason(exc)}"
+                self._last_death = f"worker {self._dead_name(index, exc)} is gone: {_reason(exc)}"
                 log.warning("%s", self._last_death)
                 self._actors[index] = None
                 self._identities.pop(index, None)
@@ -293,12 +316,6 @@ class RayPool:
                 self._probe(index)
             return
         self._idle.append(index)
-
-    def _fail_pending(self) -> None:
-        """No actor is left to run queued trials: report each failed with the reason."""
-        while self._pending:
-            job = self._pending.popleft()
-            self._finished.append((job.ticket, _failed(f"worker died: no live worker left ({self._last_death})", "")))
 
     def _alive(self) -> int:
         return sum(actor is not None for actor in self._actors)
@@ -311,6 +328,18 @@ class RayPool:
     def _name(self, index: int) -> str:
         identity = self._identities.get(index)
         return f"{identity['node_id']}:{identity['pid']}" if identity else f"actor {index}"
+
+    def _dead_name(self, index: int, exc: RayActorError) -> str:
+        """The process that died, by the pid Ray reports for it.
+
+        The identity the pool recorded can be an earlier process of the same actor: Ray
+        restarts an actor that dies while idle without the pool seeing it.
+        """
+        pid = _dead_pid(exc)
+        identity = self._identities.get(index)
+        if pid is None or identity is None:
+            return self._name(index)
+        return f"{identity['node_id']}:{pid}"
 
 
 def _connect(address: str | None) -> bool:
@@ -399,6 +428,12 @@ def _is_gone(exc: RayActorError) -> bool:
     from ray.exceptions import ActorUnavailableError
 
     return not isinstance(exc, ActorUnavailableError)
+
+
+def _dead_pid(exc: RayActorError) -> int | None:
+    """The pid in an ``ActorDiedError``'s message (Ray writes the dead process's ``pid: N`` line)."""
+    match = re.search(r"^\s*pid: (\d+)\s*$", str(exc), re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def _reason(exc: BaseException) -> str:

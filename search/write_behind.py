@@ -3,7 +3,7 @@
 Optuna commits once per parameter and attribute, and every sampler call re-reads the
 running trials from the database: on the demo genome that was 35-50 ms of SQLite work per
 trial in the driver, 90% of its time, against ~2 ms for the same calls on an in-memory
-storage. The driver is the study's only writer (``driver.lock``), so it can keep the whole
+storage. The driver is the study's only writer (``search.lock``), so it can keep the whole
 study in memory and answer every read from there. Writes are applied to memory at once
 and queued for the durable storage, which gets them in one transaction per ``flush``:
 
@@ -17,6 +17,14 @@ and queued for the durable storage, which gets them in one transaction per ``flu
 
 A crash loses at most the queued writes of running trials, which ``recover_interrupted``
 fails and re-runs on resume anyway.
+
+Another process finishing one of the driver's running trials (optuna-dashboard's "tell",
+a script) is a named, per-trial condition, not a crash: the first write that meets the
+finished trial detaches it. The driver's later writes to it are dropped, its tell goes to
+the memory copy only (so the sampler and the driver's own bookkeeping go on as usual),
+and then the memory copy becomes what the storage holds. Such a trial has no
+``scores_search`` and is never ranked (``search.ranking.is_scored``);
+:meth:`WriteBehindStorage.foreign_finished` lists them, and each is logged once.
 """
 
 from __future__ import annotations
@@ -36,6 +44,17 @@ from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import SearchError
+from search.storage import storage_errors
+
+log = logging.getLogger(__name__)
+
+
+class _FinishedElsewhere(Exception):
+    """Raised by a durable write that met trials another process has finished."""
+
+    def __init__(self, trial_ids: Sequence[int]) -> None:
+        super().__init__(f"trials {list(trial_ids)} finished elsewhere")
+        self.trial_ids = list(trial_ids)
 
 
 @dataclass(frozen=True)
@@ -53,10 +72,12 @@ class _Write:
 class WriteBehindStorage(BaseStorage):
     """One study of ``durable``, mirrored in memory for a process that is its only writer."""
 
-    def __init__(self, durable: BaseStorage, study_name: str) -> None:
+    def __init__(self, durable: BaseStorage, study_name: str, *, url: str = "") -> None:
+        """``url``: the storage's URL, for error messages (derived from ``durable`` if not given)."""
         # Optuna wraps an RDBStorage in its _CachedStorage; write to the database itself.
         backend = getattr(durable, "_backend", durable)
         self._durable: BaseStorage = backend if isinstance(backend, RDBStorage) else durable
+        self._url = url or _url_of(self._durable)
         self._durable_study = self._durable.get_study_id_from_name(study_name)
         self._memory = InMemoryStorage()
         quiet = logging.getLogger("optuna.storages._in_memory")
@@ -75,6 +96,11 @@ class WriteBehindStorage(BaseStorage):
         for trial in self._durable.get_all_trials(self._durable_study, deepcopy=False):
             self._copy_trial(trial._trial_id, trial)
         self._queue: list[_Write] = []
+        self._detached: dict[int, str] = {}  # trial id -> what happened to it
+
+    def foreign_finished(self) -> dict[int, str]:
+        """Trial number -> message, for every running trial another process finished."""
+        return {self._memory.get_trial(i).number: message for i, message in self._detached.items()}
 
     # -- the write path ---------------------------------------------------------------
 
@@ -89,19 +115,42 @@ class WriteBehindStorage(BaseStorage):
             self._write(lambda writes: _write_each(durable, writes))
 
     def _write(self, write: Callable[[list[_Write]], None]) -> None:
-        """Hand the queue to ``write``; on failure the queue keeps what was not written."""
-        writes, self._queue = self._queue, []
-        try:
-            write(writes)
-        except UpdateFinishedTrialError as exc:
-            self._queue = writes + self._queue
-            raise SearchError(
-                f"{exc}: a trial changed in the storage behind the driver's back; a study the "
-                "driver runs must have no other writer"
-            ) from exc
-        except BaseException:
-            self._queue = writes + self._queue
-            raise
+        """Hand the queue to ``write``; on failure the queue keeps what was not written.
+
+        Writes of trials another process finished are dropped (those trials are detached)
+        and the rest is written again.
+        """
+        while True:
+            writes, self._queue = self._queue, []
+            try:
+                with storage_errors(self._url):
+                    write(writes)
+                return
+            except _FinishedElsewhere as elsewhere:
+                for trial_id in elsewhere.trial_ids:
+                    self._detach(trial_id)
+                self._queue = [w for w in writes + self._queue if w.trial_id not in self._detached]
+            except BaseException:
+                self._queue = writes + self._queue
+                raise
+
+    def _detach(self, trial_id: int) -> None:
+        """Another process finished this running trial: stop writing it (see the module doc)."""
+        if trial_id in self._detached:
+            return
+        stored = self._durable.get_trial(trial_id)
+        message = (
+            f"trial {stored.number} was finished by another process (stored as {stored.state.name}"
+            + (f" with values {stored.values}" if stored.values else "")
+            + "): the driver's result for it is not stored and it is never ranked; a study the "
+            "driver runs should have no other writer (e.g. a dashboard 'tell' of a running trial)"
+        )
+        self._detached[trial_id] = message
+        log.warning("%s", message)
+
+    def _adopt(self, trial_id: int) -> None:
+        """Make the memory copy of a detached trial what the storage holds."""
+        self._memory._set_trial(trial_id, self._durable.get_trial(trial_id))
 
     def _check_study(self, study_id: int) -> None:
         if study_id != self._study:
@@ -118,12 +167,14 @@ class WriteBehindStorage(BaseStorage):
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
         self._check_study(study_id)
         self._memory.set_study_user_attr(study_id, key, value)
-        self._durable.set_study_user_attr(self._durable_study, key, value)
+        with storage_errors(self._url):
+            self._durable.set_study_user_attr(self._durable_study, key, value)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
         self._check_study(study_id)
         self._memory.set_study_system_attr(study_id, key, value)
-        self._durable.set_study_system_attr(self._durable_study, key, value)
+        with storage_errors(self._url):
+            self._durable.set_study_system_attr(self._durable_study, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._memory.get_study_id_from_name(study_name)
@@ -148,12 +199,13 @@ class WriteBehindStorage(BaseStorage):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         self._check_study(study_id)
         self.flush()
-        if isinstance(self._durable, RDBStorage):  # returns the new row: no read back
-            created = self._durable._create_new_trial(self._durable_study, template_trial)
-            durable_id, number = created._trial_id, created.number
-        else:
-            durable_id = self._durable.create_new_trial(self._durable_study, template_trial)
-            number = self._durable.get_trial(durable_id).number
+        with storage_errors(self._url):
+            if isinstance(self._durable, RDBStorage):  # returns the new row: no read back
+                created = self._durable._create_new_trial(self._durable_study, template_trial)
+                durable_id, number = created._trial_id, created.number
+            else:
+                durable_id = self._durable.create_new_trial(self._durable_study, template_trial)
+                number = self._durable.get_trial(durable_id).number
         memory_id = self._copy_trial(durable_id, template_trial)
         if number != self._memory.get_trial(memory_id).number:
             raise SearchError(
@@ -178,22 +230,26 @@ class WriteBehindStorage(BaseStorage):
                         distribution: BaseDistribution) -> None:
         # memory first: it checks the trial is running and the distribution is compatible
         self._memory.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        self._queue.append(_Write("param", trial_id, param_name,
-                                  param_value_internal, distribution))
+        if trial_id not in self._detached:  # else finished elsewhere: dropped
+            self._queue.append(_Write("param", trial_id, param_name,
+                                      param_value_internal, distribution))
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         encoded = _json(key, value)
         self._memory.set_trial_user_attr(trial_id, key, value)
-        self._queue.append(_Write("user_attr", trial_id, key, value, value_json=encoded))
+        if trial_id not in self._detached:  # else finished elsewhere: dropped
+            self._queue.append(_Write("user_attr", trial_id, key, value, value_json=encoded))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         encoded = _json(key, value)
         self._memory.set_trial_system_attr(trial_id, key, value)
-        self._queue.append(_Write("system_attr", trial_id, key, value, value_json=encoded))
+        if trial_id not in self._detached:  # else finished elsewhere: dropped
+            self._queue.append(_Write("system_attr", trial_id, key, value, value_json=encoded))
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         self._memory.set_trial_intermediate_value(trial_id, step, intermediate_value)
-        self._queue.append(_Write("intermediate", trial_id, step, intermediate_value))
+        if trial_id not in self._detached:  # else finished elsewhere: dropped
+            self._queue.append(_Write("intermediate", trial_id, step, intermediate_value))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
@@ -203,17 +259,27 @@ class WriteBehindStorage(BaseStorage):
             if isinstance(self._durable, RDBStorage) and state.is_finished():
                 # the trial's last writes and its state in one transaction
                 rdb = self._durable
-                self._write(lambda writes: _write_rdb(rdb, writes, finish=(trial_id, state, values)))
-                return True
-            self.flush()
-            changed = self._durable.set_trial_state_values(trial_id, state, values)
+
+                def write(writes: list[_Write]) -> None:
+                    finish = None if trial_id in self._detached else (trial_id, state, values)
+                    _write_rdb(rdb, writes, finish=finish)
+
+                self._write(write)
+            else:
+                self.flush()
+                with storage_errors(self._url):
+                    changed = trial_id in self._detached or self._durable.set_trial_state_values(
+                        trial_id, state, values
+                    )
+                if not changed:
+                    raise SearchError(
+                        f"trial {self._memory.get_trial(trial_id).number} changed state in the storage "
+                        "behind the driver's back: a study the driver runs must have no other writer"
+                    )
         except UpdateFinishedTrialError:
-            changed = False
-        if not changed:
-            raise SearchError(
-                f"trial {self._memory.get_trial(trial_id).number} changed state in the storage "
-                "behind the driver's back: a study the driver runs must have no other writer"
-            )
+            self._detach(trial_id)
+        if trial_id in self._detached and state.is_finished():
+            self._adopt(trial_id)
         return True
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
@@ -225,6 +291,14 @@ class WriteBehindStorage(BaseStorage):
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         return self._memory.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+
+def _url_of(storage: BaseStorage) -> str:
+    if isinstance(storage, RDBStorage):
+        return storage.engine.url.render_as_string(hide_password=True)
+    backend = getattr(storage, "_backend", None)
+    path = getattr(backend, "_file_path", None)
+    return f"journal:{path}" if path else type(storage).__name__
 
 
 def _write_rdb(storage: RDBStorage, writes: Sequence[_Write],
@@ -261,12 +335,14 @@ def _write_rdb(storage: RDBStorage, writes: Sequence[_Write],
             select(models.TrialModel.trial_id, models.TrialModel.state)
             .where(models.TrialModel.trial_id.in_(trial_ids))
         ).all()
-        finished = [trial_id for trial_id, state in states if state.is_finished()]
-        if len(states) != len(trial_ids) or finished:
+        if len(states) != len(trial_ids):
             raise SearchError(
-                f"trials {finished or trial_ids} changed in the storage behind the driver's back: "
+                f"trials {sorted(set(trial_ids) - {t for t, _ in states})} are gone from the storage: "
                 "a study the driver runs must have no other writer"
             )
+        finished = [trial_id for trial_id, state in states if state.is_finished()]
+        if finished:
+            raise _FinishedElsewhere(finished)
         if params:
             session.execute(insert(models.TrialParamModel), params)
         for kind, model in (("user_attr", models.TrialUserAttributeModel),
@@ -307,6 +383,9 @@ def _write_each(storage: BaseStorage, writes: list[_Write]) -> None:
     for index, write in enumerate(writes):
         try:
             _ONE_WRITERS[write.kind](storage, write)
+        except UpdateFinishedTrialError:
+            del writes[:index]  # written ones stay written
+            raise _FinishedElsewhere([write.trial_id]) from None
         except BaseException:
             del writes[:index]  # written ones stay written; the caller re-queues the rest
             raise

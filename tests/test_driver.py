@@ -274,7 +274,7 @@ def test_export_writes_the_final_recipe_and_its_materialized_checkpoint(
 
 def _stored_trial(number: int, value: float, constraints: list[float], kind: str = "search") -> FrozenTrial:
     trial = optuna.trial.create_trial(
-        value=value, user_attrs={"kind": kind, "objective_raw": [value]},
+        value=value, user_attrs={"kind": kind, "objective_raw": [value], "scores_search": {"t": value}},
         system_attrs={"constraints": constraints},
     )
     trial.number = number

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -290,12 +291,12 @@ def test_killed_worker_trial_reruns_and_no_ticket_is_lost(
     assert ray.is_initialized()  # the pool did not start this runtime, so it leaves it running
 
 
-def test_trials_fail_with_reason_when_no_worker_is_left(
+def test_queued_trials_are_released_not_failed_when_no_worker_is_left(
     ray_runtime: None, setup_and_execution, llama_family: TinyFamily
 ) -> None:
     from dataclasses import replace
 
-    from search.ray_pool import RayPool
+    from search.ray_pool import NoWorkersLeftError, RayPool
 
     setup, execution = setup_and_execution
     pool = RayPool(setup, replace(execution, workers=1, max_worker_restarts=0))
@@ -305,19 +306,103 @@ def test_trials_fail_with_reason_when_no_worker_is_left(
         pool.submit(0, uniform_recipe(llama_family, (0.3, 0.3, 0.4)))
         pool.submit(1, uniform_recipe(llama_family, (0.5, 0.2, 0.3)))
         os.kill(pid, signal.SIGKILL)
-        finished = dict(pool.wait(timeout=120))
-        while len(finished) < 2:
-            more = pool.wait(timeout=120)
-            assert more, "pool stalled"
-            finished.update(more)
-        assert sorted(finished) == [0, 1]
-        for outcome in finished.values():
-            assert outcome.scores is None
-            assert outcome.error.startswith("worker died:"), outcome.error
+        # Ticket 0's worker died under it (it gets one re-run), ticket 1 never started: with no
+        # worker left neither is a failure of its own; both are handed back, unrun.
+        with pytest.raises(NoWorkersLeftError, match=f"no live Ray workers left .*:{pid} is gone") as caught:
+            pool.wait(timeout=120)
+        assert caught.value.tickets == [0, 1]
         with pytest.raises(SearchError, match="no live Ray workers left"):
             pool.submit(2, uniform_recipe(llama_family, (0.3, 0.3, 0.4)))
     finally:
         pool.close()
+
+
+def test_a_worker_restarted_behind_the_pool_s_back_is_named_by_its_own_pid(
+    ray_runtime: None, setup_and_execution, llama_family: TinyFamily
+) -> None:
+    from dataclasses import replace
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    from search.ray_pool import NoWorkersLeftError, RayPool
+
+    setup, execution = setup_and_execution
+    pool = RayPool(setup, replace(execution, workers=1, max_worker_restarts=1))
+    try:
+        first = int(pool.workers()[0]["pid"])
+        os.kill(first, signal.SIGKILL)  # idle: Ray restarts it without the pool seeing it
+        actor = pool._actors[0]
+        for _ in range(1000):  # the restarted process, asked directly (the pool still records the first)
+            try:
+                second = int(ray.get(actor.identity.remote(), timeout=120)["pid"])
+                break
+            except RayActorError:  # still restarting
+                time.sleep(0.1)
+        assert second != first and int(pool.workers()[0]["pid"]) == first
+        os.kill(second, signal.SIGKILL)  # its last restart: gone for good
+        pool.submit(0, uniform_recipe(llama_family, (0.3, 0.3, 0.4)))
+        with pytest.raises(NoWorkersLeftError) as caught:
+            pool.wait(timeout=120)
+        assert f":{second} is gone" in str(caught.value) and f":{first}" not in str(caught.value)
+    finally:
+        pool.close()
+
+
+def test_trials_never_run_for_want_of_workers_are_not_spent_and_run_on_resume(
+    ray_runtime: None, llama_family: TinyFamily, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from search import ranking
+    from search.config import load_study
+    from search.driver import run_study, worker_setup
+    from search.ray_pool import RayPool
+
+    config = load_study(write_study(tmp_path, llama_family, trials=6))
+    config = replace(config, execution=replace(config.execution, workers=1, max_worker_restarts=0))
+
+    class KillsItsWorker(RayPool):
+        """A real pool whose only worker is SIGKILLed as the third search trial is submitted."""
+
+        search_submits = 0
+
+        def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
+            if ticket >= first_search_trial:
+                self.search_submits += 1
+                if self.search_submits == 3:
+                    os.kill(int(self.workers()[0]["pid"]), signal.SIGKILL)
+            super().submit(ticket, recipe, split)
+
+    from search.baselines import baseline_recipes
+
+    first_search_trial = len(baseline_recipes(  # baselines are trials 0..n-1; the pool gets indexes
+        config.genome, base=str(config.models.base), sources=[str(p) for p in config.models.sources.values()],
+        labels=tuple(config.models.sources), n_layers=4, seed=config.seed,
+    ))
+    pool = KillsItsWorker(worker_setup(config), config.execution)
+    try:
+        with pytest.raises(SearchError, match="no live Ray workers left"):
+            run_study(config, quiet=True, pool=pool)
+    finally:
+        pool.close()
+    trials = optuna.load_study(study_name=config.name, storage=config.storage).get_trials()
+    search = [t for t in trials if t.user_attrs.get("kind") == "search"]
+    spent = sum(ranking.counts_toward_budget(t) for t in search)
+    assert spent == sum(t.state == TrialState.COMPLETE for t in search) < 3  # no "worker died" failures
+    released = [t for t in search if t.state == TrialState.FAIL]
+    assert released and all(t.user_attrs["failure"] == ranking.DRIVER_STOPPED for t in released)
+
+    result = run_study(config, quiet=True)  # resume on a fresh pool
+    assert result.done == 6
+    trials = optuna.load_study(study_name=config.name, storage=config.storage).get_trials()
+    search = [t for t in trials if t.user_attrs.get("kind") == "search"]
+    assert sum(t.state == TrialState.COMPLETE for t in search) == 6
+    rerun = {t.user_attrs.get("rerun_of") for t in search if t.state == TrialState.COMPLETE}
+    assert {t.number for t in released} <= rerun  # the released trials ran, with their genes
 
 
 def test_pool_refuses_workers_that_do_not_fit(ray_runtime: None, setup_and_execution) -> None:

@@ -22,8 +22,7 @@ from optuna.trial import TrialState
 
 from search import ranking
 from search.config import load_study
-from search.driver import LOCK_NAME, run_study
-from search.errors import SearchError
+from search.driver import run_study
 from search.samplers import POSITION
 from tests.checkpoints import TinyFamily
 from tests.studies import open_running_study, write_study
@@ -114,23 +113,6 @@ def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama
     assert result.done == done + 2 and result.finalized is not None
     study = load(path)
     assert sum(ranking.counts_toward_budget(t) for t in search_trials(study)) == done + 2
-
-
-def test_a_second_driver_is_refused_and_a_stale_lock_is_taken_over(
-    tmp_path: Path, llama_family: TinyFamily
-) -> None:
-    path = write_study(tmp_path, llama_family, trials=1)
-    config = load_study(path)
-    lock = config.output / LOCK_NAME
-    config.output.mkdir(parents=True)
-    lock.write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(SearchError, match=f"another `search start` \\(pid {os.getpid()}\\)"):
-        run_study(config, quiet=True)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock.write_text(str(dead.pid))  # its driver was killed
-    assert run_study(config, quiet=True).done == 1
-    assert not lock.exists()
 
 
 def by_position(path: Path) -> dict[int, tuple[dict, list[float] | None, TrialState]]:

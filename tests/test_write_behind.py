@@ -9,13 +9,20 @@ and a second writer of the same storage is detected instead of silently divergin
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.distributions import (
@@ -38,6 +45,8 @@ from tests.checkpoints import TinyFamily
 from tests.studies import write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+REPO = Path(__file__).resolve().parents[1]
 
 NAME = "wb"
 SPACE: dict[str, BaseDistribution] = {
@@ -402,27 +411,34 @@ def running_trial_finished_elsewhere(url: str) -> tuple[optuna.Study, Trial]:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_tell_with_queued_writes_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
-    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
-    trial.set_user_attr("scores_search", {"alpha": 0.5})
-    with pytest.raises(SearchError, match=OTHER_WRITER):
-        study.tell(trial, 0.5)
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_flush_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
-    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
-    trial.set_user_attr("worker", "inline")
-    with pytest.raises(SearchError, match=OTHER_WRITER):
+@pytest.mark.parametrize("before_tell", ["queued writes", "flush", "nothing"])
+def test_a_trial_finished_elsewhere_is_detached_and_the_study_goes_on(
+    tmp_path: Path, backend: str, before_tell: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = storage_url(tmp_path, backend)
+    study, trial = running_trial_finished_elsewhere(url)
+    other = study.ask(SPACE)  # another running trial, whose writes must all land
+    other.set_user_attr("kind", "search")
+    if before_tell != "nothing":
+        trial.set_user_attr("scores_search", {"alpha": 0.5})
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [0.0])
+    if before_tell == "flush":
         write_behind(study).flush()
+    told = study.tell(trial, 0.5)  # what the driver does next: no error
 
+    # The stored trial is the other writer's; the driver's copy became the same.
+    assert told.values == [0.1] and told.state == TrialState.COMPLETE
+    on_disk = fresh_trial(url, trial.number)
+    assert "scores_search" not in on_disk.user_attrs and "constraints" not in on_disk.system_attrs
+    assert trial_view(study.get_trials()[trial.number]) == trial_view(on_disk)
+    message = write_behind(study).foreign_finished()[trial.number]
+    assert f"trial {trial.number} was finished by another process (stored as COMPLETE" in message
+    assert message in caplog.text
 
-@pytest.mark.parametrize("backend", ["sqlite", "journal"])
-def test_tell_of_a_trial_finished_elsewhere_raises(tmp_path: Path, backend: str) -> None:
-    """Nothing queued: the state write itself meets the finished trial."""
-    study, trial = running_trial_finished_elsewhere(storage_url(tmp_path, backend))
-    with pytest.raises(SearchError, match=OTHER_WRITER):
-        study.tell(trial, 0.5)
+    other.set_user_attr("scores_search", {"alpha": 0.7})
+    study.tell(other, 0.7)
+    assert read_fresh(url) == snapshot(study)
+    assert fresh_trial(url, other.number).user_attrs == {"kind": "search", "scores_search": {"alpha": 0.7}}
 
 
 def test_another_study_in_the_same_file_is_not_a_second_writer(tmp_path: Path) -> None:
@@ -501,3 +517,176 @@ def test_a_reader_sees_the_driver_s_trials_while_the_study_runs(
                 assert {"recipe", "scores_search", "feasible"} <= set(trial.user_attrs)
                 assert "constraints" in trial.system_attrs
                 assert trial.values is not None
+
+
+# -- 7. the real driver survives a dashboard's tell of its running trial ------------------------
+
+# optuna-dashboard's own app, in another process, answering POST /api/trials/<id>/tell (what
+# its "Mark as Complete" button sends) on the study's SQLite file.
+DASHBOARD_TELL = """
+import io, json, sys
+from wsgiref.util import setup_testing_defaults
+import optuna
+from optuna_dashboard import wsgi
+url, name, number = sys.argv[1], sys.argv[2], int(sys.argv[3])
+trial_id = optuna.load_study(study_name=name, storage=url).trials[number]._trial_id
+body = json.dumps({"state": "Complete", "values": [0.5]}).encode()
+environ = {"REQUEST_METHOD": "POST", "PATH_INFO": f"/api/trials/{trial_id}/tell",
+           "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+           "wsgi.input": io.BytesIO(body)}
+setup_testing_defaults(environ)
+status = []
+b"".join(wsgi(url)(environ, lambda code, headers, *rest: status.append(code)))
+print(status[0])
+"""
+
+
+class DashboardTellingPool(InlinePool):
+    """The real inline pool; when the first search trial is submitted (running, flushed), a
+    dashboard in another process tells it complete."""
+
+    def __init__(self, config_path: Path) -> None:
+        config = load_study(config_path)
+        super().__init__(worker_setup(config))
+        self.url, self.name = config.storage, config.name
+        self.told: int | None = None
+
+    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
+        if self.told is None and split == "search":
+            trials = optuna.load_study(study_name=self.name, storage=self.url).trials
+            if any(t.number == ticket and t.state == TrialState.RUNNING for t in trials):
+                done = subprocess.run([sys.executable, "-c", DASHBOARD_TELL, self.url, self.name, str(ticket)],
+                                      capture_output=True, text=True, timeout=300, cwd=REPO,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)})
+                assert done.stdout.strip() == "204 No Content", done.stderr
+                self.told = ticket
+        super().submit(ticket, recipe, split)
+
+
+def test_driver_survives_a_dashboard_tell_of_its_running_trial_and_never_ranks_it(
+    tmp_path: Path, llama_family: TinyFamily, caplog: pytest.LogCaptureFixture
+) -> None:
+    from search import ranking
+    from search.commands.export import choose_trial
+    from search.commands.status import render_status
+
+    path = write_study(tmp_path, llama_family, trials=3)
+    pool = DashboardTellingPool(path)
+    result = run_study(load_study(path), quiet=True, pool=pool)
+    told = pool.told
+    assert told is not None and result.done == 3 and result.finalized is not None
+    assert f"trial {told} was finished by another process" in caplog.text
+
+    study = optuna.load_study(study_name="tiny", storage=load_study(path).storage)
+    trials = study.get_trials()
+    stored = trials[told]
+    assert stored.state == TrialState.COMPLETE and stored.values == [0.5]
+    assert "scores_search" not in stored.user_attrs  # never scored by the driver
+    assert told not in {t.number for t in ranking.search_trials(trials)}
+    assert result.finalized.final_trial != told
+    assert told not in {row.trial for row in result.finalized.rows}
+    assert choose_trial(trials, {}, study.directions, None).number != told
+    assert "complete" in render_status(study, budget=3)
+
+    resumed = run_study(load_study(path, trials=4), quiet=True)  # resume: no KeyError, one more trial
+    assert resumed.done == 4 and resumed.finalized is not None and resumed.finalized.final_trial != told
+
+
+# -- 8. a full disk under the study storage: one clear line, nothing half-written ---------------
+
+
+def filling_scorer(model: torch.nn.Module, batch: object, examples: Sequence[object]) -> list[float]:
+    """Scores by the first head weight; at call $FILL_AT_CALL the study file's disk fills up.
+
+    ``FILL_MODE=tmpfs``: a filler file takes every free byte of the small file system under
+    the storage. ``FILL_MODE=rlimit``: this process's file size limit drops to the size the
+    storage files have now (writes past it fail with EFBIG instead of SIGXFSZ killing it).
+    """
+    counter = os.environ.get("FILL_COUNTER_FILE")
+    if counter:
+        path = Path(counter)
+        calls = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(calls))
+        if calls == int(os.environ["FILL_AT_CALL"]):
+            target = Path(os.environ["FILL_TARGET"])
+            if os.environ["FILL_MODE"] == "tmpfs":
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT)
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * 65536)
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0")
+                os.close(fd)
+            else:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                sizes = [p.stat().st_size for p in target.parent.iterdir() if p.name.startswith(target.name)]
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max(sizes), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return [float(model.lm_head.weight[0, 0])] * len(examples)
+
+
+def trials_on_disk(url: str, name: str) -> list[FrozenTrial]:
+    """The study's trials through a storage opened and closed here (no file is left open)."""
+    storage = resolve_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()
+
+
+@contextlib.contextmanager
+def small_file_system(folder: Path, mode: str) -> Iterator[Path]:
+    """A 16 MiB tmpfs at ``folder`` (root only), or a plain folder for the rlimit mode."""
+    folder.mkdir()
+    if mode == "rlimit":
+        yield folder
+        return
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the rlimit case covers a failing write")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("tmpfs", "sqlite"), ("tmpfs", "journal"), ("rlimit", "sqlite")])
+def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
+    tmp_path: Path, llama_family: TinyFamily, mode: str, backend: str
+) -> None:
+    with small_file_system(tmp_path / "small", mode) as small:
+        url = storage_url(small, backend)
+        stored_file = small / ("study.db" if backend == "sqlite" else "study.journal")
+        path = write_study(tmp_path, llama_family, trials=12, metric="tests.test_write_behind:filling_scorer")
+        path.write_text(path.read_text().replace("[study]\n", f'[study]\nstorage = "{url}"\n', 1))
+        filler = small / "filler"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "FILL_COUNTER_FILE": str(tmp_path / "calls"),
+               "FILL_AT_CALL": "14", "FILL_MODE": mode,
+               "FILL_TARGET": str(filler if mode == "tmpfs" else stored_file)}
+        cli = [sys.executable, "-m", "search.cli", "start", str(path), "--quiet"]
+        first = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert first.returncode == 2, first.stderr
+        lines = first.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in first.stderr, first.stderr
+        assert lines[0].startswith(f"error: storage {stored_file}: cannot write the study: "), lines[0]
+        assert ("ENOSPC" if mode == "tmpfs" else "EFBIG") in lines[0] and "exceeding max length" not in lines[0]
+        assert "run `search start` again to resume" in lines[0]
+
+        filler.unlink(missing_ok=True)  # space again
+        stored = trials_on_disk(url, "tiny")
+        searched = [t for t in stored if t.user_attrs.get("kind") == "search"]
+        assert len([t for t in searched if t.state == TrialState.COMPLETE]) < 12
+        for trial in stored:  # finished means complete: nothing half-written looks done
+            if trial.state == TrialState.COMPLETE:
+                assert {"scores_search", "feasible", "objective_raw"} <= set(trial.user_attrs), trial.number
+
+        env.pop("FILL_COUNTER_FILE")
+        again = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr
+        final = trials_on_disk(url, "tiny")
+        done = [t for t in final if t.user_attrs.get("kind") == "search" and t.state == TrialState.COMPLETE]
+        assert len(done) == 12 and all("scores_search" in t.user_attrs for t in done)

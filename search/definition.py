@@ -1,0 +1,169 @@
+"""What defines a study, so that a changed study file cannot silently continue an old one.
+
+A study's trials only mean something together when they were sampled from one search
+space and scored the same way. :func:`study_definition` collects what decides that:
+
+* ``models``: the base and each source (by label) as a fingerprint of its folder (the size
+  of every file, the SHA-256 of ``config.json``; paths are not compared, so a moved
+  checkpoint is the same model), and the dtype trials are merged in;
+* ``genome``: every gene setting (method, granularity, bounds, fixed values, frankenmerge);
+* ``tasks``: per task, its data (SHA-256 of each file) and every setting that changes a
+  score (fields, split, limit, metric, weight, chat template...), but not its gates;
+* ``seed``, ``sampler``, ``population`` and ``objective``.
+
+Not part of it, so a study can be extended deliberately: the budget (``trials``),
+gates, ``top_k``, ``[execution]``, and where the files live.
+
+The definition is stored as the study user attribute ``definition`` when the study is
+created; :func:`check_definition` refuses a study file that defines something else and
+names every difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import optuna
+
+from fitness.slices import FORMATS, TaskSpec
+from search.config import StudyConfig
+from search.errors import SearchError
+
+DEFINITION_KEY = "definition"
+"""Study user attribute holding the definition (a JSON object)."""
+LEGACY_KEYS = ("seed", "sampler")
+"""Study attributes a study created before definitions were stored already had."""
+SHOWN_CHANGES = 8
+NOT_DEFINING_TASK_FIELDS = ("gates", "name", "search", "heldout")  # gates: looser gates extend a study
+
+
+class DefinitionChangedError(SearchError):
+    """The study file defines another study than the one stored under its name."""
+
+
+def study_definition(config: StudyConfig) -> dict[str, object]:
+    """The definition of the study ``config`` describes (JSON values; checkpoints must exist)."""
+    models = config.models
+    return {
+        "models": {
+            "base": checkpoint_fingerprint(Path(models.base)),
+            "sources": {label: checkpoint_fingerprint(Path(p)) for label, p in models.sources.items()},
+            "dtype": models.dtype,
+        },
+        "genome": _jsonable(dataclasses.asdict(config.genome)),
+        "tasks": {task.name: _task_definition(task) for task in config.tasks},
+        "seed": config.seed,
+        "sampler": config.sampler,
+        "population": config.population,
+        "objective": config.objective,
+    }
+
+
+def checkpoint_fingerprint(folder: Path) -> dict[str, object]:
+    """Sizes of the files in a checkpoint folder and the hash of its config (reading no weights).
+
+    Hidden files and model cards (``*.md``) are left out: they change no merge.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
+    fingerprint: dict[str, object] = {"files": {p.name: p.stat().st_size for p in files}}
+    config = folder / "config.json"
+    if config.is_file():
+        fingerprint["config_sha256"] = _sha256(config)
+    return fingerprint
+
+
+def _task_definition(task: TaskSpec) -> dict[str, object]:
+    fields = {
+        f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name not in NOT_DEFINING_TASK_FIELDS
+    }
+    fields["search_data"] = _data_fingerprint(task.search)
+    fields["heldout_data"] = None if task.heldout is None else _data_fingerprint(task.heldout)
+    return _jsonable(fields)
+
+
+def _data_fingerprint(path: Path) -> dict[str, str]:
+    """File name -> SHA-256 of a data file, or of every data file in a folder."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)
+    else:
+        files = [path]
+    return {p.name: _sha256(p) for p in files if p.exists()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _jsonable(value: object) -> object:
+    """Value as it reads back from JSON (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_definition(study: optuna.Study, definition: Mapping[str, object], storage_url: str, *,
+                     store: bool = True) -> None:
+    """Refuse to go on when the stored definition differs; store it on a study that has none.
+
+    ``store=False``: only compare (read-only commands). A study created before definitions
+    were stored is compared on what it kept (seed, sampler) and then gets this one.
+    """
+    attrs = study.user_attrs
+    stored = attrs.get(DEFINITION_KEY)
+    if not isinstance(stored, Mapping):
+        stored = {key: attrs[key] for key in LEGACY_KEYS if key in attrs}
+        current = {key: definition[key] for key in stored}
+        complete = False
+    else:
+        current = _jsonable(definition)  # type: ignore[assignment]
+        complete = True
+    changes = describe_changes(stored, current)
+    if changes:
+        shown = changes[:SHOWN_CHANGES]
+        more = len(changes) - len(shown)
+        raise DefinitionChangedError(
+            f"study {study.study_name!r} in {storage_url} was defined by another study file: "
+            + "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+            + ". To start a new study, use a new --out (or study name, or storage); to extend "
+            "this one, undo those changes: a study goes on with more trials (--trials), other "
+            "gates, top_k or [execution] settings, nothing else"
+        )
+    if store and not complete:
+        study.set_user_attr(DEFINITION_KEY, _jsonable(definition))
+
+
+def describe_changes(stored: Mapping[str, object], current: Mapping[str, object]) -> list[str]:
+    """``key.path: old -> new`` for every leaf that differs (in key order)."""
+    old, new = _flatten(stored), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT):
+            changes.append(f"{key}: {_show(old.get(key, _ABSENT))} -> {_show(new.get(key, _ABSENT))}")
+    return changes
+
+
+_ABSENT = object()
+
+
+def _show(value: object) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    text = json.dumps(value)
+    if isinstance(value, str) and len(value) == 64:  # a SHA-256
+        return text[:13] + '…"'
+    return text
+
+
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
