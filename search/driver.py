@@ -141,18 +141,11 @@ class RunResult:
 
 
 def plan_study(config: StudyConfig, *, progress: bool = True) -> StudyPlan:
-    """Preflight the checkpoints and derive the genome space, directions and gates.
-
-    With ``models.demo_family`` the built-in family is built first if it is missing.
-    """
+    """Preflight the checkpoints and derive the genome space, directions and gates."""
     from merges.checkpoint import open_checkpoint
     from merges.preflight import preflight
 
     models = config.models
-    if models.demo_family and not (Path(models.base) / "config.json").exists():
-        from studies.demo_family import ensure_family
-
-        ensure_family(Path(models.base).parent, progress=progress)
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
     layout = preflight(base, sources)

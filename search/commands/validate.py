@@ -1,8 +1,8 @@
 """``search validate STUDY``: check a study file and its checkpoints without merging anything.
 
-Runs the full config validation, opens the checkpoints and runs the preflight (building the
-built-in demo family first when ``models.demo_family`` asks for it), checks that every
-task's data files exist, then prints what the study would search.
+Runs the full config validation (which verifies the shipped demo family's checksums when
+``models.demo_family`` is set), opens the checkpoints and runs the preflight, checks that
+every task's data files exist, then prints what the study would search.
 """
 
 from __future__ import annotations
@@ -50,14 +50,6 @@ def run(args: argparse.Namespace) -> int:
 def check_checkpoints(config: StudyConfig) -> int:
     """Open base and sources, run the preflight; the base's layer count."""
     models = config.models
-    if models.demo_family and not (models.base / "config.json").exists():
-        from studies.demo_family import ensure_family
-        from studies.demo_family.errors import DemoFamilyError
-
-        try:
-            ensure_family(models.base.parent)
-        except DemoFamilyError as exc:
-            raise StudyConfigError(f"{config.path}: models.demo_family: {exc}") from None
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(path, allow_pickle=models.allow_pickle) for path in models.sources.values()]
     return preflight(base, sources).n_layers
