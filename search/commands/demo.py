@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--rebuild", action="store_true",
-        help="retrain the family on this CPU (about 3 minutes on 2 cores) and replace the shipped "
+        help="retrain the family on this CPU (about 6 minutes of CPU, one thread) and replace the shipped "
         "files and manifest; on another instruction set the weights differ from the shipped ones",
     )
     parser.add_argument("--seed", type=int, default=0,
