@@ -113,7 +113,11 @@ def rebuild_family(
             if root.exists():
                 stale = root.with_name(f".{root.name}.old-{os.getpid()}")
                 os.replace(root, stale)
-                os.replace(temp, root)
+                try:
+                    os.replace(temp, root)
+                except BaseException:
+                    os.replace(stale, root)  # the old family goes back into place
+                    raise
                 shutil.rmtree(stale)
             else:
                 os.replace(temp, root)
