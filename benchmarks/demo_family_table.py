@@ -2,9 +2,10 @@
 
 Usage::
 
-    python benchmarks/demo_family_table.py [--root FAMILY_DIR] [--seed 0] [--no-grid]
+    python benchmarks/demo_family_table.py [--root FAMILY_DIR] [--no-grid]
 
-Builds (or loads the cached) demo family, then scores on every task's held-out slice
+Verifies the demo family (the shipped one, or a build in ``--root``) against its
+manifest, then scores on every task's held-out slice
 (greedy exact match, teacher-forced, via :func:`fitness.scoring.score_slice`):
 
 * the base and each specialist,
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -41,8 +41,7 @@ from fitness.slices import EncodedSlice, TaskSpec, load_task  # noqa: E402
 from merges.checkpoint import open_checkpoint  # noqa: E402
 from merges.engine import MergeEngine  # noqa: E402
 from merges.recipe import Recipe  # noqa: E402
-from studies.demo_family import TASKS, DemoFamily, ensure_family  # noqa: E402
-from studies.demo_family.build import MANIFEST  # noqa: E402
+from studies.demo_family import TASKS, DemoFamily, shipped_family, verify_family  # noqa: E402
 
 Scores = dict[str, float]  # task -> held-out exact match
 
@@ -58,14 +57,9 @@ class Slices:
     heldout: dict[str, EncodedSlice]
 
 
-def family_root(root: Path | None, seed: int) -> DemoFamily:
-    """``--root`` as it is when it holds a build; otherwise the (cached) default build."""
-    if root is not None and (root / MANIFEST).is_file():
-        return DemoFamily.at(root.resolve())
-    if root is None:
-        repo = Path(__file__).resolve().parents[1]
-        root = Path(os.environ.get("MERGESEARCH_CACHE", repo / ".cache")) / "demo-family"
-    return ensure_family(root, seed=seed, progress=True)
+def family_root(root: Path | None) -> DemoFamily:
+    """The build in ``--root``, else the shipped family; every file checked against its manifest."""
+    return shipped_family() if root is None else verify_family(root)
 
 
 def load_slices(family: DemoFamily) -> Slices:
@@ -106,14 +100,13 @@ def grid_recipes(family: DemoFamily, n_layers: int) -> list[Recipe]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", type=Path, default=None, help="a demo-family build (default: the shipped one)")
     parser.add_argument("--no-grid", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    family = family_root(args.root, args.seed)
+    family = family_root(args.root)
     slices = load_slices(family)
     rows: dict[str, Scores] = {}
     for name, folder in (("base", family.base), *family.sources.items()):

@@ -53,11 +53,9 @@ TASKS: tuple[str, ...] = ("shipping", "refunds", "catalog")
 def family_root(root: Path | None) -> Path:
     if root is not None:
         return root
-    from studies.demo_family import ensure_family
+    from studies.demo_family import shipped_family
 
-    repo = Path(__file__).resolve().parents[1]
-    cache = Path(os.environ.get("MERGESEARCH_CACHE", repo / ".cache")) / "demo-family"
-    return ensure_family(cache, progress=True).root
+    return shipped_family().root
 
 
 def load_model(root: Path, name: str) -> PreTrainedModel:

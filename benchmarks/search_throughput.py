@@ -145,7 +145,7 @@ class BareWorkers:
 
 def sample_recipes(config: StudyConfig, count: int) -> list[dict]:
     """``count`` recipes of the study's genome, drawn at random (seeded)."""
-    plan = plan_study(config, progress=False)
+    plan = plan_study(config)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=config.seed))
     return [
         decode(config.genome, study.ask(fixed_distributions=plan.space).params, base=plan.base,

@@ -61,7 +61,7 @@ EXECUTION_KEYS = (
 class ModelsConfig:
     base: Path
     sources: dict[str, Path]  # label -> checkpoint folder, in file order
-    demo_family: bool = False  # build the built-in demo family at base's parent if missing
+    demo_family: bool = False  # base is the shipped demo family's: verify its checksums
     allow_pickle: bool = False
     trust_remote_code: bool = False
     dtype: str = "float32"
@@ -368,6 +368,13 @@ class _Parser:
         for label, folder in sources.items():
             if folder == base:
                 raise sources_table.error(label, f"is the base checkpoint itself ({folder})")
+        if config.demo_family:  # the shipped family, every file verified; nothing is built
+            from studies.demo_family import DemoFamilyError, verify_study_base
+
+            try:
+                verify_study_base(base)
+            except DemoFamilyError as exc:
+                raise table.error("base", str(exc)) from None
         return config
 
     def genome(self, table: _Table, models: ModelsConfig) -> GenomeSpec:

@@ -151,22 +151,12 @@ class RunResult:
 # -- setup ------------------------------------------------------------------------------
 
 
-def plan_study(config: StudyConfig, *, progress: bool = True) -> StudyPlan:
-    """Preflight the checkpoints and derive the genome space, directions and gates.
-
-    With ``models.demo_family`` the built-in family is built first if it is missing.
-    """
+def plan_study(config: StudyConfig) -> StudyPlan:
+    """Preflight the checkpoints and derive the genome space, directions and gates."""
     from merges.checkpoint import open_checkpoint
     from merges.preflight import preflight
 
     models = config.models
-    if models.demo_family and not (Path(models.base) / "config.json").exists():
-        from studies.demo_family import ensure_family
-
-        if progress:  # the build is silent until its first model is trained
-            print(f"building the demo family at {Path(models.base).parent} (a few minutes on CPU)",
-                  file=sys.stderr, flush=True)
-        ensure_family(Path(models.base).parent, progress=progress)
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
     layout = preflight(base, sources)
@@ -291,7 +281,7 @@ def run_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None
 
 def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
                pool: WorkerPool | None, finalize_after: bool) -> RunResult:
-    plan = plan_study(config, progress=not quiet)
+    plan = plan_study(config)
     study = open_plan_study(plan)
     recover_interrupted(study, plan)
     done = _budget_used(study)
@@ -867,7 +857,7 @@ def _signed_mean(values: Sequence[float], directions: Sequence[str]) -> float:
 
 def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO | None = None) -> FinalizeResult:
     """``search finalize``: finalize an existing study (held-out re-score, final trial)."""
-    plan = plan_study(config, progress=not quiet)
+    plan = plan_study(config)
     study = storage.load_existing_study(config.name, config.storage)
     check_definition(study, study_definition(config), config.storage, store=False)
     progress = Progress(config.trials, quiet=quiet, stream=stream)

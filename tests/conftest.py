@@ -23,11 +23,9 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_family_root(repo_root: Path) -> Path:
-    """The built-in demo family, built once and cached (``.cache/demo-family`` or $MERGESEARCH_CACHE)."""
-    import os
+def demo_family_root() -> Path:
+    """The demo family shipped in ``studies/logistics/family``, every file checked against its
+    manifest (a changed file fails here, named, instead of as odd scores later)."""
+    from studies.demo_family import shipped_family
 
-    from studies.demo_family import ensure_family
-
-    cache = Path(os.environ.get("MERGESEARCH_CACHE", repo_root / ".cache")) / "demo-family"
-    return ensure_family(cache, progress=False).root
+    return shipped_family().root

@@ -1,8 +1,17 @@
-"""The built-in demo family: layout, slices, manifest, determinism, and what the models know."""
+"""The built-in demo family: the shipped files, their manifest, the build, what the models know.
+
+Tests of trained quality read the family shipped in ``studies/logistics/family`` (verified
+against its manifest); the build itself is tested on a tiny plan of a few training steps.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +23,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from search.cli import main as search_main
-from studies.demo_family import TASKS, DemoFamily, DemoFamilyError, FamilyPlan, ensure_family
-from studies.demo_family.build import FAMILY_VERSION, MANIFEST, is_current
+from search.config import load_study
+from search.errors import StudyConfigError
+from studies.demo_family import SHIPPED_ROOT, TASKS, DemoFamily, DemoFamilyError, verify_family
+from studies.demo_family.build import BuildTerminated, FamilyPlan, rebuild_family
+from studies.demo_family.shipped import FAMILY_VERSION, MANIFEST, REQUIRED_FILES
 from studies.demo_family.tasks import (
     POLICY_CURRENT,
     POLICY_OLD,
@@ -27,6 +39,9 @@ from studies.demo_family.tasks import (
     split_tasks,
 )
 from studies.demo_family.train import ModelShape, Schedule, fixed_threads
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_STUDY = REPO / "studies" / "logistics" / "study.toml"
 
 # A few steps of a very small model: exercises the whole build in about a second.
 TINY_PLAN = FamilyPlan(
@@ -49,7 +64,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def family(demo_family_root: Path) -> DemoFamily:
-    return ensure_family(demo_family_root, progress=False)
+    return DemoFamily.at(demo_family_root)
+
+
+def folder_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` (hidden ones too) -> (size, mtime): what a write would change."""
+    return {
+        path.relative_to(root).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+    }
 
 
 # -- layout and files ------------------------------------------------------------
@@ -107,18 +130,28 @@ def test_slices_are_full_disjoint_and_never_trained_on(family: DemoFamily) -> No
 
 
 @pytest.mark.slow
-def test_manifest_describes_the_build(family: DemoFamily) -> None:
+def test_the_shipped_manifest_lists_every_file_with_its_checksum(family: DemoFamily) -> None:
+    assert family.root == SHIPPED_ROOT
     manifest = json.loads((family.root / MANIFEST).read_text())
     assert manifest["version"] == FAMILY_VERSION and manifest["seed"] == 0
-    assert manifest["tasks"] == list(TASKS)
-    assert manifest["torch_version"] == torch.__version__
-    assert manifest["build_seconds"] > 0 and manifest["build_cpu_seconds"] > 0
+    assert manifest["tasks"] == list(TASKS) and manifest["models"] == ["base", *TASKS]
+    assert manifest["cpu_capability"]  # the instruction set it was trained with
     hashed = manifest["sha256"]
-    assert "base/model.safetensors" in hashed and "data/catalog/heldout.jsonl" in hashed
-    import hashlib
-
+    on_disk = sorted(p.relative_to(family.root).as_posix() for p in family.root.rglob("*") if p.is_file())
+    assert sorted([*hashed, MANIFEST]) == on_disk  # nothing unlisted, nothing missing
+    assert set(REQUIRED_FILES) <= set(hashed)
     for relative, digest in hashed.items():
         assert hashlib.sha256((family.root / relative).read_bytes()).hexdigest() == digest, relative
+    accuracy = manifest["heldout_exact_match"]  # what the build measured on held-out rows
+    assert all(accuracy[task][task] >= 0.95 and accuracy["base"][task] <= 0.1 for task in TASKS)
+
+
+def test_the_shipped_study_uses_the_shipped_family() -> None:
+    config = load_study(DEMO_STUDY)
+    assert config.models.demo_family
+    assert config.models.base == SHIPPED_ROOT / "base"
+    assert config.models.sources == {t: SHIPPED_ROOT / t for t in TASKS}
+    assert [t.search for t in config.tasks] == [SHIPPED_ROOT / "data" / t / "search.jsonl" for t in TASKS]
 
 
 @pytest.mark.slow
@@ -146,79 +179,160 @@ def test_specialists_know_their_task_and_the_base_does_not(family: DemoFamily) -
 
 
 @pytest.mark.slow
-def test_ensure_family_reuses_a_current_build(family: DemoFamily) -> None:
-    manifest = family.root / MANIFEST
-    before = manifest.stat().st_mtime_ns
-    again = ensure_family(family.root, progress=False)
-    assert again == family and manifest.stat().st_mtime_ns == before
-    assert not is_current(family.root, seed=1)  # another seed would rebuild
-
-
-@pytest.mark.slow
-def test_search_demo_command_prints_the_family(family: DemoFamily, capsys: pytest.CaptureFixture[str]) -> None:
-    assert search_main(["demo", "--root", str(family.root), "--quiet"]) == 0
+def test_search_demo_checks_and_prints_the_family_and_writes_nothing(
+    family: DemoFamily, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = folder_state(family.root.parent)
+    assert search_main(["demo"]) == 0
     out = capsys.readouterr().out
     assert str(family.root) in out and str(family.sources["refunds"]) in out
+    assert "matches family.json" in out
+    assert folder_state(family.root.parent) == before
 
 
-# -- determinism and the build itself, on a tiny plan ------------------------------
+# -- the build, on a tiny plan -------------------------------------------------------
 
 
-def test_same_seed_builds_identical_files(tmp_path: Path) -> None:
-    first = ensure_family(tmp_path / "one", seed=3, progress=False, plan=TINY_PLAN)
-    second = ensure_family(tmp_path / "two", seed=3, progress=False, plan=TINY_PLAN)
-    hashes = [json.loads((f.root / MANIFEST).read_text())["sha256"] for f in (first, second)]
-    assert hashes[0] == hashes[1]
-    assert "shipping/model.safetensors" in hashes[0]
-    other = ensure_family(tmp_path / "three", seed=4, progress=False, plan=TINY_PLAN)
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_rebuild_is_byte_identical_and_its_manifest_checks_out(tmp_path: Path) -> None:
+    first = rebuild_family(tmp_path / "one", seed=3, progress=False, plan=TINY_PLAN)
+    second = rebuild_family(tmp_path / "two", seed=3, progress=False, plan=TINY_PLAN)
+    files = tree_bytes(first.root)
+    assert files == tree_bytes(second.root)  # family.json included: it holds no timings
+    manifest = json.loads(files[MANIFEST])
+    assert sorted(manifest["sha256"]) == sorted(set(files) - {MANIFEST})
+    assert set(REQUIRED_FILES) <= set(manifest["sha256"])
+    assert manifest["version"] == FAMILY_VERSION and manifest["seed"] == 3
+    assert verify_family(first.root) == first
+    other = rebuild_family(tmp_path / "three", seed=4, progress=False, plan=TINY_PLAN)
     other_hashes = json.loads((other.root / MANIFEST).read_text())["sha256"]
-    assert other_hashes["base/model.safetensors"] != hashes[0]["base/model.safetensors"]
-    assert other_hashes["data/refunds/heldout.jsonl"] != hashes[0]["data/refunds/heldout.jsonl"]
+    assert other_hashes["base/model.safetensors"] != manifest["sha256"]["base/model.safetensors"]
+    assert other_hashes["data/refunds/heldout.jsonl"] != manifest["sha256"]["data/refunds/heldout.jsonl"]
 
 
-def test_rebuild_replaces_another_seed_and_leaves_no_temp(tmp_path: Path) -> None:
+def test_a_rebuild_replaces_the_folder_and_leaves_nothing_beside_it(tmp_path: Path) -> None:
     root = tmp_path / "family"
-    ensure_family(root, seed=1, progress=False, plan=TINY_PLAN)
+    rebuild_family(root, seed=1, progress=False, plan=TINY_PLAN)
     first = (root / "data" / "shipping" / "search.jsonl").read_text()
-    assert is_current(root, 1, TINY_PLAN) and not is_current(root, 2, TINY_PLAN)
-    assert not is_current(root, 1)  # the default plan is not what was built
-    ensure_family(root, seed=2, progress=False, plan=TINY_PLAN)
+    rebuild_family(root, seed=2, progress=False, plan=TINY_PLAN)
     assert json.loads((root / MANIFEST).read_text())["seed"] == 2
     assert (root / "data" / "shipping" / "search.jsonl").read_text() != first
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".family.lock", "family"]
+    assert [p.name for p in tmp_path.iterdir()] == ["family"]  # no lock, temp or old folder
+    verify_family(root)
 
 
-def test_a_build_without_manifest_or_model_is_not_complete(tmp_path: Path) -> None:
+def test_leftovers_of_a_killed_build_are_removed_by_the_next_build(tmp_path: Path) -> None:
     root = tmp_path / "family"
-    killed = tmp_path / ".family.tmp-999999"  # what a build killed half-way leaves behind
-    (killed / "base").mkdir(parents=True)
-    assert not is_current(root, 0, TINY_PLAN)
-    ensure_family(root, seed=0, progress=False, plan=TINY_PLAN)
-    assert not killed.exists()
-    (root / "catalog" / "model.safetensors").unlink()  # as if a copy was cut short
-    assert not is_current(root, 0, TINY_PLAN)
-    ensure_family(root, seed=0, progress=False, plan=TINY_PLAN)
-    assert (root / "catalog" / "model.safetensors").is_file()
+    # What `kill -9` during a build leaves: its temp folder, the lock file, a renamed old build.
+    (tmp_path / ".family.tmp-999999" / "base").mkdir(parents=True)
+    (tmp_path / ".family.old-999998" / "data").mkdir(parents=True)
+    (tmp_path / ".family.lock").write_text("")
+    (tmp_path / "mine.txt").write_text("not the build's")  # never touched
+    rebuild_family(root, seed=0, progress=False, plan=TINY_PLAN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["family", "mine.txt"]
+
+
+# Never finishes on its own: the test interrupts it once it is training.
+ENDLESS_PLAN = FamilyPlan(
+    shape=TINY_PLAN.shape, base=Schedule(steps=10**9, lr=1e-3, batch_size=8), specialist_steps=2
+)
+
+
+@pytest.mark.parametrize(
+    ("signum", "raised"),
+    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, BuildTerminated)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupted_rebuild_leaves_the_old_family_and_nothing_else(
+    tmp_path: Path, signum: signal.Signals, raised: type[BaseException]
+) -> None:
+    """A real signal to this process while it trains; the build must unwind and clean up."""
+    root = tmp_path / "family"
+    rebuild_family(root, seed=0, progress=False, plan=TINY_PLAN)
+    before = tree_bytes(root)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    training = threading.Event()
+
+    def interrupt_once_training() -> None:
+        deadline = time.monotonic() + 300  # a hang guard only: the wait is for a state
+        # The slices are written before training starts: once they exist, it is training.
+        while not list(tmp_path.glob(".family.tmp-*/data/catalog/heldout.jsonl")):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        training.set()
+        os.kill(os.getpid(), signum)
+
+    watcher = threading.Thread(target=interrupt_once_training, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(raised):
+            rebuild_family(root, seed=0, progress=False, plan=ENDLESS_PLAN)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    watcher.join()
+    assert training.is_set()
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before  # the build's handler is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["family"]  # no temp folder, no lock
+    assert tree_bytes(root) == before
+
+
+def test_verify_names_the_file_that_differs_and_the_fix(tmp_path: Path) -> None:
+    root = rebuild_family(tmp_path / "family", seed=0, progress=False, plan=TINY_PLAN).root
+    weights = root / "refunds" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DemoFamilyError) as err:
+        verify_family(root)
+    message = str(err.value)
+    assert message.startswith(f"{weights}: differs from the demo family's manifest")
+    assert f"git checkout -- {root}" in message and "search demo --rebuild" in message
+    (root / "data" / "catalog" / "search.jsonl").unlink()
+    with pytest.raises(DemoFamilyError, match=r"data/catalog/search\.jsonl: missing"):
+        verify_family(root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps({**manifest, "version": "1"}))
+    with pytest.raises(DemoFamilyError, match="version '1'"):
+        verify_family(root)
+    (root / MANIFEST).write_text("{not json")
+    with pytest.raises(DemoFamilyError, match="family.json: unreadable"):
+        verify_family(root)
     (root / MANIFEST).unlink()
-    assert not is_current(root, 0, TINY_PLAN)
+    with pytest.raises(DemoFamilyError, match="family.json: missing"):
+        verify_family(root)
 
 
 def test_bad_root_and_bad_names_raise_demo_family_errors(tmp_path: Path) -> None:
     a_file = tmp_path / "not-a-folder"
     a_file.write_text("x")
     with pytest.raises(DemoFamilyError, match="not-a-folder.*not a folder"):
-        ensure_family(a_file, progress=False, plan=TINY_PLAN)
+        rebuild_family(a_file, progress=False, plan=TINY_PLAN)
+    assert a_file.read_text() == "x"
     family = DemoFamily.at(tmp_path)
     with pytest.raises(DemoFamilyError, match="unknown split 'train'"):
         family.data("shipping", "train")
     with pytest.raises(DemoFamilyError, match="unknown task 'returns'"):
         family.data("returns", "search")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / MANIFEST).write_text("{not json")
-    with pytest.raises(DemoFamilyError, match="family.json: unreadable"):
-        ensure_family(broken, progress=False, plan=TINY_PLAN)
-    assert search_main(["demo", "--root", str(a_file), "--quiet"]) == 2
+
+
+def test_demo_family_with_another_base_is_an_error_and_builds_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue: a copied study.toml with `demo_family = true` trained a family next to its base."""
+    study = tmp_path / "study.toml"
+    study.write_text(DEMO_STUDY.read_text())  # "family/base" now means tmp_path/family/base
+    with pytest.raises(StudyConfigError, match=r"study\.toml: models\.base: demo_family = true"):
+        load_study(study)
+    assert search_main(["validate", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "models.base" in err
+    assert str(SHIPPED_ROOT / "base") in err
+    assert [p.name for p in tmp_path.iterdir()] == ["study.toml"]
 
 
 def test_splits_are_deterministic_and_disjoint_per_seed() -> None:

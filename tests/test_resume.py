@@ -196,6 +196,6 @@ def test_parallel_draws_do_not_depend_on_which_trial_finishes_first(
     assert len(workers) == 2  # both workers ran trials
 
     inline = load_study(paths["inline"])
-    open_plan_study(plan_study(inline, progress=False)).set_user_attr(LAG_ATTR, lag)
+    open_plan_study(plan_study(inline)).set_user_attr(LAG_ATTR, lag)
     run_study(inline, quiet=True, finalize_after=False)
     assert by_position(paths["ray"]) == by_position(paths["inline"])

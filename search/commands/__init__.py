@@ -18,7 +18,7 @@ SUMMARIES: dict[str, str] = {
     "report": "write a self-contained HTML report (plotly) of the study",
     "dashboard": "serve optuna-dashboard on the study (trials, gates, recipes, notes)",
     "merge": "merge checkpoints from a mergekit YAML with the in-memory engine",
-    "demo": "build the demo model family (base + 3 specialists, CPU, a few minutes)",
+    "demo": "check the shipped demo model family (base + 3 specialists); --rebuild retrains it",
 }
 
 

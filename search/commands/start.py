@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"study {config.name}: sampler {config.sampler}, seed {config.seed}, budget {config.trials} "
               f"search trials; storage {config.storage}", flush=True)
     # Everything `search validate` checks, before a storage is created or a weight loaded.
-    check_study(config, progress=not args.quiet)
+    check_study(config)
     result = run_study(config, quiet=args.quiet)
     resume = ["search", "start", str(args.study)]
     for flag, value in (("--out", args.out), ("--trials", args.trials), ("--seed", args.seed),

@@ -1,9 +1,9 @@
 """``search validate STUDY``: everything ``search start`` would refuse, checked without merging.
 
 ``check_study`` is the whole check; ``search start`` runs it first, before any storage is
-created. In order: the checkpoints (built first for ``models.demo_family``; each error
-names ``models.base`` or ``models.sources.<label>``), the checkpoints' own Python
-(``auto_map``; refused unless ``models.trust_remote_code``), the compatibility preflight,
+created. In order: the checkpoints (for ``models.demo_family`` the shipped family's
+checksums are verified when the config loads; each error names ``models.base`` or
+``models.sources.<label>``), the checkpoints' own Python (``auto_map``; refused unless ``models.trust_remote_code``), the compatibility preflight,
 the genes, the output folder and an existing storage (a study created with other
 directions), the memory one worker needs against this machine (the same estimate the
 pools check), and each task's data files: every row read against the configured fields
@@ -61,17 +61,16 @@ class Validation:
 
 def run(args: argparse.Namespace) -> int:
     config = load_study(args.study, out=args.out)
-    print(summary(config, check_study(config, progress=False)))
+    print(summary(config, check_study(config)))
     return 0
 
 
-def check_study(config: StudyConfig, *, progress: bool = True) -> Validation:
+def check_study(config: StudyConfig) -> Validation:
     """Everything ``search start`` would refuse, as ``StudyConfigError`` / ``SearchError`` naming the key.
 
-    Reads checkpoint headers, tokenizer and data files; loads no weights and writes
-    nothing (but the demo family, when ``models.demo_family`` asks for it and it is missing).
+    Reads checkpoint headers, tokenizer and data files; loads no weights and writes nothing.
     """
-    n_layers = check_checkpoints(config, progress=progress)
+    n_layers = check_checkpoints(config)
     try:
         genes = list(gene_space(config.genome, sources=config.models.sources, n_layers=n_layers))
     except GenomeError as exc:
@@ -82,17 +81,9 @@ def check_study(config: StudyConfig, *, progress: bool = True) -> Validation:
     return Validation(n_layers=n_layers, genes=genes, memory=memory, memory_note=note, rows=rows)
 
 
-def check_checkpoints(config: StudyConfig, *, progress: bool = False) -> int:
+def check_checkpoints(config: StudyConfig) -> int:
     """Open base and sources, refuse unwanted checkpoint code, run the preflight; the base's layer count."""
     models = config.models
-    if models.demo_family and not (models.base / "config.json").exists():
-        from studies.demo_family import ensure_family
-        from studies.demo_family.errors import DemoFamilyError
-
-        try:
-            ensure_family(models.base.parent, progress=progress)
-        except DemoFamilyError as exc:
-            raise StudyConfigError(f"{config.path}: models.demo_family: {exc}") from None
     keyed = {"models.base": models.base, **{f"models.sources.{label}": path for label, path in models.sources.items()}}
     opened: dict[str, Checkpoint] = {}
     for key, path in keyed.items():

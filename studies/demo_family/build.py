@@ -4,22 +4,27 @@ The base learns every task under the old policy with noisy answers (plus a copy 
 each specialist is fine-tuned from the base on its task under the current policy,
 with half of every batch replaying the base's mix of the other tasks. See
 ``studies/demo_family/README.md`` for why each choice is there.
+
+The repository ships the result (``studies/logistics/family``); nothing builds it
+implicitly. ``rebuild_family`` (``search demo --rebuild``) retrains it in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import torch
 import transformers
@@ -28,6 +33,15 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from studies.demo_family.errors import DemoFamilyError
+from studies.demo_family.shipped import (
+    FAMILY_VERSION,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MODELS,
+    SHIPPED_ROOT,
+    DemoFamily,
+    file_hashes,
+)
 from studies.demo_family.tasks import SLICE_ROWS, TASKS, TaskSplit, split_tasks
 from studies.demo_family.tokenizer import build_tokenizer
 from studies.demo_family.train import (
@@ -44,10 +58,6 @@ from studies.demo_family.train import (
     new_model,
     train,
 )
-
-FAMILY_VERSION = "1"  # bump whenever tasks, plan or file layout change: old builds get rebuilt
-MANIFEST = "family.json"
-SPLITS: tuple[str, ...] = ("search", "heldout")
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,51 @@ class FamilyPlan:
 PLAN = FamilyPlan()
 
 
+def rebuild_family(
+    root: Path = SHIPPED_ROOT, *, seed: int = 0, progress: bool = True, plan: FamilyPlan = PLAN
+) -> DemoFamily:
+    """Retrain the family and put it at ``root`` (replacing what is there), atomically.
+
+    The build goes into a temp sibling ``.<root>.tmp-<pid>`` renamed into place only when
+    complete; Ctrl-C or SIGTERM removes it (and the lock) before the process ends, and a
+    build killed outright leaves leftovers that the next build removes. ``root`` other than
+    the shipped folder and ``plan`` are for tests (a few training steps).
+    """
+    root = Path(root).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise DemoFamilyError(f"{root}: exists and is not a folder; cannot hold the demo family")
+    started, started_cpu = time.perf_counter(), time.process_time()
+    with sigterm_raises(), build_lock(root):
+        # Under the lock, leftovers are nobody's work in progress: a killed build's.
+        for leftover in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        temp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+        temp.mkdir()
+        try:
+            build_family(temp, seed=seed, progress=progress, plan=plan)
+            if root.exists():
+                stale = root.with_name(f".{root.name}.old-{os.getpid()}")
+                os.replace(root, stale)
+                try:
+                    os.replace(temp, root)
+                except BaseException:
+                    os.replace(stale, root)  # the old family goes back into place
+                    raise
+                shutil.rmtree(stale)
+            else:
+                os.replace(temp, root)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+    if progress:
+        print(
+            f"demo family built in {time.perf_counter() - started:.0f} s "
+            f"({time.process_time() - started_cpu:.0f} s CPU) at {root}",
+            file=sys.stderr,
+        )
+    return DemoFamily.at(root)
+
+
 def build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan = PLAN) -> dict[str, object]:
     """Write the whole family into the empty folder ``out``; returns the manifest written."""
     with fixed_threads(TRAIN_THREADS):
@@ -85,7 +140,7 @@ def build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan = PLA
 
 
 def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> dict[str, object]:
-    started, started_cpu = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     tokenizer = build_tokenizer()
     encoder = Encoder(tokenizer)
     splits = split_tasks(seed)
@@ -136,18 +191,20 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
         name: {t: round(exact_match(model, heldout[t], pad=encoder.pad), 4) for t in TASKS}
         for name, model in models.items()
     }
+    # Only what the build determines (no timings): a rebuild on the same kind of machine
+    # reproduces this file byte for byte, so `git status` shows whether anything changed.
     manifest: dict[str, object] = {
-        "format": "mergesearch-demo-family",
+        "format": MANIFEST_FORMAT,
         "version": FAMILY_VERSION,
         "seed": seed,
         "tasks": list(TASKS),
-        "models": ["base", *TASKS],
+        "models": list(MODELS),
         "slice_rows": SLICE_ROWS,
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "build_cpu_seconds": round(time.process_time() - started_cpu, 2),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
+        # Float training results depend on the kernels torch picks for the CPU.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "train_threads": TRAIN_THREADS,
         "plan": plan_record(plan),
         "heldout_exact_match": accuracy,
@@ -193,17 +250,12 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, fold
     tokenizer.save_pretrained(folder)
 
 
-def file_hashes(root: Path) -> dict[str, str]:
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
+    with temp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temp, path)
 
 
@@ -211,82 +263,62 @@ def write_json_atomic(path: Path, data: dict[str, object]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(root: Path) -> dict[str, object] | None:
-    """The manifest of a complete build in ``root``, or None when there is none."""
-    path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise DemoFamilyError(f"{path}: unreadable demo-family manifest ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise DemoFamilyError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    return manifest
-
-
 def plan_record(plan: FamilyPlan) -> object:
     """The plan as the manifest stores it (JSON types)."""
     return json.loads(json.dumps(asdict(plan)))
 
 
-def is_current(root: Path, seed: int, plan: FamilyPlan = PLAN) -> bool:
-    """True when ``root`` holds a complete build of this version, seed and plan."""
-    if root.exists() and not root.is_dir():
-        raise DemoFamilyError(f"{root}: exists and is not a folder; cannot hold the demo family")
-    manifest = read_manifest(root) if root.is_dir() else None
-    if manifest is None or manifest.get("version") != FAMILY_VERSION or manifest.get("seed") != seed:
-        return False
-    if manifest.get("plan") != plan_record(plan):
-        return False
-    expected = [root / m / "model.safetensors" for m in ("base", *TASKS)]
-    expected += [root / "data" / t / f"{s}.jsonl" for t in TASKS for s in SPLITS]
-    return all(path.is_file() for path in expected)
-
-
 @contextlib.contextmanager
 def build_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``.<root>.lock`` next to ``root`` (no-op without fcntl)."""
+    """Hold an exclusive lock on ``.<root>.lock`` next to ``root``; the file goes at the end.
+
+    The lock file is removed while still locked, so a waiter may wake holding a lock on a
+    file no longer there: it checks that the path still names its file, else retries.
+    """
     root.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: concurrent builds stay safe, only wasteful
         yield
         return
-    with open(root.with_name(f".{root.name}.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = root.with_name(f".{root.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def build_into_place(
-    root: Path, *, seed: int, progress: bool, plan: FamilyPlan = PLAN
-) -> dict[str, object]:
-    """Build in a temp sibling folder, then rename it to ``root`` (replacing an old build)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Called under build_lock: leftovers of killed builds are nobody's work in progress.
-    for leftover in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    temp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    temp.mkdir()
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     try:
-        manifest = build_family(temp, seed=seed, progress=progress, plan=plan)
-        if is_current(root, seed, plan):  # another process finished first: keep its build
-            shutil.rmtree(temp)
-            return manifest
-        if root.exists():
-            stale = root.with_name(f".{root.name}.old-{os.getpid()}")
-            os.replace(root, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(temp, root)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    print(
-        f"demo family built in {manifest['build_seconds']:.0f} s "
-        f"({manifest['build_cpu_seconds']:.0f} s CPU) at {root}",
-        file=sys.stderr,
-    )
-    return manifest
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
+class BuildTerminated(SystemExit):
+    """SIGTERM during a build: unwinds like Ctrl-C, so the temp folder and lock go."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`BuildTerminated` for the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise BuildTerminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
