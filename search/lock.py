@@ -38,8 +38,9 @@ from search.errors import SearchError
 LOCK_SUFFIX = ".writer.lock"  # not ".lock": Optuna's journal backend locks "<journal>.lock" itself
 JOURNAL_PREFIX = "journal:"
 SQLITE_PREFIX = "sqlite:///"
-RECORD_POLLS = 20
-"""How often (every 50 ms) a refused taker looks again for a record not written yet."""
+RECORD_POLLS = 60
+"""How often (every 50 ms, so up to 3 s on a busy machine) a refused taker looks again for
+the current holder's record (not written yet, or the file still holds a dead holder's)."""
 
 
 def lock_path(storage_url: str) -> Path | None:
@@ -105,8 +106,10 @@ def _redact(url: str) -> str:
 def describe_holder(path: Path) -> str:
     """Who holds the lock at ``path``, as far as its record and this machine can tell."""
     record = LockRecord.read(path)
-    for _ in range(RECORD_POLLS):  # the holder writes its record right after it took the lock
-        if record is not None:
+    for _ in range(RECORD_POLLS):
+        # The holder writes its record right after it took the lock; until then the file is
+        # empty or still holds the record of a holder that has died.
+        if record is not None and _is_alive(record):
             break
         time.sleep(0.05)
         record = LockRecord.read(path)
@@ -114,16 +117,22 @@ def describe_holder(path: Path) -> str:
         return f"{path} is locked by a process that left no record (`fuser {path}` names it)"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
     who = f"pid {record.pid} on {record.host}, started {started}, output {record.output}"
-    if record.host != socket.gethostname():
-        return f"held by {who}"
-    now = _start_time(record.pid)
-    if now is not None and abs(now - record.started) < 1.0:
+    if _is_alive(record):
         return f"held by {who}"
     # The kernel still holds the lock for someone, but not for the recorded process: a
     # process it started (forked) kept the lock file open after it ended.
+    now = _start_time(record.pid)
     state = "has exited" if now is None else "is now a different process (pid reused)"
     return (f"recorded holder {who} {state}, but a process it started still holds {path}; "
             f"`fuser -v {path}` names it; stop that process")
+
+
+def _is_alive(record: LockRecord) -> bool:
+    """The recorded process still runs (on another host: assumed, it cannot be checked here)."""
+    if record.host != socket.gethostname():
+        return True
+    now = _start_time(record.pid)
+    return now is not None and abs(now - record.started) < 1.0
 
 
 @contextmanager
