@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fitness.metrics import higher_is_better
+    from fitness.spec import higher_is_better
     from merges.checkpoint import open_checkpoint
     from merges.recipe import Recipe
     from search.annotate import chosen_trial, recipe_yaml
