@@ -37,7 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitness.scoring import score_slice  # noqa: E402
-from fitness.slices import EncodedSlice, TaskSpec, load_task  # noqa: E402
+from fitness.slices import EncodedSlice, load_task  # noqa: E402
+from fitness.spec import TaskSpec  # noqa: E402
 from merges.checkpoint import open_checkpoint  # noqa: E402
 from merges.engine import MergeEngine  # noqa: E402
 from merges.recipe import Recipe  # noqa: E402

@@ -45,7 +45,8 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitness.scoring import score_examples  # noqa: E402
-from fitness.slices import EncodedSlice, TaskSpec, load_task  # noqa: E402
+from fitness.slices import EncodedSlice, load_task  # noqa: E402
+from fitness.spec import TaskSpec  # noqa: E402
 
 TASKS: tuple[str, ...] = ("shipping", "refunds", "catalog")
 

@@ -1,4 +1,4 @@
-"""Metrics: their names, directions, and the token-level arithmetic behind each.
+"""Metrics: the token-level arithmetic behind each (names and directions: :mod:`fitness.spec`).
 
 Built-in metrics (all computed from ONE teacher-forced forward pass per batch):
 
@@ -30,73 +30,13 @@ Built-in metrics (all computed from ONE teacher-forced forward pass per batch):
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from fitness.errors import FitnessError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-    from fitness.slices import EncodedBatch, SliceExample
-
-BUILTIN_METRICS: tuple[str, ...] = ("exact_match", "choice", "choice_norm", "loglik", "perplexity")
-CHOICE_METRICS: tuple[str, ...] = ("choice", "choice_norm")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
-
-UserScorer = Callable[["PreTrainedModel", "EncodedBatch", Sequence["SliceExample"]],
-                      "Sequence[float] | torch.Tensor"]
-
-
-def is_user_metric(metric: str) -> bool:
-    return metric not in BUILTIN_METRICS and ":" in metric
-
-
-def check_metric_name(metric: str, where: str) -> None:
-    """Raise unless ``metric`` is a built-in name or has the ``module:function`` shape."""
-    if metric in BUILTIN_METRICS:
-        return
-    if ":" in metric:
-        module, _, function = metric.partition(":")
-        if module.strip() and function.strip() and ":" not in function:
-            return
-        raise FitnessError(f"{where}: metric {metric!r} is not of the form 'package.module:function'")
-    raise FitnessError(
-        f"{where}: unknown metric {metric!r} (expected one of {', '.join(BUILTIN_METRICS)} "
-        "or 'package.module:function')"
-    )
-
-
-def load_user_scorer(metric: str) -> UserScorer:
-    """Import the ``module:function`` scorer; errors name the module or the function."""
-    check_metric_name(metric, "metric")
-    module_name, _, function_name = metric.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:  # includes ModuleNotFoundError
-        raise FitnessError(f"metric {metric!r}: cannot import module {module_name!r}: {exc}") from exc
-    function = getattr(module, function_name, None)
-    if function is None:
-        raise FitnessError(f"metric {metric!r}: module {module_name!r} has no attribute {function_name!r}")
-    if not callable(function):
-        raise FitnessError(f"metric {metric!r}: {module_name}.{function_name} is not callable")
-    return function
-
-
-def higher_is_better(metric: str) -> bool:
-    """The direction of ``metric``; user scorers may say ``higher_is_better = False``."""
-    check_metric_name(metric, "metric")
-    if not is_user_metric(metric):
-        return metric not in LOWER_IS_BETTER
-    flag = getattr(load_user_scorer(metric), "higher_is_better", True)
-    if not isinstance(flag, bool):
-        raise FitnessError(f"metric {metric!r}: attribute higher_is_better must be a bool, got {flag!r}")
-    return flag
+from fitness.spec import CHOICE_METRICS
 
 
 @dataclass(frozen=True, eq=False)

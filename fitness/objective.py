@@ -23,8 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from fitness.errors import FitnessError
-from fitness.metrics import higher_is_better
-from fitness.slices import TaskSpec
+from fitness.spec import TaskSpec, higher_is_better
 
 MODES: tuple[str, ...] = ("mean", "min", "per_task")
 

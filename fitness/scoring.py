@@ -25,11 +25,10 @@ from fitness.metrics import (
     SequenceStats,
     batch_stats,
     example_scores,
-    is_user_metric,
-    load_user_scorer,
     slice_score,
 )
 from fitness.slices import EncodedBatch, EncodedSlice
+from fitness.spec import is_user_metric, load_user_scorer
 
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 

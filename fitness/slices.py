@@ -27,7 +27,6 @@ Rows are numbered from 1 in file order; errors name the file, the row and the fi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,48 +37,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fitness.errors import FitnessError
-from fitness.gates import GateSpec
-from fitness.metrics import CHOICE_METRICS, check_metric_name
+from fitness.spec import CHOICE_METRICS, TaskSpec
 
 FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS: tuple[str, ...] = ("search", "heldout")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    search: Path  # file (jsonl/csv/parquet) or a folder of them
-    heldout: Path | None = None  # None: split `search` by heldout_fraction, seeded
-    heldout_fraction: float = 0.5
-    split_seed: int = 0
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    choices_field: str | None = None  # for metric "choice": a list of option strings
-    label_field: str | None = None  # index of the right choice (default: the answer's index)
-    metric: str = "exact_match"  # exact_match | choice | choice_norm | loglik | perplexity | "module:function"
-    weight: float = 1.0
-    limit: int | None = None  # first N rows of each split
-    chat_template: bool = False  # wrap prompts with the base tokenizer's chat template
-    gates: tuple[GateSpec, ...] = ()
-    answer_separator: str | None = None  # None: " " (plain prompts) or "" (chat template)
-    add_bos: bool | None = None  # None: decided from the tokenizer (see the module docstring)
-
-    def __post_init__(self) -> None:
-        where = f"task {self.name!r}"
-        if not self.name:
-            raise FitnessError("task: name must not be empty")
-        check_metric_name(self.metric, where)
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise FitnessError(f"{where}: heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.limit is not None and self.limit < 1:
-            raise FitnessError(f"{where}: limit must be >= 1, got {self.limit}")
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise FitnessError(f"{where}: weight must be a finite number > 0, got {self.weight}")
-        if self.metric in CHOICE_METRICS and self.choices_field is None:
-            raise FitnessError(f"{where}: metric {self.metric!r} needs choices_field")
-        for gate in self.gates:
-            if gate.task != self.name:
-                raise FitnessError(f"{where}: gate for task {gate.task!r} listed under another task")
 
 
 @dataclass(frozen=True)

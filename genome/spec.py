@@ -70,14 +70,11 @@ BASE_CHOICE = "base"
 def known_methods() -> tuple[str, ...]:
     """Methods the genome can describe and the merge engine can run.
 
-    Uses ``merges.methods.registry.METHODS`` when it exists (methods the engine has),
-    else every method in ``METHOD_GENES``.
+    Every method of ``METHOD_GENES``; tests/test_genome.py checks that the engine's
+    registry (``merges.methods.registry.METHODS``) has each of them with these parameters.
+    Not read from that registry here: a study file is parsed without the merge stack.
     """
-    try:
-        from merges.methods.registry import METHODS
-    except ImportError:
-        return tuple(METHOD_GENES)
-    return tuple(name for name in METHOD_GENES if name in METHODS)
+    return tuple(METHOD_GENES)
 
 
 @dataclass(frozen=True)

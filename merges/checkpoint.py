@@ -5,6 +5,10 @@ are read through safetensors' memory map; one open handle per shard is kept, so 
 tensor never reads a whole file. Pickle weights (``pytorch_model.bin``, sharded
 ``pytorch_model.bin.index.json``, a single ``*.pt``) are refused unless the caller opts in
 with ``allow_pickle=True``; they are then loaded with ``weights_only=True, mmap=True``.
+
+Opening a safetensors checkpoint reads only its headers and does not import torch (``search
+export`` and the dashboard stay light); torch is imported by the first tensor read, by
+``Checkpoint.dtypes``, and by pickle weights.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from merges.errors import CheckpointError
 from merges.layout import Layout, layout_of
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -40,20 +47,22 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "chat_template.json",
 )
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype code -> the name of the torch dtype (names, so that torch loads only when needed).
+_SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
+_CODE_OF_TORCH_NAME: dict[str, str] = {torch_name: code for code, torch_name in _SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +72,7 @@ class Checkpoint:
     path: Path
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]  # every tensor, checkpoint order
-    dtypes: dict[str, torch.dtype]
+    dtype_codes: dict[str, str]  # safetensors dtype codes ("F32", "BF16", ...), checkpoint order
     layout: Layout
     _file_of: dict[str, Path] = field(repr=False, compare=False)
     _pickle: bool = field(default=False, repr=False, compare=False)
@@ -78,6 +87,13 @@ class Checkpoint:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.shapes)
+
+    @cached_property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """Each tensor's torch dtype (imports torch)."""
+        import torch
+
+        return {name: getattr(torch, _SAFETENSORS_DTYPES[code]) for name, code in self.dtype_codes.items()}
 
     def read(
         self,
@@ -152,12 +168,16 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoi
     files = _weight_files(folder, allow_pickle=allow_pickle)
     pickle = files.pickle
     shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, torch.dtype] = {}
+    dtype_codes: dict[str, str] = {}
     file_of: dict[str, Path] = {}
-    handles: dict[Path, Any] = {}
+    handles: dict[Path, Any] = {}  # pickle state dicts, kept for reads
     for file in files.shards:
-        handle = _load_pickle(file) if pickle else _open_safetensors(file)
-        handles[file] = handle
+        if pickle:
+            import torch
+
+            handle = handles[file] = _load_pickle(file)
+        else:  # headers only: numpy needs no torch; tensor reads open the file for torch
+            handle = _open_safetensors(file, framework="numpy")
         names = list(handle) if pickle else list(handle.offset_keys())
         for name in names:
             if name in file_of:
@@ -166,11 +186,12 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoi
                 tensor = handle[name]
                 if not isinstance(tensor, torch.Tensor):
                     raise CheckpointError(f"{file}: entry {name!r} is not a tensor")
-                shapes[name], dtypes[name] = tuple(tensor.shape), tensor.dtype
+                shapes[name] = tuple(tensor.shape)
+                code = _CODE_OF_TORCH_NAME.get(str(tensor.dtype).removeprefix("torch."), str(tensor.dtype))
             else:
                 sl = handle.get_slice(name)
-                shapes[name] = tuple(sl.get_shape())
-                dtypes[name] = _dtype(sl.get_dtype(), file, name)
+                shapes[name], code = tuple(sl.get_shape()), sl.get_dtype()
+            dtype_codes[name] = _dtype_code(code, file, name)
             file_of[name] = file
     if files.expected is not None:
         missing = [n for n in files.expected if n not in file_of]
@@ -185,7 +206,7 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoi
         layout = layout_of(list(shapes), config, shapes)
     except CheckpointError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
-    return Checkpoint(folder, config, shapes, dtypes, layout, file_of, pickle, handles)
+    return Checkpoint(folder, config, shapes, dtype_codes, layout, file_of, pickle, handles)
 
 
 # -- weight files -----------------------------------------------------------------
@@ -244,14 +265,16 @@ def _from_index(index_path: Path, *, pickle: bool) -> _WeightFiles:
     return _WeightFiles(shards, pickle, expected, index_path)
 
 
-def _open_safetensors(file: Path) -> Any:
+def _open_safetensors(file: Path, *, framework: str = "pt") -> Any:
     try:
-        return safe_open(str(file), framework="pt", device="cpu")
+        return safe_open(str(file), framework=framework, device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError
         raise CheckpointError(f"{file}: cannot open as safetensors ({exc})") from exc
 
 
 def _load_pickle(file: Path) -> Mapping[str, Any]:
+    import torch
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
@@ -267,11 +290,10 @@ def _load_pickle(file: Path) -> Mapping[str, Any]:
     return state
 
 
-def _dtype(code: str, file: Path, name: str) -> torch.dtype:
-    try:
-        return _SAFETENSORS_DTYPES[code]
-    except KeyError:
-        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}") from None
+def _dtype_code(code: str, file: Path, name: str) -> str:
+    if code not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {code}")
+    return code
 
 
 def _read_json(path: Path, *, what: str) -> Any:

@@ -57,9 +57,8 @@ from merges.methods.fused import (
     run_native_many,
 )
 from merges.methods.model_stock import model_stock
-from merges.methods.registry import METHODS, MethodSpec, non_base_sources, validate_recipe
+from merges.methods.registry import FAMILY, METHODS, MethodSpec, non_base_sources, validate_recipe
 from merges.methods.slerp import SlerpGeometry, slerp_coefficients, slerp_geometry
-from merges.methods.task_arithmetic import FAMILY
 from merges.preflight import preflight
 from merges.recipe import Recipe
 

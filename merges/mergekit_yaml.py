@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from merges.checkpoint import Checkpoint, open_checkpoint
@@ -787,6 +786,8 @@ def _checkpoint_facts(model: str | None, layout: Layout | None, need_dtypes: boo
 
 def _implied_dtype(models: set[str], opened: dict[str, Checkpoint], allow_pickle: bool, where: str) -> str:
     """With no ``dtype`` mergekit computes in the stored dtype; exact only when all are float32."""
+    import torch  # here, not at the top: writing a config (export, the dashboard) needs no torch
+
     for model in sorted(models):
         checkpoint = opened.get(model) or open_checkpoint(model, allow_pickle=allow_pickle)
         odd = next((n for n, d in checkpoint.dtypes.items() if d.is_floating_point and d != torch.float32), None)

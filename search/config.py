@@ -18,8 +18,7 @@ from pathlib import Path
 
 from fitness.errors import FitnessError
 from fitness.gates import GateSpec
-from fitness.metrics import BUILTIN_METRICS, is_user_metric
-from fitness.slices import TaskSpec
+from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
 from genome.errors import GenomeError
 from genome.space import check_sources, is_numeric
 from genome.spec import FRANKEN_PICKS, METHOD_GENES, Bounds, FrankenSpec, GenomeSpec, known_methods
@@ -265,8 +264,8 @@ class _Parser:
         if population and sampler not in ("cmaes", "nsga2"):
             raise study.error("population", f"only cmaes and nsga2 use a population, the sampler is {sampler!r}")
         top_k = study.get_int("top_k", 5, minimum=1)
-        from fitness.metrics import higher_is_better
         from fitness.objective import objective_directions
+        from fitness.spec import higher_is_better
 
         for index, task in enumerate(tasks):  # a user scorer that fails to import names its task
             try:

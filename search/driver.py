@@ -38,9 +38,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
-from fitness.metrics import higher_is_better
 from fitness.objective import objective_directions, objective_values
-from fitness.slices import TaskSpec
+from fitness.spec import TaskSpec, higher_is_better
 from genome.errors import GenomeError
 from genome.space import decode, gene_space, is_numeric
 from merges.layout import Layout

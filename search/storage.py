@@ -253,7 +253,7 @@ def load_existing_study(
     Read-only: a storage that does not exist yet is not created (:class:`NoStudyYetError`).
     """
     storage = resolve_storage(storage_url, create=False)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    names = optuna.get_all_study_names(storage)  # not the summaries: those read every trial
     if name not in names:
         raise NoStudyYetError(
             f"no study named {name!r} in {storage_url} yet (found: {', '.join(names) or 'none'}); {START_HINT}"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fitness.errors import FitnessError
-from fitness.slices import TaskSpec
+from fitness.spec import TaskSpec
 from merges.errors import MergeError
 from merges.recipe import Recipe
 from search.errors import SearchError

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fitness.scoring import score_examples, score_slice
-from fitness.slices import TaskSpec, load_task
+from fitness.slices import load_task
+from fitness.spec import TaskSpec
 from search.config import load_study
 from search.errors import StudyConfigError
 from tests.checkpoints import make_family

@@ -49,7 +49,7 @@ from tests.studies import gated_study, run
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 REPO = Path(__file__).resolve().parents[1]
-STARTUP_S = 120.0  # bounded: the command imports torch/transformers before it serves
+STARTUP_S = 120.0  # a hang guard: a loaded machine may take a while to start the command
 
 
 @dataclass(frozen=True)
@@ -406,8 +406,8 @@ def test_a_taken_port_or_a_missing_study_is_a_one_line_error(
 def test_ctrl_c_stops_the_dashboard_cleanly(served: Served) -> None:
     # Runs last in this module (pytest keeps file order): the server goes down here.
     # The timeout is a hang guard. On a busy machine this used to pass 60 s: after "dashboard
-    # stopped" the interpreter tore down torch and transformers (imported by the study file's
-    # checks), over a second of CPU a niced process barely gets; it now exits without that.
+    # stopped" the interpreter tore down torch and transformers, over a second of CPU a niced
+    # process barely gets; the dashboard no longer imports them (tests/test_light.py).
     served.process.send_signal(signal.SIGINT)
     out, err = served.process.communicate(timeout=60)
     assert served.process.returncode == 0, err

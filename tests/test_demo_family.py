@@ -365,7 +365,8 @@ def test_old_policy_answers_differ_from_current_everywhere(
 def test_default_merges_fall_short_and_a_tuned_one_does_not(family: DemoFamily) -> None:
     """The room a search needs: untuned merges lose a task, a coarse-grid TIES keeps all three."""
     from fitness.scoring import score_slice
-    from fitness.slices import TaskSpec, load_task
+    from fitness.slices import load_task
+    from fitness.spec import TaskSpec
     from merges.checkpoint import open_checkpoint
     from merges.engine import MergeEngine
     from merges.recipe import Recipe

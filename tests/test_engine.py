@@ -14,7 +14,9 @@ import merges.engine as engine_module
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.engine import MergeEngine
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
-from merges.methods import linear, merge_task_vectors, slerp
+from merges.methods.linear import linear
+from merges.methods.slerp import slerp
+from merges.methods.task_arithmetic import merge_task_vectors
 from merges.recipe import ROLES, LayerSlice, Recipe
 from tests.checkpoints import TinyFamily
 

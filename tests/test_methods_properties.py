@@ -17,19 +17,13 @@ from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.slerp import slerp as mk_slerp
 
 from merges.errors import RecipeError
-from merges.methods import (
-    FAMILY,
-    METHODS,
-    combine,
-    linear,
-    merge_task_vectors,
-    model_stock,
-    slerp,
-    validate_recipe,
-)
 from merges.methods import sparsify as sp
 from merges.methods.fused import FusedJob, native_library, run_eager, run_native_many
-from merges.methods.task_arithmetic import sparsify_delta
+from merges.methods.linear import linear
+from merges.methods.model_stock import model_stock
+from merges.methods.registry import FAMILY, METHODS, validate_recipe
+from merges.methods.slerp import slerp
+from merges.methods.task_arithmetic import combine, merge_task_vectors, sparsify_delta
 from merges.recipe import Recipe
 
 FEW = settings(max_examples=15, deadline=None)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fitness.errors import FitnessError
 from fitness.objective import objective_directions, objective_values
-from fitness.slices import TaskSpec
+from fitness.spec import TaskSpec
 
 DATA = Path("unused.jsonl")  # objective code never reads task files
 

@@ -163,7 +163,7 @@ def ray_runtime() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def setup_and_execution(llama_family: TinyFamily, tmp_path_factory: pytest.TempPathFactory):
-    from fitness.slices import TaskSpec
+    from fitness.spec import TaskSpec
     from search.config import ExecutionConfig
     from search.worker import WorkerSetup
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitness.metrics import higher_is_better
+from fitness.spec import higher_is_better
 from merges.mergekit_yaml import recipe_from_mergekit, rename_models
 from merges.recipe import ROLES, LayerSlice, Recipe
 from search import ranking, storage

@@ -21,9 +21,9 @@ from transformers import (
 )
 
 from fitness.errors import FitnessError
-from fitness.metrics import higher_is_better
 from fitness.scoring import score_examples, score_slice
-from fitness.slices import EncodedBatch, EncodedSlice, SliceExample, TaskSpec, load_task
+from fitness.slices import EncodedBatch, EncodedSlice, SliceExample, load_task
+from fitness.spec import TaskSpec, higher_is_better
 from tests.checkpoints import tiny_tokenizer
 from tests.test_slices import write_jsonl
 

@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 
 from fitness.errors import FitnessError
 from fitness.gates import GateSpec
-from fitness.slices import EncodedSlice, TaskSpec, load_task
+from fitness.slices import EncodedSlice, load_task
+from fitness.spec import TaskSpec
 from tests.checkpoints import VOCAB, tiny_tokenizer
 
 Row = dict[str, object]

@@ -3,7 +3,8 @@
 Read from mergekit's own registry (``merge_methods/registry.py`` and the methods' specs):
 ``weight`` has no default (required) for linear and the task-vector family; ``ties`` and
 ``della`` normalise by default, ``dare_*`` and ``della*`` rescale by default, ``slerp``
-requires ``t``.
+requires ``t``. ``FAMILY`` says how each task-vector method sparsifies and combines.
+No torch here: writing a mergekit config (``search export``, the dashboard) reads this registry.
 """
 
 from __future__ import annotations
@@ -13,10 +14,31 @@ from functools import lru_cache
 from pathlib import Path
 
 from merges.errors import RecipeError
-from merges.methods.task_arithmetic import FAMILY
 from merges.recipe import Recipe
 
 REQUIRED = None  # a parameter default that means "the recipe must give it"
+
+
+@dataclass(frozen=True)
+class TaskVectorFamily:
+    """How one task-vector method sparsifies and combines (mergekit's registry entry)."""
+
+    consensus: bool
+    sparsification: str | None
+    default_normalize: bool
+    default_rescale: bool
+
+
+FAMILY: dict[str, TaskVectorFamily] = {
+    "task_arithmetic": TaskVectorFamily(False, None, False, False),
+    "ties": TaskVectorFamily(True, "magnitude", True, False),
+    "dare_ties": TaskVectorFamily(True, "random", False, True),
+    "dare_linear": TaskVectorFamily(False, "random", False, True),
+    "breadcrumbs": TaskVectorFamily(False, "magnitude_outliers", False, False),
+    "breadcrumbs_ties": TaskVectorFamily(True, "magnitude_outliers", False, False),
+    "della": TaskVectorFamily(True, "della_magprune", True, True),
+    "della_linear": TaskVectorFamily(False, "della_magprune", False, True),
+}
 
 
 @dataclass(frozen=True)

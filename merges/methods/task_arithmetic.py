@@ -10,35 +10,13 @@ reference path (sorts and draws per call; the engine precomputes instead).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from merges.methods import sparsify
+from merges.methods.registry import FAMILY
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
-
-
-@dataclass(frozen=True)
-class TaskVectorFamily:
-    """How one task-vector method sparsifies and combines (mergekit's registry entry)."""
-
-    consensus: bool
-    sparsification: str | None
-    default_normalize: bool
-    default_rescale: bool
-
-
-FAMILY: dict[str, TaskVectorFamily] = {
-    "task_arithmetic": TaskVectorFamily(False, None, False, False),
-    "ties": TaskVectorFamily(True, "magnitude", True, False),
-    "dare_ties": TaskVectorFamily(True, "random", False, True),
-    "dare_linear": TaskVectorFamily(False, "random", False, True),
-    "breadcrumbs": TaskVectorFamily(False, "magnitude_outliers", False, False),
-    "breadcrumbs_ties": TaskVectorFamily(True, "magnitude_outliers", False, False),
-    "della": TaskVectorFamily(True, "della_magprune", True, True),
-    "della_linear": TaskVectorFamily(False, "della_magprune", False, True),
-}
 
 
 def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,

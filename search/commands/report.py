@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fitness.metrics import higher_is_better
+    from fitness.spec import higher_is_better
     from merges.checkpoint import open_checkpoint
     from search.annotate import chosen_trial
     from search.report import RECIPE_FILENAME, write_report

@@ -1,0 +1,123 @@
+"""Light commands stay light: ``status``, ``export`` (without ``--materialize``) and ``dashboard``
+never import torch, transformers or datasets.
+
+Each command runs in a fresh interpreter (``python -c`` calling ``search.cli.main``) on a
+finished tiny study, and prints which of the heavy packages ended up in ``sys.modules``
+after ``main`` returned. The dashboard is queried over HTTP first (study list, the study's
+trials and Best Trial box, its page), then stopped with Ctrl-C: ``main`` must return
+normally (the line after it runs) with exit status 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from search.config import StudyConfig
+from tests.checkpoints import TinyFamily
+from tests.studies import run, write_study
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "datasets")
+HANG_GUARD_S = 300  # only against a hang; nothing here is timed
+MARK = "loaded heavy modules: "
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, llama_family: TinyFamily) -> tuple[Path, StudyConfig]:
+    """A tiny study run to its end (baselines, one search trial, finalize)."""
+    folder = tmp_path_factory.mktemp("light")
+    path = write_study(folder, llama_family, trials=1, top_k=1)
+    config, _ = run(path)
+    return path, config
+
+
+def command(argv: list[str]) -> list[str]:
+    """``python -c``: run ``search.cli.main(argv)``, then print the heavy modules it loaded."""
+    code = (
+        "import sys\n"
+        "from search.cli import main\n"
+        f"status = main({argv!r})\n"
+        f"print({MARK!r} + ','.join(m for m in {HEAVY!r} if m in sys.modules), flush=True)\n"
+        "sys.exit(status)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def heavy_loaded(stdout: str) -> list[str]:
+    lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
+    assert lines, f"main did not return normally; stdout:\n{stdout}"
+    return [name for name in lines[-1].removeprefix(MARK).split(",") if name]
+
+
+def run_light(argv: list[str]) -> str:
+    done = subprocess.run(command(argv), cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_status_imports_no_torch(finished: tuple[Path, StudyConfig]) -> None:
+    path, config = finished
+    out = run_light(["status", str(path)])
+    assert f"study {config.name}" in out
+    assert heavy_loaded(out) == []
+
+
+def test_export_without_materialize_imports_no_torch(finished: tuple[Path, StudyConfig],
+                                                     tmp_path: Path) -> None:
+    path, _ = finished
+    recipe = tmp_path / "recipe.yaml"
+    out = run_light(["export", str(path), "-o", str(recipe)])
+    assert recipe.read_text().startswith("# mergesearch export")
+    assert heavy_loaded(out) == []
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (loopback)
+        return bytes(response.read())
+
+
+def test_dashboard_imports_no_torch_and_returns_on_ctrl_c(finished: tuple[Path, StudyConfig]) -> None:
+    path, config = finished
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(command(["dashboard", str(path), "--port", str(port)]), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while True:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the dashboard did not answer (hang guard)"
+            try:
+                studies = json.loads(get(f"{url}/api/studies"))["study_summaries"]
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        (summary,) = [s for s in studies if s["study_name"] == config.name]
+        detail = json.loads(get(f"{url}/api/studies/{summary['study_id']}"))
+        assert detail["trials"] and detail["best_trials"]  # the chosen trial and feasibility code ran
+        assert get(f"{url}/dashboard/studies/{summary['study_id']}")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert "dashboard stopped" in out
+    assert heavy_loaded(out) == []
