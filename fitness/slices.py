@@ -37,9 +37,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fitness.errors import FitnessError
-from fitness.spec import CHOICE_METRICS, TaskSpec
+from fitness.spec import CHOICE_METRICS, FORMATS, TaskSpec
 
-FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS: tuple[str, ...] = ("search", "heldout")
 
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 BUILTIN_METRICS: tuple[str, ...] = ("exact_match", "choice", "choice_norm", "loglik", "perplexity")
 CHOICE_METRICS: tuple[str, ...] = ("choice", "choice_norm")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
+# data file suffix -> the `datasets` loader that reads it
+FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 UserScorer = Callable[["PreTrainedModel", "EncodedBatch", Sequence["SliceExample"]],
                       "Sequence[float] | torch.Tensor"]

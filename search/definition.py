@@ -29,7 +29,7 @@ from pathlib import Path
 
 import optuna
 
-from fitness.slices import FORMATS, TaskSpec
+from fitness.spec import FORMATS, TaskSpec
 from search.config import StudyConfig
 from search.errors import SearchError
 
