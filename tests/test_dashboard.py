@@ -250,7 +250,9 @@ def hand_built_study(served: Served, name: str, directions: list[str], rows: lis
         study_name=name, storage=storage.resolve_storage(served.config.storage), directions=directions
     )
     for number, (values, constraints, kind) in enumerate(rows):
-        attrs: dict[str, Any] = {"kind": kind, "objective_raw": values}
+        # a scored trial as the driver stores it (ranking skips a trial without scores_search)
+        attrs: dict[str, Any] = {"kind": kind, "scores_search": {"task": values[0]},
+                                 "feasible": all(c <= 0 for c in constraints)}
         if kind == ranking.KIND_BASELINE:
             attrs["baseline"] = f"baseline-{number}"
         study.add_trial(optuna.trial.create_trial(

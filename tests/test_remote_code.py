@@ -172,7 +172,7 @@ def test_a_tokenizer_auto_map_alone_is_refused(tmp_path: Path) -> None:
     path = _study(tmp_path, family, trust=False)
     with pytest.raises(StudyConfigError, match=r"models\.trust_remote_code: models\.base .*\(tokenizer_config\.json "
                                                r"auto_map: AutoTokenizer -> tokenization_tiny\.TinyCustomTokenizerFast\)"):
-        check_study(load_study(path), progress=False)
+        check_study(load_study(path))
     assert not markers["tokenizer"].exists()
 
 

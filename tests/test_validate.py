@@ -113,7 +113,7 @@ def test_an_existing_study_with_other_directions_is_refused(
     optuna.create_study(study_name="tiny", storage=config.storage, directions=["minimize"])
     with pytest.raises(StudyConfigError, match=r"study\.name: study 'tiny' in .* was created with directions "
                                                r"\['minimize'\], the study file now gives \['maximize'\]"):
-        check_study(config, progress=False)
+        check_study(config)
 
 
 @pytest.mark.parametrize("storage", ["", "journal:runs/j.log"])
