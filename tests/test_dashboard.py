@@ -44,6 +44,7 @@ from search.commands.dashboard import is_loopback
 from search.config import StudyConfig
 from search.report import build_report
 from tests.checkpoints import TinyFamily
+from tests.processes import ctrl_c_works
 from tests.studies import gated_study, run
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -99,7 +100,7 @@ def send(url: str, request: Request) -> tuple[int, Any]:
 def start_dashboard(path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "search.cli", "dashboard", str(path), "--port", str(port), *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_works,
     )
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from search.config import StudyConfig
 from tests.checkpoints import TinyFamily
+from tests.processes import ctrl_c_works
 from tests.studies import run, write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,8 @@ def test_dashboard_imports_no_torch_and_returns_on_ctrl_c(finished: tuple[Path, 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(command(["dashboard", str(path), "--port", str(port)]), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_works)
     try:
         deadline = time.monotonic() + HANG_GUARD_S
         while True:

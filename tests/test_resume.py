@@ -25,6 +25,7 @@ from search.config import load_study
 from search.driver import run_study
 from search.samplers import POSITION
 from tests.checkpoints import TinyFamily
+from tests.processes import ctrl_c_works
 from tests.studies import open_running_study, write_study
 from tests.test_driver import load, search_trials
 
@@ -47,6 +48,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "search.cli", *args], cwd=REPO, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+        preexec_fn=ctrl_c_works,
     )
 
 
