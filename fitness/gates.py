@@ -11,6 +11,8 @@ the worst acceptable value: score <= min; score <= reference + max_regression). 
 reference is the named source's score on the task, or with ``against = "best"`` the
 best source's score (highest, or lowest for lower-is-better).
 
+:func:`gate_limits` resolves each gate to its limit (a :class:`GateLimit`: what the study
+stores once, ``search.gate_record``); :func:`evaluate_gates` checks scores against them.
 ``margin`` is how far the score is on the passing side of the limit, in score units;
 ``constraint = -margin`` (Optuna's convention: <= 0 is feasible). A score exactly at
 the limit passes with margin 0; differences within float rounding (1e-12, relative)
@@ -50,12 +52,33 @@ class GateSpec:
             raise FitnessError(f"{where}: against must be 'best' or a source label, got an empty string")
 
 
+KIND_MIN = "min"
+KIND_MAX_REGRESSION = "max_regression"
+
+
+@dataclass(frozen=True)
+class GateLimit:
+    """One gate resolved against the sources' scores: the limit a score is checked against."""
+
+    name: str  # "<task>.<kind>"
+    task: str
+    kind: str  # KIND_MIN or KIND_MAX_REGRESSION
+    setting: float  # the configured number: min, or max_regression
+    limit: float  # the score a candidate must reach (floor) or not exceed (ceiling)
+    higher_is_better: bool  # True: the limit is a floor; False: a ceiling
+    reference: str | None = None  # max_regression: the source label the limit is measured from
+    reference_score: float | None = None  # that source's score on the task
+
+
 @dataclass(frozen=True)
 class GateResult:
     name: str  # e.g. "shipping.min", "refunds.max_regression"
     constraint: float  # <= 0 passes (Optuna's convention)
     margin: float  # positive = passed by that much, in score units (direction-aware)
     passed: bool
+    score: float | None = None  # the candidate's score on the gate's task
+    limit: float | None = None  # the limit it was checked against (GateLimit.limit)
+    higher_is_better: bool = True
 
 
 def gate_names(gates: Sequence[GateSpec]) -> list[str]:
@@ -74,6 +97,27 @@ def gate_names(gates: Sequence[GateSpec]) -> list[str]:
     return names
 
 
+def gate_limits(gates: Sequence[GateSpec], source_scores: Mapping[str, Mapping[str, float]],
+                directions: Mapping[str, bool]) -> list[GateLimit]:
+    """Each gate's limit, in :func:`gate_names` order.
+
+    ``source_scores``: source label -> task -> score (the references of ``max_regression``);
+    ``directions``: task -> higher_is_better.
+    """
+    names = iter(gate_names(gates))
+    limits: list[GateLimit] = []
+    for gate in gates:
+        higher = _direction(gate, directions)
+        if gate.min is not None:
+            limits.append(GateLimit(next(names), gate.task, KIND_MIN, gate.min, gate.min, higher))
+        if gate.max_regression is not None:
+            label, reference = _reference(gate, source_scores, higher)
+            limit = reference - gate.max_regression if higher else reference + gate.max_regression
+            limits.append(GateLimit(next(names), gate.task, KIND_MAX_REGRESSION, gate.max_regression, limit,
+                                    higher, reference=label, reference_score=reference))
+    return limits
+
+
 def evaluate_gates(gates: Sequence[GateSpec], scores: Mapping[str, float],
                    source_scores: Mapping[str, Mapping[str, float]],
                    directions: Mapping[str, bool]) -> list[GateResult]:
@@ -82,25 +126,21 @@ def evaluate_gates(gates: Sequence[GateSpec], scores: Mapping[str, float],
     ``scores``: task -> the candidate's score; ``source_scores``: source label -> task ->
     score; ``directions``: task -> higher_is_better.
     """
-    names = iter(gate_names(gates))
-    results: list[GateResult] = []
-    for gate in gates:
-        higher = _direction(gate, directions)
-        score = _score(gate, scores)
-        if gate.min is not None:
-            results.append(_result(next(names), score, gate.min, higher))
-        if gate.max_regression is not None:
-            reference = _reference(gate, source_scores, higher)
-            limit = reference - gate.max_regression if higher else reference + gate.max_regression
-            results.append(_result(next(names), score, limit, higher))
-    return results
+    return check_gates(gate_limits(gates, source_scores, directions), scores)
 
 
-def _result(name: str, score: float, limit: float, higher: bool) -> GateResult:
+def check_gates(limits: Sequence[GateLimit], scores: Mapping[str, float]) -> list[GateResult]:
+    """One result per resolved gate: ``scores`` (task -> the candidate's score) against its limit."""
+    return [_result(limit, _score(limit.task, scores)) for limit in limits]
+
+
+def _result(gate: GateLimit, score: float) -> GateResult:
+    limit, higher = gate.limit, gate.higher_is_better
     margin = score - limit if higher else limit - score
     if abs(margin) <= _ROUNDING * max(1.0, abs(limit)):
         margin = 0.0
-    return GateResult(name=name, constraint=-margin if margin else 0.0, margin=margin, passed=margin >= 0)
+    return GateResult(name=gate.name, constraint=-margin if margin else 0.0, margin=margin, passed=margin >= 0,
+                      score=score, limit=limit, higher_is_better=higher)
 
 
 def _direction(gate: GateSpec, directions: Mapping[str, bool]) -> bool:
@@ -109,16 +149,18 @@ def _direction(gate: GateSpec, directions: Mapping[str, bool]) -> bool:
     return directions[gate.task]
 
 
-def _score(gate: GateSpec, scores: Mapping[str, float]) -> float:
-    if gate.task not in scores:
-        raise FitnessError(f"gate on task {gate.task!r}: the candidate has no score for the task")
-    score = float(scores[gate.task])
+def _score(task: str, scores: Mapping[str, float]) -> float:
+    if task not in scores:
+        raise FitnessError(f"gate on task {task!r}: the candidate has no score for the task")
+    score = float(scores[task])
     if math.isnan(score):
-        raise FitnessError(f"gate on task {gate.task!r}: the candidate's score is NaN")
+        raise FitnessError(f"gate on task {task!r}: the candidate's score is NaN")
     return score
 
 
-def _reference(gate: GateSpec, source_scores: Mapping[str, Mapping[str, float]], higher: bool) -> float:
+def _reference(gate: GateSpec, source_scores: Mapping[str, Mapping[str, float]],
+               higher: bool) -> tuple[str, float]:
+    """The reference source's label and score (with ``against = "best"``: the best source's)."""
     where = f"gate {gate.task}.max_regression"
     if gate.against == BEST:
         if not source_scores:
@@ -130,12 +172,13 @@ def _reference(gate: GateSpec, source_scores: Mapping[str, Mapping[str, float]],
         raise FitnessError(
             f"{where}: against source {gate.against!r} has no scores (sources: {', '.join(source_scores) or 'none'})"
         )
-    values: list[float] = []
+    values: dict[str, float] = {}
     for label in labels:
         if gate.task not in source_scores[label]:
             raise FitnessError(f"{where}: source {label!r} has no score for task {gate.task!r}")
         value = float(source_scores[label][gate.task])
         if math.isnan(value):
             raise FitnessError(f"{where}: source {label!r} scored NaN on task {gate.task!r}")
-        values.append(value)
-    return max(values) if higher else min(values)
+        values[label] = value
+    best = (max if higher else min)(values, key=lambda label: values[label])  # ties: the first source
+    return best, values[best]

@@ -9,8 +9,6 @@ Everything goes through public Optuna / optuna-dashboard APIs (``upload_artifact
 * :func:`attach_baseline_recipe` uploads a baseline's YAML as a *study* artifact
   ``baseline-<name>.yaml`` (baselines are stored finished, ``study.add_trial``, so they
   cannot take a trial artifact) and writes a note on the baseline's trial saying it is one.
-* :func:`gate_status` is the one-line user attr ``gate_status``: which gates failed and by
-  how much, readable on the trial's page without decoding ``gate_margins``.
 * :func:`write_best_note` writes a Markdown note on the chosen trial (the final trial
   after ``finalize``, else the best feasible search trial: the one ``search export``
   writes and the report shows) and a short study note pointing at it.
@@ -27,11 +25,10 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 
-from fitness.gates import GateResult
 from merges.layout import Layout
 from merges.mergekit_yaml import recipe_to_mergekit
 from merges.recipe import Recipe
-from search import ranking, storage
+from search import gate_record, ranking, storage
 from search.errors import SearchError
 
 ARTIFACTS_FOLDER = "artifacts"
@@ -87,19 +84,6 @@ def baseline_note(name: str, filename: str, trial: FrozenTrial) -> str:
         "proposed: it is never the chosen recipe nor the *Best Trial*. Its mergekit YAML is "
         f"the study artifact `{filename}`.\n"
     )
-
-
-def gate_status(gates: Sequence[GateResult]) -> str:
-    """One line: ``infeasible: code.min fails by 0.031; chat.max_regression passes by 0.012``.
-
-    Failed gates first, each with how far it is from its threshold in score units.
-    """
-    if not gates:
-        return "feasible: the study has no gates"
-    ordered = sorted(gates, key=lambda g: g.passed)  # stable: failed gates first, in gate order
-    parts = [f"{g.name} {'passes' if g.passed else 'fails'} by {abs(g.margin):.4g}" for g in ordered]
-    verdict = "feasible" if all(g.passed for g in gates) else "infeasible"
-    return f"{verdict}: " + "; ".join(parts)
 
 
 def _upload(target: optuna.Study | optuna.Trial, filename: str, text: str, folder: Path) -> str:
@@ -174,13 +158,15 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
         record = storage.heldout_record(user_attrs, trial.number)
         if held is not None and record is not None:
             lines.append(_row(f"{name} (held-out)", record.scores, tasks))
-    margins: Mapping[str, float] = best.user_attrs.get("gate_margins", {})
-    if margins:
-        lines += ["", "Gate margins (positive: passed by that much):", ""]
-        lines += ["| gate | search | held-out |", "| --- | --- | --- |"]
-        for name, value in margins.items():
-            other = "" if held is None else f"{held.gate_margins.get(name, float('nan')):+.4f}"
-            lines.append(f"| `{name}` | {value:+.4f} | {other} |")
+    gates = gate_record.read_trial_gates(best.user_attrs)
+    if gates:
+        lines += ["", "Gate margins (positive: passed by that much) and, on the search slices, "
+                  "the score against the gate's limit:", ""]
+        lines += ["| gate | search | held-out | search: score vs limit |", "| --- | --- | --- | --- |"]
+        for gate in gates:
+            other = "" if held is None else f"{held.gate_margins.get(gate.name, float('nan')):+.4f}"
+            against = gate_record.comparison(gate) or "not stored (older version)"
+            lines.append(f"| `{gate.name}` | {gate.margin:+.4f} | {other} | {against} |")
     else:
         lines += ["", "The study has no gates."]
     return "\n".join(lines) + "\n"
@@ -189,8 +175,8 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
 def study_note(study: optuna.Study, best: FrozenTrial | None) -> str:
     """The study's note: which trial is chosen, and why the dashboard's own 'best' may differ."""
     if best is None:
-        gates = study.user_attrs.get("gates", [])
-        blocker = ranking.what_blocks(study.get_trials(deepcopy=False), list(gates))
+        names = gate_record.read_study_gates(study.user_attrs).names
+        blocker = ranking.what_blocks(study.get_trials(deepcopy=False), names)
         reason = blocker.describe() if blocker else "no completed search trial yet"
         return f"## No chosen recipe yet\n\n{reason}\n"
     return (

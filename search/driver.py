@@ -37,14 +37,14 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
+from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_limits, gate_names
 from fitness.objective import objective_directions, objective_values
 from fitness.spec import TaskSpec, higher_is_better
 from genome.errors import GenomeError
 from genome.space import decode, gene_space, is_numeric
 from merges.layout import Layout
 from merges.recipe import Recipe
-from search import annotate, ranking, storage
+from search import gate_record, ranking, storage
 from search.annotate import artifact_dir, attach_baseline_recipe, attach_recipe, write_best_note
 from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
@@ -224,7 +224,6 @@ def open_plan_study(plan: StudyPlan) -> optuna.Study:
         "config_path": str(config.path),
         "sources": dict(plan.paths),
         "tasks": [t.name for t in config.tasks],
-        "gates": list(plan.gate_names),
         "sampler": config.sampler,
         "seed": config.seed,
     }
@@ -296,6 +295,9 @@ def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
         with _sigint_handler(stop):
             try:
                 run_baselines(study, plan, pool, progress)
+                gate_record.store_study_gates(study, gate_limits(  # the limits, once the references are known
+                    plan.gates, source_references(study.get_trials(deepcopy=False), plan.labels, "scores_search"),
+                    plan.task_higher))
                 start_run(study, config.trials)  # the budget and the clock `search status` shows
                 loop.run()
             except KeyboardInterrupt:
@@ -737,12 +739,7 @@ class _Loop:
 
 
 def _score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult]) -> dict[str, object]:
-    return {
-        "scores_search": dict(scores),
-        "gate_margins": {g.name: g.margin for g in gates},
-        "gate_status": annotate.gate_status(gates),  # the same, as one line the dashboard shows as is
-        "feasible": all(g.passed for g in gates),
-    }
+    return {"scores_search": dict(scores), **gate_record.trial_gate_attrs(gates)}
 
 
 def _evaluate_all(pool: WorkerPool, recipes: Sequence[dict], split: str) -> list[TrialOutcome]:

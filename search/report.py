@@ -5,9 +5,9 @@ records in study user attrs ``heldout:<number>``) and ranks with :mod:`search.ra
 it shows the same chosen trial as ``search export`` and the dashboard note
 (:func:`search.annotate.chosen_trial`). It works on a running study too.
 
-Gate limits are not stored; they are recovered exactly from any scored trial: a gate's
-margin is ``score - limit`` (``limit - score`` for lower-is-better tasks), and on the search
-split every trial is gated against the same limits.
+Gate limits come from what the study stored (:mod:`search.gate_record`): the study's gates
+for the dashed lines, the chosen trial's own record for its gate table. A study from an
+older version, without stored limits, is drawn without them and says so.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from fitness.gates import GateLimit
 from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
-from search import ranking, storage
+from search import gate_record, ranking, storage
 from search.annotate import chosen_trial
 
 FEASIBLE = "#1f77b4"
@@ -56,14 +57,6 @@ class Omitted:
 
 
 @dataclass(frozen=True)
-class GateLimit:
-    name: str  # "<task>.min" / "<task>.max_regression"
-    task: str
-    limit: float
-    higher_is_better: bool
-
-
-@dataclass(frozen=True)
 class StudyView:
     """The stored study, read once."""
 
@@ -76,6 +69,7 @@ class StudyView:
     failed: list[FrozenTrial]
     baselines: dict[str, FrozenTrial]
     chosen: FrozenTrial | None
+    gates: gate_record.StudyGates
 
     @property
     def multi(self) -> bool:
@@ -99,6 +93,7 @@ def read_study(study: optuna.Study, task_higher: Mapping[str, bool]) -> StudyVie
         failed=[t for t in trials if t.state == TrialState.FAIL and ranking.kind(t) == ranking.KIND_SEARCH],
         baselines=ranking.baseline_trials(trials),
         chosen=chosen_trial(study),
+        gates=gate_record.read_study_gates(study.user_attrs),
     )
 
 
@@ -150,22 +145,8 @@ def objective_value(view: StudyView, trial: FrozenTrial) -> float:
 
 
 def gate_limits(view: StudyView) -> list[GateLimit]:
-    """Each gate's limit on the search split, recovered from a scored trial's margin."""
-    scored = [t for t in [*view.search, *view.baselines.values()] if "gate_margins" in t.user_attrs]
-    if not scored:
-        return []
-    trial = view.chosen if view.chosen in scored else scored[0]
-    scores: Mapping[str, float] = trial.user_attrs.get("scores_search", {})
-    limits = []
-    for name, margin in trial.user_attrs["gate_margins"].items():
-        task = name.rsplit(".", 1)[0]
-        if task not in scores:
-            continue
-        higher = view.task_higher.get(task, True)
-        score = float(scores[task])
-        limit = score - float(margin) if higher else score + float(margin)
-        limits.append(GateLimit(name, task, limit, higher))
-    return limits
+    """Each gate's limit on the search split, as the study stored it ([] when not stored)."""
+    return list(view.gates.limits or [])
 
 
 def _label(trial: FrozenTrial) -> str:
@@ -175,10 +156,9 @@ def _label(trial: FrozenTrial) -> str:
 
 def _hover(trial: FrozenTrial) -> str:
     scores = trial.user_attrs.get("scores_search", {})
-    margins = trial.user_attrs.get("gate_margins", {})
     lines = [f"<b>{html.escape(_label(trial))}</b>", html.escape(trial.user_attrs.get("recipe_summary", ""))]
     lines += [f"{html.escape(k)}: {float(v):.4f}" for k, v in scores.items()]
-    lines += [f"gate {html.escape(k)}: {float(v):+.4f}" for k, v in margins.items()]
+    lines += [f"gate {html.escape(gate_record.describe(g))}" for g in gate_record.read_trial_gates(trial.user_attrs)]
     return "<br>".join(lines)
 
 
@@ -278,7 +258,12 @@ def task_scores_figure(view: StudyView) -> Figure | Omitted:
     fig.update_layout(barmode="group", scattermode="group", height=460,
                       yaxis_title="score (search split unless marked)",
                       legend={"orientation": "h", "y": -0.15})
-    gates = "Dashed red lines are the gates (limits on the search split)." if limits else "The study has no gates."
+    if limits:
+        gates = "Dashed red lines are the gates (limits on the search split, as stored)."
+    elif view.gates.names:
+        gates = f"Gates {', '.join(view.gates.names)}: {view.gates.missing}, so they are not drawn."
+    else:
+        gates = "The study has no gates."
     return Figure("tasks", title, fig,
                   f"Per task: the chosen recipe, each source alone and every baseline. {gates}")
 
@@ -571,7 +556,7 @@ def _overview(view: StudyView) -> str:
 def _summary(view: StudyView, recipe_text: str | None) -> str:
     best = view.chosen
     if best is None:
-        blocker = ranking.what_blocks(view.trials, list(view.study.user_attrs.get("gates", [])))
+        blocker = ranking.what_blocks(view.trials, view.gates.names)
         reason = blocker.describe() if blocker else "no completed search trial yet"
         return ("<section id='chosen'><h2>No chosen recipe yet</h2>"
                 f"<pre>{html.escape(reason)}</pre></section>")
@@ -589,13 +574,11 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         cells += [_cell(t.user_attrs.get("scores_search", {}).get(task)) for _, t in sources]
         rows.append(f"<tr><td>{html.escape(task)}</td>{''.join(cells)}</tr>")
     gates = []
-    limits = {g.name: g for g in gate_limits(view)}
-    for gate, margin in best.user_attrs.get("gate_margins", {}).items():
-        limit = limits.get(gate)
-        bound = "" if limit is None else f"{'>=' if limit.higher_is_better else '<='} {limit.limit:.4f}"
-        held_margin = held.gate_margins.get(gate) if held else None
+    for gate in gate_record.read_trial_gates(best.user_attrs):
+        bound = _bound(gate, view.gates.limit(gate.name))
+        held_margin = held.gate_margins.get(gate.name) if held else None
         gates.append(
-            f"<tr><td><code>{html.escape(gate)}</code></td><td>{html.escape(bound)}</td>{_margin(margin)}"
+            f"<tr><td><code>{html.escape(gate.name)}</code></td><td>{html.escape(bound)}</td>{_margin(gate.margin)}"
             f"{_margin(held_margin)}</tr>"
         )
     gate_table = (
@@ -612,6 +595,18 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         f"<p>{html.escape(why)}.<br><code>{html.escape(best.user_attrs.get('recipe_summary', ''))}</code></p>"
         f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{gate_table}{recipe}</section>"
     )
+
+
+def _bound(gate: gate_record.TrialGate, stored: GateLimit | None) -> str:
+    """The limit this trial was checked against: ``>= 0.4500`` (from the trial's own record)."""
+    if gate.limit is None or gate.score is None:
+        return gate_record.TRIAL_NOT_STORED
+    # the direction: stored on the study, else implied by the signed margin
+    higher = stored.higher_is_better if stored is not None else (gate.score - gate.limit) * gate.margin >= 0
+    text = f"{'>=' if higher else '<='} {gate.limit:.4f}"
+    if stored is not None and stored.reference is not None and stored.limit == gate.limit:
+        text += f" (source {stored.reference} {stored.reference_score:.4f} {'-' if higher else '+'} {stored.setting:g})"
+    return text
 
 
 def _download_link(recipe_text: str) -> str:

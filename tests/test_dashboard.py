@@ -38,10 +38,11 @@ from fitness.gates import GateResult
 from merges.mergekit_yaml import recipe_from_mergekit
 from merges.recipe import Recipe
 from search import ranking, storage
-from search.annotate import chosen_trial, gate_status
+from search.annotate import chosen_trial
 from search.cli import main
 from search.commands.dashboard import is_loopback
 from search.config import StudyConfig
+from search.gate_record import gate_status, read_study_gates, read_trial_gates
 from search.report import build_report
 from tests.checkpoints import TinyFamily
 from tests.processes import ctrl_c_works
@@ -154,7 +155,7 @@ def by_number(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
     return {t.number: t for t in trials}
 
 
-def test_trials_serve_scores_gate_margins_summary_and_feasibility(served: Served) -> None:
+def test_trials_serve_scores_named_gates_summary_and_feasibility(served: Served) -> None:
     _, detail = study_detail(served)
     stored = by_number(served.study.get_trials())
     trials = detail["trials"]
@@ -166,7 +167,17 @@ def test_trials_serve_scores_gate_margins_summary_and_feasibility(served: Served
             continue
         values = attrs(shown)
         assert json.loads(values["scores_search"]) == trial.user_attrs["scores_search"]
-        assert json.loads(values["gate_margins"]) == trial.user_attrs["gate_margins"]
+        # Each gate by name, with the score, the limit it was checked against and the margin.
+        named = json.loads(values["gates"])
+        assert named == trial.user_attrs["gates"]
+        limits = {g.name: g.limit for g in read_study_gates(served.study.user_attrs).limits or []}
+        assert list(named) == list(limits) == ["alpha.max_regression"]
+        for name, gate in named.items():
+            assert gate["limit"] == limits[name]
+            assert gate["score"] == trial.user_attrs["scores_search"][name.split(".")[0]]
+            assert gate["margin"] == pytest.approx(gate["score"] - gate["limit"], abs=1e-12)
+            assert gate["passed"] is (gate["margin"] >= 0)
+        margins = {g.name: g.margin for g in read_trial_gates(trial.user_attrs)}
         assert values["recipe_summary"] == trial.user_attrs["recipe_summary"]
         assert values["kind"] == ranking.kind(trial)
         if ranking.kind(trial) == ranking.KIND_BASELINE:
@@ -174,11 +185,13 @@ def test_trials_serve_scores_gate_margins_summary_and_feasibility(served: Served
         # Which gate failed and by how much, in one line on the trial's page.
         status = values["gate_status"]
         assert status.startswith("feasible: " if trial.user_attrs["feasible"] else "infeasible: ")
-        for gate, margin in trial.user_attrs["gate_margins"].items():
-            assert f"{gate} {'passes' if margin >= 0 else 'fails'} by {abs(margin):.4g}" in status
+        for gate, margin in margins.items():
+            verdict, relation = ("passes", ">=") if margin > 0 else ("fails", "<") if margin < 0 else ("passes", "=")
+            against = f"{named[gate]['score']:.4f} {relation} {named[gate]['limit']:.4f}"
+            assert f"{gate} {verdict} by {abs(margin):.4g} ({against})" in status
         # The dashboard's frontend: feasible iff every constraint <= 0.
         constraints = shown["constraints"]
-        assert constraints == [-m if m else 0.0 for m in trial.user_attrs["gate_margins"].values()]
+        assert constraints == [-m if m else 0.0 for m in margins.values()]
         dashboard_feasible = all(c <= 0 for c in constraints)
         assert dashboard_feasible == ranking.is_feasible(trial) == trial.user_attrs["feasible"]
         if ranking.kind(trial) == ranking.KIND_SEARCH:
@@ -222,8 +235,10 @@ def test_the_chosen_trial_carries_a_note_with_why_and_its_gates(served: Served) 
     body = notes[chosen.number]
     assert body.startswith(f"## Chosen recipe: trial {chosen.number}")
     assert "It is the final trial" in body
-    for gate, margin in chosen.user_attrs["gate_margins"].items():
-        assert f"| `{gate}` | {margin:+.4f} |" in body
+    for gate in read_trial_gates(chosen.user_attrs):
+        assert gate.limit is not None and gate.score is not None
+        assert f"| `{gate.name}` | {gate.margin:+.4f} |" in body
+        assert f" | {gate.score:.4f} >= {gate.limit:.4f} |" in body  # the chosen trial passes
     for name in ranking.baseline_trials(served.study.get_trials()):
         assert f"| {name} (search) |" in body
     baselines = ranking.baseline_trials(served.study.get_trials())
@@ -236,8 +251,8 @@ def test_the_chosen_trial_carries_a_note_with_why_and_its_gates(served: Served) 
     # The report picks the same trial and shows the same gate margins.
     report = build_report(served.study, task_higher={t.name: True for t in served.config.tasks})
     assert f"data-trial='{chosen.number}'" in report
-    for margin in chosen.user_attrs["gate_margins"].values():
-        assert f"{margin:+.4f} pass" in report
+    for gate in read_trial_gates(chosen.user_attrs):
+        assert f"{gate.margin:+.4f} pass" in report
 
 
 # -- the Best Trial box ---------------------------------------------------------------------

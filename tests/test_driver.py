@@ -147,7 +147,7 @@ def test_stored_constraints_are_what_the_dashboard_reads(tmp_path: Path, llama_f
         if trial.state != TrialState.COMPLETE:
             continue
         shown = serialize_frozen_trial(study._study_id, trial, study_system_attrs)["constraints"]
-        margin = trial.user_attrs["gate_margins"]["alpha.min"]
+        margin = trial.user_attrs["gates"]["alpha.min"]["margin"]
         assert shown == [-margin if margin else 0.0]
         dashboard_feasible = all(c <= 0 for c in shown)
         assert dashboard_feasible == trial.user_attrs["feasible"] == ranking.is_feasible(trial)

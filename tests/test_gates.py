@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fitness.errors import FitnessError
-from fitness.gates import GateResult, GateSpec, evaluate_gates, gate_names
+from fitness.gates import GateLimit, GateResult, GateSpec, evaluate_gates, gate_limits, gate_names
 
 SOURCES = {
     "shipper": {"acc": 0.80, "ppl": 12.0},
@@ -28,7 +28,7 @@ def one(gate: GateSpec, score: float, task: str) -> GateResult:
 )
 def test_min_on_a_higher_is_better_task(score: float, margin: float) -> None:
     result = one(GateSpec("acc", min=0.5), score, "acc")
-    assert result == GateResult("acc.min", -margin if margin else 0.0, margin, margin >= 0)
+    assert result == GateResult("acc.min", -margin if margin else 0.0, margin, margin >= 0, score, 0.5, True)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_min_on_a_higher_is_better_task(score: float, margin: float) -> None:
 )
 def test_min_on_a_lower_is_better_task_is_a_ceiling(score: float, margin: float) -> None:
     result = one(GateSpec("ppl", min=10.0), score, "ppl")
-    assert result == GateResult("ppl.min", -margin if margin else 0.0, margin, margin >= 0)
+    assert result == GateResult("ppl.min", -margin if margin else 0.0, margin, margin >= 0, score, 10.0, False)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,20 @@ def test_both_limits_give_two_gates_in_name_order() -> None:
     assert [r.name for r in results] == names
     assert [r.passed for r in results] == [True, True, False]
     assert results[2].margin == -0.5
+
+
+def test_limits_name_their_reference_source_and_its_score() -> None:
+    gates = [GateSpec("acc", min=0.7, max_regression=0.1), GateSpec("ppl", max_regression=1.0)]
+    assert gate_limits(gates, SOURCES, DIRECTIONS) == [
+        GateLimit("acc.min", "acc", "min", 0.7, 0.7, True),
+        GateLimit("acc.max_regression", "acc", "max_regression", 0.1, pytest.approx(0.7), True,
+                  reference="shipper", reference_score=0.80),
+        GateLimit("ppl.max_regression", "ppl", "max_regression", 1.0, 10.0, False,
+                  reference="refunder", reference_score=9.0),  # lower is better: the lowest source
+    ]
+    # every result carries the score and the limit it was checked against
+    results = evaluate_gates(gates, {"acc": 0.72, "ppl": 9.5}, SOURCES, DIRECTIONS)
+    assert [(r.score, r.limit) for r in results] == [(0.72, 0.7), (0.72, pytest.approx(0.7)), (9.5, 10.0)]
 
 
 @given(

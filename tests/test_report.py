@@ -140,7 +140,7 @@ def test_report_shows_the_chosen_trial_with_its_gates_and_exact_recipe(single: B
     assert f"data-trial='{final}'" in text and f"Chosen recipe: trial {final}" in text
     # The gate row: the configured limit and the stored margins on both splits.
     threshold = expected_limit(single)
-    margin = chosen.user_attrs["gate_margins"]["alpha.max_regression"]
+    margin = chosen.user_attrs["gates"]["alpha.max_regression"]["margin"]
     held = storage.heldout_record(study.user_attrs, final)
     assert held is not None
     row = re.search(r"<tr><td><code>alpha\.max_regression</code></td>(.*?)</tr>", text)
@@ -183,7 +183,7 @@ def test_figures_carry_the_stored_trials_gates_and_recipe(single: Built) -> None
     baselines = ranking.baseline_trials(study.get_trials())
     assert sorted(history["baselines"].x) == sorted(t.number for t in baselines.values())
     assert list(history[f"chosen #{study.user_attrs['final_trial']}"].x) == [study.user_attrs["final_trial"]]
-    # The gate limit recovered from stored margins is the configured one.
+    # The gate limit the study stored is the configured one.
     (limit,) = gate_limits(view)
     assert limit.name == "alpha.max_regression"
     assert limit.limit == pytest.approx(expected_limit(single), abs=1e-9)

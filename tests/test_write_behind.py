@@ -682,7 +682,7 @@ def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
         assert len([t for t in searched if t.state == TrialState.COMPLETE]) < 12
         for trial in stored:  # finished means complete: nothing half-written looks done
             if trial.state == TrialState.COMPLETE:
-                assert {"scores_search", "feasible", "gate_margins"} <= set(trial.user_attrs), trial.number
+                assert {"scores_search", "feasible", "gates"} <= set(trial.user_attrs), trial.number
 
         env.pop("FILL_COUNTER_FILE")
         again = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

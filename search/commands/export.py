@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from merges.output import Protected, check_file_target, check_output_folder, write_file
 from merges.recipe import Recipe
-from search import ranking, storage
+from search import gate_record, ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import SearchError
@@ -127,8 +127,7 @@ def choose_trial(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object]
     words = [d.name.lower() for d in directions]
     best = ranking.best_feasible(ranking.search_trials(trials), words)
     if best is None:
-        names = user_attrs.get("gates", [])
-        blocker = ranking.what_blocks(trials, list(names) if isinstance(names, list) else [])
+        blocker = ranking.what_blocks(trials, gate_record.read_study_gates(user_attrs).names)
         reason = blocker.describe() if blocker else "no completed search trial yet"
         raise SearchError(f"nothing to export: {reason} (use --trial N to export a specific trial)")
     return best
@@ -137,7 +136,7 @@ def choose_trial(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object]
 def export_warnings(study: optuna.Study, trial: FrozenTrial) -> list[str]:
     """Why this trial may not be a release: infeasible (search or held-out), or not the final one."""
     out = []
-    failed = _failed_gates(trial.user_attrs.get("gate_margins", {}))
+    failed = _failed_gates({g.name: g.margin for g in gate_record.read_trial_gates(trial.user_attrs)})
     if failed or not ranking.is_feasible(trial):
         out.append(f"trial {trial.number} is INFEASIBLE on the search slices: it fails "
                    f"{failed or 'its gates'}")
@@ -265,7 +264,7 @@ def export_header(config: StudyConfig, user_attrs: Mapping[str, object], trial: 
         lines.append("scores (held-out slices): not re-scored (run `search finalize`)")
     else:
         lines.append("scores (held-out slices): " + _scores(record.scores))
-    lines.append("gates (search): " + _gates(trial.user_attrs.get("gate_margins", {})))
+    lines.append("gates (search): " + _search_gates(trial))
     if record is not None:
         lines.append("gates (held-out): " + _gates(record.gate_margins))
     if run_from:
@@ -277,6 +276,18 @@ def _scores(scores: object) -> str:
     if not isinstance(scores, dict) or not scores:
         return "none"
     return ", ".join(f"{task} {float(v):.4f}" for task, v in scores.items())
+
+
+def _search_gates(trial: FrozenTrial) -> str:
+    """Each gate with its margin and the score against the limit the trial was checked against."""
+    gates = gate_record.read_trial_gates(trial.user_attrs)
+    if not gates:
+        return "none set"
+    text = ", ".join(f"{g.name} {'passed' if g.passed else 'FAILED'} ({g.margin:+.4f}"
+                     + (f"; {gate_record.comparison(g)})" if g.limit is not None else ")") for g in gates)
+    if any(g.limit is None for g in gates):
+        text += f"; {gate_record.TRIAL_NOT_STORED}"
+    return text
 
 
 def _gates(margins: object) -> str:

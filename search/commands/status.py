@@ -8,7 +8,7 @@ import statistics
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import progress, ranking, storage
+from search import gate_record, progress, ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
 
@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Summarise a study from its storage (read only; safe while `search start` runs): search "
             "trials done of the latest run's budget, feasible, failed and baseline counts, throughput "
-            "(search trials finished in the latest run per minute since its search began), the best feasible "
+            "(search trials finished in the latest run per minute since its search began), each gate's "
+            "limit (as stored when the sources were scored), the best feasible "
             "trial's scores per task with its gate margins next to the baselines, and, when no "
             "trial is feasible, which gate blocks and by how much."
         ),
@@ -46,7 +47,7 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
         budget = run.budget
     directions = [d.name.lower() for d in study.directions]
     tasks = [str(t) for t in attrs.get("tasks", [])]
-    gate_names = [str(g) for g in attrs.get("gates", [])]
+    gates = gate_record.read_study_gates(attrs)
     searched = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH]
     complete = ranking.search_trials(trials)
     baselines = ranking.baseline_trials(trials)
@@ -70,10 +71,11 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
     if best is not None and best.number != final:
         shown.append((f"best feasible (trial {best.number})", best))
     shown += [(f"{name} (trial {trial.number})", trial) for name, trial in baselines.items()]
+    lines.append(_gate_limits(gates))
     lines.append("")
-    lines.append(_table(shown, tasks, gate_names, attrs))
+    lines.append(_table(shown, tasks, attrs))
     if best is None:
-        blocker = ranking.what_blocks(trials, gate_names)
+        blocker = ranking.what_blocks(trials, gates.names)
         lines.append("")
         lines.append(blocker.describe() if blocker else "no completed search trial yet")
     elif not isinstance(final, int):
@@ -82,8 +84,17 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], gate_names: list[str],
-           attrs: dict[str, object]) -> str:
+def _gate_limits(gates: gate_record.StudyGates) -> str:
+    """The study's gates with their limits on the search slices, as stored."""
+    if gates.limits is None:
+        names = f" {', '.join(gates.names)}:" if gates.names else ""
+        return f"gates:{names} {gates.missing}"
+    if not gates.limits:
+        return "gates: none"
+    return "\n".join(["gates (limits on the search slices):", *(f"  {gate_record.describe_limit(g)}" for g in gates.limits)])
+
+
+def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], attrs: dict[str, object]) -> str:
     header = f"{'':<28}" + "".join(f"{t:>12}" for t in tasks) + "  gates (margin)"
     out = [header]
     for name, trial in rows:
@@ -91,11 +102,10 @@ def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], gate_names: li
             out.append(f"{name:<28}  failed: {trial.user_attrs.get('failure', '?')}")
             continue
         scores = trial.user_attrs.get("scores_search", {})
-        margins = trial.user_attrs.get("gate_margins", {})
         cells = "".join(f"{float(scores.get(t, float('nan'))):>12.4f}" for t in tasks)
         gates = ", ".join(
-            f"{g} {'ok' if float(margins[g]) >= 0 else 'FAIL'} {float(margins[g]):+.3f}"
-            for g in gate_names if g in margins
+            f"{g.name} {'ok' if g.passed else 'FAIL'} {g.margin:+.3f}"
+            for g in gate_record.read_trial_gates(trial.user_attrs)
         ) or "-"
         out.append(f"{name:<28}{cells}  {gates}")
         record = storage.heldout_record(attrs, trial.number)
