@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
+from search.gate_record import read_trial_gates
+
 KIND_SEARCH = "search"
 KIND_BASELINE = "baseline"
 DRIVER_STOPPED = "driver stopped while this trial ran"
@@ -147,6 +149,10 @@ def what_blocks(trials: Iterable[FrozenTrial], gate_names: Sequence[str]) -> Blo
 
 
 def _shortfalls(trial: FrozenTrial, gate_names: Sequence[str]) -> dict[str, float]:
-    """Constraint value per gate (> 0: fails by that much), from the stored list."""
+    """Constraint value per gate (> 0: fails by that much): from the trial's gates by name
+    (a resumed run may have changed the gates), else, on older trials, the stored list."""
+    named = {g.name: -g.margin if g.margin else 0.0 for g in read_trial_gates(trial.user_attrs)}
+    if named:
+        return {g: named.get(g, 0.0) for g in gate_names}
     values = list(trial.constraints.values())
     return {g: float(values[i]) if i < len(values) else 0.0 for i, g in enumerate(gate_names)}

@@ -92,6 +92,21 @@ def test_each_trial_stores_its_gates_by_name(tmp_path: Path) -> None:
     )
 
 
+def test_what_blocks_reads_each_trials_gates_by_name(tmp_path: Path) -> None:
+    """A trial stored while the gates were in another order: its unnamed list would blame the wrong gate."""
+    _, study = sqlite_study(tmp_path)
+    earlier = [GateSpec("ppl", min=10.0), GateSpec("acc", min=0.7)]  # gates as a previous run ordered them
+    results = evaluate_gates(earlier, {"acc": 0.69, "ppl": 14.0}, SOURCES, DIRECTIONS)
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=0.5, user_attrs={"scores_search": {}, **trial_gate_attrs(results)},
+        system_attrs={"constraints": gate_record.constraints(results)},
+    ))
+    blocker = ranking.what_blocks(study.get_trials(), ["acc.min", "ppl.min"])
+    assert blocker is not None
+    assert (blocker.gate, blocker.shortfall) == ("ppl.min", 4.0)
+    assert blocker.trial_shortfalls == {"acc.min": pytest.approx(0.01), "ppl.min": 4.0}
+
+
 _margin = st.floats(-5, 5, allow_nan=False).map(lambda m: m if m else 0.0)
 
 
