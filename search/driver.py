@@ -440,7 +440,7 @@ def _baseline_trial(study: optuna.Study, plan: StudyPlan, name: str, recipe: Rec
     attrs.update(_score_attrs(outcome.scores, gates))
     return optuna.trial.create_trial(
         state=TrialState.COMPLETE, values=list(raw), user_attrs=attrs,
-        system_attrs={"constraints": [g.constraint for g in gates]},
+        system_attrs={"constraints": gate_record.constraints(gates)},
     )
 
 
@@ -701,7 +701,7 @@ class _Loop:
             trial.set_user_attr(key, value)
         # The dashboard's format; written before tell so samplers see it in after_trial.
         self.study._storage.set_trial_system_attr(
-            trial._trial_id, "constraints", [g.constraint for g in gates]
+            trial._trial_id, "constraints", gate_record.constraints(gates)
         )
         self.study.tell(trial, list(raw))  # the real objective; CMA-ES sees a penalty (search.samplers)
 
