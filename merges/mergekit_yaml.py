@@ -34,6 +34,7 @@ import yaml
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import MergeError, UnsupportedConfigError
 from merges.layout import Layout
+from merges.lora import LORA_SEPARATOR, lora_reference, split_reference
 from merges.methods.registry import METHODS, MethodSpec, validate_recipe
 from merges.recipe import ROLES, LayerSlice, Recipe, Scalar
 
@@ -187,8 +188,12 @@ _FlowDumper.add_representer(_FilterEntry, _represent_entry)
 
 
 def _check_path(path: str, what: str) -> None:
-    # mergekit parses "a+b" as a LoRA and "a@rev" as a revision.
-    if "+" in path or "@" in path:
+    # mergekit parses "a+b" as a LoRA (what a LoRA source is: merges.lora) and "a@rev" as a revision.
+    try:
+        model, adapter = split_reference(path)
+    except MergeError as exc:
+        raise UnsupportedConfigError(f"{what} {exc}") from None
+    if "@" in path or (adapter is None and LORA_SEPARATOR in model):
         raise UnsupportedConfigError(
             f"{what} path {path!r} contains '+' or '@', which mergekit reads as a LoRA or a revision"
         )
@@ -691,8 +696,11 @@ def _model_path(raw: object, where: str, root: Path) -> str:
         raise UnsupportedConfigError(f"{where}: model references with LoRA/revision fields are not supported")
     if not isinstance(raw, str) or not raw:
         raise UnsupportedConfigError(f"{where}: expected a model path, got {raw!r}")
-    if "+" in raw:
-        raise UnsupportedConfigError(f"{where}: {raw!r} names a LoRA (model+lora); not supported")
+    if LORA_SEPARATOR in raw:  # mergekit's model+lora: a LoRA source (merges.lora), each half a folder
+        parts = raw.split(LORA_SEPARATOR)
+        if len(parts) != 2 or not all(parts):
+            raise UnsupportedConfigError(f"{where}: {raw!r}: expected MODEL+LORA, a model with a LoRA adapter (mergekit allows one '+')")
+        return lora_reference(*(_model_path(part, where, root) for part in parts))
     if "@" in raw:
         raise UnsupportedConfigError(f"{where}: {raw!r} names a revision (model@rev); not supported")
     path = Path(raw).expanduser()

@@ -151,7 +151,7 @@ def _token_list(tokens: list[str]) -> str:
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:
     """token -> id, from tokenizer.json when present, else through AutoTokenizer; None if none."""
-    tokenizer_json = checkpoint.path / "tokenizer.json"
+    tokenizer_json = checkpoint.folder / "tokenizer.json"
     if tokenizer_json.is_file():
         return _vocabulary_from_json(tokenizer_json)
     if not checkpoint.tokenizer_files():
@@ -159,7 +159,7 @@ def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:
     from transformers import AutoTokenizer  # slow import, only for folders without tokenizer.json
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.folder), trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError / ValueError / ImportError variants
         raise PreflightError(f"{checkpoint.path}: cannot load its tokenizer ({exc})") from exc
     return dict(tokenizer.get_vocab())

@@ -86,3 +86,16 @@ def make_family(root: Path, arch: str = "llama", *, n_sources: int = 3, seed: in
         save(perturbed(base, seed=seed * 1000 + i + 1), root / f"source{i}") for i in range(n_sources)
     )
     return TinyFamily(base_dir, sources)
+
+
+def lora_adapter(model: PreTrainedModel, path: Path, *, seed: int, targets: tuple[str, ...],
+                 **config: object) -> Path:
+    """A PEFT LoRA adapter for ``model`` with random A and B (a trained-looking, nonzero update), saved to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    copy = type(model)(model.config).to(model.dtype)
+    copy.load_state_dict(model.state_dict())
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **config)
+    get_peft_model(copy, lora).save_pretrained(path)
+    return path

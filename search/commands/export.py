@@ -20,6 +20,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from merges.lora import map_reference, reference_folders
 from merges.output import Protected, check_file_target, check_output_folder, write_file
 from merges.recipe import Recipe
 from search import ranking, storage
@@ -206,10 +207,11 @@ def exported_names(config: StudyConfig, user_attrs: Mapping[str, object], recipe
             )
         if label in names:
             out[model] = names[label]
-        elif model_root is not None:
-            out[model] = _local(f"{model_root.rstrip('/')}/{current[label].name}")
+        elif model_root is not None:  # map_reference: each folder of a LoRA source's MODEL+ADAPTER
+            out[model] = map_reference(current[label], lambda p: _local(f"{model_root.rstrip('/')}/{Path(p).name}"))
         else:
-            out[model] = _local(Path(os.path.relpath(current[label].resolve(), yaml_dir.resolve())).as_posix())
+            out[model] = map_reference(
+                current[label], lambda p: _local(Path(os.path.relpath(Path(p).resolve(), yaml_dir.resolve())).as_posix()))
     return out
 
 
@@ -299,7 +301,8 @@ def _check_outputs(args: argparse.Namespace, config: StudyConfig) -> list[Protec
         Protected("study folder", config.path.parent),
         Protected("study output folder", config.output),
         Protected("base checkpoint", Path(models.base)),
-        *(Protected(f"source checkpoint {label!r}", Path(p)) for label, p in models.sources.items()),
+        *(Protected(f"source checkpoint {label!r}", folder) for label, p in models.sources.items()
+          for folder in reference_folders(p)),  # a LoRA source: its model and its adapter
     ]
     if args.materialize is not None:
         folder = check_output_folder(args.materialize, overwrite=args.overwrite, protected=protected)

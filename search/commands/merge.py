@@ -74,6 +74,7 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     import torch
 
     from merges.engine import MergeEngine
+    from merges.lora import reference_folders
     from merges.mergekit_yaml import recipe_from_mergekit
     from merges.output import Protected, check_output_folder
     from merges.save import save_checkpoint
@@ -84,8 +85,9 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
     # Refuse a bad output before the merge, not after it.
-    protected = [Protected("base checkpoint", Path(recipe.base))] if recipe.base else []
-    protected += [Protected("source checkpoint", Path(path)) for path in recipe.sources]
+    protected = [Protected("base checkpoint", f) for f in reference_folders(recipe.base)] if recipe.base else []
+    protected += [Protected("source checkpoint", folder) for path in recipe.sources
+                  for folder in reference_folders(path)]  # a LoRA source: its model and its adapter
     check_output_folder(out_dir, overwrite=overwrite, protected=protected)
     base, sources = _open(recipe, allow_pickle)
     like = base or sources[0]
