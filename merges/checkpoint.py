@@ -14,6 +14,7 @@ export`` and the dashboard stay light); torch is imported by the first tensor re
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -144,6 +145,11 @@ class Checkpoint:
     def tokenizer_files(self) -> tuple[Path, ...]:
         """The tokenizer files present in the folder (copied next to a saved merge)."""
         return tuple(self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file())
+
+    def write_tokenizer(self, folder: Path) -> None:
+        """Copy the tokenizer files into ``folder`` (a merge's output)."""
+        for file in self.tokenizer_files():
+            shutil.copy2(file, folder / file.name)
 
     def __getstate__(self) -> dict[str, Any]:
         # Open handles do not pickle (e.g. to a Ray worker); they are reopened on first read.

@@ -69,7 +69,8 @@ def save_checkpoint(
     with output_folder(out, overwrite=overwrite, protected=guards) as tmp:
         _write_weights(tmp, tensors, kept, dtype, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for file in (*like.tokenizer_files(), *(like.folder / f for f in _COPIED_FILES)):
+        like.write_tokenizer(tmp)  # the base's files, or an output vocabulary's (merges.tokenizer_union)
+        for file in (like.folder / f for f in _COPIED_FILES):
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
     return out

@@ -7,6 +7,7 @@ real fine-tune often leaves them), saved with ``save_pretrained`` as safetensors
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +100,19 @@ def lora_adapter(model: PreTrainedModel, path: Path, *, seed: int, targets: tupl
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **config)
     get_peft_model(copy, lora).save_pretrained(path)
     return path
+
+
+def with_added_tokens(model: PreTrainedModel, path: Path, *, seed: int, tokens: tuple[str, ...],
+                      special: tuple[str, ...] = ()) -> Path:
+    """A fine-tune whose tokenizer adds ``tokens`` (and ``special`` tokens), with new embedding rows."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(list(tokens))
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    tuned = perturbed(copy.deepcopy(model), seed=seed)  # its own config: resizing changes vocab_size
+    torch.manual_seed(seed)
+    tuned.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # the new rows: learned-looking values, not resize's initialisation
+        for embedding in {id(e): e for e in (tuned.get_input_embeddings(), tuned.get_output_embeddings())}.values():
+            embedding.weight[len(VOCAB):] = torch.randn(embedding.weight[len(VOCAB):].shape) * 0.05
+    return save(tuned, path, tokenizer)

@@ -33,6 +33,8 @@ from tests.checkpoints import TinyFamily, lora_adapter, perturbed, save, tiny_mo
 from tests.studies import run, write_study
 from tests.test_mergekit_golden import assert_same_tensors
 
+pytestmark = pytest.mark.slow
+
 MERGEKIT_YAML = str(Path(sys.executable).with_name("mergekit-yaml"))
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj", "embed_tokens")
 

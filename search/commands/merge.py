@@ -75,9 +75,10 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
 
     from merges.engine import MergeEngine
     from merges.lora import reference_folders
-    from merges.mergekit_yaml import recipe_from_mergekit
+    from merges.mergekit_yaml import recipe_from_mergekit, tokenizer_from_mergekit
     from merges.output import Protected, check_output_folder
     from merges.save import save_checkpoint
+    from merges.tokenizer_union import vocabulary_views
 
     if not config.is_file():
         raise SearchError(f"{config}: no such mergekit config file")
@@ -90,6 +91,9 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
                   for folder in reference_folders(path)]  # a LoRA source: its model and its adapter
     check_output_folder(out_dir, overwrite=overwrite, protected=protected)
     base, sources = _open(recipe, allow_pickle)
+    tokenizer = tokenizer_from_mergekit(config)
+    if tokenizer is not None:  # sources' vocabularies merged as mergekit does (merges.tokenizer_union)
+        base, sources = vocabulary_views(base, sources, tokenizer)
     like = base or sources[0]
     # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
     engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype))
