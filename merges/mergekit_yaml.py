@@ -679,11 +679,12 @@ def recipe_from_mergekit(
 
 
 def tokenizer_from_mergekit(source: str | Path, *, base_dir: Path | None = None) -> TokenizerPolicy | None:
-    """The vocabulary policy of a mergekit config (``merges.tokenizer_union``); None: the base's tokenizer files.
+    """The vocabulary policy of a mergekit config (``merges.tokenizer_union``); None: no tokenizer keys.
 
-    ``tokenizer_source: base`` and ``tokenizer: {source: base}`` without ``tokens`` keep the
-    engine's plain copy of the base tokenizer (None); ``union``, another model, ``tokens`` and
-    ``pad_to_multiple_of`` give a policy. Paths resolve as in :func:`recipe_from_mergekit`.
+    mergekit 0.1.5 rebuilds the vocabulary whenever ``tokenizer_source`` or ``tokenizer`` is
+    set, ``base`` included (the output has ``len(tokenizer)`` rows and a re-saved tokenizer);
+    without either it copies the base's tokenizer files. Paths resolve as in
+    :func:`recipe_from_mergekit`.
     """
     text, where, folder = _read_source(source)
     root = (base_dir or folder).expanduser().absolute()
@@ -702,8 +703,6 @@ def _tokenizer_policy(data: Mapping[str, object], where: str, root: Path) -> Tok
     if source is not None and tokenizer is not None:
         raise UnsupportedConfigError(f"{where}: both tokenizer_source and tokenizer are set")
     if source is not None:
-        if source == "base":
-            return None
         return TokenizerPolicy(_tokenizer_source(source, f"{where}: tokenizer_source", root))
     if tokenizer is None:
         return None
@@ -721,8 +720,6 @@ def _tokenizer_policy(data: Mapping[str, object], where: str, root: Path) -> Tok
         raise UnsupportedConfigError(f"{where}: tokenizer.tokens: expected a mapping of token -> {{source, force}}")
     tokens = tuple((str(token), _token_embedding(spec, f"{where}: tokenizer.tokens.{token}", root))
                    for token, spec in raw_tokens.items())
-    if policy_source == "base" and not tokens and pad is None:
-        return None
     return TokenizerPolicy(policy_source, tokens, pad)
 
 

@@ -85,6 +85,18 @@ def is_vocabulary_tensor(name: str) -> bool:
     return name.endswith(VOCABULARY_TENSORS)
 
 
+def with_policy(
+    base: Checkpoint, sources: Sequence[Checkpoint], policy: TokenizerPolicy | None, *,
+    trust_remote_code: bool = False,
+) -> tuple[Checkpoint, list[Checkpoint]]:
+    """``base`` and ``sources`` as they are without a policy, else their views (a study's ``models.tokenizer``)."""
+    if policy is None:
+        return base, list(sources)
+    views = vocabulary_views(base, sources, policy, trust_remote_code=trust_remote_code)
+    assert views[0] is not None
+    return views[0], list(views[1])
+
+
 def vocabulary_views(
     base: Checkpoint | None, sources: Sequence[Checkpoint], policy: TokenizerPolicy, *,
     trust_remote_code: bool = False,
@@ -133,6 +145,8 @@ def build_output_vocabulary(models: Sequence[Checkpoint], policy: TokenizerPolic
             existing.add(token)
     vocab = dict(out.get_vocab())
     size = len(vocab)
+    if sorted(vocab.values()) != list(range(size)):
+        raise PreflightError(f"the output tokenizer's ids are not 0..{size - 1} (mergekit 0.1.5 needs them so)")
     if policy.pad_to_multiple_of and size % policy.pad_to_multiple_of:
         size = (size // policy.pad_to_multiple_of + 1) * policy.pad_to_multiple_of
 
@@ -321,17 +335,20 @@ class _Permuter:
                 continue
             defaults[token] = row
         result: dict[str, torch.Tensor] = {}
+        n = len(out.vocab)
+        forced = [token_id for token, token_id in out.vocab.items() if token in configs and configs[token].force]
         for key in keys:
-            perm, own = perms[key], tensors[key]
+            index = torch.tensor([perms[key][token_id] for token_id in range(n)], dtype=torch.long)
+            index[forced] = -1
             rows = torch.zeros((out.size, *shape), dtype=dtype)
-            for token, token_id in out.vocab.items():
-                forced = token in configs and configs[token].force
-                if perm[token_id] >= 0 and not forced:
-                    rows[token_id] = own[perm[token_id]]
-                elif token in defaults:
-                    rows[token_id] = defaults[token]
-            if out.size > len(out.vocab):  # pad_to_multiple_of: the mean of the real rows
-                rows[len(out.vocab):] = torch.mean(rows[: len(out.vocab)], dim=0)
+            has = index >= 0
+            rows[:n][has] = tensors[key][index[has]]  # its own row wherever it has the token
+            for token, row in defaults.items():
+                token_id = out.vocab[token]
+                if not has[token_id]:
+                    rows[token_id] = row
+            if out.size > n:  # pad_to_multiple_of: the mean of the real rows
+                rows[n:] = torch.mean(rows[:n], dim=0)
             result[key] = rows
         return result
 
@@ -379,6 +396,11 @@ class VocabularyView(Checkpoint):
     def vocabulary(self) -> dict[str, int]:
         assert self.output is not None
         return dict(self.output.vocab)
+
+    def output_tokenizer(self) -> Any:
+        """The output tokenizer (transformers); what the merged model is scored with."""
+        assert self.output is not None
+        return self.output.tokenizer
 
     def write_tokenizer(self, folder: Path) -> None:
         """The output tokenizer, as mergekit writes it (transformers' ``save_pretrained``)."""

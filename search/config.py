@@ -23,6 +23,7 @@ from genome.errors import GenomeError
 from genome.space import check_sources, is_numeric
 from genome.spec import FRANKEN_PICKS, METHOD_GENES, Bounds, FrankenSpec, GenomeSpec, known_methods
 from merges.lora import LORA_SEPARATOR
+from merges.tokenizer_union import BASE, UNION, TokenizerPolicy
 from search.errors import StudyConfigError
 from search.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 
@@ -40,7 +41,7 @@ _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 RESERVED_LABELS: tuple[str, ...] = ("base", "best")
 
 STUDY_KEYS = ("name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k")
-MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype")
+MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype", "tokenizer")
 GENOME_KEYS = (
     "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
     "frankenmerge",
@@ -65,6 +66,14 @@ class ModelsConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     dtype: str = "float32"
+    tokenizer: str | None = None  # "union" | "base" | a source label: sources' vocabularies may differ
+
+    def tokenizer_policy(self) -> TokenizerPolicy | None:
+        """The output vocabulary (``merges.tokenizer_union``), a source label turned into its path."""
+        if self.tokenizer is None:
+            return None
+        source = self.tokenizer if self.tokenizer in (UNION, BASE) else str(self.sources[self.tokenizer])
+        return TokenizerPolicy(source)
 
 
 @dataclass(frozen=True)
@@ -379,7 +388,11 @@ class _Parser:
             allow_pickle=table.get_bool("allow_pickle", False),
             trust_remote_code=table.get_bool("trust_remote_code", False),
             dtype=table.get_choice("dtype", DTYPES, "float32"),
+            tokenizer=table.get_str("tokenizer", None),
         )
+        if config.tokenizer is not None and config.tokenizer not in (UNION, BASE, *sources):
+            raise table.error("tokenizer", f"expected 'union', 'base' or a source label ({', '.join(sources)}), "
+                                           f"got {config.tokenizer!r}")
         for label, folder in sources.items():
             if folder == base:
                 raise sources_table.error(label, f"is the base checkpoint itself ({folder})")

@@ -54,6 +54,7 @@ def study_definition(config: StudyConfig) -> dict[str, object]:
             "base": checkpoint_fingerprint(Path(models.base)),
             "sources": {label: _source_fingerprint(p) for label, p in models.sources.items()},
             "dtype": models.dtype,
+            **({"tokenizer": models.tokenizer} if models.tokenizer is not None else {}),  # older studies: absent
         },
         "genome": _jsonable(dataclasses.asdict(config.genome)),
         "tasks": {task.name: _task_definition(task) for task in config.tasks},

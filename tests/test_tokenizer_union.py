@@ -23,9 +23,21 @@ from merges.checkpoint import open_checkpoint
 from merges.errors import PreflightError
 from merges.mergekit_yaml import recipe_from_mergekit, recipe_to_mergekit, tokenizer_from_mergekit
 from merges.preflight import preflight
+from merges.recipe import Recipe
 from merges.tokenizer_union import TokenEmbedding, TokenizerPolicy, vocabulary_views
 from search.cli import main as search_main
-from tests.checkpoints import perturbed, save, tiny_model, tiny_tokenizer, with_added_tokens
+from search.commands.validate import check_checkpoints
+from search.config import load_study
+from search.errors import StudyConfigError
+from tests.checkpoints import (
+    TinyFamily,
+    perturbed,
+    save,
+    tiny_model,
+    tiny_tokenizer,
+    with_added_tokens,
+)
+from tests.studies import run, write_study
 from tests.test_mergekit_golden import ATOL, RTOL
 
 pytestmark = pytest.mark.slow
@@ -166,3 +178,44 @@ def test_a_token_added_with_two_definitions_is_refused(tokens_family: dict[str, 
     with pytest.raises(PreflightError, match=r"token '<tool>' is added as .* by 'tools' but as .* by 'clash'"):
         vocabulary_views(base, [open_checkpoint(tokens_family["tools"]), open_checkpoint(clash)],
                          TokenizerPolicy("union"))
+
+
+# -- a study with models.tokenizer ---------------------------------------------------------------
+
+
+def _union_study(folder: Path, family: dict[str, Path], *, tokenizer: str, trials: int) -> Path:
+    sources = TinyFamily(family["base"], (family["tools"], family["other"], family["plain"]))
+    path = write_study(folder, sources, trials=trials, method="ties")
+    text = path.read_text().replace('[models]\n', f'[models]\ntokenizer = "{tokenizer}"\n', 1)
+    path.write_text(text)
+    return path
+
+
+def test_a_union_study_exports_a_yaml_that_mergekit_rebuilds(tokens_family: dict[str, Path], tmp_path: Path) -> None:
+    path = _union_study(tmp_path, tokens_family, tokenizer="union", trials=2)
+    config, study = run(path)
+    assert config.models.tokenizer_policy() == TokenizerPolicy("union")
+    recipe = Recipe.from_dict(study.trials[study.user_attrs["final_trial"]].user_attrs["recipe"])
+    shipped = tmp_path / "ship" / "recipe.yaml"
+    materialized = tmp_path / "materialized"
+    assert search_main(["export", str(path), "-o", str(shipped), "--materialize", str(materialized)]) == 0
+    assert yaml.safe_load(shipped.read_text())["tokenizer"] == {"source": "union"}
+    rebuilt = tmp_path / "rebuilt"
+    done = subprocess.run([MERGEKIT_YAML, str(shipped), str(rebuilt), "--no-lazy-unpickle"], cwd=shipped.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_merge(materialized, rebuilt)
+    assert recipe.sources == tuple(str(p) for p in config.models.sources.values())
+
+
+def test_study_tokenizer_key_is_checked(tokens_family: dict[str, Path], tmp_path: Path) -> None:
+    path = _union_study(tmp_path, tokens_family, tokenizer="s9", trials=0)
+    with pytest.raises(StudyConfigError, match=r"models\.tokenizer: expected 'union', 'base' or a source label"):
+        load_study(path)
+    path = _union_study(tmp_path, tokens_family, tokenizer="union", trials=0)
+    without = path.read_text().replace('tokenizer = "union"\n', "")
+    path.write_text(without)
+    with pytest.raises(StudyConfigError, match=r"models\.sources\.s0: .*adds 3 tokens"):
+        check_checkpoints(load_study(path))  # without a policy the preflight still names the difference
+    path.write_text(without.replace("[models]\n", '[models]\ntokenizer = "base"\n', 1))
+    assert check_checkpoints(load_study(path)) == 4

@@ -81,6 +81,7 @@ def add_model_name_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from merges.checkpoint import open_checkpoint
     from merges.preflight import preflight
+    from merges.tokenizer_union import with_policy
 
     config = load_study(args.study, out=args.out)
     study = storage.load_existing_study(config.name, config.storage)
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     models = config.models
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
+    base, sources = with_policy(base, sources, models.tokenizer_policy(), trust_remote_code=models.trust_remote_code)
     layout = preflight(base, sources)
     protected = _check_outputs(args, config)  # before writing anything
     names = parse_model_names(args.model_name, config)
@@ -238,7 +240,8 @@ def export_text(config: StudyConfig, study: optuna.Study, trial: FrozenTrial, la
     shipped = rename_models(recipe, written)
     header = export_header(config, study.user_attrs, trial, warnings=warnings,
                            run_from=_run_from(written.values(), Path(yaml_path).name))
-    return recipe_to_mergekit(shipped, layout, header=header)
+    return recipe_to_mergekit(shipped, layout, header=header, tokenizer=config.models.tokenizer_policy(),
+                              names=written)
 
 
 def _run_from(written: Iterable[str], yaml_name: str) -> str:
