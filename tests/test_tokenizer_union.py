@@ -206,6 +206,18 @@ def test_a_union_study_exports_a_yaml_that_mergekit_rebuilds(tokens_family: dict
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_merge(materialized, rebuilt)
     assert recipe.sources == tuple(str(p) for p in config.models.sources.values())
+    # The rebuilt model, with the tokenizer mergekit wrote, scores what the study recorded.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fitness.scoring import score_slice
+    from fitness.slices import load_task
+
+    model = AutoModelForCausalLM.from_pretrained(rebuilt).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rebuilt)
+    recorded = study.trials[study.user_attrs["final_trial"]].user_attrs["scores_search"]
+    for task in config.tasks:
+        score = score_slice(model, load_task(task, tokenizer).search)
+        assert score == pytest.approx(recorded[task.name], rel=1e-4, abs=1e-5), task.name
 
 
 def test_study_tokenizer_key_is_checked(tokens_family: dict[str, Path], tmp_path: Path) -> None:
