@@ -14,6 +14,7 @@ export`` and the dashboard stay light); torch is imported by the first tensor re
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -85,6 +86,11 @@ class Checkpoint:
         return self.path.name
 
     @property
+    def folder(self) -> Path:
+        """The folder config.json and the tokenizer files come from (``path`` but for a LoRA source)."""
+        return self.path
+
+    @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.shapes)
 
@@ -118,7 +124,7 @@ class Checkpoint:
         (``models.trust_remote_code``), so every load must pass the flag explicitly.
         """
         found: dict[str, tuple[str, ...]] = {}
-        tokenizer_config = self.path / "tokenizer_config.json"
+        tokenizer_config = self.folder / "tokenizer_config.json"
         sources = [("config.json", self.config)]
         if tokenizer_config.is_file():
             sources.append(("tokenizer_config.json", _read_json(tokenizer_config, what="tokenizer_config.json")))
@@ -138,7 +144,12 @@ class Checkpoint:
 
     def tokenizer_files(self) -> tuple[Path, ...]:
         """The tokenizer files present in the folder (copied next to a saved merge)."""
-        return tuple(self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file())
+        return tuple(self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file())
+
+    def write_tokenizer(self, folder: Path) -> None:
+        """Copy the tokenizer files into ``folder`` (a merge's output)."""
+        for file in self.tokenizer_files():
+            shutil.copy2(file, folder / file.name)
 
     def __getstate__(self) -> dict[str, Any]:
         # Open handles do not pickle (e.g. to a Ray worker); they are reopened on first read.
@@ -157,7 +168,16 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
-    """Open a local checkpoint folder: parse config.json and index every tensor (no data read)."""
+    """Open a local checkpoint folder: parse config.json and index every tensor (no data read).
+
+    ``MODEL+ADAPTER`` (mergekit's ``model+lora``) opens ``MODEL`` with the PEFT LoRA adapter in
+    ``ADAPTER`` folded in (``merges.lora``); an existing folder whose name holds ``+`` is a plain one.
+    """
+    from merges.lora import open_lora_source, split_reference
+
+    model, adapter = split_reference(path)
+    if adapter is not None:
+        return open_lora_source(open_checkpoint(model, allow_pickle=allow_pickle), adapter)
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")

@@ -173,7 +173,7 @@ class MergeEngine:
         transformers call explicitly: left unset, transformers asks ``[y/N]`` on a terminal
         before running a checkpoint's own Python (``auto_map``) and fails without one.
         """
-        path = self._anchor.path
+        path = self._anchor.folder  # a LoRA source's model folder (merges.lora)
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         architecture = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, architecture, None) if architecture else None
@@ -188,6 +188,9 @@ class MergeEngine:
         finally:
             if bars:
                 transformers.utils.logging.enable_progress_bar()
+        vocab_size = self._anchor.config.get("vocab_size")
+        if isinstance(vocab_size, int) and vocab_size != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab_size, mean_resizing=False)  # an output vocabulary (tokenizer_union)
         if self._device.type == "cpu":
             # from_pretrained leaves CPU weights mapped from the checkpoint file: give them
             # their own memory, so merges write to RAM, not to copy-on-write file pages

@@ -34,8 +34,10 @@ import yaml
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import MergeError, UnsupportedConfigError
 from merges.layout import Layout
+from merges.lora import LORA_SEPARATOR, lora_reference, split_reference
 from merges.methods.registry import METHODS, MethodSpec, validate_recipe
 from merges.recipe import ROLES, LayerSlice, Recipe, Scalar
+from merges.tokenizer_union import UNION, TokenEmbedding, TokenizerPolicy
 
 CATCH_ALL_ROLE = "norm"
 """The role of tensors no filter matches (in-layer norms)."""
@@ -187,8 +189,12 @@ _FlowDumper.add_representer(_FilterEntry, _represent_entry)
 
 
 def _check_path(path: str, what: str) -> None:
-    # mergekit parses "a+b" as a LoRA and "a@rev" as a revision.
-    if "+" in path or "@" in path:
+    # mergekit parses "a+b" as a LoRA (what a LoRA source is: merges.lora) and "a@rev" as a revision.
+    try:
+        model, adapter = split_reference(path)
+    except MergeError as exc:
+        raise UnsupportedConfigError(f"{what} {exc}") from None
+    if "@" in path or (adapter is None and LORA_SEPARATOR in model):
         raise UnsupportedConfigError(
             f"{what} path {path!r} contains '+' or '@', which mergekit reads as a LoRA or a revision"
         )
@@ -229,11 +235,14 @@ def _verify_setting(setting: float | bool | list[_FilterEntry], values: Sequence
             )
 
 
-def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> str:
+def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "",
+                       tokenizer: TokenizerPolicy | None = None, names: Mapping[str, str] | None = None) -> str:
     """The mergekit 0.1.5 ``slices:`` config that rebuilds ``recipe`` exactly.
 
     ``layout`` is the base checkpoint's layer map (for the role filters). ``header`` is
-    written as ``#`` comment lines at the top.
+    written as ``#`` comment lines at the top. ``tokenizer``: the vocabulary policy
+    (``merges.tokenizer_union``; None: the base's tokenizer), its model paths written
+    through ``names`` (what ``rename_models`` was given).
     """
     try:
         validate_recipe(recipe)
@@ -262,7 +271,9 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> s
         if recipe.out_dtype not in DTYPES:
             raise UnsupportedConfigError(f"recipe out_dtype {recipe.out_dtype!r} is not one of {DTYPES}")
         config["out_dtype"] = recipe.out_dtype
-    if recipe.base is not None:
+    if tokenizer is not None:
+        config["tokenizer"] = _tokenizer_yaml(tokenizer, names or {})
+    elif recipe.base is not None:
         config["tokenizer_source"] = "base"
 
     if recipe.layer_slices:
@@ -614,14 +625,16 @@ def recipe_from_mergekit(
     for key, reason in (("modules", "per-module configs"), ("chat_template", "chat_template changes")):
         if data.get(key) is not None:
             raise UnsupportedConfigError(f"{where}: {key}: {reason} are not supported by the engine")
-    _check_tokenizer(data, where)
+    _tokenizer_policy(data, where, root)  # refuses a malformed tokenizer section
 
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise UnsupportedConfigError(f"{where}: merge_method is missing")
     spec = _method(method, where)
     base = _model_path(data["base_model"], f"{where}: base_model", root) if data.get("base_model") else None
-    if base is None and (data.get("tokenizer_source") == "base" or data.get("tokenizer") is not None):
+    tokenizer = data.get("tokenizer")
+    asks_base = tokenizer.get("source", UNION) == "base" if isinstance(tokenizer, Mapping) else False
+    if base is None and (data.get("tokenizer_source") == "base" or asks_base):
         raise UnsupportedConfigError(f"{where}: the base tokenizer is asked for but no base_model is set")
     dtype = _dtype(data.get("dtype"), f"{where}: dtype")
     out_dtype = _dtype(data.get("out_dtype"), f"{where}: out_dtype")
@@ -665,25 +678,108 @@ def recipe_from_mergekit(
     return recipe
 
 
-def _check_tokenizer(data: Mapping[str, object], where: str) -> None:
+def tokenizer_from_mergekit(source: str | Path, *, base_dir: Path | None = None) -> TokenizerPolicy | None:
+    """The vocabulary policy of a mergekit config (``merges.tokenizer_union``); None: no tokenizer keys.
+
+    mergekit 0.1.5 rebuilds the vocabulary whenever ``tokenizer_source`` or ``tokenizer`` is
+    set, ``base`` included (the output has ``len(tokenizer)`` rows and a re-saved tokenizer);
+    without either it copies the base's tokenizer files. Paths resolve as in
+    :func:`recipe_from_mergekit`.
+    """
+    text, where, folder = _read_source(source)
+    root = (base_dir or folder).expanduser().absolute()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UnsupportedConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise UnsupportedConfigError(f"{where}: expected a mapping at the top level")
+    return _tokenizer_policy(data, where, root)
+
+
+def _tokenizer_policy(data: Mapping[str, object], where: str, root: Path) -> TokenizerPolicy | None:
     source = data.get("tokenizer_source")
-    if source is not None and source != "base":
-        raise UnsupportedConfigError(
-            f"{where}: tokenizer_source {source!r}: only the base tokenizer is supported "
-            "(a union or another model's vocabulary changes the embeddings)"
-        )
     tokenizer = data.get("tokenizer")
-    if tokenizer is None:
-        return
-    if source is not None:
+    if source is not None and tokenizer is not None:
         raise UnsupportedConfigError(f"{where}: both tokenizer_source and tokenizer are set")
-    if not isinstance(tokenizer, Mapping) or tokenizer.get("source", "union") != "base":
-        raise UnsupportedConfigError(
-            f"{where}: tokenizer: only {{source: base}} is supported (mergekit's default is a union)"
-        )
-    extra = sorted(k for k, v in tokenizer.items() if k != "source" and v is not None)
-    if extra:
-        raise UnsupportedConfigError(f"{where}: tokenizer: {extra} change the vocabulary; not supported")
+    if source is not None:
+        return TokenizerPolicy(_tokenizer_source(source, f"{where}: tokenizer_source", root))
+    if tokenizer is None:
+        return None
+    if not isinstance(tokenizer, Mapping):
+        raise UnsupportedConfigError(f"{where}: tokenizer: expected a mapping")
+    unknown = sorted(set(map(str, tokenizer)) - {"source", "tokens", "pad_to_multiple_of"})
+    if unknown:
+        raise UnsupportedConfigError(f"{where}: tokenizer: unknown key(s) {unknown}")
+    policy_source = _tokenizer_source(tokenizer.get("source", UNION), f"{where}: tokenizer.source", root)
+    pad = tokenizer.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
+        raise UnsupportedConfigError(f"{where}: tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    raw_tokens = tokenizer.get("tokens") or {}
+    if not isinstance(raw_tokens, Mapping):
+        raise UnsupportedConfigError(f"{where}: tokenizer.tokens: expected a mapping of token -> {{source, force}}")
+    tokens = tuple((str(token), _token_embedding(spec, f"{where}: tokenizer.tokens.{token}", root))
+                   for token, spec in raw_tokens.items())
+    return TokenizerPolicy(policy_source, tokens, pad)
+
+
+def _tokenizer_source(raw: object, where: str, root: Path) -> str:
+    if raw in (UNION, "base"):
+        return str(raw)
+    return _model_path(raw, where, root)
+
+
+def _token_embedding(raw: object, where: str, root: Path) -> TokenEmbedding:
+    if raw is None:
+        return TokenEmbedding()
+    if not isinstance(raw, Mapping) or set(map(str, raw)) - {"source", "force"}:
+        raise UnsupportedConfigError(f"{where}: expected {{source: ..., force: ...}}, got {raw!r}")
+    force = raw.get("force", False)
+    if not isinstance(force, bool):
+        raise UnsupportedConfigError(f"{where}.force: expected true/false, got {force!r}")
+    source = raw.get("source")
+    if source is None:
+        return TokenEmbedding(force=force)
+    if isinstance(source, str):
+        return TokenEmbedding(model=_model_path(source, f"{where}.source", root), force=force)
+    if isinstance(source, Mapping) and source.get("kind") == "zero" and set(source) == {"kind"}:
+        return TokenEmbedding(zero=True, force=force)
+    if isinstance(source, Mapping) and source.get("kind") == "model_token":
+        token, token_id = source.get("token"), source.get("token_id")
+        if (token is None) == (token_id is None) or set(source) - {"kind", "model", "token", "token_id"}:
+            raise UnsupportedConfigError(f"{where}.source: model_token needs model and one of token / token_id")
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+            raise UnsupportedConfigError(f"{where}.source.token_id: expected an integer, got {token_id!r}")
+        return TokenEmbedding(model=_model_path(source.get("model"), f"{where}.source.model", root),
+                              token=None if token is None else str(token), token_id=token_id, force=force)
+    raise UnsupportedConfigError(f"{where}.source: expected a model, {{kind: zero}} or {{kind: model_token, ...}}")
+
+
+def _tokenizer_yaml(policy: TokenizerPolicy, names: Mapping[str, str]) -> dict[str, object]:
+    """``tokenizer:`` as mergekit reads it; model paths through ``names`` (as exported)."""
+    def model(path: str) -> str:
+        return names.get(path, path)
+
+    out: dict[str, object] = {"source": policy.source if policy.source in (UNION, "base") else model(policy.source)}
+    if policy.tokens:
+        tokens: dict[str, object] = {}
+        for token, spec in policy.tokens:
+            entry: dict[str, object] = {}
+            if spec.zero:
+                entry["source"] = {"kind": "zero"}
+            elif spec.model is not None and (spec.token is not None or spec.token_id is not None):
+                ref = {"kind": "model_token", "model": model(spec.model)}
+                ref.update({"token": spec.token} if spec.token is not None else {"token_id": spec.token_id})
+                entry["source"] = ref
+            elif spec.model is not None:
+                entry["source"] = model(spec.model)
+            if spec.force:
+                entry["force"] = True
+            tokens[token] = entry
+        out["tokens"] = tokens
+    if policy.pad_to_multiple_of is not None:
+        out["pad_to_multiple_of"] = policy.pad_to_multiple_of
+    return out
 
 
 def _model_path(raw: object, where: str, root: Path) -> str:
@@ -691,8 +787,11 @@ def _model_path(raw: object, where: str, root: Path) -> str:
         raise UnsupportedConfigError(f"{where}: model references with LoRA/revision fields are not supported")
     if not isinstance(raw, str) or not raw:
         raise UnsupportedConfigError(f"{where}: expected a model path, got {raw!r}")
-    if "+" in raw:
-        raise UnsupportedConfigError(f"{where}: {raw!r} names a LoRA (model+lora); not supported")
+    if LORA_SEPARATOR in raw:  # mergekit's model+lora: a LoRA source (merges.lora), each half a folder
+        parts = raw.split(LORA_SEPARATOR)
+        if len(parts) != 2 or not all(parts):
+            raise UnsupportedConfigError(f"{where}: {raw!r}: expected MODEL+LORA, a model with a LoRA adapter (mergekit allows one '+')")
+        return lora_reference(*(_model_path(part, where, root) for part in parts))
     if "@" in raw:
         raise UnsupportedConfigError(f"{where}: {raw!r} names a revision (model@rev); not supported")
     path = Path(raw).expanduser()

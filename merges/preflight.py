@@ -1,7 +1,9 @@
 """Compatibility of sources with the base, checked once before any merge.
 
 Every source must have the base's architecture, the config values that change the math,
-the same tensor names and shapes, and the same tokenizer vocabulary. The first difference
+the same tensor names and shapes, and the same tokenizer vocabulary (or, seen through a
+tokenizer policy, ``merges.tokenizer_union.vocabulary_views``, the output vocabulary: the
+policy covers vocabularies and vocabulary sizes, everything else is still compared). The first difference
 is reported as a ``PreflightError`` naming both folders and the key, tensor or token.
 """
 
@@ -150,8 +152,16 @@ def _token_list(tokens: list[str]) -> str:
 
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:
-    """token -> id, from tokenizer.json when present, else through AutoTokenizer; None if none."""
-    tokenizer_json = checkpoint.path / "tokenizer.json"
+    """token -> id, from tokenizer.json when present, else through AutoTokenizer; None if none.
+
+    A view on an output vocabulary (``merges.tokenizer_union``: the policy covers how the
+    sources' vocabularies differ) has that vocabulary.
+    """
+    from merges.tokenizer_union import VocabularyView
+
+    if isinstance(checkpoint, VocabularyView):
+        return checkpoint.vocabulary()
+    tokenizer_json = checkpoint.folder / "tokenizer.json"
     if tokenizer_json.is_file():
         return _vocabulary_from_json(tokenizer_json)
     if not checkpoint.tokenizer_files():
@@ -159,7 +169,7 @@ def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:
     from transformers import AutoTokenizer  # slow import, only for folders without tokenizer.json
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.folder), trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError / ValueError / ImportError variants
         raise PreflightError(f"{checkpoint.path}: cannot load its tokenizer ({exc})") from exc
     return dict(tokenizer.get_vocab())

@@ -51,7 +51,7 @@ def save_checkpoint(
     ``protected`` folder (sources, the study folder) and their parents are refused as outputs.
     """
     out = Path(out_dir).expanduser().absolute()
-    guards = [Protected("base checkpoint", like.path), *protected]
+    guards = [Protected("base checkpoint", like.folder), *protected]
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
 
@@ -69,7 +69,8 @@ def save_checkpoint(
     with output_folder(out, overwrite=overwrite, protected=guards) as tmp:
         _write_weights(tmp, tensors, kept, dtype, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for file in (*like.tokenizer_files(), *(like.path / f for f in _COPIED_FILES)):
+        like.write_tokenizer(tmp)  # the base's files, or an output vocabulary's (merges.tokenizer_union)
+        for file in (like.folder / f for f in _COPIED_FILES):
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
     return out

@@ -22,6 +22,8 @@ from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
 from genome.errors import GenomeError
 from genome.space import check_sources, is_numeric
 from genome.spec import FRANKEN_PICKS, METHOD_GENES, Bounds, FrankenSpec, GenomeSpec, known_methods
+from merges.lora import LORA_SEPARATOR
+from merges.tokenizer_union import BASE, UNION, TokenizerPolicy
 from search.errors import StudyConfigError
 from search.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 
@@ -39,7 +41,7 @@ _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 RESERVED_LABELS: tuple[str, ...] = ("base", "best")
 
 STUDY_KEYS = ("name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k")
-MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype")
+MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype", "tokenizer")
 GENOME_KEYS = (
     "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
     "frankenmerge",
@@ -59,11 +61,19 @@ EXECUTION_KEYS = (
 @dataclass(frozen=True)
 class ModelsConfig:
     base: Path
-    sources: dict[str, Path]  # label -> checkpoint folder, in file order
+    sources: dict[str, Path]  # label -> checkpoint folder (a LoRA source: Path("MODEL+ADAPTER")), in file order
     demo_family: bool = False  # base is the shipped demo family's: verify its checksums
     allow_pickle: bool = False
     trust_remote_code: bool = False
     dtype: str = "float32"
+    tokenizer: str | None = None  # "union" | "base" | a source label: sources' vocabularies may differ
+
+    def tokenizer_policy(self) -> TokenizerPolicy | None:
+        """The output vocabulary (``merges.tokenizer_union``), a source label turned into its path."""
+        if self.tokenizer is None:
+            return None
+        source = self.tokenizer if self.tokenizer in (UNION, BASE) else str(self.sources[self.tokenizer])
+        return TokenizerPolicy(source)
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,10 @@ class _Parser:
     def path(self, value: str) -> Path:
         return (self.folder / Path(value).expanduser()).resolve()
 
+    def lora_source(self, model: str, adapter: str) -> Path:
+        """A base checkpoint with a PEFT LoRA adapter, as ``merges.checkpoint.open_checkpoint`` reads it."""
+        return Path(f"{self.path(model)}{LORA_SEPARATOR}{self.path(adapter)}")
+
     def study(
         self, data: Mapping[str, object], path: Path, *, out: str | Path | None, trials: int | None,
         seed: int | None = None, sampler: str | None = None,
@@ -345,6 +359,7 @@ class _Parser:
         table.expect(MODELS_KEYS)
         base = self.path(table.get_str("base"))
         sources_table = table.get_table("sources")
+        source_keys = ("model", "lora")
         sources: dict[str, Path] = {}
         for label in sources_table.data:
             if not _LABEL.match(label) or label in RESERVED_LABELS:
@@ -353,7 +368,17 @@ class _Parser:
                     "a source label must start with a letter or _ and hold only letters, digits, _ and -"
                     + (f", and {label!r} is reserved" if label in RESERVED_LABELS else ""),
                 )
-            sources[label] = self.path(sources_table.get_str(label))
+            if isinstance(sources_table.data[label], dict):  # {model = ..., lora = ...}: a LoRA source
+                source = sources_table.get_table(label)
+                source.expect(source_keys)
+                sources[label] = self.lora_source(source.get_str("model"), source.get_str("lora"))
+            elif LORA_SEPARATOR in sources_table.get_str(label) and not self.path(sources_table.get_str(label)).is_dir():
+                model, _, adapter = sources_table.get_str(label).partition(LORA_SEPARATOR)  # mergekit's model+lora
+                if not model or not adapter or LORA_SEPARATOR in adapter:
+                    raise sources_table.error(label, "expected MODEL+ADAPTER (one '+'), or {model = ..., lora = ...}")
+                sources[label] = self.lora_source(model, adapter)
+            else:
+                sources[label] = self.path(sources_table.get_str(label))
         if not sources:
             raise table.error("sources", "expected at least one source checkpoint")
         config = ModelsConfig(
@@ -363,7 +388,11 @@ class _Parser:
             allow_pickle=table.get_bool("allow_pickle", False),
             trust_remote_code=table.get_bool("trust_remote_code", False),
             dtype=table.get_choice("dtype", DTYPES, "float32"),
+            tokenizer=table.get_str("tokenizer", None),
         )
+        if config.tokenizer is not None and config.tokenizer not in (UNION, BASE, *sources):
+            raise table.error("tokenizer", f"expected 'union', 'base' or a source label ({', '.join(sources)}), "
+                                           f"got {config.tokenizer!r}")
         for label, folder in sources.items():
             if folder == base:
                 raise sources_table.error(label, f"is the base checkpoint itself ({folder})")

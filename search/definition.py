@@ -30,6 +30,7 @@ from pathlib import Path
 import optuna
 
 from fitness.spec import FORMATS, TaskSpec
+from merges.lora import reference_folders
 from search.config import StudyConfig
 from search.errors import SearchError
 
@@ -51,8 +52,9 @@ def study_definition(config: StudyConfig) -> dict[str, object]:
     return {
         "models": {
             "base": checkpoint_fingerprint(Path(models.base)),
-            "sources": {label: checkpoint_fingerprint(Path(p)) for label, p in models.sources.items()},
+            "sources": {label: _source_fingerprint(p) for label, p in models.sources.items()},
             "dtype": models.dtype,
+            **({"tokenizer": models.tokenizer} if models.tokenizer is not None else {}),  # older studies: absent
         },
         "genome": _jsonable(dataclasses.asdict(config.genome)),
         "tasks": {task.name: _task_definition(task) for task in config.tasks},
@@ -61,6 +63,14 @@ def study_definition(config: StudyConfig) -> dict[str, object]:
         "population": config.population,
         "objective": config.objective,
     }
+
+
+def _source_fingerprint(source: Path) -> dict[str, object]:
+    """A plain source's fingerprint; a LoRA source (``MODEL+ADAPTER``): its model's and its adapter's."""
+    folders = reference_folders(source)
+    if len(folders) == 1:
+        return checkpoint_fingerprint(folders[0])
+    return {"model": checkpoint_fingerprint(folders[0]), "lora": checkpoint_fingerprint(folders[1])}
 
 
 def checkpoint_fingerprint(folder: Path) -> dict[str, object]:

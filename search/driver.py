@@ -154,10 +154,12 @@ def plan_study(config: StudyConfig) -> StudyPlan:
     """Preflight the checkpoints and derive the genome space, directions and gates."""
     from merges.checkpoint import open_checkpoint
     from merges.preflight import preflight
+    from merges.tokenizer_union import with_policy
 
     models = config.models
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
+    base, sources = with_policy(base, sources, models.tokenizer_policy(), trust_remote_code=models.trust_remote_code)
     layout = preflight(base, sources)
     labels = tuple(models.sources)
     paths = {label: str(path) for label, path in models.sources.items()}
@@ -194,6 +196,7 @@ def worker_setup(config: StudyConfig) -> WorkerSetup:
         batch_size=execution.batch_size,
         allow_pickle=config.models.allow_pickle,
         trust_remote_code=config.models.trust_remote_code,
+        tokenizer=config.models.tokenizer_policy(),
         # Torch's default (every core) oversubscribes a shared machine; a worker gets its share.
         threads=max(1, int(execution.cpus_per_worker)),
     )

@@ -22,6 +22,7 @@ from fitness.errors import FitnessError
 from fitness.spec import TaskSpec
 from merges.errors import MergeError
 from merges.recipe import Recipe
+from merges.tokenizer_union import TokenizerPolicy
 from search.errors import SearchError
 
 SPLITS = ("search", "heldout")
@@ -40,6 +41,7 @@ class WorkerSetup:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     threads: int | None = None  # torch intra-op threads for this worker
+    tokenizer: TokenizerPolicy | None = None  # models.tokenizer: the sources' vocabularies merged (picklable)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TrialWorker:
         from merges.checkpoint import open_checkpoint
         from merges.engine import MergeEngine
         from merges.preflight import preflight
+        from merges.tokenizer_union import VocabularyView, with_policy
 
         if setup.threads is not None:
             torch.set_num_threads(max(1, setup.threads))
@@ -73,13 +76,17 @@ class TrialWorker:
         self.setup = setup
         base = open_checkpoint(setup.base, allow_pickle=setup.allow_pickle)
         sources = [open_checkpoint(s, allow_pickle=setup.allow_pickle) for s in setup.sources]
+        base, sources = with_policy(base, sources, setup.tokenizer, trust_remote_code=setup.trust_remote_code)
         self.layout = preflight(base, sources)
         self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype)
         self.model = self.engine.new_model(trust_remote_code=setup.trust_remote_code)
         self.model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(
-            setup.base, trust_remote_code=setup.trust_remote_code
-        )
+        if isinstance(base, VocabularyView):  # the merged model's own tokenizer, as it ships
+            tokenizer = base.output_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                setup.base, trust_remote_code=setup.trust_remote_code
+            )
         self.tasks = {
             spec.name: load_task(spec, tokenizer, batch_size=setup.batch_size) for spec in setup.tasks
         }

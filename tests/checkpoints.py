@@ -7,6 +7,7 @@ real fine-tune often leaves them), saved with ``save_pretrained`` as safetensors
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,32 @@ def make_family(root: Path, arch: str = "llama", *, n_sources: int = 3, seed: in
         save(perturbed(base, seed=seed * 1000 + i + 1), root / f"source{i}") for i in range(n_sources)
     )
     return TinyFamily(base_dir, sources)
+
+
+def lora_adapter(model: PreTrainedModel, path: Path, *, seed: int, targets: tuple[str, ...],
+                 **config: object) -> Path:
+    """A PEFT LoRA adapter for ``model`` with random A and B (a trained-looking, nonzero update), saved to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    copy = type(model)(model.config).to(model.dtype)
+    copy.load_state_dict(model.state_dict())
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **config)
+    get_peft_model(copy, lora).save_pretrained(path)
+    return path
+
+
+def with_added_tokens(model: PreTrainedModel, path: Path, *, seed: int, tokens: tuple[str, ...],
+                      special: tuple[str, ...] = ()) -> Path:
+    """A fine-tune whose tokenizer adds ``tokens`` (and ``special`` tokens), with new embedding rows."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(list(tokens))
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    tuned = perturbed(copy.deepcopy(model), seed=seed)  # its own config: resizing changes vocab_size
+    torch.manual_seed(seed)
+    tuned.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # the new rows: learned-looking values, not resize's initialisation
+        for embedding in {id(e): e for e in (tuned.get_input_embeddings(), tuned.get_output_embeddings())}.values():
+            embedding.weight[len(VOCAB):] = torch.randn(embedding.weight[len(VOCAB):].shape) * 0.05
+    return save(tuned, path, tokenizer)

@@ -164,7 +164,7 @@ def test_export_of_a_frankenmerge(llama_layout: Layout) -> None:
 
 
 def test_export_refuses_what_mergekit_would_misread(llama_layout: Layout) -> None:
-    lora = Recipe.uniform("linear", None, ["/m/x+lora"], 4, tensor_params={"weight": [1.0]})
+    lora = Recipe.uniform("linear", None, ["/m/x+lora+again"], 4, tensor_params={"weight": [1.0]})
     with pytest.raises(UnsupportedConfigError, match="LoRA"):
         recipe_to_mergekit(lora, llama_layout)
     wrong_depth = Recipe.uniform("linear", None, [A], 3, tensor_params={"weight": [1.0]})
@@ -371,11 +371,13 @@ _GOOD_SOURCES = f"""
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
          "    parameters:\n      weight: [{filter: q_proj, value: 1.0}, {value: 0.5}]\n",
          "q_proj.*attention tensors of one layer group"),
-        (f"merge_method: linear\ndtype: float32\ntokenizer_source: union\nmodels:{_GOOD_SOURCES}", "union"),
-        (f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union}}\nmodels:{_GOOD_SOURCES}", "union"),
+        (f"merge_method: linear\ndtype: float32\ntokenizer_source: union\ntokenizer: {{source: union}}\n"
+         f"models:{_GOOD_SOURCES}", "both tokenizer_source and tokenizer"),
+        (f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union, pad_to_multiple_of: 0}}\n"
+         f"models:{_GOOD_SOURCES}", "pad_to_multiple_of"),
         (f"merge_method: linear\ndtype: float32\nchat_template: chatml\nmodels:{_GOOD_SOURCES}", "chat_template"),
         (f"merge_method: sce\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'sce' is not one the engine implements"),
-        (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}+/l/x\n    parameters: {{weight: 1}}\n",
+        (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}+/l/x+/l/y\n    parameters: {{weight: 1}}\n",
          "LoRA"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}@v2\n    parameters: {{weight: 1}}\n",
          "revision"),

@@ -68,12 +68,12 @@ def test_unsupported_config_is_refused_with_its_reason_and_writes_nothing(
 ) -> None:
     config = tmp_path / "union.yaml"
     config.write_text(
-        f"merge_method: linear\ndtype: float32\ntokenizer_source: union\nmodels:\n"
+        f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union, merge_vocab: yes}}\nmodels:\n"
         f"  - model: {llama_family.sources[0]}\n    parameters: {{weight: 1.0}}\n"
     )
     assert main(["merge", str(config), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "union" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "merge_vocab" in err and err.count("\n") == 1
     assert _only_entries(tmp_path) == ["union.yaml"]
 
 

@@ -20,6 +20,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from merges.lora import map_reference, reference_folders
 from merges.output import Protected, check_file_target, check_output_folder, write_file
 from merges.recipe import Recipe
 from search import gate_record, ranking, storage
@@ -80,6 +81,7 @@ def add_model_name_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from merges.checkpoint import open_checkpoint
     from merges.preflight import preflight
+    from merges.tokenizer_union import with_policy
 
     config = load_study(args.study, out=args.out)
     study = storage.load_existing_study(config.name, config.storage)
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     models = config.models
     base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
     sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
+    base, sources = with_policy(base, sources, models.tokenizer_policy(), trust_remote_code=models.trust_remote_code)
     layout = preflight(base, sources)
     protected = _check_outputs(args, config)  # before writing anything
     names = parse_model_names(args.model_name, config)
@@ -205,10 +208,11 @@ def exported_names(config: StudyConfig, user_attrs: Mapping[str, object], recipe
             )
         if label in names:
             out[model] = names[label]
-        elif model_root is not None:
-            out[model] = _local(f"{model_root.rstrip('/')}/{current[label].name}")
+        elif model_root is not None:  # map_reference: each folder of a LoRA source's MODEL+ADAPTER
+            out[model] = map_reference(current[label], lambda p: _local(f"{model_root.rstrip('/')}/{Path(p).name}"))
         else:
-            out[model] = _local(Path(os.path.relpath(current[label].resolve(), yaml_dir.resolve())).as_posix())
+            out[model] = map_reference(
+                current[label], lambda p: _local(Path(os.path.relpath(Path(p).resolve(), yaml_dir.resolve())).as_posix()))
     return out
 
 
@@ -235,7 +239,8 @@ def export_text(config: StudyConfig, study: optuna.Study, trial: FrozenTrial, la
     shipped = rename_models(recipe, written)
     header = export_header(config, study.user_attrs, trial, warnings=warnings,
                            run_from=_run_from(written.values(), Path(yaml_path).name))
-    return recipe_to_mergekit(shipped, layout, header=header)
+    return recipe_to_mergekit(shipped, layout, header=header, tokenizer=config.models.tokenizer_policy(),
+                              names=written)
 
 
 def _run_from(written: Iterable[str], yaml_name: str) -> str:
@@ -310,7 +315,8 @@ def _check_outputs(args: argparse.Namespace, config: StudyConfig) -> list[Protec
         Protected("study folder", config.path.parent),
         Protected("study output folder", config.output),
         Protected("base checkpoint", Path(models.base)),
-        *(Protected(f"source checkpoint {label!r}", Path(p)) for label, p in models.sources.items()),
+        *(Protected(f"source checkpoint {label!r}", folder) for label, p in models.sources.items()
+          for folder in reference_folders(p)),  # a LoRA source: its model and its adapter
     ]
     if args.materialize is not None:
         folder = check_output_folder(args.materialize, overwrite=args.overwrite, protected=protected)

@@ -74,9 +74,11 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     import torch
 
     from merges.engine import MergeEngine
-    from merges.mergekit_yaml import recipe_from_mergekit
+    from merges.lora import reference_folders
+    from merges.mergekit_yaml import recipe_from_mergekit, tokenizer_from_mergekit
     from merges.output import Protected, check_output_folder
     from merges.save import save_checkpoint
+    from merges.tokenizer_union import vocabulary_views
 
     if not config.is_file():
         raise SearchError(f"{config}: no such mergekit config file")
@@ -84,10 +86,14 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
     # Refuse a bad output before the merge, not after it.
-    protected = [Protected("base checkpoint", Path(recipe.base))] if recipe.base else []
-    protected += [Protected("source checkpoint", Path(path)) for path in recipe.sources]
+    protected = [Protected("base checkpoint", f) for f in reference_folders(recipe.base)] if recipe.base else []
+    protected += [Protected("source checkpoint", folder) for path in recipe.sources
+                  for folder in reference_folders(path)]  # a LoRA source: its model and its adapter
     check_output_folder(out_dir, overwrite=overwrite, protected=protected)
     base, sources = _open(recipe, allow_pickle)
+    tokenizer = tokenizer_from_mergekit(config)
+    if tokenizer is not None:  # sources' vocabularies merged as mergekit does (merges.tokenizer_union)
+        base, sources = vocabulary_views(base, sources, tokenizer)
     like = base or sources[0]
     # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
     engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype))

@@ -24,6 +24,7 @@ from genome.space import gene_space, layer_groups
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import MergeError
 from merges.preflight import preflight
+from merges.tokenizer_union import with_policy
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import SearchError, StudyConfigError
@@ -103,6 +104,13 @@ def check_checkpoints(config: StudyConfig) -> int:
                     "if you trust that code, or use a checkpoint without auto_map"
                 )
     base = opened.pop("models.base")
+    if models.tokenizer is not None:  # the policy covers differing vocabularies; the rest is still compared
+        try:
+            views = with_policy(base, list(opened.values()), models.tokenizer_policy(),
+                                trust_remote_code=models.trust_remote_code)
+        except MergeError as exc:
+            raise StudyConfigError(f"{config.path}: models.tokenizer: {exc}") from None
+        base, opened = views[0], dict(zip(opened, views[1], strict=True))
     for key, source in opened.items():
         try:
             preflight(base, [source])
