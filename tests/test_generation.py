@@ -172,6 +172,15 @@ def test_generate_table_errors(tmp_path: Path, llama_family: TinyFamily, generat
         load_study(_study(tmp_path, llama_family, generate))
 
 
+def test_every_generate_key_has_a_readme_row(repo_root: Path) -> None:
+    from search.config import GENERATE_KEYS
+
+    text = (repo_root / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Generation tasks"):text.index("### Choosing a method")]
+    missing = [key for key in GENERATE_KEYS if f"| `{key}` |" not in section]
+    assert not missing
+
+
 def _rows(path: Path, rows: list[tuple[str, str]]) -> Path:
     path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
     return path
