@@ -241,6 +241,22 @@ def test_fewshot_examples_are_seeded_and_prefixed(tmp_path: Path, llama_family: 
     assert any(prompt_text(seed) != first for seed in range(1, 6))
 
 
+def test_fewshot_examples_become_chat_turns(tmp_path: Path, llama_family: TinyFamily) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llama_family.base)
+    # roles as words of the tiny vocabulary: user w58, assistant w59, generation prompt w57
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ 'w58' if m['role'] == 'user' else 'w59' }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}w57{% endif %}"
+    )
+    search = _rows(tmp_path / "search.jsonl", [("w1 w2", "w3")])
+    heldout = _rows(tmp_path / "heldout.jsonl", [("w7 w8", "w9")])
+    shots = _rows(tmp_path / "shots.jsonl", [("w20 w30", "w40")])
+    spec = TaskSpec("t", search, heldout, metric="generate", chat_template=True,
+                    generate=GenerateSpec(fewshot=1, fewshot_file=shots))
+    example = load_task(spec, tokenizer).heldout.examples[0]
+    assert tokenizer.decode(example.prompt_ids) == "w58 w20 w30 w59 w40 w58 w7 w8 w57"
+
+
 def completions_scorer(model, batch, examples, completions):  # noqa: ANN001, ANN201
     """A user scorer that reads the generated text: 1 when it is non-empty."""
     return [float(bool(text)) for text in completions]
