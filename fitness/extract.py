@@ -92,7 +92,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise FitnessError(f"generate.extract: regular expression {pattern!r} does not compile: {exc}") from None
+        raise FitnessError(f"generate.extract: regular expression '{pattern}' does not compile: {exc}") from None
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -147,7 +147,7 @@ def gold_answer(spec: GenerateSpec, answer: str) -> str | None:
 def gold_problem(spec: GenerateSpec, answer: str) -> str | None:
     """Why a gold answer cannot be judged (for errors naming the row), or None."""
     if spec.extract_gold and extract_answer(spec, answer) is None:
-        return f"the pattern {spec.extract!r} (extract_gold = true) does not match it"
+        return f"the pattern '{spec.extract}' (extract_gold = true) does not match it"
     if gold_answer(spec, answer) is None:
         return "it is not a number (compare = \"numeric\")"
     return None

@@ -241,7 +241,7 @@ def _check_generation(spec: TaskSpec, rows: Sequence[_Row], first: int, warn: Ca
         if sample and not any(pattern.search(row.answer) for row in sample):
             examples = "; ".join(repr(row.answer) for row in sample[:3])
             warn(
-                f"{where}: generate.extract {generate.extract!r} matches none of the first {len(sample)} "
+                f"{where}: generate.extract '{generate.extract}' matches none of the first {len(sample)} "
                 f"answers (e.g. {examples}); if the model answers like the data, every verdict will be 0"
             )
 

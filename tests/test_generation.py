@@ -200,6 +200,11 @@ def test_check_task_refuses_fewshot_overlap_and_unjudgeable_golds(tmp_path: Path
     with pytest.raises(FitnessError, match=r"search.jsonl: row 1: field 'answer' \('w3'\) cannot be judged: "
                                            "it is not a number"):
         check_task(numeric, tokenizer)
+    gold_pattern = TaskSpec("t", search, heldout, metric="generate",
+                            generate=GenerateSpec(extract=r"#### (\d+)", extract_gold=True))
+    with pytest.raises(FitnessError, match=r"search.jsonl: row 1: field 'answer' \('w3'\) cannot be judged: "
+                                           r"the pattern '#### \(\\d\+\)' \(extract_gold = true\) does not match"):
+        check_task(gold_pattern, tokenizer)
 
 
 def test_check_task_warns_when_the_pattern_matches_no_answer(tmp_path: Path, llama_family: TinyFamily) -> None:
@@ -210,7 +215,7 @@ def test_check_task_warns_when_the_pattern_matches_no_answer(tmp_path: Path, lla
     spec = TaskSpec("t", search, heldout, metric="generate", generate=GenerateSpec(extract=r"#### (\d+)"))
     assert check_task(spec, tokenizer, warn=warnings.append) == {"search": 2, "heldout": 1}
     assert len(warnings) == 1
-    assert f"generate.extract {spec.generate.extract!r} matches none of the first 3 answers (e.g. 'w3'; 'w6'" \
+    assert f"generate.extract '{spec.generate.extract}' matches none of the first 3 answers (e.g. 'w3'; 'w6'" \
         in warnings[0]
     warnings.clear()
     matching = TaskSpec("t", search, heldout, metric="generate", generate=GenerateSpec(extract=r"w(\d+)"))
