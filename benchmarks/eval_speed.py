@@ -19,7 +19,16 @@ per second for both (median of ``--repeats`` runs for the fast scorer; generate 
 once), the ratio, whether every per-example result agrees, and, for reference, batched
 generate (batch 64) too; ends with one JSON line::
 
-    {"fast_examples_per_s": ..., "generate_examples_per_s": ..., "ratio": ..., "agree": true}
+    {"fast_examples_per_s": ..., "generate_examples_per_s": ..., "ratio": ..., "agree": true,
+     "generate_fast_examples_per_s": ..., "generate_reference_examples_per_s": ..., "generate_ratio": ...,
+     "generate_agree": true}
+
+The ``generate_*`` keys time generation tasks (``metric = "generate"``, :mod:`fitness.generation`):
+the same slices scored by generated text (batched greedy decoding with a KV cache, left padding,
+early exit; median of ``--repeats``) against the plain per-prompt ``model.generate`` loop with
+the same stops (:func:`fitness.generation.reference_generate`, run once), and whether every
+example's text and verdict agree. Both decode up to ``--max-new-tokens`` (default 8: the demo
+answers are at most 7 tokens).
 
 Tokenisation (``load_task``) happens once per study and is not timed.
 """
@@ -44,6 +53,8 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fitness.extract import GenerateSpec, gold_answer, verdict  # noqa: E402
+from fitness.generation import end_token_ids, generate_slice, reference_generate  # noqa: E402
 from fitness.scoring import score_examples  # noqa: E402
 from fitness.slices import EncodedSlice, load_task  # noqa: E402
 from fitness.spec import TaskSpec  # noqa: E402
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate-batch-size", type=int, default=1, help="1: plain per-prompt generate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--root", type=Path, default=None, help="an already built family folder")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="generation path: tokens per answer")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,9 +175,52 @@ def main(argv: list[str] | None = None) -> int:
         "generate_examples_per_s": round(n / slow_s, 2),
         "ratio": round(slow_s / fast_s, 2),
         "agree": not disagreements,
+        **generation_path(model, tokenizer, root, args),
     }
     print(json.dumps(result))
-    return 0 if not disagreements else 1
+    return 0 if not disagreements and result["generate_agree"] else 1
+
+
+def generation_path(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, root: Path,
+                    args: argparse.Namespace) -> dict[str, float | bool]:
+    """Generation scoring vs the per-prompt generate loop on the same slices: speed and agreement."""
+    spec = GenerateSpec(max_new_tokens=args.max_new_tokens)
+    slices = []
+    for task in TASKS:
+        folder = root / "data" / task
+        data = load_task(TaskSpec(task, folder / "search.jsonl", folder / "heldout.jsonl", metric="generate",
+                                  generate=spec), tokenizer, batch_size=args.batch_size)
+        slices.append(data.search if args.split == "search" else data.heldout)
+    n = sum(s.n for s in slices)
+    generate_slice(model, slices[0])  # warm-up
+    times: list[float] = []
+    fast: list[tuple[str, float]] = []
+    for _ in range(max(1, args.repeats)):
+        start = time.perf_counter()
+        fast = [(a.completion, a.verdict) for data in slices for a in generate_slice(model, data)]
+        times.append(time.perf_counter() - start)
+    fast_s = statistics.median(times)
+    start = time.perf_counter()
+    reference = []
+    for data in slices:
+        texts = reference_generate(model, [e.prompt_ids for e in data.examples], tokenizer=tokenizer,
+                                   max_new_tokens=spec.max_new_tokens, stops=spec.stop,
+                                   end_ids=end_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+        reference += [(text, verdict(spec, text, gold_answer(spec, e.answer) or "")[0])
+                      for text, e in zip(texts, data.examples, strict=True)]
+    reference_s = time.perf_counter() - start
+    agree = sum(a == b for a, b in zip(fast, reference, strict=True))
+    print(f"generation scoring (batch {args.batch_size}, KV cache, early exit): {fast_s:.3f} s median of "
+          f"{len(times)} ({', '.join(f'{t:.3f}' for t in times)}): {n / fast_s:.1f} examples/s, "
+          f"accuracy {sum(v for _, v in fast) / n:.3f}")
+    print(f"per-prompt generate loop: {reference_s:.3f} s: {n / reference_s:.1f} examples/s; "
+          f"ratio {reference_s / fast_s:.1f}x; same text and verdict: {agree}/{n}")
+    return {
+        "generate_fast_examples_per_s": round(n / fast_s, 2),
+        "generate_reference_examples_per_s": round(n / reference_s, 2),
+        "generate_ratio": round(reference_s / fast_s, 2),
+        "generate_agree": agree == n,
+    }
 
 
 if __name__ == "__main__":

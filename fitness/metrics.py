@@ -1,6 +1,6 @@
 """Metrics: the token-level arithmetic behind each (names and directions: :mod:`fitness.spec`).
 
-Built-in metrics (all computed from ONE teacher-forced forward pass per batch):
+Built-in metrics (all but ``generate`` computed from ONE teacher-forced forward pass per batch):
 
 ``exact_match`` (higher is better, the default)
     1 when greedy decoding would produce exactly the answer and then stop: at every
@@ -26,6 +26,12 @@ Built-in metrics (all computed from ONE teacher-forced forward pass per batch):
     :class:`fitness.slices.SliceExample` (text, token ids, file and row). It returns one
     float per row (a sequence or a 1-D tensor). Slice score: the mean. Higher is better
     unless the function has an attribute ``higher_is_better = False``.
+    For a task with a ``generate`` table it is called as
+    ``function(model, batch, examples, completions=texts)``, ``texts`` the generated text of
+    each row (see :mod:`fitness.generation`).
+``generate`` (higher is better)
+    Not teacher-forced: greedy decoding, then a verdict of 1 or 0 per row
+    (:mod:`fitness.extract`). Slice score: the mean.
 """
 
 from __future__ import annotations

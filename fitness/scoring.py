@@ -6,6 +6,11 @@ the call. Batches already on that device (``EncodedSlice.to``) are used as they 
 CPU batches are copied per batch. Only the logits at answer positions are projected
 onto the vocabulary when the model's ``forward`` takes ``logits_to_keep``.
 
+Generation tasks (``TaskSpec.generate``) decode instead (:mod:`fitness.generation`): the
+metric ``generate`` is the mean verdict; a user scorer is called with the generated texts
+too (``completions=``, see :mod:`fitness.metrics`). ``score_slice_details`` also returns
+the per-example generated text.
+
 For ``exact_match`` the tokens that end a greedy continuation are the slice's end token
 plus the model's ``generation_config.eos_token_id`` (one id or a list), which is what
 ``generate`` stops on.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -30,36 +36,54 @@ from fitness.metrics import (
 from fitness.slices import EncodedBatch, EncodedSlice
 from fitness.spec import is_user_metric, load_user_scorer
 
+if TYPE_CHECKING:
+    from fitness.generation import GeneratedAnswer
+
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
 def score_slice(model: PreTrainedModel, data: EncodedSlice, *,
                 device: torch.device | str | None = None) -> float:
     """The slice's score under its metric (see :mod:`fitness.metrics` for aggregation)."""
-    per_example, stats = _score(model, data, device)
-    return slice_score(data.metric, per_example, stats)
+    return score_slice_details(model, data, device=device)[0]
+
+
+def score_slice_details(model: PreTrainedModel, data: EncodedSlice, *,
+                        device: torch.device | str | None = None) -> tuple[float, list[dict[str, object]] | None]:
+    """The slice's score, and for a generation task one record per example (what it generated)."""
+    from fitness.generation import generation_records
+
+    per_example, stats, answers = _score(model, data, device)
+    records = None if answers is None else generation_records(data, answers)
+    return slice_score(data.metric, per_example, stats), records
 
 
 def score_examples(model: PreTrainedModel, data: EncodedSlice, *,
                    device: torch.device | str | None = None) -> list[float]:
     """One score per example, in the slice's example (file) order."""
-    per_example, _ = _score(model, data, device)
+    per_example, _, _ = _score(model, data, device)
     return [float(value) for value in per_example]
 
 
-def _score(model: PreTrainedModel, data: EncodedSlice,
-           device: torch.device | str | None) -> tuple[torch.Tensor, SequenceStats | None]:
+def _score(model: PreTrainedModel, data: EncodedSlice, device: torch.device | str | None
+           ) -> tuple[torch.Tensor, SequenceStats | None, list[GeneratedAnswer] | None]:
     where = f"task {data.task!r} ({data.split})"
     if data.n == 0:
         raise FitnessError(f"{where}: the slice has no examples")
+    from fitness.generation import generate_slice  # imports this module's helpers
+
     target = torch.device(device) if device is not None else _model_device(model)
     with _eval_mode(model), torch.inference_mode():
+        answers = None if data.generation is None else generate_slice(model, data, target)
         if is_user_metric(data.metric):
-            return _user_scores(model, data, target, where), None
+            completions = None if answers is None else [a.completion for a in answers]
+            return _user_scores(model, data, target, where, completions), None, answers
+        if answers is not None:  # metric "generate": the verdicts
+            return torch.tensor([a.verdict for a in answers], dtype=torch.float64), None, answers
         stats = _sequence_stats(model, data, target)
     per_example = example_scores(data.metric, stats, data.sequence_example, data.sequence_choice,
                                  data.labels, data.n)
-    return per_example, stats
+    return per_example, stats, None
 
 
 def _sequence_stats(model: PreTrainedModel, data: EncodedSlice, device: torch.device) -> SequenceStats:
@@ -84,7 +108,8 @@ def _sequence_stats(model: PreTrainedModel, data: EncodedSlice, device: torch.de
     return SequenceStats(logprob=logprob, tokens=tokens, greedy=greedy)
 
 
-def _user_scores(model: PreTrainedModel, data: EncodedSlice, device: torch.device, where: str) -> torch.Tensor:
+def _user_scores(model: PreTrainedModel, data: EncodedSlice, device: torch.device, where: str,
+                 completions: Sequence[str] | None) -> torch.Tensor:
     scorer = load_user_scorer(data.metric)
     scores = torch.empty(data.n, dtype=torch.float64)
     for cpu_or_device_batch in data.batches:
@@ -92,7 +117,9 @@ def _user_scores(model: PreTrainedModel, data: EncodedSlice, device: torch.devic
         rows = cpu_or_device_batch.example_index.cpu()
         examples = [data.examples[i] for i in rows.tolist()]
         try:
-            values = torch.as_tensor(scorer(model, batch, examples), dtype=torch.float64).cpu().flatten()
+            # generation tasks: the generated texts too, by keyword (older scorers keep their signature)
+            extra = {} if completions is None else {"completions": [completions[i] for i in rows.tolist()]}
+            values = torch.as_tensor(scorer(model, batch, examples, **extra), dtype=torch.float64).cpu().flatten()
         except FitnessError:
             raise
         except (TypeError, ValueError, RuntimeError) as exc:

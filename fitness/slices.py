@@ -20,14 +20,19 @@ How a prompt and its answer become tokens (what the model saw in training):
 * with ``chat_template = True`` the prompt is rendered as one user message with the
   base tokenizer's chat template and the generation prompt;
 * ``exact_match`` and user scorers append the tokenizer's eos token after the answer:
-  greedy decoding is right only if it stops there.
+  greedy decoding is right only if it stops there;
+* generation tasks (``TaskSpec.generate``, see :mod:`fitness.generation`) put their
+  ``fewshot`` examples (rows of ``fewshot_file`` picked with ``fewshot_seed``, the same for
+  every trial; never a row either split scores) before each prompt: ``prompt + separator +
+  answer`` joined by ``fewshot_separator``, or user / assistant turns with a chat template.
 
 Rows are numbered from 1 in file order; errors name the file, the row and the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +42,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fitness.errors import FitnessError
+from fitness.extract import GenerationPlan, compile_pattern, gold_problem
 from fitness.spec import CHOICE_METRICS, FORMATS, TaskSpec
 
 SPLITS: tuple[str, ...] = ("search", "heldout")
@@ -105,6 +111,7 @@ class EncodedSlice:
     sequence_choice: torch.Tensor  # (sequences,) option number of each sequence (0 if not choice)
     labels: torch.Tensor  # (examples,) right option per example (-1 if not choice)
     end_token_id: int | None = None  # the eos appended after answers, if any
+    generation: GenerationPlan | None = None  # generation tasks: how to decode and judge
 
     @property
     def n(self) -> int:
@@ -147,7 +154,9 @@ def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, batch_size:
     if batch_size < 1:
         raise FitnessError(f"task {spec.name!r}: batch_size must be >= 1, got {batch_size}")
     search_rows, heldout_rows = _split_rows(spec)
-    encoder = _Encoder(spec, tokenizer)
+    encoder = _Encoder(spec, tokenizer, _fewshot_rows(spec, search_rows, heldout_rows))
+    if spec.generate is not None:  # every gold answer judgeable (the regex hint is validate's)
+        _check_generation(spec, [*search_rows, *heldout_rows], 0, _print_warning)
     return TaskData(
         spec=spec,
         search=encoder.encode("search", search_rows, batch_size),
@@ -155,18 +164,24 @@ def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, batch_size:
     )
 
 
-def check_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, encode_rows: int = 8) -> dict[str, int]:
+def check_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, encode_rows: int = 8,
+               warn: Callable[[str], None] | None = None) -> dict[str, int]:
     """What ``load_task`` would refuse, without tokenising everything (``search validate``).
 
     Every row of every file is read and checked against the fields and the metric, the
     splits are made and checked disjoint, and the first ``encode_rows`` rows of each split
-    are tokenised (chat template, bos / eos, empty encodings). Returns the rows per split.
+    are tokenised (chat template, bos / eos, empty encodings). Generation tasks: the few-shot
+    rows are read and checked against both splits, every gold answer must be usable by the
+    comparison, and ``warn`` (default: a ``warning:`` line on stderr) hears when ``extract``
+    matches none of the first rows' answers. Returns the rows per split.
     """
     search_rows, heldout_rows = _split_rows(spec)
-    encoder = _Encoder(spec, tokenizer)
+    encoder = _Encoder(spec, tokenizer, _fewshot_rows(spec, search_rows, heldout_rows))
     for rows in (search_rows, heldout_rows):
         for row in rows[:encode_rows]:
             encoder._example(row)
+    if spec.generate is not None:
+        _check_generation(spec, [*search_rows, *heldout_rows], encode_rows, warn or _print_warning)
     return {"search": len(search_rows), "heldout": len(heldout_rows)}
 
 
@@ -181,6 +196,58 @@ def _split_rows(spec: TaskSpec) -> tuple[list[_Row], list[_Row]]:
     if spec.limit is not None:
         search_rows, heldout_rows = search_rows[: spec.limit], heldout_rows[: spec.limit]
     return search_rows, heldout_rows
+
+
+def _fewshot_rows(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row]) -> tuple[_Row, ...]:
+    """The few-shot rows (seeded pick from ``fewshot_file``); none of them is a scored row."""
+    generate = spec.generate
+    if generate is None or not generate.fewshot:
+        return ()
+    assert generate.fewshot_file is not None  # checked by GenerateSpec
+    pool = _read_source(spec, generate.fewshot_file)
+    for split, rows in (("held-out", heldout), ("search", search)):
+        prompts = {row.prompt: row for row in rows}
+        for row in pool:
+            twin = prompts.get(row.prompt)
+            if twin is not None:
+                raise FitnessError(
+                    f"task {spec.name!r}: generate.fewshot_file: {row.file}: row {row.row}: field "
+                    f"{spec.prompt_field!r} is also a {split} row ({twin.file}: row {twin.row}); few-shot "
+                    "examples must not be rows the study scores"
+                )
+    if len(pool) < generate.fewshot:
+        raise FitnessError(
+            f"task {spec.name!r}: generate.fewshot = {generate.fewshot} but {generate.fewshot_file} has "
+            f"{len(pool)} rows"
+        )
+    order = np.random.default_rng(generate.fewshot_seed).permutation(len(pool))[: generate.fewshot]
+    return tuple(pool[i] for i in order.tolist())
+
+
+def _check_generation(spec: TaskSpec, rows: Sequence[_Row], first: int, warn: Callable[[str], None]) -> None:
+    generate = spec.generate
+    assert generate is not None
+    where = f"task {spec.name!r}"
+    for row in rows:
+        problem = gold_problem(generate, row.answer)
+        if problem is not None:
+            raise FitnessError(
+                f"{where}: {row.file}: row {row.row}: field {spec.answer_field!r} ({row.answer!r}) cannot be "
+                f"judged: {problem}"
+            )
+    if generate.extract is not None and not generate.extract_gold:
+        pattern = compile_pattern(generate.extract)
+        sample = rows[:first]
+        if sample and not any(pattern.search(row.answer) for row in sample):
+            examples = "; ".join(repr(row.answer) for row in sample[:3])
+            warn(
+                f"{where}: generate.extract '{generate.extract}' matches none of the first {len(sample)} "
+                f"answers (e.g. {examples}); if the model answers like the data, every verdict will be 0"
+            )
+
+
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -322,9 +389,10 @@ def _check_disjoint(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_R
 class _Encoder:
     """Turns rows into padded batches with one tokenizer and one task's settings."""
 
-    def __init__(self, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, shots: Sequence[_Row] = ()) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
+        self.shots = tuple(shots)
         self.where = f"task {spec.name!r}"
         if spec.chat_template and not getattr(tokenizer, "chat_template", None):
             raise FitnessError(f"{self.where}: chat_template = true but the base tokenizer has no chat template")
@@ -334,12 +402,12 @@ class _Encoder:
         self.end_token_id: int | None = None
         if spec.metric not in CHOICE_METRICS and spec.metric not in ("loglik", "perplexity"):
             # exact_match and user scorers: greedy decoding must stop right after the answer
-            if tokenizer.eos_token_id is None:
+            if tokenizer.eos_token_id is None and spec.generate is None:  # generation: stop strings suffice
                 raise FitnessError(
                     f"{self.where}: metric {spec.metric!r} needs the tokenizer's eos token to tell "
                     "where an answer ends, and the tokenizer has none"
                 )
-            self.end_token_id = int(tokenizer.eos_token_id)
+            self.end_token_id = None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
         self.pad_id = next(
             (int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
         )
@@ -359,12 +427,24 @@ class _Encoder:
 
     def _prompt_text(self, row: _Row) -> str:
         if not self.spec.chat_template:
-            return row.prompt
+            if not self.shots:
+                return row.prompt
+            assert self.spec.generate is not None
+            shots = [self._join(shot.prompt, shot.answer) for shot in self.shots]
+            return self.spec.generate.fewshot_separator.join([*shots, row.prompt])
+        turns: list[dict[str, str]] = []
+        for shot in self.shots:
+            turns += [{"role": "user", "content": shot.prompt}, {"role": "assistant", "content": shot.answer}]
         rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": row.prompt}], add_generation_prompt=True, tokenize=False
+            [*turns, {"role": "user", "content": row.prompt}], add_generation_prompt=True, tokenize=False
         )
         assert isinstance(rendered, str)
         return rendered
+
+    def _join(self, prompt: str, answer: str) -> str:
+        """``prompt + separator + answer`` as training text is joined (see the module docstring)."""
+        separator = "" if not prompt or prompt[-1].isspace() or answer[:1].isspace() else self.separator
+        return prompt + separator + answer
 
     def _continuation(self, prompt_text: str, prompt_ids: list[int], answer: str, row: _Row,
                       field_name: str) -> list[int]:
@@ -425,6 +505,8 @@ class _Encoder:
             sequence_choice=torch.tensor([s.choice for s in sequences], dtype=torch.long),
             labels=torch.tensor([e.label for e in examples], dtype=torch.long),
             end_token_id=self.end_token_id,
+            generation=None if self.spec.generate is None else GenerationPlan.build(
+                self.spec.generate, self.tokenizer, [e.answer for e in examples], batch_size),
         )
 
     def _batch(self, sequences: Sequence[_Sequence], members: Sequence[int]) -> EncodedBatch:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fitness.errors import FitnessError
+from fitness.extract import GenerateSpec
 from fitness.gates import GateSpec
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from fitness.slices import EncodedBatch, SliceExample
 
-BUILTIN_METRICS: tuple[str, ...] = ("exact_match", "choice", "choice_norm", "loglik", "perplexity")
+BUILTIN_METRICS: tuple[str, ...] = ("exact_match", "choice", "choice_norm", "loglik", "perplexity", "generate")
 CHOICE_METRICS: tuple[str, ...] = ("choice", "choice_norm")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
 # data file suffix -> the `datasets` loader that reads it
@@ -98,6 +99,8 @@ class TaskSpec:
     gates: tuple[GateSpec, ...] = ()
     answer_separator: str | None = None  # None: " " (plain prompts) or "" (chat template)
     add_bos: bool | None = None  # None: decided from the tokenizer (see the module docstring)
+    # metric "generate" (or a user scorer that also reads generated text): fitness.extract
+    generate: GenerateSpec | None = None
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
@@ -110,6 +113,11 @@ class TaskSpec:
             raise FitnessError(f"{where}: limit must be >= 1, got {self.limit}")
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise FitnessError(f"{where}: weight must be a finite number > 0, got {self.weight}")
+        if self.metric == "generate" and self.generate is None:
+            object.__setattr__(self, "generate", GenerateSpec())  # the defaults
+        if self.generate is not None and not (self.metric == "generate" or is_user_metric(self.metric)):
+            raise FitnessError(f"{where}: a generate table needs metric 'generate' or a user scorer, "
+                               f"not {self.metric!r}")
         if self.metric in CHOICE_METRICS and self.choices_field is None:
             raise FitnessError(f"{where}: metric {self.metric!r} needs choices_field")
         for gate in self.gates:

@@ -30,6 +30,7 @@ from merges.mergekit_yaml import recipe_to_mergekit
 from merges.recipe import Recipe
 from search import gate_record, ranking, storage
 from search.errors import SearchError
+from search.generations import generations_file
 
 ARTIFACTS_FOLDER = "artifacts"
 RECIPE_MIMETYPE = "application/yaml"
@@ -147,6 +148,7 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
         why,
         "Its mergekit YAML is this trial's artifact.",
         "",
+        *_generations_line(user_attrs, best.number),
         "| | " + " | ".join(tasks) + " | lowest |",
         "| --- | " + " | ".join("---" for _ in tasks) + " | --- |",
         _row(f"**trial {best.number}** (search)", best.user_attrs.get("scores_search", {}), tasks),
@@ -170,6 +172,12 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
     else:
         lines += ["", "The study has no gates."]
     return "\n".join(lines) + "\n"
+
+
+def _generations_line(user_attrs: Mapping[str, object], number: int) -> list[str]:
+    """Where the trial's generated answers are (generation tasks, after finalize), if anywhere."""
+    path = generations_file(user_attrs, number)
+    return [] if path is None else [f"What it generated on the held-out slices (JSON Lines): `{path}`", ""]
 
 
 def study_note(study: optuna.Study, best: FrozenTrial | None) -> str:

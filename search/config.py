@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fitness.errors import FitnessError
+from fitness.extract import GenerateSpec
 from fitness.gates import GateSpec
 from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
 from genome.errors import GenomeError
@@ -50,7 +51,11 @@ FRANKEN_KEYS = ("layers", "pick", "include_base", "layer_range")
 TASK_KEYS = (
     "name", "search", "heldout", "heldout_fraction", "split_seed", "prompt_field", "answer_field",
     "choices_field", "label_field", "metric", "weight", "limit", "chat_template", "answer_separator",
-    "add_bos", "gates",
+    "add_bos", "gates", "generate",
+)
+GENERATE_KEYS = (  # [tasks.generate]: fitness.extract.GenerateSpec
+    "max_new_tokens", "stop", "extract", "extract_match", "extract_gold", "normalize", "compare", "tolerance",
+    "fewshot", "fewshot_file", "fewshot_seed", "fewshot_separator",
 )
 EXECUTION_KEYS = (
     "backend", "address", "workers", "device", "cpus_per_worker", "gpus_per_worker", "batch_size",
@@ -518,7 +523,7 @@ class _Parser:
         fraction = table.get_float("heldout_fraction", 0.5)
         if not 0.0 < fraction < 1.0:
             raise table.error("heldout_fraction", f"must be between 0 and 1 (exclusive), got {fraction:g}")
-        metric = table.get_str("metric", "exact_match")
+        metric = table.get_str("metric", "generate" if table.has("generate") else "exact_match")
         if metric not in BUILTIN_METRICS and not is_user_metric(metric):
             raise table.error(
                 "metric",
@@ -542,11 +547,47 @@ class _Parser:
             heldout_fraction=fraction, split_seed=table.get_int("split_seed", 0), metric=metric, weight=weight,
             limit=table.get_int("limit", None, minimum=1), chat_template=table.get_bool("chat_template", False),
             gates=gates, add_bos=add_bos, **fields,
+            generate=self.generate(table.get_table("generate")) if table.has("generate") else None,
         )
         try:
             return TaskSpec(**kwargs)  # type: ignore[arg-type]
         except FitnessError as exc:
             raise StudyConfigError(f"{self.file}: {table.where}: {exc}") from None
+
+    def generate(self, table: _Table) -> GenerateSpec:
+        from fitness.extract import COMPARISONS, MATCHES, NORMALIZERS, compile_pattern
+
+        table.expect(GENERATE_KEYS)
+        stop = table.get("stop", [], lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                         "an array of strings")
+        for index, text in enumerate(stop):  # type: ignore[arg-type]
+            if not text:
+                raise table.error(f"stop[{index}]", "is an empty string (a stop string must have text)")
+        normalize = table.get("normalize", ["whitespace"], lambda v: isinstance(v, list), "an array of strings")
+        for index, name in enumerate(normalize):  # type: ignore[arg-type]
+            if name not in NORMALIZERS:
+                raise table.error(f"normalize[{index}]", f"expected one of {', '.join(NORMALIZERS)}, got {name!r}")
+        extract = table.get_str("extract", None)
+        if extract is not None:
+            try:
+                compile_pattern(extract)
+            except FitnessError as exc:
+                raise table.error("extract", str(exc).removeprefix("generate.extract: ")) from None
+        fewshot_file = table.get_str("fewshot_file", None)
+        try:
+            return GenerateSpec(
+                max_new_tokens=table.get_int("max_new_tokens", 64, minimum=1), stop=tuple(stop),  # type: ignore[arg-type]
+                extract=extract, extract_match=table.get_choice("extract_match", MATCHES, "first"),
+                extract_gold=table.get_bool("extract_gold", False), normalize=tuple(normalize),  # type: ignore[arg-type]
+                compare=table.get_choice("compare", COMPARISONS, "exact"),
+                tolerance=table.get_float("tolerance", 1e-6),
+                fewshot=table.get_int("fewshot", 0, minimum=0),
+                fewshot_file=None if fewshot_file is None else self.path(fewshot_file),
+                fewshot_seed=table.get_int("fewshot_seed", 0, minimum=0),
+                fewshot_separator=table.get_str("fewshot_separator", "\n\n"),
+            )
+        except FitnessError as exc:
+            raise StudyConfigError(f"{self.file}: {table.where}: {str(exc).removeprefix('generate.')}") from None
 
     def gates(self, task: _Table, name: str, models: ModelsConfig) -> tuple[GateSpec, ...]:
         table = task.get_table("gates")

@@ -50,6 +50,7 @@ from search.baselines import baseline_recipes, source_baseline_name
 from search.config import StudyConfig
 from search.definition import check_definition, study_definition
 from search.errors import SearchError
+from search.generations import save_generations
 from search.lock import storage_lock
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, ProgressState, run_record, start_run, throughput
@@ -784,6 +785,9 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
         progress.message(_rescoring_message(todo, finalists, config.top_k))
         outcomes = _evaluate_all(pool, [t.user_attrs["recipe"] for t in todo], "heldout")
         scored = dict(zip([t.number for t in todo], outcomes, strict=True))
+        for number, outcome in scored.items():  # generation tasks: what each one answered
+            if outcome.generations:
+                save_generations(study, config.output, number, outcome.generations)
     else:
         scored = {}
     # References first: every source's held-out scores.

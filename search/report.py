@@ -31,6 +31,7 @@ from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
 from search import gate_record, ranking, storage
 from search.annotate import chosen_trial
+from search.generations import generations_file
 
 FEASIBLE = "#1f77b4"
 INFEASIBLE = "#d62728"
@@ -590,10 +591,15 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         f"<details><summary>mergekit YAML (what <code>search export</code> writes)</summary>"
         f"<pre id='chosen-recipe'>{html.escape(recipe_text)}</pre></details>" if recipe_text else ""
     )
+    generated = generations_file(view.study.user_attrs, best.number)
+    generations = "" if generated is None else (
+        f"<p id='chosen-generations'><a href='{html.escape(Path(generated).as_uri())}'>What it generated</a> "
+        f"on the held-out slices (JSON Lines, one record per example): <code>{html.escape(generated)}</code></p>"
+    )
     return (
         f"<section id='chosen' data-trial='{best.number}'><h2>Chosen recipe: trial {best.number}</h2>"
         f"<p>{html.escape(why)}.<br><code>{html.escape(best.user_attrs.get('recipe_summary', ''))}</code></p>"
-        f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{gate_table}{recipe}</section>"
+        f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{generations}{gate_table}{recipe}</section>"
     )
 
 

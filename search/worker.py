@@ -53,6 +53,8 @@ class TrialOutcome:
     score_s: float
     error: str | None = None
     worker: str = ""  # "node_id:pid"
+    # held-out split only: per generation task, one record per example (search.generations)
+    generations: dict[str, list[dict[str, object]]] | None = None
 
 
 class TrialWorker:
@@ -113,13 +115,17 @@ class TrialWorker:
             )
         merged = time.perf_counter()
         scores: dict[str, float] = {}
+        generations: dict[str, list[dict[str, object]]] = {}
         try:
-            from fitness.scoring import score_slice
+            from fitness.scoring import score_slice_details
 
             with torch.inference_mode():
                 for name, data in self.tasks.items():
                     encoded = data.search if split == "search" else data.heldout
-                    scores[name] = float(score_slice(self.model, encoded, device=self.setup.device))
+                    score, records = score_slice_details(self.model, encoded, device=self.setup.device)
+                    scores[name] = float(score)
+                    if records is not None and split == "heldout":  # kept for the finalists only
+                        generations[name] = records
         except Exception as exc:
             # A user scorer (any exception type) or a degenerate model: this trial fails,
             # the study goes on.
@@ -136,7 +142,8 @@ class TrialWorker:
                 None, merged - start, time.perf_counter() - merged,
                 f"scoring produced a non-finite score for task(s) {bad}", worker,
             )
-        return TrialOutcome(scores, merged - start, time.perf_counter() - merged, None, worker)
+        return TrialOutcome(scores, merged - start, time.perf_counter() - merged, None, worker,
+                            generations or None)
 
 
 def _node_id() -> str:
