@@ -166,6 +166,8 @@ def check_memory(config: StudyConfig) -> tuple[MemoryEstimate, str]:
 def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
     """Each task's files exist and every row fits the fields and metric; rows per split by task."""
     for index, task in enumerate(config.tasks):
+        if task.lm_eval is not None:
+            continue  # its documents come from lm-eval (checked below)
         for key, path in (("search", task.search), ("heldout", task.heldout)):
             if path is not None and not path.exists():
                 raise StudyConfigError(
@@ -173,6 +175,7 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
                 )
     from transformers import AutoTokenizer
 
+    from fitness.lm_eval_task import check_lm_eval_task
     from fitness.slices import check_task
 
     base = config.models.base
@@ -183,7 +186,7 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
     rows: dict[str, dict[str, int]] = {}
     for index, task in enumerate(config.tasks):
         try:
-            rows[task.name] = check_task(task, tokenizer)
+            rows[task.name] = check_lm_eval_task(task) if task.lm_eval else check_task(task, tokenizer)
         except FitnessError as exc:
             raise StudyConfigError(f"{config.path}: tasks[{index}]: {exc}") from None
     return rows
@@ -221,8 +224,10 @@ def summary(config: StudyConfig, validation: Validation) -> str:
     for task in config.tasks:
         heldout = task.heldout if task.heldout is not None else f"{task.heldout_fraction:g} of search"
         counts = validation.rows.get(task.name, {})
+        source = (f"lm-eval task {task.lm_eval.task}, held out {task.heldout_fraction:g} of its documents "
+                  f"(split_seed {task.split_seed})" if task.lm_eval else f"search {task.search}, heldout {heldout}")
         lines.append(
-            f"  {task.name}: {task.metric}, weight {task.weight:g}, search {task.search}, heldout {heldout}"
+            f"  {task.name}: {task.metric}, weight {task.weight:g}, {source}"
             f" ({counts.get('search', '?')} search / {counts.get('heldout', '?')} held-out rows)"
         )
         for gate in task.gates:
