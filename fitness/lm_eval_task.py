@@ -55,6 +55,11 @@ DEFAULT_METRICS: dict[str, str] = {
     "loglikelihood": "perplexity", "loglikelihood_rolling": "word_perplexity",
     "multiple_choice": "acc", "generate_until": "exact_match",
 }
+# mergekit-evolve's NAUGHTY_PREFIXES (mergekit/evo/config.py): well-known public benchmarks
+PUBLIC_BENCHMARK_PREFIXES: tuple[str, ...] = (
+    "mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc", "truthfulqa",
+    "bigbench", "piqa", "openbookqa", "leaderboard",
+)
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate, the CLI)
 SPLITS = ("search", "heldout")
 
@@ -90,6 +95,17 @@ def is_lm_eval_metric(metric: str) -> bool:
 def lm_eval_higher_is_better(metric: str) -> bool:
     """The direction of ``lm_eval/<metric>[,filter]``."""
     return metric.removeprefix(METRIC_PREFIX).split(",")[0] not in LOWER_IS_BETTER
+
+
+def benchmark_warning(task: str) -> str | None:
+    """A loud warning when ``task`` is a well-known public benchmark (not its ``_train`` variant)."""
+    if task.endswith("_train") or not task.startswith(PUBLIC_BENCHMARK_PREFIXES):
+        return None
+    return (
+        f"lm-eval task {task!r} is a public benchmark: searching on its test documents tunes the merge "
+        "to the benchmark, and the study's held-out split and gates then measure the benchmark, not "
+        "the release. Report its score only from a run that did not search on it"
+    )
 
 
 def lm_eval_installed() -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import textwrap
 from dataclasses import dataclass
 
@@ -175,7 +176,7 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
                 )
     from transformers import AutoTokenizer
 
-    from fitness.lm_eval_task import check_lm_eval_task
+    from fitness.lm_eval_task import benchmark_warning, check_lm_eval_task
     from fitness.slices import check_task
 
     base = config.models.base
@@ -185,6 +186,9 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
         raise StudyConfigError(f"{config.path}: models.base: cannot load the tokenizer of {base}: {exc}") from None
     rows: dict[str, dict[str, int]] = {}
     for index, task in enumerate(config.tasks):
+        warning = benchmark_warning(task.lm_eval.task) if task.lm_eval else None
+        if warning:
+            print(f"WARNING: {config.path}: tasks[{index}].lm_eval: {warning}", file=sys.stderr)
         try:
             rows[task.name] = check_lm_eval_task(task) if task.lm_eval else check_task(task, tokenizer)
         except FitnessError as exc:
