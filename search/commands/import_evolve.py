@@ -127,6 +127,14 @@ def _toml(value: object) -> str:
     raise TypeError(value)
 
 
+def _relative(path: Path, folder: Path) -> str:
+    """``path`` relative to the study file's folder when they share more than the root, else absolute."""
+    import os
+
+    common = Path(os.path.commonpath([path, folder]))
+    return os.path.relpath(path, folder) if common != Path(common.anchor) else str(path)
+
+
 def _label(text: str, taken: set[str]) -> str:
     label = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_-") or "model"
     if not re.match(r"[A-Za-z_]", label):
@@ -174,9 +182,7 @@ class _Converter:
                            "(merge the adapter first, then point at that folder)")
         local = (self.yaml_dir / path).resolve()
         if local.is_dir():
-            import os
-
-            return os.path.relpath(local, self.study_dir)
+            return _relative(local, self.study_dir)
         self.skip(key, f"{path!r} is not a local folder (relative to {self.yaml_dir}); written as given: "
                        "studies read local checkpoints, download it and fix the path")
         return path
@@ -324,9 +330,7 @@ class _Converter:
             self.skip("random_init", "CMA-ES's starting point is Optuna's (the bounds' centre), not random")
         include = None
         if self.task_search_path is not None:
-            import os
-
-            include = os.path.relpath(self.task_search_path.expanduser().resolve(), self.study_dir)
+            include = _relative(self.task_search_path.expanduser().resolve(), self.study_dir)
         lines: list[str] = []
         taken: set[str] = set()
         for index, raw in enumerate(tasks):
