@@ -323,7 +323,24 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, ba
     with _quiet():
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        class TokenCachingHFLM(HFLM):
+            """HFLM that tokenises each (context, continuation) pair once per worker.
+
+            The prompts are the same every trial and the tokenizer never changes, while
+            tokenising them again was about a third of a log-likelihood task's time.
+            """
+
+            _pairs: dict[tuple[str, str], tuple[list[int], list[int]]]
+
+            def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+                cache = self.__dict__.setdefault("_pairs", {})
+                key = (context, continuation)
+                if key not in cache:
+                    cache[key] = super()._encode_pair(context, continuation)
+                context_enc, continuation_enc = cache[key]
+                return list(context_enc), list(continuation_enc)  # copies: callers own their lists
+
+        return TokenCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 @dataclass
@@ -349,6 +366,42 @@ class LmEvalTask:
         self.split = split_documents(len(self.task.eval_docs), seed=spec.split_seed,
                                      heldout_fraction=spec.heldout_fraction, limit=spec.limit,
                                      where=f"task {spec.name!r}")
+        self._docs_as_list()
+        self._build_requests_once()
+
+    def _docs_as_list(self) -> None:
+        """Hold the evaluation documents as a list: lm-eval walks all of them on every call to
+        pick ``samples=``, and iterating a ``datasets.Dataset`` decodes each row again."""
+        task = self.task
+        name = "test_docs" if task.has_test_docs() else "validation_docs"
+        docs = list(getattr(task, name)())
+        setattr(task, name, lambda: docs)
+
+    def _build_requests_once(self) -> None:
+        """Build each split's requests once, not per trial.
+
+        A trial changes the model, never the prompts: lm-eval's ``evaluate`` rebuilds every
+        request (Jinja templates, few-shot contexts) on each call, a large share of a small
+        task's time. The task's ``build_all_requests`` is shadowed on this instance: the first
+        call per document set builds as lm-eval does, later calls reuse those ``Instance``s
+        with their responses cleared (the correctness test checks results stay identical).
+        """
+        task = self.task
+        build = task.build_all_requests
+        built: dict[tuple[int, ...], list[Any]] = {}
+
+        def build_all_requests(**kwargs: Any) -> None:
+            key = tuple(kwargs.get("samples") or ())
+            if key not in built:
+                build(**kwargs)
+                built[key] = list(task._instances)
+                return
+            for instance in built[key]:
+                instance.resps = []
+                instance.filtered_resps = {}
+            task._instances = list(built[key])
+
+        task.build_all_requests = build_all_requests
 
     def score(self, split: str) -> float:
         return self.run(split).score

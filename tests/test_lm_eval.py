@@ -183,3 +183,13 @@ def test_in_memory_results_equal_lm_eval_on_the_exported_checkpoint(tmp_path: Pa
         for mine, ref in zip(ours.samples, theirs, strict=True):
             assert mine["filtered_resps"] == ref["filtered_resps"], (name, mine["doc_id"])
             assert {m: mine[m] for m in mine["metrics"]} == {m: ref[m] for m in ref["metrics"]}
+
+
+def test_a_chat_template_the_base_tokenizer_lacks_is_named_by_validate(tmp_path: Path) -> None:
+    from search.commands.validate import check_data
+
+    path = study_copy(tmp_path, **{'lm_eval_metric = "acc"\nlimit = 40\ngates = { min = 0.3 }\n\n[[tasks]]\nname = "shipping_gen"':
+                                   'lm_eval_metric = "acc"\nlimit = 40\nchat_template = true\ngates = { min = 0.3 }\n\n'
+                                   '[[tasks]]\nname = "shipping_gen"'})
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]\.chat_template: the base tokenizer .* has no chat template"):
+        check_data(load_study(path))

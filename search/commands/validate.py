@@ -189,6 +189,9 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
         warning = benchmark_warning(task.lm_eval.task) if task.lm_eval else None
         if warning:
             print(f"WARNING: {config.path}: tasks[{index}].lm_eval: {warning}", file=sys.stderr)
+        if task.lm_eval and task.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise StudyConfigError(f"{config.path}: tasks[{index}].chat_template: the base tokenizer ({base}) has "
+                                   "no chat template for lm-eval's apply_chat_template; set chat_template = false")
         try:
             rows[task.name] = check_lm_eval_task(task) if task.lm_eval else check_task(task, tokenizer)
         except FitnessError as exc:
