@@ -193,3 +193,16 @@ def test_a_chat_template_the_base_tokenizer_lacks_is_named_by_validate(tmp_path:
                                    '[[tasks]]\nname = "shipping_gen"'})
     with pytest.raises(StudyConfigError, match=r"tasks\[0\]\.chat_template: the base tokenizer .* has no chat template"):
         check_data(load_study(path))
+
+
+def test_without_lm_eval_installed_validate_gives_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.commands.validate import check_data
+
+    config = load_study(study_copy(tmp_path))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # find_spec then reports it missing
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]: task 'refunds_mc': lm-eval tasks need "
+                                               r"lm_eval\[hf\]==0\.4\.13 \(lm_eval not installed\); install it "
+                                               r"with: pip install -e \"\.\[lm-eval\]\""):
+        check_data(config)
