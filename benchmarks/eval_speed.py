@@ -31,6 +31,17 @@ example's text and verdict agree. Both decode up to ``--max-new-tokens`` (defaul
 answers are at most 7 tokens).
 
 Tokenisation (``load_task``) happens once per study and is not timed.
+
+``--lmeval-trials N`` (N > 0) also times the lm-eval path on the three lm-eval tasks of
+``studies/logistics_lmeval`` (multiple_choice, generate_until, loglikelihood; ``--lmeval-limit``
+documents of the search split each) for N seeded random recipes of that study's genome:
+in memory (merge into the live model that lm-eval's HFLM wraps, run the tasks: what a
+trial worker does) against mergekit-evolve's disk path (write the merged checkpoint, load
+it into lm-eval's HFLM, run the tasks, delete it), and adds to the JSON line
+``lmeval_in_memory_s_per_trial``, ``lmeval_disk_s_per_trial``, ``lmeval_ratio`` and
+``lmeval_agree`` (identical per-document results and scores on every trial). The worker's
+one-time setup (engine, HFLM, task loading) is not timed; the disk path's task manager is
+built once too, as mergekit-evolve does.
 """
 
 from __future__ import annotations
@@ -122,7 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--root", type=Path, default=None, help="an already built family folder")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="generation path: tokens per answer")
+    parser.add_argument("--lmeval-trials", type=int, default=0,
+                        help="also time the lm-eval path on this many recipes (0: skip)")
+    parser.add_argument("--lmeval-limit", type=int, default=40, help="search documents per lm-eval task")
+    parser.add_argument("--lmeval-only", action="store_true", help="time only the lm-eval path")
     args = parser.parse_args(argv)
+    if args.lmeval_only:
+        result = lmeval_speed(trials=max(1, args.lmeval_trials), limit=args.lmeval_limit)
+        print(json.dumps(result))
+        return 0 if result["lmeval_agree"] else 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -177,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         "agree": not disagreements,
         **generation_path(model, tokenizer, root, args),
     }
+    if args.lmeval_trials > 0:
+        result.update(lmeval_speed(trials=args.lmeval_trials, limit=args.lmeval_limit))
     print(json.dumps(result))
-    return 0 if not disagreements and result["generate_agree"] else 1
+    return 0 if not disagreements and result["generate_agree"] and result.get("lmeval_agree", True) else 1
 
 
 def generation_path(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, root: Path,
@@ -221,6 +242,84 @@ def generation_path(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         "generate_ratio": round(reference_s / fast_s, 2),
         "generate_agree": agree == n,
     }
+
+
+def lmeval_speed(*, trials: int, limit: int, seed: int = 0) -> dict[str, float | bool]:
+    """Seconds per trial of lm-eval in memory vs on disk (see the module docstring)."""
+    import dataclasses
+    import random
+    import shutil
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from fitness.lm_eval_task import LmEvalTask
+    from genome.space import decode, gene_space
+    from merges.checkpoint import open_checkpoint
+    from merges.save import save_checkpoint
+    from search.config import load_study
+    from search.driver import worker_setup
+    from search.worker import TrialWorker
+
+    study = Path(__file__).resolve().parents[1] / "studies" / "logistics_lmeval" / "study.toml"
+    config = load_study(study)
+    config = dataclasses.replace(config, tasks=tuple(dataclasses.replace(t, limit=limit) for t in config.tasks))
+    worker = TrialWorker(worker_setup(config))  # setup: engine, live model, HFLM, tasks (not timed)
+    tasks = {name: data for name, data in worker.tasks.items() if isinstance(data, LmEvalTask)}
+    base = open_checkpoint(config.models.base)
+    n_layers = base.layout.n_layers
+    space = gene_space(config.genome, sources=config.models.sources, n_layers=n_layers)
+    rng = random.Random(seed)
+    recipes = []
+    for trial in range(trials):
+        params = {name: rng.uniform(d.low, d.high) for name, d in space.items()}  # float genes only here
+        recipes.append(decode(config.genome, params, base=str(config.models.base), sources=config.models.sources,
+                              n_layers=n_layers, seed=trial))
+    manager = TaskManager(include_path=str(next(iter(tasks.values())).spec.lm_eval.include), include_defaults=False)
+    lm_names = {name: data.spec.lm_eval.task for name, data in tasks.items()}
+
+    memory_s, disk_s, agree = [], [], True
+    with tempfile.TemporaryDirectory(prefix="lmeval-disk-") as scratch:
+        for index, recipe in enumerate(recipes):
+            start = time.perf_counter()
+            worker.engine.merge_into(worker.model, recipe)
+            with torch.inference_mode():
+                ours = {name: data.run("search", log_samples=True) for name, data in tasks.items()}
+            memory_s.append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            folder = Path(scratch) / f"merged-{index}"
+            save_checkpoint(worker.engine.materialize(recipe), folder, like=base)
+            lm = HFLM(pretrained=str(folder), batch_size=config.execution.batch_size, device="cpu")
+            simple_evaluate(model=lm, tasks=list(lm_names.values()), task_manager=manager, bootstrap_iters=0,
+                            samples={task: tasks[name].split["search"] for name, task in lm_names.items()})
+            shutil.rmtree(folder)
+            disk_s.append(time.perf_counter() - start)  # mergekit-evolve's cost: all tasks in one call
+            # The agreement check, not timed: one task per call, as a trial worker runs them (in one
+            # call lm-eval batches several tasks' requests together, which moves float rounding).
+            results = {
+                name: simple_evaluate(model=lm, tasks=[task], task_manager=manager,
+                                      samples={task: tasks[name].split["search"]}, bootstrap_iters=0,
+                                      log_samples=True)
+                for name, task in lm_names.items()
+            }
+            del lm
+            for name, mine in ours.items():
+                task = lm_names[name]
+                theirs = results[name]["results"][task][tasks[name].key]
+                same_docs = [(s["doc_id"], s["filtered_resps"]) for s in mine.samples] == [
+                    (s["doc_id"], s["filtered_resps"]) for s in results[name]["samples"][task]]
+                agree = agree and same_docs and mine.score == theirs
+            print(f"  lm-eval trial {index}: in memory {memory_s[-1]:.2f} s, disk {disk_s[-1]:.2f} s, "
+                  + ", ".join(f"{name} {mine.score:.3f}" for name, mine in ours.items()))
+    memory = statistics.median(memory_s)
+    disk = statistics.median(disk_s)
+    print(f"lm-eval ({len(tasks)} tasks, {limit} search documents each): in memory {memory:.2f} s/trial, "
+          f"disk path {disk:.2f} s/trial (median of {trials}): {disk / memory:.1f}x; identical results: {agree}")
+    return {"lmeval_in_memory_s_per_trial": round(memory, 3), "lmeval_disk_s_per_trial": round(disk, 3),
+            "lmeval_ratio": round(disk / memory, 2), "lmeval_agree": agree}
 
 
 if __name__ == "__main__":

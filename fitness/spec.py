@@ -18,6 +18,12 @@ from typing import TYPE_CHECKING
 from fitness.errors import FitnessError
 from fitness.extract import GenerateSpec
 from fitness.gates import GateSpec
+from fitness.lm_eval_task import (
+    LmEvalSpec,
+    is_lm_eval_metric,
+    lm_eval_higher_is_better,
+    metric_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -40,8 +46,8 @@ def is_user_metric(metric: str) -> bool:
 
 
 def check_metric_name(metric: str, where: str) -> None:
-    """Raise unless ``metric`` is a built-in name or has the ``module:function`` shape."""
-    if metric in BUILTIN_METRICS:
+    """Raise unless ``metric`` is a built-in name, ``lm_eval/<metric>`` or has the ``module:function`` shape."""
+    if metric in BUILTIN_METRICS or is_lm_eval_metric(metric):
         return
     if ":" in metric:
         module, _, function = metric.partition(":")
@@ -73,6 +79,8 @@ def load_user_scorer(metric: str) -> UserScorer:
 def higher_is_better(metric: str) -> bool:
     """The direction of ``metric``; user scorers may say ``higher_is_better = False``."""
     check_metric_name(metric, "metric")
+    if is_lm_eval_metric(metric):
+        return lm_eval_higher_is_better(metric)
     if not is_user_metric(metric):
         return metric not in LOWER_IS_BETTER
     flag = getattr(load_user_scorer(metric), "higher_is_better", True)
@@ -101,12 +109,17 @@ class TaskSpec:
     add_bos: bool | None = None  # None: decided from the tokenizer (see the module docstring)
     # metric "generate" (or a user scorer that also reads generated text): fitness.extract
     generate: GenerateSpec | None = None
+    lm_eval: LmEvalSpec | None = None  # an lm-eval task (fitness.lm_eval_task); its metric is lm_eval/<name>
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
         if not self.name:
             raise FitnessError("task: name must not be empty")
         check_metric_name(self.metric, where)
+        if (self.lm_eval is not None) != is_lm_eval_metric(self.metric) or (
+            self.lm_eval is not None and self.metric != metric_name(self.lm_eval)
+        ):
+            raise FitnessError(f"{where}: metric {self.metric!r} and lm_eval {self.lm_eval!r} disagree")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise FitnessError(f"{where}: heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.limit is not None and self.limit < 1:

@@ -26,7 +26,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, summary in SUMMARIES.items():
         if name == command:
-            importlib.import_module(f"search.commands.{name}").register(sub)
+            importlib.import_module(f"search.commands.{name.replace('-', '_')}").register(sub)
         else:
             sub.add_parser(name, help=summary)
     return parser

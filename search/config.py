@@ -57,6 +57,11 @@ GENERATE_KEYS = (  # [tasks.generate]: fitness.extract.GenerateSpec
     "max_new_tokens", "stop", "extract", "extract_match", "extract_gold", "normalize", "compare", "tolerance",
     "fewshot", "fewshot_file", "fewshot_seed", "fewshot_separator",
 )
+# A task scored by lm-eval (fitness.lm_eval_task) has these keys instead of the data ones.
+LM_EVAL_TASK_KEYS = (
+    "name", "lm_eval", "lm_eval_include", "lm_eval_metric", "lm_eval_num_fewshot",
+    "lm_eval_fewshot_as_multiturn", "heldout_fraction", "split_seed", "weight", "limit", "chat_template", "gates",
+)
 EXECUTION_KEYS = (
     "backend", "address", "workers", "device", "cpus_per_worker", "gpus_per_worker", "batch_size",
     "max_worker_restarts",
@@ -514,6 +519,8 @@ class _Parser:
         return tuple(tasks)
 
     def task(self, table: _Table, models: ModelsConfig) -> TaskSpec:
+        if table.has("lm_eval"):
+            return self.lm_eval_task(table, models)
         table.expect(TASK_KEYS)
         name = table.get_str("name")
         if not _LABEL.match(name):
@@ -588,6 +595,57 @@ class _Parser:
             )
         except FitnessError as exc:
             raise StudyConfigError(f"{self.file}: {table.where}: {str(exc).removeprefix('generate.')}") from None
+
+    def lm_eval_task(self, table: _Table, models: ModelsConfig) -> TaskSpec:
+        from fitness.lm_eval_task import (
+            INSTALL_COMMAND,
+            LmEvalSpec,
+            default_metric,
+            lm_eval_installed,
+            metric_name,
+        )
+
+        data_keys = [k for k in TASK_KEYS if k not in LM_EVAL_TASK_KEYS and table.has(k)]
+        if data_keys:
+            raise table.error(data_keys[0], "is not used by an lm-eval task (its documents come from lm_eval)")
+        table.expect(LM_EVAL_TASK_KEYS)
+        name = table.get_str("name")
+        if not _LABEL.match(name):
+            raise table.error("name", f"a task name holds only letters, digits, _ and -, got {name!r}")
+        task = table.get_str("lm_eval")
+        include = table.get_str("lm_eval_include", None)
+        include_dir = None if include is None else self.path(include)
+        if include_dir is not None and not include_dir.is_dir():
+            raise table.error("lm_eval_include", f"{include_dir} is not a folder of lm-eval task YAMLs")
+        metric = table.get_str("lm_eval_metric", None)
+        if metric is None:
+            metric = default_metric(task, include_dir)
+            if metric is None:
+                reason = "" if lm_eval_installed() else f"; lm-eval is not installed ({INSTALL_COMMAND})"
+                raise table.error(
+                    "lm_eval_metric",
+                    f"cannot read the first metric of lm-eval task {task!r} from its YAML{reason}; set lm_eval_metric",
+                )
+        weight = table.get_float("weight", 1.0)
+        if weight <= 0:
+            raise table.error("weight", f"must be > 0, got {weight:g}")
+        fraction = table.get_float("heldout_fraction", 0.5)
+        if not 0.0 < fraction < 1.0:
+            raise table.error("heldout_fraction", f"must be between 0 and 1 (exclusive), got {fraction:g}")
+        try:
+            spec = LmEvalSpec(
+                task=task, metric=metric, include=include_dir,
+                num_fewshot=table.get_int("lm_eval_num_fewshot", None, minimum=0),
+                fewshot_as_multiturn=table.get_bool("lm_eval_fewshot_as_multiturn", False),
+            )
+            return TaskSpec(
+                name=name, search=include_dir or self.folder, heldout=None, heldout_fraction=fraction,
+                split_seed=table.get_int("split_seed", 0), metric=metric_name(spec), weight=weight,
+                limit=table.get_int("limit", None, minimum=1), chat_template=table.get_bool("chat_template", False),
+                gates=self.gates(table, name, models) if table.has("gates") else (), lm_eval=spec,
+            )
+        except FitnessError as exc:
+            raise StudyConfigError(f"{self.file}: {table.where}: {exc}") from None
 
     def gates(self, task: _Table, name: str, models: ModelsConfig) -> tuple[GateSpec, ...]:
         table = task.get_table("gates")

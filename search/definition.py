@@ -91,14 +91,18 @@ def _task_definition(task: TaskSpec) -> dict[str, object]:
         f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name not in NOT_DEFINING_TASK_FIELDS
     }
     fields["search_data"] = _data_fingerprint(task.search)
+    if task.lm_eval is not None:  # lm-eval's task YAMLs (and their Python and data) define its documents
+        include = task.lm_eval.include
+        fields["lm_eval"] = {k: v for k, v in dataclasses.asdict(task.lm_eval).items() if k != "include"}  # not where
+        fields["search_data"] = {} if include is None else _data_fingerprint(include, (*FORMATS, ".yaml", ".yml", ".py"))
     fields["heldout_data"] = None if task.heldout is None else _data_fingerprint(task.heldout)
     return _jsonable(fields)
 
 
-def _data_fingerprint(path: Path) -> dict[str, str]:
-    """File name -> SHA-256 of a data file, or of every data file in a folder."""
+def _data_fingerprint(path: Path, suffixes: tuple[str, ...] | None = None) -> dict[str, str]:
+    """File name -> SHA-256 of a data file, or of every data file (``suffixes``) in a folder."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (suffixes or tuple(FORMATS)))
     else:
         files = [path]
     return {p.name: _sha256(p) for p in files if p.exists()}

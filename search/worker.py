@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fitness.errors import FitnessError
+from fitness.lm_eval_task import LmEvalTask, load_lm_eval_tasks
 from fitness.spec import TaskSpec
 from merges.errors import MergeError
 from merges.recipe import Recipe
@@ -89,8 +90,13 @@ class TrialWorker:
             tokenizer = AutoTokenizer.from_pretrained(
                 setup.base, trust_remote_code=setup.trust_remote_code
             )
+        lm_eval_tasks: dict[str, LmEvalTask] = {}
+        if any(spec.lm_eval is not None for spec in setup.tasks):
+            lm_eval_tasks = load_lm_eval_tasks([s for s in setup.tasks if s.lm_eval is not None], self.model,
+                                               tokenizer, batch_size=setup.batch_size)
         self.tasks = {
-            spec.name: load_task(spec, tokenizer, batch_size=setup.batch_size) for spec in setup.tasks
+            spec.name: lm_eval_tasks[spec.name] if spec.name in lm_eval_tasks
+            else load_task(spec, tokenizer, batch_size=setup.batch_size) for spec in setup.tasks
         }
         self._node_id = _node_id()
 
@@ -121,6 +127,9 @@ class TrialWorker:
 
             with torch.inference_mode():
                 for name, data in self.tasks.items():
+                    if isinstance(data, LmEvalTask):  # runs on self.model, which lm-eval's HFLM wraps
+                        scores[name] = data.score(split)
+                        continue
                     encoded = data.search if split == "search" else data.heldout
                     score, records = score_slice_details(self.model, encoded, device=self.setup.device)
                     scores[name] = float(score)

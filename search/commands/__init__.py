@@ -19,6 +19,7 @@ SUMMARIES: dict[str, str] = {
     "dashboard": "serve optuna-dashboard on the study (trials, gates, recipes, notes)",
     "merge": "merge checkpoints from a mergekit YAML with the in-memory engine",
     "demo": "check the shipped demo model family (base + 3 specialists); --rebuild retrains it",
+    "import-evolve": "convert a mergekit-evolve config into a study file (lm-eval tasks, genome)",
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import textwrap
 from dataclasses import dataclass
 
@@ -174,6 +175,8 @@ def check_memory(config: StudyConfig) -> tuple[MemoryEstimate, str]:
 def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
     """Each task's files exist and every row fits the fields and metric; rows per split by task."""
     for index, task in enumerate(config.tasks):
+        if task.lm_eval is not None:
+            continue  # its documents come from lm-eval (checked below)
         for key, path in (("search", task.search), ("heldout", task.heldout)):
             if path is not None and not path.exists():
                 raise StudyConfigError(
@@ -181,6 +184,7 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
                 )
     from transformers import AutoTokenizer
 
+    from fitness.lm_eval_task import benchmark_warning, check_lm_eval_task
     from fitness.slices import check_task
 
     base = config.models.base
@@ -190,8 +194,14 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
         raise StudyConfigError(f"{config.path}: models.base: cannot load the tokenizer of {base}: {exc}") from None
     rows: dict[str, dict[str, int]] = {}
     for index, task in enumerate(config.tasks):
+        warning = benchmark_warning(task.lm_eval.task) if task.lm_eval else None
+        if warning:
+            print(f"WARNING: {config.path}: tasks[{index}].lm_eval: {warning}", file=sys.stderr)
+        if task.lm_eval and task.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise StudyConfigError(f"{config.path}: tasks[{index}].chat_template: the base tokenizer ({base}) has "
+                                   "no chat template for lm-eval's apply_chat_template; set chat_template = false")
         try:
-            rows[task.name] = check_task(task, tokenizer)
+            rows[task.name] = check_lm_eval_task(task) if task.lm_eval else check_task(task, tokenizer)
         except FitnessError as exc:
             raise StudyConfigError(f"{config.path}: tasks[{index}]: {exc}") from None
     return rows
@@ -229,8 +239,10 @@ def summary(config: StudyConfig, validation: Validation) -> str:
     for task in config.tasks:
         heldout = task.heldout if task.heldout is not None else f"{task.heldout_fraction:g} of search"
         counts = validation.rows.get(task.name, {})
+        source = (f"lm-eval task {task.lm_eval.task}, held out {task.heldout_fraction:g} of its documents "
+                  f"(split_seed {task.split_seed})" if task.lm_eval else f"search {task.search}, heldout {heldout}")
         lines.append(
-            f"  {task.name}: {task.metric}, weight {task.weight:g}, search {task.search}, heldout {heldout}"
+            f"  {task.name}: {task.metric}, weight {task.weight:g}, {source}"
             f" ({counts.get('search', '?')} search / {counts.get('heldout', '?')} held-out rows)"
         )
         for gate in task.gates:

@@ -1,0 +1,437 @@
+"""lm-eval-harness tasks scored in memory on the trial worker's live merged model.
+
+A ``[[tasks]]`` table with ``lm_eval = "NAME"`` (and ``lm_eval_include = "DIR"`` for task
+YAMLs on local disk) is an :class:`LmEvalSpec` on its :class:`~fitness.spec.TaskSpec`.
+The worker wraps its live model in lm-eval's ``HFLM`` once (no save, no reload: the
+wrapper holds the model the engine merges into) and runs the task through
+``lm_eval.evaluator.evaluate`` on one split of the task's documents.
+
+The split: lm-eval has none between search and held-out, so the study defines it by
+document index over the task's evaluation documents (its test split, else validation):
+a ``random.Random(split_seed)`` permutation of ``range(n_docs)``, the first
+``round(n_docs * heldout_fraction)`` indices held out, the rest searched; ``limit`` keeps
+the first N of each split in permuted order. Each split is passed sorted as lm-eval's
+``samples=`` (its per-document results keep their document index). The split is a pure
+function of the document count and those keys, which the study's definition records.
+
+The metric is ``lm_eval_metric`` (``"acc"`` or with its filter ``"acc,none"``; default:
+the task's first, read from its YAML without importing lm-eval); the score is lm-eval's
+own aggregate of that metric. ``TaskSpec.metric`` is ``"lm_eval/<metric>"``, whose
+direction comes from :data:`LOWER_IS_BETTER` (``search validate`` checks it against
+the task's own ``higher_is_better``).
+
+Importing this module imports neither lm-eval nor torch (``search.config`` uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fitness.errors import FitnessError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from fitness.spec import TaskSpec
+
+LM_EVAL_REQUIREMENT = "lm_eval[hf]==0.4.13"
+INSTALL_COMMAND = 'pip install -e ".[lm-eval]"'
+METRIC_PREFIX = "lm_eval/"
+# lm-eval 0.4.13's metrics registered with higher_is_better=False (lm_eval/api/metrics.py)
+LOWER_IS_BETTER: frozenset[str] = frozenset(
+    {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter", "brier_score"}
+)
+# lm-eval's defaults when a task YAML has no metric_list (lm_eval/api/registry.py)
+DEFAULT_METRICS: dict[str, str] = {
+    "loglikelihood": "perplexity", "loglikelihood_rolling": "word_perplexity",
+    "multiple_choice": "acc", "generate_until": "exact_match",
+}
+# mergekit-evolve's NAUGHTY_PREFIXES (mergekit/evo/config.py): well-known public benchmarks
+PUBLIC_BENCHMARK_PREFIXES: tuple[str, ...] = (
+    "mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc", "truthfulqa",
+    "bigbench", "piqa", "openbookqa", "leaderboard",
+)
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate, the CLI)
+SPLITS = ("search", "heldout")
+
+
+@dataclass(frozen=True)
+class LmEvalSpec:
+    """What a ``[[tasks]]`` table says about its lm-eval task (``lm_eval_*`` keys)."""
+
+    task: str  # lm_eval: a task name (not a group)
+    metric: str  # lm_eval_metric: "acc" or "acc,none" (metric,filter)
+    include: Path | None = None  # lm_eval_include: a folder of task YAMLs
+    num_fewshot: int | None = None  # lm_eval_num_fewshot; None: the task's own (else 0)
+    fewshot_as_multiturn: bool = False  # lm_eval_fewshot_as_multiturn (with chat_template)
+
+    def __post_init__(self) -> None:
+        if not self.task.strip():
+            raise FitnessError("lm_eval: the task name must not be empty")
+        if not self.metric.strip() or self.metric.count(",") > 1:
+            raise FitnessError(f"lm_eval_metric: expected 'metric' or 'metric,filter', got {self.metric!r}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise FitnessError(f"lm_eval_num_fewshot: must be >= 0, got {self.num_fewshot}")
+
+
+def metric_name(spec: LmEvalSpec) -> str:
+    """``TaskSpec.metric`` of an lm-eval task."""
+    return METRIC_PREFIX + spec.metric
+
+
+def is_lm_eval_metric(metric: str) -> bool:
+    return metric.startswith(METRIC_PREFIX) and len(metric) > len(METRIC_PREFIX)
+
+
+def lm_eval_higher_is_better(metric: str) -> bool:
+    """The direction of ``lm_eval/<metric>[,filter]``."""
+    return metric.removeprefix(METRIC_PREFIX).split(",")[0] not in LOWER_IS_BETTER
+
+
+def benchmark_warning(task: str) -> str | None:
+    """A loud warning when ``task`` is a well-known public benchmark (not its ``_train`` variant)."""
+    if task.endswith("_train") or not task.startswith(PUBLIC_BENCHMARK_PREFIXES):
+        return None
+    return (
+        f"lm-eval task {task!r} is a public benchmark: searching on its test documents tunes the merge "
+        "to the benchmark, and the study's held-out split and gates then measure the benchmark, not "
+        "the release. Report its score only from a run that did not search on it"
+    )
+
+
+def lm_eval_installed() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def require_lm_eval(where: str) -> None:
+    """Raise with the install command unless lm-eval (with the hf extra's packages) imports."""
+    missing = [name for name in ("lm_eval", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FitnessError(
+            f"{where}: lm-eval tasks need {LM_EVAL_REQUIREMENT} ({', '.join(missing)} not installed); "
+            f"install it with: {INSTALL_COMMAND}"
+        )
+
+
+# -- the task's first metric, read from its YAML (no lm-eval import) --------------------------
+
+
+def default_metric(task: str, include: Path | None) -> str | None:
+    """The first metric of ``task``'s YAML (``include`` first, then lm-eval's own tasks); None if not found.
+
+    Follows ``include:`` chains; a YAML without ``metric_list`` gets lm-eval's default for its
+    ``output_type``. Reads files as text: lm-eval itself is not imported.
+    """
+    roots = [include] if include is not None else []
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(next(iter(spec.submodule_search_locations))) / "tasks")
+    line = re.compile(rf"^task:\s*['\"]?{re.escape(task)}['\"]?\s*(#.*)?$", re.MULTILINE)
+    for root in roots:
+        for path in _yaml_files(root):
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            if line.search(text):
+                metric = _first_metric(path, set())
+                if metric is not None:
+                    return metric
+    return None
+
+
+def _yaml_files(root: Path) -> Iterator[Path]:
+    if not root.is_dir():
+        return iter(())
+    return iter(sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()))
+
+
+def _first_metric(path: Path, seen: set[Path]) -> str | None:
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval YAMLs hold !function tags: read them as None
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    if path in seen or not path.is_file():
+        return None
+    seen.add(path)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a safe loader)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    metrics = data.get("metric_list")
+    if isinstance(metrics, list) and metrics and isinstance(metrics[0], dict) and metrics[0].get("metric"):
+        return str(metrics[0]["metric"])
+    parent = data.get("include")
+    if isinstance(parent, str):
+        found = _first_metric((path.parent / parent).resolve(), seen)
+        if found is not None:
+            return found
+    output_type = data.get("output_type")
+    return DEFAULT_METRICS.get(output_type) if isinstance(output_type, str) else None
+
+
+# -- the split -----------------------------------------------------------------------------
+
+
+def split_documents(n_docs: int, *, seed: int, heldout_fraction: float, limit: int | None,
+                    where: str = "lm_eval") -> dict[str, list[int]]:
+    """Search and held-out document indices (each sorted, disjoint); see the module docstring."""
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    n_heldout = round(n_docs * heldout_fraction)
+    heldout, search = order[:n_heldout], order[n_heldout:]
+    if not heldout or not search:
+        raise FitnessError(
+            f"{where}: {n_docs} documents cannot be split with heldout_fraction {heldout_fraction:g} "
+            "(both splits need at least one document)"
+        )
+    if limit is not None:
+        heldout, search = heldout[:limit], search[:limit]
+    return {"search": sorted(search), "heldout": sorted(heldout)}
+
+
+class _Indices(list):  # type: ignore[type-arg]
+    """A sorted index list with a set's ``in``: lm-eval filters documents by ``i in samples``."""
+
+    def __init__(self, values: Sequence[int]) -> None:
+        super().__init__(values)
+        self._set = frozenset(values)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._set
+
+
+# -- loading and running -------------------------------------------------------------------
+
+
+def task_manager(spec: LmEvalSpec) -> Any:
+    """An lm-eval ``TaskManager`` that knows ``spec.task`` (the include folder alone when it has it)."""
+    from lm_eval.tasks import TaskManager
+
+    if spec.include is not None:
+        manager = TaskManager(include_path=str(spec.include), include_defaults=False)
+        if spec.task in manager.all_tasks:
+            return manager
+        return TaskManager(include_path=str(spec.include))
+    return TaskManager()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's progress bars and per-call info lines would flood every trial's output."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_lm_eval_task(spec: TaskSpec, where: str | None = None) -> tuple[Any, list[str]]:
+    """lm-eval's ``Task`` object of ``spec`` and its result keys (``metric,filter``), or a named error."""
+    lm = spec.lm_eval
+    assert lm is not None
+    where = where or f"task {spec.name!r}"
+    require_lm_eval(where)
+    with _quiet():
+        manager = task_manager(lm)
+        if lm.task not in manager.all_tasks:
+            import difflib
+
+            close = difflib.get_close_matches(lm.task, manager.all_tasks, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            place = f" in {lm.include} or lm-eval's own tasks" if lm.include else " among lm-eval's tasks"
+            raise FitnessError(f"{where}: lm_eval: unknown task {lm.task!r}{place}{hint}")
+        if lm.task in manager.all_groups or lm.task in manager.all_tags:
+            raise FitnessError(
+                f"{where}: lm_eval: {lm.task!r} is a group of tasks; name one task per [[tasks]] table"
+            )
+        try:
+            loaded = manager.load([lm.task])
+        except Exception as exc:  # a dataset that cannot be read, a YAML lm-eval refuses
+            raise FitnessError(f"{where}: lm_eval: task {lm.task!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    task = loaded["tasks"].get(lm.task)
+    if task is None:
+        raise FitnessError(f"{where}: lm_eval: {lm.task!r} did not load as one task")
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    keys = [f"{metric},{name}" for name in filters for metric in task.aggregation()]
+    return task, keys
+
+
+def result_key(spec: TaskSpec, keys: Sequence[str], directions: dict[str, bool] | None = None) -> str:
+    """The ``metric,filter`` key ``spec``'s metric names among a task's ``keys``; a named error else."""
+    lm = spec.lm_eval
+    assert lm is not None
+    where = f"task {spec.name!r}: lm_eval_metric"
+    if "," in lm.metric:
+        candidates = [lm.metric] if lm.metric in keys else []
+    else:
+        candidates = [k for k in keys if k.split(",")[0] == lm.metric]
+        if len(candidates) > 1 and f"{lm.metric},none" in candidates:
+            candidates = [f"{lm.metric},none"]
+    if not candidates:
+        raise FitnessError(f"{where}: task {lm.task!r} has no metric {lm.metric!r} (it has: {', '.join(keys)})")
+    if len(candidates) > 1:
+        raise FitnessError(
+            f"{where}: {lm.metric!r} is computed under several filters ({', '.join(candidates)}); name one"
+        )
+    key = candidates[0]
+    if directions is not None:
+        theirs = directions.get(key.split(",")[0])
+        ours = lm_eval_higher_is_better(spec.metric)
+        if theirs is not None and bool(theirs) != ours:
+            raise FitnessError(
+                f"{where}: task {lm.task!r} says {key.split(',')[0]} is "
+                f"{'higher' if theirs else 'lower'}-is-better; mergesearch only knows "
+                f"{', '.join(sorted(LOWER_IS_BETTER))} as lower-is-better, so it would optimise the wrong way"
+            )
+    return key
+
+
+def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
+    """What ``LmEvalTask`` would refuse (``search validate``): documents per split."""
+    task, keys = load_lm_eval_task(spec)
+    result_key(spec, keys, task.higher_is_better())
+    where = f"task {spec.name!r}"
+    try:
+        n_docs = len(task.eval_docs)
+    except Exception as exc:
+        raise FitnessError(f"{where}: lm_eval: task has no test or validation documents: {exc}") from None
+    split = split_documents(n_docs, seed=spec.split_seed, heldout_fraction=spec.heldout_fraction,
+                            limit=spec.limit, where=where)
+    return {name: len(indices) for name, indices in split.items()}
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int) -> Any:
+    """lm-eval's ``HFLM`` over the live model (it keeps the reference: later merges are seen)."""
+    require_lm_eval("lm-eval tasks")
+    with _quiet():
+        from lm_eval.models.huggingface import HFLM
+
+        class TokenCachingHFLM(HFLM):
+            """HFLM that tokenises each (context, continuation) pair once per worker.
+
+            The prompts are the same every trial and the tokenizer never changes, while
+            tokenising them again was about a third of a log-likelihood task's time.
+            """
+
+            _pairs: dict[tuple[str, str], tuple[list[int], list[int]]]
+
+            def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+                cache = self.__dict__.setdefault("_pairs", {})
+                key = (context, continuation)
+                if key not in cache:
+                    cache[key] = super()._encode_pair(context, continuation)
+                context_enc, continuation_enc = cache[key]
+                return list(context_enc), list(continuation_enc)  # copies: callers own their lists
+
+        return TokenCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+@dataclass
+class LmEvalResult:
+    score: float
+    samples: list[dict[str, Any]]  # lm-eval's logged per-document records (log_samples)
+
+
+class LmEvalTask:
+    """One lm-eval task of a worker: the loaded ``Task``, its split and result key."""
+
+    def __init__(self, spec: TaskSpec, lm: Any) -> None:
+        self.spec = spec
+        self.lm = lm
+        self.task, keys = load_lm_eval_task(spec)
+        self.key = result_key(spec, keys, self.task.higher_is_better())
+        lm_spec = spec.lm_eval
+        assert lm_spec is not None
+        if lm_spec.num_fewshot is not None and self.task.get_config("num_fewshot") != 0:
+            self.task.set_config(key="num_fewshot", value=lm_spec.num_fewshot)
+        elif self.task.get_config("num_fewshot") is None:
+            self.task.set_config(key="num_fewshot", value=0)
+        self.split = split_documents(len(self.task.eval_docs), seed=spec.split_seed,
+                                     heldout_fraction=spec.heldout_fraction, limit=spec.limit,
+                                     where=f"task {spec.name!r}")
+        self._docs_as_list()
+        self._build_requests_once()
+
+    def _docs_as_list(self) -> None:
+        """Hold the evaluation documents as a list: lm-eval walks all of them on every call to
+        pick ``samples=``, and iterating a ``datasets.Dataset`` decodes each row again."""
+        task = self.task
+        name = "test_docs" if task.has_test_docs() else "validation_docs"
+        docs = list(getattr(task, name)())
+        setattr(task, name, lambda: docs)
+
+    def _build_requests_once(self) -> None:
+        """Build each split's requests once, not per trial.
+
+        A trial changes the model, never the prompts: lm-eval's ``evaluate`` rebuilds every
+        request (Jinja templates, few-shot contexts) on each call, a large share of a small
+        task's time. The task's ``build_all_requests`` is shadowed on this instance: the first
+        call per document set builds as lm-eval does, later calls reuse those ``Instance``s
+        with their responses cleared (the correctness test checks results stay identical).
+        """
+        task = self.task
+        build = task.build_all_requests
+        built: dict[tuple[int, ...], list[Any]] = {}
+
+        def build_all_requests(**kwargs: Any) -> None:
+            key = tuple(kwargs.get("samples") or ())
+            if key not in built:
+                build(**kwargs)
+                built[key] = list(task._instances)
+                return
+            for instance in built[key]:
+                instance.resps = []
+                instance.filtered_resps = {}
+            task._instances = list(built[key])
+
+        task.build_all_requests = build_all_requests
+
+    def score(self, split: str) -> float:
+        return self.run(split).score
+
+    def run(self, split: str, *, log_samples: bool = False) -> LmEvalResult:
+        """lm-eval's aggregate of the metric on ``split``'s documents (the model as merged now)."""
+        from lm_eval.evaluator import evaluate
+
+        name = self.spec.lm_eval.task  # type: ignore[union-attr]
+        # The few-shot sampler's generator advances with each use: reseed it so every trial
+        # sees the same few-shot examples (as each fresh `lm_eval` run does).
+        self.task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        with _quiet():
+            results = evaluate(
+                lm=self.lm, task_dict={"tasks": {name: self.task}, "groups": {}},
+                samples={name: _Indices(self.split[split])}, bootstrap_iters=0,
+                log_samples=log_samples, apply_chat_template=self.spec.chat_template,
+                fewshot_as_multiturn=self.spec.lm_eval.fewshot_as_multiturn,  # type: ignore[union-attr]
+            )
+        value = results["results"][name].get(self.key)
+        if value is None:
+            raise FitnessError(f"task {self.spec.name!r}: lm-eval returned no {self.key!r}")
+        samples = list(results.get("samples", {}).get(name, [])) if log_samples else []
+        return LmEvalResult(float(value), samples)
+
+
+def load_lm_eval_tasks(specs: Sequence[TaskSpec], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       *, batch_size: int) -> dict[str, LmEvalTask]:
+    """The worker's lm-eval tasks, sharing one ``HFLM`` over ``model``."""
+    if not specs:
+        return {}
+    lm = wrap_model(model, tokenizer, batch_size=batch_size)
+    return {spec.name: LmEvalTask(spec, lm) for spec in specs}

@@ -1,0 +1,208 @@
+"""lm-eval-harness tasks in memory: the study keys, the document split, named errors, and
+identical per-document results to lm-eval run on the checkpoint `search export --materialize`
+writes (the reference mergekit-evolve's disk path would compute).
+
+Real lm-eval 0.4.13 (skipped when not installed), the shipped demo family, and the task YAMLs
+of studies/logistics_lmeval/tasks (a multiple_choice, a generate_until and a loglikelihood
+task over the demo family's own rows; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fitness.errors import FitnessError
+from fitness.lm_eval_task import split_documents
+from search.config import load_study
+from search.errors import StudyConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "logistics_lmeval" / "study.toml"
+TASKS = REPO / "studies" / "logistics_lmeval" / "tasks"
+FAMILY = REPO / "studies" / "logistics" / "family"
+NAMES = {"refunds_mc": "logistics_refunds_mc", "shipping_gen": "logistics_shipping_gen",
+         "catalog_ll": "logistics_catalog_ll"}
+
+needs_lm_eval = pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import lm_eval"], capture_output=True).returncode != 0,
+    reason="lm-eval is not installed (pip install -e '.[lm-eval]')",
+)
+
+
+def study_copy(folder: Path, *, limit: int = 40, trials: int = 16, **replace: str) -> Path:
+    """The shipped lm-eval study with absolute paths, a smaller ``limit`` and text replacements."""
+    text = STUDY.read_text(encoding="utf-8")
+    text = text.replace('"../logistics/family', f'"{FAMILY}').replace('lm_eval_include = "tasks"',
+                                                                      f'lm_eval_include = "{TASKS}"')
+    text = text.replace("limit = 40", f"limit = {limit}").replace("trials = 16", f"trials = {trials}")
+    text = text.replace('output = "runs/logistics_lmeval"', f'output = "{folder / "run"}"')
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = folder / "study.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- the study file (light: no lm-eval import) -----------------------------------------------
+
+
+def test_the_study_keys_become_an_lm_eval_spec_with_the_yaml_first_metric_as_default(tmp_path: Path) -> None:
+    config = load_study(study_copy(tmp_path))
+    tasks = {t.name: t for t in config.tasks}
+    assert tasks["refunds_mc"].metric == "lm_eval/acc"
+    assert tasks["refunds_mc"].lm_eval is not None and tasks["refunds_mc"].lm_eval.include == TASKS
+    # no lm_eval_metric: the first metric of the task's YAML (read as text)
+    assert tasks["shipping_gen"].metric == "lm_eval/exact_match"
+    assert [t.gates[0].min for t in config.tasks] == [0.3, 0.3, 0.3]
+
+
+def test_loading_the_study_does_not_import_lm_eval(tmp_path: Path) -> None:
+    path = study_copy(tmp_path)
+    code = f"import sys; from search.config import load_study; load_study({str(path)!r}); print('lm_eval' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+def test_data_keys_on_an_lm_eval_task_are_named(tmp_path: Path) -> None:
+    path = study_copy(tmp_path, **{'lm_eval_metric = "acc"\nlimit = 40': 'lm_eval_metric = "acc"\nsearch = "x.jsonl"'})
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]\.search: is not used by an lm-eval task"):
+        load_study(path)
+
+
+def test_a_missing_include_folder_is_named(tmp_path: Path) -> None:
+    path = study_copy(tmp_path)
+    path.write_text(path.read_text().replace(str(TASKS), str(tmp_path / "nope"), 1))
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]\.lm_eval_include: .*nope is not a folder"):
+        load_study(path)
+
+
+def test_perplexity_is_minimised_and_accuracy_maximised(tmp_path: Path) -> None:
+    from fitness.spec import higher_is_better
+
+    block = ('lm_eval = "logistics_catalog_ll"      # loglikelihood: is the answer the greedy continuation\n'
+             f'lm_eval_include = "{TASKS}"\nlm_eval_metric = "acc"')
+    path = study_copy(tmp_path, **{block: block.replace('"acc"', '"perplexity"')})
+    with pytest.raises(StudyConfigError, match=r"study.objective: mode 'mean' cannot combine higher-is-better "
+                                               r"tasks \(refunds_mc, shipping_gen\) with lower-is-better tasks \(catalog_ll\)"):
+        load_study(path)
+    tasks = {t.name: t for t in load_study(study_copy(tmp_path)).tasks}
+    assert higher_is_better(tasks["catalog_ll"].metric) and higher_is_better(tasks["refunds_mc"].metric)
+    assert not higher_is_better("lm_eval/perplexity") and not higher_is_better("lm_eval/bits_per_byte,none")
+
+
+# -- the split ----------------------------------------------------------------------------------
+
+
+@given(n=st.integers(2, 500), seed=st.integers(0, 2**31), fraction=st.floats(0.05, 0.95),
+       limit=st.one_of(st.none(), st.integers(1, 50)))
+def test_the_split_is_disjoint_sorted_seeded_and_limited(n: int, seed: int, fraction: float, limit: int | None) -> None:
+    try:
+        split = split_documents(n, seed=seed, heldout_fraction=fraction, limit=limit)
+    except FitnessError as exc:
+        assert "both splits need at least one document" in str(exc)
+        assert round(n * fraction) in (0, n)
+        return
+    search, heldout = split["search"], split["heldout"]
+    assert search == sorted(search) and heldout == sorted(heldout)
+    assert not set(search) & set(heldout) and set(search) | set(heldout) <= set(range(n))
+    assert split == split_documents(n, seed=seed, heldout_fraction=fraction, limit=limit)
+    if limit is None:
+        assert len(heldout) == round(n * fraction) and len(search) + len(heldout) == n
+    else:
+        full = split_documents(n, seed=seed, heldout_fraction=fraction, limit=None)
+        assert set(search) <= set(full["search"]) and len(search) == min(limit, len(full["search"]))
+
+
+# -- lm-eval itself -----------------------------------------------------------------------------
+
+
+@needs_lm_eval
+def test_unknown_task_and_metric_are_named_by_validate(tmp_path: Path) -> None:
+    from search.commands.validate import check_data
+
+    unknown_task = study_copy(tmp_path, **{'"logistics_refunds_mc"': '"logistics_refund_mc"'})
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]: task 'refunds_mc': lm_eval: unknown task "
+                                               r"'logistics_refund_mc'.*did you mean 'logistics_refunds_mc'"):
+        check_data(load_study(unknown_task))
+    unknown_metric = study_copy(tmp_path, **{'lm_eval_metric = "acc"\nlimit = 40\ngates = { min = 0.3 }\n\n'
+                                             '[[tasks]]\nname = "shipping_gen"':
+                                             'lm_eval_metric = "f1"\nlimit = 40\ngates = { min = 0.3 }\n\n'
+                                             '[[tasks]]\nname = "shipping_gen"'})
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]: task 'refunds_mc': lm_eval_metric: task "
+                                               r"'logistics_refunds_mc' has no metric 'f1' \(it has: acc,none, acc_norm,none\)"):
+        check_data(load_study(unknown_metric))
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_in_memory_results_equal_lm_eval_on_the_exported_checkpoint(tmp_path: Path) -> None:
+    """Baselines only (trials = 0); trial 4 is the default_ties merge. Per task: the trial's
+    stored score, the worker's in-memory run and `lm_eval --model hf pretrained=DIR` on the
+    checkpoint `search export --materialize` wrote agree document by document."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from fitness.lm_eval_task import LmEvalTask
+    from merges.recipe import Recipe
+    from search.cli import main
+    from search.driver import worker_setup
+    from search.storage import load_existing_study
+    from search.worker import TrialWorker
+
+    path = study_copy(tmp_path, limit=12, trials=0)
+    assert main(["start", str(path)]) == 0
+    config = load_study(path)
+    study = load_existing_study(config.name, config.storage)
+    trial = next(t for t in study.get_trials() if t.user_attrs.get("baseline") == "default_ties")
+    out = tmp_path / "merged"
+    assert main(["export", str(path), "-o", str(tmp_path / "recipe.yaml"), "--trial", str(trial.number),
+                 "--materialize", str(out)]) == 0
+
+    worker = TrialWorker(worker_setup(config))
+    outcome = worker.evaluate(Recipe.from_dict(trial.user_attrs["recipe"]), "search")
+    assert outcome.error is None and outcome.scores == trial.user_attrs["scores_search"]
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
+    for name, lm_task in NAMES.items():
+        data = worker.tasks[name]
+        assert isinstance(data, LmEvalTask)
+        ours = data.run("search", log_samples=True)
+        disk = simple_evaluate(model="hf", model_args=f"pretrained={out}", tasks=[lm_task], task_manager=manager,
+                               samples={lm_task: data.split["search"]}, batch_size=config.execution.batch_size,
+                               device="cpu", bootstrap_iters=0, log_samples=True)
+        assert disk is not None
+        assert ours.score == disk["results"][lm_task][data.key] == trial.user_attrs["scores_search"][name]
+        theirs = disk["samples"][lm_task]
+        assert [s["doc_id"] for s in ours.samples] == [s["doc_id"] for s in theirs] == data.split["search"]
+        for mine, ref in zip(ours.samples, theirs, strict=True):
+            assert mine["filtered_resps"] == ref["filtered_resps"], (name, mine["doc_id"])
+            assert {m: mine[m] for m in mine["metrics"]} == {m: ref[m] for m in ref["metrics"]}
+
+
+def test_a_chat_template_the_base_tokenizer_lacks_is_named_by_validate(tmp_path: Path) -> None:
+    from search.commands.validate import check_data
+
+    path = study_copy(tmp_path, **{'lm_eval_metric = "acc"\nlimit = 40\ngates = { min = 0.3 }\n\n[[tasks]]\nname = "shipping_gen"':
+                                   'lm_eval_metric = "acc"\nlimit = 40\nchat_template = true\ngates = { min = 0.3 }\n\n'
+                                   '[[tasks]]\nname = "shipping_gen"'})
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]\.chat_template: the base tokenizer .* has no chat template"):
+        check_data(load_study(path))
+
+
+def test_without_lm_eval_installed_validate_gives_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.commands.validate import check_data
+
+    config = load_study(study_copy(tmp_path))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # find_spec then reports it missing
+    with pytest.raises(StudyConfigError, match=r"tasks\[0\]: task 'refunds_mc': lm-eval tasks need "
+                                               r"lm_eval\[hf\]==0\.4\.13 \(lm_eval not installed\); install it "
+                                               r"with: pip install -e \"\.\[lm-eval\]\""):
+        check_data(config)
