@@ -68,8 +68,8 @@ def objective_interval(rows: TaskRows, *, objective: str, weights: Mapping[str, 
                        resamples: int = RESAMPLES, seed: int = 0) -> Interval:
     """The interval of one trial's study objective (weighted mean or min over its tasks)."""
     means, samples = resampled_task_means([rows], resamples=resamples, seed=seed)
-    value = _objective(means, objective, weights, higher_is_better)[..., 0]
-    return _interval(float(value), _objective(samples, objective, weights, higher_is_better)[:, 0],
+    value = aggregate(means, objective, weights, higher_is_better)[..., 0]
+    return _interval(float(value), aggregate(samples, objective, weights, higher_is_better)[:, 0],
                      confidence, _too_few_rows(samples))
 
 
@@ -83,8 +83,8 @@ def objective_difference_interval(a: TaskRows, b: TaskRows, *, objective: str,
     weakest task: the lowest mean when ``higher_is_better``, else the highest).
     """
     means, samples = resampled_task_means([a, b], resamples=resamples, seed=seed)
-    value = _objective(means, objective, weights, higher_is_better)
-    draws = _objective(samples, objective, weights, higher_is_better)
+    value = aggregate(means, objective, weights, higher_is_better)
+    draws = aggregate(samples, objective, weights, higher_is_better)
     return _interval(float(value[0] - value[1]), draws[:, 0] - draws[:, 1], confidence, _too_few_rows(samples))
 
 
@@ -152,10 +152,10 @@ def _draw_means(columns: np.ndarray, resamples: int, rng: np.random.Generator) -
     return np.concatenate(parts, axis=0)
 
 
-def _objective(task_means: Mapping[str, np.ndarray], objective: str, weights: Mapping[str, float] | None,
-               higher_is_better: bool) -> np.ndarray:
-    """The objective over tasks, elementwise over the arrays' shape (``(trials,)`` or
-    ``(resamples, trials)``)."""
+def aggregate(task_means: Mapping[str, np.ndarray], objective: str, weights: Mapping[str, float] | None,
+              higher_is_better: bool) -> np.ndarray:
+    """The study objective (``mean`` / ``min``) over tasks, elementwise over the arrays'
+    shape (``(trials,)`` means or ``(resamples, trials)`` draws)."""
     stacked = np.stack([task_means[task] for task in task_means], axis=0)
     if objective == "min":
         return stacked.min(axis=0) if higher_is_better else stacked.max(axis=0)
