@@ -164,6 +164,9 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
     missing = sorted(set(directions) - set(trial))
     if missing:
         raise FitnessError(f"fidelity: the trial has no rows of task {missing[0]!r}")
+    unknown = sorted(set(trial) - set(directions))
+    if unknown:
+        raise FitnessError(f"fidelity: no direction for task {unknown[0]!r}")
     scored = [task for task in trial if lengths[task] >= 2]  # a task with < 2 rows bounds nothing
     quantile = config.confidence
     rng_seed = stable_seed(seed, "decide", *sorted(lengths.items()))

@@ -225,3 +225,5 @@ def test_bad_settings_are_refused() -> None:
         decide({"a": [1.0, 0.0]}, [], [], objective="median", directions={"a": True}, config=CONFIG)
     with pytest.raises(FitnessError, match="no rows of task 'b'"):
         decide({"a": [1.0, 0.0]}, [], [], objective="mean", directions=UP, config=CONFIG)
+    with pytest.raises(FitnessError, match="no direction for task 'c'"):
+        decide({"a": [1.0, 0.0], "c": [1.0, 0.0]}, [], [], objective="mean", directions={"a": True}, config=CONFIG)
