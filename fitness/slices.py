@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 from fitness.errors import FitnessError
 from fitness.extract import GenerationPlan, compile_pattern, gold_problem
 from fitness.spec import CHOICE_METRICS, FORMATS, TaskSpec
+from fitness.subset import subset_indices
 
 SPLITS: tuple[str, ...] = ("search", "heldout")
 
@@ -186,15 +187,18 @@ def check_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, encode_row
 
 
 def _split_rows(spec: TaskSpec) -> tuple[list[_Row], list[_Row]]:
-    """The rows of both splits, read, split, checked disjoint and cut to ``limit``."""
+    """The rows of both splits, read, split, checked disjoint and cut to a ``limit`` subset."""
     search_rows = _read_source(spec, spec.search)
     if spec.heldout is None:
         search_rows, heldout_rows = _split(spec, search_rows)
     else:
         heldout_rows = _read_source(spec, spec.heldout)
     _check_disjoint(spec, search_rows, heldout_rows)
-    if spec.limit is not None:
-        search_rows, heldout_rows = search_rows[: spec.limit], heldout_rows[: spec.limit]
+    if spec.limit is not None:  # a seeded subset, stratified by label (fitness/subset.py)
+        search_rows, heldout_rows = (
+            [rows[i] for i in subset_indices(len(rows), spec.limit, seed=spec.split_seed, key=f"{spec.name}/{split}",
+                                             labels=[row.label for row in rows])]
+            for split, rows in zip(SPLITS, (search_rows, heldout_rows), strict=True))
     return search_rows, heldout_rows
 
 

@@ -102,7 +102,7 @@ class TaskSpec:
     label_field: str | None = None  # index of the right choice (default: the answer's index)
     metric: str = "exact_match"  # exact_match | choice | choice_norm | loglik | perplexity | "module:function"
     weight: float = 1.0
-    limit: int | None = None  # first N rows of each split
+    limit: int | None = None  # a seeded subset of N rows of each split (fitness/subset.py)
     chat_template: bool = False  # wrap prompts with the base tokenizer's chat template
     gates: tuple[GateSpec, ...] = ()
     answer_separator: str | None = None  # None: " " (plain prompts) or "" (chat template)

@@ -19,6 +19,7 @@ from fitness.errors import FitnessError
 from fitness.gates import GateSpec
 from fitness.slices import EncodedSlice, load_task
 from fitness.spec import TaskSpec
+from fitness.subset import subset_indices
 from tests.checkpoints import VOCAB, tiny_tokenizer
 
 Row = dict[str, object]
@@ -135,12 +136,13 @@ def test_seeded_split_is_reproducible_disjoint_and_complete(tmp_path: Path,
     assert split(1) != (search, heldout)
 
 
-def test_limit_takes_the_first_rows_of_each_split(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+def test_limit_keeps_a_seeded_subset_of_each_split(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     search = write_jsonl(tmp_path / "s.jsonl", toy_rows(9))
     heldout = write_jsonl(tmp_path / "h.jsonl", toy_rows(7, offset=70))
     data = load_task(TaskSpec("toy", search, heldout, limit=5), tokenizer, batch_size=2)
-    assert [e.row for e in data.search.examples] == [1, 2, 3, 4, 5]
-    assert [e.row for e in data.heldout.examples] == [1, 2, 3, 4, 5]
+    for split, n in (("search", 9), ("heldout", 7)):  # which rows: tests/test_subset.py
+        kept = [i + 1 for i in subset_indices(n, 5, seed=0, key=f"toy/{split}", labels=[-1] * n)]
+        assert [e.row for e in getattr(data, split).examples] == kept
     assert len(data.search.batches) == 3
 
 

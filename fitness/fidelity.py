@@ -1,0 +1,237 @@
+"""Multi-fidelity scoring as pure functions over per-example results (numpy only, no torch).
+
+A study scores each trial in stages on growing prefixes of one row order fixed for the
+whole study; after each stage :func:`decide` promotes the trial to the next stage or
+stops it. Nothing here touches a model: the driver scores the rows these functions name
+and stores one score per row per task, in the study's order (so a trial's rows of a task
+are always a prefix of that task's order, and prefixes of two trials line up row by row).
+
+* **Row order** (:func:`study_row_order`): each task's rows are shuffled with a seed made
+  from the study seed and the task name, then the tasks are interleaved in proportion to
+  their sizes (each next row from the task furthest behind its share, in integers), so
+  every prefix is a stratified sample: each task within one row of its share. Same seed and row counts -> the same order on every
+  machine and resume.
+* **Stages** (:func:`stage_sizes`): ``first_stage`` rows, then ``growth`` times more, up to
+  every row; :func:`rows_to_score` names the rows a stage still needs given what a trial
+  already holds (a resumed trial continues without scoring a row twice).
+* **Stopping** (:func:`decide`), each test one-sided at ``confidence`` on the rows scored so
+  far, paired with the incumbents (and a gate's reference source) on those same rows:
+
+  - single objective (``mean`` / ``min``): stop when the trial is worse than *every*
+    incumbent given (pass the best trial, or the top-k a trial must enter);
+  - ``per_task``: stop when some incumbent is better on every task at once (dominated);
+  - a gate: stop when the trial fails it (below a floor / above a ceiling, or, for
+    ``max_regression`` with the reference's rows given, regressed more than allowed).
+
+  Otherwise (ties, too few rows, a task with fewer than 2 rows) the trial is promoted.
+  The confidence holds per test: a trial checked at several stages and against several
+  gates is stopped wrongly somewhat more often than ``1 - confidence`` in total.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from fitness.errors import FitnessError
+from fitness.gates import KIND_MAX_REGRESSION, GateLimit
+from fitness.intervals import RESAMPLES, TaskRows, aggregate, resampled_task_means
+from fitness.subset import stable_seed
+
+OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
+PROMOTE = "promote"
+STOP = "stop"
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """How a study scores in stages."""
+
+    first_stage: int  # rows (all tasks together) of the first stage
+    growth: float = 3.0  # each stage has this many times the rows of the one before
+    confidence: float = 0.95  # of each one-sided test that stops a trial
+    resamples: int = RESAMPLES  # bootstrap draws per decision
+
+    def __post_init__(self) -> None:
+        if isinstance(self.first_stage, bool) or not isinstance(self.first_stage, int) or self.first_stage < 2:
+            raise FitnessError(f"fidelity: first_stage must be an integer >= 2, got {self.first_stage!r}")
+        if not (math.isfinite(self.growth) and self.growth > 1.0):
+            raise FitnessError(f"fidelity: growth must be a finite number > 1, got {self.growth!r}")
+        if not 0.5 < self.confidence < 1.0:
+            raise FitnessError(f"fidelity: confidence must be in (0.5, 1), got {self.confidence!r}")
+        if self.resamples < 100:
+            raise FitnessError(f"fidelity: resamples must be >= 100, got {self.resamples!r}")
+
+
+RowOrder = tuple[tuple[str, int], ...]  # (task, row index in the task's search slice), in scoring order
+
+
+def study_row_order(task_rows: Mapping[str, int], seed: int) -> RowOrder:
+    """The study's scoring order of every search row, stratified by task (see module doc)."""
+    shuffled: list[list[int]] = []
+    for task, n in task_rows.items():
+        if n < 1:
+            raise FitnessError(f"fidelity: task {task!r} has no search rows")
+        shuffled.append(np.random.default_rng(stable_seed(seed, "fidelity", task)).permutation(n).tolist())
+    tasks, sizes = list(task_rows), [len(rows) for rows in shuffled]
+    total, taken = sum(sizes), [0] * len(sizes)
+    order: list[tuple[str, int]] = []
+    for m in range(1, total + 1):
+        # the task furthest behind its share m * n / total (integers; ties: the earlier task)
+        pick = max((i for i in range(len(sizes)) if taken[i] < sizes[i]),
+                   key=lambda i: (m * sizes[i] - total * taken[i], -i))
+        order.append((tasks[pick], shuffled[pick][taken[pick]]))
+        taken[pick] += 1
+    return tuple(order)
+
+
+def stage_sizes(total_rows: int, config: FidelityConfig) -> tuple[int, ...]:
+    """Rows scored after each stage (all tasks together), increasing, the last = ``total_rows``."""
+    if total_rows < 1:
+        raise FitnessError(f"fidelity: no rows to score (got {total_rows})")
+    sizes = [min(config.first_stage, total_rows)]
+    growth = Fraction(repr(config.growth))  # exact decimal (1.1 is 11/10): the same sizes on every machine
+    while sizes[-1] < total_rows:
+        sizes.append(min(total_rows, max(sizes[-1] + 1, math.ceil(sizes[-1] * growth))))
+    return tuple(sizes)
+
+
+def stage_rows(order: RowOrder, size: int) -> dict[str, list[int]]:
+    """Per task, the rows (in the study's order) of the first ``size`` rows of ``order``."""
+    rows: dict[str, list[int]] = {}
+    for task, _ in order:
+        rows.setdefault(task, [])
+    for task, row in order[:size]:
+        rows[task].append(row)
+    return rows
+
+
+def rows_to_score(order: RowOrder, size: int, done: Mapping[str, int]) -> dict[str, list[int]]:
+    """Per task, the rows a trial still needs for the stage of ``size`` rows.
+
+    ``done``: task -> how many rows the trial already holds (a prefix of the task's order,
+    e.g. from a run killed mid-stage). Their scores are appended in the returned order.
+    """
+    wanted = stage_rows(order, size)
+    unknown = sorted(set(done) - set(wanted))
+    if unknown:
+        raise FitnessError(f"fidelity: stored rows for unknown task {unknown[0]!r}")
+    needed: dict[str, list[int]] = {}
+    for task, rows in wanted.items():
+        held = done.get(task, 0)
+        total = sum(1 for t, _ in order if t == task)
+        if not 0 <= held <= total:
+            raise FitnessError(f"fidelity: task {task!r}: {held} stored rows, the task has {total}")
+        needed[task] = rows[held:]
+    return needed
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a trial after a stage, and why."""
+
+    action: str  # PROMOTE or STOP
+    reason: str  # "" when promoted
+    estimate: dict[str, float] = field(default_factory=dict)  # task -> mean score on the rows scored
+    rows: dict[str, int] = field(default_factory=dict)  # task -> rows scored
+
+    @property
+    def stopped(self) -> bool:
+        return self.action == STOP
+
+
+def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Sequence[GateLimit], *,
+           objective: str, directions: Mapping[str, bool], config: FidelityConfig,
+           weights: Mapping[str, float] | None = None, sources_rows: Mapping[str, TaskRows] | None = None,
+           seed: int = 0) -> Decision:
+    """Promote or stop a trial after a stage.
+
+    ``trial_rows``: task -> the trial's row scores so far (study order). ``incumbents_rows``:
+    the trials it must reach, each with at least as many rows per task (only the trial's
+    rows are compared). ``gates``: the study's resolved gates; ``sources_rows``: source label
+    -> task -> row scores, the paired reference of ``max_regression`` gates (without it the
+    stored limit is used). ``directions``: task -> higher_is_better. ``weights``: ``mean``.
+    """
+    if objective not in OBJECTIVES:
+        raise FitnessError(f"fidelity: unknown objective {objective!r} (expected one of {', '.join(OBJECTIVES)})")
+    trial = {task: np.asarray(rows, dtype=np.float64) for task, rows in trial_rows.items()}
+    lengths = {task: int(rows.size) for task, rows in trial.items()}
+    estimate = {task: float(rows.mean()) for task, rows in trial.items() if rows.size}
+    missing = sorted(set(directions) - set(trial))
+    if missing:
+        raise FitnessError(f"fidelity: the trial has no rows of task {missing[0]!r}")
+    unknown = sorted(set(trial) - set(directions))
+    if unknown:
+        raise FitnessError(f"fidelity: no direction for task {unknown[0]!r}")
+    scored = [task for task in trial if lengths[task] >= 2]  # a task with < 2 rows bounds nothing
+    quantile = config.confidence
+    rng_seed = stable_seed(seed, "decide", *sorted(lengths.items()))
+
+    def stop(reason: str) -> Decision:
+        return Decision(STOP, reason, estimate, lengths)
+
+    for gate in gates:
+        if gate.task not in scored:
+            continue
+        reference = None
+        if gate.kind == KIND_MAX_REGRESSION and sources_rows is not None and gate.reference in sources_rows:
+            reference = _prefix(sources_rows[gate.reference], {gate.task: lengths[gate.task]},
+                                f"source {gate.reference!r}")[gate.task]
+        rows = [{gate.task: trial[gate.task]}] + ([{gate.task: reference}] if reference is not None else [])
+        _, draws = resampled_task_means(rows, resamples=config.resamples, seed=rng_seed)
+        draw = draws[gate.task]
+        sign = 1.0 if gate.higher_is_better else -1.0
+        if reference is None:  # margin over the stored limit
+            margin = sign * (draw[:, 0] - gate.limit)
+        else:  # paired: the regression from the reference on the same rows, against the allowed one
+            margin = sign * (draw[:, 0] - draw[:, 1]) + gate.setting
+        if np.quantile(margin, quantile) < 0:
+            return stop(f"gate {gate.name} failed with {quantile:.0%} confidence "
+                        f"(score {estimate[gate.task]:.4f} on {lengths[gate.task]} rows)")
+
+    if not incumbents_rows or len(scored) < len(trial):
+        return Decision(PROMOTE, "", estimate, lengths)
+    incumbents = [_prefix(rows, lengths, f"incumbent {number}") for number, rows in enumerate(incumbents_rows)]
+    _, draws = resampled_task_means([trial, *incumbents], resamples=config.resamples, seed=rng_seed)
+    # gain[task]: (resamples, incumbents) how much better the trial is, in each task's direction
+    gain = {task: (1.0 if directions[task] else -1.0) * (draws[task][:, :1] - draws[task][:, 1:]) for task in trial}
+    if objective == "per_task":
+        best_gain = np.max(np.stack(list(gain.values())), axis=0)  # > 0: better on some task
+        dominated = np.quantile(best_gain, quantile, axis=0) < 0
+        if dominated.any():
+            return stop(f"dominated by incumbent {int(np.argmax(dominated))} on every task "
+                        f"with {quantile:.0%} confidence")
+        return Decision(PROMOTE, "", estimate, lengths)
+    higher = _one_direction(directions)
+    sign = 1.0 if higher else -1.0
+    values = aggregate({task: draws[task] for task in trial}, objective, weights, higher)
+    objective_gain = sign * (values[:, :1] - values[:, 1:])
+    upper = np.quantile(objective_gain, quantile, axis=0)
+    if (upper < 0).all():
+        return stop(f"cannot reach the {len(incumbents)} incumbent(s): objective {objective} is worse "
+                    f"with {quantile:.0%} confidence (by at least {float(-upper.max()):.4f})")
+    return Decision(PROMOTE, "", estimate, lengths)
+
+
+def _prefix(rows: TaskRows, lengths: Mapping[str, int], who: str) -> dict[str, np.ndarray]:
+    """``rows`` cut to the trial's rows per task (the same rows: both are prefixes of the study order)."""
+    cut: dict[str, np.ndarray] = {}
+    for task, n in lengths.items():
+        if task not in rows:
+            raise FitnessError(f"fidelity: {who} has no rows of task {task!r}")
+        array = np.asarray(rows[task], dtype=np.float64)
+        if array.size < n:
+            raise FitnessError(f"fidelity: {who} has {array.size} rows of task {task!r}; the trial has {n}")
+        cut[task] = array[:n]
+    return cut
+
+
+def _one_direction(directions: Mapping[str, bool]) -> bool:
+    if len(set(directions.values())) != 1:
+        raise FitnessError("fidelity: objectives mean / min need every task in one direction (use per_task)")
+    return next(iter(directions.values()))
+
