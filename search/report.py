@@ -30,6 +30,7 @@ from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
 from search import ranking, storage
 from search.annotate import chosen_trial
+from search.warm_start import WARM_ATTR, best_warm_trial
 
 FEASIBLE = "#1f77b4"
 INFEASIBLE = "#d62728"
@@ -602,7 +603,7 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         "<table id='chosen-gates'><tr><th>gate</th><th>limit (search)</th><th>margin (search)</th>"
         f"<th>margin (held-out)</th></tr>{''.join(gates)}</table>" if gates else "<p>The study has no gates.</p>"
     )
-    recipe = (
+    recipe = _warm_table(view, best) + (
         f"<p>{_download_link(recipe_text)}</p>"
         f"<details><summary>mergekit YAML (what <code>search export</code> writes)</summary>"
         f"<pre id='chosen-recipe'>{html.escape(recipe_text)}</pre></details>" if recipe_text else ""
@@ -612,6 +613,21 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         f"<p>{html.escape(why)}.<br><code>{html.escape(best.user_attrs.get('recipe_summary', ''))}</code></p>"
         f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{gate_table}{recipe}</section>"
     )
+
+
+def _warm_table(view: StudyView, chosen: FrozenTrial) -> str:
+    """With a warm start: the best warm trial (an enqueued recipe) against the chosen trial."""
+    found = best_warm_trial(view.trials, view.directions)
+    if found is None:
+        return ""
+    warm, count = found
+    rows = [
+        f"<tr><td>{html.escape(name)}</td><td>{trial.number}</td>{_cell(objective_value(view, trial))}</tr>"
+        for name, trial in ((f"best of {count} warm trial(s): {warm.user_attrs[WARM_ATTR]}", warm),
+                            ("chosen", chosen))
+    ]
+    return ("<table id='warm-start'><tr><th>warm start</th><th>trial</th><th>search objective</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _download_link(recipe_text: str) -> str:
