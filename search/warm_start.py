@@ -8,12 +8,13 @@ Two ``[study]`` keys (read by ``search.config``):
   first search trials, positions 0, 1, ... in file order. A recipe the genome cannot
   express is refused, naming ``study.enqueue[i]`` and ``encode``'s reason.
 * ``warm_start = "path/or/storage-url"``: an earlier study on the same base and sources,
-  opened read-only. CMA-ES starts its distribution from the earlier study's finished search
-  trials (Optuna's ``CmaEsSampler(source_trials=...)``, which needs the same genome; an
-  infeasible trial counts with its penalised value, as CMA-ES saw it there). Other
-  samplers get the earlier study's best recipes enqueued after the files: its chosen trial,
-  then its other finalists (or its best feasible trials, ``top_k`` of them, when it was
-  never finalized).
+  opened read-only. Its best recipes are enqueued after the files: its chosen trial, then
+  (other samplers than CMA-ES) its other finalists, or its best feasible trials, ``top_k``
+  of them, when it was never finalized; re-scored here, since this study may score
+  otherwise (a task added, a gate tightened). CMA-ES also starts its distribution from the
+  earlier study's finished search trials (Optuna's ``CmaEsSampler(source_trials=...)``,
+  which needs the same genome; an infeasible trial counts with its penalised value, as
+  CMA-ES saw it there).
 
 What both resolve to, :class:`WarmStart`, is fixed when the study is created and stored on
 it (study user attr ``warm_start_plan``): a resumed study places the same recipes at the
@@ -123,16 +124,17 @@ def plan_warm_start(config: StudyConfig, *, space: Mapping[str, BaseDistribution
     if config.warm_start is not None:
         earlier = open_earlier_study(config)
         _check_same_models(config, earlier)
+        best = _best_recipes(config, earlier)
         if config.sampler == "cmaes":
             sources = _cma_source_trials(config, earlier, space)
-        else:
-            for number, recipe in _best_recipes(config, earlier):
-                where = f"{config.path}: study.warm_start: trial {number} of study {earlier.study_name!r}"
-                params, note = _encode(config, recipe, where, n_layers)
-                if params not in [t.params for t in trials]:
-                    trials.append(WarmTrial(f"warm_start:{earlier.study_name}#{number}", params))
-                if note:
-                    notes.append(f"{where}: {note}")
+            best = best[:1]  # the source trials say where to search; re-score the earlier choice too
+        for number, recipe in best:
+            where = f"{config.path}: study.warm_start: trial {number} of study {earlier.study_name!r}"
+            params, note = _encode(config, recipe, where, n_layers)
+            if params not in [t.params for t in trials]:
+                trials.append(WarmTrial(f"warm_start:{earlier.study_name}#{number}", params))
+            if note:
+                notes.append(f"{where}: {note}")
     return WarmStart(tuple(trials), sources, tuple(notes))
 
 

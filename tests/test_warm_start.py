@@ -161,9 +161,9 @@ def test_a_recipe_the_genome_cannot_express_is_refused_at_validate(
 
 
 def test_an_off_grid_recipe_is_snapped_with_a_warning(tmp_path: Path, llama_family: TinyFamily) -> None:
-    models = "\n".join(
+    models = "\n".join(  # in reverse order: matched to the study's sources by path
         f"  - model: {source}\n    parameters: {{weight: {0.33 if i == 0 else 0.5}}}"
-        for i, source in enumerate(llama_family.sources)
+        for i, source in reversed(list(enumerate(llama_family.sources)))
     )
     recipe = tmp_path / "hand.yaml"
     recipe.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n{models}\n")
@@ -172,7 +172,9 @@ def test_an_off_grid_recipe_is_snapped_with_a_warning(tmp_path: Path, llama_fami
         'enqueue = ["hand.yaml"]',
     )
     warm = check_study(load_study(path)).warm
-    assert set(warm.trials[0].params.values()) == {0.3, 0.5}
+    params = warm.trials[0].params
+    assert params["g0.weight.s0"] == params["g1.weight.s0"] == 0.3
+    assert all(v == 0.5 for k, v in params.items() if not k.endswith(".s0"))
     assert len(warm.notes) == 1 and re.search(r"study\.enqueue\[0\] \(hand\.yaml\): snapped to the genes' grid.*"
                                               r"differs by up to 0\.03 \(weight of", warm.notes[0])
 
@@ -200,21 +202,27 @@ def test_cmaes_warm_start_starts_from_the_earlier_trials_deterministically(
 ) -> None:
     _, cold = earlier_study(tmp_path / "cold", llama_family, trials=10, sampler="cmaes", population=5)
     earlier = [t.number for t in ranking.search_trials(cold.get_trials())]
+    best = chosen(cold)
     runs = []
     for name in ("warm", "again"):
         (tmp_path / name).mkdir()
-        path = with_study_keys(write_study(tmp_path / name, llama_family, trials=2, sampler="cmaes", population=5),
+        path = with_study_keys(write_study(tmp_path / name, llama_family, trials=3, sampler="cmaes", population=5),
                                f'warm_start = "{tmp_path / "cold" / "out" / "study.db"}"')
         run_study(load_study(path), quiet=True)
         config = load_study(path)
         plan = storage.load_existing_study(config.name, config.storage).user_attrs[PLAN_ATTR]
         assert [t["number"] for t in plan["source_trials"]] == earlier
-        runs.append([t.params for t in search_by_position(path)])
+        trials = search_by_position(path)
+        # the earlier choice is re-scored first; the rest is CMA-ES's, from the source trials
+        assert trials[0].user_attrs[WARM_ATTR] == f"warm_start:tiny#{best.number}"
+        assert trials[0].params == best.params
+        assert not any(WARM_ATTR in t.user_attrs for t in trials[1:])
+        runs.append([t.params for t in trials])
     assert runs[0] == runs[1]  # same seed, same source trials: the same draws
     # the cold study drew its first generation from the same seed without them
     cold_first = [t.params for t in sorted(ranking.search_trials(cold.get_trials()),
-                                           key=lambda t: t.user_attrs[POSITION])[:2]]
-    assert runs[0] != cold_first
+                                           key=lambda t: t.user_attrs[POSITION])[:3]]
+    assert runs[0][1:] != cold_first[1:]
 
 
 def test_cmaes_warm_start_needs_ten_earlier_trials(tmp_path: Path, llama_family: TinyFamily) -> None:
