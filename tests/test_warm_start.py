@@ -249,3 +249,33 @@ def test_warm_start_from_a_study_on_other_models_names_the_difference(
     with pytest.raises(StudyConfigError, match=r"study\.warm_start: study 'tiny' in .*other\.db merged other "
                                                r"models: models\.sources\.s1\.config_sha256: \"0000"):
         check_study(load_study(path))
+
+
+def test_a_warm_trial_a_killed_driver_lost_is_rerun_once_with_its_mark(
+    tmp_path: Path, llama_family: TinyFamily
+) -> None:
+    from tests.test_resume import cli as start_cli
+
+    models = "\n".join(
+        f"  - model: {source}\n    parameters: {{weight: {0.7 if i == 0 else 0.2}}}"
+        for i, source in enumerate(llama_family.sources)
+    )
+    (tmp_path / "known.yaml").write_text(f"merge_method: linear\ndtype: float32\nmodels:\n{models}\n")
+    path = with_study_keys(
+        write_study(tmp_path, llama_family, trials=2, metric="tests.test_resume:killing_scorer"),
+        'enqueue = ["known.yaml"]',
+    )
+    # 4 baselines x 2 tasks = 8 scorer calls; call 9 is the warm trial's first task.
+    proc = start_cli("start", str(path), "--quiet",
+                     env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": "9"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -9, err
+    run_study(load_study(path), quiet=True)
+
+    trials = search_by_position(path)
+    lost = [t for t in trials if t.user_attrs.get("failure") == ranking.DRIVER_STOPPED]
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert [t.user_attrs[POSITION] for t in lost] == [0] and lost[0].user_attrs[WARM_ATTR] == "enqueue:known.yaml"
+    assert [t.user_attrs[POSITION] for t in done] == [0, 1]
+    assert done[0].user_attrs[WARM_ATTR] == "enqueue:known.yaml" and done[0].params == lost[0].params
+    assert WARM_ATTR not in done[1].user_attrs

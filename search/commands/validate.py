@@ -247,7 +247,8 @@ def _warm_lines(config: StudyConfig, warm: WarmStart) -> list[str]:
     lines = []
     if warm.trials:
         shown = ", ".join(t.origin for t in warm.trials)
-        lines.append(f"warm start: {len(warm.trials)} recipe(s) evaluated first (positions 0-{len(warm.trials) - 1}): {shown}")
+        where = "position 0" if len(warm.trials) == 1 else f"positions 0-{len(warm.trials) - 1}"
+        lines.append(f"warm start: {len(warm.trials)} recipe(s) evaluated first ({where}): {shown}")
         if len(warm.trials) > config.trials:
             lines.append(f"  only the first {config.trials} fit in the budget of {config.trials} trials")
     if warm.source_trials:
