@@ -99,12 +99,15 @@ def decode(
 
 
 def encode(
-    spec: GenomeSpec, recipe: Recipe, *, sources: Sources, n_layers: int | None = None
+    spec: GenomeSpec, recipe: Recipe, *, sources: Sources, n_layers: int | None = None, snap: bool = False,
 ) -> dict[str, float | int | str]:
     """The parameters that decode to ``recipe``; ``GenomeError`` if the genome cannot express it.
 
     ``n_layers`` (the checkpoints' layer count) matters only for frankenmerges, where the
     recipe's own layer count may differ; it is inferred from the recipe when omitted.
+    ``snap``: a value inside a gene's bounds but off its grid (``step``) is moved to the
+    nearest grid point (by at most half a step) instead of refused; the parameters then
+    decode to that snapped recipe (a recipe written by hand rarely sits on the grid).
     """
     labels = check_sources(spec, sources)
     paths = _paths(sources)
@@ -119,7 +122,7 @@ def encode(
             )
         if recipe.layer_slices:
             raise GenomeError(f"recipe.layer_slices: only passthrough recipes have them, not {spec.method!r}")
-        params = _encode_numeric(spec, recipe, labels)
+        params = _encode_numeric(spec, recipe, labels, snap=snap)
     if n_layers is None:
         n_layers = _n_layers(spec, recipe)
     # The decoded recipe must reach every tensor the same way the given one does.
@@ -127,7 +130,7 @@ def encode(
         spec, params, base=recipe.base or "", sources=sources, n_layers=n_layers,
         seed=recipe.seed, dtype=recipe.dtype,
     )
-    _check_same_effect(spec, recipe, decoded)
+    _check_same_effect(spec, recipe, decoded, _snap_tolerance(spec) if snap else {})
     return params
 
 
@@ -235,7 +238,9 @@ def _decode_numeric(
     )
 
 
-def _encode_numeric(spec: GenomeSpec, recipe: Recipe, labels: tuple[str, ...]) -> dict[str, float | int | str]:
+def _encode_numeric(
+    spec: GenomeSpec, recipe: Recipe, labels: tuple[str, ...], *, snap: bool = False
+) -> dict[str, float | int | str]:
     groups = layer_groups(spec, recipe.n_layers)
     params: dict[str, float | int | str] = {}
     for gene in _numeric_genes(spec, labels, recipe.n_layers):
@@ -245,7 +250,8 @@ def _encode_numeric(spec: GenomeSpec, recipe: Recipe, labels: tuple[str, ...]) -
             raise GenomeError(f"recipe: has no {gene.param!r}, which the genome searches ({gene.name})")
         cell = table[gene.param][group][ROLES.index(role)]
         value = cell[gene.source] if gene.source is not None else cell
-        if isinstance(value, bool) or not gene.bounds.contains(float(value)):
+        inside = _within(gene.bounds, float(value)) if snap else gene.bounds.contains(float(value))
+        if isinstance(value, bool) or not inside:
             raise GenomeError(
                 f"recipe: {gene.param} {value!r} for gene {gene.name} is not in genome.{gene.param} "
                 f"{gene.bounds.describe()}"
@@ -280,8 +286,15 @@ def _effective_cells(recipe: Recipe) -> Iterator[tuple[str, int, str]]:
     yield "head", len(recipe.groups) - 1, "head"
 
 
-def _check_same_effect(spec: GenomeSpec, given: Recipe, decoded: Recipe) -> None:
-    """Every tensor must get the same values from ``decoded`` as from ``given``."""
+def _snap_tolerance(spec: GenomeSpec) -> dict[str, float]:
+    """How far snapping may move each gridded parameter: half a step (and float rounding)."""
+    return {name: b.step / 2 * (1 + 1e-9) for name, b in spec.bounds().items() if b.step is not None}
+
+
+def _check_same_effect(spec: GenomeSpec, given: Recipe, decoded: Recipe,
+                       tolerance: Mapping[str, float] | None = None) -> None:
+    """Every tensor must get the same values from ``decoded`` as from ``given`` (within
+    ``tolerance[param]`` where snapping to the grid moved them)."""
     if spec.frankenmerge is not None:
         if _expand(given) != _expand(decoded) or any(s.scale != 1.0 for s in given.layer_slices):
             raise GenomeError("recipe.layer_slices: not expressible by this genome (scale must be 1)")
@@ -302,20 +315,20 @@ def _check_same_effect(spec: GenomeSpec, given: Recipe, decoded: Recipe) -> None
                 _effective_cells(given), _effective_cells(decoded), strict=True
             ):
                 a, b = mine[name][group][ROLES.index(role)], theirs[name][other][ROLES.index(role)]
-                if not _close(a, b):
+                if not _close(a, b, (tolerance or {}).get(name, 0.0)):
                     raise GenomeError(
                         f"recipe: {name} of the {role} tensors of {where} is {a!r}; the genome can only "
                         f"give {b!r} there (layer groups {[list(g) for g in decoded.groups]})"
                     )
 
 
-def _close(a: object, b: object) -> bool:
+def _close(a: object, b: object, tolerance: float = 0.0) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_close(x, y, tolerance) for x, y in zip(a, b, strict=True))
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     if isinstance(a, int | float) and isinstance(b, int | float):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=max(1e-12, tolerance))
     return False
 
 

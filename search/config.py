@@ -41,7 +41,10 @@ STORAGE_SCHEMES: tuple[str, ...] = ("sqlite:///", "postgresql://", "postgresql+"
 _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 RESERVED_LABELS: tuple[str, ...] = ("base", "best")
 
-STUDY_KEYS = ("name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k")
+STUDY_KEYS = (
+    "name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k", "enqueue",
+    "warm_start",
+)
 MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype", "tokenizer")
 GENOME_KEYS = (
     "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
@@ -114,6 +117,8 @@ class StudyConfig:
     genome: GenomeSpec
     tasks: tuple[TaskSpec, ...]
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    enqueue: tuple[Path, ...] = ()  # mergekit YAMLs evaluated first (search.warm_start)
+    warm_start: str | None = None  # storage URL of an earlier study to start from (search.warm_start)
 
 
 def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None,
@@ -288,6 +293,8 @@ class _Parser:
         if population and sampler not in ("cmaes", "nsga2"):
             raise study.error("population", f"only cmaes and nsga2 use a population, the sampler is {sampler!r}")
         top_k = study.get_int("top_k", 5, minimum=1)
+        enqueue = self.enqueue(study)
+        warm_start = self.warm_start(study, storage)
         from fitness.objective import objective_directions
         from fitness.spec import higher_is_better
 
@@ -304,16 +311,21 @@ class _Parser:
         return StudyConfig(
             path=path, name=name, seed=seed, output=output, storage=storage, trials=budget,
             sampler=sampler, population=population or None, objective=objective, top_k=top_k,
-            models=models, genome=genome, tasks=tasks, execution=execution,
+            models=models, genome=genome, tasks=tasks, execution=execution, enqueue=enqueue,
+            warm_start=warm_start,
         )
 
     def storage(self, study: _Table, output: Path) -> str:
         url = study.get_str("storage", "")
         if not url:
             return f"sqlite:///{output / 'study.db'}"
+        return self.storage_url(study, "storage", url)
+
+    def storage_url(self, study: _Table, key: str, url: str) -> str:
+        """A storage URL with relative file paths resolved (``key`` names it in errors)."""
         if not url.startswith(STORAGE_SCHEMES):
             raise study.error(
-                "storage",
+                key,
                 f"unknown storage URL {url!r} (expected sqlite:///PATH, postgresql://..., mysql://..., "
                 "or journal:PATH)",
             )
@@ -321,13 +333,52 @@ class _Parser:
         if url.startswith("sqlite:///"):
             rest = url[len("sqlite:///"):]
             if not rest or rest == ":memory:":
-                raise study.error("storage", "an SQLite storage needs a file path (sqlite:///PATH)")
+                raise study.error(key, "an SQLite storage needs a file path (sqlite:///PATH)")
             return f"sqlite:///{self.path(rest)}"
         if url.startswith("journal:"):
             rest = url[len("journal:"):]
             if not rest:
-                raise study.error("storage", "a journal storage needs a file path (journal:PATH)")
+                raise study.error(key, "a journal storage needs a file path (journal:PATH)")
             return f"journal:{self.path(rest)}"
+        return url
+
+    def enqueue(self, study: _Table) -> tuple[Path, ...]:
+        """Known recipes (mergekit YAML files) the search evaluates first."""
+        raw = study.get(
+            "enqueue", [], lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "an array of mergekit YAML file paths",
+        )
+        paths: list[Path] = []
+        for index, value in enumerate(raw):  # type: ignore[arg-type]
+            key = f"enqueue[{index}]"
+            path = self.path(value)
+            if not path.is_file():
+                raise study.error(key, f"recipe file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
+            if path in paths:
+                raise study.error(key, f"{path} is listed twice (also enqueue[{paths.index(path)}])")
+            paths.append(path)
+        return tuple(paths)
+
+    def warm_start(self, study: _Table, own_storage: str) -> str | None:
+        """The earlier study's storage URL: a storage URL, or its output folder or study.db (a path)."""
+        value = study.get_str("warm_start", "")
+        if not value:
+            return None
+        if value.startswith(STORAGE_SCHEMES):
+            url = self.storage_url(study, "warm_start", value)
+        else:
+            path = self.path(value)
+            if path.is_dir():
+                path = path / "study.db"
+            if not path.is_file():
+                raise study.error(
+                    "warm_start",
+                    f"no earlier study at {path} (expected a study's output folder, its study.db, or a "
+                    "storage URL such as sqlite:///PATH or journal:PATH)",
+                )
+            url = f"sqlite:///{path}"
+        if url == own_storage:
+            raise study.error("warm_start", f"is this study's own storage ({url}); name an earlier study's")
         return url
 
     def sampler(self, study: _Table, genome: GenomeSpec, objective: str, *, override: str | None = None) -> str:

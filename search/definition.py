@@ -9,7 +9,10 @@ space and scored the same way. :func:`study_definition` collects what decides th
 * ``genome``: every gene setting (method, granularity, bounds, fixed values, frankenmerge);
 * ``tasks``: per task, its data (SHA-256 of each file) and every setting that changes a
   score (fields, split, limit, metric, weight, chat template...), but not its gates;
-* ``seed``, ``sampler``, ``population`` and ``objective``.
+* ``seed``, ``sampler``, ``population`` and ``objective``;
+* with a warm start (``search.warm_start``), ``enqueue`` (each recipe file's SHA-256, in
+  order) and ``warm_start`` (the earlier study's name and the SHA-256 of its definition);
+  a study without one has neither key, so studies from before warm starts still match.
 
 Not part of it, so a study can be extended deliberately: the budget (``trials``),
 gates, ``top_k``, ``[execution]``, and where the files live.
@@ -48,6 +51,8 @@ class DefinitionChangedError(SearchError):
 
 def study_definition(config: StudyConfig) -> dict[str, object]:
     """The definition of the study ``config`` describes (JSON values; checkpoints must exist)."""
+    from search.warm_start import warm_start_definition  # it reads the earlier study
+
     models = config.models
     return {
         "models": {
@@ -62,6 +67,7 @@ def study_definition(config: StudyConfig) -> dict[str, object]:
         "sampler": config.sampler,
         "population": config.population,
         "objective": config.objective,
+        **warm_start_definition(config),
     }
 
 

@@ -62,6 +62,7 @@ from search.samplers import (
     make_sampler,
     penalty_for_baselines,
 )
+from search.warm_start import WARM_ATTR, enqueue_position, store_warm_start, warm_start_for
 from search.worker import TrialOutcome, WorkerSetup
 from search.write_behind import WriteBehindStorage
 
@@ -215,14 +216,16 @@ def open_plan_study(plan: StudyPlan) -> optuna.Study:
             "warning: CMA-ES samples categorical genes at random; consider sampler 'tpe'",
             file=sys.stderr,
         )
-    sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space,
-                           population=config.population, parallel=config.execution.workers > 1)
+    warm = warm_start_for(config, space=plan.space, n_layers=plan.n_layers, layout=plan.layout)
+    sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space, population=config.population,
+                           parallel=config.execution.workers > 1, source_trials=warm.frozen_source_trials(plan.space))
     durable = storage.open_study(config.name, config.storage, plan.directions, sampler=sampler,
                                  definition=study_definition(config))
     # The driver is the only writer (search.lock): it reads from memory and writes in batches.
     study = optuna.Study(
         study_name=config.name, storage=WriteBehindStorage(durable._storage, config.name), sampler=sampler
     )
+    store_warm_start(study, warm)  # fixed on the first run: a resume places the same warm trials
     attrs = study.user_attrs
     wanted = {
         "config_path": str(config.path),
@@ -348,7 +351,7 @@ def _enqueue_rerun(study: optuna.Study, plan: StudyPlan, trial: FrozenTrial) -> 
     if ranking.kind(trial) != ranking.KIND_SEARCH or set(trial.params) != set(plan.space):
         return  # nothing to re-run: not a search trial, or stopped before its genes were drawn
     attrs: dict[str, object] = {"kind": ranking.KIND_SEARCH, "rerun_of": trial.number}
-    for key in (POSITION, HORIZON):
+    for key in (POSITION, HORIZON, WARM_ATTR):
         if key in trial.user_attrs:
             attrs[key] = trial.user_attrs[key]
     study.enqueue_trial(dict(trial.params), user_attrs=attrs)
@@ -631,7 +634,7 @@ class _Loop:
         """
         clock = time.process_time()
         if position is not None:
-            self.study.enqueue_trial({}, user_attrs={"kind": ranking.KIND_SEARCH, POSITION: position, HORIZON: horizon})
+            enqueue_position(self.study, position, {"kind": ranking.KIND_SEARCH, POSITION: position, HORIZON: horizon})
         trial = self.study.ask(fixed_distributions=self.plan.space)
         clock = self._charge("sample_s", clock)
         recipe = self._record(trial)

@@ -32,6 +32,7 @@ from merges.recipe import ROLES, Recipe
 from search import gate_record, ranking, storage
 from search.annotate import chosen_trial
 from search.generations import generations_file
+from search.warm_start import WARM_ATTR, best_warm_trial
 
 FEASIBLE = "#1f77b4"
 INFEASIBLE = "#d62728"
@@ -586,7 +587,7 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
         "<table id='chosen-gates'><tr><th>gate</th><th>limit (search)</th><th>margin (search)</th>"
         f"<th>margin (held-out)</th></tr>{''.join(gates)}</table>" if gates else "<p>The study has no gates.</p>"
     )
-    recipe = (
+    recipe = _warm_table(view, best) + (
         f"<p>{_download_link(recipe_text)}</p>"
         f"<details><summary>mergekit YAML (what <code>search export</code> writes)</summary>"
         f"<pre id='chosen-recipe'>{html.escape(recipe_text)}</pre></details>" if recipe_text else ""
@@ -613,6 +614,21 @@ def _bound(gate: gate_record.TrialGate, stored: GateLimit | None) -> str:
     if stored is not None and stored.reference is not None and stored.limit == gate.limit:
         text += f" (source {stored.reference} {stored.reference_score:.4f} {'-' if higher else '+'} {stored.setting:g})"
     return text
+
+
+def _warm_table(view: StudyView, chosen: FrozenTrial) -> str:
+    """With a warm start: the best warm trial (an enqueued recipe) against the chosen trial."""
+    found = best_warm_trial(view.trials, view.directions)
+    if found is None:
+        return ""
+    warm, count = found
+    rows = [
+        f"<tr><td>{html.escape(name)}</td><td>{trial.number}</td>{_cell(objective_value(view, trial))}</tr>"
+        for name, trial in ((f"best of {count} warm trial(s): {warm.user_attrs[WARM_ATTR]}", warm),
+                            ("chosen", chosen))
+    ]
+    return ("<table id='warm-start'><tr><th>warm start</th><th>trial</th><th>search objective</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _download_link(recipe_text: str) -> str:

@@ -54,8 +54,12 @@ PENALTY_FLOOR = 10.0
 
 
 def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
-                 population: int | None = None, parallel: bool = False) -> SearchSampler:
-    """The study's sampler: seeded per search position, blind to baselines (see the module)."""
+                 population: int | None = None, parallel: bool = False,
+                 source_trials: Sequence[FrozenTrial] = ()) -> SearchSampler:
+    """The study's sampler: seeded per search position, blind to baselines (see the module).
+
+    ``source_trials`` (CMA-ES only): an earlier study's trials to warm-start from (``search.warm_start``).
+    """
     fixed_space: dict[str, BaseDistribution] | None = None
     if name == "cmaes":
         import cmaes  # noqa: F401  # Optuna imports it (and scipy.stats, ~1 s) at the first ask otherwise
@@ -69,10 +73,20 @@ def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
             if isinstance(d, (FloatDistribution, IntDistribution)) and not d.single()
         }
 
+        # Warm start: the source trials over the genes CMA models (Optuna compares the names).
+        warm = [
+            optuna.trial.create_trial(params={k: t.params[k] for k in fixed_space},
+                                      distributions=fixed_space, value=t.value)
+            for t in source_trials
+        ] or None
+
         def inner(s: int) -> BaseSampler:
-            return optuna.samplers.CmaEsSampler(
-                seed=s, popsize=population, n_startup_trials=0, warn_independent_sampling=False
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # source_trials
+                return optuna.samplers.CmaEsSampler(
+                    seed=s, popsize=population, n_startup_trials=0, warn_independent_sampling=False,
+                    source_trials=warm,
+                )
     elif name == "tpe":
         def inner(s: int) -> BaseSampler:
             return optuna.samplers.TPESampler(seed=s, constant_liar=parallel)

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import gate_record, progress, ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
+from search.warm_start import warm_start_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,6 +73,10 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
         shown.append((f"best feasible (trial {best.number})", best))
     shown += [(f"{name} (trial {trial.number})", trial) for name, trial in baselines.items()]
     lines.append(_gate_limits(gates))
+    chosen = shown[0][1] if isinstance(final, int) else best  # as search.annotate.chosen_trial
+    warm = warm_start_line(trials, chosen, directions)
+    if warm is not None:
+        lines.append(warm)
     lines.append("")
     lines.append(_table(shown, tasks, attrs))
     if best is None:

@@ -5,7 +5,8 @@ created. In order: the checkpoints (for ``models.demo_family`` the shipped famil
 checksums are verified when the config loads; each error names ``models.base`` or
 ``models.sources.<label>``), the checkpoints' own Python (``auto_map``; refused unless ``models.trust_remote_code``), the compatibility preflight,
 the genes, the output folder and an existing storage (a study created with other
-directions), the memory one worker needs against this machine (the same estimate the
+directions), the warm start (each ``study.enqueue`` recipe encoded into the genome, the
+``study.warm_start`` study's models), the memory one worker needs against this machine (the same estimate the
 pools check), and each task's data files: every row read against the configured fields
 and metric, the splits made, the first rows tokenised with the base tokenizer.
 """
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fitness.errors import FitnessError
 from fitness.gates import gate_names
@@ -30,6 +31,7 @@ from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import SearchError, StudyConfigError
 from search.memory import MemoryEstimate
+from search.warm_start import WarmStart, plan_warm_start
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +61,7 @@ class Validation:
     memory: MemoryEstimate
     memory_note: str  # what the estimate was checked against
     rows: dict[str, dict[str, int]]  # task -> split -> rows
+    warm: WarmStart = field(default_factory=WarmStart)  # what the search starts from
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,13 +77,14 @@ def check_study(config: StudyConfig) -> Validation:
     """
     n_layers = check_checkpoints(config)
     try:
-        genes = list(gene_space(config.genome, sources=config.models.sources, n_layers=n_layers))
+        space = gene_space(config.genome, sources=config.models.sources, n_layers=n_layers)
     except GenomeError as exc:
         raise StudyConfigError(f"{config.path}: {exc}") from None
     check_output(config)
+    warm = plan_warm_start(config, space=space, n_layers=n_layers)
     memory, note = check_memory(config)
     rows = check_data(config)
-    return Validation(n_layers=n_layers, genes=genes, memory=memory, memory_note=note, rows=rows)
+    return Validation(n_layers=n_layers, genes=list(space), memory=memory, memory_note=note, rows=rows, warm=warm)
 
 
 def check_checkpoints(config: StudyConfig) -> int:
@@ -229,6 +233,7 @@ def summary(config: StudyConfig, validation: Validation) -> str:
         f"sampler: {config.sampler} (population: {population}), objective {config.objective}, "
         f"trials {config.trials}, top_k {config.top_k}, seed {config.seed}",
         f"storage: {config.storage}",
+        *_warm_lines(config, validation.warm),
         f"output: {config.output}",
         f"execution: {config.execution.backend}"
         + (f" at {config.execution.address}" if config.execution.address else "")
@@ -255,3 +260,17 @@ def summary(config: StudyConfig, validation: Validation) -> str:
     gates = gate_names([gate for task in config.tasks for gate in task.gates])
     lines.append(f"gates ({len(gates)}): " + (", ".join(gates) if gates else "none"))
     return "\n".join(lines)
+
+
+def _warm_lines(config: StudyConfig, warm: WarmStart) -> list[str]:
+    """What the search starts from (``study.enqueue``, ``study.warm_start``) and what snapping changed."""
+    lines = []
+    if warm.trials:
+        shown = ", ".join(t.origin for t in warm.trials)
+        where = "position 0" if len(warm.trials) == 1 else f"positions 0-{len(warm.trials) - 1}"
+        lines.append(f"warm start: {len(warm.trials)} recipe(s) evaluated first ({where}): {shown}")
+        if len(warm.trials) > config.trials:
+            lines.append(f"  only the first {config.trials} fit in the budget of {config.trials} trials")
+    if warm.source_trials:
+        lines.append(f"warm start: CMA-ES starts from {len(warm.source_trials)} trials of {config.warm_start}")
+    return lines + [f"warning: {note}" for note in warm.notes]
