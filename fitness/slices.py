@@ -39,8 +39,6 @@ from transformers import PreTrainedTokenizerBase
 from fitness.errors import FitnessError
 from fitness.spec import CHOICE_METRICS, FORMATS, TaskSpec
 
-SPLITS: tuple[str, ...] = ("search", "heldout")
-
 
 @dataclass(frozen=True)
 class SliceExample:

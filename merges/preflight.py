@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from merges.checkpoint import Checkpoint
+from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import PreflightError
 from merges.layout import Layout
 
@@ -54,6 +54,14 @@ def preflight(base: Checkpoint, sources: Sequence[Checkpoint]) -> Layout:
         _check_config(base, source)
         _check_tensors(base, source)
     return base.layout
+
+
+def open_and_preflight(base: str | Path, sources: Sequence[str | Path], *,
+                       allow_pickle: bool = False) -> tuple[Checkpoint, list[Checkpoint], Layout]:
+    """Open the base and the sources and preflight them: the one way every caller does it."""
+    opened_base = open_checkpoint(base, allow_pickle=allow_pickle)
+    opened_sources = [open_checkpoint(path, allow_pickle=allow_pickle) for path in sources]
+    return opened_base, opened_sources, preflight(opened_base, opened_sources)
 
 
 def _where(base: Checkpoint, source: Checkpoint) -> str:
