@@ -138,7 +138,7 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
             "It is the final trial: among the top finalists by search score, re-scored on the "
             "held-out slices, it passes every gate there and has the best held-out objective."
         )
-    elif "final_trial" in user_attrs and user_attrs["final_trial"] is None:  # finalize found none
+    elif ranking.FINAL_TRIAL_ATTR in user_attrs and user_attrs[ranking.FINAL_TRIAL_ATTR] is None:  # none passed
         why = (
             "It passes every gate on the search slices and has the best objective among the "
             "search trials that do. `search finalize` found no finalist that passes every gate "

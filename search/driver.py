@@ -23,6 +23,7 @@ from search.loop import LoopTimings, SearchLoop, budget_used
 from search.plan import open_driver_study, plan_study, worker_setup
 from search.pool import WorkerPool, make_pool
 from search.progress import Progress, start_run
+from search.ranking import FINAL_TRIAL_ATTR
 from search.recovery import StopRequest, recover_interrupted, sigint_handler
 
 
@@ -52,8 +53,8 @@ def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
     study, storage = open_driver_study(plan)
     recover_interrupted(study, plan, storage)
     done = budget_used(study)
-    if done < config.trials and study.user_attrs.get("final_trial") is not None:
-        study.set_user_attr("final_trial", None)  # more trials to come: finalize again after them
+    if done < config.trials and study.user_attrs.get(FINAL_TRIAL_ATTR) is not None:
+        study.set_user_attr(FINAL_TRIAL_ATTR, None)  # more trials to come: finalize again after them
     progress = Progress(config.trials, quiet=quiet, stream=stream, already_done=done)
     stop = StopRequest()
     stop.progress = progress

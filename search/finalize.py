@@ -60,7 +60,7 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
     if not finalists:
         blocker = ranking.what_blocks(trials, plan.gate_names)
         reason = blocker.describe() if blocker else "no completed search trial"
-        study.set_user_attr("final_trial", None)
+        study.set_user_attr(ranking.FINAL_TRIAL_ATTR, None)
         write_best_note(study)
         return FinalizeResult(None, [], f"nothing to finalize: {reason}")
     baselines = list(ranking.baseline_trials(trials).values())
@@ -112,11 +112,11 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
         ))
     passing = [r for r in rows if r.feasible_heldout]
     if not passing:
-        study.set_user_attr("final_trial", None)
+        study.set_user_attr(ranking.FINAL_TRIAL_ATTR, None)
         write_best_note(study)
         return FinalizeResult(None, rows, "no finalist passes every gate on the held-out split")
     final = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
-    study.set_user_attr("final_trial", final.trial)
+    study.set_user_attr(ranking.FINAL_TRIAL_ATTR, final.trial)
     write_best_note(study)  # the dashboard's note on the chosen trial
     return FinalizeResult(final.trial, rows, f"final trial: {final.trial}")
 
