@@ -45,8 +45,10 @@ import ray
 
 from genome.space import decode
 from search.config import StudyConfig, load_study
-from search.driver import LoopTimings, plan_study, run_study, worker_setup
+from search.driver import run_study
+from search.loop import LoopTimings
 from search.memory import GIB, estimate_worker_memory
+from search.plan import plan_study, worker_setup
 from search.ray_pool import RayPool
 from search.worker import WorkerSetup
 

@@ -43,10 +43,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fitness.errors import FitnessError
 from fitness.extract import GenerationPlan, compile_pattern, gold_problem
-from fitness.spec import CHOICE_METRICS, FORMATS, TaskSpec
+from fitness.spec import CHOICE_METRICS, FORMATS, SPLITS, TaskSpec
 from fitness.subset import subset_indices
-
-SPLITS: tuple[str, ...] = ("search", "heldout")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 BUILTIN_METRICS: tuple[str, ...] = ("exact_match", "choice", "choice_norm", "loglik", "perplexity", "generate")
 CHOICE_METRICS: tuple[str, ...] = ("choice", "choice_norm")
+SPLITS: tuple[str, ...] = ("search", "heldout")  # every task's two slices; trials are scored on one
 LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
 # data file suffix -> the `datasets` loader that reads it
 FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from merges.checkpoint import Checkpoint
+from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import PreflightError
 from merges.layout import Layout
+
+if TYPE_CHECKING:
+    from merges.tokenizer_union import TokenizerPolicy
 
 # config.json keys whose values change tensor shapes or the forward computation.
 MATH_CONFIG_KEYS: tuple[str, ...] = (
@@ -56,6 +59,20 @@ def preflight(base: Checkpoint, sources: Sequence[Checkpoint]) -> Layout:
         _check_config(base, source)
         _check_tensors(base, source)
     return base.layout
+
+
+def open_and_preflight(base: str | Path, sources: Sequence[str | Path], *, allow_pickle: bool = False,
+                       tokenizer: TokenizerPolicy | None = None,
+                       trust_remote_code: bool = False) -> tuple[Checkpoint, list[Checkpoint], Layout]:
+    """Open the base and the sources (as views of ``tokenizer``'s output vocabulary when a study
+    sets one) and preflight them: the one way every caller does it."""
+    from merges.tokenizer_union import with_policy
+
+    opened_base = open_checkpoint(base, allow_pickle=allow_pickle)
+    opened_sources = [open_checkpoint(path, allow_pickle=allow_pickle) for path in sources]
+    opened_base, opened_sources = with_policy(opened_base, opened_sources, tokenizer,
+                                              trust_remote_code=trust_remote_code)
+    return opened_base, opened_sources, preflight(opened_base, opened_sources)
 
 
 def _where(base: Checkpoint, source: Checkpoint) -> str:

@@ -102,19 +102,13 @@ def _upload(target: optuna.Study | optuna.Trial, filename: str, text: str, folde
 
 
 def chosen_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The final trial (after ``finalize``), else the best feasible search trial, else None.
-
-    The same choice as ``search export`` without ``--trial``.
-    """
-    trials = study.get_trials(deepcopy=False)
-    final = study.user_attrs.get("final_trial")
-    if isinstance(final, int) and not isinstance(final, bool):
-        for trial in trials:
-            if trial.number == final:
-                return trial
-        raise SearchError(f"study {study.study_name!r}: final_trial {final} is not a trial of the study")
+    """The study's chosen trial (``ranking.chosen_trial``): the final trial, else the best
+    feasible search trial, else None."""
     directions = [d.name.lower() for d in study.directions]
-    return ranking.best_feasible(ranking.search_trials(trials), directions)
+    try:
+        return ranking.chosen_trial(study.get_trials(deepcopy=False), study.user_attrs, directions)
+    except SearchError as exc:
+        raise SearchError(f"study {study.study_name!r}: {exc}") from None
 
 
 def best_note(study: optuna.Study, best: FrozenTrial) -> str:
@@ -123,13 +117,13 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
     user_attrs = study.user_attrs
     tasks = _tasks(study, best)
     held = storage.heldout_record(user_attrs, best.number)
-    is_final = user_attrs.get("final_trial") == best.number
+    is_final = ranking.final_number(user_attrs) == best.number
     if is_final:
         why = (
             "It is the final trial: among the top finalists by search score, re-scored on the "
             "held-out slices, it passes every gate there and has the best held-out objective."
         )
-    elif "final_trial" in user_attrs and user_attrs["final_trial"] is None:  # finalize found none
+    elif ranking.FINAL_TRIAL_ATTR in user_attrs and user_attrs[ranking.FINAL_TRIAL_ATTR] is None:  # none passed
         why = (
             "It passes every gate on the search slices and has the best objective among the "
             "search trials that do. `search finalize` found no finalist that passes every gate "

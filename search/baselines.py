@@ -5,15 +5,33 @@ The source-alone scores are the references of ``max_regression`` gates; all base
 appear next to the search trials in status, report and dashboard. A source alone is a
 linear merge with weight 1 on that source and 0 elsewhere (with ``normalize`` the
 divisor is 1, so the result is the source's tensors exactly).
+
+``run_baselines`` scores the ones a study has not stored yet and stores them as finished
+trials (``kind = "baseline"``); ``source_references`` reads the sources' scores back for
+the gates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from fitness.gates import evaluate_gates
+from fitness.objective import objective_values
 from genome.spec import GenomeSpec
 from merges.recipe import Recipe
+from search import gate_record, ranking
+from search.annotate import attach_baseline_recipe
+from search.errors import SearchError
+from search.plan import StudyPlan
+from search.pool import WorkerPool, evaluate_all
+from search.progress import Progress
+from search.records import score_attrs, summarize_recipe
+from search.samplers import PENALTY_ATTR, penalty_for_baselines
+from search.worker import TrialOutcome
 
 SOURCE_PREFIX = "source:"
 UNIFORM = "uniform_linear"
@@ -90,3 +108,97 @@ def default_recipe(
         spec.method, base, sources, n_layers, tensor_params=tensor_params,
         global_params=global_params, seed=seed,
     )
+
+
+# -- scoring and storing them (once per study) ---------------------------------------------
+
+
+def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: Progress) -> None:
+    """Score and store every baseline not stored yet (once per study).
+
+    Baselines are stored with ``study.add_trial`` as finished trials without genes: they
+    are references, not candidates. The samplers never see them (``search.samplers``
+    hides ``kind = "baseline"`` trials), so they cannot enter CMA-ES's update as if it had
+    proposed them, nor break the intersection search space of TPE/GP/NSGA-II.
+    """
+    config = plan.config
+    stored = ranking.baseline_trials(study.get_trials(deepcopy=False))
+    missing = [
+        b for b in baseline_recipes(
+            config.genome, base=plan.base, sources=list(plan.paths.values()), labels=plan.labels,
+            n_layers=plan.n_layers, seed=config.seed,
+        )
+        if b.name not in stored
+    ]
+    if not missing:
+        return
+    progress.message(f"scoring {len(missing)} baseline(s): {', '.join(b.name for b in missing)}")
+    outcomes = evaluate_all(pool, [b.recipe.to_dict() for b in missing], "search")
+    scores_by_name = {name: t.user_attrs.get("scores_search") for name, t in stored.items()}
+    for baseline, outcome in zip(missing, outcomes, strict=True):
+        scores_by_name[baseline.name] = outcome.scores
+    references = {}
+    for label in plan.labels:
+        scores = scores_by_name.get(source_baseline_name(label))
+        if scores is None:
+            failed = outcomes[[b.name for b in missing].index(source_baseline_name(label))]
+            raise SearchError(
+                f"models.sources.{label}: the source alone cannot be scored ({failed.error}); "
+                "gates need every source's scores"
+            )
+        references[label] = dict(scores)
+    if PENALTY_ATTR not in study.user_attrs:
+        raws = [
+            v for o in outcomes if o.scores is not None
+            for v in objective_values(o.scores, plan.tasks, config.objective)
+        ]
+        study.set_user_attr(PENALTY_ATTR, penalty_for_baselines(raws))
+    for baseline, outcome in zip(missing, outcomes, strict=True):
+        study.add_trial(_baseline_trial(study, plan, baseline.name, baseline.recipe, outcome, references))
+        attach_baseline_recipe(study, baseline.name, baseline.recipe, plan.layout, plan.artifacts)
+    progress.message(_baseline_table(study, plan))
+
+
+def _baseline_trial(study: optuna.Study, plan: StudyPlan, name: str, recipe: Recipe,
+                    outcome: TrialOutcome, references: Mapping[str, Mapping[str, float]]) -> FrozenTrial:
+    attrs: dict[str, object] = {
+        "kind": ranking.KIND_BASELINE,
+        "baseline": name,
+        "recipe": recipe.to_dict(),
+        "recipe_summary": summarize_recipe(recipe, plan.labels),
+        "timings": {"merge_s": outcome.merge_s, "score_s": outcome.score_s},
+        "worker": outcome.worker,
+    }
+    if outcome.scores is None:
+        attrs["failure"] = outcome.error
+        return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
+    gates = evaluate_gates(plan.gates, outcome.scores, references, plan.task_higher)
+    raw = objective_values(outcome.scores, plan.tasks, plan.config.objective)
+    attrs.update(score_attrs(outcome.scores, gates))
+    return optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=list(raw), user_attrs=attrs,
+        system_attrs={"constraints": gate_record.constraints(gates)},
+    )
+
+
+def _baseline_table(study: optuna.Study, plan: StudyPlan) -> str:
+    lines = ["baselines (search split):"]
+    for name, trial in ranking.baseline_trials(study.get_trials(deepcopy=False)).items():
+        scores = trial.user_attrs.get("scores_search", {})
+        mark = "feasible" if ranking.is_feasible(trial) else "infeasible"
+        lines.append(
+            f"  {name:<24} " + "  ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"  ({mark})"
+        )
+    return "\n".join(lines)
+
+
+def source_references(trials: Sequence[FrozenTrial], labels: Sequence[str], key: str) -> dict[str, dict[str, float]]:
+    """Source label -> task -> score, from the stored source baselines (``key``: which split)."""
+    by_name = ranking.baseline_trials(trials)
+    out: dict[str, dict[str, float]] = {}
+    for label in labels:
+        trial = by_name.get(source_baseline_name(label))
+        if trial is None or key not in trial.user_attrs:
+            raise SearchError(f"source baseline {source_baseline_name(label)!r} has no {key}; run `search start`")
+        out[label] = {str(k): float(v) for k, v in trial.user_attrs[key].items()}
+    return out

@@ -19,6 +19,7 @@ from pathlib import Path
 from fitness.errors import FitnessError
 from fitness.extract import GenerateSpec
 from fitness.gates import GateSpec
+from fitness.objective import MODES as OBJECTIVES
 from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
 from genome.errors import GenomeError
 from genome.space import check_sources, is_numeric
@@ -33,7 +34,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
 BACKENDS: tuple[str, ...] = ("ray", "inline")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")

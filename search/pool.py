@@ -8,6 +8,7 @@ The driver talks to a pool through four calls: ``submit`` a ticket, ``free_slots
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from search.config import ExecutionConfig
@@ -26,6 +27,19 @@ class WorkerPool(Protocol):
     def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]: ...
 
     def close(self) -> None: ...
+
+
+def evaluate_all(pool: WorkerPool, recipes: Sequence[dict], split: str) -> list[TrialOutcome]:
+    """Evaluate recipes on the pool, keeping it full; outcomes in input order."""
+    outcomes: dict[int, TrialOutcome] = {}
+    next_index = 0
+    while len(outcomes) < len(recipes):
+        while next_index < len(recipes) and (pool.free_slots() > 0 or next_index - len(outcomes) == 0):
+            pool.submit(next_index, recipes[next_index], split)
+            next_index += 1
+        for ticket, outcome in pool.wait():
+            outcomes[ticket] = outcome
+    return [outcomes[i] for i in range(len(recipes))]
 
 
 class InlinePool:

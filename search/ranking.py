@@ -10,11 +10,12 @@ objectives, each signed so that larger is better.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
+from search.errors import SearchError
 from search.gate_record import read_trial_gates
 
 KIND_SEARCH = "search"
@@ -99,6 +100,31 @@ def top_feasible(trials: Iterable[FrozenTrial], directions: Sequence[str], k: in
 def best_feasible(trials: Iterable[FrozenTrial], directions: Sequence[str]) -> FrozenTrial | None:
     best = top_feasible(trials, directions, 1)
     return best[0] if best else None
+
+
+FINAL_TRIAL_ATTR = "final_trial"  # study user attr set by finalize: a number, or None when none passed
+
+
+def final_number(study_user_attrs: Mapping[str, object]) -> int | None:
+    """The final trial's number, once finalize chose one."""
+    final = study_user_attrs.get(FINAL_TRIAL_ATTR)
+    return final if isinstance(final, int) and not isinstance(final, bool) else None
+
+
+def chosen_trial(trials: Sequence[FrozenTrial], study_user_attrs: Mapping[str, object],
+                 directions: Sequence[str]) -> FrozenTrial | None:
+    """The study's chosen trial: the final one, else the best feasible search trial, else None.
+
+    The one rule ``status``, ``export``, ``report``, the dashboard's Best Trial box and the
+    chosen trial's note follow.
+    """
+    final = final_number(study_user_attrs)
+    if final is None:
+        return best_feasible(search_trials(trials), directions)
+    for trial in trials:
+        if trial.number == final:
+            return trial
+    raise SearchError(f"study attribute {FINAL_TRIAL_ATTR} = {final} is not a trial of the study")
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class _SamplerView:
         return self._get_trials()
 
     def _compute(self) -> list[FrozenTrial]:
-        stored = self._study._get_trials(deepcopy=False, use_cache=False)
+        stored = self._study.get_trials(deepcopy=False)  # Study._get_trials(use_cache=False)
         return visible_trials(
             stored, position=self._position, horizon=self._horizon,
             directions=[d.name.lower() for d in self._study.directions] if self._penalise else None,
@@ -238,24 +238,24 @@ class SearchSampler(BaseSampler):
         self.fixed_space = None if fixed_space is None else dict(fixed_space)
         self.penalise = penalise
         self.inner = new_inner(seed)  # for trials the driver did not place
-        self._drawing: tuple[int, BaseSampler, _SamplerView] | None = None
+        self._drawing: tuple[int, BaseSampler, _SamplerView] | None = None  # (trial number, ...)
 
     def __str__(self) -> str:
         return str(self.inner)
 
     def _for(self, study: optuna.Study, trial: FrozenTrial) -> tuple[BaseSampler, _SamplerView, FrozenTrial]:
         """The inner sampler, the view and the trial (numbered by position) for drawing ``trial``."""
-        if self._drawing is None or self._drawing[0] != trial._trial_id:
+        if self._drawing is None or self._drawing[0] != trial.number:
             position = trial.user_attrs.get(POSITION)
             horizon = trial.user_attrs.get(HORIZON)
             inner = self._new_inner(position_seed(self.seed, position)) if position is not None else self.inner
             view = _SamplerView(study, position=position, horizon=horizon, penalise=self.penalise)
-            self._drawing = (trial._trial_id, inner, view)
+            self._drawing = (trial.number, inner, view)
         _, inner, view = self._drawing
         position = trial.user_attrs.get(POSITION)
         if position is not None and trial.number != position:
             trial = copy.copy(trial)
-            trial.number = position  # CmaEsSampler adds the number to its seed; _trial_id still writes
+            trial.number = position  # CmaEsSampler adds the number to its seed; its trial id still writes
         return inner, view, trial
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:

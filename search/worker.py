@@ -20,13 +20,11 @@ import torch
 
 from fitness.errors import FitnessError
 from fitness.lm_eval_task import LmEvalTask, load_lm_eval_tasks
-from fitness.spec import TaskSpec
+from fitness.spec import SPLITS, TaskSpec
 from merges.errors import MergeError
 from merges.recipe import Recipe
 from merges.tokenizer_union import TokenizerPolicy
 from search.errors import SearchError
-
-SPLITS = ("search", "heldout")
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,9 @@ class TrialWorker:
         from transformers import AutoTokenizer
 
         from fitness.slices import load_task
-        from merges.checkpoint import open_checkpoint
         from merges.engine import MergeEngine
-        from merges.preflight import preflight
-        from merges.tokenizer_union import VocabularyView, with_policy
+        from merges.preflight import open_and_preflight
+        from merges.tokenizer_union import VocabularyView
 
         if setup.threads is not None:
             torch.set_num_threads(max(1, setup.threads))
@@ -77,10 +74,9 @@ class TrialWorker:
         if not isinstance(dtype, torch.dtype):
             raise SearchError(f"worker setup: dtype {setup.dtype!r} is not a torch dtype")
         self.setup = setup
-        base = open_checkpoint(setup.base, allow_pickle=setup.allow_pickle)
-        sources = [open_checkpoint(s, allow_pickle=setup.allow_pickle) for s in setup.sources]
-        base, sources = with_policy(base, sources, setup.tokenizer, trust_remote_code=setup.trust_remote_code)
-        self.layout = preflight(base, sources)
+        base, sources, self.layout = open_and_preflight(setup.base, setup.sources, allow_pickle=setup.allow_pickle,
+                                                        tokenizer=setup.tokenizer,
+                                                        trust_remote_code=setup.trust_remote_code)
         self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype)
         self.model = self.engine.new_model(trust_remote_code=setup.trust_remote_code)
         self.model.eval()

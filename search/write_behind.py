@@ -18,6 +18,13 @@ and queued for the durable storage, which gets them in one transaction per ``flu
 A crash loses at most the queued writes of running trials, which ``recover_interrupted``
 fails and re-runs on resume anyway.
 
+Threads: Optuna's ``BaseStorage`` must be thread-safe because Optuna shares one storage
+between threads in ``study.optimize(n_jobs > 1)`` and in heartbeat threads. The driver
+does neither: it asks and tells from one thread. So this storage is used by the thread
+that created it only, and every public method raises :class:`SearchError` when called
+from another (a check, not a lock: the queue, the memory copy's trial ids and the
+detached trials would otherwise need one lock around each write and its flush).
+
 Another process finishing one of the driver's running trials (optuna-dashboard's "tell",
 a script) is a named, per-trial condition, not a crash: the first write that meets the
 finished trial detaches it. The driver's later writes to it are dropped, its tell goes to
@@ -29,24 +36,50 @@ and then the memory copy becomes what the storage holds. Such a trial has no
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import threading
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import optuna
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.study import StudyDirection
-from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import SearchError
 from search.storage import storage_errors
 
+if TYPE_CHECKING:
+    from optuna.study._frozen import FrozenStudy  # get_all_studies' type; Optuna exports it nowhere
+
 log = logging.getLogger(__name__)
+_Class = TypeVar("_Class", bound=type)
+
+
+def _creator_thread_only(cls: _Class) -> _Class:
+    """Wrap every public method of ``cls`` in a check that the calling thread created the instance."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not callable(method):
+            continue
+
+        @functools.wraps(method)
+        def checked(self: Any, *args: Any, __method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            if threading.get_ident() != self._thread:
+                raise SearchError(
+                    f"the driver's storage was used from thread {threading.current_thread().name!r}, "
+                    "not the one that created it: it is not thread-safe (one thread asks and tells; "
+                    "see search.write_behind)"
+                )
+            return __method(self, *args, **kwargs)
+
+        setattr(cls, name, checked)
+    return cls
 
 
 class _FinishedElsewhere(Exception):
@@ -69,26 +102,30 @@ class _Write:
     value_json: str = ""  # attributes: encoded when set, so a bad value fails there
 
 
+@_creator_thread_only
 class WriteBehindStorage(BaseStorage):
-    """One study of ``durable``, mirrored in memory for a process that is its only writer."""
+    """One study of ``durable``, mirrored in memory for a process that is its only writer.
+
+    Used only by the thread that created it (see the module doc on threads).
+    """
 
     def __init__(self, durable: BaseStorage, study_name: str, *, url: str = "") -> None:
         """``url``: the storage's URL, for error messages (derived from ``durable`` if not given)."""
+        self._thread = threading.get_ident()
         # Optuna wraps an RDBStorage in its _CachedStorage; write to the database itself.
         backend = getattr(durable, "_backend", durable)
         self._durable: BaseStorage = backend if isinstance(backend, RDBStorage) else durable
         self._url = url or _url_of(self._durable)
         self._durable_study = self._durable.get_study_id_from_name(study_name)
         self._memory = InMemoryStorage()
-        quiet = logging.getLogger("optuna.storages._in_memory")
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)  # not "A new study created in memory": it is a copy
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(logging.WARNING)  # not "A new study created in memory": a copy
         try:
             self._study = self._memory.create_new_study(
                 self._durable.get_study_directions(self._durable_study), study_name
             )
         finally:
-            quiet.setLevel(level)
+            optuna.logging.set_verbosity(verbosity)
         for key, value in self._durable.get_study_user_attrs(self._durable_study).items():
             self._memory.set_study_user_attr(self._study, key, value)
         for key, value in self._durable.get_study_system_attrs(self._durable_study).items():
@@ -97,6 +134,10 @@ class WriteBehindStorage(BaseStorage):
             self._copy_trial(trial._trial_id, trial)
         self._queue: list[_Write] = []
         self._detached: dict[int, str] = {}  # trial id -> what happened to it
+
+    def trial_id(self, number: int) -> int:
+        """The storage id of trial ``number`` (``Trial`` and ``FrozenTrial`` keep theirs private)."""
+        return self._memory.get_trial_id_from_study_id_trial_number(self._study, number)
 
     def foreign_finished(self) -> dict[int, str]:
         """Trial number -> message, for every running trial another process finished."""

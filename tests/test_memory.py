@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from search.config import load_study
-from search.driver import worker_setup
 from search.errors import SearchError
 from search.memory import GIB, NodeCapacity, estimate_from_shape, model_shape, plan_workers
+from search.plan import worker_setup
 from search.pool import make_pool
 from tests.checkpoints import TinyFamily, make_family, tiny_tokenizer
 from tests.studies import write_study

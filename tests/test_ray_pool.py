@@ -359,7 +359,8 @@ def test_trials_never_run_for_want_of_workers_are_not_spent_and_run_on_resume(
 
     from search import ranking
     from search.config import load_study
-    from search.driver import run_study, worker_setup
+    from search.driver import run_study
+    from search.plan import worker_setup
     from search.ray_pool import RayPool
 
     config = load_study(write_study(tmp_path, llama_family, trials=6))
@@ -428,7 +429,8 @@ def test_study_survives_a_killed_worker_with_every_trial_recorded_once(
     from optuna.trial import TrialState
 
     from search.config import load_study
-    from search.driver import run_study, worker_setup
+    from search.driver import run_study
+    from search.plan import worker_setup
     from search.ray_pool import RayPool
 
     config = load_study(write_study(tmp_path, llama_family, trials=6))

@@ -179,7 +179,8 @@ def test_parallel_draws_do_not_depend_on_which_trial_finishes_first(
     trials before its horizon finished, whatever finished first."""
     from dataclasses import replace
 
-    from search.driver import LAG_ATTR, open_plan_study, plan_study, worker_setup
+    from search.plan import open_plan_study, plan_study, worker_setup
+    from search.positions import LAG_ATTR
     from search.ray_pool import RayPool
 
     paths = {}

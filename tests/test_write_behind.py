@@ -36,8 +36,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState, create_trial
 
 from search.config import load_study
-from search.driver import run_study, worker_setup
+from search.driver import run_study
 from search.errors import SearchError
+from search.plan import worker_setup
 from search.pool import InlinePool
 from search.storage import open_study, resolve_storage
 from search.write_behind import WriteBehindStorage

@@ -93,7 +93,8 @@ class ChosenAsBest(BaseStorage):
 
     def get_all_studies(self) -> list[FrozenStudy]:
         # optuna-dashboard sorts these by id only for an RDBStorage, which this is not.
-        return sorted(self.inner.get_all_studies(), key=lambda s: s._study_id)
+        # By the storage's public id lookup (FrozenStudy keeps its id private); studies are few.
+        return sorted(self.inner.get_all_studies(), key=lambda s: self.inner.get_study_id_from_name(s.study_name))
 
 
 def _forward(name: str) -> Callable[..., Any]:

@@ -79,18 +79,15 @@ def add_model_name_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from merges.checkpoint import open_checkpoint
-    from merges.preflight import preflight
-    from merges.tokenizer_union import with_policy
+    from merges.preflight import open_and_preflight
 
     config = load_study(args.study, out=args.out)
     study = storage.load_existing_study(config.name, config.storage)
     trial = choose_trial(study.get_trials(deepcopy=False), study.user_attrs, study.directions, args.trial)
     models = config.models
-    base = open_checkpoint(models.base, allow_pickle=models.allow_pickle)
-    sources = [open_checkpoint(p, allow_pickle=models.allow_pickle) for p in models.sources.values()]
-    base, sources = with_policy(base, sources, models.tokenizer_policy(), trust_remote_code=models.trust_remote_code)
-    layout = preflight(base, sources)
+    base, sources, layout = open_and_preflight(models.base, list(models.sources.values()),
+                                               allow_pickle=models.allow_pickle, tokenizer=models.tokenizer_policy(),
+                                               trust_remote_code=models.trust_remote_code)
     protected = _check_outputs(args, config)  # before writing anything
     names = parse_model_names(args.model_name, config)
     warnings = export_warnings(study, trial)
@@ -124,11 +121,7 @@ def choose_trial(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object]
         if trial.state != TrialState.COMPLETE or "recipe" not in trial.user_attrs:
             raise SearchError(f"--trial {number}: trial is {trial.state.name}, it has no scored recipe")
         return trial
-    final = user_attrs.get("final_trial")
-    if isinstance(final, int):
-        return next(t for t in trials if t.number == final)
-    words = [d.name.lower() for d in directions]
-    best = ranking.best_feasible(ranking.search_trials(trials), words)
+    best = ranking.chosen_trial(trials, user_attrs, [d.name.lower() for d in directions])
     if best is None:
         blocker = ranking.what_blocks(trials, gate_record.read_study_gates(user_attrs).names)
         reason = blocker.describe() if blocker else "no completed search trial yet"
@@ -147,8 +140,8 @@ def export_warnings(study: optuna.Study, trial: FrozenTrial) -> list[str]:
     if record is not None and not record.feasible:
         out.append(f"trial {trial.number} is INFEASIBLE on the held-out slices: it fails "
                    f"{_failed_gates(record.gate_margins) or 'its gates'}")
-    final = study.user_attrs.get("final_trial")
-    if not isinstance(final, int):
+    final = ranking.final_number(study.user_attrs)
+    if final is None:
         out.append(f"the study is not finalized: trial {trial.number} is not a final trial chosen on "
                    "the held-out slices (run `search finalize`)")
     elif final != trial.number:

@@ -6,7 +6,7 @@ import argparse
 
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
-from search.driver import finalize_study, format_finalists
+from search.finalize import finalize_study, format_finalists
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

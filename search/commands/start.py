@@ -11,7 +11,8 @@ import optuna
 from search.commands import SUMMARIES, add_study_arguments
 from search.commands.validate import check_study
 from search.config import load_study
-from search.driver import format_finalists, run_study
+from search.driver import run_study
+from search.finalize import format_finalists
 from search.samplers import SAMPLERS
 
 

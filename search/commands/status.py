@@ -65,10 +65,11 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
     for reason, count in _failure_reasons(failed).items():
         lines.append(f"  failed x{count}: {reason}")
     best = ranking.best_feasible(complete, directions)
-    final = attrs.get("final_trial")
+    final = ranking.final_number(attrs)
+    chosen = ranking.chosen_trial(trials, attrs, directions)
     shown: list[tuple[str, FrozenTrial]] = []
-    if isinstance(final, int):
-        shown.append((f"final (trial {final})", next(t for t in trials if t.number == final)))
+    if final is not None and chosen is not None:
+        shown.append((f"final (trial {final})", chosen))
     if best is not None and best.number != final:
         shown.append((f"best feasible (trial {best.number})", best))
     shown += [(f"{name} (trial {trial.number})", trial) for name, trial in baselines.items()]
@@ -83,7 +84,7 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
         blocker = ranking.what_blocks(trials, gates.names)
         lines.append("")
         lines.append(blocker.describe() if blocker else "no completed search trial yet")
-    elif not isinstance(final, int):
+    elif final is None:
         lines.append("")
         lines.append("not finalized: `search finalize` re-scores the top trials on held-out")
     return "\n".join(lines)

@@ -157,8 +157,8 @@ def check_output(config: StudyConfig) -> None:
 
 def check_memory(config: StudyConfig) -> tuple[MemoryEstimate, str]:
     """The per-worker estimate, checked against this machine when the workers run here."""
-    from search.driver import worker_setup
     from search.memory import check_local_memory, worker_memory_breakdown
+    from search.plan import worker_setup
 
     execution = config.execution
     setup = worker_setup(config)

@@ -1,0 +1,295 @@
+"""The ask/tell loop: ask a trial, decode and store its recipe, run it on the pool, tell it.
+
+The driver (``search.driver.run_study``) runs :class:`SearchLoop` once per run, after the
+baselines, until the budget of search trials is spent or Ctrl-C. Where each trial goes
+(its position and horizon; CMA-ES batches) is ``search.positions``; what the sampler
+sees, ``search.samplers``; what a scored trial stores, ``search.records``.
+
+Every trial is told its real objective. Gates are stored on every trial as the
+``constraints`` system attribute (what TPE, NSGA-II, GP and optuna-dashboard 0.21 read;
+never also ``trial.set_constraint``, which would double-count). CMA-ES ignores
+constraints: ``search.samplers`` shows it a penalised value for infeasible trials.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import Trial, TrialState
+
+from fitness.gates import evaluate_gates
+from fitness.objective import objective_values
+from genome.errors import GenomeError
+from genome.space import decode
+from merges.recipe import Recipe
+from search import gate_record, positions, ranking
+from search.annotate import attach_recipe
+from search.baselines import source_references
+from search.plan import StudyPlan
+from search.pool import WorkerPool
+from search.progress import Progress, ProgressState, run_record, throughput
+from search.records import score_attrs, summarize_recipe
+from search.recovery import StopRequest, enqueue_rerun
+from search.samplers import CMA_PREFIX, HORIZON, POSITION
+from search.warm_start import enqueue_position
+from search.worker import TrialOutcome
+from search.write_behind import WriteBehindStorage
+
+
+@dataclass
+class LoopTimings:
+    """Where the search loop's time went (seconds, summed over this run's search trials).
+
+    The driver's overhead, in CPU seconds of the driver process (the work it does: on a
+    busy machine its wall time also counts the waits for a core, during which the
+    workers run): ``sample_s``, the sampler and ``study.ask``; ``store_s``, decoding,
+    attributes, the recipe artifact, ``tell``, storage flushes and progress;
+    ``dispatch_s``, handing trials to the pool. ``merge_s``/``score_s``: what the
+    workers reported (wall); ``wall_s``: the loop's wall time.
+    """
+
+    trials: int = 0
+    wall_s: float = 0.0
+    sample_s: float = 0.0
+    store_s: float = 0.0
+    dispatch_s: float = 0.0
+    merge_s: float = 0.0
+    score_s: float = 0.0
+
+    @property
+    def driver_s(self) -> float:
+        return self.sample_s + self.store_s + self.dispatch_s
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Search trials that count toward the budget (``ranking.counts_toward_budget``)."""
+    return sum(ranking.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+@dataclass
+class _InFlight:
+    trial: Trial
+    recipe: Recipe
+    position: int
+
+
+class SearchLoop:
+    """Asks, runs and tells search trials until the budget is spent or a stop is requested.
+
+    ``storage``: the study's write-behind storage (the loop flushes it so readers see a
+    running trial's recipe, and writes trial system attributes through it).
+    """
+
+    def __init__(self, study: optuna.Study, storage: WriteBehindStorage, plan: StudyPlan,
+                 pool: WorkerPool, progress: Progress, stop: StopRequest) -> None:
+        self.study = study
+        self.storage = storage
+        self.plan = plan
+        self.pool = pool
+        self.progress = progress
+        self.stop = stop
+        self.in_flight: dict[int, _InFlight] = {}
+        self.budget = plan.config.trials
+        self._references: dict[str, dict[str, float]] | None = None
+        self.timings = LoopTimings()
+
+    @property
+    def references(self) -> dict[str, dict[str, float]]:
+        if self._references is None:
+            self._references = source_references(
+                self.study.get_trials(deepcopy=False), self.plan.labels, "scores_search"
+            )
+        return self._references
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            if self.plan.config.sampler == "cmaes":
+                self._run_generations()
+            else:
+                self._run_streaming()
+        finally:
+            self.timings.wall_s += time.perf_counter() - start
+
+    # Positions and horizons (search.positions) decide what each trial is drawn from.
+
+    def _run_streaming(self) -> None:
+        """Ask as soon as a pool slot frees; position p is drawn seeing positions < p - lag finished.
+
+        ``lag`` is how many trials the pool runs beside the one being asked (0 inline); a
+        position waits until every position before its horizon is told.
+        """
+        done = budget_used(self.study)
+        lag = positions.streaming_lag(self.study, self.pool.free_slots())
+        position = positions.next_position(positions.positioned_trials(self.study), done)
+        while True:
+            while not self.stop.requested and self.pool.free_slots() > 0:
+                waiting = positions.waiting_trial(self.study)
+                if waiting is not None:
+                    if not self._told_before(waiting.user_attrs.get(HORIZON, 0)):
+                        break
+                    asked = self._ask_and_submit()  # a lost trial's re-run, under its position
+                elif position < self.budget and self._told_before(max(0, position - lag)):
+                    asked = self._ask_and_submit(position, max(0, position - lag))
+                    position += 1
+                else:
+                    break
+                if not asked:
+                    done += 1  # told as failed at once (the genes did not decode)
+            if not self.in_flight:
+                return
+            for ticket, outcome in self.pool.wait():
+                self._tell(self.in_flight.pop(ticket), outcome)
+                done += 1
+                self._report(done)
+
+    def _told_before(self, horizon: int) -> bool:
+        return all(item.position >= horizon for item in self.in_flight.values())
+
+    def _run_generations(self) -> None:
+        """CMA-ES: ask exactly the rest of the current generation, evaluate it, tell it all.
+
+        Each such batch is drawn seeing the positions before the batch finished (horizon:
+        its first position). Re-runs of trials a killed driver lost run first, then the
+        rest of the batch it left unfinished.
+        """
+        popsize = positions.popsize(self.plan)
+        done = budget_used(self.study)
+        while not self.stop.requested:
+            if positions.waiting_trial(self.study) is not None:
+                while positions.waiting_trial(self.study) is not None:  # re-runs first: later draws see them told
+                    if not self._ask_and_submit():
+                        done += 1
+            else:
+                start, batch = positions.next_batch(positions.positioned_trials(self.study), popsize,
+                                                    done, self.budget)
+                if not batch:
+                    return
+                for position in batch:
+                    if not self._ask_and_submit(position, start):
+                        done += 1
+            while self.in_flight:
+                for ticket, outcome in self.pool.wait():
+                    self._tell(self.in_flight.pop(ticket), outcome)
+                    done += 1
+                    self._report(done)
+
+    def _ask_and_submit(self, position: int | None = None, horizon: int | None = None) -> bool:
+        """Ask one trial and submit it; False when it failed at once (told FAIL).
+
+        With ``position`` a new trial is placed there (enqueued with its position and
+        horizon, so the sampler knows them when it draws); without, the enqueued one is asked.
+        """
+        clock = time.process_time()
+        if position is not None:
+            enqueue_position(self.study, position, {"kind": ranking.KIND_SEARCH, POSITION: position, HORIZON: horizon})
+        trial = self.study.ask(fixed_distributions=self.plan.space)
+        clock = self._charge("sample_s", clock)
+        recipe = self._record(trial)
+        clock = self._charge("store_s", clock)
+        if recipe is None:
+            return False
+        self.in_flight[trial.number] = _InFlight(trial, recipe, int(trial.user_attrs.get(POSITION, -1)))
+        self.pool.submit(trial.number, recipe.to_dict(), "search")
+        self._charge("dispatch_s", clock)
+        return True
+
+    def _charge(self, part: str, since: float) -> float:
+        """Add the driver's CPU time since ``since`` to ``part`` of the timings; returns now."""
+        now = time.process_time()
+        setattr(self.timings, part, getattr(self.timings, part) + now - since)
+        return now
+
+    def _record(self, trial: Trial) -> Recipe | None:
+        """Decode and store a new trial's recipe; None when its genes do not decode (told FAIL)."""
+        lost = trial.user_attrs.get("rerun_of")
+        if lost is not None:
+            # A re-run of a trial the driver lost takes over what CMA-ES stored on it (its
+            # generation, the optimizer it drew from): later draws restore from finished trials.
+            for key, value in self.study.get_trials(deepcopy=False)[lost].system_attrs.items():
+                if key.startswith(CMA_PREFIX):
+                    self.storage.set_trial_system_attr(self.storage.trial_id(trial.number), key, value)
+        config = self.plan.config
+        try:
+            recipe = decode(
+                config.genome, trial.params, base=self.plan.base, sources=self.plan.paths,
+                n_layers=self.plan.n_layers, seed=config.seed, dtype=config.models.dtype,
+            )
+        except GenomeError as exc:
+            trial.set_user_attr("failure", f"genes do not decode: {exc}")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return None
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("recipe_summary", summarize_recipe(recipe, self.plan.labels))
+        # The dashboard's artifact; a finished trial could not take it any more.
+        attach_recipe(trial, recipe, self.plan.layout, self.plan.artifacts)
+        self.storage.flush()  # readers see the running trial's genes and recipe
+        return recipe
+
+    def _tell(self, item: _InFlight, outcome: TrialOutcome) -> None:
+        clock = time.process_time()
+        self._store_outcome(item, outcome)
+        self._charge("store_s", clock)
+        self.timings.trials += 1
+        self.timings.merge_s += outcome.merge_s
+        self.timings.score_s += outcome.score_s
+
+    def _store_outcome(self, item: _InFlight, outcome: TrialOutcome) -> None:
+        trial = item.trial
+        trial.set_user_attr("timings", {"merge_s": outcome.merge_s, "score_s": outcome.score_s})
+        trial.set_user_attr("worker", outcome.worker)
+        if outcome.scores is None and self.stop.requested:
+            # Ctrl-C reaches Ray workers too; a trial lost while stopping is re-run on resume.
+            trial.set_user_attr("failure", ranking.DRIVER_STOPPED)
+            trial.set_user_attr("failure_detail", outcome.error or "unknown error")
+            self.study.tell(trial, state=TrialState.FAIL)
+            enqueue_rerun(self.study, self.plan, self.storage.get_trial(self.storage.trial_id(trial.number)))
+            return
+        if outcome.scores is None:
+            trial.set_user_attr("failure", outcome.error or "unknown error")
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.progress.message(f"trial {trial.number} failed: {outcome.error}")
+            return
+        gates = evaluate_gates(self.plan.gates, outcome.scores, self.references, self.plan.task_higher)
+        raw = objective_values(outcome.scores, self.plan.tasks, self.plan.config.objective)
+        for key, value in score_attrs(outcome.scores, gates).items():
+            trial.set_user_attr(key, value)
+        # The dashboard's format; written before tell so samplers see it in after_trial.
+        self.storage.set_trial_system_attr(
+            self.storage.trial_id(trial.number), "constraints", gate_record.constraints(gates)
+        )
+        self.study.tell(trial, list(raw))  # the real objective; CMA-ES sees a penalty (search.samplers)
+
+    def fail_in_flight(self) -> None:
+        """Fail trials still in flight (Ctrl-C twice) and enqueue them to re-run on resume."""
+        for item in self.in_flight.values():
+            trial = item.trial
+            trial.set_user_attr("failure", ranking.DRIVER_STOPPED)
+            self.study.tell(trial, state=TrialState.FAIL)
+            enqueue_rerun(self.study, self.plan, self.storage.get_trial(self.storage.trial_id(trial.number)))
+        self.in_flight.clear()
+
+    def _report(self, done: int) -> None:
+        clock = time.process_time()
+        self._update_progress(done)
+        self._charge("store_s", clock)
+
+    def _update_progress(self, done: int) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        searched = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH]
+        best = ranking.best_feasible(ranking.search_trials(searched), self.plan.directions)
+        finished = [t for t in searched if t.datetime_complete is not None]
+        last = max(finished, key=lambda t: (t.datetime_complete, t.number)) if finished else None
+        self.progress.update(ProgressState(
+            done=done, budget=self.budget,
+            feasible=sum(ranking.is_feasible(t) for t in searched),
+            failed=sum(t.state == TrialState.FAIL for t in searched),
+            last_trial=None if last is None else last.number,
+            best_trial=None if best is None else best.number,
+            best_objective=None if best is None else ranking.score(best, self.plan.directions),
+            best_scores={} if best is None else dict(best.user_attrs["scores_search"]),
+            # the same figure `search status` shows (see search.progress)
+            per_min=throughput(searched, run_record(self.study.user_attrs)).per_min,
+        ))
