@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from genome.errors import GenomeError
+from merges.methods.registry import METHODS, REQUIRED, MethodSpec
 
 
 @dataclass(frozen=True)
 class MethodGenes:
-    """What the genome may vary or fix for one merge method (mergekit 0.1.5 parameters)."""
+    """What the genome may vary or fix for one merge method (derived from the method catalogue)."""
 
     source_params: tuple[str, ...]  # per-source tensor parameters (Recipe.tensor_params)
     global_params: Mapping[str, type]  # shared parameters (Recipe.global_params) -> bool / float
@@ -29,34 +30,20 @@ class MethodGenes:
     max_sources: int | None = None
 
 
-_TASK_VECTOR_GLOBALS: Mapping[str, type] = {
-    "normalize": bool,
-    "rescale": bool,
-    "int8_mask": bool,
-    "lambda": float,
-}
+def _genes(spec: MethodSpec) -> MethodGenes:
+    if spec.uses_layer_slices:  # a frankenmerge picks layers; it has no numeric parameters
+        return MethodGenes((), {})
+    source = tuple(p.name for p in spec.params if p.per_source)
+    shared = {p.name: (bool if p.kind is bool else float) for p in spec.params if not p.per_source}
+    return MethodGenes(
+        source, shared, sparsifying=any(p.name == "density" and p.search for p in spec.params),
+        needs_weight=spec.tensor_params.get("weight", 0.0) is REQUIRED,
+        needs_t=spec.global_params.get("t", 0.0) is REQUIRED,
+        min_sources=spec.min_sources, max_sources=spec.max_sources,
+    )
 
 
-def _task_vector(*extra: str, sparsifying: bool = True) -> MethodGenes:
-    params = ("weight", "density", *extra) if sparsifying else ("weight",)
-    return MethodGenes(params, _TASK_VECTOR_GLOBALS, sparsifying=sparsifying, needs_weight=True)
-
-
-# Mirrors mergekit 0.1.5's registry (read from mergekit/merge_methods/registry.py).
-METHOD_GENES: Mapping[str, MethodGenes] = {
-    "linear": MethodGenes(("weight",), {"normalize": bool}, needs_weight=True),
-    "task_arithmetic": _task_vector(sparsifying=False),
-    "ties": _task_vector(),
-    "dare_ties": _task_vector(),
-    "dare_linear": _task_vector(),
-    "breadcrumbs": _task_vector("gamma"),
-    "breadcrumbs_ties": _task_vector("gamma"),
-    "della": _task_vector("epsilon"),
-    "della_linear": _task_vector("epsilon"),
-    "slerp": MethodGenes((), {"t": float}, needs_t=True, min_sources=1, max_sources=1),
-    "model_stock": MethodGenes((), {"filter_wise": bool}, min_sources=2),
-    "passthrough": MethodGenes((), {}),
-}
+METHOD_GENES: Mapping[str, MethodGenes] = {name: _genes(spec) for name, spec in METHODS.items()}
 
 SPARSIFYING: tuple[str, ...] = tuple(name for name, genes in METHOD_GENES.items() if genes.sparsifying)
 
@@ -70,9 +57,7 @@ BASE_CHOICE = "base"
 def known_methods() -> tuple[str, ...]:
     """Methods the genome can describe and the merge engine can run.
 
-    Every method of ``METHOD_GENES``; tests/test_genome.py checks that the engine's
-    registry (``merges.methods.registry.METHODS``) has each of them with these parameters.
-    Not read from that registry here: a study file is parsed without the merge stack.
+    Every method of the catalogue (``merges.methods.registry.METHODS``, torch-free).
     """
     return tuple(METHOD_GENES)
 

@@ -47,7 +47,6 @@ DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 # in one JSON comment line, so that import inverts export exactly.
 _HINT_PREFIX = "# mergesearch: "
 _HINT_LINE = re.compile(r"^# mergesearch: (\{.*\})[ \t]*$", re.MULTILINE)
-_RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
 # -- role filters: architecture knowledge as data ----------------------------------
@@ -241,7 +240,7 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "") -> s
         raise UnsupportedConfigError(f"recipe cannot be exported: {exc}") from exc
     spec = _method(recipe.method, "recipe")
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    if recipe.method in _RANDOM_METHODS:
+    if spec.random:
         lines += [
             f"# {recipe.method} drops entries at random; the engine seeds its masks per tensor.",
             f"# `mergekit-yaml --random-seed {recipe.seed}` reproduces them in distribution,",
@@ -305,7 +304,7 @@ def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
 
 def _hints_of(recipe: Recipe, layout: Layout) -> dict[str, object]:
     hints: dict[str, object] = {}
-    if recipe.method in _RANDOM_METHODS or recipe.seed != 0:
+    if METHODS[recipe.method].random or recipe.seed != 0:
         hints["seed"] = recipe.seed
     if recipe.layer_slices:
         pieces = recipe.layer_slices
@@ -561,13 +560,8 @@ class _Parameter:
 
 
 def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
-    params = {
-        name: _Parameter(name, True, float, default) for name, default in spec.tensor_params.items()
-    }
-    for name, default in spec.global_params.items():
-        kind = bool if isinstance(default, bool) else float
-        params[name] = _Parameter(name, False, kind, default)
-    return params
+    return {p.name: _Parameter(p.name, p.per_source, bool if p.kind is bool else float, p.default)
+            for p in spec.params}
 
 
 def _read_source(source: str | Path) -> tuple[str, str, Path]:

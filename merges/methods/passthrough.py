@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from merges.methods.fused import FusedJob
+from merges.methods.planning import BASE, Plan, TensorContext
+
 
 def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     return tensor if scale is None else tensor * scale
+
+
+def plan(ctx: TensorContext) -> Plan:
+    """The chosen model's tensor (base + delta), times the slice's scale, in one pass."""
+    assert ctx.model is not None
+    if ctx.model == BASE:
+        return Plan(job=FusedJob(ctx.out, ctx.base, [], [], linear=True, base_weight=ctx.scale))
+    return Plan(job=FusedJob(ctx.out, ctx.base, [ctx.delta(ctx.model)], [ctx.scale], linear=True))
