@@ -640,6 +640,7 @@ class _Context:
         self.seed = recipe.seed
         self.dtype = engine._dtype
         self.positions = non_base_sources(recipe)
+        self.uses_base = recipe.base is not None and spec.takes_base
         self.model = target.model
         self.scale = target.scale
 
@@ -652,6 +653,14 @@ class _Context:
 
     def delta(self, model: int) -> torch.Tensor:
         return self._engine._deltas[self.name][model]
+
+    def tensor(self, model: int) -> torch.Tensor:
+        base = self.base
+        if model == BASE:
+            assert base is not None
+            return base
+        delta = self.delta(model)
+        return delta if base is None else base + delta
 
     def tensor_values(self, param: str) -> tuple[float, ...]:
         return self._engine._tensor_values(self._recipe, self.spec, param, self._cell)

@@ -361,11 +361,13 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
         )
     # A base listed among a base method's sources merges as the base (mergekit and the
     # engine ignore its per-source values); it is written once, last, as mergekit adds it.
-    merged = [s for s in recipe.sources if not (spec.needs_base and s == recipe.base)]
+    with_base = spec.takes_base and recipe.base is not None
+    merged = [s for s in recipe.sources if not (with_base and s == recipe.base)]
     inputs = list(merged)
-    if spec.needs_base:
-        if recipe.base is None:
-            raise UnsupportedConfigError(f"{recipe.method} needs a base model")
+    if spec.needs_base and recipe.base is None:
+        raise UnsupportedConfigError(f"{recipe.method} needs a base model")
+    if with_base:
+        assert recipe.base is not None
         inputs.append(recipe.base)  # mergekit requires the base as a source of every slice
     for path in inputs:
         _check_path(path, "source")
@@ -397,7 +399,7 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
             if params:
                 source["parameters"] = params
             sources.append(source)
-        if spec.needs_base:
+        if with_base:
             sources.append({"model": recipe.base, "layer_range": [start, end]})
         entry: dict[str, object] = {"sources": sources}
         if per_group_globals:
@@ -759,7 +761,7 @@ def _models_as_slice(models: list[tuple[str, Parameters]], base: str | None, n_l
     """mergekit's normalize_config: one slice over all layers, the base appended when absent."""
     sources = [_Source(model, (0, n_layers), params) for model, params in models]
     if base is not None and base not in (m for m, _ in models):
-        if not spec.needs_base:
+        if not spec.takes_base:
             raise UnsupportedConfigError(
                 f"{where}: {method} with base_model {base!r} not among models: mergekit would add the "
                 "base as an input without parameters"
@@ -885,12 +887,12 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, 
         models = [s.model for s in sl.sources]
         if len(set(models)) != len(models):
             raise UnsupportedConfigError(f"{sl.where}: a model is listed twice ({models})")
-        if spec.needs_base and base not in models:
+        if spec.takes_base and base is not None and base not in models:
             raise UnsupportedConfigError(
                 f"{sl.where}: the base model must be listed as a source of every slice "
-                f"({method} needs it; mergekit refuses the slice otherwise)"
+                f"({method} uses it; mergekit refuses the slice otherwise)"
             )
-        inputs = tuple(m for m in models if not (spec.needs_base and m == base))
+        inputs = tuple(m for m in models if not (spec.takes_base and m == base))
         if order is not None and inputs != order:
             raise UnsupportedConfigError(
                 f"{sl.where}: models {list(inputs)} differ from the first slice's {list(order)}; "

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from merges.checkpoint import open_checkpoint
 from merges.engine import MergeEngine
 from merges.layout import Layout
-from merges.mergekit_yaml import recipe_to_mergekit
+from merges.mergekit_yaml import recipe_from_mergekit, recipe_to_mergekit
 from merges.recipe import ROLES, LayerSlice, Recipe, SourceTable
 from search.cli import main as search_main
 from tests.checkpoints import TinyFamily
@@ -110,6 +110,35 @@ def _recipe(method: str, family: TinyFamily) -> Recipe:
     if method == "passthrough_roles":
         # One model in place, a scale per layer group and role (written with role filters).
         return Recipe("passthrough", base, sources[:1], GROUPS, tensor_params={"scale": _table(0.5, 0.2, 0.1, 0, 1)})
+    return _new_recipe(method, base, sources)
+
+
+def _new_recipe(method: str, base: str, sources: tuple[str, ...]) -> Recipe:
+    """The methods added with the catalogue (issue 13), per-group and per-role values."""
+    flags = _global([(True,) * 5, (False,) * 5, (False, True, False, True, False)])
+    if method == "nearswap":  # deltas are ~2e-2: these t swap some entries and blend the rest
+        return Recipe(method, base, sources[:1], GROUPS,
+                      global_params={"t": _global([(0.005, 0.01, 0.02, 0.003, 0.008), (0.015,) * 5,
+                                                   (0.001, 0.03, 0.01, 0.02, 0.005)])})
+    if method in ("nuslerp", "nuslerp_nobase"):
+        return Recipe("nuslerp", base if method == "nuslerp" else None, sources[:2], GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, 2)},
+                      global_params={"nuslerp_flatten": flags,
+                                     "nuslerp_row_wise": _global([(False,) * 5, (True,) * 5,
+                                                                  (True, False, True, True, False)])})
+    if method in ("multislerp", "multislerp_nobase"):
+        # Two sources: tensors no source changed (zero task vectors; GPT-2's zero biases
+        # without a base) make mergekit fall back to lerp for two inputs and refuse three.
+        # Three inputs: tests/test_methods_catalogue.py against mergekit's function.
+        inputs = sources[:2]
+        return Recipe("multislerp", base if method == "multislerp" else None, inputs, GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, len(inputs))},
+                      global_params={"normalize_weights": flags})
+    if method == "sce":
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"select_topk": _global([(0.3, 0.5, 1.0, 0.7, 0.2), (0.6,) * 5,
+                                                             (1.0, 0.25, 0.4, 0.9, 0.1)]),
+                                     "int8_mask": _global([(False,) * 5, (True,) * 5, (False,) * 5])})
     raise AssertionError(method)
 
 
@@ -161,6 +190,26 @@ def test_engine_matches_mergekit(method: str, family: TinyFamily, tmp_path: Path
     ours = _engine(recipe)
     text = recipe_to_mergekit(recipe, layout)
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
+
+
+NEW_METHODS = ["nearswap", "nuslerp", "nuslerp_nobase", "multislerp", "multislerp_nobase", "sce"]
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_new_method_matches_mergekit_both_ways(method: str, family: TinyFamily, tmp_path: Path) -> None:
+    """Engine == mergekit's Python API on the exported YAML, the YAML imports back to the same
+    recipe, and ``search merge`` of that YAML writes the same tensors."""
+    recipe = _recipe(method, family)
+    layout = _layout(family)
+    ours = _engine(recipe)
+    text = recipe_to_mergekit(recipe, layout)
+    theirs = _mergekit(text, tmp_path / "mk")
+    assert_same_tensors(ours, theirs, layout)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    assert recipe_from_mergekit(config) == recipe
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), theirs, layout)
 
 
 def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:

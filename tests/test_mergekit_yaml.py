@@ -374,7 +374,7 @@ _GOOD_SOURCES = f"""
         (f"merge_method: linear\ndtype: float32\ntokenizer_source: union\nmodels:{_GOOD_SOURCES}", "union"),
         (f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union}}\nmodels:{_GOOD_SOURCES}", "union"),
         (f"merge_method: linear\ndtype: float32\nchat_template: chatml\nmodels:{_GOOD_SOURCES}", "chat_template"),
-        (f"merge_method: sce\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'sce' is not one the engine implements"),
+        (f"merge_method: frobnicate\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'frobnicate' is not one the engine implements"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}+/l/x\n    parameters: {{weight: 1}}\n",
          "LoRA"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}@v2\n    parameters: {{weight: 1}}\n",

@@ -45,6 +45,7 @@ class TensorContext(Protocol):
     seed: int
     dtype: torch.dtype
     positions: tuple[int, ...]  # recipe source positions that are not the base
+    uses_base: bool  # the recipe has a base and the method takes it as an input
     model: int | None  # passthrough: which model supplies this tensor (BASE or a source)
     scale: float  # passthrough scale
 
@@ -57,6 +58,9 @@ class TensorContext(Protocol):
 
     def delta(self, model: int) -> torch.Tensor:
         """Model ``model``'s tensor minus the base (flat; the tensor itself without a base)."""
+
+    def tensor(self, model: int) -> torch.Tensor:
+        """Model ``model``'s tensor itself (flat; base + delta: a new tensor when there is a base)."""
 
     def tensor_values(self, param: str) -> tuple[float, ...]:
         """A per-source parameter for this tensor's cell, one value per recipe source."""

@@ -30,6 +30,9 @@ EQUAL = "equal"  # an untuned value: 1 / number of sources (weights)
 
 Scalar = float | bool
 
+# mergekit's BasePolicy, as far as the engine needs it
+REQUIRED_BASE, OPTIONAL_BASE, IGNORED = "required", "optional", "ignored"
+
 
 @dataclass(frozen=True)
 class Param:
@@ -87,12 +90,21 @@ class MethodSpec:
     name: str
     params: tuple[Param, ...]
     planner: str  # module under merges.methods with ``plan(context) -> Plan``
-    needs_base: bool = False
+    base: str = IGNORED  # REQUIRED_BASE, OPTIONAL_BASE (used when the recipe has one) or IGNORED
     min_sources: int = 1  # non-base sources
     max_sources: int | None = None
     uses_layer_slices: bool = False
     random: bool = False  # draws random masks (seeded per tensor; mergekit reproduces in distribution)
     family: TaskVectorFamily | None = None  # the task-vector family's variant
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == REQUIRED_BASE
+
+    @property
+    def takes_base(self) -> bool:
+        """The base, when given, is an input of its own (mergekit lists it in every slice)."""
+        return self.base != IGNORED
 
     @property
     def tensor_params(self) -> dict[str, float | None]:
@@ -126,7 +138,7 @@ def _task_vector(name: str, family: TaskVectorFamily) -> MethodSpec:
         params.append(_source("epsilon", 0.15))
     params += [INT8_MASK, _global("normalize", family.default_normalize),
                _global("rescale", family.default_rescale), LAMBDA]
-    return MethodSpec(name, tuple(params), "task_arithmetic", needs_base=True,
+    return MethodSpec(name, tuple(params), "task_arithmetic", base=REQUIRED_BASE,
                       random=family.sparsification in ("random", "della_magprune"), family=family)
 
 
@@ -144,10 +156,20 @@ METHODS: dict[str, MethodSpec] = _methods(
     _task_vector("breadcrumbs_ties", TaskVectorFamily(True, "magnitude_outliers", False, False)),
     _task_vector("della", TaskVectorFamily(True, "della_magprune", True, True)),
     _task_vector("della_linear", TaskVectorFamily(False, "della_magprune", False, True)),
-    MethodSpec("slerp", (T,), "slerp", needs_base=True, max_sources=1),
-    MethodSpec("model_stock", (_global("filter_wise", False),), "model_stock", needs_base=True,
+    MethodSpec("slerp", (T,), "slerp", base=REQUIRED_BASE, max_sources=1),
+    MethodSpec("model_stock", (_global("filter_wise", False),), "model_stock", base=REQUIRED_BASE,
                min_sources=2),
     MethodSpec("passthrough", (_source("scale", 1.0),), "passthrough", uses_layer_slices=True),
+    MethodSpec("nearswap", (_global("t", limits=(0.0, None), search=(0.0, 0.01), untuned=0.001),),
+               "nearswap", base=REQUIRED_BASE, max_sources=1),
+    MethodSpec("nuslerp", (WEIGHT, _global("nuslerp_row_wise", False),
+                           _global("nuslerp_flatten", True)),
+               "nuslerp", base=OPTIONAL_BASE, min_sources=2, max_sources=2),
+    MethodSpec("multislerp", (WEIGHT, _global("normalize_weights", True), _global("eps", 1e-8)),
+               "multislerp", base=OPTIONAL_BASE),
+    MethodSpec("sce", (INT8_MASK, _global("select_topk", 1.0, limits=UNIT, search=UNIT,
+                                          untuned=0.5)),
+               "sce", base=REQUIRED_BASE),
 )
 
 FAMILY: dict[str, TaskVectorFamily] = {
