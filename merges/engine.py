@@ -639,7 +639,9 @@ class _Context:
         self.out = out
         self.seed = recipe.seed
         self.dtype = engine._dtype
-        self.positions = non_base_sources(recipe)
+        # a method that ignores the base (linear, karcher) takes a listed base as one more model
+        self.positions = (non_base_sources(recipe) if spec.takes_base
+                          else tuple(range(len(recipe.sources))))
         self.uses_base = recipe.base is not None and spec.takes_base
         self.model = target.model
         self.scale = target.scale
@@ -679,6 +681,9 @@ class _Context:
 
     def rank(self, key: RankKey) -> torch.Tensor | None:
         return self._engine._rank.get(key)
+
+    def generator(self, position: int) -> torch.Generator:
+        return self._engine._generator(self.seed, self.name, position)
 
     def random_key(self, position: int, model: int) -> torch.Tensor:
         return self._engine._random_key(self.seed, self.name, position, model)

@@ -194,7 +194,7 @@ def _check_path(path: str, what: str) -> None:
 
 
 def _scalar_out(value: Scalar) -> float | bool:
-    if isinstance(value, bool):
+    if isinstance(value, bool | int):  # an int: an integer parameter (``_typed``)
         return value
     value = float(value)
     if not math.isfinite(value):
@@ -354,6 +354,18 @@ def _passthrough_slices(recipe: Recipe) -> list[dict[str, object]]:
     return slices
 
 
+def _typed(spec: MethodSpec, name: str, table: tuple[tuple[Scalar, ...], ...]
+           ) -> tuple[tuple[Scalar, ...], ...]:
+    """An integer parameter's values as ints (mergekit validates ``max_iter: 10.0`` as an error)."""
+    if spec.param(name).kind is not int:
+        return table
+    for row in table:
+        for value in row:
+            if isinstance(value, bool) or float(value) != int(value):
+                raise UnsupportedConfigError(f"{spec.name}: {name} must be an integer, got {value!r}")
+    return tuple(tuple(int(v) for v in row) for row in table)
+
+
 def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dict[str, object]:
     if recipe.n_layers != layout.n_layers:
         raise UnsupportedConfigError(
@@ -378,7 +390,8 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
     filters = role_filters(layout)
     top_level: dict[str, object] = {}
     per_group_globals: list[str] = []
-    for name, table in recipe.global_params.items():
+    global_params = {name: _typed(spec, name, table) for name, table in recipe.global_params.items()}
+    for name, table in global_params.items():
         cells = {(type(v), v) for row in table for v in row}
         if len(cells) == 1:
             top_level[name] = _scalar_out(table[0][0])
@@ -405,7 +418,7 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
         if per_group_globals:
             slice_params: dict[str, object] = {}
             for name in per_group_globals:
-                row = recipe.global_params[name][group]
+                row = global_params[name][group]
                 slice_params[name] = _setting(row, filters)
                 _verify_setting(slice_params[name], row, layout, f"slice {group}, {name}")
             entry["parameters"] = slice_params
@@ -495,6 +508,8 @@ class _Validator:
         if isinstance(value, bool):
             raise UnsupportedConfigError(f"{self.where}: expected a number, got {value!r}")
         if isinstance(value, int | float):
+            if self.kind is int and value != int(value):
+                raise UnsupportedConfigError(f"{self.where}: expected an integer, got {value!r}")
             return float(value)
         if isinstance(value, str):
             try:
@@ -557,13 +572,12 @@ class _Parameter:
 
     name: str
     per_source: bool  # resolved once per input model (weight, density...) vs shared (lambda...)
-    kind: type  # float or bool
+    kind: type  # float, int or bool
     default: Scalar | None  # None: required
 
 
 def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
-    return {p.name: _Parameter(p.name, p.per_source, bool if p.kind is bool else float, p.default)
-            for p in spec.params}
+    return {p.name: _Parameter(p.name, p.per_source, p.kind, p.default) for p in spec.params}
 
 
 def _read_source(source: str | Path) -> tuple[str, str, Path]:

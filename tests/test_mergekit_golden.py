@@ -139,6 +139,20 @@ def _new_recipe(method: str, base: str, sources: tuple[str, ...]) -> Recipe:
                       global_params={"select_topk": _global([(0.3, 0.5, 1.0, 0.7, 0.2), (0.6,) * 5,
                                                              (1.0, 0.25, 0.4, 0.9, 0.1)]),
                                      "int8_mask": _global([(False,) * 5, (True,) * 5, (False,) * 5])})
+    if method == "karcher":  # mergekit ignores the base: written, not an input
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"max_iter": _global([(10.0,) * 5, (1.0, 3.0, 2.0, 10.0, 5.0), (4.0,) * 5]),
+                                     "tol": _global([(1e-5,) * 5, (1e-5,) * 5, (1e-3, 1e-5, 1e-4, 1e-5, 1e-2)])})
+    if method == "arcee_fusion":
+        return Recipe(method, base, sources[1:2], GROUPS)
+    epsilon = _global([(1e-5,) * 5, (0.01,) * 5, (0.02, 0.005, 0.01, 0.03, 1e-5)])
+    if method == "ram":
+        return Recipe(method, base, sources, GROUPS, global_params={"epsilon": epsilon})
+    if method == "ramplus_tl":
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"epsilon": epsilon,
+                                     "r": _global([(0.1,) * 5, (0.5, 0.2, 1.0, 0.3, 0.0), (0.8,) * 5]),
+                                     "alpha": _global([(0.2,) * 5, (0.05, 0.5, 1.0, 0.3, 0.1), (0.4,) * 5])})
     raise AssertionError(method)
 
 
@@ -192,7 +206,8 @@ def test_engine_matches_mergekit(method: str, family: TinyFamily, tmp_path: Path
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
 
 
-NEW_METHODS = ["nearswap", "nuslerp", "nuslerp_nobase", "multislerp", "multislerp_nobase", "sce"]
+NEW_METHODS = ["nearswap", "nuslerp", "nuslerp_nobase", "multislerp", "multislerp_nobase", "sce",
+               "karcher", "arcee_fusion", "ram", "ramplus_tl"]
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)

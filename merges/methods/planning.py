@@ -77,6 +77,9 @@ class TensorContext(Protocol):
     def rank(self, key: RankKey) -> torch.Tensor | None:
         """mergekit's sort positions of a delta, if already computed (else None)."""
 
+    def generator(self, position: int) -> torch.Generator:
+        """A generator seeded by (recipe seed, tensor, source position), on the engine's device."""
+
     def random_key(self, position: int, model: int) -> torch.Tensor:
         """Uniform int32 keys of (recipe seed, tensor, source position)."""
 

@@ -71,6 +71,7 @@ DENSITY = _source("density", 1.0, limits=UNIT, search=UNIT, untuned=0.5)
 T = _global("t", limits=UNIT, search=UNIT, untuned=0.5)
 LAMBDA = _global("lambda", 1.0, search=(0.0, 2.0), untuned=1.0)
 INT8_MASK = _global("int8_mask", False)
+RAM_EPSILON = _global("epsilon", 1e-5, limits=(0.0, None))
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,13 @@ METHODS: dict[str, MethodSpec] = _methods(
     MethodSpec("sce", (INT8_MASK, _global("select_topk", 1.0, limits=UNIT, search=UNIT,
                                           untuned=0.5)),
                "sce", base=REQUIRED_BASE),
+    MethodSpec("karcher", (_global("max_iter", 10, kind=int, limits=(0.0, None)),
+                           _global("tol", 1e-5, limits=(0.0, None))), "karcher"),
+    MethodSpec("arcee_fusion", (), "arcee_fusion", base=REQUIRED_BASE, max_sources=1, random=True),
+    MethodSpec("ram", (RAM_EPSILON,), "ram", base=REQUIRED_BASE),
+    MethodSpec("ramplus_tl", (_global("r", 0.1, limits=(0.0, None), search=UNIT, untuned=0.1),
+                              _global("alpha", 0.2, limits=(0.0, None), search=UNIT, untuned=0.2),
+                              RAM_EPSILON), "ram", base=REQUIRED_BASE),
 )
 
 FAMILY: dict[str, TaskVectorFamily] = {
@@ -225,7 +233,8 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError("passthrough without layer slices takes exactly one source, "
                               f"got {len(recipe.sources)}")
         return
-    count = len(non_base_sources(recipe))
+    # a method that ignores the base (linear, karcher) takes a listed base as one more model
+    count = len(non_base_sources(recipe) if spec.takes_base else recipe.sources)
     if count < spec.min_sources or (spec.max_sources is not None and count > spec.max_sources):
         wanted = (f"exactly {spec.min_sources}" if spec.max_sources == spec.min_sources
                   else f"at least {spec.min_sources}")
