@@ -246,6 +246,8 @@ def _recipes(draw: st.DrawFn, n_layers: int) -> Recipe:
     for name, default in spec.global_params.items():
         if default is None or draw(st.booleans()):
             value = st.booleans() if isinstance(default, bool) else _FLOATS
+            if spec.param(name).kind is int:  # karcher's max_iter
+                value = st.integers(0, 20)
             global_params[name] = tuple(draw(_row(value)) for _ in groups)
     return Recipe(method, base, sources, groups, tensor_params, global_params,
                   dtype=dtype, out_dtype=out_dtype, seed=seed)

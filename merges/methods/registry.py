@@ -220,6 +220,11 @@ def validate_recipe(recipe: Recipe) -> None:
     for name, default in spec.global_params.items():
         if default is REQUIRED and name not in recipe.global_params:
             raise RecipeError(f"method {spec.name!r} needs global parameter {name!r}")
+    for param in spec.params:
+        table = recipe.global_params.get(param.name) if param.kind is int else None
+        bad = [v for row in table or () for v in row if isinstance(v, bool) or v != int(v)]
+        if bad:
+            raise RecipeError(f"method {spec.name!r}: {param.name} must be an integer, got {bad[0]!r}")
     if spec.needs_base and recipe.base is None:
         raise RecipeError(f"method {spec.name!r} needs a base model")
     if recipe.layer_slices and not spec.uses_layer_slices:
