@@ -48,13 +48,16 @@ class DefinitionChangedError(SearchError):
 def study_definition(config: StudyConfig) -> dict[str, object]:
     """The definition of the study ``config`` describes (JSON values; checkpoints must exist)."""
     models = config.models
+    genome = _jsonable(dataclasses.asdict(config.genome))
+    if isinstance(genome, dict) and not genome.get("params"):
+        genome.pop("params", None)  # definitions stored before genome.params existed stay equal
     return {
         "models": {
             "base": checkpoint_fingerprint(Path(models.base)),
             "sources": {label: checkpoint_fingerprint(Path(p)) for label, p in models.sources.items()},
             "dtype": models.dtype,
         },
-        "genome": _jsonable(dataclasses.asdict(config.genome)),
+        "genome": genome,
         "tasks": {task.name: _task_definition(task) for task in config.tasks},
         "seed": config.seed,
         "sampler": config.sampler,

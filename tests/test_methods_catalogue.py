@@ -11,13 +11,16 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mergekit.merge_methods import registry as mk_registry
 from mergekit.merge_methods.base import PerInputValues, TensorGroup
 
-from genome.spec import METHOD_GENES
+from genome.errors import GenomeError
+from genome.space import decode, encode, gene_space
+from genome.spec import METHOD_GENES, Bounds, GenomeSpec
 from merges.errors import RecipeError
 from merges.methods.multislerp import multislerp
 from merges.methods.nearswap import nearswap
@@ -25,6 +28,8 @@ from merges.methods.nuslerp import nuslerp
 from merges.methods.registry import METHODS, OPTIONAL_BASE, REQUIRED_BASE, validate_recipe
 from merges.methods.sce import sce
 from merges.recipe import Recipe
+from tests.checkpoints import TinyFamily
+from tests.studies import run, write_study
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -114,3 +119,49 @@ def test_source_counts_come_from_the_catalogue() -> None:
         validate_recipe(Recipe.uniform("sce", None, ["/s0", "/s1"], 2))
     validate_recipe(Recipe.uniform("multislerp", None, ["/s0", "/s1"], 2, {"weight": [1.0, 1.0]}))
     assert METHODS["multislerp"].base == OPTIONAL_BASE and METHODS["sce"].base == REQUIRED_BASE
+
+
+# -- genes from the catalogue -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,params,names", [
+    ("sce", {"select_topk": Bounds(0.1, 1.0, 0.05)}, ["g0.select_topk", "g1.select_topk"]),
+    ("ramplus_tl", {"r": Bounds(0.0, 1.0), "alpha": Bounds(0.0, 0.5)},
+     ["g0.r", "g0.alpha", "g1.r", "g1.alpha"]),
+])
+def test_other_searchable_parameters_are_genes(method: str, params: dict[str, Bounds],
+                                               names: list[str]) -> None:
+    spec = GenomeSpec(method, layer_granularity=2, params=params)
+    space = gene_space(spec, sources=["a", "b"], n_layers=4)
+    assert list(space) == names
+    point = {name: dist.low for name, dist in space.items()}  # type: ignore[attr-defined]
+    recipe = decode(spec, point, base="/b", sources={"a": "/a", "b": "/s"}, n_layers=4, seed=0)
+    validate_recipe(recipe)
+    assert set(recipe.global_params) == set(params)
+    assert encode(spec, recipe, sources={"a": "/a", "b": "/s"}) == point
+
+
+def test_catalogue_limits_and_owners_name_the_field() -> None:
+    with pytest.raises(GenomeError, match=r"genome\.select_topk\.max: must be <= 1"):
+        GenomeSpec("sce", params={"select_topk": Bounds(0.1, 1.5)})
+    with pytest.raises(GenomeError, match=r"genome\.select_topk: method 'ties' has no select_topk "
+                                          r"\(methods with select_topk: sce\)"):
+        GenomeSpec("ties", params={"select_topk": Bounds(0.1, 1.0)})
+    with pytest.raises(GenomeError, match=r"genome\.fixed\.r: must be >= 0, got -1"):
+        GenomeSpec("ramplus_tl", fixed={"r": -1.0})
+    assert METHOD_GENES["nuslerp"].needs_weight and METHOD_GENES["nearswap"].needs_t
+
+
+def test_a_study_searches_select_topk(tmp_path: Path, llama_family: TinyFamily) -> None:
+    """study.toml's ``genome.select_topk`` bounds become genes; the untuned baseline takes the
+    catalogue's value; every trial's recipe merges."""
+    path = write_study(tmp_path, llama_family, trials=2, method="sce",
+                       genome_extra="select_topk = { min = 0.2, max = 1.0, step = 0.1 }")
+    config, study = run(path)
+    assert config.genome.bounds() == {"select_topk": Bounds(0.2, 1.0, 0.1)}
+    trials = study.get_trials(deepcopy=False)
+    default = next(t for t in trials if t.user_attrs.get("baseline") == "default_sce")
+    assert Recipe.from_dict(default.user_attrs["recipe"]).global_params["select_topk"][0][0] == 0.5
+    searched = [t for t in trials if "baseline" not in t.user_attrs]
+    assert searched and all(set(t.params) == {"g0.select_topk", "g1.select_topk"} for t in searched)
+    assert all(t.state.name == "COMPLETE" for t in trials)
