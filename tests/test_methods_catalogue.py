@@ -22,7 +22,7 @@ from genome.errors import GenomeError
 from genome.space import decode, encode, gene_space
 from genome.spec import METHOD_GENES, Bounds, GenomeSpec
 from merges.errors import RecipeError
-from merges.methods.multislerp import multislerp
+from merges.methods.multislerp import _dots, coefficients, multislerp
 from merges.methods.nearswap import nearswap
 from merges.methods.nuslerp import nuslerp
 from merges.methods.registry import METHODS, OPTIONAL_BASE, REQUIRED_BASE, validate_recipe
@@ -74,6 +74,10 @@ def test_multislerp_three_inputs_matches_mergekit(seed: int, with_base: bool) ->
     vectors = [m - base for m in models] if with_base else models
     ours = multislerp(vectors, weights, base if with_base else None)
     torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
+    # the engine's fused form: coefficients from the inputs' dot products
+    c = coefficients(_dots(vectors), weights, normalize_weights=True, eps=1e-8)
+    fused = sum(ci * v for ci, v in zip(c, vectors, strict=True)) + (base if with_base else 0)
+    torch.testing.assert_close(fused, theirs, rtol=RTOL, atol=ATOL)
 
 
 def test_multislerp_refuses_cancelling_inputs_by_name() -> None:
