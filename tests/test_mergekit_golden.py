@@ -227,6 +227,21 @@ def test_new_method_matches_mergekit_both_ways(method: str, family: TinyFamily, 
     assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), theirs, layout)
 
 
+@pytest.mark.parametrize("method,param", [("nearswap", "t"), ("sce", "select_topk"), ("ramplus_tl", "r")])
+def test_new_method_values_matter(method: str, param: str, llama_family: TinyFamily) -> None:
+    """Teeth for the new methods: one role's value changed in one group moves its tensors only."""
+    recipe = _recipe(method, llama_family)
+    table = [list(row) for row in recipe.global_params[param]]
+    table[1][ROLES.index("mlp")] = table[1][ROLES.index("mlp")] * 0.3
+    changed = Recipe(recipe.method, recipe.base, recipe.sources, recipe.groups, recipe.tensor_params,
+                     {**recipe.global_params, param: tuple(map(tuple, table))})
+    before, after = _engine(recipe), _engine(changed)
+    layout = _layout(llama_family)
+    moved = {name for name in before if not torch.allclose(before[name], after[name], rtol=RTOL, atol=ATOL)}
+    expected = {i.name for i in layout.tensors if i.role == "mlp" and i.layer in (1, 2)}
+    assert moved and moved <= expected
+
+
 def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:
     """The comparison has teeth: one role's weight changed in one group moves its tensors only."""
     recipe = _recipe("ties", llama_family)
@@ -243,8 +258,10 @@ def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:
     assert moved and moved <= expected
 
 
-def test_mergekit_yaml_command_line_agrees(llama_family: TinyFamily, tmp_path: Path) -> None:
-    recipe = _recipe("ties", llama_family)
+@pytest.mark.parametrize("method", ["ties", "nearswap", "nuslerp", "multislerp", "sce", "karcher",
+                                    "arcee_fusion", "ram", "ramplus_tl"])
+def test_mergekit_yaml_command_line_agrees(method: str, llama_family: TinyFamily, tmp_path: Path) -> None:
+    recipe = _recipe(method, llama_family)
     layout = _layout(llama_family)
     config = tmp_path / "recipe.yaml"
     config.write_text(recipe_to_mergekit(recipe, layout, header="golden test"))

@@ -9,6 +9,7 @@ models (of the entries that vary at all), weight each task vector by its mean sq
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -39,15 +40,39 @@ def sce_weight(vectors: torch.Tensor) -> torch.Tensor:
     return weights / total
 
 
+@dataclass(frozen=True)
+class VarianceOrder:
+    """Per tensor, independent of the recipe: each entry's position in the descending order of
+    the task vectors' variance (int32; mergekit's ``topk`` picks the first ``k``), and how many
+    entries vary at all."""
+
+    position: torch.Tensor
+    nonzero: int
+
+
+def variance_order(vectors: torch.Tensor) -> VarianceOrder:
+    var = torch.var(vectors, dim=0, unbiased=False).reshape(-1)
+    order = torch.argsort(var.abs(), descending=True, stable=True)
+    position = torch.empty_like(order, dtype=torch.int32)
+    position[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
+    return VarianceOrder(position, int(torch.count_nonzero(var)))
+
+
 def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: float = 1.0,
-        int8_mask: bool = False) -> torch.Tensor:
-    """mergekit's ``sce_merge`` on task vectors ``deltas`` (same order of operations)."""
+        int8_mask: bool = False, order: VarianceOrder | None = None) -> torch.Tensor:
+    """mergekit's ``sce_merge`` on task vectors ``deltas`` (same order of operations); ``order``
+    (flat inputs) replaces the per-call variance ``topk`` by a lookup."""
     if not deltas:
         return base
     mask_dtype = torch.int8 if int8_mask else base.dtype
     vectors = torch.stack(list(deltas), dim=0)
     if select_topk < 1:
-        vectors = vectors * sce_mask(vectors, select_topk, mask_dtype).unsqueeze(0)
+        if order is None:
+            mask = sce_mask(vectors, select_topk, mask_dtype)
+        else:
+            k = 0 if select_topk <= 0 else int(order.nonzero * select_topk)
+            mask = (order.position < k).to(mask_dtype)
+        vectors = vectors * mask.unsqueeze(0)
     sign = vectors.sign().to(mask_dtype)
     majority = (vectors.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
     erase = sign == majority
@@ -60,17 +85,19 @@ def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: floa
 
 
 def plan(ctx: TensorContext) -> Plan:
+    """Eager; the variance order is computed once per tensor (no ``topk`` per trial)."""
     base = ctx.base
     assert base is not None
-    deltas = [ctx.delta(ctx.model_of(p)) for p in ctx.positions]
+    models = tuple(ctx.model_of(p) for p in ctx.positions)
+    deltas = [ctx.delta(m) for m in models]
     select_topk = float(ctx.global_value("select_topk"))
     int8_mask = bool(ctx.global_value("int8_mask"))
-    shape = ctx.shape
+    order = None
+    if 0 < select_topk < 1 and deltas:
+        order = ctx.cached(("sce", ctx.name, models),
+                           lambda: variance_order(torch.stack(deltas, dim=0)))
 
     def compute() -> torch.Tensor:
-        # mergekit ranks variance over the tensor's own shape; flat views give the same order
-        views = [d.view(shape) for d in deltas]
-        return sce(base.view(shape), views, select_topk=select_topk,
-                   int8_mask=int8_mask).reshape(-1)
+        return sce(base, deltas, select_topk=select_topk, int8_mask=int8_mask, order=order)
 
     return Plan(eager=compute)
