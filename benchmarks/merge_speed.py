@@ -14,6 +14,7 @@ The last line is one JSON object keyed by method. Usage::
 
     python -m benchmarks.merge_speed --size small --methods linear,ties
     python -m benchmarks.merge_speed --size 250m --skip-mergekit
+    python -m benchmarks.merge_speed --size small --methods ties,new   # new: NEW_METHODS
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from merges.methods.registry import METHODS, REQUIRED
 from merges.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,7 @@ N_SOURCES = 3
 WEIGHTS = [0.5, 0.3, 0.8]
 DENSITY = 0.5
 DEFAULT_METHODS = "linear,task_arithmetic,ties,dare_ties"
+NEW_METHODS = "nearswap,nuslerp,multislerp,sce,karcher,arcee_fusion,ram,ramplus_tl"  # issue 13
 
 
 @dataclass(frozen=True)
@@ -124,11 +127,25 @@ def _llama_shapes(size: Size) -> dict[str, tuple[int, ...]]:
 
 
 def make_recipe(method: str, base: Path, sources: list[Path], n_layers: int) -> Recipe:
-    params: dict[str, list[float]] = {"weight": WEIGHTS}
-    if method not in ("linear", "task_arithmetic"):
-        params["density"] = [DENSITY] * N_SOURCES
+    """Weights and density as above; every other required or searchable parameter (besides
+    lambda) at the catalogue's untuned value; as many sources as the method takes (<= 3)."""
+    spec = METHODS[method]
+    count = min(N_SOURCES, spec.max_sources or N_SOURCES)
+    if method == "multislerp":  # norms the sources leave unchanged: mergekit refuses 3 zero vectors
+        count = 2
+    params: dict[str, list[float]] = {}
+    shared: dict[str, float | bool] = {}
+    for param in spec.params:
+        if param.name == "weight":
+            params["weight"] = WEIGHTS[:count]
+        elif param.name == "density":
+            if param.search is not None:
+                params["density"] = [DENSITY] * count
+        elif param.name != "lambda" and (param.default is REQUIRED or param.search is not None):
+            assert isinstance(param.untuned, float | bool), (method, param.name)
+            shared[param.name] = param.untuned
     return Recipe.uniform(method, None if method == "linear" else str(base),
-                          [str(s) for s in sources], n_layers, params)
+                          [str(s) for s in sources[:count]], n_layers, params, shared)
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -202,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir, source_dirs = build_family(root, size)
     print(f"family {root} ready in {time.perf_counter() - started:.1f} s", flush=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [n for m in methods for n in (NEW_METHODS.split(",") if m == "new" else [m])]
     search_cli = shutil.which("search")
     mergekit_cli = shutil.which("mergekit-yaml")
     scratch = Path(tempfile.mkdtemp(prefix="mergesearch-bench-", dir="/dev/shm"))

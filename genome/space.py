@@ -140,7 +140,7 @@ def encode(
 @dataclass(frozen=True)
 class _Gene:
     name: str
-    param: str  # Recipe parameter: weight, density, lambda, t
+    param: str  # Recipe parameter: weight, density, lambda, t, or another of the catalogue's
     owner: str  # the row owner: "g0", "g0.attention", "embed", "head", or "" (global)
     source: int | None  # index into sources for per-source parameters
     bounds: Bounds
@@ -164,13 +164,15 @@ def _owners(spec: GenomeSpec, n_groups: int) -> list[str]:
 
 def _numeric_genes(spec: GenomeSpec, labels: tuple[str, ...], n_layers: int) -> Iterator[_Gene]:
     searched = spec.bounds()
+    per_source = [name for name in searched if name in spec.genes.source_params]
+    # one gene per cell owner for shared parameters (t, select_topk...); lambda is one gene
+    shared = [name for name in searched if name not in per_source and name != "lambda"]
     for owner in _owners(spec, len(layer_groups(spec, n_layers))):
-        for param in ("weight", "density"):
-            if param in searched:
-                for index, label in enumerate(labels):
-                    yield _Gene(f"{owner}.{param}.{label}", param, owner, index, searched[param])
-        if "t" in searched:
-            yield _Gene(f"{owner}.t", "t", owner, None, searched["t"])
+        for param in per_source:
+            for index, label in enumerate(labels):
+                yield _Gene(f"{owner}.{param}.{label}", param, owner, index, searched[param])
+        for param in shared:
+            yield _Gene(f"{owner}.{param}", param, owner, None, searched[param])
     if "lambda" in searched:
         yield _Gene("lambda", "lambda", "", None, searched["lambda"])
 

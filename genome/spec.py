@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from genome.errors import GenomeError
+from merges.methods.registry import METHODS, REQUIRED, MethodSpec, Param
 
 
 @dataclass(frozen=True)
 class MethodGenes:
-    """What the genome may vary or fix for one merge method (mergekit 0.1.5 parameters)."""
+    """What the genome may vary or fix for one merge method (derived from the method catalogue)."""
 
     source_params: tuple[str, ...]  # per-source tensor parameters (Recipe.tensor_params)
     global_params: Mapping[str, type]  # shared parameters (Recipe.global_params) -> bool / float
@@ -27,38 +28,34 @@ class MethodGenes:
     needs_t: bool = False
     min_sources: int = 1
     max_sources: int | None = None
+    searchable: tuple[str, ...] = ()  # parameters a gene may vary (the catalogue's search ranges)
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
 
-_TASK_VECTOR_GLOBALS: Mapping[str, type] = {
-    "normalize": bool,
-    "rescale": bool,
-    "int8_mask": bool,
-    "lambda": float,
-}
+def _genes(spec: MethodSpec) -> MethodGenes:
+    if spec.uses_layer_slices:  # a frankenmerge picks layers; it has no numeric parameters
+        return MethodGenes((), {})
+    source = tuple(p.name for p in spec.params if p.per_source)
+    shared = {p.name: (bool if p.kind is bool else float) for p in spec.params if not p.per_source}
+    return MethodGenes(
+        source, shared, sparsifying=any(p.name == "density" and p.search for p in spec.params),
+        needs_weight=spec.tensor_params.get("weight", 0.0) is REQUIRED,
+        needs_t=spec.global_params.get("t", 0.0) is REQUIRED,
+        min_sources=spec.min_sources, max_sources=spec.max_sources,
+        searchable=tuple(p.name for p in spec.params if p.search is not None),
+        limits={p.name: p.limits for p in spec.params if p.limits != (None, None)},
+    )
 
 
-def _task_vector(*extra: str, sparsifying: bool = True) -> MethodGenes:
-    params = ("weight", "density", *extra) if sparsifying else ("weight",)
-    return MethodGenes(params, _TASK_VECTOR_GLOBALS, sparsifying=sparsifying, needs_weight=True)
-
-
-# Mirrors mergekit 0.1.5's registry (read from mergekit/merge_methods/registry.py).
-METHOD_GENES: Mapping[str, MethodGenes] = {
-    "linear": MethodGenes(("weight",), {"normalize": bool}, needs_weight=True),
-    "task_arithmetic": _task_vector(sparsifying=False),
-    "ties": _task_vector(),
-    "dare_ties": _task_vector(),
-    "dare_linear": _task_vector(),
-    "breadcrumbs": _task_vector("gamma"),
-    "breadcrumbs_ties": _task_vector("gamma"),
-    "della": _task_vector("epsilon"),
-    "della_linear": _task_vector("epsilon"),
-    "slerp": MethodGenes((), {"t": float}, needs_t=True, min_sources=1, max_sources=1),
-    "model_stock": MethodGenes((), {"filter_wise": bool}, min_sources=2),
-    "passthrough": MethodGenes((), {}),
-}
+METHOD_GENES: Mapping[str, MethodGenes] = {name: _genes(spec) for name, spec in METHODS.items()}
 
 SPARSIFYING: tuple[str, ...] = tuple(name for name, genes in METHOD_GENES.items() if genes.sparsifying)
+
+NAMED_BOUNDS = ("weight", "density", "lambda", "t")  # GenomeSpec fields; other genes: ``params``
+OTHER_GENES: tuple[str, ...] = tuple(sorted(
+    {name for genes in METHOD_GENES.values() for name in genes.searchable} - set(NAMED_BOUNDS)
+))
+"""Searchable parameters beyond weight / density / lambda / t (sce's select_topk, ramplus_tl's r...)."""
 
 FRANKEN_PICKS: tuple[str, ...] = ("same_index", "any_index")
 """``same_index``: output layer i is layer i of a chosen checkpoint; ``any_index``: any layer."""
@@ -70,9 +67,7 @@ BASE_CHOICE = "base"
 def known_methods() -> tuple[str, ...]:
     """Methods the genome can describe and the merge engine can run.
 
-    Every method of ``METHOD_GENES``; tests/test_genome.py checks that the engine's
-    registry (``merges.methods.registry.METHODS``) has each of them with these parameters.
-    Not read from that registry here: a study file is parsed without the merge stack.
+    Every method of the catalogue (``merges.methods.registry.METHODS``, torch-free).
     """
     return tuple(METHOD_GENES)
 
@@ -197,6 +192,7 @@ class GenomeSpec:
     t: Bounds | None = None
     fixed: Mapping[str, float | bool] = field(default_factory=dict)
     frankenmerge: FrankenSpec | None = None
+    params: Mapping[str, Bounds] = field(default_factory=dict)  # other searched parameters
 
     def __post_init__(self) -> None:
         known = known_methods()
@@ -207,6 +203,7 @@ class GenomeSpec:
             # The default weight bounds only apply to methods that have weights.
             object.__setattr__(self, "weight", None)
         object.__setattr__(self, "fixed", dict(self.fixed))
+        object.__setattr__(self, "params", dict(self.params))
         self._check_structure()
         self._check_params(genes)
         self._check_fixed(genes)
@@ -216,9 +213,16 @@ class GenomeSpec:
         return METHOD_GENES[self.method]
 
     def bounds(self) -> dict[str, Bounds]:
-        """The searched parameters (Recipe names: ``weight``, ``density``, ``lambda``, ``t``)."""
+        """The searched parameters (Recipe names: ``weight``, ``density``, ``lambda``, ``t``, then
+        ``params``' in catalogue order)."""
         named = {"weight": self.weight, "density": self.density, "lambda": self.lambda_, "t": self.t}
-        return {name: b for name, b in named.items() if b is not None}
+        found = {name: b for name, b in named.items() if b is not None}
+        for name in self.params:
+            if name in NAMED_BOUNDS:
+                raise GenomeError(f"genome.{name}: give it as its own field, not in params")
+        order = METHODS[self.method].params
+        found.update(sorted(self.params.items(), key=lambda item: _position(order, item[0])))
+        return found
 
     def _check_structure(self) -> None:
         g = self.layer_granularity
@@ -245,17 +249,11 @@ class GenomeSpec:
             )
 
     def _check_params(self, genes: MethodGenes) -> None:
-        checks = {
-            "weight": ("weight" in genes.source_params, {}),
-            "density": (genes.sparsifying, {"low": 0.0, "high": 1.0}),
-            "lambda": ("lambda" in genes.global_params, {}),
-            "t": ("t" in genes.global_params, {"low": 0.0, "high": 1.0}),
-        }
         for name, bounds in self.bounds().items():
-            allowed, limits = checks[name]
-            if not allowed:
+            if name not in genes.searchable:
                 raise GenomeError(f"genome.{name}: method {self.method!r} has no {name} ({_has(name)})")
-            bounds.check(f"genome.{name}", **limits)
+            low, high = genes.limits.get(name, (None, None))
+            bounds.check(f"genome.{name}", low=low, high=high)
         if genes.needs_weight and self.weight is None and "weight" not in self.fixed:
             raise GenomeError(
                 f"genome.weight: method {self.method!r} needs per-source weights: give bounds or genome.fixed.weight"
@@ -279,12 +277,20 @@ class GenomeSpec:
                     raise GenomeError(f"{where}: expected true or false, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise GenomeError(f"{where}: expected a finite number, got {value!r}")
-            elif name in ("density", "t") and not 0.0 <= value <= 1.0:
-                raise GenomeError(f"{where}: must be within [0, 1], got {value:g}")
+            elif name in genes.limits:
+                low, high = genes.limits[name]
+                if (low is not None and value < low) or (high is not None and value > high):
+                    span = (f"within [{low:g}, {high:g}]" if low is not None and high is not None
+                            else f">= {low:g}" if low is not None else f"<= {high:g}")
+                    raise GenomeError(f"{where}: must be {span}, got {value:g}")
+
+
+def _position(params: tuple[Param, ...], name: str) -> int:
+    return next((i for i, p in enumerate(params) if p.name == name), len(params))
 
 
 def _has(name: str) -> str:
     if name == "density":
         return "sparsifying methods: " + ", ".join(SPARSIFYING)
-    users = [m for m, g in METHOD_GENES.items() if name in g.source_params or name in g.global_params]
+    users = [m for m, g in METHOD_GENES.items() if name in g.searchable]
     return f"methods with {name}: " + ", ".join(users)

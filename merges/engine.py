@@ -36,10 +36,12 @@ the model holds a partial merge: merge a recipe into it again before using it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import transformers
@@ -56,13 +58,12 @@ from merges.methods.fused import (
     run_eager,
     run_native_many,
 )
-from merges.methods.model_stock import model_stock
-from merges.methods.registry import FAMILY, METHODS, MethodSpec, non_base_sources, validate_recipe
-from merges.methods.slerp import SlerpGeometry, slerp_coefficients, slerp_geometry
+from merges.methods.planning import BASE, Plan, RankKey, TensorContext
+from merges.methods.registry import METHODS, MethodSpec, non_base_sources, validate_recipe
 from merges.preflight import preflight
 from merges.recipe import Recipe
 
-BASE = -1  # model index of the base; sources are 0..K-1
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,27 @@ class _Target:
 
 @dataclass
 class _Work:
-    """One output tensor being computed: a fused job, or an eager function."""
+    """One output tensor being computed, as its method planned it."""
 
     target: _Target
     out: torch.Tensor  # flat, engine dtype and device
-    job: FusedJob | None = None
-    eager: Callable[[], torch.Tensor] | None = None
-    rescale: list[int] | None = None  # item indices whose L1 scale is still to compute
-    ranks: list[tuple[int, tuple[str, str, int]]] | None = None  # (item, rank key) still to fill
+    plan: Plan
+
+    @property
+    def job(self) -> FusedJob | None:
+        return self.plan.job
+
+    @property
+    def eager(self) -> Callable[[], torch.Tensor] | None:
+        return self.plan.eager
+
+    @property
+    def rescale(self) -> list[int] | None:
+        return self.plan.rescale
+
+    @property
+    def ranks(self) -> list[tuple[int, RankKey]] | None:
+        return self.plan.ranks
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -140,7 +154,7 @@ class MergeEngine:
         self._random: dict[tuple[str, int, int], torch.Tensor] = {}  # (name, position, source)
         self._della_position: dict[str, list[torch.Tensor]] = {}
         self._l1: dict[tuple[str, int], float] = {}
-        self._slerp: dict[tuple[str, int], SlerpGeometry] = {}
+        self._statistics: dict[tuple[object, ...], object] = {}  # planners' own (slerp angles...)
 
     # -- public ---------------------------------------------------------------------
 
@@ -432,17 +446,9 @@ class MergeEngine:
             numel *= size
         return numel
 
-    def _tensor_of(self, name: str, model: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(base, delta)`` whose sum (a missing part is zero) is ``model``'s tensor."""
-        base = self._base.get(name)
-        if model == BASE:
-            return base, None
-        return base, self._deltas[name][model]
-
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         spec = METHODS[recipe.method]
-        family = FAMILY.get(recipe.method)
-        if family is not None and family.sparsification in ("random", "della_magprune"):
+        if spec.random:
             self._prefetch_random_keys(recipe)
         works = [self._work(recipe, spec, target, out) for target, out in outputs]
         self._fill_ranks(works)
@@ -477,132 +483,9 @@ class MergeEngine:
         name = target.info.name
         if not self._floating[name]:
             fixed = self._fixed[name]
-            return _Work(target, out, eager=lambda: fixed)
-        if recipe.method == "passthrough":
-            assert target.model is not None
-            base, delta = self._tensor_of(name, target.model)
-            if delta is None:
-                job = FusedJob(out, base, [], [], linear=True, base_weight=target.scale)
-            else:
-                job = FusedJob(out, base, [delta], [target.scale], linear=True)
-            return _Work(target, out, job=job)
-        cell = self._cell(recipe, target.info)
-        if recipe.method == "linear":
-            return self._linear_work(recipe, spec, target, cell, out)
-        if recipe.method == "slerp":
-            return self._slerp_work(recipe, spec, target, cell, out)
-        if recipe.method == "model_stock":
-            return self._model_stock_work(recipe, spec, target, cell, out)
-        return self._task_vector_work(recipe, spec, target, cell, out)
-
-    def _linear_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
-                     cell: tuple[int, str], out: torch.Tensor) -> _Work:
-        name = target.info.name
-        weights = self._tensor_values(recipe, spec, "weight", cell)
-        normalize = bool(self._global(recipe, spec, "normalize", cell))
-        deltas, used, base_weight = [], [], None
-        for position, path in enumerate(recipe.sources):
-            model = self._model_of(path, "source")
-            if model == BASE:
-                base_weight = weights[position] + (base_weight or 0.0)
-            else:
-                deltas.append(self._deltas[name][model])
-                used.append(weights[position])
-        divisor = float(torch.tensor(list(weights), dtype=torch.float32).sum())
-        job = FusedJob(out, self._base.get(name), deltas, used, linear=True,
-                       base_weight=base_weight, normalize=normalize, divisor=divisor)
-        return _Work(target, out, job=job)
-
-    def _slerp_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
-                    cell: tuple[int, str], out: torch.Tensor) -> _Work:
-        name = target.info.name
-        (position,) = non_base_sources(recipe)
-        model = self._model_of(recipe.sources[position], "source")
-        t = float(self._global(recipe, spec, "t", cell))
-        geometry = self._slerp.get((name, model))
-        base = self._base[name]
-        if geometry is None:
-            geometry = slerp_geometry(base, base + self._deltas[name][model])
-            self._slerp[(name, model)] = geometry
-        c0, c1 = slerp_coefficients(t, geometry)
-        job = FusedJob(out, base, [self._deltas[name][model]], [float(c1)], linear=True,
-                       base_weight=float(c0))
-        return _Work(target, out, job=job)
-
-    def _model_stock_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
-                          cell: tuple[int, str], out: torch.Tensor) -> _Work:
-        name = target.info.name
-        filter_wise = bool(self._global(recipe, spec, "filter_wise", cell))
-        shape = self._shapes[name]
-        base = self._base[name]
-        models = [self._model_of(recipe.sources[p], "source") for p in non_base_sources(recipe)]
-
-        def compute() -> torch.Tensor:
-            sources = [(base + self._deltas[name][m]).view(shape) for m in models]
-            return model_stock(base.view(shape), sources, filter_wise=filter_wise).reshape(-1)
-
-        return _Work(target, out, eager=compute)
-
-    def _task_vector_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
-                          cell: tuple[int, str], out: torch.Tensor) -> _Work:
-        name = target.info.name
-        family = FAMILY[recipe.method]
-        weights = self._tensor_values(recipe, spec, "weight", cell)
-        densities = self._tensor_values(recipe, spec, "density", cell)
-        rescale = bool(self._global(recipe, spec, "rescale", cell))
-        normalize = bool(self._global(recipe, spec, "normalize", cell))
-        lam = float(self._global(recipe, spec, "lambda", cell))
-        numel = self._numel(name)
-        positions = non_base_sources(recipe)
-        models = [self._model_of(recipe.sources[p], "source") for p in positions]
-        deltas: list[torch.Tensor] = []
-        keys: list[torch.Tensor | None] = []
-        windows: list[tuple[int, int]] = []
-        to_rescale: list[int] = []
-        pending: list[tuple[int, tuple[str, str, int]]] = []
-        bands: list[sparsify.Band | None] = []
-        kind = family.sparsification
-        for item, (position, model) in enumerate(zip(positions, models, strict=True)):
-            delta = self._deltas[name][model]
-            density = densities[position]
-            key, window, band = None, (0, 0), None
-            if kind == "magnitude" and density < 1:
-                count = sparsify.magnitude_keep_count(density, numel)
-                window = (0, count)
-                key = self._rank.get(("descending", name, model))
-                if key is None:
-                    band = sparsify.magnitude_band(self._sorted(name, model), count)
-                    if band is None:  # a tie at the cut: mergekit's sort order decides
-                        pending.append((item, ("descending", name, model)))
-            elif kind == "magnitude_outliers" and density < 1:
-                gamma = self._tensor_values(recipe, spec, "gamma", cell)[position]
-                window = sparsify.outlier_window(density, gamma, numel)
-                key = self._rank.get(("ascending", name, model))
-                if key is None:
-                    band = sparsify.outlier_band(self._sorted(name, model), *window)
-                    if band is None:
-                        pending.append((item, ("ascending", name, model)))
-            elif kind == "random" and density < 1:
-                key = self._random_key(recipe.seed, name, position, model)
-                window = (0, sparsify.key_threshold(density))
-            elif kind == "della_magprune" and density < 1:
-                epsilon = self._tensor_values(recipe, spec, "epsilon", cell)[position]
-                delta = self._della(recipe.seed, name, position, model, density, epsilon, rescale)
-            masked = key is not None or band is not None or (pending and pending[-1][0] == item)
-            if masked and rescale and not (kind == "magnitude" and density <= 0):
-                to_rescale.append(item)
-            deltas.append(delta)
-            keys.append(key)
-            windows.append(window)
-            bands.append(band if key is None else None)
-        used = [weights[p] for p in positions]
-        divisor = float(torch.tensor(used, dtype=self._dtype).sum()) if used else 0.0
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-        job = FusedJob(out, self._base[name], deltas, used, keys=keys, windows=windows, bands=bands,
-                       scales=[None] * len(deltas), consensus=family.consensus,
-                       normalize=normalize, divisor=divisor, lam=lam)
-        return _Work(target, out, job=job, rescale=to_rescale, ranks=pending)
+            return _Work(target, out, Plan(eager=lambda: fixed))
+        cell = (0, "embed") if spec.uses_layer_slices else self._cell(recipe, target.info)
+        return _Work(target, out, _planner(spec)(_Context(self, recipe, spec, target, cell, out)))
 
     def _apply_rescale(self, works: Sequence[_Work]) -> None:
         """Fill in the L1 rescale factors of every job at once (one pass, on the pool)."""
@@ -714,12 +597,6 @@ class MergeEngine:
 
     def _della(self, seed: int, name: str, position: int, model: int, density: float,
                epsilon: float, rescale: bool) -> torch.Tensor:
-        if density <= 0:
-            return torch.zeros_like(self._deltas[name][model])
-        try:
-            sparsify.check_della_bounds(density, epsilon, f"tensor {name!r}")
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
         positions = self._della_position.get(name)
         shape = self._shapes[name]
         if positions is None:
@@ -736,3 +613,85 @@ class MergeEngine:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _planner(spec: MethodSpec) -> Callable[[TensorContext], Plan]:
+    """The method's ``plan`` function (its module is imported on first use)."""
+    found = _PLANNERS.get(spec.planner)
+    if found is None:
+        found = importlib.import_module(f"merges.methods.{spec.planner}").plan
+        _PLANNERS[spec.planner] = found
+    return found
+
+
+_PLANNERS: dict[str, Callable[[TensorContext], Plan]] = {}
+
+
+class _Context:
+    """``TensorContext`` of one output tensor: the engine's resident data for a planner."""
+
+    def __init__(self, engine: MergeEngine, recipe: Recipe, spec: MethodSpec, target: _Target,
+                 cell: tuple[int, str], out: torch.Tensor) -> None:
+        self._engine = engine
+        self._recipe = recipe
+        self._cell = cell
+        self.spec = spec
+        self.name = target.info.name
+        self.shape = engine._shapes[self.name]
+        self.numel = out.numel()
+        self.out = out
+        self.seed = recipe.seed
+        self.dtype = engine._dtype
+        # a method that ignores the base (linear, karcher) takes a listed base as one more model
+        self.positions = (non_base_sources(recipe) if spec.takes_base
+                          else tuple(range(len(recipe.sources))))
+        self.uses_base = recipe.base is not None and spec.takes_base
+        self.model = target.model
+        self.scale = target.scale
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        return self._engine._base.get(self.name)
+
+    def model_of(self, position: int) -> int:
+        return self._engine._model_of(self._recipe.sources[position], "source")
+
+    def delta(self, model: int) -> torch.Tensor:
+        return self._engine._deltas[self.name][model]
+
+    def tensor(self, model: int) -> torch.Tensor:
+        base = self.base
+        if model == BASE:
+            assert base is not None
+            return base
+        delta = self.delta(model)
+        return delta if base is None else base + delta
+
+    def tensor_values(self, param: str) -> tuple[float, ...]:
+        return self._engine._tensor_values(self._recipe, self.spec, param, self._cell)
+
+    def global_value(self, param: str) -> float | bool:
+        return self._engine._global(self._recipe, self.spec, param, self._cell)
+
+    def cached(self, key: tuple[object, ...], compute: Callable[[], _T]) -> _T:
+        store = self._engine._statistics
+        if key not in store:
+            store[key] = compute()
+        return store[key]  # type: ignore[return-value]
+
+    def sorted_magnitudes(self, model: int) -> torch.Tensor:
+        return self._engine._sorted(self.name, model)
+
+    def rank(self, key: RankKey) -> torch.Tensor | None:
+        return self._engine._rank.get(key)
+
+    def generator(self, position: int) -> torch.Generator:
+        return self._engine._generator(self.seed, self.name, position)
+
+    def random_key(self, position: int, model: int) -> torch.Tensor:
+        return self._engine._random_key(self.seed, self.name, position, model)
+
+    def della(self, position: int, model: int, density: float, epsilon: float,
+              rescale: bool) -> torch.Tensor:
+        return self._engine._della(self.seed, self.name, position, model, density, epsilon,
+                                   rescale)

@@ -49,7 +49,6 @@ DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 # in one JSON comment line, so that import inverts export exactly.
 _HINT_PREFIX = "# mergesearch: "
 _HINT_LINE = re.compile(r"^# mergesearch: (\{.*\})[ \t]*$", re.MULTILINE)
-_RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
 # -- role filters: architecture knowledge as data ----------------------------------
@@ -201,7 +200,7 @@ def _check_path(path: str, what: str) -> None:
 
 
 def _scalar_out(value: Scalar) -> float | bool:
-    if isinstance(value, bool):
+    if isinstance(value, bool | int):  # an int: an integer parameter (``_typed``)
         return value
     value = float(value)
     if not math.isfinite(value):
@@ -250,7 +249,7 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "",
         raise UnsupportedConfigError(f"recipe cannot be exported: {exc}") from exc
     spec = _method(recipe.method, "recipe")
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    if recipe.method in _RANDOM_METHODS:
+    if spec.random:
         lines += [
             f"# {recipe.method} drops entries at random; the engine seeds its masks per tensor.",
             f"# `mergekit-yaml --random-seed {recipe.seed}` reproduces them in distribution,",
@@ -316,7 +315,7 @@ def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
 
 def _hints_of(recipe: Recipe, layout: Layout) -> dict[str, object]:
     hints: dict[str, object] = {}
-    if recipe.method in _RANDOM_METHODS or recipe.seed != 0:
+    if METHODS[recipe.method].random or recipe.seed != 0:
         hints["seed"] = recipe.seed
     if recipe.layer_slices:
         pieces = recipe.layer_slices
@@ -366,6 +365,18 @@ def _passthrough_slices(recipe: Recipe) -> list[dict[str, object]]:
     return slices
 
 
+def _typed(spec: MethodSpec, name: str, table: tuple[tuple[Scalar, ...], ...]
+           ) -> tuple[tuple[Scalar, ...], ...]:
+    """An integer parameter's values as ints (mergekit validates ``max_iter: 10.0`` as an error)."""
+    if spec.param(name).kind is not int:
+        return table
+    for row in table:
+        for value in row:
+            if isinstance(value, bool) or float(value) != int(value):
+                raise UnsupportedConfigError(f"{spec.name}: {name} must be an integer, got {value!r}")
+    return tuple(tuple(int(v) for v in row) for row in table)
+
+
 def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dict[str, object]:
     if recipe.n_layers != layout.n_layers:
         raise UnsupportedConfigError(
@@ -373,11 +384,13 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
         )
     # A base listed among a base method's sources merges as the base (mergekit and the
     # engine ignore its per-source values); it is written once, last, as mergekit adds it.
-    merged = [s for s in recipe.sources if not (spec.needs_base and s == recipe.base)]
+    with_base = spec.takes_base and recipe.base is not None
+    merged = [s for s in recipe.sources if not (with_base and s == recipe.base)]
     inputs = list(merged)
-    if spec.needs_base:
-        if recipe.base is None:
-            raise UnsupportedConfigError(f"{recipe.method} needs a base model")
+    if spec.needs_base and recipe.base is None:
+        raise UnsupportedConfigError(f"{recipe.method} needs a base model")
+    if with_base:
+        assert recipe.base is not None
         inputs.append(recipe.base)  # mergekit requires the base as a source of every slice
     for path in inputs:
         _check_path(path, "source")
@@ -388,7 +401,8 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
     filters = role_filters(layout)
     top_level: dict[str, object] = {}
     per_group_globals: list[str] = []
-    for name, table in recipe.global_params.items():
+    global_params = {name: _typed(spec, name, table) for name, table in recipe.global_params.items()}
+    for name, table in global_params.items():
         cells = {(type(v), v) for row in table for v in row}
         if len(cells) == 1:
             top_level[name] = _scalar_out(table[0][0])
@@ -409,13 +423,13 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
             if params:
                 source["parameters"] = params
             sources.append(source)
-        if spec.needs_base:
+        if with_base:
             sources.append({"model": recipe.base, "layer_range": [start, end]})
         entry: dict[str, object] = {"sources": sources}
         if per_group_globals:
             slice_params: dict[str, object] = {}
             for name in per_group_globals:
-                row = recipe.global_params[name][group]
+                row = global_params[name][group]
                 slice_params[name] = _setting(row, filters)
                 _verify_setting(slice_params[name], row, layout, f"slice {group}, {name}")
             entry["parameters"] = slice_params
@@ -505,6 +519,8 @@ class _Validator:
         if isinstance(value, bool):
             raise UnsupportedConfigError(f"{self.where}: expected a number, got {value!r}")
         if isinstance(value, int | float):
+            if self.kind is int and value != int(value):
+                raise UnsupportedConfigError(f"{self.where}: expected an integer, got {value!r}")
             return float(value)
         if isinstance(value, str):
             try:
@@ -567,18 +583,12 @@ class _Parameter:
 
     name: str
     per_source: bool  # resolved once per input model (weight, density...) vs shared (lambda...)
-    kind: type  # float or bool
+    kind: type  # float, int or bool
     default: Scalar | None  # None: required
 
 
 def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
-    params = {
-        name: _Parameter(name, True, float, default) for name, default in spec.tensor_params.items()
-    }
-    for name, default in spec.global_params.items():
-        kind = bool if isinstance(default, bool) else float
-        params[name] = _Parameter(name, False, kind, default)
-    return params
+    return {p.name: _Parameter(p.name, p.per_source, p.kind, p.default) for p in spec.params}
 
 
 def _read_source(source: str | Path) -> tuple[str, str, Path]:
@@ -864,7 +874,7 @@ def _models_as_slice(models: list[tuple[str, Parameters]], base: str | None, n_l
     """mergekit's normalize_config: one slice over all layers, the base appended when absent."""
     sources = [_Source(model, (0, n_layers), params) for model, params in models]
     if base is not None and base not in (m for m, _ in models):
-        if not spec.needs_base:
+        if not spec.takes_base:
             raise UnsupportedConfigError(
                 f"{where}: {method} with base_model {base!r} not among models: mergekit would add the "
                 "base as an input without parameters"
@@ -990,12 +1000,12 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, 
         models = [s.model for s in sl.sources]
         if len(set(models)) != len(models):
             raise UnsupportedConfigError(f"{sl.where}: a model is listed twice ({models})")
-        if spec.needs_base and base not in models:
+        if spec.takes_base and base is not None and base not in models:
             raise UnsupportedConfigError(
                 f"{sl.where}: the base model must be listed as a source of every slice "
-                f"({method} needs it; mergekit refuses the slice otherwise)"
+                f"({method} uses it; mergekit refuses the slice otherwise)"
             )
-        inputs = tuple(m for m in models if not (spec.needs_base and m == base))
+        inputs = tuple(m for m in models if not (spec.takes_base and m == base))
         if order is not None and inputs != order:
             raise UnsupportedConfigError(
                 f"{sl.where}: models {list(inputs)} differ from the first slice's {list(order)}; "

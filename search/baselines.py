@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fitness.gates import evaluate_gates
 from fitness.objective import objective_values
 from genome.spec import GenomeSpec
+from merges.methods.registry import EQUAL, METHODS, REQUIRED
 from merges.recipe import Recipe
 from search import gate_record, ranking
 from search.annotate import attach_baseline_recipe
@@ -35,12 +36,6 @@ from search.worker import TrialOutcome
 
 SOURCE_PREFIX = "source:"
 UNIFORM = "uniform_linear"
-
-# Untuned settings for the study's method when a gene would otherwise vary them: the
-# values a user would try first (mergekit's examples: density 0.5, lambda 1, t 0.5).
-_UNTUNED_DENSITY = 0.5
-_UNTUNED_LAMBDA = 1.0
-_UNTUNED_T = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ def baseline_recipes(
             ),
         )
     )
-    if spec.method not in ("linear", "passthrough"):
+    if spec.method != "linear" and not METHODS[spec.method].uses_layer_slices:  # linear: = uniform
         out.append(Baseline(f"default_{spec.method}", default_recipe(spec, base, sources, n_layers, seed)))
     return out
 
@@ -93,17 +88,23 @@ def baseline_recipes(
 def default_recipe(
     spec: GenomeSpec, base: str, sources: Sequence[str], n_layers: int, seed: int
 ) -> Recipe:
-    """The study's method with equal weights and untuned parameters (method defaults otherwise)."""
+    """The study's method untuned: each parameter the genome searches, and each one mergekit
+    requires, at the catalogue's untuned value (equal weights; density .5, lambda 1, t .5: what
+    mergekit's examples try first); every other parameter at the method's default."""
     n = len(sources)
-    tensor_params: dict[str, list[float]] = {"weight": [1.0 / n] * n}
+    searched = spec.bounds()
+    tensor_params: dict[str, list[float]] = {}
     global_params: dict[str, float | bool] = {}
-    if spec.density is not None:
-        tensor_params["density"] = [_UNTUNED_DENSITY] * n
-    if spec.lambda_ is not None:
-        global_params["lambda"] = _UNTUNED_LAMBDA
-    if spec.t is not None or spec.method == "slerp":
-        global_params["t"] = _UNTUNED_T
-        tensor_params.pop("weight")
+    for param in METHODS[spec.method].params:
+        if param.name not in searched and param.default is not REQUIRED:
+            continue
+        value = param.untuned
+        if value is None:
+            raise ValueError(f"catalogue: {spec.method}.{param.name} has no untuned value")
+        if param.per_source:
+            tensor_params[param.name] = [1.0 / n] * n if value == EQUAL else [float(value)] * n
+        else:
+            global_params[param.name] = value if isinstance(value, bool) else float(value)
     return Recipe.uniform(
         spec.method, base, sources, n_layers, tensor_params=tensor_params,
         global_params=global_params, seed=seed,

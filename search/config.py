@@ -23,7 +23,15 @@ from fitness.objective import MODES as OBJECTIVES
 from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
 from genome.errors import GenomeError
 from genome.space import check_sources, is_numeric
-from genome.spec import FRANKEN_PICKS, METHOD_GENES, Bounds, FrankenSpec, GenomeSpec, known_methods
+from genome.spec import (
+    FRANKEN_PICKS,
+    METHOD_GENES,
+    OTHER_GENES,
+    Bounds,
+    FrankenSpec,
+    GenomeSpec,
+    known_methods,
+)
 from merges.lora import LORA_SEPARATOR
 from merges.tokenizer_union import BASE, UNION, TokenizerPolicy
 from search.errors import StudyConfigError
@@ -48,7 +56,7 @@ STUDY_KEYS = (
 MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype", "tokenizer")
 GENOME_KEYS = (
     "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
-    "frankenmerge",
+    "frankenmerge", *OTHER_GENES,
 )
 FRANKEN_KEYS = ("layers", "pick", "include_base", "layer_range")
 TASK_KEYS = (
@@ -480,7 +488,7 @@ class _Parser:
                 raise fixed_table.error(key, f"expected a number or true/false, got {_show(value)}")
             fixed[key] = value  # type: ignore[assignment]
         bounds: dict[str, Bounds | None] = {}
-        for key in ("weight", "density", "lambda", "t"):
+        for key in ("weight", "density", "lambda", "t", *OTHER_GENES):
             bounds[key] = None
             if not table.has(key):
                 continue
@@ -504,6 +512,7 @@ class _Parser:
                 method=method, layer_granularity=granularity, per_role=per_role, embed_head=embed_head,
                 weight=bounds["weight"], density=bounds["density"], lambda_=bounds["lambda"], t=bounds["t"],
                 fixed=fixed, frankenmerge=franken,
+                params={key: b for key in OTHER_GENES if (b := bounds[key]) is not None},
             )
             check_sources(spec, list(models.sources))
         except GenomeError as exc:

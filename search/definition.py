@@ -54,6 +54,9 @@ def study_definition(config: StudyConfig) -> dict[str, object]:
     from search.warm_start import warm_start_definition  # it reads the earlier study
 
     models = config.models
+    genome = _jsonable(dataclasses.asdict(config.genome))
+    if isinstance(genome, dict) and not genome.get("params"):
+        genome.pop("params", None)  # definitions stored before genome.params existed stay equal
     return {
         "models": {
             "base": checkpoint_fingerprint(Path(models.base)),
@@ -61,7 +64,7 @@ def study_definition(config: StudyConfig) -> dict[str, object]:
             "dtype": models.dtype,
             **({"tokenizer": models.tokenizer} if models.tokenizer is not None else {}),  # older studies: absent
         },
-        "genome": _jsonable(dataclasses.asdict(config.genome)),
+        "genome": genome,
         "tasks": {task.name: _task_definition(task) for task in config.tasks},
         "seed": config.seed,
         "sampler": config.sampler,

@@ -373,7 +373,7 @@ def test_encode_ignores_rows_no_tensor_reads() -> None:
     [
         (dict(method="tiez"), r"genome\.method: unknown method 'tiez' \(known: .*ties"),
         (dict(method="linear", density=Bounds(0.1, 1.0)), r"genome\.density: method 'linear' has no density \(sparsifying"),
-        (dict(method="ties", t=Bounds(0, 1)), r"genome\.t: method 'ties' has no t \(methods with t: slerp\)"),
+        (dict(method="ties", t=Bounds(0, 1)), r"genome\.t: method 'ties' has no t \(methods with t: slerp, nearswap\)"),
         (dict(method="slerp"), r"genome\.t: method 'slerp' needs t"),
         (dict(method="ties", density=Bounds(0.1, 1.5)), r"genome\.density\.max: must be <= 1, got 1\.5"),
         (dict(method="ties", weight=Bounds(1.0, 0.5)), r"genome\.weight: min must be <= max"),

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from merges.checkpoint import open_checkpoint
 from merges.engine import MergeEngine
 from merges.layout import Layout
-from merges.mergekit_yaml import recipe_to_mergekit
+from merges.mergekit_yaml import recipe_from_mergekit, recipe_to_mergekit
 from merges.recipe import ROLES, LayerSlice, Recipe, SourceTable
 from search.cli import main as search_main
 from tests.checkpoints import TinyFamily
@@ -110,6 +110,49 @@ def _recipe(method: str, family: TinyFamily) -> Recipe:
     if method == "passthrough_roles":
         # One model in place, a scale per layer group and role (written with role filters).
         return Recipe("passthrough", base, sources[:1], GROUPS, tensor_params={"scale": _table(0.5, 0.2, 0.1, 0, 1)})
+    return _new_recipe(method, base, sources)
+
+
+def _new_recipe(method: str, base: str, sources: tuple[str, ...]) -> Recipe:
+    """The methods added with the catalogue (issue 13), per-group and per-role values."""
+    flags = _global([(True,) * 5, (False,) * 5, (False, True, False, True, False)])
+    if method == "nearswap":  # deltas are ~2e-2: these t swap some entries and blend the rest
+        return Recipe(method, base, sources[:1], GROUPS,
+                      global_params={"t": _global([(0.005, 0.01, 0.02, 0.003, 0.008), (0.015,) * 5,
+                                                   (0.001, 0.03, 0.01, 0.02, 0.005)])})
+    if method in ("nuslerp", "nuslerp_nobase"):
+        return Recipe("nuslerp", base if method == "nuslerp" else None, sources[:2], GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, 2)},
+                      global_params={"nuslerp_flatten": flags,
+                                     "nuslerp_row_wise": _global([(False,) * 5, (True,) * 5,
+                                                                  (True, False, True, True, False)])})
+    if method in ("multislerp", "multislerp_nobase"):
+        # Two sources: tensors no source changed (zero task vectors; GPT-2's zero biases
+        # without a base) make mergekit fall back to lerp for two inputs and refuse three.
+        # Three inputs: tests/test_methods_catalogue.py against mergekit's function.
+        inputs = sources[:2]
+        return Recipe("multislerp", base if method == "multislerp" else None, inputs, GROUPS,
+                      tensor_params={"weight": _table(0.3, 0.1, 0.05, 0.2, len(inputs))},
+                      global_params={"normalize_weights": flags})
+    if method == "sce":
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"select_topk": _global([(0.3, 0.5, 1.0, 0.7, 0.2), (0.6,) * 5,
+                                                             (1.0, 0.25, 0.4, 0.9, 0.1)]),
+                                     "int8_mask": _global([(False,) * 5, (True,) * 5, (False,) * 5])})
+    if method == "karcher":  # mergekit ignores the base: written, not an input
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"max_iter": _global([(10.0,) * 5, (1.0, 3.0, 2.0, 10.0, 5.0), (4.0,) * 5]),
+                                     "tol": _global([(1e-5,) * 5, (1e-5,) * 5, (1e-3, 1e-5, 1e-4, 1e-5, 1e-2)])})
+    if method == "arcee_fusion":
+        return Recipe(method, base, sources[1:2], GROUPS)
+    epsilon = _global([(1e-5,) * 5, (0.01,) * 5, (0.02, 0.005, 0.01, 0.03, 1e-5)])
+    if method == "ram":
+        return Recipe(method, base, sources, GROUPS, global_params={"epsilon": epsilon})
+    if method == "ramplus_tl":
+        return Recipe(method, base, sources, GROUPS,
+                      global_params={"epsilon": epsilon,
+                                     "r": _global([(0.1,) * 5, (0.5, 0.2, 1.0, 0.3, 0.0), (0.8,) * 5]),
+                                     "alpha": _global([(0.2,) * 5, (0.05, 0.5, 1.0, 0.3, 0.1), (0.4,) * 5])})
     raise AssertionError(method)
 
 
@@ -163,6 +206,42 @@ def test_engine_matches_mergekit(method: str, family: TinyFamily, tmp_path: Path
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
 
 
+NEW_METHODS = ["nearswap", "nuslerp", "nuslerp_nobase", "multislerp", "multislerp_nobase", "sce",
+               "karcher", "arcee_fusion", "ram", "ramplus_tl"]
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_new_method_matches_mergekit_both_ways(method: str, family: TinyFamily, tmp_path: Path) -> None:
+    """Engine == mergekit's Python API on the exported YAML, the YAML imports back to the same
+    recipe, and ``search merge`` of that YAML writes the same tensors."""
+    recipe = _recipe(method, family)
+    layout = _layout(family)
+    ours = _engine(recipe)
+    text = recipe_to_mergekit(recipe, layout)
+    theirs = _mergekit(text, tmp_path / "mk")
+    assert_same_tensors(ours, theirs, layout)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    assert recipe_from_mergekit(config) == recipe
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), theirs, layout)
+
+
+@pytest.mark.parametrize("method,param", [("nearswap", "t"), ("sce", "select_topk"), ("ramplus_tl", "r")])
+def test_new_method_values_matter(method: str, param: str, llama_family: TinyFamily) -> None:
+    """Teeth for the new methods: one role's value changed in one group moves its tensors only."""
+    recipe = _recipe(method, llama_family)
+    table = [list(row) for row in recipe.global_params[param]]
+    table[1][ROLES.index("mlp")] = table[1][ROLES.index("mlp")] * 0.3
+    changed = Recipe(recipe.method, recipe.base, recipe.sources, recipe.groups, recipe.tensor_params,
+                     {**recipe.global_params, param: tuple(map(tuple, table))})
+    before, after = _engine(recipe), _engine(changed)
+    layout = _layout(llama_family)
+    moved = {name for name in before if not torch.allclose(before[name], after[name], rtol=RTOL, atol=ATOL)}
+    expected = {i.name for i in layout.tensors if i.role == "mlp" and i.layer in (1, 2)}
+    assert moved and moved <= expected
+
+
 def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:
     """The comparison has teeth: one role's weight changed in one group moves its tensors only."""
     recipe = _recipe("ties", llama_family)
@@ -179,8 +258,10 @@ def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:
     assert moved and moved <= expected
 
 
-def test_mergekit_yaml_command_line_agrees(llama_family: TinyFamily, tmp_path: Path) -> None:
-    recipe = _recipe("ties", llama_family)
+@pytest.mark.parametrize("method", ["ties", "nearswap", "nuslerp", "multislerp", "sce", "karcher",
+                                    "arcee_fusion", "ram", "ramplus_tl"])
+def test_mergekit_yaml_command_line_agrees(method: str, llama_family: TinyFamily, tmp_path: Path) -> None:
+    recipe = _recipe(method, llama_family)
     layout = _layout(llama_family)
     config = tmp_path / "recipe.yaml"
     config.write_text(recipe_to_mergekit(recipe, layout, header="golden test"))

@@ -246,6 +246,8 @@ def _recipes(draw: st.DrawFn, n_layers: int) -> Recipe:
     for name, default in spec.global_params.items():
         if default is None or draw(st.booleans()):
             value = st.booleans() if isinstance(default, bool) else _FLOATS
+            if spec.param(name).kind is int:  # karcher's max_iter
+                value = st.integers(0, 20)
             global_params[name] = tuple(draw(_row(value)) for _ in groups)
     return Recipe(method, base, sources, groups, tensor_params, global_params,
                   dtype=dtype, out_dtype=out_dtype, seed=seed)
@@ -376,7 +378,7 @@ _GOOD_SOURCES = f"""
         (f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union, pad_to_multiple_of: 0}}\n"
          f"models:{_GOOD_SOURCES}", "pad_to_multiple_of"),
         (f"merge_method: linear\ndtype: float32\nchat_template: chatml\nmodels:{_GOOD_SOURCES}", "chat_template"),
-        (f"merge_method: sce\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'sce' is not one the engine implements"),
+        (f"merge_method: frobnicate\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'frobnicate' is not one the engine implements"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}+/l/x+/l/y\n    parameters: {{weight: 1}}\n",
          "LoRA"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}@v2\n    parameters: {{weight: 1}}\n",

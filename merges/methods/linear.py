@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from merges.methods.fused import FusedJob
+from merges.methods.planning import BASE, Plan, TensorContext
+
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
            normalize: bool = True) -> torch.Tensor:
@@ -18,3 +21,20 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
     if normalize:
         result.div_(torch.tensor(list(weights), dtype=dtype, device=first.device).sum())
     return result.to(first.dtype)
+
+
+def plan(ctx: TensorContext) -> Plan:
+    """One fused pass; a source that is the base adds its weight to the base term."""
+    weights = ctx.tensor_values("weight")
+    normalize = bool(ctx.global_value("normalize"))
+    deltas, used, base_weight = [], [], None
+    for position in range(len(weights)):
+        model = ctx.model_of(position)
+        if model == BASE:
+            base_weight = weights[position] + (base_weight or 0.0)
+        else:
+            deltas.append(ctx.delta(model))
+            used.append(weights[position])
+    divisor = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return Plan(job=FusedJob(ctx.out, ctx.base, deltas, used, linear=True, base_weight=base_weight,
+                             normalize=normalize, divisor=divisor))

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from merges.methods.planning import Plan, TensorContext
+
 
 def model_stock(base: torch.Tensor, sources: Sequence[torch.Tensor], *,
                 filter_wise: bool = False) -> torch.Tensor:
@@ -35,3 +37,16 @@ def model_stock(base: torch.Tensor, sources: Sequence[torch.Tensor], *,
     t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
     average = sum(ws) / count
     return (t * average + (1 - t) * w_0).reshape(out_shape)
+
+
+def plan(ctx: TensorContext) -> Plan:
+    filter_wise = bool(ctx.global_value("filter_wise"))
+    shape, base = ctx.shape, ctx.base
+    assert base is not None
+    deltas = [ctx.delta(ctx.model_of(p)) for p in ctx.positions]
+
+    def compute() -> torch.Tensor:
+        sources = [(base + delta).view(shape) for delta in deltas]
+        return model_stock(base.view(shape), sources, filter_wise=filter_wise).reshape(-1)
+
+    return Plan(eager=compute)

@@ -1,15 +1,24 @@
-"""Which merge methods exist and which parameters each takes, with mergekit 0.1.5's defaults.
+"""The method catalogue: the one place that knows each merge method (mergekit 0.1.5 semantics).
 
-Read from mergekit's own registry (``merge_methods/registry.py`` and the methods' specs):
-``weight`` has no default (required) for linear and the task-vector family; ``ties`` and
-``della`` normalise by default, ``dare_*`` and ``della*`` rescale by default, ``slerp``
-requires ``t``. ``FAMILY`` says how each task-vector method sparsifies and combines.
-No torch here: writing a mergekit config (``search export``, the dashboard) reads this registry.
+Each entry of ``METHODS`` says what a method takes (per-source tensor parameters and
+global ones, their kinds, mergekit's defaults, the range a value must lie in and the
+natural range a search tries), how many sources it needs and whether it needs the base,
+whether it draws random masks, and which module plans its work for one tensor
+(``planner``: a module of this package with a ``plan(context)`` function, imported by the
+engine only). Read from mergekit's own registry (``merge_methods/registry.py`` and the
+methods' signatures): ``weight`` has no default (required) for linear and the task-vector
+family; ``ties`` and ``della`` normalise by default, ``dare_*`` and ``della*`` rescale by
+default, ``slerp`` requires ``t``.
+
+The genome derives its genes, the mergekit exporter / importer its parameter names, the
+baselines their untuned values from here. Adding a method is one module (its math and
+its planner) plus one line in ``METHODS``. No torch here: writing a mergekit config
+(``search export``, the dashboard) and parsing a study file read this catalogue.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +26,52 @@ from merges.errors import RecipeError
 from merges.recipe import Recipe
 
 REQUIRED = None  # a parameter default that means "the recipe must give it"
+EQUAL = "equal"  # an untuned value: 1 / number of sources (weights)
+
+Scalar = float | bool
+
+# mergekit's BasePolicy, as far as the engine needs it
+REQUIRED_BASE, OPTIONAL_BASE, IGNORED = "required", "optional", "ignored"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    ``per_source``: one value per input model (``Recipe.tensor_params``), else one shared
+    value (``Recipe.global_params``). ``kind``: float, int or bool. ``default``: mergekit's
+    (``REQUIRED``: the recipe must give it). ``limits``: the values that make sense
+    (inclusive; None: unbounded). ``search``: the natural range a search tries (None: not a
+    gene, only fixable). ``untuned``: the value a user tries first (a baseline's; ``EQUAL``
+    for equal weights).
+    """
+
+    name: str
+    per_source: bool
+    kind: type = float
+    default: Scalar | None = REQUIRED
+    limits: tuple[float | None, float | None] = (None, None)
+    search: tuple[float, float] | None = None
+    untuned: Scalar | str | None = None
+
+
+def _source(name: str, default: Scalar | None = REQUIRED, **kw: object) -> Param:
+    return Param(name, True, float, default, **kw)  # type: ignore[arg-type]
+
+
+def _global(name: str, default: Scalar | None = REQUIRED, kind: type | None = None,
+            **kw: object) -> Param:
+    kind = kind or (bool if isinstance(default, bool) else float)
+    return Param(name, False, kind, default, **kw)  # type: ignore[arg-type]
+
+
+UNIT = (0.0, 1.0)
+WEIGHT = _source("weight", search=UNIT, untuned=EQUAL)
+DENSITY = _source("density", 1.0, limits=UNIT, search=UNIT, untuned=0.5)
+T = _global("t", limits=UNIT, search=UNIT, untuned=0.5)
+LAMBDA = _global("lambda", 1.0, search=(0.0, 2.0), untuned=1.0)
+INT8_MASK = _global("int8_mask", False)
+RAM_EPSILON = _global("epsilon", 1e-5, limits=(0.0, None))
 
 
 @dataclass(frozen=True)
@@ -29,62 +84,104 @@ class TaskVectorFamily:
     default_rescale: bool
 
 
-FAMILY: dict[str, TaskVectorFamily] = {
-    "task_arithmetic": TaskVectorFamily(False, None, False, False),
-    "ties": TaskVectorFamily(True, "magnitude", True, False),
-    "dare_ties": TaskVectorFamily(True, "random", False, True),
-    "dare_linear": TaskVectorFamily(False, "random", False, True),
-    "breadcrumbs": TaskVectorFamily(False, "magnitude_outliers", False, False),
-    "breadcrumbs_ties": TaskVectorFamily(True, "magnitude_outliers", False, False),
-    "della": TaskVectorFamily(True, "della_magprune", True, True),
-    "della_linear": TaskVectorFamily(False, "della_magprune", False, True),
-}
-
-
 @dataclass(frozen=True)
 class MethodSpec:
-    """Parameters of one method. ``None`` as a default marks a required parameter."""
+    """One method: parameters, input contract, random draws, and its planner module."""
 
     name: str
-    tensor_params: dict[str, float | None] = field(default_factory=dict)  # one value per source
-    global_params: dict[str, float | bool | None] = field(default_factory=dict)
-    needs_base: bool = False
+    params: tuple[Param, ...]
+    planner: str  # module under merges.methods with ``plan(context) -> Plan``
+    base: str = IGNORED  # REQUIRED_BASE, OPTIONAL_BASE (used when the recipe has one) or IGNORED
     min_sources: int = 1  # non-base sources
     max_sources: int | None = None
     uses_layer_slices: bool = False
+    random: bool = False  # draws random masks (seeded per tensor; mergekit reproduces in distribution)
+    family: TaskVectorFamily | None = None  # the task-vector family's variant
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == REQUIRED_BASE
+
+    @property
+    def takes_base(self) -> bool:
+        """The base, when given, is an input of its own (mergekit lists it in every slice)."""
+        return self.base != IGNORED
+
+    @property
+    def tensor_params(self) -> dict[str, float | None]:
+        """Per-source parameters -> default (``REQUIRED``: none)."""
+        return {p.name: p.default for p in self.params if p.per_source}  # type: ignore[misc]
+
+    @property
+    def global_params(self) -> dict[str, Scalar | None]:
+        """Shared parameters -> default (``REQUIRED``: none)."""
+        return {p.name: p.default for p in self.params if not p.per_source}
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
 
     def tensor_default(self, name: str) -> float | None:
         return self.tensor_params[name]
 
-    def global_default(self, name: str) -> float | bool | None:
+    def global_default(self, name: str) -> Scalar | None:
         return self.global_params[name]
 
 
-def _task_vector_spec(name: str) -> MethodSpec:
-    family = FAMILY[name]
-    tensor: dict[str, float | None] = {"weight": REQUIRED, "density": 1.0}
+def _task_vector(name: str, family: TaskVectorFamily) -> MethodSpec:
+    # task_arithmetic takes a density (mergekit lists it) but drops nothing: not a gene
+    params = [WEIGHT, DENSITY if family.sparsification else _source("density", 1.0, limits=UNIT)]
     if family.sparsification == "magnitude_outliers":
-        tensor["gamma"] = 0.01
+        params.append(_source("gamma", 0.01))
     if family.sparsification == "della_magprune":
-        tensor["epsilon"] = 0.15
-    return MethodSpec(
-        name,
-        tensor_params=tensor,
-        global_params={"int8_mask": False, "normalize": family.default_normalize,
-                       "rescale": family.default_rescale, "lambda": 1.0},
-        needs_base=True,
-    )
+        params.append(_source("epsilon", 0.15))
+    params += [INT8_MASK, _global("normalize", family.default_normalize),
+               _global("rescale", family.default_rescale), LAMBDA]
+    return MethodSpec(name, tuple(params), "task_arithmetic", base=REQUIRED_BASE,
+                      random=family.sparsification in ("random", "della_magprune"), family=family)
 
 
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec("linear", {"weight": REQUIRED}, {"normalize": True}),
-    **{name: _task_vector_spec(name) for name in FAMILY},
-    "slerp": MethodSpec("slerp", {}, {"t": REQUIRED}, needs_base=True, min_sources=1,
-                        max_sources=1),
-    "model_stock": MethodSpec("model_stock", {}, {"filter_wise": False}, needs_base=True,
-                              min_sources=2),
-    "passthrough": MethodSpec("passthrough", {"scale": 1.0}, {}, max_sources=None,
-                              uses_layer_slices=True),
+def _methods(*specs: MethodSpec) -> dict[str, MethodSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+METHODS: dict[str, MethodSpec] = _methods(
+    MethodSpec("linear", (WEIGHT, _global("normalize", True)), "linear"),
+    _task_vector("task_arithmetic", TaskVectorFamily(False, None, False, False)),
+    _task_vector("ties", TaskVectorFamily(True, "magnitude", True, False)),
+    _task_vector("dare_ties", TaskVectorFamily(True, "random", False, True)),
+    _task_vector("dare_linear", TaskVectorFamily(False, "random", False, True)),
+    _task_vector("breadcrumbs", TaskVectorFamily(False, "magnitude_outliers", False, False)),
+    _task_vector("breadcrumbs_ties", TaskVectorFamily(True, "magnitude_outliers", False, False)),
+    _task_vector("della", TaskVectorFamily(True, "della_magprune", True, True)),
+    _task_vector("della_linear", TaskVectorFamily(False, "della_magprune", False, True)),
+    MethodSpec("slerp", (T,), "slerp", base=REQUIRED_BASE, max_sources=1),
+    MethodSpec("model_stock", (_global("filter_wise", False),), "model_stock", base=REQUIRED_BASE,
+               min_sources=2),
+    MethodSpec("passthrough", (_source("scale", 1.0),), "passthrough", uses_layer_slices=True),
+    MethodSpec("nearswap", (_global("t", limits=(0.0, None), search=(0.0, 0.01), untuned=0.001),),
+               "nearswap", base=REQUIRED_BASE, max_sources=1),
+    MethodSpec("nuslerp", (WEIGHT, _global("nuslerp_row_wise", False),
+                           _global("nuslerp_flatten", True)),
+               "nuslerp", base=OPTIONAL_BASE, min_sources=2, max_sources=2),
+    MethodSpec("multislerp", (WEIGHT, _global("normalize_weights", True), _global("eps", 1e-8)),
+               "multislerp", base=OPTIONAL_BASE),
+    MethodSpec("sce", (INT8_MASK, _global("select_topk", 1.0, limits=UNIT, search=UNIT,
+                                          untuned=0.5)),
+               "sce", base=REQUIRED_BASE),
+    MethodSpec("karcher", (_global("max_iter", 10, kind=int, limits=(0.0, None)),
+                           _global("tol", 1e-5, limits=(0.0, None))), "karcher"),
+    MethodSpec("arcee_fusion", (), "arcee_fusion", base=REQUIRED_BASE, max_sources=1, random=True),
+    MethodSpec("ram", (RAM_EPSILON,), "ram", base=REQUIRED_BASE),
+    MethodSpec("ramplus_tl", (_global("r", 0.1, limits=(0.0, None), search=UNIT, untuned=0.1),
+                              _global("alpha", 0.2, limits=(0.0, None), search=UNIT, untuned=0.2),
+                              RAM_EPSILON), "ram", base=REQUIRED_BASE),
+)
+
+FAMILY: dict[str, TaskVectorFamily] = {
+    name: spec.family for name, spec in METHODS.items() if spec.family is not None
 }
 
 
@@ -123,6 +220,11 @@ def validate_recipe(recipe: Recipe) -> None:
     for name, default in spec.global_params.items():
         if default is REQUIRED and name not in recipe.global_params:
             raise RecipeError(f"method {spec.name!r} needs global parameter {name!r}")
+    for param in spec.params:
+        table = recipe.global_params.get(param.name) if param.kind is int else None
+        bad = [v for row in table or () for v in row if isinstance(v, bool) or v != int(v)]
+        if bad:
+            raise RecipeError(f"method {spec.name!r}: {param.name} must be an integer, got {bad[0]!r}")
     if spec.needs_base and recipe.base is None:
         raise RecipeError(f"method {spec.name!r} needs a base model")
     if recipe.layer_slices and not spec.uses_layer_slices:
@@ -136,7 +238,8 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError("passthrough without layer slices takes exactly one source, "
                               f"got {len(recipe.sources)}")
         return
-    count = len(non_base_sources(recipe))
+    # a method that ignores the base (linear, karcher) takes a listed base as one more model
+    count = len(non_base_sources(recipe) if spec.takes_base else recipe.sources)
     if count < spec.min_sources or (spec.max_sources is not None and count > spec.max_sources):
         wanted = (f"exactly {spec.min_sources}" if spec.max_sources == spec.min_sources
                   else f"at least {spec.min_sources}")

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from merges.methods.fused import FusedJob
+from merges.methods.planning import Plan, TensorContext
+
 _CHUNK_ELEMENTS = 1024 * 1024  # mergekit's chunk: the chunked sums round the same way
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
@@ -85,3 +88,15 @@ def slerp_apply(t: float, geometry: SlerpGeometry, v0: torch.Tensor, v1: torch.T
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """mergekit's slerp of ``v0`` (the base, ``t = 0``) towards ``v1`` (``t = 1``)."""
     return slerp_apply(t, slerp_geometry(v0, v1), v0, v1)
+
+
+def plan(ctx: TensorContext) -> Plan:
+    """The angle is cached per tensor; a trial is one fused ``c0 * base + c1 * source`` pass."""
+    (position,) = ctx.positions
+    model = ctx.model_of(position)
+    base, delta = ctx.base, ctx.delta(model)
+    assert base is not None
+    geometry = ctx.cached(("slerp", ctx.name, model), lambda: slerp_geometry(base, base + delta))
+    c0, c1 = slerp_coefficients(float(ctx.global_value("t")), geometry)
+    return Plan(job=FusedJob(ctx.out, base, [delta], [float(c1)], linear=True,
+                             base_weight=float(c0)))

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
+from merges.errors import RecipeError
 from merges.methods import sparsify
+from merges.methods.fused import FusedJob
+from merges.methods.planning import Plan, RankKey, TensorContext
 from merges.methods.registry import FAMILY
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -90,3 +93,76 @@ def merge_task_vectors(method: str, base: torch.Tensor, sources: Sequence[torch.
     return combine(base, deltas, weights, consensus=family.consensus,
                    normalize=family.default_normalize if normalize is None else normalize,
                    lam=lam)
+
+
+def plan(ctx: TensorContext) -> Plan:
+    """One fused pass: each delta masked by a magnitude band or key window (no sort per
+    trial), weighted, optionally sign-elected, summed, normalised, scaled, added to the base.
+
+    Where equal magnitudes straddle a cut the engine fills in mergekit's sort positions
+    (``ranks``); rescaled items get their L1 factor from the engine (``rescale``).
+    """
+    family = ctx.spec.family
+    assert family is not None
+    weights = ctx.tensor_values("weight")
+    densities = ctx.tensor_values("density")
+    rescale = bool(ctx.global_value("rescale"))
+    normalize = bool(ctx.global_value("normalize"))
+    lam = float(ctx.global_value("lambda"))
+    name, numel, positions = ctx.name, ctx.numel, ctx.positions
+    models = [ctx.model_of(p) for p in positions]
+    deltas: list[torch.Tensor] = []
+    keys: list[torch.Tensor | None] = []
+    windows: list[tuple[int, int]] = []
+    to_rescale: list[int] = []
+    pending: list[tuple[int, RankKey]] = []
+    bands: list[sparsify.Band | None] = []
+    kind = family.sparsification
+    for item, (position, model) in enumerate(zip(positions, models, strict=True)):
+        delta = ctx.delta(model)
+        density = densities[position]
+        key, window, band = None, (0, 0), None
+        if kind == "magnitude" and density < 1:
+            count = sparsify.magnitude_keep_count(density, numel)
+            window = (0, count)
+            key = ctx.rank(("descending", name, model))
+            if key is None:
+                band = sparsify.magnitude_band(ctx.sorted_magnitudes(model), count)
+                if band is None:  # a tie at the cut: mergekit's sort order decides
+                    pending.append((item, ("descending", name, model)))
+        elif kind == "magnitude_outliers" and density < 1:
+            gamma = ctx.tensor_values("gamma")[position]
+            window = sparsify.outlier_window(density, gamma, numel)
+            key = ctx.rank(("ascending", name, model))
+            if key is None:
+                band = sparsify.outlier_band(ctx.sorted_magnitudes(model), *window)
+                if band is None:
+                    pending.append((item, ("ascending", name, model)))
+        elif kind == "random" and density < 1:
+            key = ctx.random_key(position, model)
+            window = (0, sparsify.key_threshold(density))
+        elif kind == "della_magprune" and density < 1:
+            epsilon = ctx.tensor_values("epsilon")[position]
+            if density <= 0:
+                delta = torch.zeros_like(delta)
+            else:
+                try:
+                    sparsify.check_della_bounds(density, epsilon, f"tensor {name!r}")
+                except ValueError as exc:
+                    raise RecipeError(str(exc)) from None
+                delta = ctx.della(position, model, density, epsilon, rescale)
+        masked = key is not None or band is not None or (pending and pending[-1][0] == item)
+        if masked and rescale and not (kind == "magnitude" and density <= 0):
+            to_rescale.append(item)
+        deltas.append(delta)
+        keys.append(key)
+        windows.append(window)
+        bands.append(band if key is None else None)
+    used = [weights[p] for p in positions]
+    divisor = float(torch.tensor(used, dtype=ctx.dtype).sum()) if used else 0.0
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    job = FusedJob(ctx.out, ctx.base, deltas, used, keys=keys, windows=windows, bands=bands,
+                   scales=[None] * len(deltas), consensus=family.consensus,
+                   normalize=normalize, divisor=divisor, lam=lam)
+    return Plan(job=job, rescale=to_rescale, ranks=pending)

@@ -1,0 +1,103 @@
+"""SCE (mergekit 0.1.5 ``sce``): select, calculate, erase.
+
+Keep the ``select_topk`` fraction of entries whose task vectors vary most across the
+models (of the entries that vary at all), weight each task vector by its mean square
+(share of the total), erase entries whose sign disagrees with the weighted majority
+(TIES' sum election), and add the weighted mean of what is left to the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merges.methods.planning import Plan, TensorContext
+
+
+def sce_mask(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype) -> torch.Tensor:
+    """mergekit's ``sce_mask``: the top ``density`` share of nonzero-variance entries."""
+    if density <= 0:
+        return torch.zeros_like(vectors[0], dtype=mask_dtype)
+    if density >= 1:
+        return torch.ones_like(vectors[0], dtype=mask_dtype)
+    var = torch.var(vectors, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * density)
+    if k == 0:
+        return torch.zeros_like(var, dtype=mask_dtype)
+    _, indices = torch.topk(var.abs().view(-1), k=k, largest=True)
+    mask = torch.zeros_like(var, dtype=mask_dtype)
+    mask.view(-1)[indices] = 1
+    return mask
+
+
+def sce_weight(vectors: torch.Tensor) -> torch.Tensor:
+    weights = vectors.square().reshape(vectors.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    if abs(total) < 1e-6:
+        return torch.ones_like(weights) / weights.shape[0]
+    return weights / total
+
+
+@dataclass(frozen=True)
+class VarianceOrder:
+    """Per tensor, independent of the recipe: each entry's position in the descending order of
+    the task vectors' variance (int32; mergekit's ``topk`` picks the first ``k``), and how many
+    entries vary at all."""
+
+    position: torch.Tensor
+    nonzero: int
+
+
+def variance_order(vectors: torch.Tensor) -> VarianceOrder:
+    var = torch.var(vectors, dim=0, unbiased=False).reshape(-1)
+    order = torch.argsort(var.abs(), descending=True, stable=True)
+    position = torch.empty_like(order, dtype=torch.int32)
+    position[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
+    return VarianceOrder(position, int(torch.count_nonzero(var)))
+
+
+def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: float = 1.0,
+        int8_mask: bool = False, order: VarianceOrder | None = None) -> torch.Tensor:
+    """mergekit's ``sce_merge`` on task vectors ``deltas`` (same order of operations); ``order``
+    (flat inputs) replaces the per-call variance ``topk`` by a lookup."""
+    if not deltas:
+        return base
+    mask_dtype = torch.int8 if int8_mask else base.dtype
+    vectors = torch.stack(list(deltas), dim=0)
+    if select_topk < 1:
+        if order is None:
+            mask = sce_mask(vectors, select_topk, mask_dtype)
+        else:
+            k = 0 if select_topk <= 0 else int(order.nonzero * select_topk)
+            mask = (order.position < k).to(mask_dtype)
+        vectors = vectors * mask.unsqueeze(0)
+    sign = vectors.sign().to(mask_dtype)
+    majority = (vectors.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    erase = sign == majority
+    weights = sce_weight(vectors)
+    while weights.dim() < vectors.dim():
+        weights = weights.unsqueeze(-1)
+    erased = weights * erase
+    merged = (vectors * erased).sum(dim=0)
+    return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def plan(ctx: TensorContext) -> Plan:
+    """Eager; the variance order is computed once per tensor (no ``topk`` per trial)."""
+    base = ctx.base
+    assert base is not None
+    models = tuple(ctx.model_of(p) for p in ctx.positions)
+    deltas = [ctx.delta(m) for m in models]
+    select_topk = float(ctx.global_value("select_topk"))
+    int8_mask = bool(ctx.global_value("int8_mask"))
+    order = None
+    if 0 < select_topk < 1 and deltas:
+        order = ctx.cached(("sce", ctx.name, models),
+                           lambda: variance_order(torch.stack(deltas, dim=0)))
+
+    def compute() -> torch.Tensor:
+        return sce(base, deltas, select_topk=select_topk, int8_mask=int8_mask, order=order)
+
+    return Plan(eager=compute)
