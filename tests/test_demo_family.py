@@ -26,8 +26,9 @@ from search.cli import main as search_main
 from search.config import load_study
 from search.errors import StudyConfigError
 from studies.demo_family import SHIPPED_ROOT, TASKS, DemoFamily, DemoFamilyError, verify_family
-from studies.demo_family.build import BuildTerminated, FamilyPlan, rebuild_family
+from studies.demo_family.build import FamilyPlan, rebuild_family
 from studies.demo_family.shipped import FAMILY_VERSION, MANIFEST, REQUIRED_FILES
+from studies.demo_family.stop import BuildTerminated
 from studies.demo_family.tasks import (
     POLICY_CURRENT,
     POLICY_OLD,

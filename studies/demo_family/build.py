@@ -17,14 +17,11 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import torch
 import transformers
@@ -42,6 +39,7 @@ from studies.demo_family.shipped import (
     DemoFamily,
     file_hashes,
 )
+from studies.demo_family.stop import raise_if_stopped, stop_on_signals
 from studies.demo_family.tasks import SLICE_ROWS, TASKS, TaskSplit, split_tasks
 from studies.demo_family.tokenizer import build_tokenizer
 from studies.demo_family.train import (
@@ -102,7 +100,7 @@ def rebuild_family(
     if root.exists() and not root.is_dir():
         raise DemoFamilyError(f"{root}: exists and is not a folder; cannot hold the demo family")
     started, started_cpu = time.perf_counter(), time.process_time()
-    with sigterm_raises(), build_lock(root):
+    with stop_on_signals(), build_lock(root):
         # Under the lock, leftovers are nobody's work in progress: a killed build's.
         for leftover in [*root.parent.glob(f".{root.name}.tmp-*"), *root.parent.glob(f".{root.name}.old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
@@ -110,6 +108,7 @@ def rebuild_family(
         temp.mkdir()
         try:
             build_family(temp, seed=seed, progress=progress, plan=plan)
+            raise_if_stopped()  # an interrupt swallowed while saving still cancels the build
             if root.exists():
                 stale = root.with_name(f".{root.name}.old-{os.getpid()}")
                 os.replace(root, stale)
@@ -297,28 +296,3 @@ def build_lock(root: Path) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
-
-
-class BuildTerminated(SystemExit):
-    """SIGTERM during a build: unwinds like Ctrl-C, so the temp folder and lock go."""
-
-
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`BuildTerminated` for the block (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN:
-        yield
-        return
-
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        raise BuildTerminated(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

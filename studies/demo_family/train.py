@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from studies.demo_family.stop import raise_if_stopped
 from studies.demo_family.tasks import Example, copy_example
 
 TRAIN_THREADS = 1  # fixed: reductions depend on it; on a tiny model more threads mostly spin
@@ -172,6 +173,7 @@ def train(
     model.train()
     with fixed_threads(TRAIN_THREADS):
         for step in range(schedule.steps):
+            raise_if_stopped()
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
             loss = answer_loss(model, next(stream))
