@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -27,12 +28,14 @@ from merges.recipe import Recipe
 from search import gate_record, ranking
 from search.annotate import attach_baseline_recipe
 from search.errors import SearchError
-from search.plan import StudyPlan
-from search.pool import WorkerPool, evaluate_all
-from search.progress import Progress
 from search.records import score_attrs, summarize_recipe
 from search.samplers import PENALTY_ATTR, penalty_for_baselines
-from search.worker import TrialOutcome
+
+if TYPE_CHECKING:  # the running part needs them; what baselines a study has stays light (no torch)
+    from search.plan import StudyPlan
+    from search.pool import WorkerPool
+    from search.progress import Progress
+    from search.worker import TrialOutcome
 
 SOURCE_PREFIX = "source:"
 UNIFORM = "uniform_linear"
@@ -122,6 +125,8 @@ def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progre
     hides ``kind = "baseline"`` trials), so they cannot enter CMA-ES's update as if it had
     proposed them, nor break the intersection search space of TPE/GP/NSGA-II.
     """
+    from search.pool import evaluate_all
+
     config = plan.config
     stored = ranking.baseline_trials(study.get_trials(deepcopy=False))
     missing = [
