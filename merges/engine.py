@@ -13,7 +13,16 @@ computed once per engine, lazily, on the first recipe that needs it:
 * DARE / DELLA: uniform int32 keys per entry from a ``torch.Generator`` seeded by a
   stable hash of (recipe seed, tensor name, source position); one seed is cached;
 * per delta, its L1 norm (for ``rescale``); DELLA's in-row rank positions; per tensor,
-  the slerp angle between the base and the other model.
+  the slerp angle between the base and the other model;
+* per source, its own tensors again (``_exact_source``) for the methods that take whole
+  models rather than deltas (linear, slerp, model_stock, passthrough): ``base + (source -
+  base)`` is not always ``source`` in floating point, and mergekit sums the sources
+  themselves, so only they give its result bit for bit.
+
+Dtypes follow mergekit 0.1.5: every input is read in the recipe's ``dtype`` (mergekit casts
+at load); linear, slerp and passthrough accumulate in float32 and round once into that
+dtype; model_stock and the task-vector family compute in that dtype; ``out_dtype`` is one
+more rounding of the result (mergekit's save).
 
 A trial is then one fused elementwise pass per tensor (``merges.methods.fused``): a C
 kernel on CPU split over a thread pool, or chunked torch operations on other devices
@@ -23,7 +32,8 @@ make one more pass over the kept entries to get their L1 norm.
 Memory bound (N parameters, K sources, float32): ``resident = 4 N (1 + K)`` bytes for
 base and deltas, plus ``4 N K`` for the sorted magnitudes once TIES / breadcrumbs run,
 plus ``4 N K`` of random keys for the DARE seed in use (DELLA adds ``4 N K`` of row
-positions), plus ``4`` bytes per entry of tensors whose cut is tied. During a trial
+positions), plus ``4`` bytes per entry of tensors whose cut is tied, plus ``4 N K`` (the
+dtype's size) of the sources themselves once linear, slerp, model_stock or passthrough run. During a trial
 ``merge_into`` allocates nothing model-sized: it writes into the live parameters, with a
 temporary only for a parameter whose dtype or device differs from the engine's.
 ``materialize`` allocates its output (N entries). DELLA and model_stock build per-tensor
@@ -53,6 +63,7 @@ from merges.methods.fused import (
     masked_l1_many,
     native_library,
     native_supports,
+    opmath_dtype,
     run_eager,
     run_native_many,
 )
@@ -141,6 +152,7 @@ class MergeEngine:
         self._della_position: dict[str, list[torch.Tensor]] = {}
         self._l1: dict[tuple[str, int], float] = {}
         self._slerp: dict[tuple[str, int], SlerpGeometry] = {}
+        self._exact: dict[tuple[str, int], torch.Tensor] = {}  # (name, source): its own values
 
     # -- public ---------------------------------------------------------------------
 
@@ -160,7 +172,7 @@ class MergeEngine:
         """Bytes of every tensor the engine holds (inputs and cached statistics)."""
         tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
                                        *self._random.values(), *self._ascending.values(),
-                                       *self._rank.values()]
+                                       *self._rank.values(), *self._exact.values()]
         for group in (self._deltas, self._della_position):
             for per_source in group.values():
                 tensors.extend(per_source)
@@ -429,12 +441,21 @@ class MergeEngine:
             numel *= size
         return numel
 
-    def _tensor_of(self, name: str, model: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(base, delta)`` whose sum (a missing part is zero) is ``model``'s tensor."""
-        base = self._base.get(name)
+    def _exact_source(self, name: str, model: int) -> torch.Tensor:
+        """``model``'s own tensor (flat, arithmetic dtype): the base, a source without a base
+        (its delta is itself), or on first use every tensor of that source read again."""
         if model == BASE:
-            return base, None
-        return base, self._deltas[name][model]
+            return self._base[name]
+        if self._base_ckpt is None:
+            return self._deltas[name][model]
+        found = self._exact.get((name, model))
+        if found is None:
+            checkpoint = self._sources[model]
+            for n in self._deltas:
+                if (n, model) not in self._exact:
+                    self._exact[(n, model)] = self._read(checkpoint, n).clone()  # own memory
+            found = self._exact[(name, model)]
+        return found
 
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         spec = METHODS[recipe.method]
@@ -475,13 +496,10 @@ class MergeEngine:
         if not self._floating[name]:
             fixed = self._fixed[name]
             return _Work(target, out, eager=lambda: fixed)
-        if recipe.method == "passthrough":
+        if recipe.method == "passthrough":  # mergekit: tensor * scale, rounded once
             assert target.model is not None
-            base, delta = self._tensor_of(name, target.model)
-            if delta is None:
-                job = FusedJob(out, base, [], [], linear=True, base_weight=target.scale)
-            else:
-                job = FusedJob(out, base, [delta], [target.scale], linear=True)
+            job = FusedJob(out, None, [self._exact_source(name, target.model)], [target.scale],
+                           linear=True)
             return _Work(target, out, job=job)
         cell = self._cell(recipe, target.info)
         if recipe.method == "linear":
@@ -497,17 +515,13 @@ class MergeEngine:
         name = target.info.name
         weights = self._tensor_values(recipe, spec, "weight", cell)
         normalize = bool(self._global(recipe, spec, "normalize", cell))
-        deltas, used, base_weight = [], [], None
-        for position, path in enumerate(recipe.sources):
-            model = self._model_of(path, "source")
-            if model == BASE:
-                base_weight = weights[position] + (base_weight or 0.0)
-            else:
-                deltas.append(self._deltas[name][model])
-                used.append(weights[position])
-        divisor = float(torch.tensor(list(weights), dtype=torch.float32).sum())
-        job = FusedJob(out, self._base.get(name), deltas, used, linear=True,
-                       base_weight=base_weight, normalize=normalize, divisor=divisor)
+        # mergekit: the sources themselves in the recipe's order, each added with addcmul_
+        # into a float32 sum, divided by the float32 sum of all weights
+        sources = [self._exact_source(name, self._model_of(path, "source")) for path in recipe.sources]
+        op = opmath_dtype(self._dtype)
+        divisor = float(torch.tensor([list(weights)], dtype=op).sum(dim=1))
+        job = FusedJob(out, None, sources, list(weights), linear=True, normalize=normalize,
+                       divisor=divisor, fma=True)
         return _Work(target, out, job=job)
 
     def _slerp_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
@@ -517,13 +531,13 @@ class MergeEngine:
         model = self._model_of(recipe.sources[position], "source")
         t = float(self._global(recipe, spec, "t", cell))
         geometry = self._slerp.get((name, model))
-        base = self._base[name]
+        base, other = self._base[name], self._exact_source(name, model)
         if geometry is None:
-            geometry = slerp_geometry(base, base + self._deltas[name][model])
+            geometry = slerp_geometry(base, other)
             self._slerp[(name, model)] = geometry
         c0, c1 = slerp_coefficients(t, geometry)
-        job = FusedJob(out, base, [self._deltas[name][model]], [float(c1)], linear=True,
-                       base_weight=float(c0))
+        # mergekit: c0 * base + c1 * other in float32 (two products, one sum), rounded once
+        job = FusedJob(out, None, [base, other], [float(c0), float(c1)], linear=True)
         return _Work(target, out, job=job)
 
     def _model_stock_work(self, recipe: Recipe, spec: MethodSpec, target: _Target,
@@ -535,7 +549,7 @@ class MergeEngine:
         models = [self._model_of(recipe.sources[p], "source") for p in non_base_sources(recipe)]
 
         def compute() -> torch.Tensor:
-            sources = [(base + self._deltas[name][m]).view(shape) for m in models]
+            sources = [self._exact_source(name, m).view(shape) for m in models]
             return model_stock(base.view(shape), sources, filter_wise=filter_wise).reshape(-1)
 
         return _Work(target, out, eager=compute)
