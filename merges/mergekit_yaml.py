@@ -570,19 +570,19 @@ def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
     return params
 
 
-def _read_source(source: str | Path) -> tuple[str, str, Path]:
-    """(text, name for messages, folder that relative model paths are relative to)."""
+def _read_source(source: str | Path) -> tuple[str, str]:
+    """(text, name for messages)."""
     is_file = isinstance(source, Path) or (
         "\n" not in source and (source.strip().endswith((".yaml", ".yml")) or Path(source).is_file())
     )
     if not is_file:
-        return str(source), "<mergekit yaml>", Path.cwd()
+        return str(source), "<mergekit yaml>"
     path = Path(source).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UnsupportedConfigError(f"{path}: cannot read mergekit config: {exc.strerror}") from exc
-    return text, str(path), path.absolute().parent
+    return text, str(path)
 
 
 def recipe_from_mergekit(
@@ -594,14 +594,16 @@ def recipe_from_mergekit(
 ) -> Recipe:
     """The recipe a mergekit 0.1.5 config describes, or ``UnsupportedConfigError`` with the reason.
 
-    ``source`` is a YAML file path or the YAML text. Relative model paths resolve against
-    ``base_dir`` (default: the YAML's folder, or the working folder for text). ``layout``
+    ``source`` is a YAML file path or the YAML text. Relative model paths resolve as
+    mergekit 0.1.5 resolves them (``ModelReference.local_path``: the path as written, so
+    against the folder it runs in, not the YAML's) against ``base_dir``: the folder
+    ``mergekit-yaml`` would run in (default: the current folder). ``layout``
     is the base's layer map; by default it is read from the base checkpoint (or the first
     model's), as are the tensor dtypes when the config sets no ``dtype``; ``allow_pickle``
     lets those reads open pickle weights.
     """
-    text, where, folder = _read_source(source)
-    root = (base_dir or folder).expanduser().absolute()
+    text, where = _read_source(source)
+    root = (base_dir or Path.cwd()).expanduser().absolute()
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -695,7 +697,9 @@ def _model_path(raw: object, where: str, root: Path) -> str:
         raise UnsupportedConfigError(f"{where}: {raw!r} names a LoRA (model+lora); not supported")
     if "@" in raw:
         raise UnsupportedConfigError(f"{where}: {raw!r} names a revision (model@rev); not supported")
-    path = Path(raw).expanduser()
+    # as written, like mergekit (no ``~`` expansion: mergekit takes "~/m" for a Hub id);
+    # a name that is no folder there is a Hub id to mergekit: opening it fails, naming it
+    path = Path(raw)
     return str(path) if path.is_absolute() else str(Path(root, path))
 
 

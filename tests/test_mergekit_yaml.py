@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -347,14 +348,64 @@ models:
     assert recipe.tensor_values("weight", 1, "mlp") == (want,)
 
 
-def test_relative_model_paths_resolve_against_the_yaml_folder(tmp_path: Path, llama_layout: Layout) -> None:
+def test_relative_model_paths_resolve_against_the_working_folder(tmp_path: Path, llama_layout: Layout,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """As mergekit's ``ModelReference.local_path``: the path as written, from where it runs."""
     config = tmp_path / "cfg" / "merge.yaml"
-    config.parent.mkdir()
-    config.write_text("merge_method: linear\ndtype: float32\nmodels:\n  - model: ../m/a\n"
-                      "    parameters: {weight: 1.0}\n")
-    assert recipe_from_mergekit(config, layout=llama_layout).sources == (str(config.parent / "../m/a"),)
+    (config.parent / "a").mkdir(parents=True)  # a decoy beside the YAML
+    run = tmp_path / "run"
+    (run / "a").mkdir(parents=True)
+    monkeypatch.chdir(run)
+    config.write_text("merge_method: linear\ndtype: float32\nmodels:\n  - model: a\n"
+                      "    parameters: {weight: 1.0}\n  - model: ../m/b\n    parameters: {weight: 1.0}\n"
+                      "  - model: ~/c\n    parameters: {weight: 1.0}\n")
+    # "~/c" stays as written: mergekit does not expand it (it takes it for a Hub id)
+    want = (str(run / "a"), str(run / "../m/b"), str(run / "~/c"))
+    assert recipe_from_mergekit(config, layout=llama_layout).sources == want
+    assert recipe_from_mergekit(config.read_text(), layout=llama_layout).sources == want
     other = tmp_path / "elsewhere"
-    assert recipe_from_mergekit(config, base_dir=other, layout=llama_layout).sources == (str(other / "../m/a"),)
+    assert recipe_from_mergekit(config, base_dir=other, layout=llama_layout).sources[0] == str(other / "a")
+
+
+@pytest.mark.slow
+def test_search_merge_reads_the_models_mergekit_reads_despite_a_decoy(
+        llama_family: TinyFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders named like the config's models exist both beside the YAML (other models) and
+    in the working folder: ``search merge`` and mergekit both merge the working folder's."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    from search.cli import main as search_main
+
+    run, beside = tmp_path / "run", tmp_path / "cfg"
+    run.mkdir()
+    beside.mkdir()
+    real = {"base": llama_family.base, "m0": llama_family.sources[0], "m1": llama_family.sources[1]}
+    decoy = {"base": llama_family.base, "m0": llama_family.sources[2], "m1": llama_family.sources[0]}
+    for name in real:
+        (run / name).symlink_to(real[name], target_is_directory=True)
+        (beside / name).symlink_to(decoy[name], target_is_directory=True)
+    config = beside / "merge.yaml"
+    config.write_text("merge_method: task_arithmetic\nbase_model: base\ndtype: float32\nmodels:\n"
+                      "  - model: m0\n    parameters: {weight: 0.7}\n"
+                      "  - model: m1\n    parameters: {weight: 0.4}\n")
+    monkeypatch.chdir(run)
+    assert recipe_from_mergekit(config).sources == (str(run / "m0"), str(run / "m1"))
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    mergekit_config = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
+    run_merge(mergekit_config, str(tmp_path / "theirs"), MergeOptions(quiet=True, write_model_card=False))
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    layout = open_checkpoint(llama_family.base).layout
+    names = [n for n in theirs if not layout.is_tied_head(n)]
+    assert names and all(torch.equal(ours[n], theirs[n]) for n in names)
+    # run from beside the YAML, the decoys are merged: other tensors (the check can fail)
+    monkeypatch.chdir(beside)
+    assert search_main(["merge", str(config), str(tmp_path / "decoyed")]) == 0
+    decoyed = load_file(tmp_path / "decoyed" / "model.safetensors")
+    assert any(not torch.equal(decoyed[n], theirs[n]) for n in names)
 
 
 _GOOD_SOURCES = f"""
