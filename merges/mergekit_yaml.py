@@ -11,7 +11,9 @@ mergekit 0.1.5 does (source > slice > top level; filters by substring, first mat
 gradients interpolated per layer with mergekit's own formula; tensors outside the
 layers take the first slice's values for the embeddings and the last slice's for the
 final norm and head, both at ``t = 0``). Whatever the engine cannot reproduce exactly
-raises :class:`UnsupportedConfigError` with the reason; nothing is approximated.
+raises :class:`UnsupportedConfigError` with the reason; nothing is approximated. What
+mergekit accepts but ignores (a parameter its method does not declare, such as ``weight``
+on ``slerp``) is accepted and named in an :class:`IgnoredConfigWarning`.
 
 The few recipe facts that change no tensor and have no mergekit key (the seed of DARE /
 DELLA masks, passthrough sources no slice uses, the layer-slice form of a passthrough that
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,9 @@ CATCH_ALL_ROLE = "norm"
 """The role of tensors no filter matches (in-layer norms)."""
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+
+class IgnoredConfigWarning(UserWarning):
+    """A mergekit config entry that mergekit 0.1.5 accepts and ignores (so does the import)."""
 
 # Facts of a recipe that change no tensor and that mergekit has no key for (the DARE seed,
 # passthrough sources no slice uses, the layer-slice form of an in-place passthrough) ride
@@ -863,18 +869,22 @@ def _check_parameter_names(slices: Sequence[_Slice], top: Parameters, method: st
     for sl in slices:
         scopes.append((f"{sl.where}.parameters", sl.parameters, False))
         scopes += [(f"{sl.where} ({s.model}).parameters", s.parameters, True) for s in sl.sources]
+    # mergekit 0.1.5 resolves only the parameters its method declares, and a shared one
+    # only from slice and top-level parameters: anything else changes nothing there, so it
+    # is accepted here too (it is not in the recipe), with a warning naming it
     for here, scope, is_source in scopes:
         for name in scope:
             if name not in params:
-                raise UnsupportedConfigError(
-                    f"{here}: {name!r} is not a parameter of {method} (known: {sorted(params)}; "
-                    "mergekit would ignore it)"
-                )
-            if is_source and not params[name].per_source:
-                raise UnsupportedConfigError(
-                    f"{here}: {name!r} is shared by all models; mergekit ignores it in a source's "
-                    "parameters (put it in the slice's or the top-level parameters)"
-                )
+                _warn(f"{here}: {name!r} is not a parameter of {method} (known: {sorted(params)}); "
+                      "ignored, as mergekit ignores it")
+            elif is_source and not params[name].per_source:
+                _warn(f"{here}: {name!r} is shared by all models and a source's parameters do not "
+                      "set it; ignored, as mergekit ignores it (put it in the slice's or the "
+                      "top-level parameters)")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, IgnoredConfigWarning, stacklevel=2)
 
 
 def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, base: str | None,

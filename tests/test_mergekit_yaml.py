@@ -439,10 +439,6 @@ _GOOD_SOURCES = f"""
          f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
          f"      - {{model: {BASE}, layer_range: [2, 4]}}\n",
          "every source of a slice must use the slice's own output range"),
-        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
-         "    parameters: {weight: 1.0, lambda: 2.0}\n", "shared by all models"),
-        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
-         "    parameters: {weight: 1.0, wieght: 2.0}\n", "'wieght' is not a parameter of ties"),
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n",
          r"missing required parameter\(s\) \['weight'\]"),
         (f"merge_method: linear\ndtype: float32\nmodules: {{}}\nmodels:{_GOOD_SOURCES}", "per-module"),
@@ -454,6 +450,42 @@ _GOOD_SOURCES = f"""
 def test_unsupported_configs_are_refused_with_the_reason(text: str, reason: str, llama_layout: Layout) -> None:
     with pytest.raises(UnsupportedConfigError, match=reason):
         recipe_from_mergekit(text, layout=llama_layout)
+
+
+@pytest.mark.parametrize(
+    ("text", "clean", "named"),
+    [
+        # mergekit's own slerp / model_stock tests pass a weight; neither method declares one
+        (f"merge_method: slerp\nbase_model: {BASE}\ndtype: float16\nparameters: {{t: 0.3}}\nmodels:\n"
+         f"  - model: {A}\n    parameters: {{weight: 0.5}}\n  - model: {BASE}\n    parameters: {{weight: 0.5}}\n",
+         f"merge_method: slerp\nbase_model: {BASE}\ndtype: float16\nparameters: {{t: 0.3}}\nmodels:\n"
+         f"  - model: {A}\n  - model: {BASE}\n", ["'weight' is not a parameter of slerp"]),
+        (f"merge_method: model_stock\nbase_model: {BASE}\ndtype: bfloat16\nmodels:\n"
+         f"  - model: {A}\n    parameters: {{weight: 1.0}}\n  - model: {B}\n    parameters: {{weight: 1.0}}\n"
+         f"  - model: {BASE}\n",
+         f"merge_method: model_stock\nbase_model: {BASE}\ndtype: bfloat16\nmodels:\n"
+         f"  - model: {A}\n  - model: {B}\n  - model: {BASE}\n", ["'weight' is not a parameter of model_stock"]),
+        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\n"
+         f"models:\n  - model: {A}\n    parameters: {{weight: 1.0, wieght: 2.0, lambda: 2.0}}\n",
+         f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
+         "    parameters: {weight: 1.0}\n",
+         ["'wieght' is not a parameter of ties",
+          "'lambda' is shared by all models"]),
+    ],
+)
+def test_parameters_mergekit_ignores_are_accepted_with_a_warning(text: str, clean: str, named: list[str],
+                                                                  llama_layout: Layout) -> None:
+    from mergekit.config import MergeConfiguration
+
+    from merges.mergekit_yaml import IgnoredConfigWarning
+
+    MergeConfiguration.model_validate(yaml.safe_load(text))  # mergekit takes the config as it is
+    with pytest.warns(IgnoredConfigWarning) as caught:
+        recipe = recipe_from_mergekit(text, layout=llama_layout)
+    messages = [str(w.message) for w in caught]
+    for name in named:
+        assert any(name in m for m in messages), (name, messages)
+    assert recipe == recipe_from_mergekit(clean, layout=llama_layout)
 
 
 def test_without_dtype_the_stored_float32_is_used(llama_family: TinyFamily) -> None:
