@@ -642,7 +642,7 @@ def recipe_from_mergekit(
         models = _model_list(data["models"], where, root)
         first_model = first_model or models[0][0]
     else:
-        slices = _slice_list(data["slices"], where, root, base)
+        slices = _slice_list(data["slices"], where, root, base, method, spec)
         first_model = first_model or slices[0].sources[0].model
 
     checkpoint_layout, opened = _checkpoint_facts(first_model, layout, dtype is None, allow_pickle, where)
@@ -738,7 +738,8 @@ def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, Paramete
     return out
 
 
-def _slice_list(raw: object, where: str, root: Path, base: str | None) -> list[_Slice]:
+def _slice_list(raw: object, where: str, root: Path, base: str | None, method: str,
+                spec: MethodSpec) -> list[_Slice]:
     if not isinstance(raw, list) or not raw:
         raise UnsupportedConfigError(f"{where}: slices: expected a non-empty list")
     out = []
@@ -751,8 +752,17 @@ def _slice_list(raw: object, where: str, root: Path, base: str | None) -> list[_
             raise UnsupportedConfigError(f"{here}: unknown key(s) {extra}")
         if entry.get("residual_weight") is not None:
             raise UnsupportedConfigError(f"{here}: residual_weight is not supported")
-        if entry.get("base_model") is not None and _model_path(entry["base_model"], here, root) != base:
-            raise UnsupportedConfigError(f"{here}: a per-slice base_model different from the top-level one is not supported")
+        slice_base = entry.get("base_model")
+        if slice_base is not None and _model_path(slice_base, f"{here}.base_model", root) != base:
+            # mergekit 0.1.5 (ConfigReader.base_model) merges this slice's layers against it;
+            # linear and passthrough ignore any base (BasePolicy.IGNORED)
+            if spec.needs_base:
+                raise UnsupportedConfigError(
+                    f"{here}: base_model {slice_base!r} differs from the top-level one ({base!r}); "
+                    f"mergekit takes {method}'s task vectors of this slice's layers against it, the "
+                    "engine merges every layer against one base"
+                )
+            _warn(f"{here}: base_model {slice_base!r} is ignored, as mergekit ignores a base for {method}")
         if not isinstance(entry["sources"], list) or not entry["sources"]:
             raise UnsupportedConfigError(f"{here}: sources: expected a non-empty list")
         sources = []

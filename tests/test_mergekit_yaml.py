@@ -441,6 +441,10 @@ _GOOD_SOURCES = f"""
          "every source of a slice must use the slice's own output range"),
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n",
          r"missing required parameter\(s\) \['weight'\]"),
+        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nslices:\n  - base_model: {B}\n    sources:\n"
+         f"      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {B}, layer_range: [0, 4]}}\n",
+         "base_model '/models/b' differs from the top-level one.*against one base"),
         (f"merge_method: linear\ndtype: float32\nmodules: {{}}\nmodels:{_GOOD_SOURCES}", "per-module"),
         (f"merge_method: linear\ndtype: float32\nslices:\n  - sources:\n"
          f"      - {{model: {A}, layer_range: [0, 3], parameters: {{weight: 1.0}}}}\n",
@@ -450,6 +454,20 @@ _GOOD_SOURCES = f"""
 def test_unsupported_configs_are_refused_with_the_reason(text: str, reason: str, llama_layout: Layout) -> None:
     with pytest.raises(UnsupportedConfigError, match=reason):
         recipe_from_mergekit(text, layout=llama_layout)
+
+
+def test_a_per_slice_base_is_ignored_where_mergekit_ignores_it(llama_layout: Layout) -> None:
+    """linear takes no base (mergekit's BasePolicy.IGNORED): a slice's own base_model changes nothing."""
+    body = (f"  - sources:\n      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 0.3}}}}\n"
+            f"      - {{model: {B}, layer_range: [0, 4], parameters: {{weight: 0.7}}}}\n")
+    text = f"merge_method: linear\nbase_model: {BASE}\ndtype: float32\nslices:\n" + body.replace(
+        "  - sources:", f"  - base_model: {C}\n    sources:")
+    from merges.mergekit_yaml import IgnoredConfigWarning
+
+    with pytest.warns(IgnoredConfigWarning, match="base_model '/models/c' is ignored"):
+        recipe = recipe_from_mergekit(text, layout=llama_layout)
+    clean = f"merge_method: linear\nbase_model: {BASE}\ndtype: float32\nslices:\n" + body
+    assert recipe == recipe_from_mergekit(clean, layout=llama_layout)
 
 
 @pytest.mark.parametrize(
