@@ -619,9 +619,9 @@ def recipe_from_mergekit(
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
     if unknown:
         raise UnsupportedConfigError(f"{where}: unknown top-level key(s) {unknown}")
-    for key, reason in (("modules", "per-module configs"), ("chat_template", "chat_template changes")):
-        if data.get(key) is not None:
-            raise UnsupportedConfigError(f"{where}: {key}: {reason} are not supported by the engine")
+    if data.get("modules") is not None:
+        raise UnsupportedConfigError(f"{where}: modules: per-module configs are not supported by the engine")
+    # chat_template changes no tensor: mergekit_chat_template resolves it for the saved tokenizer
     _check_tokenizer(data, where)
 
     method = data.get("merge_method")
@@ -671,6 +671,49 @@ def recipe_from_mergekit(
     except MergeError as exc:
         raise UnsupportedConfigError(f"{where}: {exc}") from exc
     return recipe
+
+
+def mergekit_chat_template(source: str | Path, recipe: Recipe) -> str | None:
+    """The chat template mergekit 0.1.5 writes into the merged tokenizer for this config, or None.
+
+    As ``mergekit.merge._set_chat_template``: ``auto`` is the most common template among
+    the models' tokenizers (the base first, then the sources; none: no template), a
+    short name is one of mergekit's bundled templates (``chatml``, ``llama3``, ...),
+    anything else is the template text itself. mergekit sets it on the tokenizer it saves
+    (the one ``tokenizer_source`` builds, else the base's, reloaded and saved again rather
+    than copied: ``_copy_tokenizer``). ``recipe`` is the config's :func:`recipe_from_mergekit`.
+    """
+    text, where = _read_source(source)
+    data = yaml.safe_load(text)
+    template = data.get("chat_template") if isinstance(data, Mapping) else None
+    if template is None:
+        return None
+    if not isinstance(template, str) or not template:
+        raise UnsupportedConfigError(f"{where}: chat_template: expected a name or a template, got {template!r}")
+    if template == "auto":
+        from collections import Counter
+
+        found = []
+        for model in dict.fromkeys(m for m in (recipe.base, *recipe.sources) if m is not None):
+            config = Path(model) / "tokenizer_config.json"
+            jinja = Path(model) / "chat_template.jinja"
+            value = jinja.read_text(encoding="utf-8") if jinja.is_file() else (
+                json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None)
+            if isinstance(value, dict):
+                value = value.get("default")
+            if value:
+                found.append(value.strip())
+        return Counter(found).most_common(1)[0][0] if found else None
+    if len(template) < 256 and "\n" not in template and "{" not in template:
+        from importlib.resources import files
+
+        bundled = files("mergekit._data.chat_templates").joinpath(f"{template}.jinja")
+        if bundled.is_file():
+            return bundled.read_text(encoding="utf-8")
+    if len(template) < 20 or "{" not in template:
+        raise UnsupportedConfigError(f"{where}: chat_template {template!r} is neither one of mergekit's "
+                                     "named templates nor a template (mergekit refuses it too)")
+    return template
 
 
 def _check_tokenizer(data: Mapping[str, object], where: str) -> None:

@@ -424,7 +424,6 @@ _GOOD_SOURCES = f"""
          "q_proj.*attention tensors of one layer group"),
         (f"merge_method: linear\ndtype: float32\ntokenizer_source: union\nmodels:{_GOOD_SOURCES}", "union"),
         (f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union}}\nmodels:{_GOOD_SOURCES}", "union"),
-        (f"merge_method: linear\ndtype: float32\nchat_template: chatml\nmodels:{_GOOD_SOURCES}", "chat_template"),
         (f"merge_method: sce\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'sce' is not one the engine implements"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}+/l/x\n    parameters: {{weight: 1}}\n",
          "LoRA"),
@@ -530,3 +529,53 @@ def test_a_header_cannot_change_the_recorded_seed(llama_layout: Layout, tmp_path
     config = tmp_path / "recipe.txt"  # a path given as a string, whatever its suffix
     config.write_text(text)
     assert recipe_from_mergekit(str(config), layout=llama_layout) == recipe
+
+
+# -- chat_template -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("template", "tokenizer_source"), [
+    ("chatml", True), ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", True), ("llama3", False),
+    ("auto", False),  # no model's tokenizer has one: none is written
+])
+def test_chat_template_is_written_as_mergekit_writes_it(template: str, tokenizer_source: bool,
+                                                        llama_family: TinyFamily, tmp_path: Path) -> None:
+    """mergekit sets the template on the tokenizer it saves: the one ``tokenizer_source``
+    builds, else the base's, saved again with ``save_pretrained``."""
+    import transformers
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from search.cli import main as search_main
+
+    text = (f"merge_method: linear\nbase_model: {llama_family.base}\ndtype: float32\nmodels:\n"
+            f"  - model: {llama_family.base}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {llama_family.sources[0]}\n    parameters: {{weight: 0.5}}\n"
+            + yaml.safe_dump({"chat_template": template}) + ("tokenizer_source: base\n" if tokenizer_source else ""))
+    config = tmp_path / "merge.yaml"
+    config.write_text(text)
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "theirs"),
+              MergeOptions(quiet=True, write_model_card=False))
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").chat_template
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "theirs").chat_template
+    assert ours == theirs
+    assert (ours is None) == (template == "auto")
+    if template == "chatml":
+        assert "<|im_start|>" in ours
+    if template.startswith("{%"):
+        assert ours == template
+
+
+def test_a_chat_template_mergekit_refuses_is_refused(llama_family: TinyFamily) -> None:
+    from merges.mergekit_yaml import mergekit_chat_template
+
+    text = (f"merge_method: linear\nbase_model: {llama_family.base}\ndtype: float32\ntokenizer_source: base\n"
+            "chat_template: nosuchname\n"
+            f"models:\n  - model: {llama_family.base}\n    parameters: {{weight: 1.0}}\n"
+            f"  - model: {llama_family.sources[0]}\n    parameters: {{weight: 1.0}}\n")
+    recipe = recipe_from_mergekit(text)
+    with pytest.raises(UnsupportedConfigError, match="'nosuchname' is neither one of mergekit's named"):
+        mergekit_chat_template(text, recipe)
