@@ -122,10 +122,19 @@ def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
         # accumulate in opmath, the caller's store into ``out`` rounds once (mergekit's
         # ``result.to(first.dtype)``); half-precision inputs are widened exactly
         op = opmath_dtype(dtype)
-        acc = (torch.mul(base.to(op), torch.tensor(job.base_weight, dtype=op, device=device))
-               if job.base_weight is not None and base is not None
-               else torch.zeros(end - start, dtype=op, device=device))
+        first = 0
+        if job.base_weight is not None and base is not None:
+            acc = torch.mul(base.to(op), torch.tensor(job.base_weight, dtype=op, device=device))
+        elif base is None and not job.fma and job.deltas:
+            # mergekit's slerp / passthrough start from the first product (keeps a -0.0)
+            acc = torch.mul(job.deltas[0][start:end].to(op),
+                            torch.tensor(job.weights[0], dtype=op, device=device))
+            first = 1
+        else:  # mergekit's linear: zeros, then addcmul_
+            acc = torch.zeros(end - start, dtype=op, device=device)
         for i, delta in enumerate(job.deltas):
+            if i < first:
+                continue
             x = delta[start:end].to(op) if base is None else (base + delta[start:end]).to(op)
             weight = torch.tensor(job.weights[i], dtype=op, device=device)
             acc = acc.addcmul_(x, weight) if job.fma else acc + x * weight
@@ -215,8 +224,13 @@ int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
         const float *b = a->base ? a->base + s : 0;
         float *o = a->out + s;
         if (a->linear) {
-            for (int64_t j = 0; j < n; ++j) acc[j] = (a->has_base_weight && b) ? b[j] * a->base_weight : 0.0f;
-            for (int i = 0; i < a->k; ++i) {
+            int first = 0;
+            if (a->has_base_weight && b) for (int64_t j = 0; j < n; ++j) acc[j] = b[j] * a->base_weight;
+            else if (!b && !a->fma && a->k > 0) {  /* slerp / passthrough: the first product */
+                for (int64_t j = 0; j < n; ++j) acc[j] = a->delta[0][s + j] * a->weight[0];
+                first = 1;
+            } else for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+            for (int i = first; i < a->k; ++i) {
                 const float *d = a->delta[i] + s;
                 float w = a->weight[i];
                 if (b) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + (b[j] + d[j]) * w;
