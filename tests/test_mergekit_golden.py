@@ -185,6 +185,18 @@ def test_out_dtype_matches_mergekit(method: str, dtype: str, out_dtype: str, lla
     assert_same_tensors(ours, _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
 
 
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "passthrough_scaled"])
+def test_eager_path_matches_mergekit_in_float32(method: str, llama_family: TinyFamily, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C kernel (no compiler; the torch path CUDA runs) float32 is exact as well."""
+    import merges.engine
+
+    monkeypatch.setattr(merges.engine, "native_library", lambda: None)
+    recipe = _recipe(method, llama_family)
+    layout = _layout(llama_family)
+    assert_same_tensors(_engine(recipe), _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
+
+
 def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:
     """The comparison has teeth: one role's weight changed in one group moves its tensors only."""
     recipe = _recipe("ties", llama_family)
