@@ -13,7 +13,16 @@ computed once per engine, lazily, on the first recipe that needs it:
 * DARE / DELLA: uniform int32 keys per entry from a ``torch.Generator`` seeded by a
   stable hash of (recipe seed, tensor name, source position); one seed is cached;
 * per delta, its L1 norm (for ``rescale``); DELLA's in-row rank positions; per tensor,
-  the slerp angle between the base and the other model.
+  the slerp angle between the base and the other model;
+* per source, its own tensors again (``_exact_source``) for the methods that take whole
+  models rather than deltas (linear, slerp, model_stock, passthrough): ``base + (source -
+  base)`` is not always ``source`` in floating point, and mergekit sums the sources
+  themselves, so only they give its result bit for bit.
+
+Dtypes follow mergekit 0.1.5: every input is read in the recipe's ``dtype`` (mergekit casts
+at load); linear, slerp and passthrough accumulate in float32 and round once into that
+dtype; model_stock and the task-vector family compute in that dtype; ``out_dtype`` is one
+more rounding of the result (mergekit's save).
 
 A trial is then one fused elementwise pass per tensor (``merges.methods.fused``): a C
 kernel on CPU split over a thread pool, or chunked torch operations on other devices
@@ -23,7 +32,8 @@ make one more pass over the kept entries to get their L1 norm.
 Memory bound (N parameters, K sources, float32): ``resident = 4 N (1 + K)`` bytes for
 base and deltas, plus ``4 N K`` for the sorted magnitudes once TIES / breadcrumbs run,
 plus ``4 N K`` of random keys for the DARE seed in use (DELLA adds ``4 N K`` of row
-positions), plus ``4`` bytes per entry of tensors whose cut is tied. During a trial
+positions), plus ``4`` bytes per entry of tensors whose cut is tied, plus ``4 N K`` (the
+dtype's size) of the sources themselves once linear, slerp, model_stock or passthrough run. During a trial
 ``merge_into`` allocates nothing model-sized: it writes into the live parameters, with a
 temporary only for a parameter whose dtype or device differs from the engine's.
 ``materialize`` allocates its output (N entries). DELLA and model_stock build per-tensor
@@ -155,6 +165,7 @@ class MergeEngine:
         self._della_position: dict[str, list[torch.Tensor]] = {}
         self._l1: dict[tuple[str, int], float] = {}
         self._statistics: dict[tuple[object, ...], object] = {}  # planners' own (slerp angles...)
+        self._exact: dict[tuple[str, int], torch.Tensor] = {}  # (name, source): its own values
 
     # -- public ---------------------------------------------------------------------
 
@@ -174,7 +185,7 @@ class MergeEngine:
         """Bytes of every tensor the engine holds (inputs and cached statistics)."""
         tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
                                        *self._random.values(), *self._ascending.values(),
-                                       *self._rank.values()]
+                                       *self._rank.values(), *self._exact.values()]
         for group in (self._deltas, self._della_position):
             for per_source in group.values():
                 tensors.extend(per_source)
@@ -446,6 +457,22 @@ class MergeEngine:
             numel *= size
         return numel
 
+    def _exact_source(self, name: str, model: int) -> torch.Tensor:
+        """``model``'s own tensor (flat, arithmetic dtype): the base, a source without a base
+        (its delta is itself), or on first use every tensor of that source read again."""
+        if model == BASE:
+            return self._base[name]
+        if self._base_ckpt is None:
+            return self._deltas[name][model]
+        found = self._exact.get((name, model))
+        if found is None:
+            checkpoint = self._sources[model]
+            for n in self._deltas:
+                if (n, model) not in self._exact:
+                    self._exact[(n, model)] = self._read(checkpoint, n).clone()  # own memory
+            found = self._exact[(name, model)]
+        return found
+
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         spec = METHODS[recipe.method]
         if spec.random:
@@ -660,12 +687,7 @@ class _Context:
         return self._engine._deltas[self.name][model]
 
     def tensor(self, model: int) -> torch.Tensor:
-        base = self.base
-        if model == BASE:
-            assert base is not None
-            return base
-        delta = self.delta(model)
-        return delta if base is None else base + delta
+        return self._engine._exact_source(self.name, model)
 
     def tensor_values(self, param: str) -> tuple[float, ...]:
         return self._engine._tensor_values(self._recipe, self.spec, param, self._cell)

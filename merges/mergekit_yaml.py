@@ -11,7 +11,9 @@ mergekit 0.1.5 does (source > slice > top level; filters by substring, first mat
 gradients interpolated per layer with mergekit's own formula; tensors outside the
 layers take the first slice's values for the embeddings and the last slice's for the
 final norm and head, both at ``t = 0``). Whatever the engine cannot reproduce exactly
-raises :class:`UnsupportedConfigError` with the reason; nothing is approximated.
+raises :class:`UnsupportedConfigError` with the reason; nothing is approximated. What
+mergekit accepts but ignores (a parameter its method does not declare, such as ``weight``
+on ``slerp``) is accepted and named in an :class:`IgnoredConfigWarning`.
 
 The few recipe facts that change no tensor and have no mergekit key (the seed of DARE /
 DELLA masks, passthrough sources no slice uses, the layer-slice form of a passthrough that
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,9 @@ CATCH_ALL_ROLE = "norm"
 """The role of tensors no filter matches (in-layer norms)."""
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+
+class IgnoredConfigWarning(UserWarning):
+    """A mergekit config entry that mergekit 0.1.5 accepts and ignores (so does the import)."""
 
 # Facts of a recipe that change no tensor and that mergekit has no key for (the DARE seed,
 # passthrough sources no slice uses, the layer-slice form of an in-place passthrough) ride
@@ -591,19 +597,19 @@ def _parameters_of(spec: MethodSpec) -> dict[str, _Parameter]:
     return {p.name: _Parameter(p.name, p.per_source, p.kind, p.default) for p in spec.params}
 
 
-def _read_source(source: str | Path) -> tuple[str, str, Path]:
-    """(text, name for messages, folder that relative model paths are relative to)."""
+def _read_source(source: str | Path) -> tuple[str, str]:
+    """(text, name for messages)."""
     is_file = isinstance(source, Path) or (
         "\n" not in source and (source.strip().endswith((".yaml", ".yml")) or Path(source).is_file())
     )
     if not is_file:
-        return str(source), "<mergekit yaml>", Path.cwd()
+        return str(source), "<mergekit yaml>"
     path = Path(source).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UnsupportedConfigError(f"{path}: cannot read mergekit config: {exc.strerror}") from exc
-    return text, str(path), path.absolute().parent
+    return text, str(path)
 
 
 def recipe_from_mergekit(
@@ -615,14 +621,16 @@ def recipe_from_mergekit(
 ) -> Recipe:
     """The recipe a mergekit 0.1.5 config describes, or ``UnsupportedConfigError`` with the reason.
 
-    ``source`` is a YAML file path or the YAML text. Relative model paths resolve against
-    ``base_dir`` (default: the YAML's folder, or the working folder for text). ``layout``
+    ``source`` is a YAML file path or the YAML text. Relative model paths resolve as
+    mergekit 0.1.5 resolves them (``ModelReference.local_path``: the path as written, so
+    against the folder it runs in, not the YAML's) against ``base_dir``: the folder
+    ``mergekit-yaml`` would run in (default: the current folder). ``layout``
     is the base's layer map; by default it is read from the base checkpoint (or the first
     model's), as are the tensor dtypes when the config sets no ``dtype``; ``allow_pickle``
     lets those reads open pickle weights.
     """
-    text, where, folder = _read_source(source)
-    root = (base_dir or folder).expanduser().absolute()
+    text, where = _read_source(source)
+    root = (base_dir or Path.cwd()).expanduser().absolute()
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -632,9 +640,9 @@ def recipe_from_mergekit(
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
     if unknown:
         raise UnsupportedConfigError(f"{where}: unknown top-level key(s) {unknown}")
-    for key, reason in (("modules", "per-module configs"), ("chat_template", "chat_template changes")):
-        if data.get(key) is not None:
-            raise UnsupportedConfigError(f"{where}: {key}: {reason} are not supported by the engine")
+    if data.get("modules") is not None:
+        raise UnsupportedConfigError(f"{where}: modules: per-module configs are not supported by the engine")
+    # chat_template changes no tensor: mergekit_chat_template resolves it for the saved tokenizer
     _tokenizer_policy(data, where, root)  # refuses a malformed tokenizer section
 
     method = data.get("merge_method")
@@ -657,7 +665,7 @@ def recipe_from_mergekit(
         models = _model_list(data["models"], where, root)
         first_model = first_model or models[0][0]
     else:
-        slices = _slice_list(data["slices"], where, root, base)
+        slices = _slice_list(data["slices"], where, root, base, method, spec)
         first_model = first_model or slices[0].sources[0].model
 
     checkpoint_layout, opened = _checkpoint_facts(first_model, layout, dtype is None, allow_pickle, where)
@@ -696,8 +704,8 @@ def tokenizer_from_mergekit(source: str | Path, *, base_dir: Path | None = None)
     without either it copies the base's tokenizer files. Paths resolve as in
     :func:`recipe_from_mergekit`.
     """
-    text, where, folder = _read_source(source)
-    root = (base_dir or folder).expanduser().absolute()
+    text, where = _read_source(source)
+    root = (base_dir or Path.cwd()).expanduser().absolute()
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -705,6 +713,49 @@ def tokenizer_from_mergekit(source: str | Path, *, base_dir: Path | None = None)
     if not isinstance(data, Mapping):
         raise UnsupportedConfigError(f"{where}: expected a mapping at the top level")
     return _tokenizer_policy(data, where, root)
+
+
+def mergekit_chat_template(source: str | Path, recipe: Recipe) -> str | None:
+    """The chat template mergekit 0.1.5 writes into the merged tokenizer for this config, or None.
+
+    As ``mergekit.merge._set_chat_template``: ``auto`` is the most common template among
+    the models' tokenizers (the base first, then the sources; none: no template), a
+    short name is one of mergekit's bundled templates (``chatml``, ``llama3``, ...),
+    anything else is the template text itself. mergekit sets it on the tokenizer it saves
+    (the one ``tokenizer_source`` builds, else the base's, reloaded and saved again rather
+    than copied: ``_copy_tokenizer``). ``recipe`` is the config's :func:`recipe_from_mergekit`.
+    """
+    text, where = _read_source(source)
+    data = yaml.safe_load(text)
+    template = data.get("chat_template") if isinstance(data, Mapping) else None
+    if template is None:
+        return None
+    if not isinstance(template, str) or not template:
+        raise UnsupportedConfigError(f"{where}: chat_template: expected a name or a template, got {template!r}")
+    if template == "auto":
+        from collections import Counter
+
+        found = []
+        for model in dict.fromkeys(m for m in (recipe.base, *recipe.sources) if m is not None):
+            config = Path(model) / "tokenizer_config.json"
+            jinja = Path(model) / "chat_template.jinja"
+            value = jinja.read_text(encoding="utf-8") if jinja.is_file() else (
+                json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None)
+            if isinstance(value, dict):
+                value = value.get("default")
+            if value:
+                found.append(value.strip())
+        return Counter(found).most_common(1)[0][0] if found else None
+    if len(template) < 256 and "\n" not in template and "{" not in template:
+        from importlib.resources import files
+
+        bundled = files("mergekit._data.chat_templates").joinpath(f"{template}.jinja")
+        if bundled.is_file():
+            return bundled.read_text(encoding="utf-8")
+    if len(template) < 20 or "{" not in template:
+        raise UnsupportedConfigError(f"{where}: chat_template {template!r} is neither one of mergekit's "
+                                     "named templates nor a template (mergekit refuses it too)")
+    return template
 
 
 def _tokenizer_policy(data: Mapping[str, object], where: str, root: Path) -> TokenizerPolicy | None:
@@ -804,7 +855,9 @@ def _model_path(raw: object, where: str, root: Path) -> str:
         return lora_reference(*(_model_path(part, where, root) for part in parts))
     if "@" in raw:
         raise UnsupportedConfigError(f"{where}: {raw!r} names a revision (model@rev); not supported")
-    path = Path(raw).expanduser()
+    # as written, like mergekit (no ``~`` expansion: mergekit takes "~/m" for a Hub id);
+    # a name that is no folder there is a Hub id to mergekit: opening it fails, naming it
+    path = Path(raw)
     return str(path) if path.is_absolute() else str(Path(root, path))
 
 
@@ -837,7 +890,8 @@ def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, Paramete
     return out
 
 
-def _slice_list(raw: object, where: str, root: Path, base: str | None) -> list[_Slice]:
+def _slice_list(raw: object, where: str, root: Path, base: str | None, method: str,
+                spec: MethodSpec) -> list[_Slice]:
     if not isinstance(raw, list) or not raw:
         raise UnsupportedConfigError(f"{where}: slices: expected a non-empty list")
     out = []
@@ -850,8 +904,17 @@ def _slice_list(raw: object, where: str, root: Path, base: str | None) -> list[_
             raise UnsupportedConfigError(f"{here}: unknown key(s) {extra}")
         if entry.get("residual_weight") is not None:
             raise UnsupportedConfigError(f"{here}: residual_weight is not supported")
-        if entry.get("base_model") is not None and _model_path(entry["base_model"], here, root) != base:
-            raise UnsupportedConfigError(f"{here}: a per-slice base_model different from the top-level one is not supported")
+        slice_base = entry.get("base_model")
+        if slice_base is not None and _model_path(slice_base, f"{here}.base_model", root) != base:
+            # mergekit 0.1.5 (ConfigReader.base_model) merges this slice's layers against it;
+            # linear and passthrough ignore any base (BasePolicy.IGNORED)
+            if spec.needs_base:
+                raise UnsupportedConfigError(
+                    f"{here}: base_model {slice_base!r} differs from the top-level one ({base!r}); "
+                    f"mergekit takes {method}'s task vectors of this slice's layers against it, the "
+                    "engine merges every layer against one base"
+                )
+            _warn(f"{here}: base_model {slice_base!r} is ignored, as mergekit ignores a base for {method}")
         if not isinstance(entry["sources"], list) or not entry["sources"]:
             raise UnsupportedConfigError(f"{here}: sources: expected a non-empty list")
         sources = []
@@ -968,18 +1031,22 @@ def _check_parameter_names(slices: Sequence[_Slice], top: Parameters, method: st
     for sl in slices:
         scopes.append((f"{sl.where}.parameters", sl.parameters, False))
         scopes += [(f"{sl.where} ({s.model}).parameters", s.parameters, True) for s in sl.sources]
+    # mergekit 0.1.5 resolves only the parameters its method declares, and a shared one
+    # only from slice and top-level parameters: anything else changes nothing there, so it
+    # is accepted here too (it is not in the recipe), with a warning naming it
     for here, scope, is_source in scopes:
         for name in scope:
             if name not in params:
-                raise UnsupportedConfigError(
-                    f"{here}: {name!r} is not a parameter of {method} (known: {sorted(params)}; "
-                    "mergekit would ignore it)"
-                )
-            if is_source and not params[name].per_source:
-                raise UnsupportedConfigError(
-                    f"{here}: {name!r} is shared by all models; mergekit ignores it in a source's "
-                    "parameters (put it in the slice's or the top-level parameters)"
-                )
+                _warn(f"{here}: {name!r} is not a parameter of {method} (known: {sorted(params)}); "
+                      "ignored, as mergekit ignores it")
+            elif is_source and not params[name].per_source:
+                _warn(f"{here}: {name!r} is shared by all models and a source's parameters do not "
+                      "set it; ignored, as mergekit ignores it (put it in the slice's or the "
+                      "top-level parameters)")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, IgnoredConfigWarning, stacklevel=2)
 
 
 def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, base: str | None,

@@ -41,6 +41,7 @@ def save_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     protected: Sequence[Protected] = (),
+    chat_template: str | None = None,
 ) -> Path:
     """Save ``tensors`` as a checkpoint shaped like ``like``; returns the folder.
 
@@ -49,6 +50,8 @@ def save_checkpoint(
     tied to the embedding is not written. Shards above ``max_shard_bytes`` get an index.
     ``overwrite`` allows replacing a previous output of this tool; ``like`` and every
     ``protected`` folder (sources, the study folder) and their parents are refused as outputs.
+    ``chat_template`` is set on the base's tokenizer, saved with ``save_pretrained`` as
+    mergekit 0.1.5 saves the tokenizer it builds (see ``merges.mergekit_yaml.mergekit_chat_template``).
     """
     out = Path(out_dir).expanduser().absolute()
     guards = [Protected("base checkpoint", like.folder), *protected]
@@ -73,7 +76,20 @@ def save_checkpoint(
         for file in (like.folder / f for f in _COPIED_FILES):
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
+        if chat_template is not None:
+            _save_chat_template(like, tmp, chat_template)
     return out
+
+
+def _save_chat_template(like: Checkpoint, folder: Path, template: str) -> None:
+    if not like.tokenizer_files():
+        raise CheckpointError(f"{like.path}: no tokenizer files to carry the chat template")
+    import transformers  # here: saving tensors alone needs no transformers
+
+    # the tokenizer just written (the base's, or a tokenizer union's output vocabulary)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
 
 
 def _checked_layout(

@@ -4,12 +4,11 @@ For each deterministic method, a recipe with several layer groups and per-role v
 that differ is merged in memory, exported, merged by mergekit (in-process, through its
 Python API; once through the ``mergekit-yaml`` command) and every tensor is compared.
 
-Tolerance: both sides compute in float32 from the same float32 inputs; they differ only
-in the order of additions and in how a few formulas are arranged (mergekit's batched
-``addcmul`` linear, its chunked slerp norms, ...). That costs a few float32 ulps per
-operation (2^-24 ≈ 6e-8 relative); ``rtol=1e-5, atol=1e-6`` allows about a hundred ulps
-of headroom while still failing on any wrong weight, role, group boundary or mask
-(those move entries by ~1e-3 and more: deltas here are ~2e-2).
+Deterministic methods are compared bit for bit (``torch.equal``) in float32, float16 and
+bfloat16 and under ``out_dtype``: the engine reads, accumulates and rounds as mergekit
+does (float32 sums for linear / slerp / passthrough, the dtype itself for model_stock
+and the task-vector family). The tolerance ``rtol=1e-5, atol=1e-6`` is kept only for
+the comparisons of recipe values with each other (``test_recipe_values_matter``).
 
 DARE/DELLA masks come from different generators, so they are compared in distribution:
 exact self-consistency of the engine for a seed, keep rates within binomial tolerance,
@@ -18,6 +17,7 @@ and L1 norms of the merged deltas (exact under ``rescale`` for one source).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -159,7 +159,7 @@ def _new_recipe(method: str, base: str, sources: tuple[str, ...]) -> Recipe:
 def _engine(recipe: Recipe) -> dict[str, torch.Tensor]:
     base = open_checkpoint(recipe.base) if recipe.base else None
     sources = [open_checkpoint(path) for path in recipe.sources]
-    return MergeEngine(base, sources).materialize(recipe)
+    return MergeEngine(base, sources, dtype=getattr(torch, recipe.dtype)).materialize(recipe)
 
 
 def _mergekit(text: str, out: Path, *, seed: int | None = None) -> dict[str, torch.Tensor]:
@@ -178,12 +178,17 @@ def _comparable(tensors: dict[str, torch.Tensor], layout: Layout) -> dict[str, t
 
 
 def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], layout: Layout) -> None:
+    """Every tensor equal, bit for bit (``torch.equal``: -0.0 equals 0.0), in the same dtype."""
     ours, theirs = _comparable(ours, layout), _comparable(theirs, layout)
     assert sorted(ours) == sorted(theirs)
     for name in sorted(ours):
-        assert ours[name].shape == theirs[name].shape, name
-        torch.testing.assert_close(ours[name].float(), theirs[name].float(), rtol=RTOL, atol=ATOL,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        a, b = ours[name], theirs[name]
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+        if not torch.equal(a, b):
+            differ = a != b
+            worst = (a.double() - b.double()).abs().max().item()
+            raise AssertionError(f"{name}: {int(differ.sum())} of {a.numel()} entries differ "
+                                 f"(largest by {worst:.3g})")
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -197,12 +202,14 @@ DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumb
                  "model_stock", "passthrough", "passthrough_scaled", "passthrough_roles"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("method", DETERMINISTIC)
-def test_engine_matches_mergekit(method: str, family: TinyFamily, tmp_path: Path) -> None:
-    recipe = _recipe(method, family)
+def test_engine_matches_mergekit(method: str, dtype: str, family: TinyFamily, tmp_path: Path) -> None:
+    recipe = dataclasses.replace(_recipe(method, family), dtype=dtype)
     layout = _layout(family)
     ours = _engine(recipe)
     text = recipe_to_mergekit(recipe, layout)
+    assert f"dtype: {dtype}" in text
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), layout)
 
 
@@ -240,6 +247,33 @@ def test_new_method_values_matter(method: str, param: str, llama_family: TinyFam
     moved = {name for name in before if not torch.allclose(before[name], after[name], rtol=RTOL, atol=ATOL)}
     expected = {i.name for i in layout.tensors if i.role == "mlp" and i.layer in (1, 2)}
     assert moved and moved <= expected
+
+
+@pytest.mark.parametrize(("method", "dtype", "out_dtype"), [
+    ("linear", "float32", "bfloat16"),  # float32 linear once flipped entries here
+    ("slerp", "float32", "float16"),
+    ("model_stock", "bfloat16", "float32"),
+    ("ties", "float16", "bfloat16"),
+])
+def test_out_dtype_matches_mergekit(method: str, dtype: str, out_dtype: str, llama_family: TinyFamily,
+                                    tmp_path: Path) -> None:
+    recipe = dataclasses.replace(_recipe(method, llama_family), dtype=dtype, out_dtype=out_dtype)
+    layout = _layout(llama_family)
+    ours = _engine(recipe)
+    assert {t.dtype for t in ours.values()} == {getattr(torch, out_dtype)}
+    assert_same_tensors(ours, _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "passthrough_scaled"])
+def test_eager_path_matches_mergekit_in_float32(method: str, llama_family: TinyFamily, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C kernel (no compiler; the torch path CUDA runs) float32 is exact as well."""
+    import merges.engine
+
+    monkeypatch.setattr(merges.engine, "native_library", lambda: None)
+    recipe = _recipe(method, llama_family)
+    layout = _layout(llama_family)
+    assert_same_tensors(_engine(recipe), _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
 
 
 def test_recipe_values_matter(llama_family: TinyFamily, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -349,14 +350,64 @@ models:
     assert recipe.tensor_values("weight", 1, "mlp") == (want,)
 
 
-def test_relative_model_paths_resolve_against_the_yaml_folder(tmp_path: Path, llama_layout: Layout) -> None:
+def test_relative_model_paths_resolve_against_the_working_folder(tmp_path: Path, llama_layout: Layout,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """As mergekit's ``ModelReference.local_path``: the path as written, from where it runs."""
     config = tmp_path / "cfg" / "merge.yaml"
-    config.parent.mkdir()
-    config.write_text("merge_method: linear\ndtype: float32\nmodels:\n  - model: ../m/a\n"
-                      "    parameters: {weight: 1.0}\n")
-    assert recipe_from_mergekit(config, layout=llama_layout).sources == (str(config.parent / "../m/a"),)
+    (config.parent / "a").mkdir(parents=True)  # a decoy beside the YAML
+    run = tmp_path / "run"
+    (run / "a").mkdir(parents=True)
+    monkeypatch.chdir(run)
+    config.write_text("merge_method: linear\ndtype: float32\nmodels:\n  - model: a\n"
+                      "    parameters: {weight: 1.0}\n  - model: ../m/b\n    parameters: {weight: 1.0}\n"
+                      "  - model: ~/c\n    parameters: {weight: 1.0}\n")
+    # "~/c" stays as written: mergekit does not expand it (it takes it for a Hub id)
+    want = (str(run / "a"), str(run / "../m/b"), str(run / "~/c"))
+    assert recipe_from_mergekit(config, layout=llama_layout).sources == want
+    assert recipe_from_mergekit(config.read_text(), layout=llama_layout).sources == want
     other = tmp_path / "elsewhere"
-    assert recipe_from_mergekit(config, base_dir=other, layout=llama_layout).sources == (str(other / "../m/a"),)
+    assert recipe_from_mergekit(config, base_dir=other, layout=llama_layout).sources[0] == str(other / "a")
+
+
+@pytest.mark.slow
+def test_search_merge_reads_the_models_mergekit_reads_despite_a_decoy(
+        llama_family: TinyFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders named like the config's models exist both beside the YAML (other models) and
+    in the working folder: ``search merge`` and mergekit both merge the working folder's."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    from search.cli import main as search_main
+
+    run, beside = tmp_path / "run", tmp_path / "cfg"
+    run.mkdir()
+    beside.mkdir()
+    real = {"base": llama_family.base, "m0": llama_family.sources[0], "m1": llama_family.sources[1]}
+    decoy = {"base": llama_family.base, "m0": llama_family.sources[2], "m1": llama_family.sources[0]}
+    for name in real:
+        (run / name).symlink_to(real[name], target_is_directory=True)
+        (beside / name).symlink_to(decoy[name], target_is_directory=True)
+    config = beside / "merge.yaml"
+    config.write_text("merge_method: task_arithmetic\nbase_model: base\ndtype: float32\nmodels:\n"
+                      "  - model: m0\n    parameters: {weight: 0.7}\n"
+                      "  - model: m1\n    parameters: {weight: 0.4}\n")
+    monkeypatch.chdir(run)
+    assert recipe_from_mergekit(config).sources == (str(run / "m0"), str(run / "m1"))
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    mergekit_config = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
+    run_merge(mergekit_config, str(tmp_path / "theirs"), MergeOptions(quiet=True, write_model_card=False))
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    layout = open_checkpoint(llama_family.base).layout
+    names = [n for n in theirs if not layout.is_tied_head(n)]
+    assert names and all(torch.equal(ours[n], theirs[n]) for n in names)
+    # run from beside the YAML, the decoys are merged: other tensors (the check can fail)
+    monkeypatch.chdir(beside)
+    assert search_main(["merge", str(config), str(tmp_path / "decoyed")]) == 0
+    decoyed = load_file(tmp_path / "decoyed" / "model.safetensors")
+    assert any(not torch.equal(decoyed[n], theirs[n]) for n in names)
 
 
 _GOOD_SOURCES = f"""
@@ -377,7 +428,6 @@ _GOOD_SOURCES = f"""
          f"models:{_GOOD_SOURCES}", "both tokenizer_source and tokenizer"),
         (f"merge_method: linear\ndtype: float32\ntokenizer: {{source: union, pad_to_multiple_of: 0}}\n"
          f"models:{_GOOD_SOURCES}", "pad_to_multiple_of"),
-        (f"merge_method: linear\ndtype: float32\nchat_template: chatml\nmodels:{_GOOD_SOURCES}", "chat_template"),
         (f"merge_method: frobnicate\ndtype: float32\nmodels:{_GOOD_SOURCES}", "'frobnicate' is not one the engine implements"),
         (f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {A}+/l/x+/l/y\n    parameters: {{weight: 1}}\n",
          "LoRA"),
@@ -392,12 +442,12 @@ _GOOD_SOURCES = f"""
          f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
          f"      - {{model: {BASE}, layer_range: [2, 4]}}\n",
          "every source of a slice must use the slice's own output range"),
-        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
-         "    parameters: {weight: 1.0, lambda: 2.0}\n", "shared by all models"),
-        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
-         "    parameters: {weight: 1.0, wieght: 2.0}\n", "'wieght' is not a parameter of ties"),
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n",
          r"missing required parameter\(s\) \['weight'\]"),
+        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nslices:\n  - base_model: {B}\n    sources:\n"
+         f"      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {B}, layer_range: [0, 4]}}\n",
+         "base_model '/models/b' differs from the top-level one.*against one base"),
         (f"merge_method: linear\ndtype: float32\nmodules: {{}}\nmodels:{_GOOD_SOURCES}", "per-module"),
         (f"merge_method: linear\ndtype: float32\nslices:\n  - sources:\n"
          f"      - {{model: {A}, layer_range: [0, 3], parameters: {{weight: 1.0}}}}\n",
@@ -407,6 +457,56 @@ _GOOD_SOURCES = f"""
 def test_unsupported_configs_are_refused_with_the_reason(text: str, reason: str, llama_layout: Layout) -> None:
     with pytest.raises(UnsupportedConfigError, match=reason):
         recipe_from_mergekit(text, layout=llama_layout)
+
+
+def test_a_per_slice_base_is_ignored_where_mergekit_ignores_it(llama_layout: Layout) -> None:
+    """linear takes no base (mergekit's BasePolicy.IGNORED): a slice's own base_model changes nothing."""
+    body = (f"  - sources:\n      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 0.3}}}}\n"
+            f"      - {{model: {B}, layer_range: [0, 4], parameters: {{weight: 0.7}}}}\n")
+    text = f"merge_method: linear\nbase_model: {BASE}\ndtype: float32\nslices:\n" + body.replace(
+        "  - sources:", f"  - base_model: {C}\n    sources:")
+    from merges.mergekit_yaml import IgnoredConfigWarning
+
+    with pytest.warns(IgnoredConfigWarning, match="base_model '/models/c' is ignored"):
+        recipe = recipe_from_mergekit(text, layout=llama_layout)
+    clean = f"merge_method: linear\nbase_model: {BASE}\ndtype: float32\nslices:\n" + body
+    assert recipe == recipe_from_mergekit(clean, layout=llama_layout)
+
+
+@pytest.mark.parametrize(
+    ("text", "clean", "named"),
+    [
+        # mergekit's own slerp / model_stock tests pass a weight; neither method declares one
+        (f"merge_method: slerp\nbase_model: {BASE}\ndtype: float16\nparameters: {{t: 0.3}}\nmodels:\n"
+         f"  - model: {A}\n    parameters: {{weight: 0.5}}\n  - model: {BASE}\n    parameters: {{weight: 0.5}}\n",
+         f"merge_method: slerp\nbase_model: {BASE}\ndtype: float16\nparameters: {{t: 0.3}}\nmodels:\n"
+         f"  - model: {A}\n  - model: {BASE}\n", ["'weight' is not a parameter of slerp"]),
+        (f"merge_method: model_stock\nbase_model: {BASE}\ndtype: bfloat16\nmodels:\n"
+         f"  - model: {A}\n    parameters: {{weight: 1.0}}\n  - model: {B}\n    parameters: {{weight: 1.0}}\n"
+         f"  - model: {BASE}\n",
+         f"merge_method: model_stock\nbase_model: {BASE}\ndtype: bfloat16\nmodels:\n"
+         f"  - model: {A}\n  - model: {B}\n  - model: {BASE}\n", ["'weight' is not a parameter of model_stock"]),
+        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\n"
+         f"models:\n  - model: {A}\n    parameters: {{weight: 1.0, wieght: 2.0, lambda: 2.0}}\n",
+         f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n"
+         "    parameters: {weight: 1.0}\n",
+         ["'wieght' is not a parameter of ties",
+          "'lambda' is shared by all models"]),
+    ],
+)
+def test_parameters_mergekit_ignores_are_accepted_with_a_warning(text: str, clean: str, named: list[str],
+                                                                  llama_layout: Layout) -> None:
+    from mergekit.config import MergeConfiguration
+
+    from merges.mergekit_yaml import IgnoredConfigWarning
+
+    MergeConfiguration.model_validate(yaml.safe_load(text))  # mergekit takes the config as it is
+    with pytest.warns(IgnoredConfigWarning) as caught:
+        recipe = recipe_from_mergekit(text, layout=llama_layout)
+    messages = [str(w.message) for w in caught]
+    for name in named:
+        assert any(name in m for m in messages), (name, messages)
+    assert recipe == recipe_from_mergekit(clean, layout=llama_layout)
 
 
 def test_without_dtype_the_stored_float32_is_used(llama_family: TinyFamily) -> None:
@@ -433,3 +533,53 @@ def test_a_header_cannot_change_the_recorded_seed(llama_layout: Layout, tmp_path
     config = tmp_path / "recipe.txt"  # a path given as a string, whatever its suffix
     config.write_text(text)
     assert recipe_from_mergekit(str(config), layout=llama_layout) == recipe
+
+
+# -- chat_template -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("template", "tokenizer_source"), [
+    ("chatml", True), ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", True), ("llama3", False),
+    ("auto", False),  # no model's tokenizer has one: none is written
+])
+def test_chat_template_is_written_as_mergekit_writes_it(template: str, tokenizer_source: bool,
+                                                        llama_family: TinyFamily, tmp_path: Path) -> None:
+    """mergekit sets the template on the tokenizer it saves: the one ``tokenizer_source``
+    builds, else the base's, saved again with ``save_pretrained``."""
+    import transformers
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from search.cli import main as search_main
+
+    text = (f"merge_method: linear\nbase_model: {llama_family.base}\ndtype: float32\nmodels:\n"
+            f"  - model: {llama_family.base}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {llama_family.sources[0]}\n    parameters: {{weight: 0.5}}\n"
+            + yaml.safe_dump({"chat_template": template}) + ("tokenizer_source: base\n" if tokenizer_source else ""))
+    config = tmp_path / "merge.yaml"
+    config.write_text(text)
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "theirs"),
+              MergeOptions(quiet=True, write_model_card=False))
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").chat_template
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "theirs").chat_template
+    assert ours == theirs
+    assert (ours is None) == (template == "auto")
+    if template == "chatml":
+        assert "<|im_start|>" in ours
+    if template.startswith("{%"):
+        assert ours == template
+
+
+def test_a_chat_template_mergekit_refuses_is_refused(llama_family: TinyFamily) -> None:
+    from merges.mergekit_yaml import mergekit_chat_template
+
+    text = (f"merge_method: linear\nbase_model: {llama_family.base}\ndtype: float32\ntokenizer_source: base\n"
+            "chat_template: nosuchname\n"
+            f"models:\n  - model: {llama_family.base}\n    parameters: {{weight: 1.0}}\n"
+            f"  - model: {llama_family.sources[0]}\n    parameters: {{weight: 1.0}}\n")
+    recipe = recipe_from_mergekit(text)
+    with pytest.raises(UnsupportedConfigError, match="'nosuchname' is neither one of mergekit's named"):
+        mergekit_chat_template(text, recipe)

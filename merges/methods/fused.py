@@ -16,6 +16,12 @@ one tensor is a single elementwise pass, which this module runs either
 Both compute what mergekit's ``GeneralizedTaskArithmeticMerge.merge_group`` and
 ``linear`` compute, with the same order of float operations per entry (the L1 norm of
 a rescaled delta is summed in float64 natively, so it may differ by float32 rounding).
+
+Dtypes, as mergekit 0.1.5 does them: linear mode (``linear``, ``slerp``, ``passthrough``)
+accumulates in float32 (float64 for float64 tensors) whatever the tensors' dtype and
+rounds once into ``out``; ``linear`` adds each term with torch's ``addcmul_``, which is a
+fused multiply-add where torch's CPU kernels fuse it (``fma``; probed once, see
+``addcmul_fuses``). Task-vector mode computes in the tensors' own dtype, as mergekit does.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class FusedJob:
     normalize: bool = False
     divisor: float = 1.0  # without consensus: sum of weights (0 -> 1 handled by the caller)
     lam: float = 1.0
+    fma: bool = False  # linear mode: add each term as torch's addcmul_ does (mergekit linear)
 
     def key(self, i: int) -> torch.Tensor | None:
         return self.keys[i] if self.keys else None
@@ -103,17 +110,36 @@ def run_eager(job: FusedJob, chunk: int = 1 << 22) -> None:
         job.out[start:end] = _eager_chunk(job, start, end)
 
 
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What mergekit's linear and slerp compute in: float32, or float64 for float64 tensors."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
     base = job.base[start:end] if job.base is not None else None
     dtype, device = job.out.dtype, job.out.device
     if job.linear:
-        acc = (torch.mul(base, job.base_weight) if job.base_weight is not None and base is not None
-               else torch.zeros(end - start, dtype=dtype, device=device))
+        # accumulate in opmath, the caller's store into ``out`` rounds once (mergekit's
+        # ``result.to(first.dtype)``); half-precision inputs are widened exactly
+        op = opmath_dtype(dtype)
+        first = 0
+        if job.base_weight is not None and base is not None:
+            acc = torch.mul(base.to(op), torch.tensor(job.base_weight, dtype=op, device=device))
+        elif base is None and not job.fma and job.deltas:
+            # mergekit's slerp / passthrough start from the first product (keeps a -0.0)
+            acc = torch.mul(job.deltas[0][start:end].to(op),
+                            torch.tensor(job.weights[0], dtype=op, device=device))
+            first = 1
+        else:  # mergekit's linear: zeros, then addcmul_
+            acc = torch.zeros(end - start, dtype=op, device=device)
         for i, delta in enumerate(job.deltas):
-            x = delta[start:end] if base is None else base + delta[start:end]
-            acc = acc + x * torch.tensor(job.weights[i], dtype=dtype, device=device)
+            if i < first:
+                continue
+            x = delta[start:end].to(op) if base is None else (base + delta[start:end]).to(op)
+            weight = torch.tensor(job.weights[i], dtype=op, device=device)
+            acc = acc.addcmul_(x, weight) if job.fma else acc + x * weight
         if job.normalize:
-            acc = acc / torch.tensor(job.divisor, dtype=dtype, device=device)
+            acc = acc / torch.tensor(job.divisor, dtype=op, device=device)
         return acc
     weighted = []
     for i in range(len(job.deltas)):
@@ -156,7 +182,7 @@ _C_SOURCE = r"""
 #define LANES 16
 
 typedef struct {
-    int32_t k, linear, consensus, normalize, has_base_weight, _pad;
+    int32_t k, linear, consensus, normalize, has_base_weight, fma;
     float lam, divisor, base_weight, _padf;
     const float *base;
     float *out;
@@ -198,11 +224,17 @@ int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
         const float *b = a->base ? a->base + s : 0;
         float *o = a->out + s;
         if (a->linear) {
-            for (int64_t j = 0; j < n; ++j) acc[j] = (a->has_base_weight && b) ? b[j] * a->base_weight : 0.0f;
-            for (int i = 0; i < a->k; ++i) {
+            int first = 0;
+            if (a->has_base_weight && b) for (int64_t j = 0; j < n; ++j) acc[j] = b[j] * a->base_weight;
+            else if (!b && !a->fma && a->k > 0) {  /* slerp / passthrough: the first product */
+                for (int64_t j = 0; j < n; ++j) acc[j] = a->delta[0][s + j] * a->weight[0];
+                first = 1;
+            } else for (int64_t j = 0; j < n; ++j) acc[j] = 0.0f;
+            for (int i = first; i < a->k; ++i) {
                 const float *d = a->delta[i] + s;
                 float w = a->weight[i];
                 if (b) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + (b[j] + d[j]) * w;
+                else if (a->fma) for (int64_t j = 0; j < n; ++j) acc[j] = fmaf(d[j], w, acc[j]);
                 else for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + d[j] * w;
             }
             if (a->normalize) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / a->divisor;
@@ -265,7 +297,7 @@ double masked_l1(const job_t *a, int32_t i, int64_t start, int64_t end) {
 class _Job(ctypes.Structure):
     _fields_ = [
         ("k", ctypes.c_int32), ("linear", ctypes.c_int32), ("consensus", ctypes.c_int32),
-        ("normalize", ctypes.c_int32), ("has_base_weight", ctypes.c_int32), ("_pad", ctypes.c_int32),
+        ("normalize", ctypes.c_int32), ("has_base_weight", ctypes.c_int32), ("fma", ctypes.c_int32),
         ("lam", ctypes.c_float), ("divisor", ctypes.c_float), ("base_weight", ctypes.c_float),
         ("_padf", ctypes.c_float),
         ("base", ctypes.c_void_p), ("out", ctypes.c_void_p),
@@ -297,7 +329,8 @@ def native_library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None when no C compiler works."""
     if os.environ.get("MERGESEARCH_NO_NATIVE"):
         return None
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
+             "-lm"]
     digest = hashlib.sha256("\0".join([_C_SOURCE, *flags, _cpu_signature()]).encode()).hexdigest()
     target = _cache_dir() / f"fused_{digest[:16]}.so"
     if not target.exists():
@@ -307,7 +340,8 @@ def native_library() -> ctypes.CDLL | None:
                 src = Path(tmp) / "fused.c"
                 src.write_text(_C_SOURCE)
                 built = target.parent / f"{target.name}.tmp-{os.getpid()}"
-                subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(built)],
+                subprocess.run([os.environ.get("CC", "cc"), *flags[:-1], str(src), "-o", str(built),
+                                flags[-1]],
                                check=True, capture_output=True, timeout=120)
                 os.replace(built, target)
         except (OSError, subprocess.SubprocessError):
@@ -318,6 +352,20 @@ def native_library() -> ctypes.CDLL | None:
     lib.masked_l1.argtypes = [ctypes.POINTER(_Job), ctypes.c_int32, ctypes.c_int64, ctypes.c_int64]
     lib.masked_l1.restype = ctypes.c_double
     return lib
+
+
+@lru_cache(maxsize=1)
+def addcmul_fuses() -> bool:
+    """Whether torch's CPU ``addcmul_`` rounds once (a fused multiply-add) on this machine.
+
+    It does where torch's vectorised kernels are built with FMA (AVX2, AVX-512, NEON);
+    the native kernel must then fuse too to give mergekit's ``linear`` bit for bit.
+    """
+    generator = torch.Generator().manual_seed(0)
+    acc, x = torch.randn(2, 4096, generator=generator)
+    weight = torch.tensor(0.3)
+    fused = (acc.double() + x.double() * weight.double()).float()  # exact product, one rounding
+    return torch.equal(acc.clone().addcmul_(x, weight), fused)
 
 
 def native_supports(job: FusedJob) -> bool:
@@ -333,6 +381,7 @@ def _to_struct(job: FusedJob) -> _Job:
     s.k = len(job.deltas)
     s.linear, s.consensus, s.normalize = int(job.linear), int(job.consensus), int(job.normalize)
     s.has_base_weight = int(job.base_weight is not None)
+    s.fma = int(job.fma and addcmul_fuses())
     s.base_weight = float(job.base_weight or 0.0)
     s.lam, s.divisor = float(job.lam), float(job.divisor)
     s.base = job.base.data_ptr() if job.base is not None else None

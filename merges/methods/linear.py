@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from merges.methods.fused import FusedJob
-from merges.methods.planning import BASE, Plan, TensorContext
+from merges.methods.fused import FusedJob, opmath_dtype
+from merges.methods.planning import Plan, TensorContext
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -24,17 +24,12 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
 
 
 def plan(ctx: TensorContext) -> Plan:
-    """One fused pass; a source that is the base adds its weight to the base term."""
+    """One fused pass, as mergekit computes it: the sources themselves (a listed base too) in the
+    recipe's order, each added with ``addcmul_`` into a float32 sum, divided by the float32 sum of
+    all weights, rounded once into the recipe's dtype."""
     weights = ctx.tensor_values("weight")
     normalize = bool(ctx.global_value("normalize"))
-    deltas, used, base_weight = [], [], None
-    for position in range(len(weights)):
-        model = ctx.model_of(position)
-        if model == BASE:
-            base_weight = weights[position] + (base_weight or 0.0)
-        else:
-            deltas.append(ctx.delta(model))
-            used.append(weights[position])
-    divisor = float(torch.tensor(list(weights), dtype=torch.float32).sum())
-    return Plan(job=FusedJob(ctx.out, ctx.base, deltas, used, linear=True, base_weight=base_weight,
-                             normalize=normalize, divisor=divisor))
+    sources = [ctx.tensor(ctx.model_of(position)) for position in range(len(weights))]
+    divisor = float(torch.tensor([list(weights)], dtype=opmath_dtype(ctx.dtype)).sum(dim=1))
+    return Plan(job=FusedJob(ctx.out, None, sources, list(weights), linear=True, normalize=normalize,
+                             divisor=divisor, fma=True))

@@ -43,10 +43,10 @@ def plan(ctx: TensorContext) -> Plan:
     filter_wise = bool(ctx.global_value("filter_wise"))
     shape, base = ctx.shape, ctx.base
     assert base is not None
-    deltas = [ctx.delta(ctx.model_of(p)) for p in ctx.positions]
+    models = [ctx.model_of(p) for p in ctx.positions]
 
     def compute() -> torch.Tensor:
-        sources = [(base + delta).view(shape) for delta in deltas]
+        sources = [ctx.tensor(model).view(shape) for model in models]  # the sources themselves
         return model_stock(base.view(shape), sources, filter_wise=filter_wise).reshape(-1)
 
     return Plan(eager=compute)

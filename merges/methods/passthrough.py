@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from merges.methods.fused import FusedJob
-from merges.methods.planning import BASE, Plan, TensorContext
+from merges.methods.planning import Plan, TensorContext
 
 
 def plan(ctx: TensorContext) -> Plan:
-    """The chosen model's tensor (base + delta), times the slice's scale, in one pass."""
+    """The chosen model's own tensor times the slice's scale, rounded once (as mergekit)."""
     assert ctx.model is not None
-    if ctx.model == BASE:
-        return Plan(job=FusedJob(ctx.out, ctx.base, [], [], linear=True, base_weight=ctx.scale))
-    return Plan(job=FusedJob(ctx.out, ctx.base, [ctx.delta(ctx.model)], [ctx.scale], linear=True))
+    return Plan(job=FusedJob(ctx.out, None, [ctx.tensor(ctx.model)], [ctx.scale], linear=True))

@@ -60,7 +60,8 @@ class TensorContext(Protocol):
         """Model ``model``'s tensor minus the base (flat; the tensor itself without a base)."""
 
     def tensor(self, model: int) -> torch.Tensor:
-        """Model ``model``'s tensor itself (flat; base + delta: a new tensor when there is a base)."""
+        """Model ``model``'s own tensor (flat; read again from its checkpoint on first use, since
+        base + delta is not always the source in floating point and mergekit uses the source)."""
 
     def tensor_values(self, param: str) -> tuple[float, ...]:
         """A per-source parameter for this tensor's cell, one value per recipe source."""

@@ -94,9 +94,9 @@ def plan(ctx: TensorContext) -> Plan:
     """The angle is cached per tensor; a trial is one fused ``c0 * base + c1 * source`` pass."""
     (position,) = ctx.positions
     model = ctx.model_of(position)
-    base, delta = ctx.base, ctx.delta(model)
+    base, other = ctx.base, ctx.tensor(model)
     assert base is not None
-    geometry = ctx.cached(("slerp", ctx.name, model), lambda: slerp_geometry(base, base + delta))
+    geometry = ctx.cached(("slerp", ctx.name, model), lambda: slerp_geometry(base, other))
     c0, c1 = slerp_coefficients(float(ctx.global_value("t")), geometry)
-    return Plan(job=FusedJob(ctx.out, base, [delta], [float(c1)], linear=True,
-                             base_weight=float(c0)))
+    # mergekit: c0 * base + c1 * other in float32 (two products, one sum), rounded once
+    return Plan(job=FusedJob(ctx.out, None, [base, other], [float(c0), float(c1)], linear=True))

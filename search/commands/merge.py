@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Run a mergekit 0.1.5 config (the `models:` or `slices:` form) with the in-memory "
             "engine and save the result as a Hugging Face checkpoint folder: the same tensors "
             "`mergekit-yaml CONFIG OUT_DIR` writes, within float rounding. Configs the engine "
-            "cannot reproduce exactly (other merge methods, tokenizer unions, chat templates, "
+            "cannot reproduce exactly (other merge methods, tokenizer unions, "
             "filters that split a tensor role, LoRAs...) are refused with the reason. DARE and "
             "DELLA masks are drawn from the engine's own seeded generators: equal to mergekit's "
             "in distribution, not bit for bit. The output folder is written atomically; it must be "
@@ -75,7 +75,11 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
 
     from merges.engine import MergeEngine
     from merges.lora import reference_folders
-    from merges.mergekit_yaml import recipe_from_mergekit, tokenizer_from_mergekit
+    from merges.mergekit_yaml import (
+        mergekit_chat_template,
+        recipe_from_mergekit,
+        tokenizer_from_mergekit,
+    )
     from merges.output import Protected, check_output_folder
     from merges.save import save_checkpoint
     from merges.tokenizer_union import vocabulary_views
@@ -83,6 +87,7 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     if not config.is_file():
         raise SearchError(f"{config}: no such mergekit config file")
     recipe = recipe_from_mergekit(config, allow_pickle=allow_pickle)
+    chat_template = mergekit_chat_template(config, recipe)
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
     # Refuse a bad output before the merge, not after it.
@@ -101,7 +106,7 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     out_dtype = getattr(torch, recipe.out_dtype or recipe.dtype)
     return save_checkpoint(tensors, out_dir, like=like, dtype=out_dtype,
                            config_overrides=_layer_count_override(like, recipe),
-                           overwrite=overwrite, protected=protected)
+                           overwrite=overwrite, protected=protected, chat_template=chat_template)
 
 
 def _open(recipe: Recipe, allow_pickle: bool) -> tuple[Checkpoint | None, list[Checkpoint]]:
