@@ -191,6 +191,20 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
                                  f"(largest by {worst:.3g})")
 
 
+RTOL, ATOL = 1e-5, 1e-6  # the issue's float32 standard for methods not yet bit-identical
+
+
+def assert_close_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], layout: Layout) -> None:
+    """Every tensor within rtol 1e-5 / atol 1e-6, in the same dtype (the eight methods added from
+    mergekit 0.1.5's catalogue: their angle / iteration arithmetic is not yet in mergekit's order)."""
+    ours, theirs = _comparable(ours, layout), _comparable(theirs, layout)
+    assert sorted(ours) == sorted(theirs)
+    for name in sorted(ours):
+        a, b = ours[name], theirs[name]
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def family(request: pytest.FixtureRequest) -> TinyFamily:
     return request.getfixturevalue(f"{request.param}_family")
@@ -226,12 +240,13 @@ def test_new_method_matches_mergekit_both_ways(method: str, family: TinyFamily, 
     ours = _engine(recipe)
     text = recipe_to_mergekit(recipe, layout)
     theirs = _mergekit(text, tmp_path / "mk")
-    assert_same_tensors(ours, theirs, layout)
+    assert_close_tensors(ours, theirs, layout)
     config = tmp_path / "recipe.yaml"
     config.write_text(text)
     assert recipe_from_mergekit(config) == recipe
     assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
-    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), theirs, layout)
+    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), ours, layout)  # the same engine
+    assert_close_tensors(load_file(tmp_path / "ours" / "model.safetensors"), theirs, layout)
 
 
 @pytest.mark.parametrize("method,param", [("nearswap", "t"), ("sce", "select_topk"), ("ramplus_tl", "r")])
@@ -303,7 +318,8 @@ def test_mergekit_yaml_command_line_agrees(method: str, llama_family: TinyFamily
     command = [str(Path(sys.executable).with_name("mergekit-yaml")), str(config), str(out), "--no-lazy-unpickle"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_tensors(_engine(recipe), load_file(out / "model.safetensors"), layout)
+    compare = assert_same_tensors if method == "ties" else assert_close_tensors
+    compare(_engine(recipe), load_file(out / "model.safetensors"), layout)
 
 
 # -- random sparsification ---------------------------------------------------------------
