@@ -49,14 +49,20 @@ class DefinitionChangedError(SearchError):
     """The study file defines another study than the one stored under its name."""
 
 
+def genome_definition(config: StudyConfig) -> object:
+    """The genome part of a study's definition (also what a CMA-ES warm start must share)."""
+    genome = _jsonable(dataclasses.asdict(config.genome))
+    if isinstance(genome, dict) and not genome.get("params"):
+        genome.pop("params", None)  # definitions stored before genome.params existed stay equal
+    return genome
+
+
 def study_definition(config: StudyConfig) -> dict[str, object]:
     """The definition of the study ``config`` describes (JSON values; checkpoints must exist)."""
     from search.warm_start import warm_start_definition  # it reads the earlier study
 
     models = config.models
-    genome = _jsonable(dataclasses.asdict(config.genome))
-    if isinstance(genome, dict) and not genome.get("params"):
-        genome.pop("params", None)  # definitions stored before genome.params existed stay equal
+    genome = genome_definition(config)
     return {
         "models": {
             "base": checkpoint_fingerprint(Path(models.base)),

@@ -217,7 +217,10 @@ def _read_recipe(config: StudyConfig, path: Path, key: str, layout: Layout | Non
     from merges.mergekit_yaml import recipe_from_mergekit
 
     try:
-        recipe = recipe_from_mergekit(path, layout=layout, allow_pickle=config.models.allow_pickle)
+        # Relative model paths: against the YAML's folder, where `search export` writes them from
+        # and where its header says to run mergekit-yaml (mergekit itself resolves against the cwd).
+        recipe = recipe_from_mergekit(path, base_dir=path.parent, layout=layout,
+                                      allow_pickle=config.models.allow_pickle)
     except MergeError as exc:
         raise StudyConfigError(f"{config.path}: {key}: {exc}") from None
     return _on_study_models(config, recipe, f"{config.path}: {key} ({path.name})", by_path=True)
@@ -308,7 +311,7 @@ def _largest_change(given: Recipe, decoded: Recipe) -> tuple[float, str, str] | 
 
 def _check_same_models(config: StudyConfig, earlier: optuna.Study) -> None:
     """The earlier study must have merged the same base and sources (by fingerprint)."""
-    from search.definition import checkpoint_fingerprint, describe_changes
+    from search.definition import checkpoint_fingerprint, describe_changes, genome_definition
 
     stored = earlier.user_attrs.get("definition")
     if not isinstance(stored, Mapping) or "models" not in stored:
@@ -329,8 +332,7 @@ def _check_same_models(config: StudyConfig, earlier: optuna.Study) -> None:
             "models: " + "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         )
     if config.sampler == "cmaes":
-        genome = _jsonable(dataclasses.asdict(config.genome))
-        changes = describe_changes({"genome": stored.get("genome")}, {"genome": genome})
+        changes = describe_changes({"genome": stored.get("genome")}, {"genome": genome_definition(config)})
         if changes:
             raise StudyConfigError(
                 f"{config.path}: study.warm_start: CMA-ES starts from source trials of the same genome; "
