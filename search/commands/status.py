@@ -101,14 +101,15 @@ def _gate_limits(gates: gate_record.StudyGates) -> str:
 
 
 def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], attrs: dict[str, object]) -> str:
-    header = f"{'':<28}" + "".join(f"{t:>12}" for t in tasks) + "  gates (margin)"
+    width = {t: max(12, len(t) + 2) for t in tasks}  # a column per task, never run together
+    header = f"{'':<28}" + "".join(f"{t:>{width[t]}}" for t in tasks) + "  gates (margin)"
     out = [header]
     for name, trial in rows:
         if trial.state != TrialState.COMPLETE:
             out.append(f"{name:<28}  failed: {trial.user_attrs.get('failure', '?')}")
             continue
         scores = trial.user_attrs.get("scores_search", {})
-        cells = "".join(f"{float(scores.get(t, float('nan'))):>12.4f}" for t in tasks)
+        cells = "".join(f"{float(scores.get(t, float('nan'))):>{width[t]}.4f}" for t in tasks)
         gates = ", ".join(
             f"{g.name} {'ok' if g.passed else 'FAIL'} {g.margin:+.3f}"
             for g in gate_record.read_trial_gates(trial.user_attrs)
@@ -116,7 +117,7 @@ def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], attrs: dict[st
         out.append(f"{name:<28}{cells}  {gates}")
         record = storage.heldout_record(attrs, trial.number)
         if record is not None:
-            cells = "".join(f"{record.scores.get(t, float('nan')):>12.4f}" for t in tasks)
+            cells = "".join(f"{record.scores.get(t, float('nan')):>{width[t]}.4f}" for t in tasks)
             gates = ", ".join(
                 f"{g} {'ok' if m >= 0 else 'FAIL'} {m:+.3f}" for g, m in record.gate_margins.items()
             ) or "-"
