@@ -9,7 +9,7 @@ are always a prefix of that task's order, and prefixes of two trials line up row
 * **Row order** (:func:`study_row_order`): each task's rows are shuffled with a seed made
   from the study seed and the task name, then the tasks are interleaved in proportion to
   their sizes (each next row from the task furthest behind its share, in integers), so
-  every prefix is a stratified sample: each task within one row of its share. Same seed and row counts -> the same order on every
+  every prefix is a stratified sample: each task within two rows of its share (the greedy "furthest behind" rule; one row is not guaranteed: hypothesis found 1.03). Same seed and row counts -> the same order on every
   machine and resume.
 * **Stages** (:func:`stage_sizes`): ``first_stage`` rows, then ``growth`` times more, up to
   every row; :func:`rows_to_score` names the rows a stage still needs given what a trial

@@ -44,10 +44,10 @@ def test_row_order_is_seeded_complete_and_stratified(sizes: list[int], seed: int
     assert sorted(order) == sorted((task, row) for task, n in tasks.items() for row in range(n))
     total = sum(sizes)
     counts: Counter[str] = Counter()
-    for m, (task, _) in enumerate(order, start=1):  # every prefix: each task within one row of its share
+    for m, (task, _) in enumerate(order, start=1):  # every prefix: each task within two rows of its share
         counts[task] += 1
         for name, n in tasks.items():
-            assert abs(counts[name] - m * n / total) <= 1, (m, name)
+            assert abs(counts[name] - m * n / total) < 2, (m, name)
 
 
 def test_row_order_depends_on_the_seed_and_the_task() -> None:
