@@ -34,6 +34,7 @@ def test_a_swallowed_interrupt_is_raised_at_the_next_check(
     swallowed: list[BaseException | None] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda info: swallowed.append(info.exc_value))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+    previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's driver installs its own
     try:
         with stop_on_signals():
             obj = _SignalsInDel(signum)
@@ -44,6 +45,7 @@ def test_a_swallowed_interrupt_is_raised_at_the_next_check(
         raise_if_stopped()  # outside the block nothing is pending
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 def test_signals_the_process_ignores_stay_ignored() -> None:
