@@ -612,6 +612,22 @@ def _read_source(source: str | Path) -> tuple[str, str]:
     return text, str(path)
 
 
+def _read_mapping(source: str | Path) -> tuple[Mapping[str, object], str]:
+    """The config's top-level mapping and its name for messages."""
+    text, where = _read_source(source)
+    return _parse_mapping(text, where), where
+
+
+def _parse_mapping(text: str, where: str) -> Mapping[str, object]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UnsupportedConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise UnsupportedConfigError(f"{where}: expected a mapping at the top level")
+    return data
+
+
 def recipe_from_mergekit(
     source: str | Path,
     *,
@@ -630,13 +646,8 @@ def recipe_from_mergekit(
     lets those reads open pickle weights.
     """
     text, where = _read_source(source)
+    data = _parse_mapping(text, where)
     root = (base_dir or Path.cwd()).expanduser().absolute()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UnsupportedConfigError(f"{where}: not valid YAML: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise UnsupportedConfigError(f"{where}: expected a mapping at the top level")
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
     if unknown:
         raise UnsupportedConfigError(f"{where}: unknown top-level key(s) {unknown}")
@@ -704,14 +715,8 @@ def tokenizer_from_mergekit(source: str | Path, *, base_dir: Path | None = None)
     without either it copies the base's tokenizer files. Paths resolve as in
     :func:`recipe_from_mergekit`.
     """
-    text, where = _read_source(source)
+    data, where = _read_mapping(source)
     root = (base_dir or Path.cwd()).expanduser().absolute()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UnsupportedConfigError(f"{where}: not valid YAML: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise UnsupportedConfigError(f"{where}: expected a mapping at the top level")
     return _tokenizer_policy(data, where, root)
 
 
@@ -725,9 +730,8 @@ def mergekit_chat_template(source: str | Path, recipe: Recipe) -> str | None:
     (the one ``tokenizer_source`` builds, else the base's, reloaded and saved again rather
     than copied: ``_copy_tokenizer``). ``recipe`` is the config's :func:`recipe_from_mergekit`.
     """
-    text, where = _read_source(source)
-    data = yaml.safe_load(text)
-    template = data.get("chat_template") if isinstance(data, Mapping) else None
+    data, where = _read_mapping(source)
+    template = data.get("chat_template")
     if template is None:
         return None
     if not isinstance(template, str) or not template:
