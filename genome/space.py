@@ -21,18 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+from typing import TYPE_CHECKING
 
 from genome.errors import GenomeError
 from genome.spec import BASE_CHOICE, Bounds, GenomeSpec
 from merges.errors import RecipeError
 from merges.recipe import ROLES, LayerSlice, Recipe
+
+if TYPE_CHECKING:  # optuna is imported where distributions are built: `search status` reads configs without it
+    from optuna.distributions import BaseDistribution
 
 Params = Mapping[str, float | int | str]
 Sources = Sequence[str] | Mapping[str, str]
@@ -43,6 +40,8 @@ _LAYER_ROLES = ("attention", "mlp", "norm")
 
 def gene_space(spec: GenomeSpec, *, sources: Sources, n_layers: int) -> dict[str, BaseDistribution]:
     """Every gene of ``spec`` with its Optuna distribution, in a stable order."""
+    from optuna.distributions import FloatDistribution
+
     labels = check_sources(spec, sources)
     _check_layers(n_layers)
     if spec.frankenmerge is not None:
@@ -350,6 +349,8 @@ def _franken_choices(spec: GenomeSpec, labels: tuple[str, ...]) -> tuple[str, ..
 def _franken_genes(
     spec: GenomeSpec, labels: tuple[str, ...], n_layers: int
 ) -> Iterator[tuple[str, BaseDistribution]]:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
     franken = spec.frankenmerge
     assert franken is not None
     choices = _franken_choices(spec, labels)
@@ -377,6 +378,8 @@ def _decode_franken(
     seed: int,
     dtype: str,
 ) -> Recipe:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
     franken = spec.frankenmerge
     assert franken is not None
     model_of = dict(zip(labels, paths, strict=True)) | {BASE_CHOICE: base}

@@ -35,7 +35,6 @@ from genome.spec import (
 from merges.lora import LORA_SEPARATOR
 from merges.tokenizer_union import BASE, UNION, TokenizerPolicy
 from search.errors import StudyConfigError
-from search.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +44,10 @@ else:  # pragma: no cover
 BACKENDS: tuple[str, ...] = ("ray", "inline")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+# The sampler names a study file may ask for (search.samplers builds them; kept here so that
+# reading a config, as `search status` does, needs neither Optuna nor numpy).
+SAMPLERS: tuple[str, ...] = ("cmaes", "tpe", "gp", "nsga2", "random")
+MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random")
 STORAGE_SCHEMES: tuple[str, ...] = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+", "journal:")
 _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 RESERVED_LABELS: tuple[str, ...] = ("base", "best")

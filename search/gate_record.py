@@ -35,10 +35,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import optuna
+from typing import TYPE_CHECKING
 
 from fitness.gates import GateLimit, GateResult
+
+if TYPE_CHECKING:
+    import optuna
 
 STUDY_ATTR = "gates"
 TRIAL_ATTR = "gates"

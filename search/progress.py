@@ -21,13 +21,14 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TextIO
-
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
+from typing import TYPE_CHECKING, TextIO
 
 from search import ranking
+
+if TYPE_CHECKING:  # not imported at run time: status reads this module without Optuna (trial states by name)
+    import optuna
+    from optuna.trial import FrozenTrial
+    from tqdm import tqdm
 
 RUN_KEY = "run"  # study user attr: {"budget": int, "started": ISO datetime} of the latest run
 
@@ -83,7 +84,7 @@ def throughput(trials: Iterable[FrozenTrial], run: RunRecord | None) -> Throughp
     """
     finished = [
         t for t in trials
-        if ranking.kind(t) == ranking.KIND_SEARCH and t.state in (TrialState.COMPLETE, TrialState.FAIL)
+        if ranking.kind(t) == ranking.KIND_SEARCH and t.state.name in ("COMPLETE", "FAIL")
         and t.datetime_start is not None and t.datetime_complete is not None
         and t.user_attrs.get("failure") != ranking.DRIVER_STOPPED
         and (run is None or t.datetime_start >= run.started)
@@ -117,6 +118,8 @@ class Progress:
         self._quiet = quiet
         self._bar: tqdm | None = None
         if not quiet and self._stream.isatty():
+            from tqdm import tqdm
+
             # No tqdm rate: the one throughput figure is ours (see the module docstring).
             self._bar = tqdm(total=budget, initial=already_done, file=self._stream, unit="trial",
                              dynamic_ncols=True,

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-from optuna.trial import FrozenTrial, TrialState
+from typing import TYPE_CHECKING
 
 from search.errors import SearchError
 from search.gate_record import read_trial_gates
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+# Trial states are compared by name: these functions also rank the records of
+# search.sqlite_trials (``search status`` without Optuna), whose states are not Optuna's enum.
 
 KIND_SEARCH = "search"
 KIND_BASELINE = "baseline"
@@ -31,11 +36,11 @@ def is_scored(trial: FrozenTrial) -> bool:
     """Completed with the driver's scores: not a trial someone else told (a dashboard's tell
     of a running trial completes it without ``scores_search`` or gates; it is never ranked
     or picked as best)."""
-    return trial.state == TrialState.COMPLETE and "scores_search" in trial.user_attrs
+    return trial.state.name == "COMPLETE" and "scores_search" in trial.user_attrs
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.constraints.values())
+    return trial.state.name == "COMPLETE" and all(v <= 0 for v in trial.constraints.values())
 
 
 def total_violation(trial: FrozenTrial) -> float:
@@ -67,7 +72,7 @@ def baseline_trials(trials: Iterable[FrozenTrial]) -> dict[str, FrozenTrial]:
     return {
         str(t.user_attrs["baseline"]): t
         for t in trials
-        if kind(t) == KIND_BASELINE and t.state == TrialState.COMPLETE
+        if kind(t) == KIND_BASELINE and t.state.name == "COMPLETE"
     }
 
 
@@ -75,9 +80,9 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     """Finished search trials; trials failed because the driver stopped are re-run instead."""
     if kind(trial) != KIND_SEARCH:
         return False
-    if trial.state == TrialState.COMPLETE:
+    if trial.state.name == "COMPLETE":
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("failure") != DRIVER_STOPPED
+    return trial.state.name == "FAIL" and trial.user_attrs.get("failure") != DRIVER_STOPPED
 
 
 def ranked(trials: Iterable[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:

@@ -38,10 +38,8 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from search import ranking
+from search.config import SAMPLERS  # the names live where study files are read (no Optuna there)
 from search.errors import SearchError
-
-SAMPLERS: tuple[str, ...] = ("cmaes", "tpe", "gp", "nsga2", "random")
-MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "gp", "random")
 
 POSITION = "position"
 """Trial user attr: the search trial's place in the search (a re-run keeps the original's)."""

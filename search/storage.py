@@ -18,7 +18,6 @@ import shutil
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from search.definition import check_definition
 from search.errors import SearchError, StudyConfigError
+from search.records import HELDOUT_KEY_PREFIX, HeldoutRecord, heldout_record  # noqa: F401  (re-exported)
 
 JOURNAL_PREFIX = "journal:"
-HELDOUT_KEY_PREFIX = "heldout:"
 START_HINT = "start one with `search start STUDY.toml`"
 
 
@@ -261,33 +260,5 @@ def load_existing_study(
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
 
 
-@dataclass(frozen=True)
-class HeldoutRecord:
-    """A trial's scores on the held-out split and its gates evaluated there."""
-
-    scores: dict[str, float]
-    gate_margins: dict[str, float]
-    feasible: bool
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "scores_heldout": dict(self.scores),
-            "gate_margins_heldout": dict(self.gate_margins),
-            "feasible_heldout": self.feasible,
-        }
-
-
 def save_heldout(study: optuna.Study, trial_number: int, record: HeldoutRecord) -> None:
     study.set_user_attr(f"{HELDOUT_KEY_PREFIX}{trial_number}", record.to_json())
-
-
-def heldout_record(study_user_attrs: Mapping[str, object], trial_number: int) -> HeldoutRecord | None:
-    """The held-out record of a trial from the study's user attributes, if it was re-scored."""
-    raw = study_user_attrs.get(f"{HELDOUT_KEY_PREFIX}{trial_number}")
-    if not isinstance(raw, Mapping):
-        return None
-    return HeldoutRecord(
-        scores={str(k): float(v) for k, v in raw["scores_heldout"].items()},
-        gate_margins={str(k): float(v) for k, v in raw["gate_margins_heldout"].items()},
-        feasible=bool(raw["feasible_heldout"]),
-    )

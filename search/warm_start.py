@@ -34,10 +34,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import optuna
-from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial
+from typing import TYPE_CHECKING
 
 from genome.errors import GenomeError
 from genome.space import decode, encode
@@ -47,6 +44,11 @@ from merges.recipe import ROLES, Recipe
 from search import ranking
 from search.config import StudyConfig
 from search.errors import SearchError, StudyConfigError
+
+if TYPE_CHECKING:  # optuna is imported where used: status reads warm_start_line without it
+    import optuna
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial
 
 WARM_ATTR = "warm_start"
 """Trial user attr of a warm trial: where its recipe came from."""
@@ -96,6 +98,8 @@ class WarmStart:
 
     def frozen_source_trials(self, space: Mapping[str, BaseDistribution]) -> list[FrozenTrial]:
         """The source trials as Optuna trials over ``space`` (what ``source_trials`` takes)."""
+        import optuna
+
         return [
             optuna.trial.create_trial(
                 params={k: t.params[k] for k in space}, distributions=dict(space), value=t.value,
@@ -176,6 +180,8 @@ def enqueue_position(study: optuna.Study, position: int, user_attrs: Mapping[str
 
 def open_earlier_study(config: StudyConfig) -> optuna.Study:
     """``study.warm_start``'s study, read-only: the only one in its storage, or the one named like this."""
+    import optuna
+
     from search.storage import load_existing_study, resolve_storage
 
     url = config.warm_start

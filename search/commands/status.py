@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import TYPE_CHECKING
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-
-from search import gate_record, progress, ranking, storage
+from search import gate_record, progress, ranking, sqlite_trials
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
+from search.records import heldout_record
 from search.warm_start import warm_start_line
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    Trial = FrozenTrial | sqlite_trials.TrialRecord
+
+# Nothing here imports Optuna at module level: an SQLite study is read without it
+# (search.sqlite_trials, most of a second less), any other through Optuna. Trial states
+# are compared by name, which both kinds of trial have.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,14 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_study(args.study, out=args.out)
-    study = storage.load_existing_study(config.name, config.storage)
+    study: optuna.Study | sqlite_trials.StudyRecord | None = sqlite_trials.read_study(config.storage, config.name)
+    if study is None:  # not SQLite, a schema not checked, or no such study (Optuna's error says so)
+        from search import storage
+
+        study = storage.load_existing_study(config.name, config.storage)
     print(render_status(study, budget=config.trials))
     return 0
 
 
-def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
-    """The status text. The budget is the latest run's (stored on the study); ``budget`` is
-    shown only for a study that has none stored (one from before runs were recorded)."""
+def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: int | None = None) -> str:
+    """The status text, the same from either reading of a study. The budget is the latest run's
+    (stored on the study); ``budget`` is shown only for a study that has none stored (one from
+    before runs were recorded)."""
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
     run = progress.run_record(attrs)
@@ -52,14 +66,14 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
     searched = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH]
     complete = ranking.search_trials(trials)
     baselines = ranking.baseline_trials(trials)
-    failed = [t for t in searched if t.state == TrialState.FAIL]
+    failed = [t for t in searched if t.state.name == "FAIL"]
     lines = [
         f"study {study.study_name}: sampler {attrs.get('sampler', '?')}, seed {attrs.get('seed', '?')}",
         f"search trials: {sum(ranking.counts_toward_budget(t) for t in searched)}/"
         f"{'?' if budget is None else budget} done, "
         f"{len(complete)} complete, {sum(ranking.is_feasible(t) for t in complete)} feasible, "
-        f"{len(failed)} failed, {sum(t.state == TrialState.RUNNING for t in searched)} running, "
-        f"{sum(t.state == TrialState.WAITING for t in searched)} waiting; {len(baselines)} baselines",
+        f"{len(failed)} failed, {sum(t.state.name == 'RUNNING' for t in searched)} running, "
+        f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
         _throughput(complete, progress.throughput(searched, run)),
     ]
     for reason, count in _failure_reasons(failed).items():
@@ -67,7 +81,7 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
     best = ranking.best_feasible(complete, directions)
     final = ranking.final_number(attrs)
     chosen = ranking.chosen_trial(trials, attrs, directions)
-    shown: list[tuple[str, FrozenTrial]] = []
+    shown: list[tuple[str, Trial]] = []
     if final is not None and chosen is not None:
         shown.append((f"final (trial {final})", chosen))
     if best is not None and best.number != final:
@@ -100,12 +114,12 @@ def _gate_limits(gates: gate_record.StudyGates) -> str:
     return "\n".join(["gates (limits on the search slices):", *(f"  {gate_record.describe_limit(g)}" for g in gates.limits)])
 
 
-def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], attrs: dict[str, object]) -> str:
+def _table(rows: list[tuple[str, Trial]], tasks: list[str], attrs: dict[str, object]) -> str:
     width = {t: max(12, len(t) + 2) for t in tasks}  # a column per task, never run together
     header = f"{'':<28}" + "".join(f"{t:>{width[t]}}" for t in tasks) + "  gates (margin)"
     out = [header]
     for name, trial in rows:
-        if trial.state != TrialState.COMPLETE:
+        if trial.state.name != "COMPLETE":
             out.append(f"{name:<28}  failed: {trial.user_attrs.get('failure', '?')}")
             continue
         scores = trial.user_attrs.get("scores_search", {})
@@ -115,7 +129,7 @@ def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], attrs: dict[st
             for g in gate_record.read_trial_gates(trial.user_attrs)
         ) or "-"
         out.append(f"{name:<28}{cells}  {gates}")
-        record = storage.heldout_record(attrs, trial.number)
+        record = heldout_record(attrs, trial.number)
         if record is not None:
             cells = "".join(f"{record.scores.get(t, float('nan')):>{width[t]}.4f}" for t in tasks)
             gates = ", ".join(
@@ -125,7 +139,7 @@ def _table(rows: list[tuple[str, FrozenTrial]], tasks: list[str], attrs: dict[st
     return "\n".join(out)
 
 
-def _throughput(complete: list[FrozenTrial], rate: progress.Throughput) -> str:
+def _throughput(complete: list[Trial], rate: progress.Throughput) -> str:
     """The progress line's throughput (see search.progress) and the median trial's work."""
     timed = [t.user_attrs["timings"] for t in complete if isinstance(t.user_attrs.get("timings"), dict)]
     if not timed:
@@ -135,7 +149,7 @@ def _throughput(complete: list[FrozenTrial], rate: progress.Throughput) -> str:
     return f"throughput: {rate.describe()}; median merge {merge:.3f} s, scoring {score:.3f} s per trial"
 
 
-def _failure_reasons(failed: list[FrozenTrial]) -> dict[str, int]:
+def _failure_reasons(failed: list[Trial]) -> dict[str, int]:
     reasons: dict[str, int] = {}
     for trial in failed:
         reason = str(trial.user_attrs.get("failure", "unknown"))
