@@ -44,8 +44,12 @@ def stored_splits(study_user_attrs: Mapping[str, object]) -> dict[str, DocumentS
     return {str(name): DocumentSplit.from_attr(value) for name, value in stored.items() if isinstance(value, Mapping)}
 
 
-def record_splits(study: optuna.Study, splits: Mapping[str, DocumentSplit], storage_url: str) -> None:
-    """Store ``splits`` on a study that has none (or lacks a task); refuse one they differ from."""
+def record_splits(study: optuna.Study, splits: Mapping[str, DocumentSplit], storage_url: str, *,
+                  store: bool = True) -> None:
+    """Store ``splits`` on a study that has none (or lacks a task); refuse one they differ from.
+
+    ``store=False``: only compare (``search finalize`` scores held-out documents, never records them).
+    """
     if not splits:
         return
     try:
@@ -62,7 +66,7 @@ def record_splits(study: optuna.Study, splits: Mapping[str, DocumentSplit], stor
             "version), so new trials would be scored on other documents than the study's; restore them, "
             "or start a new study with a new --out (or study name, or storage)"
         )
-    if any(name not in stored for name in splits):
+    if store and any(name not in stored for name in splits):
         study.set_user_attr(SPLITS_KEY, {name: split.to_attr() for name, split in {**stored, **splits}.items()})
 
 

@@ -156,6 +156,7 @@ def _own_documents(folder: Path) -> Path:
 def test_the_study_records_its_document_split_and_a_resume_must_split_the_same(tmp_path: Path) -> None:
     from fitness.lm_eval_task import document_split
     from search.definition import DefinitionChangedError
+    from search.finalize import finalize_study
     from search.lm_eval_splits import SPLITS_KEY, split_lines, stored_splits
     from search.plan import open_driver_study, plan_study
     from search.report import build_report
@@ -188,6 +189,8 @@ def test_the_study_records_its_document_split_and_a_resume_must_split_the_same(t
     with pytest.raises(DefinitionChangedError, match=r"split its lm-eval documents differently: task 'refunds_mc': "
                                                      r"400 documents -> 405, search docs 6 -> 6 \(\d+ indices differ\)"):
         open_and_flush(plan)
+    with pytest.raises(DefinitionChangedError, match=r"task 'refunds_mc': 400 documents -> 405"):
+        finalize_study(config)  # before any worker scores held-out documents
 
 
 def open_and_flush(plan) -> None:  # noqa: ANN001
