@@ -98,6 +98,17 @@ def test_perplexity_is_minimised_and_accuracy_maximised(tmp_path: Path) -> None:
     assert not higher_is_better("lm_eval/perplexity") and not higher_is_better("lm_eval/bits_per_byte,none")
 
 
+def test_every_lm_eval_key_has_a_readme_row_and_is_in_its_example() -> None:
+    from search.config import LM_EVAL_TASK_KEYS
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("#### lm-eval-harness tasks"):text.index("#### Gates")]
+    example = section[section.index("```toml"):section.index("```", section.index("```toml") + 3)]
+    keys = [key for key in LM_EVAL_TASK_KEYS if key.startswith("lm_eval")]
+    assert [key for key in keys if f"| `{key}` |" not in section] == []
+    assert [key for key in keys if f"\n{key} = " not in example] == []
+
+
 # -- the split ----------------------------------------------------------------------------------
 
 
