@@ -12,7 +12,9 @@ a ``random.Random(split_seed)`` permutation of ``range(n_docs)``, the first
 ``round(n_docs * heldout_fraction)`` indices held out, the rest searched; ``limit`` keeps
 the first N of each split in permuted order. Each split is passed sorted as lm-eval's
 ``samples=`` (its per-document results keep their document index). The split is a pure
-function of the document count and those keys, which the study's definition records.
+function of the document count and those keys, which the study's definition records;
+:class:`DocumentSplit` is the split itself, which ``search start`` records on the study
+(``search.lm_eval_splits``) in the compact form of :func:`compact_indices` (``"0-3,7,9-12"``).
 
 The metric is ``lm_eval_metric`` (``"acc"`` or with its filter ``"acc,none"``; default:
 the task's first, read from its YAML without importing lm-eval); the score is lm-eval's
@@ -31,7 +33,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,6 +205,74 @@ def split_documents(n_docs: int, *, seed: int, heldout_fraction: float, limit: i
     return {"search": sorted(search), "heldout": sorted(heldout)}
 
 
+def compact_indices(indices: Sequence[int]) -> str:
+    """Sorted distinct indices as ranges: ``[0, 1, 2, 3, 7, 9, 10]`` -> ``"0-3,7,9-10"`` (``""``: none)."""
+    parts: list[str] = []
+    start = previous = None
+    for index in indices:
+        if previous is not None and index <= previous:
+            raise ValueError(f"indices must be sorted and distinct, got {index} after {previous}")
+        if previous is None or index != previous + 1:
+            if start is not None:
+                parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = index
+        previous = index
+    if start is not None:
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+    return ",".join(parts)
+
+
+def expand_indices(text: str) -> list[int]:
+    """The inverse of :func:`compact_indices`; a ``FitnessError`` for text it did not write."""
+    indices: list[int] = []
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise FitnessError(f"document indices: {part!r} in {text!r} is not N or N-M") from None
+        if first > last or (indices and first <= indices[-1]):
+            raise FitnessError(f"document indices: {part!r} in {text!r} is out of order")
+        indices.extend(range(first, last + 1))
+    return indices
+
+
+@dataclass(frozen=True)
+class DocumentSplit:
+    """The study's split of one lm-eval task's evaluation documents (sorted document indices)."""
+
+    task: str  # the lm-eval task's name
+    documents: int  # how many evaluation documents the task has
+    search: tuple[int, ...]
+    heldout: tuple[int, ...]
+
+    def to_attr(self) -> dict[str, object]:
+        """The compact JSON form a study stores."""
+        return {"lm_eval": self.task, "documents": self.documents,
+                "search": compact_indices(self.search), "heldout": compact_indices(self.heldout)}
+
+    @classmethod
+    def from_attr(cls, value: Mapping[str, object]) -> DocumentSplit:
+        try:
+            return cls(str(value["lm_eval"]), int(value["documents"]),  # type: ignore[call-overload]
+                       tuple(expand_indices(str(value["search"]))), tuple(expand_indices(str(value["heldout"]))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FitnessError(f"a stored lm-eval document split is malformed ({exc}): {value!r}") from None
+
+    def describe(self, name: str) -> str:
+        """``lm-eval task NAME (TASK): N search docs, M held-out docs (of D)``."""
+        return (f"lm-eval task {name} ({self.task}): {len(self.search)} search docs, "
+                f"{len(self.heldout)} held-out docs (of {self.documents})")
+
+
+def _task_split(spec: TaskSpec, n_docs: int) -> DocumentSplit:
+    lm = spec.lm_eval
+    assert lm is not None
+    split = split_documents(n_docs, seed=spec.split_seed, heldout_fraction=spec.heldout_fraction,
+                            limit=spec.limit, where=f"task {spec.name!r}")
+    return DocumentSplit(lm.task, n_docs, tuple(split["search"]), tuple(split["heldout"]))
+
+
 class _Indices(list):  # type: ignore[type-arg]
     """A sorted index list with a set's ``in``: lm-eval filters documents by ``i in samples``."""
 
@@ -303,18 +373,21 @@ def result_key(spec: TaskSpec, keys: Sequence[str], directions: dict[str, bool] 
     return key
 
 
-def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
-    """What ``LmEvalTask`` would refuse (``search validate``): documents per split."""
+def document_split(spec: TaskSpec) -> DocumentSplit:
+    """What ``LmEvalTask`` would refuse, checked (task, metric, documents); then its split."""
     task, keys = load_lm_eval_task(spec)
     result_key(spec, keys, task.higher_is_better())
-    where = f"task {spec.name!r}"
     try:
         n_docs = len(task.eval_docs)
     except Exception as exc:
-        raise FitnessError(f"{where}: lm_eval: task has no test or validation documents: {exc}") from None
-    split = split_documents(n_docs, seed=spec.split_seed, heldout_fraction=spec.heldout_fraction,
-                            limit=spec.limit, where=where)
-    return {name: len(indices) for name, indices in split.items()}
+        raise FitnessError(f"task {spec.name!r}: lm_eval: task has no test or validation documents: {exc}") from None
+    return _task_split(spec, n_docs)
+
+
+def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
+    """What ``LmEvalTask`` would refuse (``search validate``): documents per split."""
+    split = document_split(spec)
+    return {"search": len(split.search), "heldout": len(split.heldout)}
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int) -> Any:
@@ -363,9 +436,8 @@ class LmEvalTask:
             self.task.set_config(key="num_fewshot", value=lm_spec.num_fewshot)
         elif self.task.get_config("num_fewshot") is None:
             self.task.set_config(key="num_fewshot", value=0)
-        self.split = split_documents(len(self.task.eval_docs), seed=spec.split_seed,
-                                     heldout_fraction=spec.heldout_fraction, limit=spec.limit,
-                                     where=f"task {spec.name!r}")
+        self.documents = _task_split(spec, len(self.task.eval_docs))
+        self.split = {"search": list(self.documents.search), "heldout": list(self.documents.heldout)}
         self._docs_as_list()
         self._build_requests_once()
 

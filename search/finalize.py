@@ -23,6 +23,7 @@ from search.config import StudyConfig
 from search.definition import check_definition, study_definition
 from search.errors import SearchError
 from search.generations import save_generations
+from search.lm_eval_splits import current_splits, record_splits
 from search.plan import StudyPlan, plan_study, worker_setup
 from search.pool import WorkerPool, evaluate_all, make_pool
 from search.progress import Progress
@@ -149,6 +150,7 @@ def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO |
     plan = plan_study(config)
     study = storage.load_existing_study(config.name, config.storage)
     check_definition(study, study_definition(config), config.storage, store=False)
+    record_splits(study, current_splits(config.tasks), config.storage, store=False)  # held-out docs unchanged
     progress = Progress(config.trials, quiet=quiet, stream=stream)
     pool = make_pool(worker_setup(config), config.execution)
     try:

@@ -25,6 +25,7 @@ from search.annotate import artifact_dir
 from search.config import StudyConfig
 from search.definition import study_definition
 from search.errors import SearchError
+from search.lm_eval_splits import current_splits, record_splits
 from search.samplers import make_sampler
 from search.warm_start import store_warm_start, warm_start_for
 from search.worker import WorkerSetup
@@ -133,6 +134,8 @@ def open_driver_study(plan: StudyPlan) -> tuple[optuna.Study, WriteBehindStorage
     warm = warm_start_for(config, space=plan.space, n_layers=plan.n_layers, layout=plan.layout)
     sampler = make_sampler(config.sampler, seed=config.seed, space=plan.space, population=config.population,
                            parallel=config.execution.workers > 1, source_trials=warm.frozen_source_trials(plan.space))
+    # lm-eval tasks' document splits, computed before the storage is created (a task that cannot load fails first)
+    splits = current_splits(config.tasks)
     # Creates the study (or checks its directions and definition) on the durable storage.
     storage.open_study(config.name, config.storage, plan.directions, sampler=sampler,
                        definition=study_definition(config))
@@ -141,6 +144,7 @@ def open_driver_study(plan: StudyPlan) -> tuple[optuna.Study, WriteBehindStorage
                                       url=config.storage)
     study = optuna.Study(study_name=config.name, storage=write_behind, sampler=sampler)
     store_warm_start(study, warm)  # fixed on the first run: a resume places the same warm trials
+    record_splits(study, splits, config.storage)  # recorded on the first run; a resume must split the same
     attrs = study.user_attrs
     wanted = {
         "config_path": str(config.path),

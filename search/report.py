@@ -32,6 +32,7 @@ from merges.recipe import ROLES, Recipe
 from search import gate_record, ranking, storage
 from search.annotate import chosen_trial
 from search.generations import generations_file
+from search.lm_eval_splits import splits_html
 from search.warm_start import WARM_ATTR, best_warm_trial
 
 FEASIBLE = "#1f77b4"
@@ -522,6 +523,7 @@ def _page(view: StudyView, parts: Sequence[Figure | Omitted], recipe_text: str |
         f"<h1>mergesearch study <code>{name}</code></h1>",
         "<pre id='report-errors' hidden></pre>",
         _overview(view),
+        splits_html(view.study.user_attrs),
         _summary(view, recipe_text),
     ]
     for part in parts:

@@ -76,6 +76,44 @@ def test_generation_equals_per_prompt_generate_loop(demo_family_root: Path, merg
         assert 0 < sum(verdicts) < len(verdicts)  # the comparison means something
 
 
+def test_a_batch_ends_as_soon_as_every_row_has_stopped(demo_family_root: Path) -> None:
+    """Early exit: one forward pass per token up to the longest row's end token, not max_new_tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_family_root / "base")
+    model = AutoModelForCausalLM.from_pretrained(demo_family_root / "refunds").eval()
+    spec = TaskSpec("refunds", demo_family_root / "data" / "refunds" / "search.jsonl",
+                    demo_family_root / "data" / "refunds" / "heldout.jsonl", limit=6, metric="generate",
+                    generate=GenerateSpec(max_new_tokens=40))
+    data = load_task(spec, tokenizer, batch_size=64).search
+    ends = end_token_ids(model, tokenizer)
+    lengths = []  # new tokens per row, its end token included, as model.generate decodes it alone
+    with torch.inference_mode():
+        for example in data.examples:
+            ids = torch.tensor([example.prompt_ids])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=40, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
+            lengths.append(out.shape[1] - ids.shape[1])
+    assert max(lengths) < 40 and len(set(lengths)) > 1  # rows end at different steps, all before the limit
+    passes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        score, records = score_slice_details(model, data)
+    finally:
+        hook.remove()
+    assert len(passes) == max(lengths)  # one batch of 6 rows: it stopped with its longest row
+    assert records is not None and score == sum(r["verdict"] for r in records) / 6
+
+
+def test_the_shipped_generation_study_validates_without_warnings(
+    repo_root: Path, demo_family_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search.commands.validate import check_data
+
+    config = load_study(repo_root / "studies" / "logistics_generate" / "study.toml")
+    assert [t.metric for t in config.tasks] == ["generate"] * 3
+    assert check_data(config) == {task: {"search": 200, "heldout": 200} for task in DEMO_TASKS}
+    assert capsys.readouterr().err == ""  # every extract pattern matches the first gold answers
+
+
 def test_generate_verdict_on_a_specialist_matches_exact_match(demo_family_root: Path) -> None:
     """With whole-completion exact comparison, generation agrees with teacher-forced exact match."""
     tokenizer = AutoTokenizer.from_pretrained(demo_family_root / "base")

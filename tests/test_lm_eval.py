@@ -9,6 +9,7 @@ task over the demo family's own rows; nothing is downloaded).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fitness.errors import FitnessError
-from fitness.lm_eval_task import split_documents
+from fitness.lm_eval_task import DocumentSplit, compact_indices, expand_indices, split_documents
 from search.config import load_study
 from search.errors import StudyConfigError
 
@@ -97,6 +98,17 @@ def test_perplexity_is_minimised_and_accuracy_maximised(tmp_path: Path) -> None:
     assert not higher_is_better("lm_eval/perplexity") and not higher_is_better("lm_eval/bits_per_byte,none")
 
 
+def test_every_lm_eval_key_has_a_readme_row_and_is_in_its_example() -> None:
+    from search.config import LM_EVAL_TASK_KEYS
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("#### lm-eval-harness tasks"):text.index("#### Gates")]
+    example = section[section.index("```toml"):section.index("```", section.index("```toml") + 3)]
+    keys = [key for key in LM_EVAL_TASK_KEYS if key.startswith("lm_eval")]
+    assert [key for key in keys if f"| `{key}` |" not in section] == []
+    assert [key for key in keys if f"\n{key} = " not in example] == []
+
+
 # -- the split ----------------------------------------------------------------------------------
 
 
@@ -120,7 +132,84 @@ def test_the_split_is_disjoint_sorted_seeded_and_limited(n: int, seed: int, frac
         assert set(search) <= set(full["search"]) and len(search) == min(limit, len(full["search"]))
 
 
+@given(st.sets(st.integers(0, 300)))
+def test_compact_indices_round_trip(indices: set[int]) -> None:
+    ordered = sorted(indices)
+    text = compact_indices(ordered)
+    assert expand_indices(text) == ordered
+    runs = sum(1 for i in ordered if i - 1 not in indices)
+    assert (text.count(",") + 1 == runs) if ordered else text == ""  # one part per run of consecutive indices
+
+
+def test_malformed_stored_indices_are_named() -> None:
+    with pytest.raises(FitnessError, match=r"document indices: 'x' in '1,x' is not N or N-M"):
+        expand_indices("1,x")
+    with pytest.raises(FitnessError, match=r"document indices: '2' in '3-5,2' is out of order"):
+        expand_indices("3-5,2")
+    split = DocumentSplit("t", 10, (0, 1, 2, 5), (3, 4, 9))
+    assert split.to_attr() == {"lm_eval": "t", "documents": 10, "search": "0-2,5", "heldout": "3-4,9"}
+    assert DocumentSplit.from_attr(split.to_attr()) == split
+
+
 # -- lm-eval itself -----------------------------------------------------------------------------
+
+
+def _own_documents(folder: Path) -> Path:
+    """The shipped task YAMLs and the family's rows in ``folder``, laid out as in the repository
+    (``tasks/logistics_data.py`` reads ``../../logistics/family/data``, outside the include folder)."""
+    tasks = folder / "studies" / "logistics_lmeval" / "tasks"
+    shutil.copytree(TASKS, tasks, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(FAMILY / "data", folder / "studies" / "logistics" / "family" / "data")
+    return tasks
+
+
+@needs_lm_eval
+def test_the_study_records_its_document_split_and_a_resume_must_split_the_same(tmp_path: Path) -> None:
+    from fitness.lm_eval_task import document_split
+    from search.definition import DefinitionChangedError
+    from search.finalize import finalize_study
+    from search.lm_eval_splits import SPLITS_KEY, split_lines, stored_splits
+    from search.plan import open_driver_study, plan_study
+    from search.report import build_report
+
+    tasks = _own_documents(tmp_path / "own")
+    path = study_copy(tmp_path, limit=6, **{f'lm_eval_include = "{TASKS}"': f'lm_eval_include = "{tasks}"'})
+    config = load_study(path)
+    plan = plan_study(config)
+    study, storage = open_driver_study(plan)
+    storage.flush()
+    expected = {t.name: document_split(t) for t in config.tasks}
+    assert stored_splits(study.user_attrs) == expected
+    refunds = study.user_attrs[SPLITS_KEY]["refunds_mc"]
+    assert refunds["lm_eval"] == "logistics_refunds_mc" and refunds["documents"] == 400
+    assert len(expand_indices(refunds["search"])) == len(expand_indices(refunds["heldout"])) == 6
+    assert split_lines(study.user_attrs)[0] == "lm-eval task refunds_mc (logistics_refunds_mc): 6 search docs, " \
+                                                "6 held-out docs (of 400)"
+    page = build_report(study, task_higher={t.name: True for t in config.tasks})
+    assert "lm-eval task catalog_ll (logistics_catalog_ll): 6 search docs, 6 held-out docs (of 400)" in page
+    assert f"search: {refunds['search']}" in page
+
+    study, storage = open_driver_study(plan)  # a resume with the same documents goes on
+    storage.flush()
+    assert stored_splits(study.user_attrs) == expected
+
+    # Rows added to the data behind the YAML (not in the include folder, so not in the definition):
+    refunds_rows = tmp_path / "own" / "studies" / "logistics" / "family" / "data" / "refunds" / "search.jsonl"
+    lines = refunds_rows.read_text(encoding="utf-8").splitlines(keepends=True)
+    refunds_rows.write_text("".join(lines + lines[:5]), encoding="utf-8")
+    with pytest.raises(DefinitionChangedError, match=r"split its lm-eval documents differently: task 'refunds_mc': "
+                                                     r"400 documents -> 405, search docs 6 -> 6 \(\d+ indices differ\)"):
+        open_and_flush(plan)
+    with pytest.raises(DefinitionChangedError, match=r"task 'refunds_mc': 400 documents -> 405"):
+        finalize_study(config)  # before any worker scores held-out documents
+
+
+def open_and_flush(plan) -> None:  # noqa: ANN001
+    from search.plan import open_driver_study
+
+    open_driver_study(plan)[1].flush()
+
+
 
 
 @needs_lm_eval
