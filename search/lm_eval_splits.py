@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-
-import optuna
+from typing import TYPE_CHECKING
 
 from fitness.errors import FitnessError
 from fitness.lm_eval_task import DocumentSplit
 from fitness.spec import TaskSpec
-from search.definition import DefinitionChangedError
+
+if TYPE_CHECKING:  # status imports this module and must not load optuna (issue 12)
+    import optuna
 
 SPLITS_KEY = "lm_eval_splits"
 """Study user attribute: task name -> its ``DocumentSplit.to_attr()``."""
@@ -52,6 +53,8 @@ def record_splits(study: optuna.Study, splits: Mapping[str, DocumentSplit], stor
     """
     if not splits:
         return
+    from search.definition import DefinitionChangedError  # loads optuna: not at import (status)
+
     try:
         stored = stored_splits(study.user_attrs)
     except FitnessError as exc:

@@ -188,6 +188,9 @@ def test_the_study_records_its_document_split_and_a_resume_must_split_the_same(t
     page = build_report(study, task_higher={t.name: True for t in config.tasks})
     assert "lm-eval task catalog_ll (logistics_catalog_ll): 6 search docs, 6 held-out docs (of 400)" in page
     assert f"search: {refunds['search']}" in page
+    from search.commands.status import render_status
+
+    assert split_lines(study.user_attrs)[0] in render_status(study).splitlines()
 
     study, storage = open_driver_study(plan)  # a resume with the same documents goes on
     storage.flush()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from search import gate_record, progress, ranking, sqlite_trials
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import load_study
+from search.lm_eval_splits import split_lines
 from search.records import heldout_record
 from search.warm_start import warm_start_line
 
@@ -88,6 +89,7 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         shown.append((f"best feasible (trial {best.number})", best))
     shown += [(f"{name} (trial {trial.number})", trial) for name, trial in baselines.items()]
     lines.append(_gate_limits(gates))
+    lines += split_lines(attrs)  # lm-eval tasks: the documents each split holds, as recorded
     chosen = shown[0][1] if isinstance(final, int) else best  # as search.annotate.chosen_trial
     warm = warm_start_line(trials, chosen, directions)
     if warm is not None:
