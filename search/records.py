@@ -3,15 +3,36 @@
 The user attributes every reader relies on (status, export, report, dashboard: see
 "What a trial stores" in docs/ARCHITECTURE.md): the recipe's one-line summary, the
 scores, each gate's result by name (``search.gate_record``), the gates as one line, and feasibility.
+
+Per-row results (one value per row per task, the values each task's score is the mean of;
+what paired intervals are computed from) are kept compactly where the dashboard does not
+list them: a scored trial's search rows in its system attribute ``rows_search``, its
+held-out rows in its held-out record (``search.storage``), each task's rows encoded as one
+string (:func:`encode_rows`: 0/1 rows as bits, others as float64 bytes, base64). Which rows
+they are is stored once on the study (user attribute ``example_rows``: split -> task ->
+``{"n", "ids"}``), the same for every trial. :func:`trial_rows` is the one reader.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
 
 from fitness.gates import GateResult
 from merges.recipe import Recipe
 from search import gate_record
+from search.errors import SearchError
+
+ROWS_SEARCH_ATTR = "rows_search"
+"""Trial system attribute: task -> encoded search-split rows (:func:`encode_rows`)."""
+EXAMPLE_ROWS_ATTR = "example_rows"
+"""Study user attribute: split -> task -> {"n": rows, "ids": ["FILE:ROW", ...]}."""
+_BITS = "bits:"
+_FLOAT64 = "f64:"
 
 
 def score_attrs(scores: Mapping[str, float], gates: Sequence[GateResult]) -> dict[str, object]:
@@ -35,3 +56,67 @@ def summarize_recipe(recipe: Recipe, labels: Sequence[str]) -> str:
     if recipe.layer_slices:
         parts.append(" ".join(f"{s.model.rsplit('/', 1)[-1]}[{s.start}:{s.end}]" for s in recipe.layer_slices))
     return ", ".join(parts)
+
+
+def encode_rows(values: Sequence[float]) -> str:
+    """One task's row values as a compact string (exact: 0/1 rows as bits, others as float64)."""
+    array = np.asarray(values, dtype=np.float64)
+    if np.all((array == 0.0) | (array == 1.0)):
+        packed = np.packbits(array.astype(np.uint8)).tobytes()
+        return f"{_BITS}{array.size}:{base64.b64encode(packed).decode('ascii')}"
+    return _FLOAT64 + base64.b64encode(array.astype("<f8").tobytes()).decode("ascii")
+
+
+def decode_rows(text: str) -> np.ndarray:
+    """The float64 row values :func:`encode_rows` encoded."""
+    try:
+        if text.startswith(_BITS):
+            count, _, payload = text[len(_BITS):].partition(":")
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(payload), dtype=np.uint8))
+            return bits[:int(count)].astype(np.float64)
+        if text.startswith(_FLOAT64):
+            return np.frombuffer(base64.b64decode(text[len(_FLOAT64):]), dtype="<f8").astype(np.float64)
+    except (ValueError, TypeError) as exc:
+        raise SearchError(f"stored per-row values are corrupt: {exc}") from exc
+    raise SearchError(f"stored per-row values have an unknown encoding: {text[:16]!r}")
+
+
+def rows_attr(rows: Mapping[str, Sequence[float]]) -> dict[str, str]:
+    """The stored form of a trial's rows on one split: task -> encoded values."""
+    return {task: encode_rows(values) for task, values in rows.items()}
+
+
+def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
+               split: str = "search") -> dict[str, np.ndarray] | None:
+    """A trial's per-row values on ``split`` (task -> float64 array in the study's row order),
+    or None when it has none stored (not scored on that split; a task without per-row values,
+    such as an lm-eval task, leaves its task out)."""
+    if split == "search":
+        raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
+    else:
+        from search.storage import heldout_record  # storage imports Optuna's storages
+
+        record = heldout_record(study_user_attrs, trial.number)
+        raw = None if record is None else record.rows
+    if not isinstance(raw, Mapping) or not raw:
+        return None
+    return {str(task): decode_rows(str(text)) for task, text in raw.items()}
+
+
+def row_ids(examples_by_task: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, dict[str, object]]:
+    """What identifies each task's rows on one split: their count and ``FILE:ROW`` ids."""
+    return {task: {"n": len(rows), "ids": [f"{file}:{row}" for file, row in rows]}
+            for task, rows in examples_by_task.items()}
+
+
+def store_row_ids(study: optuna.Study, split: str, ids: Mapping[str, Mapping[str, object]] | None) -> None:
+    """Add ``split``'s row identity to the study's ``example_rows`` unless it holds it already
+    (the rows are the same for every trial: stored once)."""
+    if not ids:
+        return
+    stored = study.user_attrs.get(EXAMPLE_ROWS_ATTR)
+    current = dict(stored) if isinstance(stored, Mapping) else {}
+    if current.get(split) == {task: dict(value) for task, value in ids.items()}:
+        return
+    current[split] = {task: dict(value) for task, value in ids.items()}
+    study.set_user_attr(EXAMPLE_ROWS_ATTR, current)

@@ -6,7 +6,9 @@ The driver is the only process that writes the storage. ``status``/``export``/``
 Optuna refuses to change a finished trial (``check_trial_is_updatable``), so numbers that
 arrive after a trial is told (its held-out re-score) are kept as study user attributes
 ``heldout:<trial number>`` holding ``{"scores_heldout", "gate_margins_heldout",
-"feasible_heldout"}``; :func:`heldout_record` reads them back.
+"feasible_heldout", "rows_heldout"}`` (``rows_heldout``: the per-row values, encoded by
+``search.records``; absent on records from before they were kept); :func:`heldout_record`
+reads them back (``search.records.trial_rows`` decodes the rows).
 """
 
 from __future__ import annotations
@@ -268,12 +270,14 @@ class HeldoutRecord:
     scores: dict[str, float]
     gate_margins: dict[str, float]
     feasible: bool
+    rows: dict[str, str] | None = None  # task -> encoded per-row values (search.records.rows_attr)
 
     def to_json(self) -> dict[str, object]:
         return {
             "scores_heldout": dict(self.scores),
             "gate_margins_heldout": dict(self.gate_margins),
             "feasible_heldout": self.feasible,
+            **({"rows_heldout": dict(self.rows)} if self.rows else {}),
         }
 
 
@@ -290,4 +294,6 @@ def heldout_record(study_user_attrs: Mapping[str, object], trial_number: int) ->
         scores={str(k): float(v) for k, v in raw["scores_heldout"].items()},
         gate_margins={str(k): float(v) for k, v in raw["gate_margins_heldout"].items()},
         feasible=bool(raw["feasible_heldout"]),
+        rows={str(k): str(v) for k, v in raw["rows_heldout"].items()} if isinstance(raw.get("rows_heldout"), Mapping)
+        else None,
     )

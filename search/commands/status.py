@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import gate_record, progress, ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
+from search.confidence import confidence_lines
 from search.config import load_study
 from search.warm_start import warm_start_line
 
@@ -80,6 +81,8 @@ def render_status(study: optuna.Study, *, budget: int | None = None) -> str:
         lines.append(warm)
     lines.append("")
     lines.append(_table(shown, tasks, attrs))
+    intervals = confidence_lines(trials, attrs, directions)  # search.confidence: held-out 95% intervals
+    lines += ["", *intervals] if intervals else []
     if best is None:
         blocker = ranking.what_blocks(trials, gates.names)
         lines.append("")
