@@ -41,6 +41,9 @@ RULE = ("a finalist is preferred over the best-on-search finalist only when its 
         "excludes 0); the final trial is the best on held-out among those, else the "
         "best-on-search finalist")
 """The finalist rule (``search.finalize``), said in finalize's table, the README and the note."""
+FINAL_CHOICE_ATTR = "final_choice"
+"""Study user attribute: how finalize chose (``{"trial", "how", "peeked"}``; peeked: held-out
+scores, beyond the gates, decided the choice, so the held-out score is optimistic)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,11 @@ def confidence_lines(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, obj
                      f" ({verdict})")
     if found.gap is not None:
         lines.append(f"  search - held-out gap: {found.gap:+.4f} (positive: worse on held-out)")
+    choice = user_attrs.get(FINAL_CHOICE_ATTR)
+    if isinstance(choice, Mapping) and choice.get("trial") == found.trial:
+        honest = ("held-out scores chose it, so its held-out score is optimistic" if choice.get("peeked") else
+                  "held-out was used only by the gates, so its held-out score is not inflated by the choice")
+        lines.append(f"  chosen: {choice.get('how')}; {honest}")
     if found.missing:
         lines.append(f"  no intervals: {found.missing}")
     return lines

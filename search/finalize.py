@@ -138,7 +138,8 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
         study.set_user_attr(ranking.FINAL_TRIAL_ATTR, None)
         write_best_note(study)
         return FinalizeResult(None, rows, "no finalist passes every gate on the held-out split")
-    final, how = _choose(passing, finalist_rows, rule)
+    final, how, peeked = _choose(passing, finalist_rows, rule)
+    study.set_user_attr(confidence.FINAL_CHOICE_ATTR, {"trial": final.trial, "how": how, "peeked": peeked})
     study.set_user_attr(ranking.FINAL_TRIAL_ATTR, final.trial)
     write_best_note(study)  # the dashboard's note on the chosen trial
     lines = confidence.confidence_lines(study.get_trials(deepcopy=False), study.user_attrs, plan.directions)
@@ -147,17 +148,18 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
 
 
 def _choose(passing: Sequence[FinalistRow], rows: dict[int, dict | None],
-            rule: confidence.ObjectiveRule | None) -> tuple[FinalistRow, str]:
-    """The final trial among the passing finalists (in search order) and why (``confidence.RULE``)."""
+            rule: confidence.ObjectiveRule | None) -> tuple[FinalistRow, str, bool]:
+    """The final trial among the passing finalists (in search order), why (``confidence.RULE``),
+    and whether held-out scores (beyond the gates) decided it."""
     first = passing[0]  # the best on search
     if rule is None or any(rows.get(r.trial) is None for r in passing) or rule.no_interval:
         best = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
-        return best, "best on held-out; no per-row values for intervals"
+        return best, "best on held-out; no per-row values for intervals", len(passing) > 1
     better = [r for r in passing[1:] if confidence.preferred(rule, rows[r.trial], rows[first.trial])]
     if not better:
-        return first, "best on search; no finalist better on held-out by more than noise"
+        return first, "best on search; no finalist better on held-out by more than noise", False
     best = max(better, key=lambda r: (r.heldout_objective, -r.trial))
-    return best, f"better on held-out than trial {first.trial} by more than noise"
+    return best, f"better on held-out than trial {first.trial} by more than noise", True
 
 
 def _rescoring_message(todo: Sequence[FrozenTrial], finalists: Sequence[FrozenTrial], top_k: int) -> str:

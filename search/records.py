@@ -10,7 +10,7 @@ list them: a scored trial's search rows in its system attribute ``rows_search``,
 held-out rows in its held-out record (``search.storage``), each task's rows encoded as one
 string (:func:`encode_rows`: 0/1 rows as bits, others as float64 bytes, base64). Which rows
 they are is stored once on the study (user attribute ``example_rows``: split -> task ->
-``{"n", "ids"}``), the same for every trial. :func:`trial_rows` is the one reader.
+``{"n", "ids"}``, ids as runs of file rows), the same for every trial. :func:`trial_rows` is the one reader.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from search.errors import SearchError
 ROWS_SEARCH_ATTR = "rows_search"
 """Trial system attribute: task -> encoded search-split rows (:func:`encode_rows`)."""
 EXAMPLE_ROWS_ATTR = "example_rows"
-"""Study user attribute: split -> task -> {"n": rows, "ids": ["FILE:ROW", ...]}."""
+"""Study user attribute: split -> task -> {"n": rows, "ids": ["FILE:FIRST-LAST", ...]} (:func:`row_ids`)."""
 _BITS = "bits:"
 _FLOAT64 = "f64:"
 
@@ -104,9 +104,29 @@ def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
 
 
 def row_ids(examples_by_task: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, dict[str, object]]:
-    """What identifies each task's rows on one split: their count and ``FILE:ROW`` ids."""
-    return {task: {"n": len(rows), "ids": [f"{file}:{row}" for file, row in rows]}
-            for task, rows in examples_by_task.items()}
+    """What identifies each task's rows on one split: their count and ids, in row order, as
+    ``FILE:FIRST-LAST`` runs of consecutive rows of one file (``FILE:ROW`` for a single row)."""
+    out: dict[str, dict[str, object]] = {}
+    for task, rows in examples_by_task.items():
+        runs: list[list[object]] = []  # [file, first, last]
+        for file, row in rows:
+            if runs and runs[-1][0] == file and runs[-1][2] == row - 1:
+                runs[-1][2] = row
+            else:
+                runs.append([file, row, row])
+        ids = [f"{f}:{a}" if a == b else f"{f}:{a}-{b}" for f, a, b in runs]
+        out[task] = {"n": len(rows), "ids": ids}
+    return out
+
+
+def expand_row_ids(ids: Sequence[str]) -> list[tuple[str, int]]:
+    """The ``(file, row)`` of every row, in order, from :func:`row_ids`' runs."""
+    out: list[tuple[str, int]] = []
+    for run in ids:
+        file, _, span = str(run).rpartition(":")
+        first, _, last = span.partition("-")
+        out += [(file, row) for row in range(int(first), int(last or first) + 1)]
+    return out
 
 
 def store_row_ids(study: optuna.Study, split: str, ids: Mapping[str, Mapping[str, object]] | None) -> None:

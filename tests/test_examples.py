@@ -20,7 +20,15 @@ from fitness.intervals import Interval
 from search import confidence, ranking, storage
 from search.commands.status import render_status
 from search.errors import SearchError
-from search.records import EXAMPLE_ROWS_ATTR, ROWS_SEARCH_ATTR, decode_rows, encode_rows, trial_rows
+from search.records import (
+    EXAMPLE_ROWS_ATTR,
+    ROWS_SEARCH_ATTR,
+    decode_rows,
+    encode_rows,
+    expand_row_ids,
+    row_ids,
+    trial_rows,
+)
 from tests.checkpoints import TinyFamily
 from tests.studies import ROWS, TASKS, run, write_study
 
@@ -66,7 +74,8 @@ def test_the_study_stores_which_rows_once(loglik_study: optuna.Study) -> None:
     for split in ("search", "heldout"):
         for task in TASKS:
             assert ids[split][task]["n"] == ROWS
-            assert ids[split][task]["ids"] == [f"{task}-{split}.jsonl:{row}" for row in range(1, ROWS + 1)]
+            assert ids[split][task]["ids"] == [f"{task}-{split}.jsonl:1-{ROWS}"]
+            assert expand_row_ids(ids[split][task]["ids"]) == [(f"{task}-{split}.jsonl", r) for r in range(1, ROWS + 1)]
     # per trial: only the values, in a system attribute the dashboard does not list
     trial = ranking.search_trials(loglik_study.get_trials())[0]
     assert ROWS_SEARCH_ATTR in trial.system_attrs
@@ -118,6 +127,10 @@ def test_the_final_trial_follows_the_noise_rule(loglik_study: optuna.Study) -> N
     better = [t.number for t in finalists[1:] if confidence.preferred(rule, rows[t.number], rows[first.number])]
     final = ranking.final_number(attrs)
     assert final == first.number if not better else final in better
+    # whether held-out decided it is stored and said (an honest label on the held-out score)
+    assert attrs[confidence.FINAL_CHOICE_ATTR]["peeked"] == bool(better)
+    lines = confidence.confidence_lines(trials, attrs, directions)
+    assert any(line.startswith("  chosen: ") for line in lines)
 
 
 @given(st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=70)
@@ -125,6 +138,12 @@ def test_the_final_trial_follows_the_noise_rule(loglik_study: optuna.Study) -> N
 def test_row_encoding_is_exact(values: list[float]) -> None:
     decoded = decode_rows(encode_rows(values))
     assert decoded.dtype == np.float64 and decoded.tolist() == values
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a.jsonl", "b.jsonl"]), st.integers(1, 30)), max_size=40))
+def test_row_ids_expand_to_the_rows_in_order(rows: list[tuple[str, int]]) -> None:
+    ids = row_ids({"t": rows})["t"]
+    assert ids["n"] == len(rows) and expand_row_ids(ids["ids"]) == rows
 
 
 def test_corrupt_rows_are_a_search_error() -> None:
