@@ -15,10 +15,11 @@ before rows were kept) there is no interval and the best on held-out is final.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
@@ -147,14 +148,14 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
                           f"rule: {confidence.RULE}")
 
 
-def _choose(passing: Sequence[FinalistRow], rows: dict[int, dict | None],
+def _choose(passing: Sequence[FinalistRow], rows: Mapping[int, Mapping[str, np.ndarray] | None],
             rule: confidence.ObjectiveRule | None) -> tuple[FinalistRow, str, bool]:
     """The final trial among the passing finalists (in search order), why (``confidence.RULE``),
     and whether held-out scores (beyond the gates) decided it."""
     first = passing[0]  # the best on search
     if rule is None or any(rows.get(r.trial) is None for r in passing) or rule.no_interval:
         best = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
-        return best, "best on held-out; no per-row values for intervals", len(passing) > 1
+        return best, "best on held-out; no held-out intervals to tell noise apart", len(passing) > 1
     better = [r for r in passing[1:] if confidence.preferred(rule, rows[r.trial], rows[first.trial])]
     if not better:
         return first, "best on search; no finalist better on held-out by more than noise", False

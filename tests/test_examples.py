@@ -20,6 +20,7 @@ from fitness.intervals import Interval
 from search import confidence, ranking, storage
 from search.commands.status import render_status
 from search.errors import SearchError
+from search.finalize import FinalistRow, _choose
 from search.records import (
     EXAMPLE_ROWS_ATTR,
     ROWS_SEARCH_ATTR,
@@ -161,3 +162,27 @@ def test_minimize_objective_shows_intervals_in_its_own_units() -> None:
     # a lower-is-better trial with smaller rows is the better one
     better = {"a": rows["a"] - 2.0}
     assert confidence.preferred(rule, better, rows) and not confidence.preferred(rule, rows, better)
+
+
+def _finalist(trial: int, rows: np.ndarray) -> tuple[FinalistRow, dict[str, np.ndarray]]:
+    return FinalistRow(trial, 0.9, float(rows.mean()), True, ()), {"a": rows}
+
+
+def test_a_finalist_replaces_the_best_on_search_only_when_better_by_more_than_noise() -> None:
+    rule = confidence.ObjectiveRule("mean", ("a",), {"a": True}, {"a": 1.0}, {})
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.5).astype(float)
+    tie = base.copy()
+    tie[np.flatnonzero(base == 0)[:2]] = 1.0  # right on 2 more rows of 400: higher, within noise
+    clear = np.maximum(base, (rng.random(400) < 0.5).astype(float))  # right on many more rows
+    first, first_rows = _finalist(1, base)
+    close, close_rows = _finalist(2, tie)
+    better, better_rows = _finalist(3, clear)
+    assert close.heldout_objective > first.heldout_objective
+    chosen, how, peeked = _choose([first, close], {1: first_rows, 2: close_rows}, rule)
+    assert chosen is first and not peeked and "best on search" in how
+    chosen, how, peeked = _choose([first, close, better], {1: first_rows, 2: close_rows, 3: better_rows}, rule)
+    assert chosen is better and peeked and "more than noise" in how
+    # without per-row values: the best held-out number, and it says so
+    chosen, how, peeked = _choose([first, close], {1: None, 2: None}, rule)
+    assert chosen is close and peeked and "no held-out intervals" in how
