@@ -9,7 +9,10 @@ onto the vocabulary when the model's ``forward`` takes ``logits_to_keep``.
 Generation tasks (``TaskSpec.generate``) decode instead (:mod:`fitness.generation`): the
 metric ``generate`` is the mean verdict; a user scorer is called with the generated texts
 too (``completions=``, see :mod:`fitness.metrics`). ``score_slice_details`` also returns
-the per-example generated text.
+the per-example generated text; ``score_slice_rows`` returns the score, one value per row
+(what the score is the mean of: 0/1 for ``exact_match``, ``choice`` and ``generate``, the
+row's log-likelihood or perplexity, a user scorer's value) and those records.
+For ``perplexity`` the score is the corpus perplexity, not the mean of the rows' values.
 
 For ``exact_match`` the tokens that end a greedy continuation are the slice's end token
 plus the model's ``generation_config.eos_token_id`` (one id or a list), which is what
@@ -51,11 +54,20 @@ def score_slice(model: PreTrainedModel, data: EncodedSlice, *,
 def score_slice_details(model: PreTrainedModel, data: EncodedSlice, *,
                         device: torch.device | str | None = None) -> tuple[float, list[dict[str, object]] | None]:
     """The slice's score, and for a generation task one record per example (what it generated)."""
+    score, _, records = score_slice_rows(model, data, device=device)
+    return score, records
+
+
+def score_slice_rows(model: PreTrainedModel, data: EncodedSlice, *, device: torch.device | str | None = None
+                     ) -> tuple[float, tuple[float, ...], list[dict[str, object]] | None]:
+    """The slice's score, one value per row in the slice's example (file) order, and for a
+    generation task one record per example (what it generated)."""
     from fitness.generation import generation_records
 
     per_example, stats, answers = _score(model, data, device)
     records = None if answers is None else generation_records(data, answers)
-    return slice_score(data.metric, per_example, stats), records
+    rows = tuple(float(value) for value in per_example.double().tolist())
+    return slice_score(data.metric, per_example, stats), rows, records
 
 
 def score_examples(model: PreTrainedModel, data: EncodedSlice, *,

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial
 from merges.layout import Layout
 from merges.mergekit_yaml import recipe_to_mergekit
 from merges.recipe import Recipe
-from search import gate_record, ranking, storage
+from search import confidence, gate_record, ranking, storage
 from search.errors import SearchError
 from search.generations import generations_file
 
@@ -121,7 +121,7 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
     if is_final:
         why = (
             "It is the final trial: among the top finalists by search score, re-scored on the "
-            "held-out slices, it passes every gate there and has the best held-out objective."
+            f"held-out slices, it passes every gate there, and {confidence.RULE}."
         )
     elif ranking.FINAL_TRIAL_ATTR in user_attrs and user_attrs[ranking.FINAL_TRIAL_ATTR] is None:  # none passed
         why = (
@@ -154,6 +154,9 @@ def best_note(study: optuna.Study, best: FrozenTrial) -> str:
         record = storage.heldout_record(user_attrs, trial.number)
         if held is not None and record is not None:
             lines.append(_row(f"{name} (held-out)", record.scores, tasks))
+    intervals = confidence.confidence_lines(trials, user_attrs, [d.name.lower() for d in study.directions])
+    if intervals:
+        lines += ["", "```", *intervals, "```"]
     gates = gate_record.read_trial_gates(best.user_attrs)
     if gates:
         lines += ["", "Gate margins (positive: passed by that much) and, on the search slices, "

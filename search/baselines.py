@@ -28,7 +28,7 @@ from merges.recipe import Recipe
 from search import gate_record, ranking
 from search.annotate import attach_baseline_recipe
 from search.errors import SearchError
-from search.records import score_attrs, summarize_recipe
+from search.records import ROWS_SEARCH_ATTR, rows_attr, score_attrs, store_row_ids, summarize_recipe
 from search.samplers import PENALTY_ATTR, penalty_for_baselines
 
 if TYPE_CHECKING:  # the running part needs them; what baselines a study has stays light (no torch)
@@ -159,6 +159,7 @@ def run_baselines(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progre
             for v in objective_values(o.scores, plan.tasks, config.objective)
         ]
         study.set_user_attr(PENALTY_ATTR, penalty_for_baselines(raws))
+    store_row_ids(study, "search", next((o.row_ids for o in outcomes if o.row_ids), None))
     for baseline, outcome in zip(missing, outcomes, strict=True):
         study.add_trial(_baseline_trial(study, plan, baseline.name, baseline.recipe, outcome, references))
         attach_baseline_recipe(study, baseline.name, baseline.recipe, plan.layout, plan.artifacts)
@@ -183,7 +184,8 @@ def _baseline_trial(study: optuna.Study, plan: StudyPlan, name: str, recipe: Rec
     attrs.update(score_attrs(outcome.scores, gates))
     return optuna.trial.create_trial(
         state=TrialState.COMPLETE, values=list(raw), user_attrs=attrs,
-        system_attrs={"constraints": gate_record.constraints(gates)},
+        system_attrs={"constraints": gate_record.constraints(gates),
+                      **({ROWS_SEARCH_ATTR: rows_attr(outcome.rows)} if outcome.rows else {})},
     )
 
 

@@ -29,13 +29,15 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-
-import optuna
+from typing import TYPE_CHECKING
 
 from fitness.spec import FORMATS, TaskSpec
 from merges.lora import reference_folders
 from search.config import StudyConfig
 from search.errors import SearchError
+
+if TYPE_CHECKING:  # confidence.py (status) reads DEFINITION_KEY without optuna
+    import optuna
 
 DEFINITION_KEY = "definition"
 """Study user attribute holding the definition (a JSON object)."""

@@ -2,21 +2,31 @@
 
 ``finalize`` runs at the end of ``search start`` (the budget spent) and from
 ``search finalize`` (:func:`finalize_study`). Its records go to study user attributes
-``heldout:<number>`` (``search.storage.HeldoutRecord``) and ``final_trial``.
+``heldout:<number>`` (``search.storage.HeldoutRecord``, with the per-row values) and
+``final_trial``.
+
+The finalist rule (``search.confidence.RULE``): the best-on-search finalist that passes
+every gate on held-out is final unless another passing finalist is better on held-out by
+more than noise (the paired 95% bootstrap interval of the difference excludes 0); then the
+best on held-out among those. Choosing the best held-out number outright would pick noise
+and report it as a gain. Without per-row values (lm-eval or perplexity tasks, records from
+before rows were kept) there is no interval and the best on held-out is final.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
 from fitness.gates import evaluate_gates
+from fitness.intervals import Interval
 from fitness.objective import objective_values
-from search import ranking, storage
+from search import confidence, ranking, storage
 from search.annotate import write_best_note
 from search.baselines import source_baseline_name
 from search.config import StudyConfig
@@ -27,6 +37,7 @@ from search.lm_eval_splits import current_splits, record_splits
 from search.plan import StudyPlan, plan_study, worker_setup
 from search.pool import WorkerPool, evaluate_all, make_pool
 from search.progress import Progress
+from search.records import rows_attr, store_row_ids, trial_rows
 
 
 @dataclass
@@ -34,6 +45,8 @@ class FinalizeResult:
     final_trial: int | None
     rows: list[FinalistRow] = field(default_factory=list)
     message: str = ""
+    confidence: list[str] = field(default_factory=list)  # search.confidence.confidence_lines
+    rule: str = ""  # how the final trial was chosen among the passing finalists
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class FinalistRow:
     heldout_objective: float
     feasible_heldout: bool
     failed_gates: tuple[str, ...]
+    heldout_interval: Interval | None = None  # signed, as heldout_objective (None: no per-row values)
 
     @property
     def gap(self) -> float:
@@ -72,6 +86,7 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
         progress.message(_rescoring_message(todo, finalists, config.top_k))
         outcomes = evaluate_all(pool, [t.user_attrs["recipe"] for t in todo], "heldout")
         scored = dict(zip([t.number for t in todo], outcomes, strict=True))
+        store_row_ids(study, "heldout", next((o.row_ids for o in outcomes if o.row_ids), None))
         for number, outcome in scored.items():  # generation tasks: what each one answered
             if outcome.generations:
                 save_generations(study, config.output, number, outcome.generations)
@@ -98,10 +113,14 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
     for trial in [*baselines, *finalists]:
         if trial.number in scored and trial.number in heldout_scores:
             gates = evaluate_gates(plan.gates, heldout_scores[trial.number], references, plan.task_higher)
+            rows = scored[trial.number].rows
             storage.save_heldout(study, trial.number, storage.HeldoutRecord(
                 heldout_scores[trial.number], {g.name: g.margin for g in gates}, all(g.passed for g in gates),
+                rows_attr(rows) if rows else None,
             ))
     user_attrs = study.user_attrs
+    rule = confidence.objective_rule(user_attrs, plan.directions)
+    finalist_rows = {t.number: trial_rows(t, user_attrs, "heldout") for t in finalists}
     rows: list[FinalistRow] = []
     for trial in finalists:
         record = storage.heldout_record(user_attrs, trial.number)
@@ -114,16 +133,35 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
             heldout_objective=_signed_mean(heldout_raw, plan.directions),
             feasible_heldout=record.feasible,
             failed_gates=tuple(g for g, m in record.gate_margins.items() if m < 0),
+            heldout_interval=None if rule is None else confidence.heldout_interval(rule, finalist_rows[trial.number]),
         ))
     passing = [r for r in rows if r.feasible_heldout]
     if not passing:
         study.set_user_attr(ranking.FINAL_TRIAL_ATTR, None)
         write_best_note(study)
         return FinalizeResult(None, rows, "no finalist passes every gate on the held-out split")
-    final = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
+    final, how, peeked = _choose(passing, finalist_rows, rule)
+    study.set_user_attr(confidence.FINAL_CHOICE_ATTR, {"trial": final.trial, "how": how, "peeked": peeked})
     study.set_user_attr(ranking.FINAL_TRIAL_ATTR, final.trial)
     write_best_note(study)  # the dashboard's note on the chosen trial
-    return FinalizeResult(final.trial, rows, f"final trial: {final.trial}")
+    lines = confidence.confidence_lines(study.get_trials(deepcopy=False), study.user_attrs, plan.directions)
+    return FinalizeResult(final.trial, rows, f"final trial: {final.trial} ({how})", lines,
+                          f"rule: {confidence.RULE}")
+
+
+def _choose(passing: Sequence[FinalistRow], rows: Mapping[int, Mapping[str, np.ndarray] | None],
+            rule: confidence.ObjectiveRule | None) -> tuple[FinalistRow, str, bool]:
+    """The final trial among the passing finalists (in search order), why (``confidence.RULE``),
+    and whether held-out scores (beyond the gates) decided it."""
+    first = passing[0]  # the best on search
+    if rule is None or any(rows.get(r.trial) is None for r in passing) or rule.no_interval:
+        best = max(passing, key=lambda r: (r.heldout_objective, -r.trial))
+        return best, "best on held-out; no held-out intervals to tell noise apart", len(passing) > 1
+    better = [r for r in passing[1:] if confidence.preferred(rule, rows[r.trial], rows[first.trial])]
+    if not better:
+        return first, "best on search; no finalist better on held-out by more than noise", False
+    best = max(better, key=lambda r: (r.heldout_objective, -r.trial))
+    return best, f"better on held-out than trial {first.trial} by more than noise", True
 
 
 def _rescoring_message(todo: Sequence[FrozenTrial], finalists: Sequence[FrozenTrial], top_k: int) -> str:
@@ -163,13 +201,19 @@ def finalize_study(config: StudyConfig, *, quiet: bool = False, stream: TextIO |
 def format_finalists(result: FinalizeResult, tasks: Sequence[str]) -> str:
     if not result.rows:
         return result.message
-    lines = [f"{'trial':>6} {'search':>8} {'heldout':>8} {'gap':>7}  gates on held-out"]
+    lines = [f"{'trial':>6} {'search':>8} {'heldout':>8} {'95% interval':>19} {'gap':>8}  gates on held-out"]
     for row in result.rows:
         mark = "pass" if row.feasible_heldout else "fail: " + ", ".join(row.failed_gates)
         star = " *" if row.trial == result.final_trial else ""
+        interval = row.heldout_interval
+        span = "-" if interval is None else f"[{interval.low:.4f}, {interval.high:.4f}]"
         lines.append(
-            f"{row.trial:>6} {row.search_objective:>8.4f} {row.heldout_objective:>8.4f} "
-            f"{row.gap:>+7.4f}  {mark}{star}"
+            f"{row.trial:>6} {row.search_objective:>8.4f} {row.heldout_objective:>8.4f} {span:>19} "
+            f"{row.gap:>+8.4f}  {mark}{star}"
         )
+    lines.append("(objective signed: larger is better; gap = search - held-out)")
+    if result.rule:
+        lines.append(result.rule)
     lines.append(result.message)
+    lines += result.confidence
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from search.baselines import source_references
 from search.plan import StudyPlan
 from search.pool import WorkerPool
 from search.progress import Progress, ProgressState, run_record, throughput
-from search.records import score_attrs, summarize_recipe
+from search.records import ROWS_SEARCH_ATTR, rows_attr, score_attrs, summarize_recipe
 from search.recovery import StopRequest, enqueue_rerun
 from search.samplers import CMA_PREFIX, HORIZON, POSITION
 from search.warm_start import enqueue_position
@@ -256,6 +256,10 @@ class SearchLoop:
         raw = objective_values(outcome.scores, self.plan.tasks, self.plan.config.objective)
         for key, value in score_attrs(outcome.scores, gates).items():
             trial.set_user_attr(key, value)
+        if outcome.rows:  # per-row values, for paired intervals (search.records)
+            self.storage.set_trial_system_attr(
+                self.storage.trial_id(trial.number), ROWS_SEARCH_ATTR, rows_attr(outcome.rows)
+            )
         # The dashboard's format; written before tell so samplers see it in after_trial.
         self.storage.set_trial_system_attr(
             self.storage.trial_id(trial.number), "constraints", gate_record.constraints(gates)

@@ -3,16 +3,39 @@
 The user attributes every reader relies on (status, export, report, dashboard: see
 "What a trial stores" in docs/ARCHITECTURE.md): the recipe's one-line summary, the
 scores, each gate's result by name (``search.gate_record``), the gates as one line, and feasibility.
+
+Per-row results (one value per row per task, the values each task's score is the mean of;
+what paired intervals are computed from) are kept compactly where the dashboard does not
+list them: a scored trial's search rows in its system attribute ``rows_search``, its
+held-out rows in its held-out record (``search.storage``), each task's rows encoded as one
+string (:func:`encode_rows`: 0/1 rows as bits, others as float64 bytes, base64). Which rows
+they are is stored once on the study (user attribute ``example_rows``: split -> task ->
+``{"n", "ids"}``, ids as runs of file rows), the same for every trial. :func:`trial_rows` is the one reader.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fitness.gates import GateResult
 from merges.recipe import Recipe
 from search import gate_record
+from search.errors import SearchError
+
+if TYPE_CHECKING:  # status imports this module: no numpy or optuna at import (issue 12)
+    import numpy as np
+    import optuna
+    from optuna.trial import FrozenTrial
+
+ROWS_SEARCH_ATTR = "rows_search"
+"""Trial system attribute: task -> encoded search-split rows (:func:`encode_rows`)."""
+EXAMPLE_ROWS_ATTR = "example_rows"
+"""Study user attribute: split -> task -> {"n": rows, "ids": ["FILE:FIRST-LAST", ...]} (:func:`row_ids`)."""
+_BITS = "bits:"
+_FLOAT64 = "f64:"
 
 HELDOUT_KEY_PREFIX = "heldout:"  # study user attr heldout:<trial number>, a HeldoutRecord (no Optuna here: status reads it)
 
@@ -47,12 +70,14 @@ class HeldoutRecord:
     scores: dict[str, float]
     gate_margins: dict[str, float]
     feasible: bool
+    rows: dict[str, str] | None = None  # task -> encoded per-row values (rows_attr)
 
     def to_json(self) -> dict[str, object]:
         return {
             "scores_heldout": dict(self.scores),
             "gate_margins_heldout": dict(self.gate_margins),
             "feasible_heldout": self.feasible,
+            **({"rows_heldout": dict(self.rows)} if self.rows else {}),
         }
 
 
@@ -65,4 +90,92 @@ def heldout_record(study_user_attrs: Mapping[str, object], trial_number: int) ->
         scores={str(k): float(v) for k, v in raw["scores_heldout"].items()},
         gate_margins={str(k): float(v) for k, v in raw["gate_margins_heldout"].items()},
         feasible=bool(raw["feasible_heldout"]),
+        rows={str(k): str(v) for k, v in raw["rows_heldout"].items()} if isinstance(raw.get("rows_heldout"), Mapping)
+        else None,
     )
+
+
+def encode_rows(values: Sequence[float]) -> str:
+    """One task's row values as a compact string (exact: 0/1 rows as bits, others as float64)."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=np.float64)
+    if np.all((array == 0.0) | (array == 1.0)):
+        packed = np.packbits(array.astype(np.uint8)).tobytes()
+        return f"{_BITS}{array.size}:{base64.b64encode(packed).decode('ascii')}"
+    return _FLOAT64 + base64.b64encode(array.astype("<f8").tobytes()).decode("ascii")
+
+
+def decode_rows(text: str) -> np.ndarray:
+    """The float64 row values :func:`encode_rows` encoded."""
+    import numpy as np
+
+    try:
+        if text.startswith(_BITS):
+            count, _, payload = text[len(_BITS):].partition(":")
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(payload), dtype=np.uint8))
+            return bits[:int(count)].astype(np.float64)
+        if text.startswith(_FLOAT64):
+            return np.frombuffer(base64.b64decode(text[len(_FLOAT64):]), dtype="<f8").astype(np.float64)
+    except (ValueError, TypeError) as exc:
+        raise SearchError(f"stored per-row values are corrupt: {exc}") from exc
+    raise SearchError(f"stored per-row values have an unknown encoding: {text[:16]!r}")
+
+
+def rows_attr(rows: Mapping[str, Sequence[float]]) -> dict[str, str]:
+    """The stored form of a trial's rows on one split: task -> encoded values."""
+    return {task: encode_rows(values) for task, values in rows.items()}
+
+
+def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
+               split: str = "search") -> dict[str, np.ndarray] | None:
+    """A trial's per-row values on ``split`` (task -> float64 array in the study's row order),
+    or None when it has none stored (not scored on that split; a task without per-row values,
+    such as an lm-eval task, leaves its task out)."""
+    if split == "search":
+        raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
+    else:
+        record = heldout_record(study_user_attrs, trial.number)
+        raw = None if record is None else record.rows
+    if not isinstance(raw, Mapping) or not raw:
+        return None
+    return {str(task): decode_rows(str(text)) for task, text in raw.items()}
+
+
+def row_ids(examples_by_task: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, dict[str, object]]:
+    """What identifies each task's rows on one split: their count and ids, in row order, as
+    ``FILE:FIRST-LAST`` runs of consecutive rows of one file (``FILE:ROW`` for a single row)."""
+    out: dict[str, dict[str, object]] = {}
+    for task, rows in examples_by_task.items():
+        runs: list[list[object]] = []  # [file, first, last]
+        for file, row in rows:
+            if runs and runs[-1][0] == file and runs[-1][2] == row - 1:
+                runs[-1][2] = row
+            else:
+                runs.append([file, row, row])
+        ids = [f"{f}:{a}" if a == b else f"{f}:{a}-{b}" for f, a, b in runs]
+        out[task] = {"n": len(rows), "ids": ids}
+    return out
+
+
+def expand_row_ids(ids: Sequence[str]) -> list[tuple[str, int]]:
+    """The ``(file, row)`` of every row, in order, from :func:`row_ids`' runs."""
+    out: list[tuple[str, int]] = []
+    for run in ids:
+        file, _, span = str(run).rpartition(":")
+        first, _, last = span.partition("-")
+        out += [(file, row) for row in range(int(first), int(last or first) + 1)]
+    return out
+
+
+def store_row_ids(study: optuna.Study, split: str, ids: Mapping[str, Mapping[str, object]] | None) -> None:
+    """Add ``split``'s row identity to the study's ``example_rows`` unless it holds it already
+    (the rows are the same for every trial: stored once)."""
+    if not ids:
+        return
+    stored = study.user_attrs.get(EXAMPLE_ROWS_ATTR)
+    current = dict(stored) if isinstance(stored, Mapping) else {}
+    if current.get(split) == {task: dict(value) for task, value in ids.items()}:
+        return
+    current[split] = {task: dict(value) for task, value in ids.items()}
+    study.set_user_attr(EXAMPLE_ROWS_ATTR, current)

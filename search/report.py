@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 from fitness.gates import GateLimit
 from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
-from search import gate_record, ranking, storage
+from search import confidence, gate_record, ranking, storage
 from search.annotate import chosen_trial
 from search.generations import generations_file
 from search.lm_eval_splits import splits_html
@@ -566,8 +566,10 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
                 f"<pre>{html.escape(reason)}</pre></section>")
     final = view.study.user_attrs.get("final_trial") == best.number
     held = view.heldout(best)
-    why = ("final trial: best held-out objective among the finalists that pass every gate on held-out"
+    why = (f"final trial, among the finalists that pass every gate on held-out: {confidence.RULE}"
            if final else "best feasible search trial (not finalized yet)")
+    lines = confidence.confidence_lines(view.trials, view.study.user_attrs, view.directions)
+    intervals = "" if not lines else f"<pre id='chosen-confidence'>{html.escape(chr(10).join(lines))}</pre>"
     sources = [(n, t) for n, t in view.baselines.items() if n.startswith("source:")]
     head = "<tr><th>task</th><th>search</th><th>held-out</th>" + "".join(
         f"<th>{html.escape(n)}</th>" for n, _ in sources) + "</tr>"
@@ -602,7 +604,7 @@ def _summary(view: StudyView, recipe_text: str | None) -> str:
     return (
         f"<section id='chosen' data-trial='{best.number}'><h2>Chosen recipe: trial {best.number}</h2>"
         f"<p>{html.escape(why)}.<br><code>{html.escape(best.user_attrs.get('recipe_summary', ''))}</code></p>"
-        f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{generations}{gate_table}{recipe}</section>"
+        f"<table id='chosen-scores'>{head}{''.join(rows)}</table>{intervals}{generations}{gate_table}{recipe}</section>"
     )
 
 

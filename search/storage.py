@@ -6,7 +6,9 @@ The driver is the only process that writes the storage. ``status``/``export``/``
 Optuna refuses to change a finished trial (``check_trial_is_updatable``), so numbers that
 arrive after a trial is told (its held-out re-score) are kept as study user attributes
 ``heldout:<trial number>`` holding ``{"scores_heldout", "gate_margins_heldout",
-"feasible_heldout"}``; :func:`heldout_record` reads them back.
+"feasible_heldout", "rows_heldout"}`` (``rows_heldout``: the per-row values, encoded by
+``search.records``; absent on records from before they were kept); :func:`heldout_record`
+reads them back (``search.records.trial_rows`` decodes the rows).
 """
 
 from __future__ import annotations

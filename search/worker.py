@@ -25,6 +25,7 @@ from merges.errors import MergeError
 from merges.recipe import Recipe
 from merges.tokenizer_union import TokenizerPolicy
 from search.errors import SearchError
+from search.records import row_ids
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class TrialOutcome:
     worker: str = ""  # "node_id:pid"
     # held-out split only: per generation task, one record per example (search.generations)
     generations: dict[str, list[dict[str, object]]] | None = None
+    # task -> one value per row (search.records); lm-eval tasks have none (lm-eval aggregates)
+    rows: dict[str, tuple[float, ...]] | None = None
+    # task -> which rows those are ({"n", "ids"}, search.records.row_ids), the same every trial
+    row_ids: dict[str, dict[str, object]] | None = None
 
 
 class TrialWorker:
@@ -95,6 +100,11 @@ class TrialWorker:
             else load_task(spec, tokenizer, batch_size=setup.batch_size) for spec in setup.tasks
         }
         self._node_id = _node_id()
+        self._row_ids = {
+            split: row_ids({name: [(e.file.name, e.row) for e in getattr(data, split).examples]
+                            for name, data in self.tasks.items() if not isinstance(data, LmEvalTask)})
+            for split in SPLITS
+        }
 
     def identity(self) -> dict[str, str | int]:
         return {"node_id": self._node_id, "pid": os.getpid(), "hostname": socket.gethostname()}
@@ -117,9 +127,10 @@ class TrialWorker:
             )
         merged = time.perf_counter()
         scores: dict[str, float] = {}
+        rows: dict[str, tuple[float, ...]] = {}
         generations: dict[str, list[dict[str, object]]] = {}
         try:
-            from fitness.scoring import score_slice_details
+            from fitness.scoring import score_slice_rows
 
             with torch.inference_mode():
                 for name, data in self.tasks.items():
@@ -127,7 +138,7 @@ class TrialWorker:
                         scores[name] = data.score(split)
                         continue
                     encoded = data.search if split == "search" else data.heldout
-                    score, records = score_slice_details(self.model, encoded, device=self.setup.device)
+                    score, rows[name], records = score_slice_rows(self.model, encoded, device=self.setup.device)
                     scores[name] = float(score)
                     if records is not None and split == "heldout":  # kept for the finalists only
                         generations[name] = records
@@ -148,7 +159,7 @@ class TrialWorker:
                 f"scoring produced a non-finite score for task(s) {bad}", worker,
             )
         return TrialOutcome(scores, merged - start, time.perf_counter() - merged, None, worker,
-                            generations or None)
+                            generations or None, rows or None, self._row_ids[split] or None)
 
 
 def _node_id() -> str:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 from search import ranking
 from search.config import load_study
 from search.driver import run_study
+from search.records import EXAMPLE_ROWS_ATTR, trial_rows
 from search.samplers import POSITION
 from tests.checkpoints import TinyFamily
 from tests.processes import ctrl_c_works
@@ -86,6 +88,15 @@ def test_killed_driver_fails_running_trials_and_reruns_them(tmp_path: Path, llam
     assert sum(ranking.counts_toward_budget(t) for t in searched) == 8
     assert not [t for t in after.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert len(ranking.baseline_trials(after.values())) == 4  # baselines not scored twice
+    # per-row results survive the kill: every scored trial, before and after, keeps one value
+    # per row per task whose mean is its stored score (search.records)
+    attrs = load(path).user_attrs
+    for trial in [*finished, *(t for t in after.values() if ranking.is_scored(t))]:
+        rows = trial_rows(trial, attrs, "search")
+        assert rows is not None and set(rows) == set(trial.user_attrs["scores_search"]), trial.number
+        for task, values in rows.items():
+            assert len(values) == attrs[EXAMPLE_ROWS_ATTR]["search"][task]["n"]
+            assert float(np.mean(values)) == pytest.approx(trial.user_attrs["scores_search"][task], rel=1e-12)
 
 
 def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama_family: TinyFamily) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from search import gate_record, progress, ranking, sqlite_trials
 from search.commands import SUMMARIES, add_study_arguments
+from search.confidence import confidence_lines
 from search.config import load_study
 from search.lm_eval_splits import split_lines
 from search.records import heldout_record
@@ -96,6 +97,8 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         lines.append(warm)
     lines.append("")
     lines.append(_table(shown, tasks, attrs))
+    intervals = confidence_lines(trials, attrs, directions)  # search.confidence: held-out 95% intervals
+    lines += ["", *intervals] if intervals else []
     if best is None:
         blocker = ranking.what_blocks(trials, gates.names)
         lines.append("")
