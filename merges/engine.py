@@ -675,6 +675,7 @@ class _Context:
         self.spec = spec
         self.name = target.info.name
         self.shape = engine._shapes[self.name]
+        self.shapes = engine._shapes
         self.numel = out.numel()
         self.out = out
         self.seed = recipe.seed

@@ -256,7 +256,12 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "",
         raise UnsupportedConfigError(f"recipe cannot be exported: {exc}") from exc
     spec = _method(recipe.method, "recipe")
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    if spec.random:
+    if spec.random_exact:
+        lines += [
+            f"# {recipe.method} samples some quantiles at random; `mergekit-yaml --random-seed "
+            f"{recipe.seed}` draws the engine's samples, bit for bit.",
+        ]
+    elif spec.random:
         lines += [
             f"# {recipe.method} drops entries at random; the engine seeds its masks per tensor.",
             f"# `mergekit-yaml --random-seed {recipe.seed}` reproduces them in distribution,",

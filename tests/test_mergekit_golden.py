@@ -42,7 +42,7 @@ from merges.layout import Layout
 from merges.mergekit_yaml import recipe_from_mergekit, recipe_to_mergekit
 from merges.recipe import ROLES, LayerSlice, Recipe, SourceTable
 from search.cli import main as search_main
-from tests.checkpoints import TinyFamily, perturbed, save, tiny_model
+from tests.checkpoints import VOCAB, TinyFamily, perturbed, save, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -297,6 +297,36 @@ def test_multislerp_float16_matches_mergekit(method: str, every_tensor_tuned: Ti
     recipe = dataclasses.replace(_recipe(method, every_tensor_tuned), dtype="float16")
     layout = _layout(every_tensor_tuned)
     assert_same_tensors(_engine(recipe), _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
+
+
+@pytest.fixture(scope="module")
+def wide_mlp_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    """MLP weights of 32 x 31264 entries (just above arcee_fusion's 1M-entry sample), one layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("wide_mlp")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=31264, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(VOCAB),
+                                        max_position_embeddings=64))
+    return TinyFamily(save(base, root / "base"), (save(perturbed(base, seed=1, keep_every=0), root / "source"),))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_arcee_fusion_large_tensors_match_mergekit_seeded(dtype: str, wide_mlp_family: TinyFamily,
+                                                         tmp_path: Path) -> None:
+    """Above 1M entries mergekit takes the quantiles of 1M entries drawn from its global generator,
+    seeded once by ``--random-seed``, tensor after tensor in name order (three MLP weights): the
+    engine replays that stream, bit for bit."""
+    family = wide_mlp_family
+    recipe = Recipe("arcee_fusion", str(family.base), (str(family.sources[0]),), ((0, 1),), dtype=dtype, seed=7)
+    layout = _layout(family)
+    text = recipe_to_mergekit(recipe, layout)
+    ours = _engine(recipe)
+    assert_same_tensors(ours, _mergekit(text, tmp_path / "mk", seed=7), layout)
+    other_seed = _engine(dataclasses.replace(recipe, seed=8))  # the draws decide entries
+    large = [n for n, t in ours.items() if t.numel() > 1_000_000]
+    assert len(large) == 3 and any(not torch.equal(ours[n], other_seed[n]) for n in large)
 
 
 def test_multislerp_float16_zero_task_vector_is_refused(llama_family: TinyFamily, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ for all tensors at once (L1 rescale factors, tied-cut sort positions).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -41,6 +41,7 @@ class TensorContext(Protocol):
     name: str  # the input tensor's name
     shape: tuple[int, ...]
     numel: int
+    shapes: Mapping[str, tuple[int, ...]]  # every tensor of the merge by input name (arcee_fusion's draws)
     out: torch.Tensor  # flat, engine dtype and device
     seed: int
     dtype: torch.dtype
