@@ -614,6 +614,52 @@ def test_per_slice_base_model_matches_mergekit(llama_family: TinyFamily, tmp_pat
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), _layout(llama_family))
 
 
+def test_llava_checkpoints_are_refused_as_mergekit_cannot_merge_them(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny LLaVA (CLIP tower, projector, Llama language model under ``language_model.``):
+    mergekit 0.1.5 has no architecture for it; with transformers 5 its ``models:`` form writes the
+    vision tower and projector under new names and drops the language model, its ``slices:`` form
+    refuses. Nothing to reproduce: ``search merge`` refuses it with one line naming the folder."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=16, projection_dim=32),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=64),
+        image_token_index=len(VOCAB) - 1)
+    model = LlavaForConditionalGeneration(config)
+    base = save(model, tmp_path / "base")
+    a, b = (save(perturbed(model, seed=s, keep_every=0), tmp_path / f"s{s}") for s in (1, 2))
+    models_form = (f"merge_method: ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
+                   f"  - {{model: {a}, parameters: {{weight: 0.5, density: 0.5}}}}\n"
+                   f"  - {{model: {b}, parameters: {{weight: 0.5, density: 0.5}}}}\n")
+    slices_form = (f"merge_method: ties\nbase_model: {base}\ndtype: float32\nslices:\n  - sources:\n"
+                   f"    - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.5, density: 0.5}}}}\n"
+                   f"    - {{model: {base}, layer_range: [0, 2]}}\n")
+    try:  # a KeyError on the projector's names (seen once), or a checkpoint without the language model
+        written = _mergekit(models_form, tmp_path / "mk_models")
+    except KeyError as exc:
+        assert "multi_modal_projector" in str(exc)
+    else:
+        assert written and not any("language_model" in name for name in written)
+    with pytest.raises(RuntimeError, match="must use modules: config syntax"):
+        _mergekit(slices_form, tmp_path / "mk_slices")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(models_form)
+    capsys.readouterr()
+    assert search_main(["merge", str(config_file), str(tmp_path / "ours")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    assert str(base) in error and "vision-language checkpoint" in error
+
+
 def test_search_merge_matches_mergekit_on_its_canonical_slerp_example(llama_family: TinyFamily,
                                                                      tmp_path: Path) -> None:
     """mergekit's README example: slerp with per-role gradients of t across all layers."""
