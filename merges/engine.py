@@ -68,7 +68,7 @@ from merges.methods.fused import (
     run_eager,
     run_native_many,
 )
-from merges.methods.planning import BASE, Plan, RankKey, TensorContext
+from merges.methods.planning import BASE, HALF, Plan, RankKey, TensorContext
 from merges.methods.registry import METHODS, MethodSpec, non_base_sources, validate_recipe
 from merges.preflight import preflight
 from merges.recipe import Recipe
@@ -457,7 +457,7 @@ class MergeEngine:
         """What ``materialize`` returns: the arithmetic dtype, or float32 where mergekit's kernel
         promotes float16 / bfloat16 inputs and writes that (``MethodSpec.float32_result``)."""
         dtype = self._compute_dtype(name)
-        if spec.float32_result and dtype in (torch.float16, torch.bfloat16):
+        if spec.float32_result and dtype in HALF:
             return torch.float32
         return dtype
 

@@ -19,7 +19,7 @@ import torch
 
 from merges.errors import RecipeError
 from merges.methods.fused import FusedJob
-from merges.methods.planning import Plan, TensorContext
+from merges.methods.planning import HALF, Plan, TensorContext
 
 
 def multislerp(vectors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -109,7 +109,7 @@ def plan(ctx: TensorContext) -> Plan:
     def vectors() -> list[torch.Tensor]:
         return [ctx.delta(m) if uses_base else ctx.tensor(m) for m in models]
 
-    if ctx.dtype in (torch.float16, torch.bfloat16):
+    if ctx.dtype in HALF:
         def compute() -> torch.Tensor:
             return multislerp(vectors(), weights, ctx.base if uses_base else None,
                               normalize_weights=normalize, eps=eps,

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from merges.methods.fused import FusedJob
-from merges.methods.planning import Plan, TensorContext
+from merges.methods.planning import HALF, Plan, TensorContext
 
 EPS = 1e-8  # mergekit's colinearity threshold (on 1 - cos^2, squared)
 NORM_EPS = 1e-7  # mergekit's clamp of the norms
-HALF = (torch.float16, torch.bfloat16)  # dtypes where only mergekit's own order gives its bits
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

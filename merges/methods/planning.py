@@ -20,6 +20,9 @@ from merges.methods.fused import FusedJob
 from merges.methods.registry import MethodSpec
 
 BASE = -1  # model index of the base; sources are 0..K-1
+# float16 / bfloat16: mergekit rounds at every step of a method there, so only its own order of
+# operations gives its bits (planners that take a faster route in float32 follow it here)
+HALF = (torch.float16, torch.bfloat16)
 RankKey = tuple[str, str, int]  # ("descending" | "ascending", tensor name, model)
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merges.methods.planning import Plan, TensorContext
+from merges.methods.planning import HALF, Plan, TensorContext
 
 
 def sce_mask(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype,
@@ -103,7 +103,7 @@ def plan(ctx: TensorContext) -> Plan:
     int8_mask = bool(ctx.global_value("int8_mask"))
     order = variance = None
     if 0 < select_topk < 1 and deltas:
-        if ctx.dtype in (torch.float16, torch.bfloat16):
+        if ctx.dtype in HALF:
             variance = ctx.cached(("sce variance", ctx.name, models),
                                   lambda: torch.var(torch.stack(deltas, dim=0), dim=0, unbiased=False))
         else:
