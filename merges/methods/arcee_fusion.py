@@ -78,13 +78,13 @@ def plan(ctx: TensorContext) -> Plan:
     base = ctx.base
     assert base is not None
     shape = ctx.shape
-    picks = None
+    state = None
     if ctx.numel > QUANTILE_SAMPLE_SIZE:
-        states = ctx.cached(("arcee_fusion draws", ctx.seed), lambda: draw_states(
-            ctx.seed, {name: _numel(s) for name, s in ctx.shapes.items()}))
-        picks = sample_picks(ctx.numel, torch.Generator().set_state(states[ctx.name]))
+        state = ctx.cached(("arcee_fusion draws", ctx.seed), lambda: draw_states(
+            ctx.seed, {name: _numel(s) for name, s in ctx.shapes.items()}))[ctx.name]
 
-    def compute() -> torch.Tensor:
+    def compute() -> torch.Tensor:  # the picks only now: one tensor's at a time
+        picks = None if state is None else sample_picks(ctx.numel, torch.Generator().set_state(state))
         other = ctx.tensor(model).view(shape)
         return arcee_fusion(base.view(shape), other, picks).reshape(-1)
 
