@@ -283,6 +283,24 @@ def test_new_method_matches_mergekit_in_half_precision(method: str, dtype: str, 
     assert_same_tensors(ours, _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
 
 
+@pytest.mark.parametrize("method", FLOAT32_RESULT)
+def test_float32_results_round_once_into_a_half_model(method: str, llama_family: TinyFamily,
+                                                      tmp_path: Path) -> None:
+    """A live bfloat16 model gets mergekit's float32 result rounded once (what loading mergekit's
+    checkpoint in bfloat16 gives), not a result computed in bfloat16 (ramplus_tl's sums would
+    differ; arcee_fusion's one addition rounds the same either way)."""
+    recipe = dataclasses.replace(_recipe(method, llama_family), dtype="bfloat16")
+    theirs = _mergekit(recipe_to_mergekit(recipe, _layout(llama_family)), tmp_path / "mk")
+    engine = MergeEngine(open_checkpoint(recipe.base), [open_checkpoint(p) for p in recipe.sources],
+                         dtype=torch.bfloat16)
+    model = engine.new_model()
+    engine.merge_into(model, recipe)
+    live = dict(model.named_parameters())
+    assert {t.dtype for t in theirs.values()} == {torch.float32}
+    for name, tensor in theirs.items():
+        assert torch.equal(live[name].detach(), tensor.to(torch.bfloat16)), name
+
+
 @pytest.fixture(scope="module")
 def every_tensor_tuned(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     """A Llama family whose sources change every tensor (no task vector is zero)."""
