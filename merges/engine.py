@@ -68,7 +68,7 @@ from merges.methods.fused import (
     run_eager,
     run_native_many,
 )
-from merges.methods.planning import BASE, Plan, RankKey, TensorContext
+from merges.methods.planning import BASE, HALF, Plan, RankKey, TensorContext
 from merges.methods.registry import METHODS, MethodSpec, non_base_sources, validate_recipe
 from merges.preflight import preflight
 from merges.recipe import Recipe
@@ -256,17 +256,19 @@ class MergeEngine:
 
     def materialize(self, recipe: Recipe, *, device: str | torch.device = "cpu"
                     ) -> dict[str, torch.Tensor]:
-        """The merged tensors by output name, in ``recipe.out_dtype`` (default: arithmetic dtype)."""
+        """The merged tensors by output name, in ``recipe.out_dtype`` (default: as mergekit
+        returns them, the arithmetic dtype or float32 for ``MethodSpec.float32_result``)."""
         targets = self._plan(recipe)
-        out_dtype = self._out_dtype(recipe)
-        outputs = [(t, torch.empty(self._numel(t.info.name), dtype=self._compute_dtype(t.info.name),
+        out_dtype = self._out_dtype(recipe) if recipe.out_dtype is not None else None
+        spec = METHODS[recipe.method]
+        outputs = [(t, torch.empty(self._numel(t.info.name), dtype=self._result_dtype(spec, t.info.name),
                                    device=self._device)) for t in targets]
         with torch.no_grad():
             self._run(recipe, outputs)
         result: dict[str, torch.Tensor] = {}
         for target, out in outputs:
             tensor = out.view(self._shapes[target.info.name])
-            if self._floating[target.info.name]:
+            if self._floating[target.info.name] and out_dtype is not None:
                 tensor = tensor.to(dtype=out_dtype)
             result[target.out_name] = tensor.to(device=device)
         return result
@@ -450,6 +452,14 @@ class MergeEngine:
     def _compute_dtype(self, name: str) -> torch.dtype:
         """The arithmetic dtype; a non-floating tensor (a mask buffer) keeps its own."""
         return self._dtype if self._floating[name] else self._fixed[name].dtype
+
+    def _result_dtype(self, spec: MethodSpec, name: str) -> torch.dtype:
+        """What ``materialize`` returns: the arithmetic dtype, or float32 where mergekit's kernel
+        promotes float16 / bfloat16 inputs and writes that (``MethodSpec.float32_result``)."""
+        dtype = self._compute_dtype(name)
+        if spec.float32_result and dtype in HALF:
+            return torch.float32
+        return dtype
 
     def _numel(self, name: str) -> int:
         numel = 1
@@ -665,6 +675,7 @@ class _Context:
         self.spec = spec
         self.name = target.info.name
         self.shape = engine._shapes[self.name]
+        self.shapes = engine._shapes
         self.numel = out.numel()
         self.out = out
         self.seed = recipe.seed

@@ -182,7 +182,32 @@ def _match(family: _Family, name: str) -> _Match | None:
     return _Match(None, role, None) if role else None
 
 
+# A vision-language checkpoint (LLaVA-style): its language model under one of these prefixes.
+_LANGUAGE_MODEL_PREFIXES = ("language_model.", "model.language_model.")
+
+
+def _refuse_vision_language(names: Sequence[str]) -> None:
+    """mergekit 0.1.5 has no architecture definition for LLaVA-style checkpoints: it infers
+    one module per layer stack (vision tower, language model) plus the loose tensors, refuses
+    ``slices:`` without ``modules:`` and, with transformers 5's in-memory names, its ``models:``
+    form writes the vision tower and projector renamed and drops the language model (or fails
+    on the projector's names). No mergekit result to reproduce: refused."""
+    inner = next((n for n in names if n.startswith(_LANGUAGE_MODEL_PREFIXES)), None)
+    if inner is None:
+        return
+    others = sorted({n.split(".")[0] if not n.startswith("model.") else ".".join(n.split(".")[:2])
+                     for n in names if not n.startswith(_LANGUAGE_MODEL_PREFIXES)})
+    raise CheckpointError(
+        f"a vision-language checkpoint (language model under {inner[:inner.index('language_model.')]}"
+        f"language_model., beside {others}): mergekit 0.1.5 cannot merge it (no architecture "
+        "definition: it infers several modules, refuses slices: without modules:, and its models: "
+        "form drops the language model), so the engine does not either"
+    )
+
+
 def _pick_family(names: Sequence[str]) -> _Family:
+    _refuse_vision_language(names)
+
     def recognised(family: _Family) -> int:
         return sum(1 for n in names if (m := _match(family, n)) is not None and m.role is not None)
 

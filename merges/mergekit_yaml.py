@@ -10,7 +10,8 @@ Import reads the ``models:`` and ``slices:`` forms and resolves every parameter 
 mergekit 0.1.5 does (source > slice > top level; filters by substring, first match;
 gradients interpolated per layer with mergekit's own formula; tensors outside the
 layers take the first slice's values for the embeddings and the last slice's for the
-final norm and head, both at ``t = 0``). Whatever the engine cannot reproduce exactly
+final norm and head, both at ``t = 0``; a slice's own ``base_model`` is imported when every
+slice names the same one and no other is set at the top level). Whatever the engine cannot reproduce exactly
 raises :class:`UnsupportedConfigError` with the reason; nothing is approximated. What
 mergekit accepts but ignores (a parameter its method does not declare, such as ``weight``
 on ``slerp``) is accepted and named in an :class:`IgnoredConfigWarning`.
@@ -255,7 +256,12 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "",
         raise UnsupportedConfigError(f"recipe cannot be exported: {exc}") from exc
     spec = _method(recipe.method, "recipe")
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
-    if spec.random:
+    if spec.random_exact:
+        lines += [
+            f"# {recipe.method} samples some quantiles at random; `mergekit-yaml --random-seed "
+            f"{recipe.seed}` draws the engine's samples, bit for bit.",
+        ]
+    elif spec.random:
         lines += [
             f"# {recipe.method} drops entries at random; the engine seeds its masks per tensor.",
             f"# `mergekit-yaml --random-seed {recipe.seed}` reproduces them in distribution,",
@@ -676,8 +682,8 @@ def recipe_from_mergekit(
         models = _model_list(data["models"], where, root)
         first_model = first_model or models[0][0]
     else:
-        slices = _slice_list(data["slices"], where, root, base, method, spec)
-        first_model = first_model or slices[0].sources[0].model
+        slices, base = _slice_list(data["slices"], where, root, base, method, spec)
+        first_model = first_model or base or slices[0].sources[0].model
 
     checkpoint_layout, opened = _checkpoint_facts(first_model, layout, dtype is None, allow_pickle, where)
     if data.get("models") is not None:
@@ -895,10 +901,12 @@ def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, Paramete
 
 
 def _slice_list(raw: object, where: str, root: Path, base: str | None, method: str,
-                spec: MethodSpec) -> list[_Slice]:
+                spec: MethodSpec) -> tuple[list[_Slice], str | None]:
+    """The slices, and the base every tensor merges against (``_slices_base``)."""
     if not isinstance(raw, list) or not raw:
         raise UnsupportedConfigError(f"{where}: slices: expected a non-empty list")
     out = []
+    slice_bases: list[tuple[str, str | None]] = []  # (where, its own base_model)
     for i, entry in enumerate(raw):
         here = f"{where}: slices[{i}]"
         if not isinstance(entry, Mapping) or "sources" not in entry:
@@ -909,16 +917,10 @@ def _slice_list(raw: object, where: str, root: Path, base: str | None, method: s
         if entry.get("residual_weight") is not None:
             raise UnsupportedConfigError(f"{here}: residual_weight is not supported")
         slice_base = entry.get("base_model")
-        if slice_base is not None and _model_path(slice_base, f"{here}.base_model", root) != base:
-            # mergekit 0.1.5 (ConfigReader.base_model) merges this slice's layers against it;
-            # linear and passthrough ignore any base (BasePolicy.IGNORED)
-            if spec.needs_base:
-                raise UnsupportedConfigError(
-                    f"{here}: base_model {slice_base!r} differs from the top-level one ({base!r}); "
-                    f"mergekit takes {method}'s task vectors of this slice's layers against it, the "
-                    "engine merges every layer against one base"
-                )
-            _warn(f"{here}: base_model {slice_base!r} is ignored, as mergekit ignores a base for {method}")
+        if slice_base is not None:
+            slice_bases.append((here, _model_path(slice_base, f"{here}.base_model", root)))
+        else:
+            slice_bases.append((here, None))
         if not isinstance(entry["sources"], list) or not entry["sources"]:
             raise UnsupportedConfigError(f"{here}: sources: expected a non-empty list")
         sources = []
@@ -933,7 +935,37 @@ def _slice_list(raw: object, where: str, root: Path, base: str | None, method: s
             sources.append(_Source(_model_path(src["model"], there, root), (lr[0], lr[1]),
                                    _parameters(src.get("parameters"), f"{there}.parameters")))
         out.append(_Slice(tuple(sources), _parameters(entry.get("parameters"), f"{here}.parameters"), here))
-    return out
+    return out, _slices_base(slice_bases, base, method, spec, where)
+
+
+def _slices_base(slice_bases: Sequence[tuple[str, str | None]], base: str | None, method: str,
+                 spec: MethodSpec, where: str) -> str | None:
+    """The one base every tensor merges against. mergekit 0.1.5 merges each slice's layers
+    against the slice's ``base_model``, else the top-level one (``ConfigReader.base_model``), the
+    embeddings with the first slice and the head with the last; it takes the output config,
+    tokenizer and copied files from the top-level one. The engine has one base for all, so a
+    config is exact when every slice's base is the same model and no other top-level one is set."""
+    if not spec.takes_base:  # linear, karcher, passthrough: mergekit ignores any base
+        for here, slice_base in slice_bases:
+            if slice_base is not None and slice_base != base:
+                _warn(f"{here}: base_model {slice_base!r} is ignored, as mergekit ignores a base for {method}")
+        return base
+    first_here, first = slice_bases[0][0], slice_bases[0][1] or base
+    for here, slice_base in slice_bases[1:]:
+        if (slice_base or base) != first:
+            raise UnsupportedConfigError(
+                f"{here}: base_model {slice_base or base!r} differs from {first_here}'s ({first!r}); "
+                f"mergekit takes {method}'s task vectors of each slice's layers against that slice's "
+                "base, the engine merges every layer against one base"
+            )
+    if base is not None and first != base:
+        raise UnsupportedConfigError(
+            f"{first_here}: base_model {first!r} differs from the top-level one ({base!r}); mergekit "
+            f"merges every tensor against the slices' base but takes the output config, tokenizer and "
+            f"copied files from the top-level one, the engine takes all of them from one base "
+            f"(set base_model: {first} at the top level)"
+        )
+    return first
 
 
 def _models_as_slice(models: list[tuple[str, Parameters]], base: str | None, n_layers: int,

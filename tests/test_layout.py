@@ -297,3 +297,15 @@ def test_layer_indices_and_renames_for_any_depth(
     # Renaming back recovers the name (layer 10 vs 1 prefixes must not be confused).
     if target < n_layers:
         assert layout.rename_layer(renamed, layer) == name
+
+
+@pytest.mark.parametrize("prefix", ["language_model.", "model.language_model."])
+def test_vision_language_checkpoint_is_refused_with_the_reason(prefix: str) -> None:
+    """LLaVA-style names (old and transformers 5 layouts): mergekit 0.1.5 cannot merge them
+    (tests/test_mergekit_golden.py runs it), so the layout refuses them, naming what is there."""
+    inner = "model.layers.0.self_attn.q_proj.weight" if prefix == "language_model." else "layers.0.self_attn.q_proj.weight"
+    outer = "" if prefix == "language_model." else "model."
+    names = [f"{prefix}{inner}", f"{outer}vision_tower.encoder.layers.0.mlp.fc1.weight",
+             f"{outer}multi_modal_projector.linear_1.weight"]
+    with pytest.raises(CheckpointError, match=r"vision-language checkpoint .*multi_modal_projector.*mergekit 0\.1\.5 cannot merge it"):
+        layout_of(names, {})

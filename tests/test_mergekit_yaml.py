@@ -447,7 +447,19 @@ _GOOD_SOURCES = f"""
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nslices:\n  - base_model: {B}\n    sources:\n"
          f"      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
          f"      - {{model: {B}, layer_range: [0, 4]}}\n",
-         "base_model '/models/b' differs from the top-level one.*against one base"),
+         "base_model '/models/b' differs from the top-level one.*from one base"),
+        (f"merge_method: ties\ndtype: float32\nslices:\n  - base_model: {BASE}\n    sources:\n"
+         f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {BASE}, layer_range: [0, 2]}}\n"
+         f"  - base_model: {B}\n    sources:\n"
+         f"      - {{model: {A}, layer_range: [2, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {B}, layer_range: [2, 4]}}\n",
+         r"slices\[1\]: base_model '/models/b' differs from .*slices\[0\]'s \('/models/base'\).*one base"),
+        (f"merge_method: nuslerp\nbase_model: {BASE}\ndtype: float32\nslices:\n  - base_model: {B}\n    sources:\n"
+         f"      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {BASE}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {B}, layer_range: [0, 4]}}\n",
+         "base_model '/models/b' differs from the top-level one"),  # an optional base counts too
         (f"merge_method: linear\ndtype: float32\nmodules: {{}}\nmodels:{_GOOD_SOURCES}", "per-module"),
         (f"merge_method: linear\ndtype: float32\nslices:\n  - sources:\n"
          f"      - {{model: {A}, layer_range: [0, 3], parameters: {{weight: 1.0}}}}\n",

@@ -3,11 +3,21 @@
 Importance of an entry: ``|other - base|`` times the KL divergence of the rows' softmaxes
 (along the last axis). Entries at or above ``median + 1.5 * IQR`` of the importance take
 the other model's value; the rest keep the base's. Quantiles are exact up to 1M entries;
-above that mergekit estimates them from 1M entries drawn at random (the engine seeds its
-draw per tensor; mergekit reproduces it in distribution only).
+above that mergekit estimates them from 1M entries drawn with replacement by
+``torch.randint`` on its global generator. ``mergekit-yaml --random-seed SEED`` seeds that
+generator once (``transformers.set_seed``) and merges the tensors in the order of their names
+(its scheduler sorts tasks by tensor name), so each large tensor's draw is the next one
+from a CPU generator seeded with SEED, in name order: the engine replays that stream
+(generator states cached per seed) and matches ``mergekit-yaml --random-seed`` bit for bit;
+without ``--random-seed`` mergekit's draws are unseeded.
+
+Computed in the arithmetic dtype as mergekit does; its float mask makes the result float32
+for float16 / bfloat16 inputs (``MethodSpec.float32_result``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +35,19 @@ def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
-def threshold(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``median + 1.5 * (q3 - q1)`` by mergekit's index rule on the sorted (sampled) scores."""
+def sample_picks(numel: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """mergekit's draw: ``QUANTILE_SAMPLE_SIZE`` indices with replacement (CPU)."""
+    return torch.randint(numel, (QUANTILE_SAMPLE_SIZE,), generator=generator)
+
+
+def threshold(scores: torch.Tensor, picks: torch.Tensor | None = None) -> torch.Tensor:
+    """``median + 1.5 * (q3 - q1)`` by mergekit's index rule on the sorted (sampled) scores;
+    ``picks``: the sample's indices, needed above ``QUANTILE_SAMPLE_SIZE`` entries."""
     flat = scores.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE_SIZE:
-        picks = torch.randint(flat.numel(), (QUANTILE_SAMPLE_SIZE,), device=flat.device,
-                              generator=generator)
-        flat = flat[picks]
+        if picks is None:
+            raise ValueError(f"{flat.numel()} scores: more than {QUANTILE_SAMPLE_SIZE}, pass the picks")
+        flat = flat[picks.to(flat.device)]
     ordered, _ = torch.sort(flat)
     q = torch.tensor([0.25, 0.5, 0.75])
     q1, median, q3 = ordered[(q.to(ordered.device) * (ordered.numel() - 1)).long()]
@@ -39,10 +55,21 @@ def threshold(scores: torch.Tensor, generator: torch.Generator | None = None) ->
 
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 picks: torch.Tensor | None = None) -> torch.Tensor:
     scores = importance(other, base)
-    mask = (scores >= threshold(scores, generator)).float()
+    mask = (scores >= threshold(scores, picks)).float()
     return base + (other - base) * mask
+
+
+def draw_states(seed: int, numels: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Per tensor above ``QUANTILE_SAMPLE_SIZE`` entries, the state of mergekit's seeded CPU
+    generator just before its draw (tensors drawn in name order)."""
+    generator = torch.Generator().manual_seed(seed)
+    states = {}
+    for name in sorted(n for n, numel in numels.items() if numel > QUANTILE_SAMPLE_SIZE):
+        states[name] = generator.get_state()
+        sample_picks(numels[name], generator)  # advances the stream as mergekit's draw does
+    return states
 
 
 def plan(ctx: TensorContext) -> Plan:
@@ -51,10 +78,21 @@ def plan(ctx: TensorContext) -> Plan:
     base = ctx.base
     assert base is not None
     shape = ctx.shape
+    state = None
+    if ctx.numel > QUANTILE_SAMPLE_SIZE:
+        state = ctx.cached(("arcee_fusion draws", ctx.seed), lambda: draw_states(
+            ctx.seed, {name: _numel(s) for name, s in ctx.shapes.items()}))[ctx.name]
 
-    def compute() -> torch.Tensor:
-        generator = ctx.generator(position) if ctx.numel > QUANTILE_SAMPLE_SIZE else None
+    def compute() -> torch.Tensor:  # the picks only now: one tensor's at a time
+        picks = None if state is None else sample_picks(ctx.numel, torch.Generator().set_state(state))
         other = ctx.tensor(model).view(shape)
-        return arcee_fusion(base.view(shape), other, generator).reshape(-1)
+        return arcee_fusion(base.view(shape), other, picks).reshape(-1)
 
     return Plan(eager=compute)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel

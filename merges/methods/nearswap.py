@@ -2,7 +2,8 @@
 
 Per entry, ``w = clamp(t / max(|base - other|, 1e-6), 0, 1)`` and the result is
 ``w * other + (1 - w) * base``: entries closer than ``t`` are swapped in, farther ones
-move towards the other model by ``t / distance``.
+move towards the other model by ``t / distance``. Computed in the arithmetic dtype on the
+models themselves (mergekit's inputs), so float16 / bfloat16 results are mergekit's bit for bit.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ def nearswap(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def plan(ctx: TensorContext) -> Plan:
-    """One elementwise pass over base and the other model, chunked."""
+    """One elementwise pass over base and the other model, chunked (elementwise: chunks give
+    the same bits). The other model's own tensor, not base + delta (not always it when rounded)."""
     (position,) = ctx.positions
     model = ctx.model_of(position)
     t = float(ctx.global_value("t"))
-    base, delta, out = ctx.base, ctx.delta(model), ctx.out
+    base, other, out = ctx.base, ctx.tensor(model), ctx.out
     assert base is not None
 
     def compute() -> torch.Tensor:
         for start in range(0, out.numel(), CHUNK):
-            a = base[start:start + CHUNK]
-            out[start:start + CHUNK] = nearswap(t, a, a + delta[start:start + CHUNK])
+            end = start + CHUNK
+            out[start:end] = nearswap(t, base[start:end], other[start:end])
         return out
 
     return Plan(eager=compute)

@@ -3,7 +3,9 @@ vectors when there is a base, flattened (default) or per row / column.
 
 ``t = w1 / (w0 + w1)`` (0.5 when the weights sum to ~0). Flattened, the angle between
 the two inputs does not depend on the weights: the engine caches it per tensor and a trial
-is one fused pass ``base + c0 * d0 + c1 * d1``.
+is one fused pass ``base + c0 * d0 + c1 * d1``. In float16 / bfloat16 that single rounding of
+float64 coefficients is not mergekit's result: there the tensor is computed eagerly in mergekit's
+order, in the dtype itself (``torch.equal`` to mergekit).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from merges.methods.fused import FusedJob
-from merges.methods.planning import Plan, TensorContext
+from merges.methods.planning import HALF, Plan, TensorContext
 
 EPS = 1e-8  # mergekit's colinearity threshold (on 1 - cos^2, squared)
 NORM_EPS = 1e-7  # mergekit's clamp of the norms
@@ -68,12 +70,12 @@ def plan(ctx: TensorContext) -> Plan:
     flatten = bool(ctx.global_value("nuslerp_flatten"))
     base = ctx.base if ctx.uses_base else None
     inputs = [ctx.delta(m) if base is not None else ctx.tensor(m) for m in models]
-    if not flatten:
+    if not flatten or ctx.dtype in HALF:
         shape = ctx.shape
 
         def compute() -> torch.Tensor:
             v0, v1 = (x.view(shape) for x in inputs)
-            result = nuslerp(t, v0, v1, dim=0 if row_wise else -1).reshape(-1)
+            result = nuslerp(t, v0, v1, dim=0 if row_wise else -1, flatten=flatten).reshape(-1)
             return result if base is None else base + result
 
         return Plan(eager=compute)

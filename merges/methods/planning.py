@@ -10,7 +10,7 @@ for all tensors at once (L1 rescale factors, tied-cut sort positions).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -20,6 +20,9 @@ from merges.methods.fused import FusedJob
 from merges.methods.registry import MethodSpec
 
 BASE = -1  # model index of the base; sources are 0..K-1
+# float16 / bfloat16: mergekit rounds at every step of a method there, so only its own order of
+# operations gives its bits (planners that take a faster route in float32 follow it here)
+HALF = (torch.float16, torch.bfloat16)
 RankKey = tuple[str, str, int]  # ("descending" | "ascending", tensor name, model)
 T = TypeVar("T")
 
@@ -41,6 +44,7 @@ class TensorContext(Protocol):
     name: str  # the input tensor's name
     shape: tuple[int, ...]
     numel: int
+    shapes: Mapping[str, tuple[int, ...]]  # every tensor of the merge by input name (arcee_fusion's draws)
     out: torch.Tensor  # flat, engine dtype and device
     seed: int
     dtype: torch.dtype

@@ -96,7 +96,11 @@ class MethodSpec:
     max_sources: int | None = None
     uses_layer_slices: bool = False
     random: bool = False  # draws random masks (seeded per tensor; mergekit reproduces in distribution)
+    random_exact: bool = False  # its draws are mergekit's under ``mergekit-yaml --random-seed``
     family: TaskVectorFamily | None = None  # the task-vector family's variant
+    # mergekit's kernel promotes float16 / bfloat16 inputs to a float32 result and writes that
+    # (arcee_fusion's float mask, ramplus_tl's float32 scale): the engine's result dtype then
+    float32_result: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -173,11 +177,12 @@ METHODS: dict[str, MethodSpec] = _methods(
                "sce", base=REQUIRED_BASE),
     MethodSpec("karcher", (_global("max_iter", 10, kind=int, limits=(0.0, None)),
                            _global("tol", 1e-5, limits=(0.0, None))), "karcher"),
-    MethodSpec("arcee_fusion", (), "arcee_fusion", base=REQUIRED_BASE, max_sources=1, random=True),
+    MethodSpec("arcee_fusion", (), "arcee_fusion", base=REQUIRED_BASE, max_sources=1, random=True,
+               random_exact=True, float32_result=True),
     MethodSpec("ram", (RAM_EPSILON,), "ram", base=REQUIRED_BASE),
     MethodSpec("ramplus_tl", (_global("r", 0.1, limits=(0.0, None), search=UNIT, untuned=0.1),
                               _global("alpha", 0.2, limits=(0.0, None), search=UNIT, untuned=0.2),
-                              RAM_EPSILON), "ram", base=REQUIRED_BASE),
+                              RAM_EPSILON), "ram", base=REQUIRED_BASE, float32_result=True),
 )
 
 FAMILY: dict[str, TaskVectorFamily] = {

@@ -4,6 +4,10 @@ Keep the ``select_topk`` fraction of entries whose task vectors vary most across
 models (of the entries that vary at all), weight each task vector by its mean square
 (share of the total), erase entries whose sign disagrees with the weighted majority
 (TIES' sum election), and add the weighted mean of what is left to the base.
+
+In float16 / bfloat16 variances tie often, and which tied entries mergekit's ``topk`` keeps is
+its own order, so there the mask is mergekit's ``topk`` itself (per trial, on the variance
+cached per tensor) rather than the cached stable order: ``torch.equal`` to mergekit.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from merges.methods.planning import Plan, TensorContext
+from merges.methods.planning import HALF, Plan, TensorContext
 
 
-def sce_mask(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype) -> torch.Tensor:
-    """mergekit's ``sce_mask``: the top ``density`` share of nonzero-variance entries."""
+def sce_mask(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype,
+             variance: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's ``sce_mask``: the top ``density`` share of nonzero-variance entries
+    (``variance``: ``vectors``' own, when already computed)."""
     if density <= 0:
         return torch.zeros_like(vectors[0], dtype=mask_dtype)
     if density >= 1:
         return torch.ones_like(vectors[0], dtype=mask_dtype)
-    var = torch.var(vectors, dim=0, unbiased=False)
+    var = torch.var(vectors, dim=0, unbiased=False) if variance is None else variance
     k = int(torch.count_nonzero(var) * density)
     if k == 0:
         return torch.zeros_like(var, dtype=mask_dtype)
@@ -59,16 +65,18 @@ def variance_order(vectors: torch.Tensor) -> VarianceOrder:
 
 
 def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: float = 1.0,
-        int8_mask: bool = False, order: VarianceOrder | None = None) -> torch.Tensor:
+        int8_mask: bool = False, order: VarianceOrder | None = None,
+        variance: torch.Tensor | None = None) -> torch.Tensor:
     """mergekit's ``sce_merge`` on task vectors ``deltas`` (same order of operations); ``order``
-    (flat inputs) replaces the per-call variance ``topk`` by a lookup."""
+    (flat inputs) replaces the per-call variance ``topk`` by a lookup; ``variance`` (the
+    deltas' own) spares computing it again."""
     if not deltas:
         return base
     mask_dtype = torch.int8 if int8_mask else base.dtype
     vectors = torch.stack(list(deltas), dim=0)
     if select_topk < 1:
         if order is None:
-            mask = sce_mask(vectors, select_topk, mask_dtype)
+            mask = sce_mask(vectors, select_topk, mask_dtype, variance)
         else:
             k = 0 if select_topk <= 0 else int(order.nonzero * select_topk)
             mask = (order.position < k).to(mask_dtype)
@@ -85,19 +93,25 @@ def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: floa
 
 
 def plan(ctx: TensorContext) -> Plan:
-    """Eager; the variance order is computed once per tensor (no ``topk`` per trial)."""
+    """Eager; the variance order is computed once per tensor (no ``topk`` per trial; in
+    float16 / bfloat16 the variance is, and ``topk`` runs per trial)."""
     base = ctx.base
     assert base is not None
     models = tuple(ctx.model_of(p) for p in ctx.positions)
     deltas = [ctx.delta(m) for m in models]
     select_topk = float(ctx.global_value("select_topk"))
     int8_mask = bool(ctx.global_value("int8_mask"))
-    order = None
+    order = variance = None
     if 0 < select_topk < 1 and deltas:
-        order = ctx.cached(("sce", ctx.name, models),
-                           lambda: variance_order(torch.stack(deltas, dim=0)))
+        if ctx.dtype in HALF:
+            variance = ctx.cached(("sce variance", ctx.name, models),
+                                  lambda: torch.var(torch.stack(deltas, dim=0), dim=0, unbiased=False))
+        else:
+            order = ctx.cached(("sce", ctx.name, models),
+                               lambda: variance_order(torch.stack(deltas, dim=0)))
 
     def compute() -> torch.Tensor:
-        return sce(base, deltas, select_topk=select_topk, int8_mask=int8_mask, order=order)
+        return sce(base, deltas, select_topk=select_topk, int8_mask=int8_mask, order=order,
+                   variance=variance)
 
     return Plan(eager=compute)
