@@ -37,6 +37,7 @@ def save_checkpoint(
     *,
     like: Checkpoint,
     dtype: torch.dtype | None = None,
+    config_dtype: torch.dtype | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
@@ -45,7 +46,9 @@ def save_checkpoint(
 ) -> Path:
     """Save ``tensors`` as a checkpoint shaped like ``like``; returns the folder.
 
-    ``dtype`` casts floating tensors (default: keep theirs). ``config_overrides`` update the
+    ``dtype`` casts floating tensors (default: keep theirs). ``config_dtype`` is the dtype
+    config.json names (default: ``dtype``, else the first floating tensor's); mergekit names its
+    ``out_dtype or dtype`` there even when a method wrote float32 tensors. ``config_overrides`` update the
     base's config.json (e.g. ``num_hidden_layers`` of a passthrough frankenmerge). A head
     tied to the embedding is not written. Shards above ``max_shard_bytes`` get an index.
     ``overwrite`` allows replacing a previous output of this tool; ``like`` and every
@@ -61,7 +64,7 @@ def save_checkpoint(
     config = {**like.config, **(config_overrides or {})}
     layout = _checked_layout(tensors, config, like)
     kept = [name for name in tensors if not layout.is_tied_head(name)]
-    out_dtype = dtype or next(
+    out_dtype = config_dtype or dtype or next(
         (tensors[n].dtype for n in kept if tensors[n].is_floating_point()), torch.float32
     )
     dtype_name = str(out_dtype).removeprefix("torch.")

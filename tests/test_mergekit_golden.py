@@ -21,6 +21,7 @@ and L1 norms of the merged deltas (exact under ``rescale`` for one source).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -434,7 +435,17 @@ def test_mergekit_yaml_command_line_agrees(method: str, dtype: str, llama_family
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     compare = _float32_compare(method) if dtype == "float32" else assert_same_tensors
-    compare(_engine(recipe), load_file(out / "model.safetensors"), layout)
+    theirs = load_file(out / "model.safetensors")
+    compare(_engine(recipe), theirs, layout)
+    if dtype != "float32":  # `search merge` writes the file mergekit-yaml writes: dtypes and config too
+        assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+        ours = load_file(tmp_path / "ours" / "model.safetensors")
+        assert {n: t.dtype for n, t in ours.items()} == {n: t.dtype for n, t in theirs.items() if n in ours}
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+        expected_dtype = "float32" if method in FLOAT32_RESULT else dtype
+        assert {t.dtype for t in ours.values()} == {getattr(torch, expected_dtype)}
+        configs = [json.loads((folder / "config.json").read_text()) for folder in (out, tmp_path / "ours")]
+        assert configs[0].get("dtype", configs[0].get("torch_dtype")) == configs[1]["dtype"] == dtype
 
 
 # -- random sparsification ---------------------------------------------------------------

@@ -103,8 +103,11 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
     # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
     engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype))
     tensors = engine.materialize(recipe, device="cpu")
-    out_dtype = getattr(torch, recipe.out_dtype or recipe.dtype)
+    # As mergekit writes: cast only to an `out_dtype`; otherwise each tensor as its method returned it
+    # (arcee_fusion / ramplus_tl: float32 from half inputs), config.json naming `out_dtype or dtype`.
+    out_dtype = getattr(torch, recipe.out_dtype) if recipe.out_dtype else None
     return save_checkpoint(tensors, out_dir, like=like, dtype=out_dtype,
+                           config_dtype=getattr(torch, recipe.out_dtype or recipe.dtype),
                            config_overrides=_layer_count_override(like, recipe),
                            overwrite=overwrite, protected=protected, chat_template=chat_template)
 
