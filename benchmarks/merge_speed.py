@@ -9,7 +9,9 @@ on disk), then for each method and each engine plan (``--plan``) prints
 * ``search_merge_s``: ``search merge recipe.yaml OUT --seed 0``, disk to disk (tmpfs),
 * ``mergekit_s``: ``mergekit-yaml recipe.yaml OUT``, disk to disk (tmpfs),
 * ``floor_s``: a memcpy pass over the bytes a merge must touch (read K+1, write one),
-* peak RSS of each process (each runs as a child, measured with ``os.wait4``).
+* peak RSS of each process (each runs as a child, measured with ``os.wait4``); for the
+  engine ``peak_rss_mb`` is the child's own peak up to its last merge (loading, engine, live
+  model, merges), before the floor's buffers (``child_peak_rss_mb``: with them).
 
 The last line is one JSON object keyed by method (the engine's figures under ``plans``,
 keyed by plan). Usage::
@@ -196,6 +198,10 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
         started = time.perf_counter()
         engine.merge_into(model, recipe)
         times.append(time.perf_counter() - started)
+    # the peak so far: loading, the engine and the live model, the merges (not the floor's buffers below)
+    import resource
+
+    merge_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # memcpy floor: a copy reads N and writes N; a merge reads (K+1) N and writes N
     params = list(model.parameters())
     scratch = [torch.empty_like(p) for p in params]
@@ -210,6 +216,7 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
     n_params = sum(p.numel() for p in params)
     print(json.dumps({"engine_s": statistics.median(times), "engine_first_s": first_s,
                       "engine_load_s": load_s, "copy_s": min(copies), "n_params": n_params,
+                      "merge_peak_rss_mb": merge_peak_mb,
                       "resident_mb": engine.resident_bytes() / 2**20}))
 
 
@@ -260,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 floor = engine["copy_s"] * (N_SOURCES + 2) / 2
                 row["plans"][plan] = dict(  # type: ignore[index]
                     engine_s=engine["engine_s"], engine_first_s=engine["engine_first_s"],
-                    engine_load_s=engine["engine_load_s"], floor_s=floor, peak_rss_mb=rss,
+                    engine_load_s=engine["engine_load_s"], floor_s=floor,
+                    peak_rss_mb=engine["merge_peak_rss_mb"], child_peak_rss_mb=rss,
                     resident_mb=engine["resident_mb"])
             yaml_path = scratch / f"{method}.yaml"
             row["search_merge_s"] = row["search_merge_rss_mb"] = None

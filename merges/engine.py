@@ -310,14 +310,13 @@ class MergeEngine:
     def _load(self) -> None:
         anchor = self._anchor
         has_base = self._base_ckpt is not None
+        if self._lean:
+            self._load_lean()
+            return
         for info in self._layout.tensors:
             name = info.name
             if not self._floating[name]:
                 self._fixed[name] = anchor.read(name, device=self._device).reshape(-1)
-                continue
-            if self._lean:
-                models = ([anchor] if has_base else []) + list(self._sources)
-                self._held[name] = [self._hold(checkpoint, name) for checkpoint in models]
                 continue
             base = None
             if has_base:
@@ -332,6 +331,17 @@ class MergeEngine:
             if base is not None:
                 self._base[name] = base
             self._deltas[name] = deltas
+
+    def _load_lean(self) -> None:
+        """Checkpoint by checkpoint, each closed once read: at most one file's mapped pages at a time."""
+        for name in self._shapes:
+            if not self._floating[name]:
+                self._fixed[name] = self._anchor.read(name, device=self._device).reshape(-1)
+        models = ([self._anchor] if self._base_ckpt is not None else []) + list(self._sources)
+        for checkpoint in models:
+            for name in self._names:
+                self._held.setdefault(name, []).append(self._hold(checkpoint, name))
+            checkpoint.release()
 
     def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
         return checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
@@ -536,8 +546,14 @@ class MergeEngine:
         if self._base_ckpt is None:
             return self._derived("delta", name, model, lambda: self._held[name][model].to(self._dtype))
         base = self._base_of(name)
-        return self._derived("delta", name, model,
-                             lambda: torch.sub(self._held[name][model + 1].to(self._dtype), base))
+        held = self._held[name][model + 1]
+
+        def compute() -> torch.Tensor:
+            if held.dtype == self._dtype:
+                return torch.sub(held, base)
+            return held.to(self._dtype).sub_(base)  # the cast's own memory: one allocation, not two
+
+        return self._derived("delta", name, model, compute)
 
     def _derived(self, kind: str, name: str, model: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A tensor the lean plan forms once per chunk (kept until the chunk is merged)."""

@@ -233,8 +233,7 @@ def test_memory_gb_is_checked(tmp_path: Path, llama_family: TinyFamily) -> None:
     from search.config import StudyConfigError
 
     path = write_study(tmp_path, llama_family, trials=2, tasks=("alpha",))
-    path.write_text(path.read_text() + "\n[execution]\nmemory_gb = 0\n" if "[execution]" not in path.read_text()
-                    else path.read_text().replace("[execution]", "[execution]\nmemory_gb = 0", 1))
+    path.write_text(path.read_text().replace("[execution]", "[execution]\nmemory_gb = 0", 1))
     with pytest.raises(StudyConfigError, match=r"execution\.memory_gb: must be > 0, got 0"):
         load_study(path)
 
@@ -246,3 +245,19 @@ def test_llama_7b_with_3_sources_fits_an_80_gb_gpu() -> None:
     assert rows[("llama-7b", 80)]["plan"] == "lean"
     assert rows[("llama-7b", 24)]["plan"] is None and rows[("llama-70b", 141)]["plan"] is None
     assert rows[("llama-13b", 141)]["plan"] == "lean"  # the resident plan needs 342 GiB
+
+
+def test_a_study_runs_end_to_end_under_the_lean_plan(llama_family: TinyFamily, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``search start`` with a budget only the lean plan fits: it says so and finishes its trials."""
+    from search.cli import main
+    from search.memory import plan_estimates
+
+    path = write_study(tmp_path, llama_family, trials=2, tasks=("alpha",), method="ties")
+    resident, lean = plan_estimates(worker_setup(load_study(path)))
+    between = (lean.total + resident.total) / 2 / GIB
+    path.write_text(path.read_text().replace("[execution]", f"[execution]\nmemory_gb = {between:.6f}", 1))
+    assert main(["start", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "per worker, engine plan lean: resident tensors " in out
+    assert "2/2 search trials" in out or "export with:" in out
