@@ -1,18 +1,23 @@
-"""Merge speed: the in-memory engine vs ``search merge`` vs ``mergekit-yaml``, per method.
+"""Merge speed: the in-memory engine (per engine plan) vs ``search merge`` vs ``mergekit-yaml``.
 
-Builds (once, cached under ``.cache/bench/<size>/``) a Llama-style base with three
-fine-tune-like sources, then for each method prints
+Builds (once, cached under ``$MERGESEARCH_CACHE/bench/<size>/``, else ``.cache/bench``) a
+Llama-style base with three fine-tune-like sources (``1b``: TinyLlama-1.1B's shapes, bf16
+on disk), then for each method and each engine plan (``--plan``) prints
 
 * ``engine_s``: median ``MergeEngine.merge_into`` time of one recipe into a live model
   (after a first merge that also builds the engine's statistics: ``engine_first_s``),
 * ``search_merge_s``: ``search merge recipe.yaml OUT --seed 0``, disk to disk (tmpfs),
 * ``mergekit_s``: ``mergekit-yaml recipe.yaml OUT``, disk to disk (tmpfs),
 * ``floor_s``: a memcpy pass over the bytes a merge must touch (read K+1, write one),
-* peak RSS of each process (each runs as a child, measured with ``os.wait4``).
+* peak RSS of each process (each runs as a child, measured with ``os.wait4``); for the
+  engine ``peak_rss_mb`` is the child's own peak up to its last merge (loading, engine, live
+  model, merges), before the floor's buffers (``child_peak_rss_mb``: with them).
 
-The last line is one JSON object keyed by method. Usage::
+The last line is one JSON object keyed by method (the engine's figures under ``plans``,
+keyed by plan). Usage::
 
     python -m benchmarks.merge_speed --size small --methods linear,ties
+    python -m benchmarks.merge_speed --size 1b --methods ties --plan lean
     python -m benchmarks.merge_speed --size 250m --skip-mergekit
     python -m benchmarks.merge_speed --size small --methods ties,new   # new: NEW_METHODS
 """
@@ -51,11 +56,16 @@ class Size:
     layers: int
     heads: int
     vocab: int
+    kv_heads: int | None = None  # grouped-query attention (None: one per head)
+    storage: str = "float32"  # the checkpoints' dtype on disk
 
 
 SIZES = {
     "small": Size(hidden=256, intermediate=688, layers=4, heads=4, vocab=4000),
+    "small-bf16": Size(hidden=256, intermediate=688, layers=4, heads=4, vocab=4000, storage="bfloat16"),
     "250m": Size(hidden=1024, intermediate=2816, layers=14, heads=16, vocab=32000),
+    # TinyLlama-1.1B's shapes, bf16 on disk as fine-tunes ship
+    "1b": Size(hidden=2048, intermediate=5632, layers=22, heads=32, vocab=32000, kv_heads=4, storage="bfloat16"),
 }
 
 
@@ -74,7 +84,7 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
     shutil.rmtree(root, ignore_errors=True)
     config = LlamaConfig(hidden_size=size.hidden, intermediate_size=size.intermediate,
                          num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         num_key_value_heads=size.heads, vocab_size=size.vocab,
+                         num_key_value_heads=size.kv_heads or size.heads, vocab_size=size.vocab,
                          max_position_embeddings=512, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          architectures=["LlamaForCausalLM"])
@@ -83,10 +93,12 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
-    shapes = _llama_shapes(size)
+    shapes = llama_shapes(size)
     gen = torch.Generator().manual_seed(seed)
-    base = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02)
-            for name, shape in shapes.items()}
+    storage = getattr(torch, size.storage)
+    # tensor by tensor in the storage dtype: a 1.1B bf16 family builds in ~5 GB
+    base = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen).mul_(0.02)
+                   ).to(storage) for name, shape in shapes.items()}
     for index, folder in enumerate([base_dir, *source_dirs]):
         tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         tmp.mkdir(parents=True)
@@ -101,7 +113,7 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
                     tensors[name] = tensor
                 else:
                     noise = torch.randn(tensor.shape, generator=gen)
-                    tensors[name] = tensor + noise.mul_(0.002 * index)
+                    tensors[name] = noise.mul_(0.002 * index).add_(tensor).to(storage)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         os.replace(tmp, folder)
@@ -109,13 +121,15 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
     return base_dir, source_dirs
 
 
-def _llama_shapes(size: Size) -> dict[str, tuple[int, ...]]:
+def llama_shapes(size: Size) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Llama checkpoint of ``size`` (untied head)."""
     h, m = size.hidden, size.intermediate
+    kv = h // size.heads * (size.kv_heads or size.heads)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (size.vocab, h)}
     for layer in range(size.layers):
         p = f"model.layers.{layer}."
-        for proj in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{proj}_proj.weight"] = (h, h)
+        for proj, rows in (("q", h), ("k", kv), ("v", kv), ("o", h)):
+            shapes[f"{p}self_attn.{proj}_proj.weight"] = (rows, h)
         shapes[f"{p}mlp.gate_proj.weight"] = (m, h)
         shapes[f"{p}mlp.up_proj.weight"] = (m, h)
         shapes[f"{p}mlp.down_proj.weight"] = (h, m)
@@ -162,8 +176,9 @@ def run_child(command: list[str]) -> tuple[float, float, int, str]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024, process.returncode, output
 
 
-def engine_child(method: str, root: Path, size_name: str, repeats: int, threads: int | None) -> None:
-    """Runs inside a child: time merge_into, print one JSON line."""
+def engine_child(method: str, root: Path, size_name: str, repeats: int, threads: int | None,
+                 plan: str) -> None:
+    """Runs inside a child: time merge_into under ``plan``, print one JSON line."""
     from merges.checkpoint import open_checkpoint
     from merges.engine import MergeEngine
 
@@ -171,7 +186,7 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
     base = open_checkpoint(base_dir)
     sources = [open_checkpoint(s) for s in source_dirs]
     started = time.perf_counter()
-    engine = MergeEngine(base, sources, device="cpu", threads=threads)
+    engine = MergeEngine(base, sources, device="cpu", threads=threads, plan=plan)
     load_s = time.perf_counter() - started
     model = engine.new_model()
     recipe = make_recipe(method, base_dir, source_dirs, engine.layout.n_layers)
@@ -183,6 +198,10 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
         started = time.perf_counter()
         engine.merge_into(model, recipe)
         times.append(time.perf_counter() - started)
+    # the peak so far: loading, the engine and the live model, the merges (not the floor's buffers below)
+    import resource
+
+    merge_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # memcpy floor: a copy reads N and writes N; a merge reads (K+1) N and writes N
     params = list(model.parameters())
     scratch = [torch.empty_like(p) for p in params]
@@ -197,6 +216,7 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
     n_params = sum(p.numel() for p in params)
     print(json.dumps({"engine_s": statistics.median(times), "engine_first_s": first_s,
                       "engine_load_s": load_s, "copy_s": min(copies), "n_params": n_params,
+                      "merge_peak_rss_mb": merge_peak_mb,
                       "resident_mb": engine.resident_bytes() / 2**20}))
 
 
@@ -207,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
     parser.add_argument("--repeats", type=int, default=5, help="timed merges per method (median)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
+    parser.add_argument("--plan", default="resident,lean",
+                        help="engine plans to measure, comma list (default resident,lean)")
     parser.add_argument("--engine-child", metavar="METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    root = REPO / ".cache" / "bench" / args.size
+    cache = os.environ.get("MERGESEARCH_CACHE")
+    root = (Path(cache) if cache else REPO / ".cache") / "bench" / args.size
+    plans = [p.strip() for p in args.plan.split(",") if p.strip()]
     if args.engine_child:
-        engine_child(args.engine_child, root, args.size, args.repeats, args.threads)
+        engine_child(args.engine_child, root, args.size, args.repeats, args.threads, plans[0])
         return 0
 
     size = SIZES[args.size]
@@ -223,23 +247,29 @@ def main(argv: list[str] | None = None) -> int:
     search_cli = shutil.which("search")
     mergekit_cli = shutil.which("mergekit-yaml")
     scratch = Path(tempfile.mkdtemp(prefix="mergesearch-bench-", dir="/dev/shm"))
-    results: dict[str, dict[str, float | None]] = {}
+    results: dict[str, dict[str, object]] = {}
     try:
         for method in methods:
-            row: dict[str, float | None] = {}
-            command = [sys.executable, "-m", "benchmarks.merge_speed", "--size", args.size,
-                       "--engine-child", method, "--repeats", str(args.repeats)]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            _, rss, status, output = run_child(command)
-            if status != 0:
-                print(f"{method}: engine failed:\n{output}", flush=True)
-                continue
-            engine = json.loads(output.strip().splitlines()[-1])
-            # memcpy floor: the copy pass moves 2N floats; a merge moves (K+2)N
-            floor = engine["copy_s"] * (N_SOURCES + 2) / 2
-            row.update(engine_s=engine["engine_s"], engine_first_s=engine["engine_first_s"],
-                       floor_s=floor, peak_rss_mb=rss, resident_mb=engine["resident_mb"])
+            row: dict[str, object] = {"plans": {}}
+            n_params = 0
+            for plan in plans:
+                command = [sys.executable, "-m", "benchmarks.merge_speed", "--size", args.size,
+                           "--engine-child", method, "--repeats", str(args.repeats), "--plan", plan]
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
+                _, rss, status, output = run_child(command)
+                if status != 0:
+                    print(f"{method}: engine ({plan}) failed:\n{output[-3000:]}", flush=True)
+                    continue
+                engine = json.loads(output.strip().splitlines()[-1])
+                n_params = engine["n_params"]
+                # memcpy floor: the copy pass moves 2N floats; a merge moves (K+2)N
+                floor = engine["copy_s"] * (N_SOURCES + 2) / 2
+                row["plans"][plan] = dict(  # type: ignore[index]
+                    engine_s=engine["engine_s"], engine_first_s=engine["engine_first_s"],
+                    engine_load_s=engine["engine_load_s"], floor_s=floor,
+                    peak_rss_mb=engine["merge_peak_rss_mb"], child_peak_rss_mb=rss,
+                    resident_mb=engine["resident_mb"])
             yaml_path = scratch / f"{method}.yaml"
             row["search_merge_s"] = row["search_merge_rss_mb"] = None
             row["mergekit_s"] = row["mergekit_rss_mb"] = None
@@ -271,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{method}: mergekit-yaml failed:\n{output[-2000:]}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             results[method] = row
-            print(_line(method, row, engine["n_params"]), flush=True)
+            for line in _lines(method, row, n_params):
+                print(line, flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(results))
@@ -282,21 +313,24 @@ def _fmt(value: float | None, unit: str = "s") -> str:
     return "n/a" if value is None else f"{value:.3f} {unit}"
 
 
-def _line(method: str, row: dict[str, float | None], n_params: int) -> str:
-    engine, floor = row["engine_s"], row["floor_s"]
-    parts = [f"{method:>16}: engine {_fmt(engine)} (first {_fmt(row['engine_first_s'])})",
-             f"search merge {_fmt(row['search_merge_s'])}", f"mergekit {_fmt(row['mergekit_s'])}",
-             f"floor {_fmt(floor)}"]
-    if engine and floor:
-        parts.append(f"engine/floor {engine / floor:.1f}x")
-    if engine and row["mergekit_s"]:
-        parts.append(f"mergekit/engine {row['mergekit_s'] / engine:.0f}x")
-    if row["search_merge_s"] and row["mergekit_s"]:
-        parts.append(f"mergekit/search-merge {row['mergekit_s'] / row['search_merge_s']:.1f}x")
-    parts.append(f"peak RSS engine {_fmt(row['peak_rss_mb'], 'MB')}, search merge "
-                 f"{_fmt(row['search_merge_rss_mb'], 'MB')}, mergekit {_fmt(row['mergekit_rss_mb'], 'MB')}")
-    parts.append(f"{n_params / 1e6:.1f}M params")
-    return "; ".join(parts)
+def _lines(method: str, row: dict[str, object], n_params: int) -> list[str]:
+    """One line per engine plan, then one for the disk-to-disk runs."""
+    mergekit = row["mergekit_s"]
+    lines = []
+    for plan, figures in row["plans"].items():  # type: ignore[attr-defined]
+        engine, floor = figures["engine_s"], figures["floor_s"]
+        parts = [f"{method:>16} {plan:>8}: engine {_fmt(engine)} (first {_fmt(figures['engine_first_s'])}, "
+                 f"load {_fmt(figures['engine_load_s'])})", f"floor {_fmt(floor)}",
+                 f"engine/floor {engine / floor:.1f}x"]
+        if mergekit:
+            parts.append(f"mergekit/engine {mergekit / engine:.0f}x")  # type: ignore[operator]
+        parts.append(f"peak RSS {_fmt(figures['peak_rss_mb'], 'MB')} (engine tensors "
+                     f"{_fmt(figures['resident_mb'], 'MB')})")
+        lines.append("; ".join(parts))
+    lines.append(f"{method:>16} disk: search merge {_fmt(row['search_merge_s'])} "  # type: ignore[arg-type]
+                 f"({_fmt(row['search_merge_rss_mb'], 'MB')}), mergekit {_fmt(mergekit)} "  # type: ignore[arg-type]
+                 f"({_fmt(row['mergekit_rss_mb'], 'MB')}); {n_params / 1e6:.1f}M params")  # type: ignore[arg-type]
+    return lines
 
 
 if __name__ == "__main__":

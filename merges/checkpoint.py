@@ -159,6 +159,10 @@ class Checkpoint:
         for key, value in state.items():
             object.__setattr__(self, key, value)
 
+    def release(self) -> None:
+        """Close the open shards: their memory-mapped pages leave the process (a later read reopens)."""
+        self._handles.clear()
+
     def _handle(self, file: Path) -> Any:
         handle = self._handles.get(file)
         if handle is None:

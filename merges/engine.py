@@ -39,6 +39,19 @@ temporary only for a parameter whose dtype or device differs from the engine's.
 ``materialize`` allocates its output (N entries). DELLA and model_stock build per-tensor
 temporaries (K copies of one tensor).
 
+Engine plans (``plan=``; ``search.memory`` picks one from checkpoint headers before
+anything loads): ``"resident"`` is all of the above. ``"lean"`` keeps only the base and the
+sources as stored (a bf16 checkpoint stays bf16 in memory; a storage dtype wider than the
+arithmetic one is held in the arithmetic one; a LoRA source or a vocabulary view, computed
+at read time, in the arithmetic one) and runs a trial in chunks of tensors (each chunk at
+most the largest tensor's entries): per chunk it forms the task vectors in the arithmetic
+dtype, finds each magnitude cut by selection (``torch.kthvalue`` at the one or two ranks a
+band needs, no sorted copy), computes mergekit's sort positions only where a cut is tied,
+draws the DARE keys, then runs the same planners and fused passes and drops all of it. The
+tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
+time and a cast later round alike), and a band from selected values is the band from
+sorted ones. Memory: the held checkpoints plus one chunk's deltas, keys and sort temporaries.
+
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
 the model holds a partial merge: merge a recipe into it again before using it.
 """
@@ -53,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 import transformers
 
@@ -74,6 +88,7 @@ from merges.preflight import preflight
 from merges.recipe import Recipe
 
 _T = TypeVar("_T")
+ENGINE_PLANS = ("resident", "lean")  # fastest first; search.memory costs each
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,9 @@ class MergeEngine:
 
     def __init__(self, base: Checkpoint | None, sources: Sequence[Checkpoint], *,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, plan: str = "resident") -> None:
+        if plan not in ENGINE_PLANS:
+            raise MergeError(f"MergeEngine: plan must be one of {ENGINE_PLANS}, got {plan!r}")
         if base is None and not sources:
             raise MergeError("MergeEngine needs a base or at least one source checkpoint")
         if not dtype.is_floating_point:
@@ -134,6 +151,7 @@ class MergeEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         self._dtype = dtype
+        self._lean = plan == "lean"
         self._threads = max(1, threads or torch.get_num_threads())
         self._base_ckpt = base
         self._sources = tuple(sources)
@@ -156,6 +174,11 @@ class MergeEngine:
         self._base: dict[str, torch.Tensor] = {}
         self._deltas: dict[str, list[torch.Tensor]] = {}
         self._fixed: dict[str, torch.Tensor] = {}  # non-floating tensors, taken from the anchor
+        # lean: each floating tensor as held ([base,] sources...), and one chunk's derived tensors
+        self._held: dict[str, list[torch.Tensor]] = {}
+        self._chunk: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, name, model)
+        self._names = [name for name in self._shapes if self._floating[name]]
+        self._largest = max((self._numel(name) for name in self._names), default=0)
         self._load()
         # lazily computed statistics (see the module docstring)
         self._ascending: dict[tuple[str, int], torch.Tensor] = {}  # |delta| ascending, CPU: lookups
@@ -181,12 +204,17 @@ class MergeEngine:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def plan(self) -> str:
+        """The engine plan (``ENGINE_PLANS``)."""
+        return "lean" if self._lean else "resident"
+
     def resident_bytes(self) -> int:
         """Bytes of every tensor the engine holds (inputs and cached statistics)."""
         tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
                                        *self._random.values(), *self._ascending.values(),
                                        *self._rank.values(), *self._exact.values()]
-        for group in (self._deltas, self._della_position):
+        for group in (self._deltas, self._della_position, self._held):
             for per_source in group.values():
                 tensors.extend(per_source)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -284,6 +312,9 @@ class MergeEngine:
     def _load(self) -> None:
         anchor = self._anchor
         has_base = self._base_ckpt is not None
+        if self._lean:
+            self._load_lean()
+            return
         for info in self._layout.tensors:
             name = info.name
             if not self._floating[name]:
@@ -303,8 +334,30 @@ class MergeEngine:
                 self._base[name] = base
             self._deltas[name] = deltas
 
+    def _load_lean(self) -> None:
+        """Checkpoint by checkpoint, each closed once read: at most one file's mapped pages at a time."""
+        for name in self._shapes:
+            if not self._floating[name]:
+                self._fixed[name] = self._anchor.read(name, device=self._device).reshape(-1)
+        models = ([self._anchor] if self._base_ckpt is not None else []) + list(self._sources)
+        for checkpoint in models:
+            for name in self._names:
+                self._held.setdefault(name, []).append(self._hold(checkpoint, name))
+            checkpoint.release()
+
     def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
         return checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
+
+    def _hold(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        """The lean plan's copy of one tensor (flat): as stored when that is narrower than the
+        arithmetic dtype (a later cast rounds as ``read``'s does), else in the arithmetic dtype.
+        A LoRA source or vocabulary view computes its tensor at read time: arithmetic dtype."""
+        stored = checkpoint.dtypes[name]
+        narrower = stored.itemsize < self._dtype.itemsize and type(checkpoint) is Checkpoint
+        held = (checkpoint.read(name, device=self._device).clone() if narrower  # own memory
+                else self._read(checkpoint, name).clone())
+        self._check_finite(checkpoint, name, held.reshape(-1), held)
+        return held.reshape(-1)
 
     @staticmethod
     def _check_finite(checkpoint: Checkpoint, name: str, derived: torch.Tensor,
@@ -471,9 +524,14 @@ class MergeEngine:
         """``model``'s own tensor (flat, arithmetic dtype): the base, a source without a base
         (its delta is itself), or on first use every tensor of that source read again."""
         if model == BASE:
-            return self._base[name]
+            base = self._base_of(name)
+            assert base is not None
+            return base
         if self._base_ckpt is None:
-            return self._deltas[name][model]
+            return self._delta(name, model)
+        if self._lean:
+            return self._derived("source", name, model,
+                                 lambda: self._held[name][model + 1].to(self._dtype))
         found = self._exact.get((name, model))
         if found is None:
             checkpoint = self._sources[model]
@@ -483,10 +541,78 @@ class MergeEngine:
             found = self._exact[(name, model)]
         return found
 
+    # -- the task vectors: resident, or formed per chunk (lean) ---------------------------
+
+    def _base_of(self, name: str) -> torch.Tensor | None:
+        """The base tensor (flat, arithmetic dtype); None without a base checkpoint."""
+        if not self._lean or self._base_ckpt is None:
+            return self._base.get(name)
+        return self._derived("base", name, BASE, lambda: self._held[name][0].to(self._dtype))
+
+    def _delta(self, name: str, model: int) -> torch.Tensor:
+        """Source ``model``'s task vector (flat, arithmetic dtype): its tensor without a base."""
+        if not self._lean:
+            return self._deltas[name][model]
+        if self._base_ckpt is None:
+            return self._derived("delta", name, model, lambda: self._held[name][model].to(self._dtype))
+        base = self._base_of(name)
+        held = self._held[name][model + 1]
+
+        def compute() -> torch.Tensor:
+            if held.dtype == self._dtype:
+                return torch.sub(held, base)
+            return held.to(self._dtype).sub_(base)  # the cast's own memory: one allocation, not two
+
+        return self._derived("delta", name, model, compute)
+
+    def _derived(self, kind: str, name: str, model: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor the lean plan forms once per chunk (kept until the chunk is merged)."""
+        key = (kind, name, model)
+        found = self._chunk.get(key)
+        if found is None:
+            found = self._chunk[key] = compute()
+        return found
+
+    def _chunks(self, outputs: Sequence[tuple[_Target, torch.Tensor]]
+                ) -> Iterable[Sequence[tuple[_Target, torch.Tensor]]]:
+        """Consecutive outputs of at most the largest tensor's entries together (lean)."""
+        chunk: list[tuple[_Target, torch.Tensor]] = []
+        size = 0
+        for item in outputs:
+            numel = item[1].numel()
+            if chunk and size + numel > self._largest:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(item)
+            size += numel
+        if chunk:
+            yield chunk
+
+    def _drop_chunk(self) -> None:
+        """Forget one lean chunk's tensors: task vectors, keys, tie positions, large statistics."""
+        self._chunk.clear()
+        self._rank.clear()
+        self._random.clear()
+        self._della_position.clear()
+        self._l1.clear()  # keyed by storage address, which the next chunk's tensors reuse
+        for key in [k for k, v in self._statistics.items() if _tensor_sized(v)]:
+            del self._statistics[key]
+
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
+        if not self._lean:
+            self._run_chunk(recipe, outputs, self._names)
+            return
+        for chunk in self._chunks(outputs):
+            try:
+                self._run_chunk(recipe, chunk, [target.info.name for target, _ in chunk])
+            finally:
+                self._drop_chunk()
+
+    def _run_chunk(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]],
+                   names: Sequence[str]) -> None:
         spec = METHODS[recipe.method]
         if spec.random:
-            self._prefetch_random_keys(recipe)
+            self._prefetch_random_keys(recipe, [n for n in names if self._floating[n]])
         works = [self._work(recipe, spec, target, out) for target, out in outputs]
         self._fill_ranks(works)
         self._apply_rescale(works)
@@ -553,13 +679,16 @@ class MergeEngine:
     # -- cached statistics --------------------------------------------------------------
 
     def _sorted(self, name: str, model: int) -> torch.Tensor:
-        """Ascending ``|delta|``; on first use computed for every tensor of ``model`` at once."""
+        """Ascending ``|delta|``; on first use computed for every tensor of ``model`` at once.
+        Lean: its values looked up by selection instead (``_OrderStatistics``)."""
+        if self._lean:
+            return _OrderStatistics(self._delta(name, model))  # type: ignore[return-value]
         found = self._ascending.get((name, model))
         if found is None:
-            names = [n for n in self._deltas if (n, model) not in self._ascending]
+            names = [n for n in self._names if (n, model) not in self._ascending]
 
             def compute(n: str) -> torch.Tensor:
-                return sparsify.sorted_magnitudes(self._deltas[n][model])
+                return sparsify.sorted_magnitudes(self._delta(n, model))
 
             results = self._pool.map(compute, names) if self._pool is not None else map(compute, names)
             for n, values in zip(names, results, strict=True):
@@ -579,7 +708,7 @@ class MergeEngine:
         def compute(key: tuple[str, str, int]) -> torch.Tensor:
             kind, name, model = key
             ranks = sparsify.descending_ranks if kind == "descending" else sparsify.ascending_ranks
-            return ranks(self._deltas[name][model])
+            return ranks(self._delta(name, model))
 
         results = self._pool.map(compute, missing) if self._pool is not None else map(compute, missing)
         for key, ranks in zip(missing, results, strict=True):
@@ -609,8 +738,8 @@ class MergeEngine:
             self._random[cache_key] = keys
         return keys
 
-    def _prefetch_random_keys(self, recipe: Recipe) -> None:
-        """Draw the keys of every source that some cell sparsifies, on the thread pool."""
+    def _prefetch_random_keys(self, recipe: Recipe, names: Sequence[str]) -> None:
+        """Draw the keys of ``names`` for every source that some cell sparsifies, on the thread pool."""
         if self._random_seed != recipe.seed:
             self._random.clear()
             self._random_seed = recipe.seed
@@ -620,7 +749,7 @@ class MergeEngine:
         positions = [p for p in non_base_sources(recipe)
                      if any(cell[p] < 1 for row in table for cell in row)]
         wanted = [(name, p, self._model_of(recipe.sources[p], "source"))
-                  for name in self._deltas for p in positions]
+                  for name in names for p in positions]
         missing = [item for item in wanted if item not in self._random]
 
         def draw(item: tuple[str, int, int]) -> torch.Tensor:
@@ -637,12 +766,12 @@ class MergeEngine:
         positions = self._della_position.get(name)
         shape = self._shapes[name]
         if positions is None:
-            positions = [sparsify.della_row_position(d.view(shape)).reshape(-1)
-                         for d in self._deltas[name]]
+            positions = [sparsify.della_row_position(self._delta(name, m).view(shape)).reshape(-1)
+                         for m in range(len(self._sources))]
             self._della_position[name] = positions
         keys = self._random_key(seed, name, position, model)
         generator = self._generator(seed, name, position)
-        return sparsify.della_magprune(self._deltas[name][model], density, epsilon,
+        return sparsify.della_magprune(self._delta(name, model), density, epsilon,
                                        generator=generator, rescale=rescale, keys=keys,
                                        row_position=positions[model])
 
@@ -662,6 +791,44 @@ def _planner(spec: MethodSpec) -> Callable[[TensorContext], Plan]:
 
 
 _PLANNERS: dict[str, Callable[[TensorContext], Plan]] = {}
+
+
+def _tensor_sized(value: object) -> bool:
+    """A planner statistic the lean plan does not keep across chunks: one holding a tensor
+    of more than a few entries (scalars and small per-tensor numbers stay)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() > 64
+    if isinstance(value, tuple | list):
+        return any(_tensor_sized(v) for v in value)
+    return False
+
+
+class _OrderStatistics:
+    """``|delta|`` ascending as a magnitude band reads it (``numel()`` and ``[i]``), without a
+    sorted copy: a position asked is selected from a float32 copy of ``|delta|`` together with
+    its two neighbours (a band's tie check reads them next); sorted and selected values are the
+    same numbers. On the CPU numpy's introselect does it (~10x faster than ``torch.kthvalue``)."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self._magnitudes = delta.abs().reshape(-1).float()
+        self._found: dict[int, float] = {}
+
+    def numel(self) -> int:
+        return self._magnitudes.numel()
+
+    def __getitem__(self, index: int) -> float:
+        found = self._found.get(index)
+        if found is None:
+            n = self._magnitudes.numel()
+            wanted = [i for i in (index - 1, index, index + 1) if 0 <= i < n]
+            if self._magnitudes.device.type == "cpu":
+                selected = np.partition(self._magnitudes.numpy(), wanted)
+                values = [float(selected[i]) for i in wanted]
+            else:
+                values = [float(torch.kthvalue(self._magnitudes, i + 1).values) for i in wanted]
+            self._found.update(zip(wanted, values, strict=True))
+            found = self._found[index]
+        return found
 
 
 class _Context:
@@ -689,13 +856,13 @@ class _Context:
 
     @property
     def base(self) -> torch.Tensor | None:
-        return self._engine._base.get(self.name)
+        return self._engine._base_of(self.name)
 
     def model_of(self, position: int) -> int:
         return self._engine._model_of(self._recipe.sources[position], "source")
 
     def delta(self, model: int) -> torch.Tensor:
-        return self._engine._deltas[self.name][model]
+        return self._engine._delta(self.name, model)
 
     def tensor(self, model: int) -> torch.Tensor:
         return self._engine._exact_source(self.name, model)

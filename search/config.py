@@ -78,7 +78,7 @@ LM_EVAL_TASK_KEYS = (
 )
 EXECUTION_KEYS = (
     "backend", "address", "workers", "device", "cpus_per_worker", "gpus_per_worker", "batch_size",
-    "max_worker_restarts",
+    "max_worker_restarts", "memory_gb",
 )
 
 
@@ -110,6 +110,7 @@ class ExecutionConfig:
     gpus_per_worker: float = 0.0  # 1 per worker when device resolves to cuda
     batch_size: int = 64
     max_worker_restarts: int = 3
+    memory_gb: float | None = None  # the memory budget one worker's engine plan must fit (search.memory)
 
 
 @dataclass(frozen=True)
@@ -743,7 +744,10 @@ class _Parser:
             gpus_per_worker=table.get_float("gpus_per_worker", 0.0),
             batch_size=table.get_int("batch_size", 64, minimum=1),
             max_worker_restarts=table.get_int("max_worker_restarts", 3, minimum=0),
+            memory_gb=table.get_float("memory_gb", None),
         )
+        if config.memory_gb is not None and config.memory_gb <= 0:
+            raise table.error("memory_gb", f"must be > 0, got {config.memory_gb:g}")
         if config.cpus_per_worker <= 0:
             raise table.error("cpus_per_worker", f"must be > 0, got {config.cpus_per_worker:g}")
         if config.gpus_per_worker < 0:

@@ -1,13 +1,22 @@
-"""How much memory one trial worker needs, and whether a node can hold the workers asked for.
+"""How much memory one trial worker needs, which engine plan it runs, and whether a node can hold it.
 
-A worker keeps the study's tensors resident (base + one task vector per source + the
-int32 rank keys sparsifying methods select by, as ``merges.engine`` documents), a live
-model it merges into, a scratch buffer for one tensor's merge, the activations of one
-evaluation batch and the Python / torch runtime itself. All of it follows from checkpoint
-shapes (read from the safetensors headers, nothing loaded) and the setup, so the check
-runs before anything loads, for every backend (``check_local_memory`` for inline and
-``search validate``, ``plan_workers`` per node for Ray), and fails with the numbers
-instead of an OOM kill an hour into a study.
+A worker holds the engine's tensors (what depends on the engine plan, below), a live
+model it merges into, scratch for one tensor's merge, the activations of one evaluation
+batch and the Python / torch runtime itself. All of it follows from checkpoint shapes and
+storage dtypes (read from the safetensors headers, nothing loaded), the methods the study
+can run and the setup, so the check runs before anything loads, for every backend
+(``check_local_memory`` for inline and ``search validate``, ``plan_workers`` per node for
+Ray), and fails with the numbers instead of an OOM kill an hour into a study.
+
+Engine plans (``merges.engine.ENGINE_PLANS``), fastest first; the fastest one that fits
+the budget (``[execution] memory_gb``, else the device's free memory) is chosen:
+
+* ``resident``: base + K task vectors in the arithmetic dtype, and the statistics the
+  study's methods cache (sorted magnitudes or tie ranks, DARE keys, DELLA row positions:
+  4 bytes per entry and source each; the sources themselves once linear-like methods run);
+* ``lean``: base and sources as stored (bf16 stays bf16; a wider storage dtype is held in
+  the arithmetic dtype), task vectors and density thresholds formed per tensor per trial;
+  its scratch is one tensor's deltas, keys and sort temporaries.
 """
 
 from __future__ import annotations
@@ -31,6 +40,16 @@ KEY_BYTES = 4
 """The engine's cached per-entry keys (magnitude ranks, DARE keys) are int32."""
 DEFAULT_SEQ_LEN_CAP = 512
 """Sequence length assumed for evaluation activations when the caller does not know it."""
+ENGINE_PLANS = ("resident", "lean")
+"""merges.engine's plans, fastest first (kept in step with ``merges.engine.ENGINE_PLANS``;
+this module imports no torch)."""
+STORAGE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+"""Bytes per element of each safetensors dtype code."""
+FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+SORT_TEMP_BYTES = 16
+"""A tie's sort positions (merges.methods.sparsify.descending_ranks): int64 argsort indices,
+the sorted float32 values and the int32 positions, per entry, while one is computed."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,7 @@ class ModelShape:
     vocab: int
     max_positions: int
     largest_name: str = ""  # the biggest tensor's name, for messages
+    held_bytes: int = 0  # the lean plan's bytes of this checkpoint: storage dtype, or the arithmetic one if narrower
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,8 @@ class MemoryEstimate:
     runtime: int
     largest_tensor: int = 0  # bytes of the biggest single tensor in the arithmetic dtype
     largest_name: str = ""
+    plan: str = "resident"  # the engine plan these bytes are for (ENGINE_PLANS)
+    statistics: int = 0  # of ``resident``: the cached per-entry statistics (resident plan)
 
     @property
     def total(self) -> int:
@@ -67,9 +89,13 @@ class MemoryEstimate:
         largest = ""
         if self.largest_tensor:
             largest = f" (largest tensor {self.largest_name or '?'}: {_gib(self.largest_tensor)})"
+        if self.plan == "lean":
+            held = "base and sources in their storage dtypes"
+        else:
+            held = f"base + task vectors, {_gib(self.statistics)} of them statistics"
         return (
-            f"{_gib(self.total)} per worker: resident tensors {_gib(self.resident)} (base + task vectors + "
-            f"rank keys), live model {_gib(self.live_model)}, one tensor's merge {_gib(self.scratch)}{largest}, "
+            f"{_gib(self.total)} per worker, engine plan {self.plan}: resident tensors {_gib(self.resident)} "
+            f"({held}), live model {_gib(self.live_model)}, one tensor's merge {_gib(self.scratch)}{largest}, "
             f"evaluation batch {_gib(self.activations)}, runtime {_gib(self.runtime)}"
         )
 
@@ -97,16 +123,39 @@ class NodeCapacity:
     slots: int  # workers the node can take by its CPU / GPU count
 
 
-def model_shape(checkpoint_dir: str, *, allow_pickle: bool = False) -> ModelShape:
-    """Shapes of the base checkpoint from its headers and config.json (no tensor is read)."""
+def model_shape(checkpoint_dir: str, *, allow_pickle: bool = False, dtype: str = "float32") -> ModelShape:
+    """Shapes of a checkpoint from its headers and config.json (no tensor is read).
+
+    ``dtype``: the arithmetic dtype, for ``held_bytes``.
+    """
     from merges.checkpoint import open_checkpoint  # lazy: merges imports torch
 
     checkpoint = open_checkpoint(checkpoint_dir, allow_pickle=allow_pickle)
-    sizes = [math.prod(shape) for shape in checkpoint.shapes.values()]
+    return shape_from_headers(checkpoint_dir, checkpoint.shapes, checkpoint.dtype_codes, checkpoint.config,
+                              dtype=dtype, plain=type(checkpoint).__name__ == "Checkpoint")
+
+
+def shape_from_headers(
+    where: str, shapes: dict[str, tuple[int, ...]], dtype_codes: dict[str, str], config: object, *,
+    dtype: str = "float32", plain: bool = True,
+) -> ModelShape:
+    """``ModelShape`` from tensor shapes, safetensors dtype codes and a config (dict or transformers').
+
+    ``plain``: a checkpoint read as stored; a LoRA source or a vocabulary view is computed
+    in the arithmetic dtype, so the lean plan holds it in that dtype.
+    """
+    width = _width(dtype)
+    sizes = [math.prod(shape) for shape in shapes.values()]
     if not sizes:
-        raise SearchError(f"{checkpoint_dir}: checkpoint has no tensors")
-    config = checkpoint.config
-    largest = max(checkpoint.shapes, key=lambda name: math.prod(checkpoint.shapes[name]))
+        raise SearchError(f"{where}: checkpoint has no tensors")
+    largest = max(shapes, key=lambda name: math.prod(shapes[name]))
+    held = 0
+    for name, shape in shapes.items():
+        code = dtype_codes.get(name, "F32")
+        stored = STORAGE_BYTES.get(code, 4)
+        if code in FLOATING_CODES:  # as merges.engine's lean plan keeps it
+            stored = min(stored, width) if plain else width
+        held += math.prod(shape) * stored
     return ModelShape(
         numel=sum(sizes),
         largest_tensor=max(sizes),
@@ -117,7 +166,14 @@ def model_shape(checkpoint_dir: str, *, allow_pickle: bool = False) -> ModelShap
         max_positions=int(
             _config_value(config, "max_position_embeddings", "n_positions", default=DEFAULT_SEQ_LEN_CAP)
         ),
+        held_bytes=held,
     )
+
+
+def _width(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise SearchError(f"execution dtype: expected one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
 
 
 def _config_value(config: object, *names: str, default: int) -> int:
@@ -129,32 +185,88 @@ def _config_value(config: object, *names: str, default: int) -> int:
     return default
 
 
+_WHOLE_MODEL_PLANNERS = frozenset({"linear", "slerp", "model_stock", "passthrough", "karcher", "arcee_fusion",
+                                    "nuslerp", "multislerp"})
+"""Planners that read the sources themselves (``TensorContext.tensor``), which the resident
+plan then keeps next to the task vectors (merges.engine's ``_exact_source``)."""
+
+
+def statistics_bytes(methods: Sequence[str], *, numel: int, n_sources: int, width: int) -> int:
+    """Bytes the resident plan caches for ``methods`` beyond base and task vectors (merges.engine)."""
+    from merges.methods.registry import METHODS  # torch-free catalogue
+
+    kinds: set[str] = set()
+    for method in methods:
+        spec = METHODS.get(method)
+        if spec is None:
+            raise SearchError(f"genome.method: unknown method {method!r}")
+        if spec.family is not None and spec.family.sparsification is not None:
+            kinds.add(spec.family.sparsification)
+        elif spec.planner in _WHOLE_MODEL_PLANNERS:
+            kinds.add("sources")
+    per_entry = {"magnitude": KEY_BYTES, "magnitude_outliers": KEY_BYTES, "random": KEY_BYTES,
+                 "della_magprune": 2 * KEY_BYTES, "sources": width}  # sorted |delta| or tie ranks; keys; + row positions
+    return sum(per_entry[kind] for kind in kinds) * numel * n_sources
+
+
 def estimate_from_shape(
     shape: ModelShape, *, n_sources: int, dtype: str, batch_size: int, seq_len: int | None = None,
-    key_kinds: int = 1,
+    key_kinds: int = 1, methods: Sequence[str] | None = None, plan: str = "resident",
+    sources_held: int | None = None, threads: int = 1,
 ) -> MemoryEstimate:
     """The per-worker estimate for a model of ``shape`` merged from ``n_sources`` fine-tunes.
 
-    ``key_kinds``: per-entry statistics the engine caches (1 for ties / dare / breadcrumbs,
-    2 for della; 0 for linear-only studies).
+    ``methods``: what the study runs (the resident plan's statistics follow from them);
+    without them ``key_kinds`` per-entry statistics are counted (1 for ties / dare /
+    breadcrumbs, 2 for della; 0 for linear-only studies). ``plan``: one of ``ENGINE_PLANS``.
+    ``sources_held``: the lean plan's bytes of all sources (default: like the base);
+    ``threads``: the engine's threads (the lean plan's sort temporaries run side by side).
     """
-    if dtype not in DTYPE_BYTES:
-        raise SearchError(f"execution dtype: expected one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
-    width = DTYPE_BYTES[dtype]
+    width = _width(dtype)
+    if plan not in ENGINE_PLANS:
+        raise SearchError(f"engine plan: expected one of {ENGINE_PLANS}, got {plan!r}")
     tensor_bytes = shape.numel * width
-    # merges.engine's bound: base + K task vectors in the arithmetic dtype, plus one int32
-    # key per entry and source for the sparsifying method in use (ranks or DARE keys)
-    resident = tensor_bytes * (1 + n_sources) + shape.numel * KEY_BYTES * n_sources * key_kinds
-    # merging one tensor holds the K weighted deltas, a mask and the result at once
-    scratch = shape.largest_tensor * width * (n_sources + 2)
+    k = n_sources
+    if plan == "resident":
+        # base + K task vectors in the arithmetic dtype, plus the cached statistics
+        statistics = (statistics_bytes(methods, numel=shape.numel, n_sources=k, width=width)
+                      if methods is not None else shape.numel * KEY_BYTES * k * key_kinds)
+        resident = tensor_bytes * (1 + k) + statistics
+        # merging one tensor holds the K weighted deltas, a mask and the result at once
+        scratch = shape.largest_tensor * width * (k + 2)
+    else:
+        statistics = 0
+        held = shape.held_bytes or tensor_bytes
+        resident = held + (sources_held if sources_held is not None else held * k)
+        # one chunk (at most the largest tensor's entries): base and K deltas / sources in the
+        # arithmetic dtype, K int32 keys or tie positions, the sort temporaries of the ties
+        # computed side by side, and a float32 copy of |delta| for the selection of a threshold
+        per_entry = width * (k + 1) + KEY_BYTES * k + SORT_TEMP_BYTES * max(1, min(k, threads)) + 8
+        scratch = shape.largest_tensor * per_entry
     seq = min(seq_len or DEFAULT_SEQ_LEN_CAP, shape.max_positions)
     # inference only: logits (kept in float32 by the scorer) + a few hidden-size buffers of one layer
     per_token = 4 * shape.vocab * 2 + width * (4 * shape.hidden + 2 * max(shape.intermediate, shape.hidden))
     activations = batch_size * seq * per_token
     return MemoryEstimate(
         resident, tensor_bytes, scratch, activations, RUNTIME_BYTES,
-        largest_tensor=shape.largest_tensor * width, largest_name=shape.largest_name,
+        largest_tensor=shape.largest_tensor * width, largest_name=shape.largest_name, plan=plan,
+        statistics=statistics,
     )
+
+
+def plan_estimates(setup: WorkerSetup, *, seq_len: int | None = None) -> list[MemoryEstimate]:
+    """The estimate of every engine plan for ``setup`` (fastest first; only the forced one
+    when ``setup.engine_plan`` is set), from checkpoint headers alone."""
+    shape = model_shape(setup.base, allow_pickle=setup.allow_pickle, dtype=setup.dtype)
+    sources_held = sum(model_shape(source, allow_pickle=setup.allow_pickle, dtype=setup.dtype).held_bytes
+                       for source in setup.sources)
+    plans = (setup.engine_plan,) if setup.engine_plan else ENGINE_PLANS
+    return [
+        estimate_from_shape(shape, n_sources=len(setup.sources), dtype=setup.dtype, batch_size=setup.batch_size,
+                            seq_len=seq_len, methods=setup.methods or None, plan=plan,
+                            sources_held=sources_held, threads=setup.threads or 1)
+        for plan in plans
+    ]
 
 
 def estimate_worker_memory(setup: WorkerSetup, *, seq_len: int | None = None) -> int:
@@ -162,12 +274,28 @@ def estimate_worker_memory(setup: WorkerSetup, *, seq_len: int | None = None) ->
     return worker_memory_breakdown(setup, seq_len=seq_len).total
 
 
-def worker_memory_breakdown(setup: WorkerSetup, *, seq_len: int | None = None) -> MemoryEstimate:
-    """``estimate_worker_memory`` by part (for the benchmark and error messages)."""
-    shape = model_shape(setup.base, allow_pickle=setup.allow_pickle)
-    return estimate_from_shape(
-        shape, n_sources=len(setup.sources), dtype=setup.dtype, batch_size=setup.batch_size, seq_len=seq_len
-    )
+def worker_memory_breakdown(setup: WorkerSetup, *, seq_len: int | None = None, workers: int = 1) -> MemoryEstimate:
+    """The estimate of the engine plan ``workers`` workers of ``setup`` run: the fastest that fits
+    the budget (``setup.memory_gb``, else this machine's free memory on the setup's device),
+    else the leanest (whose numbers the caller's placement check then reports)."""
+    estimates = plan_estimates(setup, seq_len=seq_len)
+    available = budget_bytes(setup)
+    for estimate in estimates:
+        if _on_device(estimate, setup.device) * workers <= available:
+            return estimate
+    return estimates[-1]
+
+
+def budget_bytes(setup: WorkerSetup) -> int:
+    """What the plan must fit in: ``[execution] memory_gb``, else the device's free memory now."""
+    if setup.memory_gb is not None:
+        return int(setup.memory_gb * GIB)
+    return local_capacity(setup.device).available
+
+
+def _on_device(estimate: MemoryEstimate, device: str) -> int:
+    """Bytes that must fit in the device's memory (on cuda the runtime lives in RAM)."""
+    return estimate.total - estimate.runtime if device == "cuda" else estimate.total
 
 
 def plan_workers(
@@ -234,16 +362,22 @@ def local_capacity(device: str) -> NodeCapacity:
 
 
 def check_local_memory(setup: WorkerSetup, *, workers: int = 1) -> MemoryEstimate:
-    """Refuse ``workers`` workers built from ``setup`` that this machine cannot hold; their estimate.
+    """The estimate of the engine plan ``workers`` workers built from ``setup`` run here; refuses them
+    (SearchError with needed / available / largest tensor) when not even the leanest plan fits.
 
     Runs before anything is loaded (only checkpoint headers are read). On ``cuda`` the
     tensors and activations must fit in the GPU's free memory, the runtime in RAM.
+    ``[execution] memory_gb`` (``setup.memory_gb``) replaces the free memory when set.
     """
-    estimate = worker_memory_breakdown(setup)
+    estimate = worker_memory_breakdown(setup, workers=workers)
     node = local_capacity(setup.device)
-    if setup.device == "cuda":
-        on_device = estimate.total - estimate.runtime
-        plan_workers(on_device, workers, [node], memory_kind="GPU memory", estimate=estimate)
-    else:
-        plan_workers(estimate.total, workers, [node], memory_kind="RAM", estimate=estimate)
+    if setup.memory_gb is not None:
+        node = NodeCapacity(node=f"{node.node}, execution.memory_gb", available=budget_bytes(setup), slots=node.slots)
+    kind = "GPU memory" if setup.device == "cuda" else "RAM"
+    plan_workers(_on_device(estimate, setup.device), workers, [node], memory_kind=kind, estimate=estimate)
     return estimate
+
+
+def plan_totals(setup: WorkerSetup) -> str:
+    """Every plan's bytes per worker, for ``search validate``: ``plans: resident 9.1 GiB, lean 4.2 GiB``."""
+    return "plans: " + ", ".join(f"{e.plan} {_gib(e.total)}" for e in plan_estimates(setup))

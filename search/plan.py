@@ -105,6 +105,8 @@ def worker_setup(config: StudyConfig) -> WorkerSetup:
         tokenizer=config.models.tokenizer_policy(),
         # Torch's default (every core) oversubscribes a shared machine; a worker gets its share.
         threads=max(1, int(execution.cpus_per_worker)),
+        methods=tuple(dict.fromkeys(("linear", config.genome.method))),  # baselines merge linearly
+        memory_gb=execution.memory_gb,
     )
 
 

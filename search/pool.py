@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from search.config import ExecutionConfig
@@ -53,8 +54,8 @@ class InlinePool:
         self.size = 1
         # The same estimate the Ray pool checks, before a single tensor is loaded: an inline
         # study too big for this machine fails with the numbers instead of swapping to death.
-        check_local_memory(setup)
-        self._worker = TrialWorker(setup)
+        estimate = check_local_memory(setup)
+        self._worker = TrialWorker(replace(setup, engine_plan=estimate.plan))
         self._queue: deque[tuple[int, dict, str]] = deque()
 
     def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:

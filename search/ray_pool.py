@@ -229,7 +229,8 @@ class RayPool:
         cuda = setup.device == "cuda"
         threads = setup.threads or max(1, math.floor(execution.cpus_per_worker))
         setup = replace(setup, threads=threads)
-        estimate = worker_memory_breakdown(setup)
+        estimate = worker_memory_breakdown(setup, workers=execution.workers)
+        setup = replace(setup, engine_plan=estimate.plan)  # every worker runs the plan the estimate is for
         per_worker = estimate.total
         gpus = (execution.gpus_per_worker or 1.0) if cuda else 0.0
         _check_capacity(per_worker, execution, gpus=gpus, estimate=estimate)

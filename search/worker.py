@@ -42,6 +42,9 @@ class WorkerSetup:
     trust_remote_code: bool = False
     threads: int | None = None  # torch intra-op threads for this worker
     tokenizer: TokenizerPolicy | None = None  # models.tokenizer: the sources' vocabularies merged (picklable)
+    methods: tuple[str, ...] = ()  # the merge methods trials can run (the memory plan's statistics)
+    memory_gb: float | None = None  # execution.memory_gb: the budget the engine plan must fit
+    engine_plan: str | None = None  # merges.engine plan, chosen by search.memory before loading (None: resident)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class TrialWorker:
         base, sources, self.layout = open_and_preflight(setup.base, setup.sources, allow_pickle=setup.allow_pickle,
                                                         tokenizer=setup.tokenizer,
                                                         trust_remote_code=setup.trust_remote_code)
-        self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype)
+        self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype,
+                                  plan=setup.engine_plan or "resident")
         self.model = self.engine.new_model(trust_remote_code=setup.trust_remote_code)
         self.model.eval()
         if isinstance(base, VocabularyView):  # the merged model's own tokenizer, as it ships

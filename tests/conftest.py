@@ -1,3 +1,4 @@
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,17 @@ def demo_family_root() -> Path:
     from studies.demo_family import shipped_family
 
     return shipped_family().root
+
+
+@pytest.fixture(scope="module", params=["resident", "lean"])
+def engine_plan(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every ``MergeEngine`` built without an explicit ``plan`` runs under each engine plan:
+    the golden tests hold for all of them (merges.engine, "Engine plans")."""
+    from merges.engine import ENGINE_PLANS, MergeEngine
+
+    assert request.param in ENGINE_PLANS
+    defaults = MergeEngine.__init__.__kwdefaults__
+    saved = defaults["plan"]
+    defaults["plan"] = request.param
+    yield request.param
+    defaults["plan"] = saved

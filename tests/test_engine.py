@@ -3,6 +3,7 @@ reference tensor functions, parameters reach exactly their tensors, errors name 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -29,14 +30,18 @@ def open_family(family: TinyFamily) -> tuple[Checkpoint, list[Checkpoint]]:
     return open_checkpoint(family.base), [open_checkpoint(s) for s in family.sources]
 
 
+# every test here runs under each engine plan (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_plan")
+
+
 @pytest.fixture(scope="module")
-def llama_engine(llama_family: TinyFamily) -> MergeEngine:
+def llama_engine(llama_family: TinyFamily, engine_plan: str) -> MergeEngine:
     base, sources = open_family(llama_family)
     return MergeEngine(base, sources, device="cpu", threads=2)
 
 
 @pytest.fixture(scope="module")
-def gpt2_engine(gpt2_family: TinyFamily) -> MergeEngine:
+def gpt2_engine(gpt2_family: TinyFamily, engine_plan: str) -> MergeEngine:
     base, sources = open_family(gpt2_family)
     return MergeEngine(base, sources, device="cpu", threads=2)
 
@@ -252,16 +257,46 @@ def test_nan_in_a_source_is_caught_at_construction(llama_family: TinyFamily, tmp
         MergeEngine(base, [sources[0], open_checkpoint(broken)], device="cpu")
 
 
-def test_resident_bytes_counts_inputs_and_statistics(llama_family: TinyFamily) -> None:
+def test_resident_bytes_counts_inputs_and_statistics(llama_family: TinyFamily, engine_plan: str) -> None:
     base, sources = open_family(llama_family)
     engine = MergeEngine(base, sources, device="cpu")
     n = sum(torch.Size(s).numel() for s in base.shapes.values())
-    assert engine.resident_bytes() == 4 * n * (1 + len(sources))
-    engine.materialize(recipe(llama_family, "ties", *RECIPES["ties"]))
-    assert engine.resident_bytes() == 4 * n * (1 + 2 * len(sources))  # + magnitude ranks
+    assert engine.resident_bytes() == 4 * n * (1 + len(sources))  # fp32 checkpoints: held as stored
+    for method in ("ties", "dare_ties", "linear", "breadcrumbs_ties"):
+        engine.materialize(recipe(llama_family, method, *RECIPES[method]))
+        if method == "ties" and engine_plan == "resident":
+            assert engine.resident_bytes() == 4 * n * (1 + 2 * len(sources))  # + sorted magnitudes
+    # the lean plan keeps nothing of a trial: no task vectors, sorted copies, keys or sources
+    assert (engine.resident_bytes() == 4 * n * (1 + len(sources))) == (engine_plan == "lean")
 
 
-def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path) -> None:
+def test_lean_plan_holds_bf16_checkpoints_as_stored(llama_family: TinyFamily, tmp_path: Path) -> None:
+    """bf16 checkpoints stay bf16 in the lean plan (half the bytes of fp32 arithmetic) and every
+    method merges them into the resident plan's tensors bit for bit, in fp32 and in bf16."""
+    folders = []
+    for folder in (llama_family.base, *llama_family.sources):
+        copy = tmp_path / folder.name
+        shutil.copytree(folder, copy)
+        tensors = load_file(str(copy / "model.safetensors"))
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(copy / "model.safetensors"),
+                  metadata={"format": "pt"})
+        folders.append(copy)
+    bf16 = TinyFamily(folders[0], tuple(folders[1:]))
+    base, sources = open_family(bf16)
+    n = sum(torch.Size(s).numel() for s in base.shapes.values())
+    for dtype in (torch.float32, torch.bfloat16):
+        resident = MergeEngine(base, sources, device="cpu", dtype=dtype, plan="resident")
+        lean = MergeEngine(base, sources, device="cpu", dtype=dtype, plan="lean")
+        assert lean.plan == "lean" and lean.resident_bytes() == 2 * n * (1 + len(sources))
+        for method in sorted(RECIPES):
+            r = dataclasses.replace(recipe(bf16, method, *RECIPES[method]), dtype=str(dtype).removeprefix("torch."))
+            expected, merged = resident.materialize(r), lean.materialize(r)
+            assert merged.keys() == expected.keys()
+            for name, tensor in expected.items():
+                assert torch.equal(merged[name], tensor), (dtype, method, name)
+
+
+def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path, engine_plan: str) -> None:
     """Quantised fine-tunes: many equal |delta| straddle the TIES / breadcrumbs cut, where the
     engine falls back to mergekit's own sort order; the merge must still equal the reference."""
     from tests.checkpoints import save, tiny_model
@@ -279,18 +314,24 @@ def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path) -> None:
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
     engine = MergeEngine(base, sources, device="cpu")
+    resident = MergeEngine(base, sources, device="cpu", plan="resident")
     paths = [str(tmp_path / f"source{i}") for i in range(2)]
     for method, extra in (("ties", {}), ("breadcrumbs_ties", {"gamma": [0.05, 0.1]})):
         params = {"weight": [0.7, 0.4], "density": [0.35, 0.6], **extra}
-        merged = engine.materialize(Recipe.uniform(method, str(tmp_path / "base"), paths, 2, params))
+        r = Recipe.uniform(method, str(tmp_path / "base"), paths, 2, params)
+        merged = engine.materialize(r)
+        for name, tensor in resident.materialize(r).items():  # every plan: the same tensors, bit for bit
+            assert torch.equal(merged[name], tensor), name
         for name in merged:
             expected = merge_task_vectors(
                 method, base.read(name), [s.read(name) for s in sources], weights=params["weight"],
                 densities=params["density"], gammas=extra.get("gamma"))
             torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-7)
-    # sort positions were kept for some tensors: beyond base, deltas and sorted magnitudes
     n = sum(torch.Size(shape).numel() for shape in base.shapes.values())
-    assert engine.resident_bytes() > 4 * n * (1 + 2 * len(sources))
+    if engine_plan == "resident":  # sort positions were kept for some tensors: beyond base, deltas and sorted magnitudes
+        assert engine.resident_bytes() > 4 * n * (1 + 2 * len(sources))
+    else:  # formed per trial and dropped
+        assert engine.resident_bytes() == 4 * n * (1 + len(sources))
 
 
 def test_engine_without_base_merges_linear(llama_family: TinyFamily) -> None:

@@ -57,9 +57,9 @@ def big_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     root = tmp_path_factory.mktemp("big")
     tiny = make_family(root / "tiny", n_sources=0)
     config = json.loads((tiny.base / "config.json").read_text())
-    # ~36 hidden² parameters; float32 in the engine: base + task vector + live model alone
-    # take 12 bytes each, the rank keys 4 more
-    hidden = math.isqrt(psutil.virtual_memory().total // (12 * 36)) // 8 * 8 + 8
+    # ~36 hidden² parameters; even the lean engine plan holds the bf16 base and source (2 bytes
+    # each) and a float32 live model (4): 8 bytes each, more than this machine's RAM
+    hidden = math.isqrt(psutil.virtual_memory().total // (8 * 36)) // 8 * 8 + 8
     scale = {TINY_HIDDEN: hidden, 2 * TINY_HIDDEN: 2 * hidden, TINY_HIDDEN // 2: hidden // 2}
     config.update(hidden_size=hidden, intermediate_size=2 * hidden)
     from safetensors import safe_open
@@ -126,8 +126,8 @@ def test_validate_prints_the_estimate(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     memory = next(line for line in out.splitlines() if line.startswith("memory: "))
-    assert " per worker: resident tensors " in memory and "largest tensor " in memory
-    assert memory.endswith("1 worker(s) fit in this machine's free RAM")
+    assert " per worker, engine plan resident: resident tensors " in memory and "largest tensor " in memory
+    assert "; 1 worker(s) fit in this machine's free RAM (plans: resident " in memory and ", lean " in memory
 
 
 # -- the advice, as plain numbers ---------------------------------------------------------
@@ -163,3 +163,101 @@ def test_some_workers_fit_names_how_many() -> None:
     with pytest.raises(SearchError, match=r"^4 workers × 3\.00 GiB needed, 10\.00 GiB RAM available on node here; "
                                           r"3 fit: lower execution\.workers to 3"):
         plan_workers(3 * GIB, 4, [node], memory_kind="RAM")
+
+
+# -- the engine plan: the fastest that fits, chosen from headers ------------------------------
+
+
+def _setup(family: TinyFamily, memory_gb: float | None, method: str = "ties") -> object:
+    from search.worker import WorkerSetup
+
+    return WorkerSetup(base=str(family.base), sources=tuple(str(s) for s in family.sources), tasks=(),
+                       device="cpu", dtype="float32", batch_size=2, methods=("linear", method),
+                       memory_gb=memory_gb)
+
+
+def test_the_fastest_plan_that_fits_the_budget_is_chosen(llama_family: TinyFamily) -> None:
+    from search.memory import check_local_memory, plan_estimates
+
+    resident, lean = plan_estimates(_setup(llama_family, None))  # type: ignore[arg-type]
+    assert (resident.plan, lean.plan) == ("resident", "lean")
+    # fp32 checkpoints are held as stored; the resident plan adds task vectors and statistics:
+    # sorted magnitudes (ties) and the sources themselves (linear, the baselines)
+    assert resident.statistics == resident.live_model * 3 + resident.live_model * 3
+    assert lean.resident == resident.live_model * 4 and lean.statistics == 0
+    assert lean.total < resident.total
+    between = (lean.total + resident.total) / 2 / GIB
+    assert check_local_memory(_setup(llama_family, resident.total / GIB)).plan == "resident"  # type: ignore[arg-type]
+    assert check_local_memory(_setup(llama_family, between)).plan == "lean"  # type: ignore[arg-type]
+    with pytest.raises(SearchError) as info:
+        check_local_memory(_setup(llama_family, lean.total / GIB * 0.9))  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.startswith(f"1 worker × {lean.total / GIB:.2f} GiB needed, at most ")
+    assert "GiB RAM available (node " in message and ", execution.memory_gb)" in message
+    assert "engine plan lean" in message and "(largest tensor " in message
+
+
+def test_the_statistics_follow_the_methods() -> None:
+    from search.memory import statistics_bytes
+
+    def per_entry(*methods: str) -> float:
+        return statistics_bytes(methods, numel=1000, n_sources=2, width=2) / 2000
+
+    assert per_entry("task_arithmetic") == 0
+    assert per_entry("ties") == per_entry("breadcrumbs") == per_entry("dare_ties") == 4
+    assert per_entry("della") == 8
+    assert per_entry("linear") == per_entry("slerp") == 2  # the sources themselves, bf16
+    assert per_entry("linear", "ties") == 6
+    with pytest.raises(SearchError, match="unknown method 'frobnicate'"):
+        per_entry("frobnicate")
+
+
+def test_the_inline_worker_runs_the_chosen_plan(llama_family: TinyFamily, tmp_path: Path) -> None:
+    """``[execution] memory_gb`` between the plans: the worker's engine is built lean."""
+    from search.memory import plan_estimates
+
+    config = load_study(write_study(tmp_path, llama_family, trials=2, tasks=("alpha",)))
+    setup = worker_setup(config)
+    resident, lean = plan_estimates(setup)
+    between = (lean.total + resident.total) / 2 / GIB
+    from dataclasses import replace
+
+    pool = make_pool(replace(setup, memory_gb=between), replace(config.execution, backend="inline"))
+    try:
+        assert pool._worker.engine.plan == "lean"  # type: ignore[attr-defined]
+    finally:
+        pool.close()
+
+
+def test_memory_gb_is_checked(tmp_path: Path, llama_family: TinyFamily) -> None:
+    from search.config import StudyConfigError
+
+    path = write_study(tmp_path, llama_family, trials=2, tasks=("alpha",))
+    path.write_text(path.read_text().replace("[execution]", "[execution]\nmemory_gb = 0", 1))
+    with pytest.raises(StudyConfigError, match=r"execution\.memory_gb: must be > 0, got 0"):
+        load_study(path)
+
+
+def test_llama_7b_with_3_sources_fits_an_80_gb_gpu() -> None:
+    from benchmarks.memory_plans import dry_run
+
+    rows = {(row["model"], row["device_gb"]): row for row in dry_run()}
+    assert rows[("llama-7b", 80)]["plan"] == "lean"
+    assert rows[("llama-7b", 24)]["plan"] is None and rows[("llama-70b", 141)]["plan"] is None
+    assert rows[("llama-13b", 141)]["plan"] == "lean"  # the resident plan needs 342 GiB
+
+
+def test_a_study_runs_end_to_end_under_the_lean_plan(llama_family: TinyFamily, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``search start`` with a budget only the lean plan fits: it says so and finishes its trials."""
+    from search.cli import main
+    from search.memory import plan_estimates
+
+    path = write_study(tmp_path, llama_family, trials=2, tasks=("alpha",), method="ties")
+    resident, lean = plan_estimates(worker_setup(load_study(path)))
+    between = (lean.total + resident.total) / 2 / GIB
+    path.write_text(path.read_text().replace("[execution]", f"[execution]\nmemory_gb = {between:.6f}", 1))
+    assert main(["start", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "per worker, engine plan lean: resident tensors " in out
+    assert "2/2 search trials" in out or "export with:" in out

@@ -222,6 +222,7 @@ DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumb
                  "model_stock", "passthrough", "passthrough_scaled", "passthrough_roles"]
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("method", DETERMINISTIC)
 def test_engine_matches_mergekit(method: str, dtype: str, family: TinyFamily, tmp_path: Path) -> None:
@@ -244,6 +245,7 @@ def _float32_compare(method: str) -> Callable[[dict[str, torch.Tensor], dict[str
     return assert_close_tensors if method.startswith(FUSED_IN_FLOAT32) else assert_same_tensors
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_new_method_matches_mergekit_both_ways(method: str, family: TinyFamily, tmp_path: Path) -> None:
     """Engine == mergekit's Python API on the exported YAML, the YAML imports back to the same
@@ -270,6 +272,7 @@ HALF_CASES = [(m, d) for m in NEW_METHODS for d in ("float16", "bfloat16")
 FLOAT32_RESULT = ("arcee_fusion", "ramplus_tl")  # mergekit's kernels promote half inputs
 
 
+@pytest.mark.usefixtures("engine_plan")
 @pytest.mark.parametrize(("method", "dtype"), HALF_CASES)
 def test_new_method_matches_mergekit_in_half_precision(method: str, dtype: str, family: TinyFamily,
                                                        tmp_path: Path) -> None:
@@ -359,6 +362,7 @@ def test_multislerp_float16_zero_task_vector_is_refused(llama_family: TinyFamily
     assert torch.isnan(theirs[name]).any()
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("method,param", [("nearswap", "t"), ("sce", "select_topk"), ("ramplus_tl", "r")])
 def test_new_method_values_matter(method: str, param: str, llama_family: TinyFamily) -> None:
     """Teeth for the new methods: one role's value changed in one group moves its tensors only."""
@@ -374,6 +378,7 @@ def test_new_method_values_matter(method: str, param: str, llama_family: TinyFam
     assert moved and moved <= expected
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize(("method", "dtype", "out_dtype"), [
     ("linear", "float32", "bfloat16"),  # float32 linear once flipped entries here
     ("slerp", "float32", "float16"),
@@ -391,6 +396,7 @@ def test_out_dtype_matches_mergekit(method: str, dtype: str, out_dtype: str, lla
     assert_same_tensors(ours, _mergekit(recipe_to_mergekit(recipe, layout), tmp_path / "mk"), layout)
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("method", ["linear", "slerp", "ties", "passthrough_scaled"])
 def test_eager_path_matches_mergekit_in_float32(method: str, llama_family: TinyFamily, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -482,6 +488,7 @@ def _moved_entries(family: TinyFamily, n_sources: int) -> dict[str, torch.Tensor
     return {name: torch.stack([s.read(name) != base.read(name) for s in sources]).any(0) for name in base.names}
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("method", RANDOM)
 def test_engine_random_masks_are_seeded(method: str, llama_family: TinyFamily) -> None:
     engine = MergeEngine(open_checkpoint(llama_family.base), [open_checkpoint(p) for p in llama_family.sources])
@@ -493,6 +500,7 @@ def test_engine_random_masks_are_seeded(method: str, llama_family: TinyFamily) -
     assert any(not torch.equal(first[n], other[n]) for n in first)
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("method", RANDOM)
 def test_one_source_keep_rate_and_rescaled_norm(method: str, family: TinyFamily, tmp_path: Path) -> None:
     """One source, rescale on, normalize off: each merged delta keeps ~density of its entries
@@ -525,6 +533,7 @@ def test_one_source_keep_rate_and_rescaled_norm(method: str, family: TinyFamily,
     assert checked >= 10
 
 
+@pytest.mark.usefixtures("engine_plan")  # under each engine plan (tests/conftest.py)
 @pytest.mark.parametrize("method", RANDOM)
 def test_three_sources_keep_rate_and_norm_match_mergekit(method: str, family: TinyFamily, tmp_path: Path) -> None:
     """Several sources, the method's default rescale: engine and mergekit draw from the same

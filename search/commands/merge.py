@@ -101,7 +101,8 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
         base, sources = vocabulary_views(base, sources, tokenizer)
     like = base or sources[0]
     # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
-    engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype))
+    # One recipe: no statistic is worth caching; the lean plan holds the checkpoints as stored.
+    engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype), plan="lean")
     tensors = engine.materialize(recipe, device="cpu")
     # As mergekit writes: cast only to an `out_dtype`; otherwise each tensor as its method returned it
     # (arcee_fusion / ramplus_tl: float32 from half inputs), config.json naming `out_dtype or dtype`.

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"study {config.name}: sampler {config.sampler}, seed {config.seed}, budget {config.trials} "
               f"search trials; storage {config.storage}", flush=True)
     # Everything `search validate` checks, before a storage is created or a weight loaded.
-    check_study(config)
+    validation = check_study(config)
+    if not args.quiet:
+        print(f"memory: {validation.memory.describe()}", flush=True)
     result = run_study(config, quiet=args.quiet)
     resume = ["search", "start", str(args.study)]
     for flag, value in (("--out", args.out), ("--trials", args.trials), ("--seed", args.seed),

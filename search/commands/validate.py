@@ -157,7 +157,7 @@ def check_output(config: StudyConfig) -> None:
 
 def check_memory(config: StudyConfig) -> tuple[MemoryEstimate, str]:
     """The per-worker estimate, checked against this machine when the workers run here."""
-    from search.memory import check_local_memory, worker_memory_breakdown
+    from search.memory import check_local_memory, plan_totals, worker_memory_breakdown
     from search.plan import worker_setup
 
     execution = config.execution
@@ -173,7 +173,8 @@ def check_memory(config: StudyConfig) -> tuple[MemoryEstimate, str]:
     except SearchError as exc:
         raise StudyConfigError(f"{config.path}: memory: {exc}") from None
     kind = "GPU memory" if setup.device == "cuda" else "RAM"
-    return estimate, f"{workers} worker(s) fit in this machine's free {kind}"
+    budget = "execution.memory_gb" if setup.memory_gb is not None else f"this machine's free {kind}"
+    return estimate, f"{workers} worker(s) fit in {budget} ({plan_totals(setup)})"
 
 
 def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
