@@ -149,7 +149,7 @@ BASELINE_CALLS = 8  # 4 baselines x 2 tasks; search trial k then makes calls 9 +
     ("cmaes", 12, (BASELINE_CALLS + 2 * 4 + 1, 4 * 2 + 2 * 1 + 1)),
     # during a random startup trial (position 3); then position 11, drawn by TPE itself
     ("tpe", 12, (BASELINE_CALLS + 2 * 3 + 1, 8 * 2 + 1)),
-    ("random", 5, (BASELINE_CALLS + 2 * 1 + 1, 2 * 2 + 1)),
+    # (random search, whose draws depend on the position alone, is the simple case of these two)
 ])
 def test_a_killed_and_resumed_study_ends_like_an_uninterrupted_one(
     tmp_path: Path, llama_family: TinyFamily, sampler: str, trials: int, kill_at: tuple[int, ...]
