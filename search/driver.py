@@ -82,7 +82,7 @@ def _run_study(config: StudyConfig, *, quiet: bool, stream: TextIO | None,
             if finalize_after and not interrupted and done >= config.trials:
                 finalized = finalize(study, plan, pool, progress)
     finally:
-        storage.flush()
+        storage.close()
         progress.close()
         if own_pool:
             pool.close()

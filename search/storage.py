@@ -31,6 +31,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from search.definition import check_definition
 from search.errors import SearchError, StudyConfigError
@@ -65,15 +66,18 @@ def resolve_storage(url: str, *, create: bool = True) -> BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
     if not create and not _has_optuna_tables(url):
         raise NoStudyYetError(f"no study yet: storage {url!r} holds no Optuna tables; {START_HINT}")
+    # Read-only commands hold no pooled connection: an open SQLite connection keeps -wal/-shm
+    # files beside the study until garbage collection, so a command would change the folder.
+    engine_kwargs = {} if create else {"poolclass": NullPool}
     try:
-        storage = RDBStorage(url)
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
     except (OSError, SQLAlchemyError, StorageInternalError) as exc:
         if storage_file(url) is None:
             raise SearchError(f"storage {url!r}: cannot open: {exc}") from exc
         raise StorageWriteError(describe_storage_error(exc, url, "open")) from exc
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL
         raise SearchError(f"storage {url!r}: cannot open: {exc}") from exc
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite") and create:  # a read-only command leaves the journal mode as it is
         _write_ahead_log(storage)
     return storage  # create_study / load_study wrap it in Optuna's cache
 
@@ -243,6 +247,8 @@ def open_study(
     if definition is not None:
         with storage_errors(storage_url):
             check_definition(study, definition, storage_url)
+    if isinstance(storage, RDBStorage):
+        storage.engine.dispose()  # no pooled connection left open (see WriteBehindStorage.close)
     return study
 
 

@@ -155,6 +155,19 @@ class WriteBehindStorage(BaseStorage):
         else:
             self._write(lambda writes: _write_each(durable, writes))
 
+    def close(self) -> None:
+        """Flush, then close the durable storage's pooled connections (the study stays readable).
+
+        SQLite removes its ``-wal``/``-shm`` files when the last connection closes; left open
+        (until garbage collection, or for good if the process is killed first) they would stay
+        beside the study after ``search start`` returns.
+        """
+        try:
+            self.flush()
+        finally:
+            if isinstance(self._durable, RDBStorage):
+                self._durable.engine.dispose()
+
     def _write(self, write: Callable[[list[_Write]], None]) -> None:
         """Hand the queue to ``write``; on failure the queue keeps what was not written.
 

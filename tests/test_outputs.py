@@ -7,6 +7,7 @@ processes and, where this machine lets the test mount one, a real full disk (a s
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -240,6 +241,25 @@ def test_materialize_never_writes_over_what_the_study_uses(
     assert str(target) in _one_error_line(capsys)
     assert (_tree(study.parent), _tree(llama_family.base.parent)) == before
     assert not recipe.exists()
+
+
+def test_read_only_commands_leave_the_study_folder_as_found(study: Path, tmp_path: Path) -> None:
+    """No SQLite ``-wal``/``-shm`` files linger after a command (an open pooled connection keeps them
+    until garbage collection, which is off here so a leak cannot hide), and no byte changes."""
+    output = study.parent / "out"
+    before = _tree(study.parent)
+    assert not {"out/study.db-wal", "out/study.db-shm"} & set(before)  # `search start` closed its connections
+    gc.disable()
+    try:
+        for command in (["export", str(study), "-o", str(tmp_path / "recipe.yaml")],
+                        ["report", str(study), "-o", str(tmp_path / "report.html")],
+                        ["status", str(study)]):
+            assert main(command) == 0, command
+            assert sorted(p.name for p in output.iterdir() if p.name.startswith("study.db")) == [
+                "study.db", "study.db.writer.lock"], command
+    finally:
+        gc.enable()
+    assert _tree(study.parent) == before
 
 
 def test_export_files_and_folders_are_replaced_only_when_ours(
