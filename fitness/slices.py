@@ -43,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fitness.errors import FitnessError
 from fitness.extract import GenerationPlan, compile_pattern, gold_problem
-from fitness.spec import CHOICE_METRICS, FORMATS, SPLITS, TaskSpec
+from fitness.spec import CHOICE_METRICS, FORMATS, SPLITS, TEST_SPLIT, TaskSpec
 from fitness.subset import subset_indices
 
 
@@ -101,7 +101,7 @@ class EncodedSlice:
     """A tokenised split of one task: examples in file order, batches sorted by length."""
 
     task: str
-    split: str  # "search" | "heldout"
+    split: str  # "search" | "heldout" | "test"
     metric: str
     files: tuple[Path, ...]
     examples: tuple[SliceExample, ...]
@@ -126,6 +126,7 @@ class TaskData:
     spec: TaskSpec
     search: EncodedSlice
     heldout: EncodedSlice
+    test: EncodedSlice | None = None  # the task's `test` file (search/test_split.py), if any
 
 
 @dataclass(frozen=True)
@@ -152,14 +153,15 @@ def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, batch_size:
     """Read, split, check and tokenise one task (once per study)."""
     if batch_size < 1:
         raise FitnessError(f"task {spec.name!r}: batch_size must be >= 1, got {batch_size}")
-    search_rows, heldout_rows = _split_rows(spec)
-    encoder = _Encoder(spec, tokenizer, _fewshot_rows(spec, search_rows, heldout_rows))
+    search_rows, heldout_rows, test_rows = _split_rows(spec)
+    encoder = _Encoder(spec, tokenizer, _fewshot_rows(spec, search_rows, heldout_rows, test_rows))
     if spec.generate is not None:  # every gold answer judgeable (the regex hint is validate's)
-        _check_generation(spec, [*search_rows, *heldout_rows], 0, _print_warning)
+        _check_generation(spec, [*search_rows, *heldout_rows, *test_rows], 0, _print_warning)
     return TaskData(
         spec=spec,
         search=encoder.encode("search", search_rows, batch_size),
         heldout=encoder.encode("heldout", heldout_rows, batch_size),
+        test=None if spec.test is None else encoder.encode(TEST_SPLIT, test_rows, batch_size),
     )
 
 
@@ -174,40 +176,46 @@ def check_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, *, encode_row
     comparison, and ``warn`` (default: a ``warning:`` line on stderr) hears when ``extract``
     matches none of the first rows' answers. Returns the rows per split.
     """
-    search_rows, heldout_rows = _split_rows(spec)
-    encoder = _Encoder(spec, tokenizer, _fewshot_rows(spec, search_rows, heldout_rows))
-    for rows in (search_rows, heldout_rows):
+    search_rows, heldout_rows, test_rows = _split_rows(spec)
+    encoder = _Encoder(spec, tokenizer, _fewshot_rows(spec, search_rows, heldout_rows, test_rows))
+    for rows in (search_rows, heldout_rows, test_rows):
         for row in rows[:encode_rows]:
             encoder._example(row)
     if spec.generate is not None:
-        _check_generation(spec, [*search_rows, *heldout_rows], encode_rows, warn or _print_warning)
-    return {"search": len(search_rows), "heldout": len(heldout_rows)}
+        _check_generation(spec, [*search_rows, *heldout_rows, *test_rows], encode_rows, warn or _print_warning)
+    counts = {"search": len(search_rows), "heldout": len(heldout_rows)}
+    return {**counts, TEST_SPLIT: len(test_rows)} if spec.test is not None else counts
 
 
-def _split_rows(spec: TaskSpec) -> tuple[list[_Row], list[_Row]]:
-    """The rows of both splits, read, split, checked disjoint and cut to a ``limit`` subset."""
+def _split_rows(spec: TaskSpec) -> tuple[list[_Row], list[_Row], list[_Row]]:
+    """The rows of the search, held-out and test splits (test: [] without a test file), read,
+    split, checked disjoint and cut to a ``limit`` subset."""
     search_rows = _read_source(spec, spec.search)
     if spec.heldout is None:
         search_rows, heldout_rows = _split(spec, search_rows)
     else:
         heldout_rows = _read_source(spec, spec.heldout)
     _check_disjoint(spec, search_rows, heldout_rows)
+    test_rows = [] if spec.test is None else _read_source(spec, spec.test)
+    _check_disjoint(spec, search_rows, test_rows, ("search", "test"))
+    _check_disjoint(spec, heldout_rows, test_rows, ("held-out", "test"))
     if spec.limit is not None:  # a seeded subset, stratified by label (fitness/subset.py)
-        search_rows, heldout_rows = (
+        search_rows, heldout_rows, test_rows = (
             [rows[i] for i in subset_indices(len(rows), spec.limit, seed=spec.split_seed, key=f"{spec.name}/{split}",
-                                             labels=[row.label for row in rows])]
-            for split, rows in zip(SPLITS, (search_rows, heldout_rows), strict=True))
-    return search_rows, heldout_rows
+                                             labels=[row.label for row in rows])] if rows else rows
+            for split, rows in zip((*SPLITS, TEST_SPLIT), (search_rows, heldout_rows, test_rows), strict=True))
+    return search_rows, heldout_rows, test_rows
 
 
-def _fewshot_rows(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row]) -> tuple[_Row, ...]:
+def _fewshot_rows(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row],
+                  test: Sequence[_Row] = ()) -> tuple[_Row, ...]:
     """The few-shot rows (seeded pick from ``fewshot_file``); none of them is a scored row."""
     generate = spec.generate
     if generate is None or not generate.fewshot:
         return ()
     assert generate.fewshot_file is not None  # checked by GenerateSpec
     pool = _read_source(spec, generate.fewshot_file)
-    for split, rows in (("held-out", heldout), ("search", search)):
+    for split, rows in (("held-out", heldout), ("search", search), ("test", test)):
         prompts = {row.prompt: row for row in rows}
         for row in pool:
             twin = prompts.get(row.prompt)
@@ -372,7 +380,9 @@ def _split(spec: TaskSpec, rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
             [r for i, r in enumerate(rows) if i in heldout])
 
 
-def _check_disjoint(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row]) -> None:
+def _check_disjoint(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row],
+                    names: tuple[str, str] = ("search", "held-out")) -> None:
+    """No prompt of the second split (``names[1]``) is also in the first."""
     first_in_search: dict[str, _Row] = {}
     for row in search:
         first_in_search.setdefault(row.prompt, row)
@@ -381,7 +391,7 @@ def _check_disjoint(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_R
         if twin is not None:
             raise FitnessError(
                 f"task {spec.name!r}: {row.file}: row {row.row}: field {spec.prompt_field!r} also appears "
-                f"in the search split ({twin.file}: row {twin.row}); search and held-out must not overlap"
+                f"in the {names[0]} split ({twin.file}: row {twin.row}); {names[0]} and {names[1]} must not overlap"
             )
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 BUILTIN_METRICS: tuple[str, ...] = ("exact_match", "choice", "choice_norm", "loglik", "perplexity", "generate")
 CHOICE_METRICS: tuple[str, ...] = ("choice", "choice_norm")
 SPLITS: tuple[str, ...] = ("search", "heldout")  # every task's two slices; trials are scored on one
+TEST_SPLIT = "test"  # optional third slice (TaskSpec.test): only the final recipe is scored on it, once
 LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
 # data file suffix -> the `datasets` loader that reads it
 FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -111,6 +112,7 @@ class TaskSpec:
     # metric "generate" (or a user scorer that also reads generated text): fitness.extract
     generate: GenerateSpec | None = None
     lm_eval: LmEvalSpec | None = None  # an lm-eval task (fitness.lm_eval_task); its metric is lm_eval/<name>
+    test: Path | None = None  # the test slice no choice looks at (search/test_split.py); None: no test split
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"

@@ -33,6 +33,7 @@ from fitness.intervals import Interval, objective_difference_interval, objective
 from search import ranking
 from search.definition import DEFINITION_KEY
 from search.records import heldout_record, trial_rows
+from search.test_split import NO_TEST_SPLIT, read_test_record, read_test_state, record_rows
 
 if TYPE_CHECKING:  # status imports this module without optuna (issue 12)
     from optuna.trial import FrozenTrial
@@ -173,15 +174,24 @@ def chosen_confidence(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, ob
         for task in rule.tasks:
             if task in rows and task not in rule.no_interval:
                 tasks[task] = objective_interval({task: rows[task]}, objective="mean")
-    best_name, best_rows, best_value = None, None, None
+    best = best_baseline(trials, user_attrs, rule)
+    best_rows = None if best is None else trial_rows(best[1], user_attrs, "heldout")
+    gain = difference(rule, rows, best_rows)
+    return Confidence(final, None if heldout is None else rule.shown(heldout), tasks,
+                      None if best is None else best[0], gain, gap, missing)
+
+
+def best_baseline(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object],
+                  rule: ObjectiveRule) -> tuple[str, FrozenTrial] | None:
+    """The baseline with the best held-out objective (what gains are measured against), by name."""
+    best: tuple[str, FrozenTrial] | None = None
+    best_value = None
     for name, trial in ranking.baseline_trials(trials).items():
         baseline = heldout_record(user_attrs, trial.number)
         value = None if baseline is None else _signed_objective(rule, baseline.scores)
         if value is not None and (best_value is None or value > best_value):
-            best_name, best_value = name, value
-            best_rows = trial_rows(trial, user_attrs, "heldout")
-    gain = difference(rule, rows, best_rows)
-    return Confidence(final, None if heldout is None else rule.shown(heldout), tasks, best_name, gain, gap, missing)
+            best, best_value = (name, trial), value
+    return best
 
 
 def _signed_objective(rule: ObjectiveRule, scores: Mapping[str, float]) -> float | None:
@@ -200,10 +210,11 @@ def _signed_objective(rule: ObjectiveRule, scores: Mapping[str, float]) -> float
 def confidence_lines(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object],
                      directions: Sequence[str]) -> list[str]:
     """Plain-text lines (status, report, note): the chosen trial's held-out numbers with 95%
-    intervals, its gain over the best baseline and the search - held-out gap; [] before finalize."""
+    intervals, its gain over the best baseline and the search - held-out gap, then its test
+    numbers (:func:`test_lines`); [] before finalize."""
     found = chosen_confidence(trials, user_attrs, directions)
     if found is None:
-        return []
+        return test_lines(trials, user_attrs, directions)
     lines = [f"held-out confidence (trial {found.trial}, 95% paired bootstrap over rows):"]
     if found.heldout is not None:
         lines.append(f"  objective {_interval_text(found.heldout)}")
@@ -223,6 +234,65 @@ def confidence_lines(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, obj
         lines.append(f"  chosen: {choice.get('how')}; {honest}")
     if found.missing:
         lines.append(f"  no intervals: {found.missing}")
+    return lines + test_lines(trials, user_attrs, directions)
+
+
+def test_lines(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object],
+               directions: Sequence[str]) -> list[str]:
+    """The final trial's test-split numbers (``search.test_split``): the objective and each task
+    with 95% intervals, the gain over the best baseline on test, the search -> held-out -> test
+    path; one line "no test split" for a finalized study without one; [] before finalize."""
+    final = ranking.final_number(user_attrs)
+    if not isinstance(final, int) or final >= len(trials):
+        return []
+    state = read_test_state(user_attrs)
+    if state is None or state.get("trial") != final:
+        return [f"test: {NO_TEST_SPLIT}" if state is None else
+                f"test: not scored for final trial {final} (run `search finalize`)"]
+    rule = objective_rule(user_attrs, directions)
+    record = read_test_record(user_attrs, final)
+    if rule is None or record is None:
+        return [f"test: scoring trial {final} on the test split failed: {state.get('error') or 'no record'}"]
+    lines = [f"test split (trial {final}, scored once after the choice; no choice looked at it; "
+             "95% paired bootstrap over rows):"]
+    rows = record_rows(record)
+    signed_test = _signed_objective(rule, record.scores)
+    interval = heldout_interval(rule, rows)
+    if interval is not None:
+        lines.append(f"  objective {_interval_text(rule.shown(interval))}")
+    elif signed_test is not None:
+        shown = signed_test if rule.maximize else -signed_test
+        lines.append(f"  objective {shown:.4f} (no interval: " + (
+            "; ".join(rule.no_interval.values()) or "no per-row values stored") + ")")
+    if rows is not None:
+        tasks = [f"{t} {_interval_text(objective_interval({t: rows[t]}, objective='mean'))}"
+                 for t in rule.tasks if t in rows and t not in rule.no_interval]
+        if tasks:
+            lines.append("  tasks: " + ", ".join(tasks))
+    baseline_trial = state.get("baseline_trial")
+    baseline = None if not isinstance(baseline_trial, int) else read_test_record(user_attrs, baseline_trial)
+    if baseline is not None:
+        gain = difference(rule, rows, record_rows(baseline))
+        name = state.get("baseline")
+        if gain is not None:
+            verdict = "more than noise" if prefer(gain) else (
+                "worse by more than noise" if gain.high < 0 else "within noise")
+            lines.append(f"  gain over the best baseline on held-out ({name}), on test: "
+                         f"{_interval_text(gain, sign=True)} ({verdict})")
+        else:
+            base_value = _signed_objective(rule, baseline.scores)
+            if base_value is not None and signed_test is not None:
+                lines.append(f"  gain over the best baseline on held-out ({name}), on test: "
+                             f"{signed_test - base_value:+.4f} (no interval)")
+    held = heldout_record(user_attrs, final)
+    signed_held = None if held is None else _signed_objective(rule, held.scores)
+    if signed_test is not None and signed_held is not None:
+        search = ranking.score(trials[final], directions)
+        lines.append(f"  search -> held-out -> test (signed, larger is better): {search:.4f} -> {signed_held:.4f} -> "
+                     f"{signed_test:.4f}; gap search - test {search - signed_test:+.4f}, held-out - test "
+                     f"{signed_held - signed_test:+.4f} (positive: worse on test)")
+    if state.get("error"):
+        lines.append(f"  failed: {state.get('error')}")
     return lines
 
 

@@ -65,7 +65,7 @@ FRANKEN_KEYS = ("layers", "pick", "include_base", "layer_range")
 TASK_KEYS = (
     "name", "search", "heldout", "heldout_fraction", "split_seed", "prompt_field", "answer_field",
     "choices_field", "label_field", "metric", "weight", "limit", "chat_template", "answer_separator",
-    "add_bos", "gates", "generate",
+    "add_bos", "gates", "generate", "test",
 )
 GENERATE_KEYS = (  # [tasks.generate]: fitness.extract.GenerateSpec
     "max_new_tokens", "stop", "extract", "extract_match", "extract_gold", "normalize", "compare", "tolerance",
@@ -580,6 +580,14 @@ class _Parser:
                 raise table.error("name", f"duplicate task name {task.name!r} (also tasks[{seen[task.name]}])")
             seen[task.name] = index
             tasks.append(task)
+        with_test = [t.name for t in tasks if t.test is not None]
+        if with_test:  # the objective's test score needs every task's (search/test_split.py)
+            for index, task in enumerate(tasks):
+                if task.test is None:
+                    kind = "an lm-eval task has no test split; " if task.lm_eval is not None else ""
+                    raise StudyConfigError(
+                        f"{self.file}: tasks[{index}].test: missing: task {with_test[0]!r} names a test file, so "
+                        f"every task needs one ({kind}the objective's test score needs every task's)")
         return tuple(tasks)
 
     def task(self, table: _Table, models: ModelsConfig) -> TaskSpec:
@@ -591,6 +599,7 @@ class _Parser:
             raise table.error("name", f"a task name holds only letters, digits, _ and -, got {name!r}")
         search = self.path(table.get_str("search"))
         heldout = table.get_str("heldout", None)
+        test = table.get_str("test", None)
         fraction = table.get_float("heldout_fraction", 0.5)
         if not 0.0 < fraction < 1.0:
             raise table.error("heldout_fraction", f"must be between 0 and 1 (exclusive), got {fraction:g}")
@@ -619,6 +628,7 @@ class _Parser:
             limit=table.get_int("limit", None, minimum=1), chat_template=table.get_bool("chat_template", False),
             gates=gates, add_bos=add_bos, **fields,
             generate=self.generate(table.get_table("generate")) if table.has("generate") else None,
+            test=None if test is None else self.path(test),
         )
         try:
             return TaskSpec(**kwargs)  # type: ignore[arg-type]

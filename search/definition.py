@@ -44,7 +44,8 @@ DEFINITION_KEY = "definition"
 LEGACY_KEYS = ("seed", "sampler")
 """Study attributes a study created before definitions were stored already had."""
 SHOWN_CHANGES = 8
-NOT_DEFINING_TASK_FIELDS = ("gates", "name", "search", "heldout")  # gates: looser gates extend a study
+NOT_DEFINING_TASK_FIELDS = ("gates", "name", "search", "heldout", "test")  # gates: looser gates extend a study;
+# test: no choice reads it, so adding or changing it extends a study (search/test_split.py)
 
 
 class DefinitionChangedError(SearchError):

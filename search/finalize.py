@@ -3,7 +3,8 @@
 ``finalize`` runs at the end of ``search start`` (the budget spent) and from
 ``search finalize`` (:func:`finalize_study`). Its records go to study user attributes
 ``heldout:<number>`` (``search.storage.HeldoutRecord``, with the per-row values) and
-``final_trial``.
+``final_trial``. After the choice, and only then, the final trial and the best baseline are
+scored on the test split once (``search.test_split``): no choice looks at it.
 
 The finalist rule (``search.confidence.RULE``): the best-on-search finalist that passes
 every gate on held-out is final unless another passing finalist is better on held-out by
@@ -38,6 +39,7 @@ from search.plan import StudyPlan, plan_study, worker_setup
 from search.pool import WorkerPool, evaluate_all, make_pool
 from search.progress import Progress
 from search.records import rows_attr, store_row_ids, trial_rows
+from search.test_split import TEST_ATTR, score_test
 
 
 @dataclass
@@ -77,6 +79,7 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
         blocker = ranking.what_blocks(trials, plan.gate_names)
         reason = blocker.describe() if blocker else "no completed search trial"
         study.set_user_attr(ranking.FINAL_TRIAL_ATTR, None)
+        study.set_user_attr(TEST_ATTR, None)
         write_best_note(study)
         return FinalizeResult(None, [], f"nothing to finalize: {reason}")
     baselines = list(ranking.baseline_trials(trials).values())
@@ -138,11 +141,16 @@ def finalize(study: optuna.Study, plan: StudyPlan, pool: WorkerPool, progress: P
     passing = [r for r in rows if r.feasible_heldout]
     if not passing:
         study.set_user_attr(ranking.FINAL_TRIAL_ATTR, None)
+        study.set_user_attr(TEST_ATTR, None)
         write_best_note(study)
         return FinalizeResult(None, rows, "no finalist passes every gate on the held-out split")
     final, how, peeked = _choose(passing, finalist_rows, rule)
     study.set_user_attr(confidence.FINAL_CHOICE_ATTR, {"trial": final.trial, "how": how, "peeked": peeked})
     study.set_user_attr(ranking.FINAL_TRIAL_ATTR, final.trial)
+    # Only now, the choice made: the final trial and the best baseline on the test rows, once.
+    trials = study.get_trials(deepcopy=False)
+    best = None if rule is None else confidence.best_baseline(trials, study.user_attrs, rule)
+    score_test(study, config.tasks, pool, progress, trials[final.trial], best)
     write_best_note(study)  # the dashboard's note on the chosen trial
     lines = confidence.confidence_lines(study.get_trials(deepcopy=False), study.user_attrs, plan.directions)
     return FinalizeResult(final.trial, rows, f"final trial: {final.trial} ({how})", lines,

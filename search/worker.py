@@ -20,7 +20,7 @@ import torch
 
 from fitness.errors import FitnessError
 from fitness.lm_eval_task import LmEvalTask, load_lm_eval_tasks
-from fitness.spec import SPLITS, TaskSpec
+from fitness.spec import SPLITS, TEST_SPLIT, TaskSpec
 from merges.errors import MergeError
 from merges.recipe import Recipe
 from merges.tokenizer_union import TokenizerPolicy
@@ -106,8 +106,9 @@ class TrialWorker:
         self._node_id = _node_id()
         self._row_ids = {
             split: row_ids({name: [(e.file.name, e.row) for e in getattr(data, split).examples]
-                            for name, data in self.tasks.items() if not isinstance(data, LmEvalTask)})
-            for split in SPLITS
+                            for name, data in self.tasks.items()
+                            if not isinstance(data, LmEvalTask) and getattr(data, split) is not None})
+            for split in (*SPLITS, TEST_SPLIT)
         }
 
     def identity(self) -> dict[str, str | int]:
@@ -116,8 +117,9 @@ class TrialWorker:
     def evaluate(self, recipe: Mapping[str, object] | Recipe, split: str = "search") -> TrialOutcome:
         """Merge ``recipe`` into the live model and score every task on ``split``."""
         worker = f"{self._node_id}:{os.getpid()}"
-        if split not in SPLITS:
-            return TrialOutcome(None, 0.0, 0.0, f"unknown split {split!r} (expected one of {SPLITS})", worker)
+        if split not in (*SPLITS, TEST_SPLIT):
+            return TrialOutcome(None, 0.0, 0.0, f"unknown split {split!r} (expected one of {SPLITS} or "
+                                f"{TEST_SPLIT!r})", worker)
         start = time.perf_counter()
         try:
             parsed = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
@@ -141,7 +143,9 @@ class TrialWorker:
                     if isinstance(data, LmEvalTask):  # runs on self.model, which lm-eval's HFLM wraps
                         scores[name] = data.score(split)
                         continue
-                    encoded = data.search if split == "search" else data.heldout
+                    encoded = getattr(data, split)  # search, heldout or test (None: no test file)
+                    if encoded is None:
+                        raise FitnessError(f"task {name!r} has no {split} split (set its `{split}` file)")
                     score, rows[name], records = score_slice_rows(self.model, encoded, device=self.setup.device)
                     scores[name] = float(score)
                     if records is not None and split == "heldout":  # kept for the finalists only

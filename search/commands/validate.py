@@ -182,7 +182,7 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
     for index, task in enumerate(config.tasks):
         if task.lm_eval is not None:
             continue  # its documents come from lm-eval (checked below)
-        for key, path in (("search", task.search), ("heldout", task.heldout)):
+        for key, path in (("search", task.search), ("heldout", task.heldout), ("test", task.test)):
             if path is not None and not path.exists():
                 raise StudyConfigError(
                     f"{config.path}: tasks[{index}].{key}: data file {path} does not exist (task {task.name!r})"
@@ -250,6 +250,8 @@ def summary(config: StudyConfig, validation: Validation) -> str:
         lines.append(
             f"  {task.name}: {task.metric}, weight {task.weight:g}, {source}"
             f" ({counts.get('search', '?')} search / {counts.get('heldout', '?')} held-out rows)"
+            + (f", test {task.test} ({counts.get('test', '?')} rows, scored once after the final choice)"
+               if task.test is not None else "")
         )
         for gate in task.gates:
             parts = []
