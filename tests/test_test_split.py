@@ -140,3 +140,29 @@ def test_validate_names_the_test_key(tmp_path: Path, llama_family: TinyFamily) -
     files["alpha"].write_text(files["beta"].read_text())
     rows = check_data(load_study(path))
     assert rows["alpha"] == {"search": ROWS, "heldout": ROWS, "test": ROWS}
+
+
+def test_the_demo_ships_test_rows_its_training_never_answered(demo_family_root: Path) -> None:
+    """The shipped test slices are what studies.demo_family.test_rows regenerates (replaying the
+    training draws; no float involved), disjoint from search and held-out, checksummed."""
+    from studies.demo_family.build import slice_text
+    from studies.demo_family.shipped import REQUIRED_FILES, shipped_family
+    from studies.demo_family.tasks import SLICE_ROWS, TASKS, split_tasks
+    from studies.demo_family.test_rows import undrawn_cases, unseen_slices
+
+    family = shipped_family()  # every file, test slices included, matches family.json
+    assert all(f"data/{task}/test.jsonl" in REQUIRED_FILES for task in TASKS)
+    splits = split_tasks(0)
+    tests = unseen_slices(splits, seed=0)
+    undrawn = undrawn_cases(splits, seed=0)
+    for task in TASKS:
+        assert family.data(task, "test").read_text() == slice_text(tests[task])
+        assert len(tests[task]) == min(SLICE_ROWS, len(undrawn[task])) > 0
+        tested = {e.prompt for e in tests[task]}
+        assert len(tested) == len(tests[task])
+        assert not tested & {e.prompt for e in (*splits[task].search, *splits[task].heldout)}
+        never = {splits[task].train_current[i].prompt for i in undrawn[task]}
+        assert tested <= never
+    assert {t: len(v) for t, v in tests.items()} == {"shipping": 143, "refunds": 94, "catalog": 200}
+    config = load_study(family.root.parent / "study.toml")
+    assert [t.test for t in config.tasks] == [family.data(t, "test") for t in TASKS]

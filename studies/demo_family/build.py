@@ -19,7 +19,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from studies.demo_family.shipped import (
     file_hashes,
 )
 from studies.demo_family.stop import raise_if_stopped, stop_on_signals
-from studies.demo_family.tasks import SLICE_ROWS, TASKS, TaskSplit, split_tasks
+from studies.demo_family.tasks import SLICE_ROWS, TASKS, Example, TaskSplit, split_tasks
 from studies.demo_family.tokenizer import build_tokenizer
 from studies.demo_family.train import (
     TRAIN_THREADS,
@@ -84,6 +84,34 @@ class FamilyPlan:
 
 
 PLAN = FamilyPlan()
+
+
+@dataclass(frozen=True)
+class TrainingStream:
+    """What one model of the family is trained on: its mix, schedule and stream seed."""
+
+    model: str
+    mix: Mix
+    schedule: Schedule
+    seed: int
+
+
+def training_streams(plan: FamilyPlan, seed: int, old: Mapping[str, Pool], current: Mapping[str, Pool],
+                     copy_pool: Pool | CopyPool) -> list[TrainingStream]:
+    """Every model's training stream in build order (base, then each specialist): the one place
+    that says what each model sees (the build trains on it; ``test_rows`` replays its draws)."""
+    task_share = (1 - plan.copy_share) / len(TASKS)
+    streams = [TrainingStream("base", Mix((*((task_share, old[t]) for t in TASKS), (plan.copy_share, copy_pool))),
+                              plan.base, seed)]
+    for index, task in enumerate(TASKS):
+        replay = [(task_share, old[t]) for t in TASKS if t != task] + [(plan.copy_share, copy_pool)]
+        replay_total = sum(share for share, _ in replay)
+        mix = Mix((
+            *((plan.replay_share * share / replay_total, pool) for share, pool in replay),
+            (1 - plan.replay_share, current[task]),
+        ))
+        streams.append(TrainingStream(task, mix, plan.specialist_schedule(task), seed * 10 + index + 1))
+    return streams
 
 
 def rebuild_family(
@@ -143,14 +171,16 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
     tokenizer = build_tokenizer()
     encoder = Encoder(tokenizer)
     splits = split_tasks(seed)
+    from studies.demo_family.test_rows import unseen_slices  # it imports this module
+
+    tests = unseen_slices(splits, seed=seed, plan=plan)
     for split in splits.values():
-        check_disjoint(split)
-        write_slices(out / "data" / split.task, split)
+        check_disjoint(split, tests[split.task])
+        write_slices(out / "data" / split.task, split, tests[split.task])
 
     old = {t: Pool(tuple(encoder.encode(e) for e in s.train_old), plan.base_noise) for t, s in splits.items()}
     current = {t: Pool(tuple(encoder.encode(e) for e in s.train_current)) for t, s in splits.items()}
-    copy_pool = CopyPool(encoder)
-    task_share = (1 - plan.copy_share) / len(TASKS)
+    streams = training_streams(plan, seed, old, current, CopyPool(encoder))
 
     # A live bar on a terminal; in logs (CI, nohup) one plain line per trained model instead.
     live = progress and sys.stderr.isatty()
@@ -162,24 +192,17 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
                   file=sys.stderr, flush=True)
 
     base = new_model(plan.shape, tokenizer, seed=seed)
-    base_mix = Mix((*((task_share, old[t]) for t in TASKS), (plan.copy_share, copy_pool)))
-    train(base, batches(base_mix, batch_size=plan.base.batch_size, pad=encoder.pad, seed=seed),
-          plan.base, bar=bar, label="base")
+    base_stream = streams[0]
+    train(base, batches(base_stream.mix, batch_size=base_stream.schedule.batch_size, pad=encoder.pad,
+                        seed=base_stream.seed), base_stream.schedule, bar=bar, label="base")
     save_model(base, tokenizer, out / "base")
     trained("base")
 
     models: dict[str, LlamaForCausalLM] = {"base": base}
-    for index, task in enumerate(TASKS):
+    for task, spec in zip(TASKS, streams[1:], strict=True):
         specialist = copy.deepcopy(base)
-        replay = [(task_share, old[t]) for t in TASKS if t != task] + [(plan.copy_share, copy_pool)]
-        replay_total = sum(share for share, _ in replay)
-        mix = Mix((
-            *((plan.replay_share * share / replay_total, pool) for share, pool in replay),
-            (1 - plan.replay_share, current[task]),
-        ))
-        schedule = plan.specialist_schedule(task)
-        stream = batches(mix, batch_size=schedule.batch_size, pad=encoder.pad, seed=seed * 10 + index + 1)
-        train(specialist, stream, schedule, bar=bar, label=task)
+        stream = batches(spec.mix, batch_size=spec.schedule.batch_size, pad=encoder.pad, seed=spec.seed)
+        train(specialist, stream, spec.schedule, bar=bar, label=task)
         save_model(specialist, tokenizer, out / task)
         trained(task)
         models[task] = specialist
@@ -213,10 +236,12 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
     return manifest
 
 
-def check_disjoint(split: TaskSplit) -> None:
-    """Slices are full, disjoint from each other, and never seen in training."""
+def check_disjoint(split: TaskSplit, test: Sequence[Example] = ()) -> None:
+    """Slices are full, disjoint from each other, and never seen in training (the test slice:
+    disjoint from search and held-out; ``test_rows`` says what training saw of it)."""
     search = {e.prompt for e in split.search}
     heldout = {e.prompt for e in split.heldout}
+    tested = {e.prompt for e in test}
     train = split.train_prompts()
     problems = []
     if len(search) != SLICE_ROWS or len(heldout) != SLICE_ROWS:
@@ -225,15 +250,21 @@ def check_disjoint(split: TaskSplit) -> None:
         problems.append(f"search and held-out share {sorted(search & heldout)[:3]}")
     if (search | heldout) & train:
         problems.append(f"training data contains slice prompts {sorted((search | heldout) & train)[:3]}")
+    if tested & (search | heldout) or len(tested) != len(test):
+        problems.append("the test slice repeats a prompt or shares one with search / held-out")
     if problems:
         raise DemoFamilyError(f"demo task {split.task}: " + "; ".join(problems))
 
 
-def write_slices(folder: Path, split: TaskSplit) -> None:
+def write_slices(folder: Path, split: TaskSplit, test: Sequence[Example]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("search", split.search), ("heldout", split.heldout)):
-        text = "".join(json.dumps(e.as_row()) + "\n" for e in rows)
-        write_text_atomic(folder / f"{name}.jsonl", text)
+    for name, rows in (("search", split.search), ("heldout", split.heldout), ("test", test)):
+        write_text_atomic(folder / f"{name}.jsonl", slice_text(rows))
+
+
+def slice_text(rows: Sequence[Example]) -> str:
+    """A slice file's text: one JSON row per line."""
+    return "".join(json.dumps(e.as_row()) + "\n" for e in rows)
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:

@@ -25,7 +25,7 @@ MANIFEST_FORMAT = "mergesearch-demo-family"
 # machine type it was built on reproduces every shipped byte, family.json included.
 FAMILY_VERSION = "2"
 MODELS: tuple[str, ...] = ("base", *TASKS)
-SPLITS: tuple[str, ...] = ("search", "heldout")
+SPLITS: tuple[str, ...] = ("search", "heldout", "test")  # test: studies.demo_family.test_rows
 # Files every build writes; the manifest may list more (tokenizer files), never fewer.
 REQUIRED_FILES: tuple[str, ...] = (
     *(f"{model}/{name}" for model in MODELS for name in ("config.json", "model.safetensors")),
@@ -44,7 +44,7 @@ class DemoFamily:
         return cls(root=root, base=root / "base", sources={task: root / task for task in TASKS})
 
     def data(self, task: str, split: str) -> Path:
-        """``data/<task>/<split>.jsonl``; ``split`` is ``search`` or ``heldout``."""
+        """``data/<task>/<split>.jsonl``; ``split`` is ``search``, ``heldout`` or ``test``."""
         if task not in TASKS:
             raise DemoFamilyError(f"demo family: unknown task {task!r}; expected one of {list(TASKS)}")
         if split not in SPLITS:

@@ -110,13 +110,21 @@ class Batch:
     loss_mask: torch.Tensor  # [batch, length - 1], true where the next token is an answer token
 
 
-def batches(mix: Mix, *, batch_size: int, pad: int, seed: int) -> Iterator[Batch]:
-    """An endless, seeded stream of batches drawn from ``mix``."""
+def draws(mix: Mix, *, seed: int) -> Iterator[EncodedPair]:
+    """An endless, seeded stream of examples drawn from ``mix`` (what ``batches`` collates;
+    ``studies.demo_family.test_rows`` replays it to know which examples training saw)."""
     rng = random.Random(seed)
     pools = [pool for _, pool in mix.parts]
     weights = [weight for weight, _ in mix.parts]
     while True:
-        yield collate([rng.choices(pools, weights)[0].draw(rng) for _ in range(batch_size)], pad)
+        yield rng.choices(pools, weights)[0].draw(rng)
+
+
+def batches(mix: Mix, *, batch_size: int, pad: int, seed: int) -> Iterator[Batch]:
+    """An endless, seeded stream of batches drawn from ``mix``."""
+    stream = draws(mix, seed=seed)
+    while True:
+        yield collate([next(stream) for _ in range(batch_size)], pad)
 
 
 def collate(rows: Sequence[EncodedPair], pad: int) -> Batch:
