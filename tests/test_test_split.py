@@ -104,8 +104,13 @@ def test_changing_the_test_rows_changes_no_choice(tmp_path: Path, llama_family: 
     second = read_test_record(attrs2, final)
     assert second is not None and second.scores != first.scores  # the new rows were scored
     assert attrs2[TEST_ATTR]["data"] != state["data"]
-    text = render_status(again)
-    assert "test split (trial" in text
+    assert "test split (trial" in render_status(again)
+    from search.annotate import best_note
+    from search.report import write_report
+
+    assert "test split (trial" in best_note(again, again.get_trials()[final])  # the dashboard's note
+    report = write_report(again, tmp_path / "report.html", task_higher={"alpha": True, "beta": True})
+    assert "test split (trial" in Path(report).read_text()
 
 
 def test_a_study_without_test_rows_says_so_in_one_line(tmp_path: Path, llama_family: TinyFamily) -> None:
