@@ -251,8 +251,11 @@ def test_lines(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object],
                 f"test: not scored for final trial {final} (run `search finalize`)"]
     rule = objective_rule(user_attrs, directions)
     record = read_test_record(user_attrs, final)
-    if rule is None or record is None:
+    if record is None:
         return [f"test: scoring trial {final} on the test split failed: {state.get('error') or 'no record'}"]
+    if rule is None:  # a study stored without its definition: the scores, no objective or interval
+        return [f"test split (trial {final}, scored once after the choice): "
+                + ", ".join(f"{task} {score:.4f}" for task, score in record.scores.items())]
     lines = [f"test split (trial {final}, scored once after the choice; no choice looked at it; "
              "95% paired bootstrap over rows):"]
     rows = record_rows(record)
