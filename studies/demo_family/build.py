@@ -171,12 +171,9 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
     tokenizer = build_tokenizer()
     encoder = Encoder(tokenizer)
     splits = split_tasks(seed)
-    from studies.demo_family.test_rows import unseen_slices  # it imports this module
-
-    tests = unseen_slices(splits, seed=seed, plan=plan)
     for split in splits.values():
-        check_disjoint(split, tests[split.task])
-        write_slices(out / "data" / split.task, split, tests[split.task])
+        check_disjoint(split)
+        write_slices(out / "data" / split.task, split)
 
     old = {t: Pool(tuple(encoder.encode(e) for e in s.train_old), plan.base_noise) for t, s in splits.items()}
     current = {t: Pool(tuple(encoder.encode(e) for e in s.train_current)) for t, s in splits.items()}
@@ -207,6 +204,14 @@ def _build_family(out: Path, *, seed: int, progress: bool, plan: FamilyPlan) -> 
         trained(task)
         models[task] = specialist
     bar.close()
+
+    # The test slices come from what training drew (replayed): written once training is done.
+    from studies.demo_family.test_rows import unseen_slices  # it imports this module
+
+    tests = unseen_slices(splits, seed=seed, plan=plan)
+    for split in splits.values():
+        check_disjoint(split, tests[split.task])
+        write_text_atomic(out / "data" / split.task / "test.jsonl", slice_text(tests[split.task]))
 
     heldout = {t: [encoder.encode(e) for e in s.heldout] for t, s in splits.items()}
     accuracy = {
@@ -256,9 +261,9 @@ def check_disjoint(split: TaskSplit, test: Sequence[Example] = ()) -> None:
         raise DemoFamilyError(f"demo task {split.task}: " + "; ".join(problems))
 
 
-def write_slices(folder: Path, split: TaskSplit, test: Sequence[Example]) -> None:
+def write_slices(folder: Path, split: TaskSplit) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("search", split.search), ("heldout", split.heldout), ("test", test)):
+    for name, rows in (("search", split.search), ("heldout", split.heldout)):
         write_text_atomic(folder / f"{name}.jsonl", slice_text(rows))
 
 
