@@ -102,7 +102,8 @@ def score_test(study: optuna.Study, tasks: Sequence[TaskSpec], pool: WorkerPool,
     if final is None or not has_test_split(tasks):
         study.set_user_attr(TEST_ATTR, None)
         return None
-    from search.pool import evaluate_all  # torch-free, but keeps status's imports small
+    # search.pool imports torch (the worker): imported here, so status stays light
+    from search.pool import evaluate_all
 
     data = data_fingerprint(tasks)
     state = read_test_state(study.user_attrs)
