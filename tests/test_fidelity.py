@@ -234,3 +234,11 @@ def test_resamples_default_is_the_intervals_default() -> None:
     from fitness import fidelity, intervals
 
     assert fidelity.RESAMPLES == intervals.RESAMPLES
+
+
+def test_the_schedule_in_words_lists_every_stage() -> None:
+    from fitness.fidelity import describe_schedule
+
+    text = describe_schedule(600, FidelityConfig(first_stage=60))
+    assert text.startswith("4 stage(s) of 60, 180, 540, 600 search rows (first_stage 60, growth 3)")
+    assert "95% confidence" in text
