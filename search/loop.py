@@ -245,10 +245,11 @@ class SearchLoop:
     def _submit(self, item: _InFlight) -> None:
         """Hand the trial's next evaluation to the pool: every row, or its next stage's rows."""
         self.in_flight[item.trial.number] = item
-        rows = None
-        if self.stages is not None:
-            rows = self.stages.next_rows({task: len(values) for task, values in item.rows.items()})
-        self.pool.submit(item.trial.number, item.recipe.to_dict(), "search", rows)
+        if self.stages is None:  # every row (pools written before stages take no rows argument)
+            self.pool.submit(item.trial.number, item.recipe.to_dict(), "search")
+            return
+        rows = self.stages.next_rows({task: len(values) for task, values in item.rows.items()})
+        self.pool.submit(item.trial.number, item.recipe.to_dict(), "search", rows=rows)
 
     def _carried_rows(self, trial: Trial) -> dict[str, list[float]]:
         """A re-run's rows kept from the lost run (stored stage by stage), else none."""
