@@ -217,6 +217,7 @@ def noisy_killing_scorer(model: torch.nn.Module, batch: object, examples: Sequen
     return [weight + random.Random(f"{weight:.12f}:{e.row}").uniform(-10, 10) for e in examples]  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twice(
     tmp_path: Path, llama_family: TinyFamily, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,3 +261,24 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
         return out
 
     assert by_position(paths["killed"]) == by_position(paths["plain"])
+
+
+@pytest.mark.slow
+def test_stages_run_on_the_ray_pool(tmp_path: Path, llama_family: TinyFamily) -> None:
+    from dataclasses import replace
+
+    from search.plan import worker_setup
+    from search.ray_pool import RayPool
+
+    config = load_study(staged_study(tmp_path, llama_family, trials=6, sampler="tpe"))
+    pool = RayPool(worker_setup(config), replace(config.execution, backend="ray", workers=2, cpus_per_worker=1))
+    try:
+        result = run_study(config, quiet=True, pool=pool, finalize_after=False)
+    finally:
+        pool.close()
+    assert result.done == 6
+    for trial in search_trials(load(config.path)):
+        record = trial.user_attrs[FIDELITY_ATTR]
+        assert trial.state == (TrialState.COMPLETE if record["stage"] == 4 else TrialState.PRUNED)
+        held = trial_rows(trial, {}) or trial_prefix_rows(trial)
+        assert held is not None and {t: len(v) for t, v in held.items()} == record["rows"]
