@@ -34,13 +34,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from fitness.errors import FitnessError
 from fitness.gates import KIND_MAX_REGRESSION, GateLimit
-from fitness.intervals import RESAMPLES, TaskRows, aggregate, resampled_task_means
-from fitness.subset import stable_seed
+
+if TYPE_CHECKING:  # numpy only inside functions: search.config (read by `search status`) imports this module
+    import numpy as np
+
+    from fitness.intervals import TaskRows
+
+RESAMPLES = 2000  # bootstrap draws per decision (fitness.intervals.RESAMPLES; a test holds them equal)
 
 OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
 PROMOTE = "promote"
@@ -72,6 +76,10 @@ RowOrder = tuple[tuple[str, int], ...]  # (task, row index in the task's search 
 
 def study_row_order(task_rows: Mapping[str, int], seed: int) -> RowOrder:
     """The study's scoring order of every search row, stratified by task (see module doc)."""
+    import numpy as np
+
+    from fitness.subset import stable_seed
+
     shuffled: list[list[int]] = []
     for task, n in task_rows.items():
         if n < 1:
@@ -98,6 +106,14 @@ def stage_sizes(total_rows: int, config: FidelityConfig) -> tuple[int, ...]:
     while sizes[-1] < total_rows:
         sizes.append(min(total_rows, max(sizes[-1] + 1, math.ceil(sizes[-1] * growth))))
     return tuple(sizes)
+
+
+def describe_schedule(total_rows: int, config: FidelityConfig) -> str:
+    """The stage schedule in words (``search validate``)."""
+    sizes = stage_sizes(total_rows, config)
+    return (f"{len(sizes)} stage(s) of {', '.join(map(str, sizes))} search rows (first_stage {config.first_stage}, "
+            f"growth {config.growth:g}); a trial stops after a stage when it cannot reach the best trial or "
+            f"fails a gate, each with {config.confidence:.0%} confidence")
 
 
 def stage_rows(order: RowOrder, size: int) -> dict[str, list[int]]:
@@ -156,6 +172,11 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
     -> task -> row scores, the paired reference of ``max_regression`` gates (without it the
     stored limit is used). ``directions``: task -> higher_is_better. ``weights``: ``mean``.
     """
+    import numpy as np
+
+    from fitness.intervals import aggregate, resampled_task_means
+    from fitness.subset import stable_seed
+
     if objective not in OBJECTIVES:
         raise FitnessError(f"fidelity: unknown objective {objective!r} (expected one of {', '.join(OBJECTIVES)})")
     trial = {task: np.asarray(rows, dtype=np.float64) for task, rows in trial_rows.items()}
@@ -219,6 +240,8 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
 
 def _prefix(rows: TaskRows, lengths: Mapping[str, int], who: str) -> dict[str, np.ndarray]:
     """``rows`` cut to the trial's rows per task (the same rows: both are prefixes of the study order)."""
+    import numpy as np
+
     cut: dict[str, np.ndarray] = {}
     for task, n in lengths.items():
         if task not in rows:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fitness.errors import FitnessError
 from fitness.extract import GenerateSpec
+from fitness.fidelity import FidelityConfig
 from fitness.gates import GateSpec
 from fitness.objective import MODES as OBJECTIVES
 from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
@@ -54,8 +55,9 @@ RESERVED_LABELS: tuple[str, ...] = ("base", "best")
 
 STUDY_KEYS = (
     "name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k", "enqueue",
-    "warm_start",
+    "warm_start", "fidelity",
 )
+FIDELITY_KEYS = ("first_stage", "growth", "confidence")
 MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype", "tokenizer")
 GENOME_KEYS = (
     "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
@@ -131,6 +133,7 @@ class StudyConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     enqueue: tuple[Path, ...] = ()  # mergekit YAMLs evaluated first (search.warm_start)
     warm_start: str | None = None  # storage URL of an earlier study to start from (search.warm_start)
+    fidelity: FidelityConfig | None = None  # study.fidelity: score trials in stages (None: every row)
 
 
 def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None,
@@ -307,6 +310,7 @@ class _Parser:
         top_k = study.get_int("top_k", 5, minimum=1)
         enqueue = self.enqueue(study)
         warm_start = self.warm_start(study, storage)
+        fidelity = self.fidelity(study, tasks)
         from fitness.objective import objective_directions
         from fitness.spec import higher_is_better
 
@@ -324,8 +328,32 @@ class _Parser:
             path=path, name=name, seed=seed, output=output, storage=storage, trials=budget,
             sampler=sampler, population=population or None, objective=objective, top_k=top_k,
             models=models, genome=genome, tasks=tasks, execution=execution, enqueue=enqueue,
-            warm_start=warm_start,
+            warm_start=warm_start, fidelity=fidelity,
         )
+
+    def fidelity(self, study: _Table, tasks: tuple[TaskSpec, ...]) -> FidelityConfig | None:
+        """``study.fidelity = { first_stage = N, growth = 3.0, confidence = 0.95 }`` (fitness.fidelity)."""
+        if not study.has("fidelity"):
+            return None
+        table = study.get_table("fidelity")
+        table.expect(FIDELITY_KEYS)
+        first = table.get_int("first_stage", minimum=2)
+        growth = table.get_float("growth", 3.0)
+        if growth <= 1.0:
+            raise table.error("growth", f"must be > 1, got {growth}")
+        confidence = table.get_float("confidence", 0.95)
+        if not 0.5 < confidence < 1.0:
+            raise table.error("confidence", f"must be in (0.5, 1), got {confidence}")
+        for index, task in enumerate(tasks):
+            # a stage's estimate is the mean of the rows scored: tasks without per-row values
+            # (lm-eval aggregates) or whose score is not that mean (corpus perplexity) cannot be staged
+            if task.lm_eval is not None:
+                raise table.error("first_stage", f"tasks[{index}] ({task.name!r}) is an lm-eval task, which has "
+                                  "no per-row values to score in stages; remove study.fidelity")
+            if task.metric == "perplexity":
+                raise table.error("first_stage", f"tasks[{index}] ({task.name!r}) uses metric perplexity, whose "
+                                  "score is not the mean of its rows; use loglik or remove study.fidelity")
+        return FidelityConfig(first_stage=first, growth=growth, confidence=confidence)
 
     def storage(self, study: _Table, output: Path) -> str:
         url = study.get_str("storage", "")

@@ -9,12 +9,23 @@ Every trial is told its real objective. Gates are stored on every trial as the
 ``constraints`` system attribute (what TPE, NSGA-II, GP and optuna-dashboard 0.21 read;
 never also ``trial.set_constraint``, which would double-count). CMA-ES ignores
 constraints: ``search.samplers`` shows it a penalised value for infeasible trials.
+
+With ``study.fidelity`` (``search.staged``) a trial is scored in stages: the pool scores only
+the rows a stage adds; after each stage the trial is stopped or promoted. A stage's rows are
+stored on the running trial (system attr ``rows_search``, a prefix of the study's row order)
+before the next is submitted, so a re-run of a trial the driver lost continues from them
+without scoring a row twice. A stopped trial is told ``PRUNED`` with only the rows it scored,
+its estimate (user attr ``fidelity``; single objective: also its value, reported as the
+intermediate value at step = rows scored) and constraints from that estimate; it never counts
+as complete, so no ranking, finalize or "best" sees it (``search.samplers`` says what each
+sampler is shown). A trial promoted through the last stage is stored as without stages.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import Trial, TrialState
@@ -27,12 +38,21 @@ from merges.recipe import Recipe
 from search import gate_record, positions, ranking
 from search.annotate import attach_recipe
 from search.baselines import source_references
+from search.errors import SearchError
 from search.plan import StudyPlan
 from search.pool import WorkerPool
 from search.progress import Progress, ProgressState, run_record, throughput
-from search.records import ROWS_SEARCH_ATTR, rows_attr, score_attrs, summarize_recipe
+from search.records import (
+    ROWS_SEARCH_ATTR,
+    prefix_rows_attr,
+    rows_attr,
+    score_attrs,
+    summarize_recipe,
+    trial_prefix_rows,
+)
 from search.recovery import StopRequest, enqueue_rerun
 from search.samplers import CMA_PREFIX, HORIZON, POSITION
+from search.staged import FIDELITY_ATTR, StudyStages, study_stages
 from search.warm_start import enqueue_position
 from search.worker import TrialOutcome
 from search.write_behind import WriteBehindStorage
@@ -73,6 +93,12 @@ class _InFlight:
     trial: Trial
     recipe: Recipe
     position: int
+    # scored in stages (search.staged): task -> the rows so far, in the study's row order
+    rows: dict[str, list[float]] = field(default_factory=dict)
+    carried: dict[str, int] = field(default_factory=dict)  # rows kept from the lost run it re-runs
+    merge_s: float = 0.0  # summed over its stages
+    score_s: float = 0.0
+    worker: str = ""  # of its last stage
 
 
 class SearchLoop:
@@ -93,6 +119,7 @@ class SearchLoop:
         self.in_flight: dict[int, _InFlight] = {}
         self.budget = plan.config.trials
         self._references: dict[str, dict[str, float]] | None = None
+        self._stages: StudyStages | None | bool = False  # False: not read yet (after the baselines)
         self.timings = LoopTimings()
 
     @property
@@ -102,6 +129,13 @@ class SearchLoop:
                 self.study.get_trials(deepcopy=False), self.plan.labels, "scores_search"
             )
         return self._references
+
+    @property
+    def stages(self) -> StudyStages | None:
+        """The study's stages (None: every trial scored on every row), read once the baselines ran."""
+        if self._stages is False:
+            self._stages = study_stages(self.study, self.plan)
+        return self._stages  # type: ignore[return-value]
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -141,9 +175,9 @@ class SearchLoop:
             if not self.in_flight:
                 return
             for ticket, outcome in self.pool.wait():
-                self._tell(self.in_flight.pop(ticket), outcome)
-                done += 1
-                self._report(done)
+                if self._tell(self.in_flight.pop(ticket), outcome):
+                    done += 1
+                    self._report(done)
 
     def _told_before(self, horizon: int) -> bool:
         return all(item.position >= horizon for item in self.in_flight.values())
@@ -172,12 +206,13 @@ class SearchLoop:
                         done += 1
             while self.in_flight:
                 for ticket, outcome in self.pool.wait():
-                    self._tell(self.in_flight.pop(ticket), outcome)
-                    done += 1
-                    self._report(done)
+                    if self._tell(self.in_flight.pop(ticket), outcome):
+                        done += 1
+                        self._report(done)
 
     def _ask_and_submit(self, position: int | None = None, horizon: int | None = None) -> bool:
-        """Ask one trial and submit it; False when it failed at once (told FAIL).
+        """Ask one trial and submit it; False when it finished at once (told FAIL: its genes do
+        not decode; or, re-running a lost trial scored in stages, stopped on the rows it carries).
 
         With ``position`` a new trial is placed there (enqueued with its position and
         horizon, so the sampler knows them when it draws); without, the enqueued one is asked.
@@ -191,10 +226,38 @@ class SearchLoop:
         clock = self._charge("store_s", clock)
         if recipe is None:
             return False
-        self.in_flight[trial.number] = _InFlight(trial, recipe, int(trial.user_attrs.get(POSITION, -1)))
-        self.pool.submit(trial.number, recipe.to_dict(), "search")
+        item = _InFlight(trial, recipe, int(trial.user_attrs.get(POSITION, -1)))
+        if self.stages is not None:
+            carried = self._carried_rows(trial)
+            item.rows = {task: list(values) for task, values in carried.items()}
+            item.carried = {task: len(values) for task, values in carried.items()}
+            if carried:  # on this trial too: a second kill still keeps them
+                self.storage.set_trial_system_attr(self.storage.trial_id(trial.number), ROWS_SEARCH_ATTR,
+                                                   prefix_rows_attr(carried, self.stages.task_rows))
+            if self.stages.at_stage_end(item.carried) is not None:  # lost after storing a stage: decide now
+                finished = self._after_stage(item)
+                self._charge("store_s", clock)
+                return not finished
+        self._submit(item)
         self._charge("dispatch_s", clock)
         return True
+
+    def _submit(self, item: _InFlight) -> None:
+        """Hand the trial's next evaluation to the pool: every row, or its next stage's rows."""
+        self.in_flight[item.trial.number] = item
+        if self.stages is None:  # every row (pools written before stages take no rows argument)
+            self.pool.submit(item.trial.number, item.recipe.to_dict(), "search")
+            return
+        rows = self.stages.next_rows({task: len(values) for task, values in item.rows.items()})
+        self.pool.submit(item.trial.number, item.recipe.to_dict(), "search", rows=rows)
+
+    def _carried_rows(self, trial: Trial) -> dict[str, list[float]]:
+        """A re-run's rows kept from the lost run (stored stage by stage), else none."""
+        lost = trial.user_attrs.get("rerun_of")
+        if lost is None:
+            return {}
+        held = trial_prefix_rows(self.study.get_trials(deepcopy=False)[lost])
+        return {} if held is None else {task: values.tolist() for task, values in held.items()}
 
     def _charge(self, part: str, since: float) -> float:
         """Add the driver's CPU time since ``since`` to ``part`` of the timings; returns now."""
@@ -228,13 +291,65 @@ class SearchLoop:
         self.storage.flush()  # readers see the running trial's genes and recipe
         return recipe
 
-    def _tell(self, item: _InFlight, outcome: TrialOutcome) -> None:
+    def _tell(self, item: _InFlight, outcome: TrialOutcome) -> bool:
+        """Store an evaluation's outcome; False when the trial goes on to its next stage."""
         clock = time.process_time()
-        self._store_outcome(item, outcome)
-        self._charge("store_s", clock)
-        self.timings.trials += 1
         self.timings.merge_s += outcome.merge_s
         self.timings.score_s += outcome.score_s
+        if self.stages is not None and outcome.scores is not None:
+            item.merge_s += outcome.merge_s
+            item.score_s += outcome.score_s
+            item.worker = outcome.worker
+            for task, values in (outcome.rows or {}).items():
+                item.rows.setdefault(task, []).extend(values)
+            finished = self._after_stage(item)
+        else:
+            self._store_outcome(item, outcome)
+            finished = True
+        self._charge("store_s", clock)
+        if finished:
+            self.timings.trials += 1
+        return finished
+
+    def _after_stage(self, item: _InFlight) -> bool:
+        """After a stage: store the trial whole (last stage), or stopped, or submit its next stage."""
+        stages = self.stages
+        assert stages is not None
+        held = {task: len(values) for task, values in item.rows.items()}
+        stage = stages.at_stage_end(held)
+        if stage is None:
+            raise SearchError(f"trial {item.trial.number}: {sum(held.values())} rows scored, which ends no stage "
+                              f"({', '.join(map(str, stages.sizes))})")
+        record: dict[str, object] = {"stage": stage, "stages": len(stages.sizes), "rows": held}
+        if item.carried:
+            record["carried"] = item.carried
+        trial_id = self.storage.trial_id(item.trial.number)
+        if stage == len(stages.sizes):  # every row: stored as a trial scored without stages
+            item.trial.set_user_attr(FIDELITY_ATTR, record)
+            rows = stages.in_file_order(item.rows)
+            scores = {task: math.fsum(values) / len(values) for task, values in rows.items()}
+            self._store_outcome(item, TrialOutcome(scores, item.merge_s, item.score_s, None, item.worker, rows=rows))
+            return True
+        # the stage's rows first (a killed driver's re-run continues from them), then the decision
+        self.storage.set_trial_system_attr(trial_id, ROWS_SEARCH_ATTR, prefix_rows_attr(item.rows, stages.task_rows))
+        self.storage.flush()
+        decision = stages.decide(item.rows, self.study.get_trials(deepcopy=False), self.plan,
+                                 seed=self.plan.config.seed + max(item.position, 0))
+        if not decision.stopped:
+            self._submit(item)
+            return False
+        raw = objective_values(decision.estimate, self.plan.tasks, self.plan.config.objective)
+        record.update(stopped=decision.reason, estimate=decision.estimate, objective=list(raw))
+        trial = item.trial
+        trial.set_user_attr(FIDELITY_ATTR, record)
+        trial.set_user_attr("timings", {"merge_s": item.merge_s, "score_s": item.score_s})
+        trial.set_user_attr("worker", item.worker)
+        gates = evaluate_gates(self.plan.gates, decision.estimate, self.references, self.plan.task_higher)
+        self.storage.set_trial_system_attr(trial_id, "constraints", gate_record.constraints(gates))  # estimated
+        if len(raw) == 1:  # Optuna stores a pruned trial's last intermediate value as its value
+            trial.report(raw[0], step=sum(held.values()))
+        self.study.tell(trial, state=TrialState.PRUNED)
+        return True
 
     def _store_outcome(self, item: _InFlight, outcome: TrialOutcome) -> None:
         trial = item.trial

@@ -8,7 +8,7 @@ The driver talks to a pool through four calls: ``submit`` a ticket, ``free_slots
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Protocol
 
@@ -21,7 +21,8 @@ from search.worker import TrialOutcome, TrialWorker, WorkerSetup
 class WorkerPool(Protocol):
     size: int
 
-    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None: ...
+    def submit(self, ticket: int, recipe: dict, split: str = "search",
+               rows: Mapping[str, Sequence[int]] | None = None) -> None: ...
 
     def free_slots(self) -> int: ...
 
@@ -56,10 +57,12 @@ class InlinePool:
         # study too big for this machine fails with the numbers instead of swapping to death.
         estimate = check_local_memory(setup)
         self._worker = TrialWorker(replace(setup, engine_plan=estimate.plan))
-        self._queue: deque[tuple[int, dict, str]] = deque()
+        self._queue: deque[tuple[int, dict, str, Mapping[str, Sequence[int]] | None]] = deque()
 
-    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
-        self._queue.append((ticket, recipe, split))
+    def submit(self, ticket: int, recipe: dict, split: str = "search",
+               rows: Mapping[str, Sequence[int]] | None = None) -> None:
+        """``rows``: a multi-fidelity stage, only these search rows (``TrialWorker.evaluate``)."""
+        self._queue.append((ticket, recipe, split, rows))
 
     def free_slots(self) -> int:
         # A generation may be queued past ``size``; free slots never go negative.
@@ -69,11 +72,11 @@ class InlinePool:
         """Run the oldest queued trial and return it ([] when nothing is queued)."""
         if not self._queue:
             return []
-        ticket, recipe, split = self._queue.popleft()
-        return [(ticket, self._worker.evaluate(recipe, split))]
+        ticket, recipe, split, rows = self._queue.popleft()
+        return [(ticket, self._worker.evaluate(recipe, split, rows))]
 
     def pending(self) -> list[int]:
-        return [ticket for ticket, _, _ in self._queue]
+        return [ticket for ticket, _, _, _ in self._queue]
 
     def close(self) -> None:
         self._queue.clear()

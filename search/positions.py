@@ -90,7 +90,8 @@ def _generation_remaining(trials: Sequence[FrozenTrial], popsize: int) -> int:
     """Trials still missing from the current CMA generation (a whole one when it is full)."""
     tagged = [
         t.system_attrs[CMA_GENERATION_KEY] for t in trials
-        if t.state == TrialState.COMPLETE and CMA_GENERATION_KEY in t.system_attrs
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)  # PRUNED: stopped early (multi-fidelity)
+        and CMA_GENERATION_KEY in t.system_attrs
     ]
     if not tagged:
         return popsize

@@ -77,10 +77,11 @@ def baseline_trials(trials: Iterable[FrozenTrial]) -> dict[str, FrozenTrial]:
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Finished search trials; trials failed because the driver stopped are re-run instead."""
+    """Finished search trials (a multi-fidelity trial stopped early is PRUNED); trials failed
+    because the driver stopped are re-run instead."""
     if kind(trial) != KIND_SEARCH:
         return False
-    if trial.state.name == "COMPLETE":
+    if trial.state.name in ("COMPLETE", "PRUNED"):
         return True
     return trial.state.name == "FAIL" and trial.user_attrs.get("failure") != DRIVER_STOPPED
 

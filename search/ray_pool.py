@@ -24,7 +24,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -87,8 +87,8 @@ class _TrialActor:
         # Ray's node id, not the hostname: several Ray nodes may share one machine
         self._name = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
 
-    def evaluate(self, recipe: dict, split: str) -> TrialOutcome:
-        outcome = self._worker.evaluate(recipe, split)
+    def evaluate(self, recipe: dict, split: str, rows: dict[str, list[int]] | None = None) -> TrialOutcome:
+        outcome = self._worker.evaluate(recipe, split, rows)
         return replace(outcome, worker=self._name)
 
     def identity(self) -> dict[str, str | int]:
@@ -103,6 +103,7 @@ class _Job:
     ticket: int
     recipe: dict
     split: str
+    rows: dict[str, list[int]] | None = None  # a multi-fidelity stage (TrialWorker.evaluate)
     deaths: int = 0  # how many workers died holding it
 
 
@@ -137,13 +138,15 @@ class RayPool:
 
     # -- WorkerPool -----------------------------------------------------------------
 
-    def submit(self, ticket: int, recipe: dict, split: str = "search") -> None:
+    def submit(self, ticket: int, recipe: dict, split: str = "search",
+               rows: Mapping[str, Sequence[int]] | None = None) -> None:
         """Queue a trial; it starts on the next free actor (now, when one is idle)."""
         if self._alive() == 0:
             raise SearchError(f"no live Ray workers left ({self._last_death}); the study cannot go on")
         if self._holds(ticket):
             raise SearchError(f"ticket {ticket} is already in the Ray pool")
-        self._pending.append(_Job(ticket, recipe, split))
+        self._pending.append(_Job(ticket, recipe, split,
+                                  None if rows is None else {task: list(r) for task, r in rows.items()}))
         self._dispatch()
 
     def free_slots(self) -> int:
@@ -267,7 +270,7 @@ class RayPool:
             index = self._idle.popleft()
             actor = self._actors[index]
             assert actor is not None  # dead actors never return to the idle queue
-            ref = actor.evaluate.remote(job.recipe, job.split)
+            ref = actor.evaluate.remote(job.recipe, job.split, job.rows)
             self._running[ref] = _Running(job, index)
 
     def _collect(self, ref: ray.ObjectRef) -> None:

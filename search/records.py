@@ -11,6 +11,14 @@ held-out rows in its held-out record (``search.storage``), each task's rows enco
 string (:func:`encode_rows`: 0/1 rows as bits, others as float64 bytes, base64). Which rows
 they are is stored once on the study (user attribute ``example_rows``: split -> task ->
 ``{"n", "ids"}``, ids as runs of file rows), the same for every trial. :func:`trial_rows` is the one reader.
+
+A study scored in stages (``study.fidelity``, ``fitness.fidelity``) stores a trial that did not
+reach the last stage (stopped, or still running) with only the rows it scored: each task's rows
+are a prefix of the study's row order (not file order), marked ``prefix:<rows of the task>:``
+before the encoding; :func:`decode_rows_prefix` tells the prefix length and the task's size,
+:func:`trial_prefix_rows` reads them, and :func:`trial_rows` gives None for such a trial (no
+paired comparison over every row is possible with it). A trial scored on every row is stored in
+file order as in a study without stages.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ ROWS_SEARCH_ATTR = "rows_search"
 """Trial system attribute: task -> encoded search-split rows (:func:`encode_rows`)."""
 EXAMPLE_ROWS_ATTR = "example_rows"
 """Study user attribute: split -> task -> {"n": rows, "ids": ["FILE:FIRST-LAST", ...]} (:func:`row_ids`)."""
+_PREFIX = "prefix:"
 _BITS = "bits:"
 _FLOAT64 = "f64:"
 
@@ -106,9 +115,33 @@ def encode_rows(values: Sequence[float]) -> str:
     return _FLOAT64 + base64.b64encode(array.astype("<f8").tobytes()).decode("ascii")
 
 
+def encode_prefix(values: Sequence[float], of: int) -> str:
+    """The first rows of a task in the study's row order (``of``: the task's search rows)."""
+    if not 0 <= len(values) <= of:
+        raise SearchError(f"a prefix of {len(values)} rows of a task with {of} rows")
+    return f"{_PREFIX}{of}:{encode_rows(values)}"
+
+
+def decode_rows_prefix(text: str) -> tuple[np.ndarray, int | None]:
+    """The values and, for a prefix (:func:`encode_prefix`), the task's row count (else None:
+    every row, in file order); the prefix length is the array's size."""
+    if text.startswith(_PREFIX):
+        of, _, inner = text[len(_PREFIX):].partition(":")
+        if not of.isdigit():
+            raise SearchError(f"stored per-row values are corrupt: bad prefix {text[:24]!r}")
+        values = decode_rows(inner)
+        if values.size > int(of):
+            raise SearchError(f"stored per-row values are corrupt: {values.size} rows of a task with {of}")
+        return values, int(of)
+    return decode_rows(text), None
+
+
 def decode_rows(text: str) -> np.ndarray:
-    """The float64 row values :func:`encode_rows` encoded."""
+    """The float64 row values :func:`encode_rows` or :func:`encode_prefix` encoded."""
     import numpy as np
+
+    if text.startswith(_PREFIX):
+        return decode_rows_prefix(text)[0]
 
     try:
         if text.startswith(_BITS):
@@ -137,7 +170,21 @@ def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
     else:
         record = heldout_record(study_user_attrs, trial.number)
         raw = None if record is None else record.rows
-    if not isinstance(raw, Mapping) or not raw:
+    if not isinstance(raw, Mapping) or not raw or any(str(text).startswith(_PREFIX) for text in raw.values()):
+        return None  # none stored, or a stopped trial's prefix (trial_prefix_rows)
+    return {str(task): decode_rows(str(text)) for task, text in raw.items()}
+
+
+def prefix_rows_attr(rows: Mapping[str, Sequence[float]], task_rows: Mapping[str, int]) -> dict[str, str]:
+    """The stored form of a trial's rows scored in stages: task -> prefix of the study's order."""
+    return {task: encode_prefix(values, task_rows[task]) for task, values in rows.items()}
+
+
+def trial_prefix_rows(trial: FrozenTrial) -> dict[str, np.ndarray] | None:
+    """A trial's search rows scored in stages (task -> prefix of the study's row order), or
+    None when it holds none or holds every row (file order: :func:`trial_rows`)."""
+    raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
+    if not isinstance(raw, Mapping) or not raw or not all(str(t).startswith(_PREFIX) for t in raw.values()):
         return None
     return {str(task): decode_rows(str(text)) for task, text in raw.items()}
 

@@ -11,6 +11,14 @@ as follows:
   an infeasible trial's value is :func:`penalised`, computed from what the trial stores (its
   objective and its ``constraints``) and the study's ``cma_penalty``. Only the sampler reads
   that number; it is never stored.
+* **A trial stopped early (multi-fidelity, ``search.staged``) is stored PRUNED** with its
+  estimate on the rows it was scored on. TPE is shown it as stored: Optuna's TPE reads PRUNED
+  trials and ranks them below every complete one (those stopped at a later stage first, then
+  by their last intermediate value, which for one objective is the estimate). CMA-ES, GP and
+  NSGA-II read COMPLETE trials only, so they are shown it COMPLETE with its estimate as its
+  values: CMA-ES needs a value for every member of a generation (and penalises the estimate
+  when the estimated gates fail, as above), and GP and NSGA-II would otherwise learn nothing
+  from it. Random search reads nothing.
 * **The same search, whenever it was interrupted.** Each search trial has a ``position``
   (user attr: 0, 1, ... in the order the search asks them; a re-run keeps the position of
   the trial it re-runs) and a ``horizon`` (user attr, chosen by the driver: the positions
@@ -99,7 +107,8 @@ def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
             return optuna.samplers.RandomSampler(seed=s)
     else:
         raise SearchError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
-    return SearchSampler(inner, seed=seed, fixed_space=fixed_space, penalise=name == "cmaes")
+    return SearchSampler(inner, seed=seed, fixed_space=fixed_space, penalise=name == "cmaes",
+                         stopped_as_complete=name != "tpe")
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -147,12 +156,22 @@ def sampler_values(trial: FrozenTrial, directions: Sequence[str], scale: float) 
 # -- the view -------------------------------------------------------------------------
 
 
+def stopped_estimate(trial: FrozenTrial) -> list[float] | None:
+    """A trial stopped early's objective estimate (user attr ``fidelity``), else None."""
+    record = trial.user_attrs.get("fidelity")  # search.staged.FIDELITY_ATTR (that module imports this one)
+    if trial.state != TrialState.PRUNED or not isinstance(record, Mapping) or "objective" not in record:
+        return None
+    return [float(v) for v in record["objective"]]
+
+
 def visible_trials(trials: Sequence[FrozenTrial], *, position: int | None, horizon: int | None,
-                   directions: Sequence[str] | None, scale: float = PENALTY_FLOOR) -> list[FrozenTrial]:
+                   directions: Sequence[str] | None, scale: float = PENALTY_FLOOR,
+                   stopped_as_complete: bool = False) -> list[FrozenTrial]:
     """The search trials as the sampler drawing ``position`` sees them (see the module).
 
     ``directions`` (CMA-ES): show infeasible trials with :func:`sampler_values` at
-    ``scale``. Trials get copied only where the view changes them. With ``position``
+    ``scale``. ``stopped_as_complete``: show trials stopped early COMPLETE with their
+    estimate. Trials get copied only where the view changes them. With ``position``
     None (a trial the driver did not place) the search trials are shown as stored.
     """
     seen: list[FrozenTrial] = []
@@ -172,6 +191,11 @@ def visible_trials(trials: Sequence[FrozenTrial], *, position: int | None, horiz
                 shown.values = None
                 shown.datetime_complete = None
             trial = shown
+        estimate = stopped_estimate(trial) if stopped_as_complete else None
+        if estimate is not None:
+            trial = copy.copy(trial)
+            trial.state = TrialState.COMPLETE
+            trial.values = estimate
         if directions is not None and trial.state == TrialState.COMPLETE and not ranking.is_feasible(trial):
             trial = copy.copy(trial)
             trial.values = sampler_values(trial, directions, scale)
@@ -189,11 +213,12 @@ class _SamplerView:
     """
 
     def __init__(self, study: optuna.Study, *, position: int | None, horizon: int | None,
-                 penalise: bool) -> None:
+                 penalise: bool, stopped_as_complete: bool = False) -> None:
         self._study = study
         self._position = position
         self._horizon = horizon
         self._penalise = penalise
+        self._stopped_as_complete = stopped_as_complete
         self._visible: list[FrozenTrial] | None = None
 
     def __getattr__(self, name: str) -> object:
@@ -219,6 +244,7 @@ class _SamplerView:
             stored, position=self._position, horizon=self._horizon,
             directions=[d.name.lower() for d in self._study.directions] if self._penalise else None,
             scale=penalty_scale(self._study) if self._penalise else PENALTY_FLOOR,
+            stopped_as_complete=self._stopped_as_complete,
         )
 
 
@@ -226,15 +252,18 @@ class SearchSampler(BaseSampler):
     """Draws each search trial with a fresh ``new_inner(seed)`` that sees a :class:`_SamplerView`.
 
     With ``fixed_space`` the relative search space is that, not the inner sampler's
-    inference from finished trials. ``penalise``: CMA-ES (see :func:`sampler_values`).
+    inference from finished trials. ``penalise``: CMA-ES (see :func:`sampler_values`);
+    ``stopped_as_complete``: trials stopped early shown with their estimate (see the module).
     """
 
     def __init__(self, new_inner: Callable[[int], BaseSampler], *, seed: int,
-                 fixed_space: Mapping[str, BaseDistribution] | None = None, penalise: bool = False) -> None:
+                 fixed_space: Mapping[str, BaseDistribution] | None = None, penalise: bool = False,
+                 stopped_as_complete: bool = False) -> None:
         self._new_inner = new_inner
         self.seed = seed
         self.fixed_space = None if fixed_space is None else dict(fixed_space)
         self.penalise = penalise
+        self.stopped_as_complete = stopped_as_complete
         self.inner = new_inner(seed)  # for trials the driver did not place
         self._drawing: tuple[int, BaseSampler, _SamplerView] | None = None  # (trial number, ...)
 
@@ -247,7 +276,8 @@ class SearchSampler(BaseSampler):
             position = trial.user_attrs.get(POSITION)
             horizon = trial.user_attrs.get(HORIZON)
             inner = self._new_inner(position_seed(self.seed, position)) if position is not None else self.inner
-            view = _SamplerView(study, position=position, horizon=horizon, penalise=self.penalise)
+            view = _SamplerView(study, position=position, horizon=horizon, penalise=self.penalise,
+                                stopped_as_complete=self.stopped_as_complete)
             self._drawing = (trial.number, inner, view)
         _, inner, view = self._drawing
         position = trial.user_attrs.get(POSITION)
@@ -280,7 +310,8 @@ class SearchSampler(BaseSampler):
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
         # Optuna's samplers keep nothing from after_trial that changes a later draw.
-        view = _SamplerView(study, position=None, horizon=None, penalise=self.penalise)
+        view = _SamplerView(study, position=None, horizon=None, penalise=self.penalise,
+                            stopped_as_complete=self.stopped_as_complete)
         with warnings.catch_warnings():
             # CMA-ES sees gates through the penalised value; its per-trial "constraints
             # are not used" warning says nothing new.

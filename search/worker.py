@@ -1,7 +1,9 @@
 """The trial worker: one resident merge engine, one live model, the encoded task slices.
 
 A worker builds itself from disk (so a Ray actor can be restarted anywhere), then
-``evaluate`` merges a recipe into its live model in place and scores every task.
+``evaluate`` merges a recipe into its live model in place and scores every task, or with
+``rows`` (a multi-fidelity stage, ``search.loop``) only those rows of the search split
+(``fitness.select``); a stage of the recipe merged last is scored without merging again.
 Trial-level failures (a non-finite merge, a scorer that raises) come back as
 ``TrialOutcome.error``; ``evaluate`` never raises for them, so one bad candidate cannot
 stop a study. Both the inline pool and the Ray pool run this same class.
@@ -13,8 +15,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +29,9 @@ from merges.recipe import Recipe
 from merges.tokenizer_union import TokenizerPolicy
 from search.errors import SearchError
 from search.records import row_ids
+
+if TYPE_CHECKING:
+    from fitness.slices import EncodedSlice
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class TrialWorker:
             spec.name: lm_eval_tasks[spec.name] if spec.name in lm_eval_tasks
             else load_task(spec, tokenizer, batch_size=setup.batch_size) for spec in setup.tasks
         }
+        self._merged: Mapping[str, object] | None = None  # the recipe in self.model (staged evaluations)
+        self._stage_slices: dict[tuple[str, tuple[int, ...]], EncodedSlice] = {}  # every trial's stages alike
         self._node_id = _node_id()
         self._row_ids = {
             split: row_ids({name: [(e.file.name, e.row) for e in getattr(data, split).examples]
@@ -114,16 +122,29 @@ class TrialWorker:
     def identity(self) -> dict[str, str | int]:
         return {"node_id": self._node_id, "pid": os.getpid(), "hostname": socket.gethostname()}
 
-    def evaluate(self, recipe: Mapping[str, object] | Recipe, split: str = "search") -> TrialOutcome:
-        """Merge ``recipe`` into the live model and score every task on ``split``."""
+    def evaluate(self, recipe: Mapping[str, object] | Recipe, split: str = "search",
+                 rows: Mapping[str, Sequence[int]] | None = None) -> TrialOutcome:
+        """Merge ``recipe`` into the live model and score every task on ``split``.
+
+        ``rows`` (search split only): score just these rows (task -> indices into the task's
+        search slice, in the order wanted); a task not named, or with no rows, is not scored.
+        ``scores`` are then the means over those rows and ``rows`` their values in that order.
+        """
         worker = f"{self._node_id}:{os.getpid()}"
         if split not in (*SPLITS, TEST_SPLIT):
             return TrialOutcome(None, 0.0, 0.0, f"unknown split {split!r} (expected one of {SPLITS} or "
                                 f"{TEST_SPLIT!r})", worker)
+        if rows is not None and split != "search":
+            return TrialOutcome(None, 0.0, 0.0, f"rows are scored in stages on the search split only, not {split!r}",
+                                worker)
         start = time.perf_counter()
+        plain = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
         try:
-            parsed = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
-            self.engine.merge_into(self.model, parsed)
+            if rows is None or plain != self._merged:
+                self._merged = None  # a merge that fails half way leaves the model unknown
+                parsed = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+                self.engine.merge_into(self.model, parsed)
+                self._merged = plain if rows is not None else None
         except MergeError as exc:
             return TrialOutcome(None, time.perf_counter() - start, 0.0, f"merge failed: {exc}", worker)
         except Exception as exc:  # an engine bug must fail this trial, not the whole study
@@ -133,20 +154,24 @@ class TrialWorker:
             )
         merged = time.perf_counter()
         scores: dict[str, float] = {}
-        rows: dict[str, tuple[float, ...]] = {}
+        values: dict[str, tuple[float, ...]] = {}
         generations: dict[str, list[dict[str, object]]] = {}
         try:
             from fitness.scoring import score_slice_rows
 
             with torch.inference_mode():
                 for name, data in self.tasks.items():
+                    if rows is not None and not rows.get(name):
+                        continue  # this stage needs no row of this task
                     if isinstance(data, LmEvalTask):  # runs on self.model, which lm-eval's HFLM wraps
                         scores[name] = data.score(split)
                         continue
                     encoded = getattr(data, split)  # search, heldout or test (None: no test file)
                     if encoded is None:
                         raise FitnessError(f"task {name!r} has no {split} split (set its `{split}` file)")
-                    score, rows[name], records = score_slice_rows(self.model, encoded, device=self.setup.device)
+                    if rows is not None:
+                        encoded = self._selected(name, encoded, rows[name])
+                    score, values[name], records = score_slice_rows(self.model, encoded, device=self.setup.device)
                     scores[name] = float(score)
                     if records is not None and split == "heldout":  # kept for the finalists only
                         generations[name] = records
@@ -167,7 +192,20 @@ class TrialWorker:
                 f"scoring produced a non-finite score for task(s) {bad}", worker,
             )
         return TrialOutcome(scores, merged - start, time.perf_counter() - merged, None, worker,
-                            generations or None, rows or None, self._row_ids[split] or None)
+                            generations or None, values or None,
+                            None if rows is not None else self._row_ids[split] or None)
+
+
+    def _selected(self, task: str, encoded: EncodedSlice, rows: Sequence[int]) -> EncodedSlice:
+        """The rows of one stage of ``task``, batched once (the stages are the same for every trial)."""
+        from fitness.select import select_rows
+
+        key = (task, tuple(rows))
+        if key not in self._stage_slices:
+            if len(self._stage_slices) >= 64:  # resumed trials' odd stages: keep the cache small
+                self._stage_slices.clear()
+            self._stage_slices[key] = select_rows(encoded, rows)
+        return self._stage_slices[key]
 
 
 def _node_id() -> str:

@@ -227,3 +227,18 @@ def test_bad_settings_are_refused() -> None:
         decide({"a": [1.0, 0.0]}, [], [], objective="mean", directions=UP, config=CONFIG)
     with pytest.raises(FitnessError, match="no direction for task 'c'"):
         decide({"a": [1.0, 0.0], "c": [1.0, 0.0]}, [], [], objective="mean", directions={"a": True}, config=CONFIG)
+
+
+def test_resamples_default_is_the_intervals_default() -> None:
+    # fitness.fidelity keeps its own copy so that search.config imports no numpy (search status)
+    from fitness import fidelity, intervals
+
+    assert fidelity.RESAMPLES == intervals.RESAMPLES
+
+
+def test_the_schedule_in_words_lists_every_stage() -> None:
+    from fitness.fidelity import describe_schedule
+
+    text = describe_schedule(600, FidelityConfig(first_stage=60))
+    assert text.startswith("4 stage(s) of 60, 180, 540, 600 search rows (first_stage 60, growth 3)")
+    assert "95% confidence" in text

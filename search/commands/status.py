@@ -75,6 +75,8 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         f"{'?' if budget is None else budget} done, "
         f"{len(complete)} complete, {sum(ranking.is_feasible(t) for t in complete)} feasible, "
         f"{len(failed)} failed, {sum(t.state.name == 'RUNNING' for t in searched)} running, "
+        + (f"{stopped} stopped early (multi-fidelity: PRUNED, never best), " if (
+            stopped := sum(t.state.name == 'PRUNED' for t in searched)) else "") +
         f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
         _throughput(complete, progress.throughput(searched, run)),
     ]

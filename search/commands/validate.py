@@ -260,6 +260,11 @@ def summary(config: StudyConfig, validation: Validation) -> str:
             if gate.max_regression is not None:
                 parts.append(f"at most {gate.max_regression:g} below {gate.against}")
             lines.append(f"    gate: {'; '.join(parts)}")
+    if config.fidelity is not None:  # the stage schedule over the search rows (fitness.fidelity)
+        from fitness.fidelity import describe_schedule
+
+        total = sum(validation.rows.get(task.name, {}).get("search", 0) for task in config.tasks)
+        lines.append("fidelity: " + (describe_schedule(total, config.fidelity) if total else "no search rows"))
     gates = gate_names([gate for task in config.tasks for gate in task.gates])
     lines.append(f"gates ({len(gates)}): " + (", ".join(gates) if gates else "none"))
     return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Multi-fidelity scoring against full fidelity: examples scored, wall time, final held-out objective.
+
+For each seed, the study (default: the demo study, ``studies/logistics/study.toml``) is run
+three ways with the real driver (``search.driver.run_study``: baselines, search, finalize),
+each in its own temporary output folder:
+
+1. **full**: every search trial scored on every search row (``study.fidelity`` removed);
+2. **multi**: the same trial budget scored in stages (``--first-stage``, ``--growth``,
+   ``--confidence``; by default the study's own ``study.fidelity``, else 60 rows, 3.0, 0.95);
+3. **multi at equal wall time**: the multi study continued (the driver resumes it with a larger
+   budget and finalizes again; its first trials are exactly run 2's) to the budget whose search
+   loop takes the full run's search-loop wall time: ``budget x full wall / multi wall``, rounded
+   down to whole CMA-ES generations.
+
+Examples scored: the search rows held by the search trials (a stopped trial holds the rows it
+was scored on); the baselines and the finalists' held-out re-scoring are the same in both
+runs and not counted. ``example_ratio`` = examples_full / examples_multi and ``wall_ratio`` =
+full / multi search-loop wall time, both means over seeds (how many times fewer / faster).
+``heldout_min_*``: the final trial's held-out objective (the study's objective: for the demo,
+the weakest task), per seed (null when no finalist passed the gates).
+
+The last line is one JSON object::
+
+    python benchmarks/fidelity.py [--study STUDY] [--seeds 5] [--trials N] [--first-stage 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+
+from fitness.fidelity import FidelityConfig
+from fitness.objective import objective_values
+from search import ranking, storage
+from search.config import StudyConfig, load_study
+from search.driver import run_study
+from search.plan import plan_study
+from search.positions import popsize
+from search.staged import FIDELITY_ATTR
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
+
+
+def examples_scored(study: optuna.Study) -> int:
+    """Search rows held by the study's search trials (every row, or a stopped trial's prefix)."""
+    total = 0
+    rows_per_task = study.user_attrs["example_rows"]["search"]
+    full = sum(int(task["n"]) for task in rows_per_task.values())
+    for trial in study.get_trials(deepcopy=False):
+        if not ranking.counts_toward_budget(trial) or trial.state.name == "FAIL":
+            continue
+        record = trial.user_attrs.get(FIDELITY_ATTR)
+        total += sum(record["rows"].values()) if isinstance(record, dict) else full
+    return total
+
+
+def heldout_objective(study: optuna.Study, config: StudyConfig) -> float | None:
+    """The final trial's held-out objective (first objective), None when there is no final trial."""
+    final = ranking.final_number(study.user_attrs)
+    record = None if final is None else storage.heldout_record(study.user_attrs, final)
+    if record is None:
+        return None
+    return objective_values(record.scores, config.tasks, config.objective)[0]
+
+
+def run(config: StudyConfig, trials: int) -> tuple[optuna.Study, float, float]:
+    """Run (or continue) the study to ``trials``; the study, its search-loop wall and whole wall."""
+    start = time.perf_counter()
+    result = run_study(replace(config, trials=trials), quiet=True)
+    wall = time.perf_counter() - start
+    if result.done != trials:
+        raise SystemExit(f"{config.output}: stopped at {result.done} of {trials} trials")
+    return storage.load_existing_study(config.name, config.storage), result.timings.wall_s, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", type=Path, default=DEMO_STUDY)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=None, help="trial budget (default: the study's)")
+    parser.add_argument("--first-stage", type=int, default=None)
+    parser.add_argument("--growth", type=float, default=None)
+    parser.add_argument("--confidence", type=float, default=None)
+    parser.add_argument("--no-equal-wall", action="store_true", help="skip run 3 (multi at equal wall time)")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = load_study(args.study)
+    own = base.fidelity or FidelityConfig(first_stage=60)
+    fidelity = FidelityConfig(first_stage=args.first_stage or own.first_stage, growth=args.growth or own.growth,
+                              confidence=args.confidence or own.confidence)
+    trials = args.trials if args.trials is not None else base.trials
+    per_generation = popsize(plan_study(base)) if base.sampler == "cmaes" else 1
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="fidelity-bench-") as tmp:
+        for seed in seeds:
+            def variant(name: str, fid: FidelityConfig | None, seed: int = seed) -> StudyConfig:
+                output = Path(tmp) / f"{name}-{seed}"
+                return replace(base, seed=seed, output=output, storage=f"sqlite:///{output / 'study.db'}",
+                               fidelity=fid)
+
+            full, full_loop, full_wall = run(variant("full", None), trials)
+            multi_config = variant("multi", fidelity)
+            multi, multi_loop, multi_wall = run(multi_config, trials)
+            row: dict[str, object] = {
+                "seed": seed, "trials": trials,
+                "examples_full": examples_scored(full), "examples_multi": examples_scored(multi),
+                "loop_s_full": round(full_loop, 2), "loop_s_multi": round(multi_loop, 2),
+                "wall_s_full": round(full_wall, 2), "wall_s_multi": round(multi_wall, 2),
+                "stopped": sum(t.state.name == "PRUNED" for t in multi.get_trials(deepcopy=False)),
+                "heldout_full": heldout_objective(full, base), "heldout_multi": heldout_objective(multi, base),
+            }
+            if not args.no_equal_wall:
+                budget = int(trials * full_loop / multi_loop) // per_generation * per_generation
+                if budget > trials:
+                    equal, more_loop, _ = run(multi_config, budget)
+                    row.update(trials_equal_wall=budget, loop_s_equal_wall=round(multi_loop + more_loop, 2),
+                               heldout_multi_equal_wall=heldout_objective(equal, base))
+                else:
+                    row.update(trials_equal_wall=trials, loop_s_equal_wall=round(multi_loop, 2),
+                               heldout_multi_equal_wall=row["heldout_multi"])
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in rows) / len(rows)  # type: ignore[arg-type]
+
+    summary: dict[str, object] = {
+        "examples_full": mean("examples_full"),
+        "examples_multi": mean("examples_multi"),
+        "example_ratio": round(mean("examples_full") / mean("examples_multi"), 3),
+        "wall_ratio": round(mean("loop_s_full") / mean("loop_s_multi"), 3),
+        "heldout_min_full": [r["heldout_full"] for r in rows],
+        "heldout_min_multi": [r["heldout_multi"] for r in rows],
+        "seeds": len(rows),
+    }
+    if not args.no_equal_wall:
+        summary["heldout_min_multi_equal_wall"] = [r["heldout_multi_equal_wall"] for r in rows]
+        summary["trials_equal_wall"] = [r["trials_equal_wall"] for r in rows]
+    summary["fidelity"] = {"first_stage": fidelity.first_stage, "growth": fidelity.growth,
+                           "confidence": fidelity.confidence}
+    full_scores = [r["heldout_full"] for r in rows]
+    multi_scores = [r["heldout_multi"] for r in rows]
+    if all(isinstance(v, float) and math.isfinite(v) for v in [*full_scores, *multi_scores]):
+        summary["heldout_mean_difference"] = round(
+            sum(multi_scores) / len(rows) - sum(full_scores) / len(rows), 4)  # type: ignore[arg-type]
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
