@@ -73,7 +73,7 @@ import transformers
 from merges.checkpoint import Checkpoint
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
 from merges.layout import Layout, TensorInfo
-from merges.methods import sparsify
+from merges.methods import sparsify, tie_order
 from merges.methods.fused import (
     FusedJob,
     masked_l1_many,
@@ -702,6 +702,8 @@ class MergeEngine:
         They are kept from then on for any density, and replace the delta's sorted magnitudes
         (dropped; recomputed if the other kind of cut needs them again).
         """
+        if self._lean and self._fill_windows(works):
+            return
         wanted = {key for w in works if w.ranks for _, key in w.ranks}
         missing = sorted(key for key in wanted if key not in self._rank)
 
@@ -722,6 +724,35 @@ class MergeEngine:
             for item, key in work.ranks:
                 keys[item] = self._rank[key]
             work.job.keys = keys
+
+    def _fill_windows(self, works: Sequence[_Work]) -> bool:
+        """Lean: plug in keys that keep exactly mergekit's entries of each tied item's window
+        (``tie_order``: std::sort replayed only where a cut lies; on the pool). False, and
+        nothing changed, where the replay cannot be used: then full sort positions."""
+        wanted: dict[tuple[RankKey, tuple[int, int]], None] = {}
+        for work in works:
+            if work.job is not None and work.ranks:
+                for item, key in work.ranks:
+                    wanted[(key, work.job.windows[item])] = None
+
+        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | None:
+            (kind, name, model), (lo, hi) = wanted_key
+            return tie_order.window_keys(self._delta(name, model), lo, hi,
+                                         descending=kind == "descending")
+
+        items = list(wanted)
+        results = list(self._pool.map(compute, items) if self._pool is not None else map(compute, items))
+        if any(keys is None for keys in results):
+            return False
+        found = dict(zip(items, results, strict=True))
+        for work in works:
+            if work.job is None or not work.ranks:
+                continue
+            keys = list(work.job.keys)
+            for item, key in work.ranks:
+                keys[item] = found[(key, work.job.windows[item])]
+            work.job.keys = keys
+        return True
 
     def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
         return torch.Generator(device=self._device).manual_seed(_stable_seed(seed, name, position))
