@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
+    parser.add_argument("--skip-search-merge", action="store_true", help="do not run search merge")
     parser.add_argument("--repeats", type=int, default=5, help="timed merges per method (median)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     parser.add_argument("--plan", default="resident,lean",
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # the exporter is another module: report, keep measuring
                 print(f"{method}: no YAML ({exc!r}); disk-to-disk runs skipped", flush=True)
                 yaml_path = None
-            if yaml_path is not None and search_cli:
+            if yaml_path is not None and search_cli and not args.skip_search_merge:
                 out = scratch / f"{method}-search"
                 wall, rss, status, output = run_child([search_cli, "merge", str(yaml_path), str(out),
                                                        "--seed", "0"])
