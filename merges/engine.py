@@ -66,7 +66,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 import transformers
 
@@ -613,7 +612,13 @@ class MergeEngine:
         spec = METHODS[recipe.method]
         if spec.random:
             self._prefetch_random_keys(recipe, [n for n in names if self._floating[n]])
-        works = [self._work(recipe, spec, target, out) for target, out in outputs]
+        def plan(item: tuple[_Target, torch.Tensor]) -> _Work:
+            return self._work(recipe, spec, item[0], item[1])
+
+        # lean: planning forms the task vectors and selects the thresholds (numpy and torch
+        # release the GIL), so the chunk's tensors are planned side by side on the pool
+        parallel = self._lean and self._pool is not None and len(outputs) > 1
+        works = list(self._pool.map(plan, outputs) if parallel else map(plan, outputs))  # type: ignore[union-attr]
         self._fill_ranks(works)
         self._apply_rescale(works)
         native = [w for w in works if w.job is not None and self._lib is not None
@@ -853,7 +858,8 @@ class _OrderStatistics:
             n = self._magnitudes.numel()
             wanted = [i for i in (index - 1, index, index + 1) if 0 <= i < n]
             if self._magnitudes.device.type == "cpu":
-                selected = np.partition(self._magnitudes.numpy(), wanted)
+                selected = self._magnitudes.numpy()
+                selected.partition(wanted)  # in place: the copy is ours, and its values stay the same
                 values = [float(selected[i]) for i in wanted]
             else:
                 values = [float(torch.kthvalue(self._magnitudes, i + 1).values) for i in wanted]
