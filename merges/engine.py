@@ -46,8 +46,10 @@ arithmetic one is held in the arithmetic one; a LoRA source or a vocabulary view
 at read time, in the arithmetic one) and runs a trial in chunks of tensors (each chunk at
 most the largest tensor's entries): per chunk it forms the task vectors in the arithmetic
 dtype, finds each magnitude cut by selection (``torch.kthvalue`` at the one or two ranks a
-band needs, no sorted copy), computes mergekit's sort positions only where a cut is tied,
-draws the DARE keys, then runs the same planners and fused passes and drops all of it. The
+band needs, no sorted copy), decides a tied cut by ``tie_order`` (torch's sort replayed only
+where a cut lies; a full sort where the replay is unavailable), draws the DARE keys, then runs
+the same planners (the chunk's tensors side by side on the pool) and fused passes and drops
+all of it. The
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
 sorted ones. Memory: the held checkpoints plus one chunk's deltas, keys and sort temporaries.
