@@ -58,6 +58,7 @@ class Size:
     vocab: int
     kv_heads: int | None = None  # grouped-query attention (None: one per head)
     storage: str = "float32"  # the checkpoints' dtype on disk
+    structured: bool = False  # fine-tune-like deltas (low rank + noise, unchanged rows), not noise
 
 
 SIZES = {
@@ -65,7 +66,8 @@ SIZES = {
     "small-bf16": Size(hidden=256, intermediate=688, layers=4, heads=4, vocab=4000, storage="bfloat16"),
     "250m": Size(hidden=1024, intermediate=2816, layers=14, heads=16, vocab=32000),
     # TinyLlama-1.1B's shapes, bf16 on disk as fine-tunes ship
-    "1b": Size(hidden=2048, intermediate=5632, layers=22, heads=32, vocab=32000, kv_heads=4, storage="bfloat16"),
+    "1b": Size(hidden=2048, intermediate=5632, layers=22, heads=32, vocab=32000, kv_heads=4,
+               storage="bfloat16", structured=True),
 }
 
 
@@ -96,7 +98,7 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
     shapes = llama_shapes(size)
     gen = torch.Generator().manual_seed(seed)
     storage = getattr(torch, size.storage)
-    # tensor by tensor in the storage dtype: a 1.1B bf16 family builds in ~5 GB
+    # the base in the storage dtype, each source tensor by tensor: a 1.1B bf16 family builds in ~5 GB
     base = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen).mul_(0.02)
                    ).to(storage) for name, shape in shapes.items()}
     for index, folder in enumerate([base_dir, *source_dirs]):
@@ -111,6 +113,8 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
             for position, (name, tensor) in enumerate(base.items()):
                 if position % 5 == 4:
                     tensors[name] = tensor
+                elif size.structured:
+                    tensors[name] = _fine_tune(tensor, 0.002 * index, gen).to(storage)
                 else:
                     noise = torch.randn(tensor.shape, generator=gen)
                     tensors[name] = noise.mul_(0.002 * index).add_(tensor).to(storage)
@@ -119,6 +123,22 @@ def build_family(root: Path, size: Size, seed: int = 0) -> tuple[Path, list[Path
         os.replace(tmp, folder)
     (root / "complete").write_text("ok\n")
     return base_dir, source_dirs
+
+
+def _fine_tune(tensor: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """``tensor`` (float32) plus a fine-tune-like delta: rank 8 plus a quarter as much noise,
+    with one row in ten unchanged (its delta exactly zero once stored), as fine-tunes that
+    leave some rows (unused tokens, frozen units) alone. One tensor in float32 at a time."""
+    base = tensor.float()
+    if base.dim() == 1:
+        return torch.randn(base.shape, generator=gen).mul_(scale).add_(base)
+    rows, cols = base.shape
+    rank = 8
+    left = torch.randn((rows, rank), generator=gen).mul_(scale / rank ** 0.5)
+    delta = left @ torch.randn((rank, cols), generator=gen)
+    delta.add_(torch.randn(base.shape, generator=gen), alpha=scale / 4)
+    delta[torch.rand(rows, generator=gen) < 0.1] = 0
+    return delta.add_(base)
 
 
 def llama_shapes(size: Size) -> dict[str, tuple[int, ...]]:
@@ -225,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
+    parser.add_argument("--skip-search-merge", action="store_true", help="do not run search merge")
     parser.add_argument("--repeats", type=int, default=5, help="timed merges per method (median)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     parser.add_argument("--plan", default="resident,lean",
@@ -282,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # the exporter is another module: report, keep measuring
                 print(f"{method}: no YAML ({exc!r}); disk-to-disk runs skipped", flush=True)
                 yaml_path = None
-            if yaml_path is not None and search_cli:
+            if yaml_path is not None and search_cli and not args.skip_search_merge:
                 out = scratch / f"{method}-search"
                 wall, rss, status, output = run_child([search_cli, "merge", str(yaml_path), str(out),
                                                        "--seed", "0"])

@@ -46,8 +46,10 @@ arithmetic one is held in the arithmetic one; a LoRA source or a vocabulary view
 at read time, in the arithmetic one) and runs a trial in chunks of tensors (each chunk at
 most the largest tensor's entries): per chunk it forms the task vectors in the arithmetic
 dtype, finds each magnitude cut by selection (``torch.kthvalue`` at the one or two ranks a
-band needs, no sorted copy), computes mergekit's sort positions only where a cut is tied,
-draws the DARE keys, then runs the same planners and fused passes and drops all of it. The
+band needs, no sorted copy), decides a tied cut by ``tie_order`` (torch's sort replayed only
+where a cut lies; a full sort where the replay is unavailable), draws the DARE keys, then runs
+the same planners (the chunk's tensors side by side on the pool) and fused passes and drops
+all of it. The
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
 sorted ones. Memory: the held checkpoints plus one chunk's deltas, keys and sort temporaries.
@@ -66,14 +68,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 import transformers
 
 from merges.checkpoint import Checkpoint
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
 from merges.layout import Layout, TensorInfo
-from merges.methods import sparsify
+from merges.methods import sparsify, tie_order
 from merges.methods.fused import (
     FusedJob,
     masked_l1_many,
@@ -613,7 +614,13 @@ class MergeEngine:
         spec = METHODS[recipe.method]
         if spec.random:
             self._prefetch_random_keys(recipe, [n for n in names if self._floating[n]])
-        works = [self._work(recipe, spec, target, out) for target, out in outputs]
+        def plan(item: tuple[_Target, torch.Tensor]) -> _Work:
+            return self._work(recipe, spec, item[0], item[1])
+
+        # lean: planning forms the task vectors and selects the thresholds (numpy and torch
+        # release the GIL), so the chunk's tensors are planned side by side on the pool
+        parallel = self._lean and self._pool is not None and len(outputs) > 1
+        works = list(self._pool.map(plan, outputs) if parallel else map(plan, outputs))  # type: ignore[union-attr]
         self._fill_ranks(works)
         self._apply_rescale(works)
         native = [w for w in works if w.job is not None and self._lib is not None
@@ -702,6 +709,8 @@ class MergeEngine:
         They are kept from then on for any density, and replace the delta's sorted magnitudes
         (dropped; recomputed if the other kind of cut needs them again).
         """
+        if self._lean and self._fill_windows(works):
+            return
         wanted = {key for w in works if w.ranks for _, key in w.ranks}
         missing = sorted(key for key in wanted if key not in self._rank)
 
@@ -722,6 +731,35 @@ class MergeEngine:
             for item, key in work.ranks:
                 keys[item] = self._rank[key]
             work.job.keys = keys
+
+    def _fill_windows(self, works: Sequence[_Work]) -> bool:
+        """Lean: plug in keys that keep exactly mergekit's entries of each tied item's window
+        (``tie_order``: std::sort replayed only where a cut lies; on the pool). False, and
+        nothing changed, where the replay cannot be used: then full sort positions."""
+        wanted: dict[tuple[RankKey, tuple[int, int]], None] = {}
+        for work in works:
+            if work.job is not None and work.ranks:
+                for item, key in work.ranks:
+                    wanted[(key, work.job.windows[item])] = None
+
+        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | None:
+            (kind, name, model), (lo, hi) = wanted_key
+            return tie_order.window_keys(self._delta(name, model), lo, hi,
+                                         descending=kind == "descending")
+
+        items = list(wanted)
+        results = list(self._pool.map(compute, items) if self._pool is not None else map(compute, items))
+        if any(keys is None for keys in results):
+            return False
+        found = dict(zip(items, results, strict=True))
+        for work in works:
+            if work.job is None or not work.ranks:
+                continue
+            keys = list(work.job.keys)
+            for item, key in work.ranks:
+                keys[item] = found[(key, work.job.windows[item])]
+            work.job.keys = keys
+        return True
 
     def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
         return torch.Generator(device=self._device).manual_seed(_stable_seed(seed, name, position))
@@ -822,7 +860,8 @@ class _OrderStatistics:
             n = self._magnitudes.numel()
             wanted = [i for i in (index - 1, index, index + 1) if 0 <= i < n]
             if self._magnitudes.device.type == "cpu":
-                selected = np.partition(self._magnitudes.numpy(), wanted)
+                selected = self._magnitudes.numpy()
+                selected.partition(wanted)  # in place: the copy is ours, and its values stay the same
                 values = [float(selected[i]) for i in wanted]
             else:
                 values = [float(torch.kthvalue(self._magnitudes, i + 1).values) for i in wanted]

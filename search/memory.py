@@ -49,7 +49,8 @@ STORAGE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I
 FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 SORT_TEMP_BYTES = 16
 """A tie's sort positions (merges.methods.sparsify.descending_ranks): int64 argsort indices,
-the sorted float32 values and the int32 positions, per entry, while one is computed."""
+the sorted float32 values and the int32 positions, per entry, while one is computed. The lean
+plan's replay (merges.methods.tie_order) needs 8 (value, index pairs): this bounds both."""
 
 
 @dataclass(frozen=True)

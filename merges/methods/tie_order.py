@@ -1,0 +1,192 @@
+"""Which of equal magnitudes at a density cut mergekit keeps, without sorting the whole tensor.
+
+mergekit 0.1.5 masks TIES / breadcrumbs deltas by ``torch.argsort(|delta|)`` in float32
+(``descending=True``; breadcrumbs: ``torch.sort`` ascending). torch's CPU sort of a float
+tensor without ``stable=True`` is libstdc++'s ``std::sort`` (introsort) over (value, index)
+pairs, so where equal nonzero magnitudes straddle the cut, which of them are kept is what
+that algorithm's partitions leave on each side. Only the partitions that contain a cut
+decide it: a range that lies wholly before or after every cut is kept or dropped whatever
+its inner order. ``window_keys`` therefore replays ``std::sort`` step for step (the same
+median-of-three pivots, the same unguarded Hoare partition, the same final insertion sort)
+but descends only into ranges that hold a cut: expected O(n) instead of O(n log n), and
+8 bytes of scratch per entry (and the keys) instead of an argsort's 16.
+
+It is used only when it provably agrees with torch on this machine: on first use the
+replay is compared with ``torch.argsort`` / ``torch.sort`` on tied test tensors, and it is
+off (``None``: the caller sorts) when that check fails, no C compiler works, the introsort
+depth limit would switch to heapsort inside a cut's range, or the tensor is not on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from merges.methods.fused import _cache_dir, _cpu_signature
+
+DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+
+typedef struct { float v; int32_t i; } pair_t;
+
+/* comp(a, b): a goes before b (torch's KeyValueCompDesc / KeyValueCompAsc on finite values) */
+#define BEFORE(desc, a, b) ((desc) ? (a).v > (b).v : (a).v < (b).v)
+
+static inline void swap_pairs(pair_t* x, int64_t a, int64_t b) { pair_t t = x[a]; x[a] = x[b]; x[b] = t; }
+
+static void median_to_first(pair_t* x, int64_t r, int64_t a, int64_t b, int64_t c, int desc) {
+    if (BEFORE(desc, x[a], x[b])) {
+        if (BEFORE(desc, x[b], x[c])) swap_pairs(x, r, b);
+        else if (BEFORE(desc, x[a], x[c])) swap_pairs(x, r, c);
+        else swap_pairs(x, r, a);
+    } else if (BEFORE(desc, x[a], x[c])) swap_pairs(x, r, a);
+    else if (BEFORE(desc, x[b], x[c])) swap_pairs(x, r, c);
+    else swap_pairs(x, r, b);
+}
+
+static int64_t partition_pivot(pair_t* x, int64_t first, int64_t last, int desc) {
+    int64_t mid = first + (last - first) / 2;
+    median_to_first(x, first, first + 1, mid, last - 1, desc);
+    pair_t pivot = x[first];
+    int64_t lo = first + 1, hi = last;
+    for (;;) {
+        while (BEFORE(desc, x[lo], pivot)) ++lo;
+        --hi;
+        while (BEFORE(desc, pivot, x[hi])) --hi;
+        if (!(lo < hi)) return lo;
+        swap_pairs(x, lo, hi);
+        ++lo;
+    }
+}
+
+/* the final insertion sort's effect on one range of at most 16 (stable) */
+static void insertion_sort(pair_t* x, int64_t first, int64_t last, int desc) {
+    for (int64_t i = first + 1; i < last; ++i) {
+        pair_t v = x[i];
+        int64_t j = i;
+        while (j > first && BEFORE(desc, v, x[j - 1])) { x[j] = x[j - 1]; --j; }
+        x[j] = v;
+    }
+}
+
+static int straddles(int64_t first, int64_t last, int64_t cut) { return first < cut && cut < last; }
+
+/* std::__introsort_loop on [first, last), descending only into ranges that hold a cut;
+   -1 where std::sort would switch to heapsort there (not replayed) */
+static int select_range(pair_t* x, int64_t first, int64_t last, int depth, int desc,
+                        int64_t lo, int64_t hi) {
+    while (last - first > 16) {
+        if (!straddles(first, last, lo) && !straddles(first, last, hi)) return 0;
+        if (depth == 0) return -1;
+        --depth;
+        int64_t cut = partition_pivot(x, first, last, desc);
+        if (select_range(x, cut, last, depth, desc, lo, hi)) return -1;
+        last = cut;
+    }
+    if (straddles(first, last, lo) || straddles(first, last, hi)) insertion_sort(x, first, last, desc);
+    return 0;
+}
+
+/* keys[i] = lo where |values[i]| ends in sorted positions [lo, hi), else 2^31 - 1; 0 on success */
+int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int32_t desc,
+                    int32_t* keys, pair_t* scratch) {
+    for (int64_t i = 0; i < n; ++i) { scratch[i].v = fabsf(values[i]); scratch[i].i = (int32_t)i; }
+    int depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) depth += 2;  /* 2 * floor(log2(n)), std::__lg */
+    if (n > 1 && select_range(scratch, 0, n, depth, desc, lo, hi)) return -1;
+    for (int64_t p = 0; p < n; ++p) keys[scratch[p].i] = (p >= lo && p < hi) ? (int32_t)lo : 2147483647;
+    return 0;
+}
+"""
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MERGESEARCH_NO_NATIVE"):
+        return None
+    flags = ["-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-lm"]
+    digest = hashlib.sha256("\0".join([_C_SOURCE, *flags, _cpu_signature()]).encode()).hexdigest()
+    target = _cache_dir() / f"tie_order_{digest[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "tie_order.c"
+                src.write_text(_C_SOURCE)
+                built = target.parent / f"{target.name}.tmp-{os.getpid()}"
+                subprocess.run([os.environ.get("CC", "cc"), *flags[:-1], str(src), "-o", str(built), flags[-1]],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(built, target)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    lib = ctypes.CDLL(str(target))
+    lib.window_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
+    lib.window_keys.restype = ctypes.c_int64
+    return lib
+
+
+def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
+            descending: bool) -> torch.Tensor | None:
+    n = magnitudes.numel()
+    keys = torch.empty(n, dtype=torch.int32)
+    scratch = torch.empty(2 * n, dtype=torch.int32)  # (float, int32) pairs
+    status = lib.window_keys(magnitudes.data_ptr(), n, lo, hi, int(descending), keys.data_ptr(),
+                             scratch.data_ptr())
+    return keys if status == 0 else None
+
+
+def _sorted_positions(magnitudes: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Where each entry lands in torch's sort, as mergekit sorts (the reference)."""
+    if descending:
+        order = torch.argsort(magnitudes, descending=True)
+    else:
+        order = torch.sort(magnitudes, descending=False).indices
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(order.numel())
+    return positions
+
+
+@lru_cache(maxsize=1)
+def _agrees_with_torch() -> bool:
+    """True when the replay reproduces this torch's sort on tied tensors of several sizes."""
+    lib = _library()
+    if lib is None:
+        return False
+    generator = torch.Generator().manual_seed(20261130)
+    for n, distinct in ((17, 3), (100, 4), (1000, 7), (5000, 2), (40_000, 50), (40_000, 1000)):
+        values = torch.randint(0, distinct, (n,), generator=generator).float().mul_(0.25)
+        for descending in (True, False):
+            positions = _sorted_positions(values, descending)
+            for lo, hi in ((0, n // 3), (n // 5, n - n // 7), (0, 1), (n - 1, n)):
+                keys = _replay(lib, values, lo, hi, descending)
+                if keys is None:
+                    return False
+                inside = (positions >= lo) & (positions < hi)
+                if not torch.equal(keys != DROPPED, inside):
+                    return False
+    return True
+
+
+def window_keys(delta: torch.Tensor, lo: int, hi: int, *, descending: bool) -> torch.Tensor | None:
+    """int32 keys of ``delta``'s entries (flat): ``lo`` for each entry whose position in
+    mergekit's sort of ``|delta|`` (float32; ``descending`` for TIES, ascending for
+    breadcrumbs) lies in ``[lo, hi)``, ``DROPPED`` for the others, so ``lo <= key < hi``
+    keeps exactly mergekit's entries. None when the replay cannot be used (module docstring)."""
+    if delta.device.type != "cpu" or delta.numel() >= DROPPED or not _agrees_with_torch():
+        return None
+    lib = _library()
+    assert lib is not None
+    # float32 as mergekit sorts; the replay takes |.| itself (no copy of a float32 delta)
+    return _replay(lib, delta.reshape(-1).float().contiguous(), lo, hi, descending)

@@ -1,0 +1,120 @@
+"""tie_order: the kept entries of a tied cut are exactly those of torch's own sort (mergekit's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from merges.checkpoint import open_checkpoint
+from merges.engine import MergeEngine
+from merges.methods import tie_order
+from merges.methods.tie_order import DROPPED, window_keys
+from merges.recipe import Recipe
+
+
+def _replay_in_use() -> None:
+    if not tie_order._agrees_with_torch():  # another torch sort (or no compiler): callers sort, as before
+        pytest.skip("the replay does not reproduce this machine's torch sort; the engine sorts instead")
+
+
+def _inside(values: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """mergekit's kept entries: positions [lo, hi) of torch's sort of float32 |values|."""
+    magnitudes = values.abs().float()
+    order = (torch.argsort(magnitudes, descending=True) if descending
+             else torch.sort(magnitudes, descending=False).indices)
+    return torch.isin(torch.arange(values.numel()), order[lo:hi])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 20_000), distinct=st.integers(1, 40), seed=st.integers(0, 2**31),
+       cuts=st.tuples(st.floats(0, 1), st.floats(0, 1)), descending=st.booleans(),
+       signed=st.booleans())
+def test_kept_entries_are_those_of_torch_sort(n: int, distinct: int, seed: int,
+                                              cuts: tuple[float, float], descending: bool,
+                                              signed: bool) -> None:
+    """Heavily tied magnitudes (few distinct values, both signs), any window, both directions."""
+    _replay_in_use()
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, distinct, (n,), generator=generator).float().mul_(0.125)
+    if signed:
+        values.mul_(torch.randint(0, 2, (n,), generator=generator).float().mul_(2).sub_(1))
+    lo, hi = sorted(int(c * n) for c in cuts)
+    keys = window_keys(values, lo, hi, descending=descending)
+    assert keys is not None and keys.dtype == torch.int32
+    assert torch.equal(keys != DROPPED, _inside(values, lo, hi, descending))
+    assert bool(((keys == lo) | (keys == DROPPED)).all())  # lo <= key < hi keeps exactly them
+
+
+def test_bfloat16_deltas_of_a_large_tensor() -> None:
+    """Quantised fine-tune deltas (bf16 weights, float32 arithmetic) of a tensor large enough for
+    deep partitions: the TIES and breadcrumbs windows keep what torch's sort keeps."""
+    _replay_in_use()
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(300_000, generator=generator).mul_(0.02).bfloat16()
+    source = (base.float() + torch.randn(300_000, generator=generator).mul_(0.002)).bfloat16()
+    delta = source.float() - base.float()
+    for lo, hi, descending in ((0, 150_000, True), (0, 90_001, True), (120_000, 297_000, False)):
+        keys = window_keys(delta, lo, hi, descending=descending)
+        assert keys is not None
+        assert torch.equal(keys != DROPPED, _inside(delta, lo, hi, descending)), (lo, hi, descending)
+
+
+def test_not_used_off_the_cpu_or_without_the_native_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None tells the engine to sort instead: a tensor off the CPU, or no compiled replay."""
+    values = torch.tensor([1.0, 1.0, 2.0])
+    if torch.cuda.is_available():
+        assert window_keys(values.cuda(), 0, 1, descending=True) is None
+    monkeypatch.setenv("MERGESEARCH_NO_NATIVE", "1")
+    tie_order._library.cache_clear()
+    tie_order._agrees_with_torch.cache_clear()
+    try:
+        assert window_keys(values, 0, 1, descending=True) is None
+    finally:
+        monkeypatch.delenv("MERGESEARCH_NO_NATIVE")
+        tie_order._library.cache_clear()
+        tie_order._agrees_with_torch.cache_clear()
+
+
+def test_lean_engine_replays_tied_cuts_and_matches_resident(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16-quantised family (ties at most cuts): the lean plan takes its tied cuts from the
+    replay (no full sort) and merges the resident plan's tensors bit for bit."""
+    _replay_in_use()
+    from tests.checkpoints import save, tiny_model
+
+    base_model = tiny_model("llama", seed=5, layers=2)
+    save(base_model, tmp_path / "base")
+    for i in range(2):
+        gen = torch.Generator().manual_seed(200 + i)
+        copy = type(base_model)(base_model.config)
+        copy.load_state_dict(base_model.state_dict())
+        with torch.no_grad():
+            for param in copy.parameters():
+                param.add_(torch.randint(-2, 3, param.shape, generator=gen).float() * 0.01)
+        save(copy, tmp_path / f"source{i}")
+    base = open_checkpoint(tmp_path / "base")
+    sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
+    calls: list[bool] = []
+    replay = tie_order.window_keys
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        keys = replay(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(keys is not None)
+        return keys
+
+    monkeypatch.setattr(tie_order, "window_keys", counted)
+    lean = MergeEngine(base, sources, device="cpu", plan="lean")
+    resident = MergeEngine(base, sources, device="cpu", plan="resident")
+    paths = [str(tmp_path / f"source{i}") for i in range(2)]
+    for method, extra in (("ties", {}), ("breadcrumbs_ties", {"gamma": [0.05, 0.1]})):
+        for densities in ([0.35, 0.6], [0.5, 0.9]):
+            r = Recipe.uniform(method, str(tmp_path / "base"), paths, 2,
+                               {"weight": [0.7, 0.4], "density": densities, **extra})
+            merged = lean.materialize(r)
+            for name, tensor in resident.materialize(r).items():
+                assert torch.equal(merged[name], tensor), (method, densities, name)
+    assert calls and all(calls)  # the cuts were tied, and the replay (not a full sort) decided them
