@@ -73,6 +73,7 @@ import transformers
 
 from merges.checkpoint import Checkpoint
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
+from merges.grouping import consecutive_groups
 from merges.layout import Layout, TensorInfo
 from merges.methods import sparsify, tie_order
 from merges.methods.fused import (
@@ -577,17 +578,7 @@ class MergeEngine:
     def _chunks(self, outputs: Sequence[tuple[_Target, torch.Tensor]]
                 ) -> Iterable[Sequence[tuple[_Target, torch.Tensor]]]:
         """Consecutive outputs of at most the largest tensor's entries together (lean)."""
-        chunk: list[tuple[_Target, torch.Tensor]] = []
-        size = 0
-        for item in outputs:
-            numel = item[1].numel()
-            if chunk and size + numel > self._largest:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(item)
-            size += numel
-        if chunk:
-            yield chunk
+        return consecutive_groups(outputs, lambda item: item[1].numel(), self._largest)
 
     def _drop_chunk(self) -> None:
         """Forget one lean chunk's tensors: task vectors, keys, tie positions, large statistics."""

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from merges.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, Checkpoint
 from merges.errors import CheckpointError, NonFiniteMergeError
+from merges.grouping import consecutive_groups
 from merges.layout import Layout, layout_of
 from merges.output import Protected, output_folder
 
@@ -175,17 +176,7 @@ def _shards(
     tensors: Mapping[str, torch.Tensor], names: list[str], limit: int
 ) -> Iterator[list[str]]:
     """Consecutive groups of names whose bytes stay under ``limit`` (a bigger tensor alone)."""
-    shard: list[str] = []
-    size = 0
-    for name in names:
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shard and size + nbytes > limit:
-            yield shard
-            shard, size = [], 0
-        shard.append(name)
-        size += nbytes
-    if shard:
-        yield shard
+    return consecutive_groups(names, lambda name: tensors[name].numel() * tensors[name].element_size(), limit)
 
 
 def _write_shard(

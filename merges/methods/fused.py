@@ -27,18 +27,14 @@ fused multiply-add where torch's CPU kernels fuse it (``fma``; probed once, see
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from merges.methods.native import build_library
 
 MAX_SOURCES = 32
 CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small enough to split
@@ -310,43 +306,13 @@ class _Job(ctypes.Structure):
     ]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MERGESEARCH_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "mergesearch") / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()}|{flags}"
-
-
 @lru_cache(maxsize=1)
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None when no C compiler works."""
-    if os.environ.get("MERGESEARCH_NO_NATIVE"):
+    lib = build_library("fused", _C_SOURCE, ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math",
+                                             "-shared", "-fPIC"], ["-lm"])
+    if lib is None:
         return None
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
-             "-lm"]
-    digest = hashlib.sha256("\0".join([_C_SOURCE, *flags, _cpu_signature()]).encode()).hexdigest()
-    target = _cache_dir() / f"fused_{digest[:16]}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = Path(tmp) / "fused.c"
-                src.write_text(_C_SOURCE)
-                built = target.parent / f"{target.name}.tmp-{os.getpid()}"
-                subprocess.run([os.environ.get("CC", "cc"), *flags[:-1], str(src), "-o", str(built),
-                                flags[-1]],
-                               check=True, capture_output=True, timeout=120)
-                os.replace(built, target)
-        except (OSError, subprocess.SubprocessError):
-            return None
-    lib = ctypes.CDLL(str(target))
     lib.fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
     lib.fused_merge.restype = ctypes.c_int64
     lib.masked_l1.argtypes = [ctypes.POINTER(_Job), ctypes.c_int32, ctypes.c_int64, ctypes.c_int64]

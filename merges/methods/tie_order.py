@@ -20,16 +20,11 @@ depth limit would switch to heapsort inside a cut's range, or the tensor is not 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from merges.methods.fused import _cache_dir, _cpu_signature
+from merges.methods.native import build_library
 
 DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
 
@@ -113,24 +108,10 @@ int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int3
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MERGESEARCH_NO_NATIVE"):
+    lib = build_library("tie_order", _C_SOURCE, ["-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"],
+                        ["-lm"])
+    if lib is None:
         return None
-    flags = ["-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-lm"]
-    digest = hashlib.sha256("\0".join([_C_SOURCE, *flags, _cpu_signature()]).encode()).hexdigest()
-    target = _cache_dir() / f"tie_order_{digest[:16]}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = Path(tmp) / "tie_order.c"
-                src.write_text(_C_SOURCE)
-                built = target.parent / f"{target.name}.tmp-{os.getpid()}"
-                subprocess.run([os.environ.get("CC", "cc"), *flags[:-1], str(src), "-o", str(built), flags[-1]],
-                               check=True, capture_output=True, timeout=120)
-                os.replace(built, target)
-        except (OSError, subprocess.SubprocessError):
-            return None
-    lib = ctypes.CDLL(str(target))
     lib.window_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     lib.window_keys.restype = ctypes.c_int64
