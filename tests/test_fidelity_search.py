@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from fitness.fidelity import FidelityConfig
 from search import ranking
+from search.cli import main
 from search.commands.status import render_status
 from search.config import load_study
 from search.driver import run_study
@@ -146,6 +147,10 @@ def test_a_staged_study_stops_some_trials_and_never_shows_them_as_best(
     assert chosen is not None and chosen.state == TrialState.COMPLETE
     assert all(t.state == TrialState.COMPLETE for t in ranking.ranked(study.get_trials(), directions))
     assert "stopped early" in render_status(study)
+    first_stopped = next(t.number for t in searched if t.state == TrialState.PRUNED)
+    recipe = tmp_path / "stopped.yaml"
+    assert main(["export", str(path), "-o", str(recipe), "--trial", str(first_stopped)]) == 2  # no release
+    assert not recipe.exists()
 
     # What samplers see: TPE the stored PRUNED trial, the others the estimate as a complete one.
     stopped = [t for t in searched if t.state == TrialState.PRUNED]

@@ -118,6 +118,9 @@ def choose_trial(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, object]
         if not matches:
             raise SearchError(f"--trial {number}: no such trial (the study has trials 0..{len(trials) - 1})")
         trial = matches[0]
+        if trial.state == TrialState.PRUNED and "fidelity" in trial.user_attrs:  # search.staged.FIDELITY_ATTR
+            raise SearchError(f"--trial {number}: trial was stopped early by multi-fidelity scoring (scored on "
+                              "part of the search rows only); export a trial scored on every row")
         if trial.state != TrialState.COMPLETE or "recipe" not in trial.user_attrs:
             raise SearchError(f"--trial {number}: trial is {trial.state.name}, it has no scored recipe")
         return trial
