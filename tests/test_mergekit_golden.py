@@ -705,7 +705,8 @@ def test_slice_bases_that_differ_match_mergekit(dtype: str, llama_family: TinyFa
 def test_slice_bases_exported_are_rebuilt_by_the_mergekit_yaml_command(llama_family: TinyFamily,
                                                                        tmp_path: Path) -> None:
     """The recipe the import read, written back (as `search export` writes it): the same recipe
-    again, and `mergekit-yaml` rebuilds from it what `search merge` wrote from the original."""
+    again, and `mergekit-yaml` rebuilds from it what `search merge` writes from the original and
+    from the export (which asks for the base's tokenizer: vocabulary views over every base)."""
     original = tmp_path / "config.yaml"
     original.write_text(_yaml_slice_bases(llama_family, "float32"))
     recipe = recipe_from_mergekit(original)
@@ -717,9 +718,11 @@ def test_slice_bases_exported_are_rebuilt_by_the_mergekit_yaml_command(llama_fam
     command = [str(Path(sys.executable).with_name("mergekit-yaml")), str(exported), str(out), "--no-lazy-unpickle"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert search_main(["merge", str(original), str(tmp_path / "ours")]) == 0
-    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), load_file(out / "model.safetensors"),
-                        layout)
+    assert "tokenizer_source: base" in exported.read_text()
+    theirs = load_file(out / "model.safetensors")
+    for config, ours in ((original, tmp_path / "ours"), (exported, tmp_path / "ours_exported")):
+        assert search_main(["merge", str(config), str(ours)]) == 0
+        assert_same_tensors(load_file(ours / "model.safetensors"), theirs, layout)
 
 
 def test_llava_checkpoints_are_refused_as_mergekit_cannot_merge_them(tmp_path: Path,
