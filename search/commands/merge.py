@@ -42,9 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run a mergekit 0.1.5 config (the `models:` or `slices:` form) with the in-memory "
             "engine and save the result as a Hugging Face checkpoint folder: the same tensors "
-            "`mergekit-yaml CONFIG OUT_DIR` writes, within float rounding. Configs the engine "
-            "cannot reproduce exactly (other merge methods, tokenizer unions, "
-            "filters that split a tensor role, LoRAs...) are refused with the reason. DARE and "
+            "`mergekit-yaml CONFIG OUT_DIR` writes, within float rounding; per-slice base_models "
+            "merge each slice against its own base, as mergekit does. Configs the engine "
+            "cannot reproduce exactly (filters that split a tensor role, slices that merge "
+            "different models, modules:...) are refused with the reason. DARE and "
             "DELLA masks are drawn from the engine's own seeded generators: equal to mergekit's "
             "in distribution, not bit for bit. The output folder is written atomically; it must be "
             "new or empty (--overwrite replaces a previous output of this command, nothing else)."
