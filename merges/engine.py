@@ -395,6 +395,9 @@ class MergeEngine:
 
     def _plan(self, recipe: Recipe) -> list[_Target]:
         validate_recipe(recipe)
+        if recipe.group_bases:  # one base per engine: merge Recipe.against each (search merge does)
+            raise RecipeError(f"recipe merges its layer groups against {len(set(recipe.group_bases))} "
+                              "bases; an engine merges against one (Recipe.against)")
         if recipe.dtype != _dtype_name(self._dtype):
             raise RecipeError(f"recipe dtype {recipe.dtype!r} differs from the engine's arithmetic "
                               f"dtype {_dtype_name(self._dtype)!r}; build the engine with that dtype")

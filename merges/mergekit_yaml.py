@@ -10,8 +10,9 @@ Import reads the ``models:`` and ``slices:`` forms and resolves every parameter 
 mergekit 0.1.5 does (source > slice > top level; filters by substring, first match;
 gradients interpolated per layer with mergekit's own formula; tensors outside the
 layers take the first slice's values for the embeddings and the last slice's for the
-final norm and head, both at ``t = 0``; a slice's own ``base_model`` is imported when every
-slice names the same one and no other is set at the top level). Whatever the engine cannot reproduce exactly
+final norm and head, both at ``t = 0``; a slice's own ``base_model`` is the base of that slice's
+tensors, ``Recipe.group_bases``, the embeddings taking the first slice's and the head the last's).
+Whatever the engine cannot reproduce exactly
 raises :class:`UnsupportedConfigError` with the reason; nothing is approximated. What
 mergekit accepts but ignores (a parameter its method does not declare, such as ``weight``
 on ``slerp``) is accepted and named in an :class:`IgnoredConfigWarning`.
@@ -251,7 +252,7 @@ def recipe_to_mergekit(recipe: Recipe, layout: Layout, *, header: str = "",
     through ``names`` (what ``rename_models`` was given).
     """
     try:
-        validate_recipe(recipe)
+        _validate(recipe)
     except MergeError as exc:
         raise UnsupportedConfigError(f"recipe cannot be exported: {exc}") from exc
     spec = _method(recipe.method, "recipe")
@@ -304,7 +305,7 @@ def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
     id (any name that is not an existing folder there is downloaded from the Hub).
     """
     models = [*([recipe.base] if recipe.base is not None else []), *recipe.sources,
-              *(piece.model for piece in recipe.layer_slices)]
+              *recipe.group_bases, *(piece.model for piece in recipe.layer_slices)]
     missing = [m for m in dict.fromkeys(models) if m not in names]
     if missing:
         raise UnsupportedConfigError(f"recipe model(s) {missing} have no name to export them as")
@@ -321,6 +322,7 @@ def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
         recipe,
         base=None if recipe.base is None else names[recipe.base],
         sources=tuple(names[s] for s in recipe.sources),
+        group_bases=tuple(names[b] for b in recipe.group_bases),
         layer_slices=tuple(dataclasses.replace(p, model=names[p.model]) for p in recipe.layer_slices),
     )
 
@@ -396,19 +398,20 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
         )
     # A base listed among a base method's sources merges as the base (mergekit and the
     # engine ignore its per-source values); it is written once, last, as mergekit adds it.
+    # With per-group bases each slice names its own (``base_model``) and lists it so.
     with_base = spec.takes_base and recipe.base is not None
-    merged = [s for s in recipe.sources if not (with_base and s == recipe.base)]
-    inputs = list(merged)
     if spec.needs_base and recipe.base is None:
         raise UnsupportedConfigError(f"{recipe.method} needs a base model")
-    if with_base:
-        assert recipe.base is not None
-        inputs.append(recipe.base)  # mergekit requires the base as a source of every slice
-    for path in inputs:
-        _check_path(path, "source")
-    duplicates = sorted({p for p in inputs if inputs.count(p) > 1})
-    if duplicates:
-        raise UnsupportedConfigError(f"model(s) {duplicates} appear twice among the merge inputs")
+    if recipe.group_bases and not spec.takes_base:
+        raise UnsupportedConfigError(f"{recipe.method} takes no base; per-group bases mean nothing to it")
+    for group in range(len(recipe.groups)):
+        group_base = recipe.base_of_group(group) if with_base else None
+        inputs = [s for s in recipe.sources if s != group_base] + ([group_base] if group_base else [])
+        for path in inputs:
+            _check_path(path, "source")
+        duplicates = sorted({p for p in inputs if inputs.count(p) > 1})
+        if duplicates:
+            raise UnsupportedConfigError(f"model(s) {duplicates} appear twice among the merge inputs")
 
     filters = role_filters(layout)
     top_level: dict[str, object] = {}
@@ -423,8 +426,9 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
 
     slices: list[dict[str, object]] = []
     for group, (start, end) in enumerate(recipe.groups):
+        group_base = recipe.base_of_group(group) if with_base else None
         sources: list[dict[str, object]] = []
-        for model in merged:
+        for model in (s for s in recipe.sources if s != group_base):
             index = recipe.sources.index(model)
             params: dict[str, object] = {}
             for name, table in recipe.tensor_params.items():
@@ -435,9 +439,10 @@ def _layer_group_slices(recipe: Recipe, spec: MethodSpec, layout: Layout) -> dic
             if params:
                 source["parameters"] = params
             sources.append(source)
-        if with_base:
-            sources.append({"model": recipe.base, "layer_range": [start, end]})
-        entry: dict[str, object] = {"sources": sources}
+        if group_base is not None:
+            sources.append({"model": group_base, "layer_range": [start, end]})
+        entry: dict[str, object] = {"base_model": group_base} if recipe.group_bases else {}
+        entry["sources"] = sources
         if per_group_globals:
             slice_params: dict[str, object] = {}
             for name in per_group_globals:
@@ -484,6 +489,7 @@ class _Slice:
     sources: tuple[_Source, ...]
     parameters: Parameters
     where: str
+    base: str | None = None  # the model its tensors merge against (None: the method takes no base)
 
 
 def _is_scalar(value: object) -> bool:
@@ -707,10 +713,16 @@ def recipe_from_mergekit(
         recipe = _layer_group_recipe(method, slices, top, base, checkpoint_layout, spec, where)
     recipe = dataclasses.replace(recipe, dtype=dtype, out_dtype=out_dtype, seed=seed)
     try:
-        validate_recipe(recipe)
+        _validate(recipe)
     except MergeError as exc:
         raise UnsupportedConfigError(f"{where}: {exc}") from exc
     return recipe
+
+
+def _validate(recipe: Recipe) -> None:
+    """``validate_recipe``; with per-group bases, as each engine over one of them merges it."""
+    for base in dict.fromkeys(recipe.group_bases) or [None]:
+        validate_recipe(recipe if base is None else recipe.against(base))
 
 
 def tokenizer_from_mergekit(source: str | Path, *, base_dir: Path | None = None) -> TokenizerPolicy | None:
@@ -902,7 +914,7 @@ def _model_list(raw: object, where: str, root: Path) -> list[tuple[str, Paramete
 
 def _slice_list(raw: object, where: str, root: Path, base: str | None, method: str,
                 spec: MethodSpec) -> tuple[list[_Slice], str | None]:
-    """The slices, and the base every tensor merges against (``_slices_base``)."""
+    """The slices, each with the base it merges against, and the recipe's base (``_slices_base``)."""
     if not isinstance(raw, list) or not raw:
         raise UnsupportedConfigError(f"{where}: slices: expected a non-empty list")
     out = []
@@ -935,37 +947,30 @@ def _slice_list(raw: object, where: str, root: Path, base: str | None, method: s
             sources.append(_Source(_model_path(src["model"], there, root), (lr[0], lr[1]),
                                    _parameters(src.get("parameters"), f"{there}.parameters")))
         out.append(_Slice(tuple(sources), _parameters(entry.get("parameters"), f"{here}.parameters"), here))
-    return out, _slices_base(slice_bases, base, method, spec, where)
+    recipe_base, effective = _slices_base(slice_bases, base, method, spec, where)
+    return [dataclasses.replace(sl, base=b) for sl, b in zip(out, effective, strict=True)], recipe_base
 
 
 def _slices_base(slice_bases: Sequence[tuple[str, str | None]], base: str | None, method: str,
-                 spec: MethodSpec, where: str) -> str | None:
-    """The one base every tensor merges against. mergekit 0.1.5 merges each slice's layers
+                 spec: MethodSpec, where: str) -> tuple[str | None, tuple[str | None, ...]]:
+    """The recipe's base and each slice's own. mergekit 0.1.5 merges each slice's layers
     against the slice's ``base_model``, else the top-level one (``ConfigReader.base_model``), the
-    embeddings with the first slice and the head with the last; it takes the output config,
-    tokenizer and copied files from the top-level one. The engine has one base for all, so a
-    config is exact when every slice's base is the same model and no other top-level one is set."""
+    embeddings with the first slice's and the head with the last's; it takes the output config,
+    tokenizer and copied files from the top-level one (``Recipe.base``; without one, mergekit
+    takes any referenced model, here the first slice's base)."""
     if not spec.takes_base:  # linear, karcher, passthrough: mergekit ignores any base
         for here, slice_base in slice_bases:
             if slice_base is not None and slice_base != base:
                 _warn(f"{here}: base_model {slice_base!r} is ignored, as mergekit ignores a base for {method}")
-        return base
-    first_here, first = slice_bases[0][0], slice_bases[0][1] or base
-    for here, slice_base in slice_bases[1:]:
-        if (slice_base or base) != first:
-            raise UnsupportedConfigError(
-                f"{here}: base_model {slice_base or base!r} differs from {first_here}'s ({first!r}); "
-                f"mergekit takes {method}'s task vectors of each slice's layers against that slice's "
-                "base, the engine merges every layer against one base"
-            )
-    if base is not None and first != base:
+        return base, tuple(None for _ in slice_bases)
+    effective = tuple(slice_base or base for _, slice_base in slice_bases)
+    if None in effective and any(b is not None for b in effective):
+        here = slice_bases[effective.index(None)][0]
         raise UnsupportedConfigError(
-            f"{first_here}: base_model {first!r} differs from the top-level one ({base!r}); mergekit "
-            f"merges every tensor against the slices' base but takes the output config, tokenizer and "
-            f"copied files from the top-level one, the engine takes all of them from one base "
-            f"(set base_model: {first} at the top level)"
+            f"{here}: no base_model, while other slices merge {method} against one; the engine "
+            "merges every slice with a base or none (set base_model on every slice or at the top level)"
         )
-    return first
+    return base or effective[0], effective
 
 
 def _models_as_slice(models: list[tuple[str, Parameters]], base: str | None, n_layers: int,
@@ -979,7 +984,7 @@ def _models_as_slice(models: list[tuple[str, Parameters]], base: str | None, n_l
                 "base as an input without parameters"
             )
         sources.append(_Source(base, (0, n_layers), {}))
-    return _Slice(tuple(sources), {}, f"{where}: models")
+    return _Slice(tuple(sources), {}, f"{where}: models", base if spec.takes_base else None)
 
 
 def _checkpoint_facts(model: str | None, layout: Layout | None, need_dtypes: bool, allow_pickle: bool,
@@ -1089,7 +1094,8 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, 
                         layout: Layout, spec: MethodSpec, where: str) -> Recipe:
     params = _parameters_of(spec)
     _check_parameter_names(slices, top, method, params, where)
-    order: tuple[str, ...] | None = None
+    first_models: list[str] | None = None
+    inputs_of: list[tuple[str, ...]] = []  # per slice: the models merged against its base, in order
     start = 0
     for sl in slices:
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
@@ -1103,27 +1109,37 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, 
         models = [s.model for s in sl.sources]
         if len(set(models)) != len(models):
             raise UnsupportedConfigError(f"{sl.where}: a model is listed twice ({models})")
-        if spec.takes_base and base is not None and base not in models:
+        if sl.base is not None and sl.base not in models:
             raise UnsupportedConfigError(
                 f"{sl.where}: the base model must be listed as a source of every slice "
-                f"({method} uses it; mergekit refuses the slice otherwise)"
+                f"({method} uses {sl.base}; mergekit refuses the slice otherwise)"
             )
-        inputs = tuple(m for m in models if not (spec.takes_base and m == base))
-        if order is not None and inputs != order:
+        first_models = first_models or models
+        inputs_of.append(tuple(m for m in models if m != sl.base))
+        if set(models) != set(first_models):
             raise UnsupportedConfigError(
-                f"{sl.where}: models {list(inputs)} differ from the first slice's {list(order)}; "
+                f"{sl.where}: models {models} differ from the first slice's {first_models}; "
                 "every layer group must merge the same models in the same order"
             )
-        order = inputs
         start += length
     if start != layout.n_layers:
         raise UnsupportedConfigError(f"{where}: slices give {start} layers but the base has {layout.n_layers}")
-    assert order is not None
+    assert first_models is not None
+    # The recipe's sources: every model some slice merges (a slice's own base is one of them
+    # where another slice merges it), in the first slice's order, which every slice must keep.
+    order = tuple(m for m in first_models if any(m in inputs for inputs in inputs_of))
+    for sl, inputs in zip(slices, inputs_of, strict=True):
+        if tuple(m for m in order if m != sl.base) != inputs:
+            raise UnsupportedConfigError(
+                f"{sl.where}: models {list(inputs)} are merged in another order than the first "
+                f"slice's {[m for m in order if m != sl.base]}; every layer group must merge the "
+                "same models in the same order"
+            )
 
     def mentioned(param: _Parameter) -> bool:
         scopes = [top, *(sl.parameters for sl in slices)]
         if param.per_source:
-            scopes += [s.parameters for sl in slices for s in sl.sources if s.model in order]
+            scopes += [s.parameters for sl in slices for s in sl.sources if s.model in order and s.model != sl.base]
         return any(param.name in scope for scope in scopes)
 
     used = [p for p in params.values() if mentioned(p)]
@@ -1154,6 +1170,9 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, 
                 for role in ROLES:
                     cell = []
                     for model in order:
+                        if model == sl.base:  # merged as this group's base: its values change nothing
+                            cell.append(float(param.default or 0.0))
+                            continue
                         chain = [s.parameters for s in sl.sources if s.model == model] + [sl.parameters, top]
                         cell.append(float(_role_value(param, chain, role, probes[role], f"{here} ({model})")))
                     cells.append(tuple(cell))
@@ -1163,10 +1182,12 @@ def _layer_group_recipe(method: str, slices: Sequence[_Slice], top: Parameters, 
                 global_rows[param.name].append(
                     tuple(_role_value(param, chain, role, probes[role], here) for role in ROLES)
                 )
+    group_bases = tuple(sl.base for sl, _, _, _ in plan)
     return Recipe(
         method, base, order, groups,
         tensor_params={k: tuple(v) for k, v in tensor_rows.items()},
         global_params={k: tuple(v) for k, v in global_rows.items()},
+        group_bases=group_bases if any(b is not None and b != base for b in group_bases) else (),  # type: ignore[arg-type]
     )
 
 

@@ -19,6 +19,7 @@ from merges.errors import PreflightError
 from merges.layout import Layout
 
 if TYPE_CHECKING:
+    from merges.recipe import Recipe
     from merges.tokenizer_union import TokenizerPolicy
 
 # config.json keys whose values change tensor shapes or the forward computation.
@@ -73,6 +74,18 @@ def open_and_preflight(base: str | Path, sources: Sequence[str | Path], *, allow
     opened_base, opened_sources = with_policy(opened_base, opened_sources, tokenizer,
                                               trust_remote_code=trust_remote_code)
     return opened_base, opened_sources, preflight(opened_base, opened_sources)
+
+
+def refuse_group_bases(recipe: Recipe) -> None:
+    """A study merges every trial against its one base (the genome has no per-slice base), so a
+    recipe whose slices merge against other bases (``Recipe.group_bases``) is refused, naming them;
+    ``search merge`` and ``search export`` take it."""
+    if recipe.group_bases:
+        others = sorted({b for b in recipe.group_bases if b != recipe.base})
+        raise PreflightError(
+            f"its slices merge against per-slice base models {others} besides {recipe.base}; a study "
+            "merges every layer against its one base (run it with `search merge`)"
+        )
 
 
 def _where(base: Checkpoint, source: Checkpoint) -> str:

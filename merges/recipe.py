@@ -15,10 +15,16 @@ role, which is what a search varies:
 Tensors outside the transformer layers use the first group's ``embed`` row (token
 and position embeddings) and the last group's ``head`` row (final norm, lm_head);
 this is exactly how mergekit resolves them in a ``slices:`` config.
+
+``group_bases`` carries mergekit's per-slice ``base_model``: when set, each layer group's
+tensors merge against that group's base (the embeddings against the first group's, the
+final norm and head against the last group's, as for the values above) and ``base`` is only
+the model whose config and tokenizer the output takes (mergekit's top-level ``base_model``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,10 +72,19 @@ class Recipe:
     dtype: str = "float32"
     out_dtype: str | None = None
     seed: int = 0
+    group_bases: tuple[str, ...] = ()  # one base per group; empty: every group merges against base
 
     def __post_init__(self) -> None:
         if not self.groups:
             raise RecipeError("recipe has no layer groups")
+        if self.group_bases:
+            if len(self.group_bases) != len(self.groups):
+                raise RecipeError(f"group_bases: need one base per layer group ({len(self.groups)}), "
+                                  f"got {len(self.group_bases)}")
+            if self.base is None or all(b == self.base for b in self.group_bases):
+                # one form per merge: recipes compare equal exactly when they merge alike
+                raise RecipeError("group_bases: set only with a base and when some group's base differs "
+                                  f"from it (base {self.base!r}, group bases {list(self.group_bases)})")
         expected = 0
         for start, end in self.groups:
             if start != expected or end <= start:
@@ -122,6 +137,22 @@ class Recipe:
                 return index
         raise RecipeError(f"layer {layer} is outside the recipe's groups {list(self.groups)}")
 
+    def base_of_group(self, group: int) -> str | None:
+        """The model the tensors of layer group ``group`` merge against."""
+        return self.group_bases[group] if self.group_bases else self.base
+
+    def against(self, base: str) -> Recipe:
+        """This recipe with every group merging against ``base``: what one engine over that base
+        merges (of a recipe with ``group_bases``, the tensors of the groups whose base it is)."""
+        return dataclasses.replace(self, base=base, group_bases=())
+
+    def group_of_tensor(self, layer: int | None, role: str) -> int:
+        """The layer group whose values (and base) a tensor takes: its layer's; outside the
+        layers the first group's, the head's (final norm, lm_head) the last group's."""
+        if layer is not None:
+            return self.group_of_layer(layer)
+        return len(self.groups) - 1 if role == "head" else 0
+
     def tensor_values(self, name: str, group: int, role: str) -> tuple[float, ...]:
         """One value per source of a per-source parameter."""
         return self.tensor_params[name][group][ROLES.index(role)]
@@ -146,6 +177,7 @@ class Recipe:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "seed": self.seed,
+            **({"group_bases": list(self.group_bases)} if self.group_bases else {}),
         }
 
     @classmethod
@@ -168,6 +200,7 @@ class Recipe:
                 dtype=data.get("dtype", "float32"),
                 out_dtype=data.get("out_dtype"),
                 seed=int(data.get("seed", 0)),
+                group_bases=tuple(str(b) for b in data.get("group_bases", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"malformed recipe dict: {exc!r}") from exc

@@ -221,12 +221,14 @@ def warm_start_definition(config: StudyConfig) -> dict[str, object]:
 
 def _read_recipe(config: StudyConfig, path: Path, key: str, layout: Layout | None) -> Recipe:
     from merges.mergekit_yaml import recipe_from_mergekit
+    from merges.preflight import refuse_group_bases
 
     try:
         # Relative model paths: against the YAML's folder, where `search export` writes them from
         # and where its header says to run mergekit-yaml (mergekit itself resolves against the cwd).
         recipe = recipe_from_mergekit(path, base_dir=path.parent, layout=layout,
                                       allow_pickle=config.models.allow_pickle)
+        refuse_group_bases(recipe)
     except MergeError as exc:
         raise StudyConfigError(f"{config.path}: {key}: {exc}") from None
     return _on_study_models(config, recipe, f"{config.path}: {key} ({path.name})", by_path=True)

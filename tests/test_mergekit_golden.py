@@ -661,6 +661,70 @@ def test_per_slice_base_model_matches_mergekit(llama_family: TinyFamily, tmp_pat
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk"), _layout(llama_family))
 
 
+def _yaml_slice_bases(family: TinyFamily, dtype: str) -> str:
+    """ties over three slices: the first merged against source 2, the middle against the top-level
+    base, the last against source 1 (so the embeddings and the head each follow another base)."""
+    base, (s0, s1, s2) = family.base, family.sources
+
+    def sources(lo: int, hi: int, slice_base: Path) -> str:
+        weights = {s0: "{weight: 0.6, density: 0.5}", s1: "{weight: 0.3, density: 0.8}",
+                   s2: "{weight: 0.4, density: 0.3}", base: "{weight: 0.5, density: 0.7}"}
+        return "".join(f"      - model: {m}\n        layer_range: [{lo}, {hi}]\n"
+                       + (f"        parameters: {weights[m]}\n" if m != slice_base else "")
+                       for m in (s0, s1, base, s2))
+    return (f"merge_method: ties\nbase_model: {base}\ndtype: {dtype}\nparameters: {{normalize: true}}\n"
+            f"slices:\n  - base_model: {s2}\n    sources:\n{sources(0, 1, s2)}"
+            f"  - sources:\n{sources(1, 3, base)}"
+            f"  - base_model: {s1}\n    sources:\n{sources(3, 4, s1)}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_slice_bases_that_differ_match_mergekit(dtype: str, llama_family: TinyFamily, tmp_path: Path) -> None:
+    """Each slice's tensors against its own base_model, the embeddings against the first slice's,
+    the head against the last's, config and tokenizer from the top-level base: mergekit's tensors."""
+    text = _yaml_slice_bases(llama_family, dtype)
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    recipe = recipe_from_mergekit(config)
+    s0, s1, s2 = map(str, llama_family.sources)
+    assert recipe.base == str(llama_family.base)
+    assert recipe.group_bases == (s2, str(llama_family.base), s1)
+    assert recipe.sources == (s0, s1, str(llama_family.base), s2)
+    assert search_main(["merge", str(config), str(tmp_path / "ours")]) == 0
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = _mergekit(text, tmp_path / "mk")
+    assert_same_tensors(ours, theirs, _layout(llama_family))
+    # each base matters: merged against the top-level base alone, the first and last slices differ
+    one_base = _engine(dataclasses.replace(recipe, group_bases=()))
+    assert not torch.equal(one_base["model.embed_tokens.weight"], ours["model.embed_tokens.weight"])
+    assert not torch.equal(one_base["lm_head.weight"], ours["lm_head.weight"])
+    assert not torch.equal(one_base["model.layers.0.mlp.up_proj.weight"], ours["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(one_base["model.layers.1.mlp.up_proj.weight"], ours["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_slice_bases_exported_are_rebuilt_by_the_mergekit_yaml_command(llama_family: TinyFamily,
+                                                                       tmp_path: Path) -> None:
+    """The recipe the import read, written back (as `search export` writes it): the same recipe
+    again, and `mergekit-yaml` rebuilds from it what `search merge` writes from the original and
+    from the export (which asks for the base's tokenizer: vocabulary views over every base)."""
+    original = tmp_path / "config.yaml"
+    original.write_text(_yaml_slice_bases(llama_family, "float32"))
+    recipe = recipe_from_mergekit(original)
+    layout = _layout(llama_family)
+    exported = tmp_path / "exported.yaml"
+    exported.write_text(recipe_to_mergekit(recipe, layout, header="golden test"))
+    assert recipe_from_mergekit(exported) == recipe
+    out = tmp_path / "mk"
+    command = [str(Path(sys.executable).with_name("mergekit-yaml")), str(exported), str(out), "--no-lazy-unpickle"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokenizer_source: base" in exported.read_text()
+    theirs = load_file(out / "model.safetensors")
+    for config, ours in ((original, tmp_path / "ours"), (exported, tmp_path / "ours_exported")):
+        assert search_main(["merge", str(config), str(ours)]) == 0
+        assert_same_tensors(load_file(ours / "model.safetensors"), theirs, layout)
+
+
 def test_llava_checkpoints_are_refused_as_mergekit_cannot_merge_them(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A tiny LLaVA (CLIP tower, projector, Llama language model under ``language_model.``):

@@ -7,6 +7,8 @@ tensor; the end-to-end comparison against real mergekit merges is in
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,14 @@ from mergekit.config import ParameterSetting, evaluate_setting
 from pydantic import TypeAdapter
 
 from merges.checkpoint import open_checkpoint
-from merges.errors import UnsupportedConfigError
+from merges.errors import RecipeError, UnsupportedConfigError
 from merges.layout import Layout, TensorInfo
-from merges.mergekit_yaml import recipe_from_mergekit, recipe_to_mergekit, role_filters
+from merges.mergekit_yaml import (
+    recipe_from_mergekit,
+    recipe_to_mergekit,
+    rename_models,
+    role_filters,
+)
 from merges.methods.registry import METHODS
 from merges.recipe import ROLES, LayerSlice, Recipe
 from tests.checkpoints import TinyFamily
@@ -444,22 +451,34 @@ _GOOD_SOURCES = f"""
          "every source of a slice must use the slice's own output range"),
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nmodels:\n  - model: {A}\n",
          r"missing required parameter\(s\) \['weight'\]"),
+        (f"merge_method: ties\ndtype: float32\nslices:\n  - base_model: {BASE}\n    sources:\n"
+         f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {BASE}, layer_range: [0, 2]}}\n"
+         f"  - sources:\n"
+         f"      - {{model: {A}, layer_range: [2, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {BASE}, layer_range: [2, 4]}}\n",
+         r"slices\[1\]: no base_model, while other slices merge ties against one"),
         (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nslices:\n  - base_model: {B}\n    sources:\n"
          f"      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
-         f"      - {{model: {B}, layer_range: [0, 4]}}\n",
-         "base_model '/models/b' differs from the top-level one.*from one base"),
-        (f"merge_method: ties\ndtype: float32\nslices:\n  - base_model: {BASE}\n    sources:\n"
+         f"      - {{model: {BASE}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n",
+         r"slices\[0\]: the base model must be listed .*uses /models/b"),
+        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nslices:\n  - sources:\n"
+         f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {B}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {BASE}, layer_range: [0, 2]}}\n"
+         f"  - base_model: {B}\n    sources:\n"
+         f"      - {{model: {BASE}, layer_range: [2, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {A}, layer_range: [2, 4], parameters: {{weight: 1.0}}}}\n"
+         f"      - {{model: {B}, layer_range: [2, 4]}}\n",
+         r"slices\[1\]: models \['/models/base', '/models/a'\] are merged in another order .*"
+         r"\['/models/a', '/models/base'\]"),
+        (f"merge_method: ties\nbase_model: {BASE}\ndtype: float32\nslices:\n  - sources:\n"
          f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
          f"      - {{model: {BASE}, layer_range: [0, 2]}}\n"
          f"  - base_model: {B}\n    sources:\n"
          f"      - {{model: {A}, layer_range: [2, 4], parameters: {{weight: 1.0}}}}\n"
          f"      - {{model: {B}, layer_range: [2, 4]}}\n",
-         r"slices\[1\]: base_model '/models/b' differs from .*slices\[0\]'s \('/models/base'\).*one base"),
-        (f"merge_method: nuslerp\nbase_model: {BASE}\ndtype: float32\nslices:\n  - base_model: {B}\n    sources:\n"
-         f"      - {{model: {A}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
-         f"      - {{model: {BASE}, layer_range: [0, 4], parameters: {{weight: 1.0}}}}\n"
-         f"      - {{model: {B}, layer_range: [0, 4]}}\n",
-         "base_model '/models/b' differs from the top-level one"),  # an optional base counts too
+         r"slices\[1\]: models .* differ from the first slice's .*same models"),
         (f"merge_method: linear\ndtype: float32\nmodules: {{}}\nmodels:{_GOOD_SOURCES}", "per-module"),
         (f"merge_method: linear\ndtype: float32\nslices:\n  - sources:\n"
          f"      - {{model: {A}, layer_range: [0, 3], parameters: {{weight: 1.0}}}}\n",
@@ -469,6 +488,49 @@ _GOOD_SOURCES = f"""
 def test_unsupported_configs_are_refused_with_the_reason(text: str, reason: str, llama_layout: Layout) -> None:
     with pytest.raises(UnsupportedConfigError, match=reason):
         recipe_from_mergekit(text, layout=llama_layout)
+
+
+def _two_bases(method: str, top: str | None) -> str:
+    """Layers [0, 2) merged against BASE, [2, 4) against B (its own base_model)."""
+    head = f"merge_method: {method}\n" + (f"base_model: {top}\n" if top else "") + "dtype: float32\nslices:\n"
+    return head + (
+        f"  - base_model: {BASE}\n    sources:\n"
+        f"      - {{model: {A}, layer_range: [0, 2], parameters: {{weight: 0.3}}}}\n"
+        f"      - {{model: {B}, layer_range: [0, 2], parameters: {{weight: 0.7}}}}\n"
+        f"      - {{model: {BASE}, layer_range: [0, 2]}}\n"
+        f"  - base_model: {B}\n    sources:\n"
+        f"      - {{model: {A}, layer_range: [2, 4], parameters: {{weight: 0.4}}}}\n"
+        f"      - {{model: {BASE}, layer_range: [2, 4], parameters: {{weight: 0.6}}}}\n"
+        f"      - {{model: {B}, layer_range: [2, 4]}}\n")
+
+
+@pytest.mark.parametrize(("method", "top", "base"), [
+    ("task_arithmetic", None, BASE),  # no top-level base: the first slice's gives config and tokenizer
+    ("task_arithmetic", C, C),  # a top-level base no slice merges against: only config and tokenizer
+    ("nuslerp", BASE, BASE),  # an optional base counts too
+])
+def test_slice_bases_that_differ_import_per_group_and_round_trip(method: str, top: str | None, base: str,
+                                                                  llama_layout: Layout) -> None:
+    recipe = recipe_from_mergekit(_two_bases(method, top), layout=llama_layout)
+    assert (recipe.base, recipe.group_bases, recipe.groups) == (base, (BASE, B), ((0, 2), (2, 4)))
+    assert recipe.sources == (A, B, BASE)
+    # a model's values where it is the group's base change nothing: mergekit's default, else 0
+    assert [row[0] for row in recipe.tensor_params["weight"]] == [(0.3, 0.7, 0.0), (0.4, 0.0, 0.6)]
+    text = recipe_to_mergekit(recipe, llama_layout)
+    assert recipe_from_mergekit(text, layout=llama_layout) == recipe
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    renamed = rename_models(recipe, {p: p.replace("/models/", "hub/") for p in (A, B, C, BASE)})
+    assert renamed.group_bases == ("hub/base", "hub/b")
+    assert "group_bases" not in dataclasses.replace(recipe, group_bases=()).to_dict()  # stored dicts unchanged
+
+
+def test_group_bases_are_checked_by_the_recipe() -> None:
+    with pytest.raises(RecipeError, match="one base per layer group"):
+        Recipe("ties", BASE, (A,), ((0, 2), (2, 4)), group_bases=(B,))
+    with pytest.raises(RecipeError, match="some group's base differs"):
+        Recipe("ties", BASE, (A,), ((0, 2), (2, 4)), group_bases=(BASE, BASE))
+    with pytest.raises(RecipeError, match="some group's base differs"):
+        Recipe("ties", None, (A,), ((0, 2), (2, 4)), group_bases=(A, B))
 
 
 def test_a_per_slice_base_is_ignored_where_mergekit_ignores_it(llama_layout: Layout) -> None:
