@@ -100,7 +100,7 @@ def checkpoint_fingerprint(folder: Path) -> dict[str, object]:
     fingerprint: dict[str, object] = {"files": {p.name: p.stat().st_size for p in files}}
     config = folder / "config.json"
     if config.is_file():
-        fingerprint["config_sha256"] = _sha256(config)
+        fingerprint["config_sha256"] = sha256_file(config)
     return fingerprint
 
 
@@ -123,10 +123,11 @@ def _data_fingerprint(path: Path, suffixes: tuple[str, ...] | None = None) -> di
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (suffixes or tuple(FORMATS)))
     else:
         files = [path]
-    return {p.name: _sha256(p) for p in files if p.exists()}
+    return {p.name: sha256_file(p) for p in files if p.exists()}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

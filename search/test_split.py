@@ -24,13 +24,13 @@ What ``status``, the report and the chosen trial's note say about it is
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fitness.spec import TEST_SPLIT, TaskSpec
+from search.definition import sha256_file
 from search.records import decode_rows, rows_attr, store_row_ids
 
 if TYPE_CHECKING:  # status imports this module without numpy or optuna
@@ -91,7 +91,7 @@ def has_test_split(tasks: Sequence[TaskSpec]) -> bool:
 
 def data_fingerprint(tasks: Sequence[TaskSpec]) -> dict[str, str]:
     """Task -> SHA-256 of its test file (a stored score is stale when its file changed)."""
-    return {task.name: _sha256(Path(task.test)) for task in tasks if task.test is not None}
+    return {task.name: sha256_file(Path(task.test)) for task in tasks if task.test is not None}
 
 
 def score_test(study: optuna.Study, tasks: Sequence[TaskSpec], pool: WorkerPool, progress: Progress,
@@ -134,10 +134,3 @@ def score_test(study: optuna.Study, tasks: Sequence[TaskSpec], pool: WorkerPool,
     })
     return error
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
