@@ -299,18 +299,9 @@ def test_lean_plan_holds_bf16_checkpoints_as_stored(llama_family: TinyFamily, tm
 def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path, engine_plan: str) -> None:
     """Quantised fine-tunes: many equal |delta| straddle the TIES / breadcrumbs cut, where the
     engine falls back to mergekit's own sort order; the merge must still equal the reference."""
-    from tests.checkpoints import save, tiny_model
+    from tests.checkpoints import quantised_family
 
-    base_model = tiny_model("llama", seed=4, layers=2)
-    save(base_model, tmp_path / "base")
-    for i in range(2):
-        gen = torch.Generator().manual_seed(100 + i)
-        copy = type(base_model)(base_model.config)
-        copy.load_state_dict(base_model.state_dict())
-        with torch.no_grad():
-            for param in copy.parameters():
-                param.add_(torch.randint(-2, 3, param.shape, generator=gen).float() * 0.01)
-        save(copy, tmp_path / f"source{i}")
+    quantised_family(tmp_path, seed=4, source_seed=100)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
     engine = MergeEngine(base, sources, device="cpu")

@@ -40,7 +40,7 @@ from search.staged import FIDELITY_ATTR
 from tests.checkpoints import TinyFamily
 from tests.studies import write_study
 from tests.test_driver import load, search_trials
-from tests.test_resume import cli
+from tests.test_resume import cli, count_call_and_kill_at
 
 STAGES = "fidelity = { first_stage = 4, growth = 2.0 }"
 
@@ -212,13 +212,7 @@ def noisy_killing_scorer(model: torch.nn.Module, batch: object, examples: Sequen
     if log and any("search" in str(e.file) for e in examples):  # type: ignore[attr-defined]
         with open(log, "a") as f:
             f.write(json.dumps(len(examples)) + "\n")
-    counter = os.environ.get("KILL_COUNTER_FILE")
-    if counter:
-        path = Path(counter)
-        calls = int(path.read_text()) + 1 if path.exists() else 1
-        path.write_text(str(calls))
-        if calls == int(os.environ["KILL_AT_CALL"]):
-            os.kill(os.getpid(), signal.SIGKILL)
+    count_call_and_kill_at()
     return [weight + random.Random(f"{weight:.12f}:{e.row}").uniform(-10, 10) for e in examples]  # type: ignore[attr-defined]
 
 

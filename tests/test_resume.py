@@ -34,8 +34,8 @@ from tests.test_driver import load, search_trials
 REPO = Path(__file__).resolve().parents[1]
 
 
-def killing_scorer(model: torch.nn.Module, batch: object, examples: Sequence[object]) -> list[float]:
-    """Scores by the first head weight; SIGKILLs its own process at call $KILL_AT_CALL."""
+def count_call_and_kill_at() -> None:
+    """Counts this call in $KILL_COUNTER_FILE (across processes); SIGKILLs the process at call $KILL_AT_CALL."""
     counter = os.environ.get("KILL_COUNTER_FILE")
     if counter:
         path = Path(counter)
@@ -43,6 +43,11 @@ def killing_scorer(model: torch.nn.Module, batch: object, examples: Sequence[obj
         path.write_text(str(calls))
         if calls == int(os.environ["KILL_AT_CALL"]):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killing_scorer(model: torch.nn.Module, batch: object, examples: Sequence[object]) -> list[float]:
+    """Scores by the first head weight; SIGKILLs its own process at call $KILL_AT_CALL."""
+    count_call_and_kill_at()
     return [float(model.lm_head.weight[0, 0])] * len(examples)
 
 

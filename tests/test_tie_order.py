@@ -84,18 +84,9 @@ def test_lean_engine_replays_tied_cuts_and_matches_resident(tmp_path: Path,
     """A bf16-quantised family (ties at most cuts): the lean plan takes its tied cuts from the
     replay (no full sort) and merges the resident plan's tensors bit for bit."""
     _replay_in_use()
-    from tests.checkpoints import save, tiny_model
+    from tests.checkpoints import quantised_family
 
-    base_model = tiny_model("llama", seed=5, layers=2)
-    save(base_model, tmp_path / "base")
-    for i in range(2):
-        gen = torch.Generator().manual_seed(200 + i)
-        copy = type(base_model)(base_model.config)
-        copy.load_state_dict(base_model.state_dict())
-        with torch.no_grad():
-            for param in copy.parameters():
-                param.add_(torch.randint(-2, 3, param.shape, generator=gen).float() * 0.01)
-        save(copy, tmp_path / f"source{i}")
+    quantised_family(tmp_path, seed=5, source_seed=200)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
     calls: list[bool] = []
