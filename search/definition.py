@@ -112,7 +112,7 @@ def _task_definition(task: TaskSpec) -> dict[str, object]:
     if task.lm_eval is not None:  # lm-eval's task YAMLs (and their Python and data) define its documents
         include = task.lm_eval.include
         fields["lm_eval"] = {k: v for k, v in dataclasses.asdict(task.lm_eval).items() if k != "include"}  # not where
-        fields["search_data"] = {} if include is None else _data_fingerprint(include, (*FORMATS, ".yaml", ".yml", ".py"))
+        fields["search_data"] = {} if include is None else _include_fingerprint(include)
     fields["heldout_data"] = None if task.heldout is None else _data_fingerprint(task.heldout)
     return _jsonable(fields)
 
@@ -124,6 +124,24 @@ def _data_fingerprint(path: Path, suffixes: tuple[str, ...] | None = None) -> di
     else:
         files = [path]
     return {p.name: sha256_file(p) for p in files if p.exists()}
+
+
+def _include_fingerprint(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every task YAML, Python and data file under an lm-eval include folder.
+
+    Subfolders count: lm-eval indexes ``**/*.yaml`` below the include path (skipping
+    ``__pycache__`` and ``.ipynb_checkpoints``), so a task defined two folders down is as much
+    part of the study as one at the top. Top-level files keep their bare names, as before.
+    """
+    suffixes = (*FORMATS, ".yaml", ".yml", ".py")
+    ignored = {"__pycache__", ".ipynb_checkpoints"}
+    if not folder.is_dir():
+        return _data_fingerprint(folder, suffixes)
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix in suffixes and not ignored & set(p.relative_to(folder).parts)
+    )
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
 
 
 def sha256_file(path: Path) -> str:

@@ -150,3 +150,24 @@ _JSON = st.recursive(
 def test_changes_are_empty_exactly_when_the_definitions_are_equal(a: dict, b: dict) -> None:
     assert (describe_changes(a, b) == []) == (a == b)
     assert describe_changes(a, a) == []
+
+
+def test_an_lm_eval_include_folder_is_fingerprinted_with_its_subfolders(tmp_path: Path) -> None:
+    # lm-eval indexes **/*.yaml under the include path, so a task file two folders down
+    # defines the study as much as one at the top (and __pycache__ does not).
+    import shutil
+
+    from tests.test_lm_eval import TASKS, study_copy
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TASKS, tasks)
+    config = load_study(study_copy(tmp_path, **{str(TASKS): str(tasks)}))
+    before = study_definition(config)
+    (tasks / "__pycache__").mkdir(exist_ok=True)
+    (tasks / "__pycache__" / "ignored.py").write_text("# compiled elsewhere\n", encoding="utf-8")
+    assert study_definition(config) == before
+    nested = tasks / "more" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "extra.yaml").write_text("task: extra\n", encoding="utf-8")
+    changes = describe_changes(before, study_definition(config))
+    assert any("more/deeper/extra.yaml" in change for change in changes), changes
