@@ -9,7 +9,8 @@ operations, built without contraction into FMAs). What torch reduces (dots, norm
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
@@ -122,16 +123,43 @@ def supports(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors)
 
 
+CHUNK = 1 << 18  # entries per native call: a thread's share of a large tensor
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+@lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="karcher")
+
+
+def _split(n: int, run: Callable[[int, int], None]) -> None:
+    """``run(start, end)`` over [0, n) in chunks, on torch's number of threads (ctypes calls
+    release the GIL; entries are independent, so the split does not change a bit)."""
+    spans = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
+    threads = min(_threads(), len(spans))
+    if threads <= 1:
+        run(0, n)
+    else:
+        list(_pool(threads).map(lambda span: run(*span), spans))
+
+
 def tangent(lib: ctypes.CDLL, units: Sequence[torch.Tensor], dots: Sequence[float], coefs: Sequence[float],
             mean: torch.Tensor, out: torch.Tensor, wide: torch.Tensor | None) -> None:
     k = len(units)
-    lib.karcher_tangent(DTYPES[mean.dtype], 0, mean.numel(), k,
-                        (ctypes.c_void_p * k)(*[u.data_ptr() for u in units]),
-                        (ctypes.c_float * k)(*dots), (ctypes.c_float * k)(*coefs),
-                        mean.data_ptr(), out.data_ptr(), None if wide is None else wide.data_ptr())
+    pointers = (ctypes.c_void_p * k)(*[u.data_ptr() for u in units])
+    dot_values, coef_values = (ctypes.c_float * k)(*dots), (ctypes.c_float * k)(*coefs)
+    wide_pointer = None if wide is None else wide.data_ptr()
+    _split(mean.numel(), lambda start, end: lib.karcher_tangent(
+        DTYPES[mean.dtype], start, end, k, pointers, dot_values, coef_values, mean.data_ptr(),
+        out.data_ptr(), wide_pointer))
 
 
 def update(lib: ctypes.CDLL, cos: float, sin: float, norm: float, mean: torch.Tensor,
            tangent_: torch.Tensor, wide: torch.Tensor | None) -> None:
-    lib.karcher_update(DTYPES[mean.dtype], 0, mean.numel(), cos, sin, norm, mean.data_ptr(),
-                       tangent_.data_ptr(), None if wide is None else wide.data_ptr())
+    wide_pointer = None if wide is None else wide.data_ptr()
+    _split(mean.numel(), lambda start, end: lib.karcher_update(
+        DTYPES[mean.dtype], start, end, cos, sin, norm, mean.data_ptr(), tangent_.data_ptr(),
+        wide_pointer))
