@@ -19,6 +19,7 @@ keyed by plan). Usage::
     python -m benchmarks.merge_speed --size small --methods linear,ties
     python -m benchmarks.merge_speed --size 1b --methods ties --plan lean
     python -m benchmarks.merge_speed --size 250m --skip-mergekit
+    python -m benchmarks.merge_speed --size 250m --methods new --skip-engine --skip-search-merge
     python -m benchmarks.merge_speed --size small --methods ties,new   # new: NEW_METHODS
 """
 
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
     parser.add_argument("--skip-search-merge", action="store_true", help="do not run search merge")
+    parser.add_argument("--skip-engine", action="store_true",
+                        help="do not time the in-memory engine (e.g. mergekit-yaml alone)")
     parser.add_argument("--repeats", type=int, default=5, help="timed merges per method (median)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     parser.add_argument("--plan", default="resident,lean",
@@ -272,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for method in methods:
             row: dict[str, object] = {"plans": {}}
-            n_params = 0
-            for plan in plans:
+            n_params = sum(torch.Size(shape).numel() for shape in llama_shapes(size).values())
+            for plan in [] if args.skip_engine else plans:
                 command = [sys.executable, "-m", "benchmarks.merge_speed", "--size", args.size,
                            "--engine-child", method, "--repeats", str(args.repeats), "--plan", plan]
                 if args.threads:

@@ -11,22 +11,42 @@ from collections.abc import Sequence
 
 import torch
 
+from merges.methods import karcher_kernel
 from merges.methods.planning import Plan, TensorContext
 
 
 def karcher(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_iter: int = 10,
             tol: float = 1e-5) -> torch.Tensor:
-    """mergekit's ``karcher_merge_tensors`` (same order of operations and branches)."""
+    """mergekit's ``karcher_merge_tensors``, the same bits: its dots, norms and branches as torch
+    calls on the same operands, its elementwise expressions as one pass each per iteration
+    (``karcher_kernel``: the same float operations and roundings per entry) writing into buffers
+    allocated once per call; torch's own operations into those buffers where the kernel cannot
+    run (another device, float64, no C compiler)."""
     if len(tensors) == 1:
         return tensors[0]
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    wide: dict[torch.dtype, torch.Tensor] = {}
+
+    def widened(x: torch.Tensor) -> torch.Tensor | None:
+        """A reused ``dtype`` buffer shaped like ``x`` (None: ``x`` is in ``dtype`` already)."""
+        if x.dtype == dtype:
+            return None
+        if x.dtype not in wide:
+            wide[x.dtype] = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return wide[x.dtype]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        """``vector_norm(x.to(dtype))``, the widened copy in the reused buffer."""
+        buffer = widened(x)
+        return torch.linalg.vector_norm(x if buffer is None else buffer.copy_(x))
+
     norms, units = [], []
     for tensor in tensors:
-        norm = torch.linalg.vector_norm(tensor.to(dtype))
-        norms.append(norm)
-        units.append(torch.zeros_like(tensor) if norm.item() == 0.0
-                     else (tensor / norm).to(tensor.dtype))
-    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+        norm_ = norm(tensor)
+        norms.append(norm_)
+        units.append(torch.zeros_like(tensor) if norm_.item() == 0.0
+                     else (tensor / norm_).to(tensor.dtype))
+    valid = [i for i, norm_ in enumerate(norms) if norm_.item() > tol]
     if not valid:
         return sum(tensor * 0 for tensor in tensors)  # type: ignore[return-value]
     valid_alphas = [alphas[i] for i in valid]
@@ -34,28 +54,56 @@ def karcher(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_ite
     weights = [alpha / alpha_sum for alpha in valid_alphas]
     valid_units = [units[i] for i in valid]
     mean = torch.zeros_like(valid_units[0])
+    step = torch.empty_like(mean)  # one term at a time
     for alpha, unit in zip(weights, valid_units, strict=True):
-        mean += alpha * unit
-    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
-    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+        mean += torch.mul(unit, alpha, out=step)  # alpha * unit
+    mean_norm = norm(mean)
+    if mean_norm.item() < tol:
+        mean = valid_units[0].clone()
+    else:
+        mean.div_(mean_norm)  # (mean / mean_norm), already mean's dtype
+    lib = karcher_kernel.library() if karcher_kernel.supports([mean, *valid_units]) else None
+    tangent = torch.empty_like(mean)
+    wide_mean = widened(mean)  # the kernel's float32 copy of what it writes, for the norms
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
+        active, dots, coefficients = [], [], []
         for alpha, unit in zip(weights, valid_units, strict=True):
             dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+            active.append(unit)
+            dots.append(dot)
+            coefficients.append(alpha * (theta / torch.sin(theta)))
+        if lib is not None:  # exact values in float32: dot and coefficient are in mean's dtype
+            karcher_kernel.tangent(lib, active, [d.item() for d in dots],
+                                   [c.item() for c in coefficients], mean, tangent, wide_mean)
+            tangent_norm = torch.linalg.vector_norm(tangent if wide_mean is None else wide_mean)
+        else:
+            tangent.zero_()
+            for unit, dot, coefficient in zip(active, dots, coefficients, strict=True):
+                torch.mul(dot, mean, out=step)
+                torch.sub(unit, step, out=step)
+                tangent += torch.mul(coefficient, step, out=step)  # alpha * (theta / sin) * (unit - dot * mean)
+            tangent_norm = norm(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = (torch.cos(tangent_norm) * mean
-                + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
-        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        # mean = cos(|t|) * mean + sin(|t|) * (t / |t|), each product in mean's dtype
+        cos, sin = torch.cos(tangent_norm), torch.sin(tangent_norm)
+        if lib is not None:  # torch rounds a 0-d multiplier in the first operand to mean's dtype
+            karcher_kernel.update(lib, cos.to(mean.dtype).item(), sin.to(mean.dtype).item(),
+                                  tangent_norm.item(), mean, tangent, wide_mean)
+            unit_norm = torch.linalg.vector_norm(mean if wide_mean is None else wide_mean)
+        else:
+            torch.div(tangent, tangent_norm, out=tangent)
+            torch.mul(sin, tangent, out=tangent)
+            torch.mul(cos, mean, out=mean)
+            mean += tangent
+            unit_norm = norm(mean)
         if unit_norm.item() > tol:
-            mean = (mean / unit_norm).to(mean.dtype)
-    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
-    return scale * mean
+            mean.div_(unit_norm)
+    scale = sum(alpha * norm_ for alpha, norm_ in zip(alphas, norms, strict=True))
+    return torch.mul(scale, mean, out=mean)  # type: ignore[call-overload]
 
 
 def plan(ctx: TensorContext) -> Plan:
