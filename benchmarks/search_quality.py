@@ -13,16 +13,26 @@ final recipe (search scores, then held-out) and only then scores it on the test 
 (``per_task`` studies: the mean of the direction-signed task scores). A study without a test
 split is refused (its held-out score is what chose the recipe).
 
-The last line is one JSON object::
+Each finished run prints its figure at once (stderr) and, with ``--runs FILE``, appends one JSON
+line ``{"seed", "arm", "sampler", "test", "heldout", "trials_b", "trials", "wall_s", "study"}`` to
+FILE, so a partial run is never lost and several invocations (other seeds, other arms, a candidate
+default) combine: ``--combine FILE...`` runs nothing and prints the summary of those lines (for the
+same seed, arm and sampler the later line wins; one arm's runs must share a sampler).
+The last line is one JSON object, per arm in seed order::
 
-    {"default_b": [...], "default_2b": [...], "random_b": [...], "heldout_default_b": [...], ...,
-     "study": "...", "trials_b": 48, "seeds": 5}
+    {"seeds_run": [...], "default_b": [...], "default_2b": [...], "random_b": [...],
+     "heldout_default_b": [...], ..., "sampler_default_b": ["cmaes"], ...,
+     "default_beats_random": "4/5", "mean_2b_minus_b": 0.02, "mean_default_b": ..., "seeds": 5}
 
-    python benchmarks/search_quality.py [--study PATH] [--seeds 5] [--trials B] [--keep DIR]
+    python benchmarks/search_quality.py [--study PATH] [--seeds 5 | --seed-list 1,2,3,4]
+        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--trials B]
+        [--runs runs.jsonl] [--keep DIR]
+    python benchmarks/search_quality.py --combine runs.jsonl more.jsonl
 
-Every run is a separate ``python -m search.cli start`` process (nothing shared between runs).
-Issue 15's target: default beats random at equal budget in >= 4 of 5 seeds, and 2B's mean
-test score is >= 0.02 above B's.
+``--default-sampler NAME`` runs the default arms with that sampler (a candidate default) instead
+of the study's own. Every run is a separate ``python -m search.cli start`` process (nothing
+shared between runs). Issue 15's target: default beats random at equal budget in >= 4 of 5
+seeds, and 2B's mean test score is >= 0.02 above B's.
 """
 
 from __future__ import annotations
@@ -80,15 +90,15 @@ def final_scores(study_file: Path, out: Path) -> tuple[float, float]:
 
 
 def read_runs(paths: list[Path]) -> list[dict]:
-    """Per-run records from JSON-lines files (later lines win for the same seed and arm)."""
-    runs: dict[tuple[int, str], dict] = {}
+    """Per-run records from JSON-lines files (later lines win for the same seed, arm and sampler)."""
+    runs: dict[tuple[int, str, str], dict] = {}
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 run = json.loads(line)
-                runs[(int(run["seed"]), str(run["arm"]))] = run
+                runs[(int(run["seed"]), str(run["arm"]), str(run["sampler"]))] = run
             except (ValueError, KeyError, TypeError) as error:
                 raise SystemExit(f"{path}:{number}: not a run record ({error})") from None
     return [runs[key] for key in sorted(runs)]
@@ -97,6 +107,10 @@ def read_runs(paths: list[Path]) -> list[dict]:
 def summarise(runs: list[dict]) -> dict:
     """The one-line summary: per arm, the test (and held-out) objectives in seed order."""
     seeds = sorted({run["seed"] for run in runs})
+    for arm in ARMS:
+        samplers = sorted({run["sampler"] for run in runs if run["arm"] == arm})
+        if len(samplers) > 1:  # two candidates' runs in one summary would mix their figures
+            raise SystemExit(f"arm {arm}: runs of several samplers ({', '.join(samplers)}); combine each apart")
     by = {(run["seed"], run["arm"]): run for run in runs}
     summary: dict = {"seeds_run": seeds}
     for arm in ARMS:
