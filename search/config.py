@@ -136,6 +136,20 @@ class StudyConfig:
     fidelity: FidelityConfig | None = None  # study.fidelity: score trials in stages (None: every row)
 
 
+def auto_sampler(genome: GenomeSpec, objective: str) -> tuple[str, str]:
+    """The sampler ``sampler = "auto"`` picks for this genome and objective, and why (the one
+    place that says so: ``search validate`` prints the reason)."""
+    if objective == "per_task":
+        return "nsga2", ("objective per_task is one objective per task; NSGA-II keeps their Pareto front "
+                         "(CMA-ES and GP here are single-objective)")
+    if not is_numeric(genome):
+        return "tpe", ("categorical genes (frankenmerge layer picks), which CMA-ES would sample at random; "
+                       "TPE models them")
+    return "cmaes", ("numeric genes, one objective: CMA-ES adapts one search distribution over all of them; "
+                     "measured on the demo, it beat random search at 48 trials in 5 of 5 seeds (README, "
+                     "search quality)")
+
+
 def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None,
                seed: int | None = None, sampler: str | None = None) -> StudyConfig:
     """Read and validate a study file; ``out`` / ``trials`` / ``seed`` / ``sampler`` override the
@@ -438,9 +452,7 @@ class _Parser:
 
         numeric = is_numeric(genome)
         if sampler == "auto":
-            if objective == "per_task":
-                return "nsga2"
-            return "cmaes" if numeric else "tpe"
+            return auto_sampler(genome, objective)[0]
         if sampler == "cmaes" and not numeric:
             raise error(
                 "sampler",

@@ -324,3 +324,26 @@ def test_shipped_study_files_load(repo_root: Path) -> None:
     for path in files:
         config = load_study(path)
         assert config.path == path.resolve() and config.tasks
+
+
+def test_validate_says_which_sampler_auto_picks_and_why(
+    tmp_path: Path, llama_family: TinyFamily, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = {  # the study file's edits -> what auto picks and the start of its reason
+        "cmaes: numeric genes, one objective": {'sampler = "tpe"': 'sampler = "auto"'},
+        "nsga2: objective per_task is one objective per task": {'sampler = "tpe"': 'sampler = "auto"\nobjective = "per_task"'},
+        "tpe: categorical genes (frankenmerge layer picks)": {
+            'sampler = "tpe"': 'sampler = "auto"', 'method = "dare_ties"': 'method = "passthrough"\nfrankenmerge = { layers = 4 }',
+            "per_role = true\n": "", "layer_granularity = 2\n": "", "density = { min = 0.2, max = 0.9 }\n": "",
+        },
+    }
+    for expected, edits in cases.items():
+        path = family_study(tmp_path, llama_family, **edits)
+        assert main(["validate", str(path), "--out", str(tmp_path / "out")]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sampler: ")]
+        picked = expected.split(":")[0]
+        assert len(lines) == 1 and lines[0].startswith(f"sampler: {picked} ") and f"; auto picks {expected}" in lines[0], lines
+    # A study that names its sampler still hears what auto would pick.
+    path = family_study(tmp_path, llama_family)
+    assert main(["validate", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "sampler: tpe (population: Optuna's default); auto picks cmaes: numeric genes" in capsys.readouterr().out

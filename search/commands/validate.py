@@ -28,7 +28,7 @@ from merges.errors import MergeError
 from merges.preflight import preflight
 from merges.tokenizer_union import with_policy
 from search.commands import SUMMARIES, add_study_arguments
-from search.config import StudyConfig, load_study
+from search.config import StudyConfig, auto_sampler, load_study
 from search.errors import SearchError, StudyConfigError
 from search.memory import MemoryEstimate
 from search.warm_start import WarmStart, plan_warm_start
@@ -223,6 +223,7 @@ def summary(config: StudyConfig, validation: Validation) -> str:
     searched = ", ".join(f"{name} {b.describe()}" for name, b in genome.bounds().items()) or "none"
     fixed = ", ".join(f"{k}={v}" for k, v in genome.fixed.items()) or "none"
     population = config.population if config.population is not None else "Optuna's default"
+    auto, why = auto_sampler(genome, config.objective)  # said even when the study names its sampler
     lines = [
         f"study {config.name!r} ({config.path}): valid",
         f"base: {config.models.base} ({n_layers} layers, {config.models.dtype})",
@@ -231,8 +232,8 @@ def summary(config: StudyConfig, validation: Validation) -> str:
         f"  searched: {searched}; fixed: {fixed}",
         f"  {len(genes)} genes:",
         textwrap.indent(textwrap.fill(", ".join(genes), width=96), "    ") if genes else "    (none)",
-        f"sampler: {config.sampler} (population: {population}), objective {config.objective}, "
-        f"trials {config.trials}, top_k {config.top_k}, seed {config.seed}",
+        f"sampler: {config.sampler} (population: {population}); auto picks {auto}: {why}",
+        f"objective {config.objective}, trials {config.trials}, top_k {config.top_k}, seed {config.seed}",
         f"storage: {config.storage}",
         *_warm_lines(config, validation.warm),
         f"output: {config.output}",
