@@ -27,11 +27,11 @@ are always a prefix of that task's order, and prefixes of two trials line up row
   The confidence holds per test: a trial checked at several stages and against several
   gates is stopped wrongly somewhat more often than ``1 - confidence`` in total.
 * **Rank rule** (``rule = "rank"``, :func:`rank_stop`): a trial the tests above promote is
-  still stopped when it is not among the best ``1 / growth`` of the trials at this stage (it
-  and its ``peers``, each ranked by its estimate on the same rows: the objective, or for
-  ``per_task`` its Pareto layer), as successive halving / ASHA bound the cost: at most
-  ``floor(n / growth)`` of ``n`` trials are promoted, ties with the last kept one included.
-  With fewer than ``growth`` trials at the stage the trial is promoted.
+  still stopped when it is not among the best share ``promote`` (default ``1 / growth``) of
+  the trials at this stage (it and its ``peers``, each ranked by its estimate on the same
+  rows: the objective, or for ``per_task`` its Pareto layer), as successive halving / ASHA
+  bound the cost: ``floor(n * promote)`` of ``n`` trials go on, ties with the last kept one
+  included; while that is 0 (fewer than ``1 / promote`` trials at the stage), every one does.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ RESAMPLES = 2000  # bootstrap draws per decision (fitness.intervals.RESAMPLES; a
 
 OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
 RULE_TEST = "test"  # stop only when confidently worse than the incumbents, or failing a gate
-RULE_RANK = "rank"  # ... or when not among the best 1 / growth of the trials at the stage
+RULE_RANK = "rank"  # ... or when not among the best share `promote` of the trials at the stage
 RULES: tuple[str, ...] = (RULE_TEST, RULE_RANK)
 PROMOTE = "promote"
 STOP = "stop"
@@ -69,6 +69,7 @@ class FidelityConfig:
     confidence: float = 0.95  # of each one-sided test that stops a trial
     resamples: int = RESAMPLES  # bootstrap draws per decision
     rule: str = RULE_TEST  # RULES: what else than the tests stops a trial (module doc)
+    promote: float | None = None  # rule rank: the share of the trials at a stage that go on (None: 1 / growth)
 
     def __post_init__(self) -> None:
         if isinstance(self.first_stage, bool) or not isinstance(self.first_stage, int) or self.first_stage < 2:
@@ -81,6 +82,14 @@ class FidelityConfig:
             raise FitnessError(f"fidelity: resamples must be >= 100, got {self.resamples!r}")
         if self.rule not in RULES:
             raise FitnessError(f"fidelity: rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
+        if self.promote is not None and (self.rule != RULE_RANK or not 0.0 < self.promote < 1.0):
+            raise FitnessError(f"fidelity: promote must be in (0, 1) and needs rule 'rank', got {self.promote!r} "
+                               f"with rule {self.rule!r}")
+
+    @property
+    def promoted_share(self) -> Fraction:
+        """Rule rank: the share of the trials at a stage that go on (exact: the same on every machine)."""
+        return Fraction(repr(self.promote)) if self.promote is not None else 1 / Fraction(repr(self.growth))
 
 
 RowOrder = tuple[tuple[str, int], ...]  # (task, row index in the task's search slice), in scoring order
@@ -127,8 +136,8 @@ def describe_schedule(total_rows: int, config: FidelityConfig) -> str:
             f"growth {config.growth:g}); a trial stops after a stage when it cannot reach the best trial or "
             f"fails a gate, each with {config.confidence:.0%} confidence")
     if config.rule == RULE_RANK:
-        text += (f", or when it is not among the best 1/{config.growth:g} of the trials finished at that stage "
-                 f"(rule rank)")
+        text += (f", or when it is not among the best {float(config.promoted_share):.3g} of the trials finished "
+                 f"at that stage (rule rank)")
     return text
 
 
@@ -235,8 +244,8 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
     if len(scored) < len(trial):
         return Decision(PROMOTE, "", estimate, lengths)
     if config.rule == RULE_RANK:
-        reason = rank_stop(trial, peers_rows, objective=objective, directions=directions, growth=config.growth,
-                           weights=weights)
+        reason = rank_stop(trial, peers_rows, objective=objective, directions=directions,
+                           share=config.promoted_share, weights=weights)
         if reason:
             return stop(reason)
     promote = Decision(PROMOTE, "", estimate, lengths)
@@ -265,18 +274,18 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
 
 
 def rank_stop(trial_rows: TaskRows, peers_rows: Sequence[TaskRows], *, objective: str,
-              directions: Mapping[str, bool], growth: float, weights: Mapping[str, float] | None = None) -> str:
+              directions: Mapping[str, bool], share: Fraction, weights: Mapping[str, float] | None = None) -> str:
     """Why the rank rule stops a trial ("" when it is promoted): of the ``n`` trials at the
     stage (it and ``peers_rows``, each cut to the trial's rows), only those with fewer than
-    ``floor(n / growth)`` trials strictly better than them go on (ties promote; ``n <
-    growth`` promotes every one). Better: by the objective of the per-task means (``mean`` /
+    ``floor(n * share)`` trials strictly better than them go on (ties promote; ``n * share
+    < 1`` promotes every one). Better: by the objective of the per-task means (``mean`` /
     ``min``), or for ``per_task`` by Pareto layer (non-dominated sorting of the means)."""
     import numpy as np
 
     from fitness.intervals import aggregate
 
     n = len(peers_rows) + 1
-    keep = math.floor(Fraction(n) / Fraction(repr(growth)))  # exact, as stage_sizes reads growth
+    keep = math.floor(n * Fraction(share))
     if keep < 1:
         return ""
     lengths = {task: len(rows) for task, rows in trial_rows.items()}

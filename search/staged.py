@@ -152,6 +152,7 @@ def study_stages(study: optuna.Study, plan: StudyPlan) -> StudyStages | None:
               "growth": config.growth, "confidence": config.confidence, "stages": list(sizes)}
     if config.rule != RULE_TEST:  # absent: rule test (studies stored before the rule existed read the same)
         record["rule"] = config.rule
+        record["promote"] = float(config.promoted_share)
     stored = study.user_attrs.get(FIDELITY_ATTR)
     if isinstance(stored, Mapping) and stored.get("order_sha256") != digest:
         raise SearchError(

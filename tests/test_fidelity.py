@@ -187,44 +187,45 @@ def rated(rate: float, rows: int = 20) -> np.ndarray:
     return (np.arange(rows) < round(rate * rows)).astype(float)
 
 
+HALF, THIRD, TWO_THIRDS = Fraction(1, 2), Fraction(1, 3), Fraction(2, 3)
 RANK = FidelityConfig(first_stage=60, growth=2.0, confidence=0.95, resamples=1000, rule="rank")
 
 
 def test_rank_keeps_the_best_floor_n_over_growth_and_ties_with_them() -> None:
     peers = [{"a": rated(r)} for r in (0.2, 0.4, 0.6, 0.8, 0.9)]  # with the trial: 6 at the stage, 3 go on
     up = {"a": True}
-    assert rank_stop({"a": rated(0.95)}, peers, objective="mean", directions=up, growth=2.0) == ""
-    assert rank_stop({"a": rated(0.7)}, peers, objective="mean", directions=up, growth=2.0) == ""  # 3rd
-    assert rank_stop({"a": rated(0.6)}, peers, objective="mean", directions=up, growth=2.0) == ""  # tie: 2 better
-    reason = rank_stop({"a": rated(0.5)}, peers, objective="mean", directions=up, growth=2.0)
+    assert rank_stop({"a": rated(0.95)}, peers, objective="mean", directions=up, share=HALF) == ""
+    assert rank_stop({"a": rated(0.7)}, peers, objective="mean", directions=up, share=HALF) == ""  # 3rd
+    assert rank_stop({"a": rated(0.6)}, peers, objective="mean", directions=up, share=HALF) == ""  # tie: 2 better
+    reason = rank_stop({"a": rated(0.5)}, peers, objective="mean", directions=up, share=HALF)
     assert reason.startswith("not among the best 3 of the 6 trials at this stage (3 better;")
     # lower is better: the same rows ranked the other way
-    assert rank_stop({"a": rated(0.5)}, peers, objective="mean", directions={"a": False}, growth=2.0) == ""
-    assert rank_stop({"a": rated(0.85)}, peers, objective="mean", directions={"a": False}, growth=2.0) != ""
+    assert rank_stop({"a": rated(0.5)}, peers, objective="mean", directions={"a": False}, share=HALF) == ""
+    assert rank_stop({"a": rated(0.85)}, peers, objective="mean", directions={"a": False}, share=HALF) != ""
 
 
 def test_rank_promotes_every_trial_while_fewer_than_growth_reached_the_stage() -> None:
     worst = {"a": rated(0.0)}
-    assert rank_stop(worst, [{"a": rated(1.0)}], objective="mean", directions={"a": True}, growth=3.0) == ""
-    assert rank_stop(worst, [{"a": rated(1.0)}] * 2, objective="mean", directions={"a": True}, growth=3.0) != ""
-    assert rank_stop(worst, [], objective="min", directions={"a": True}, growth=1.5) == ""
+    assert rank_stop(worst, [{"a": rated(1.0)}], objective="mean", directions={"a": True}, share=THIRD) == ""
+    assert rank_stop(worst, [{"a": rated(1.0)}] * 2, objective="mean", directions={"a": True}, share=THIRD) != ""
+    assert rank_stop(worst, [], objective="min", directions={"a": True}, share=TWO_THIRDS) == ""
 
 
 def test_rank_compares_the_peers_on_the_trial_rows_only() -> None:
     # each peer is better on the trial's 20 rows only after them: cut to 20 rows they are all worse
     peers = [{"a": np.concatenate([rated(0.1), np.ones(40)])} for _ in range(3)]
-    assert rank_stop({"a": rated(0.5)}, peers, objective="mean", directions={"a": True}, growth=2.0) == ""
+    assert rank_stop({"a": rated(0.5)}, peers, objective="mean", directions={"a": True}, share=HALF) == ""
     with pytest.raises(FitnessError, match="peer 0 has 10 rows of task 'a'; the trial has 20"):
-        rank_stop({"a": rated(0.5)}, [{"a": rated(0.5, 10)}], objective="mean", directions={"a": True}, growth=2.0)
+        rank_stop({"a": rated(0.5)}, [{"a": rated(0.5, 10)}], objective="mean", directions={"a": True}, share=HALF)
 
 
 def test_rank_by_the_objective_of_the_task_means() -> None:
     # min: the weakest task decides (the trial's 0.3 on b ranks it below peers it beats on the mean)
     peers = [{"a": rated(0.5), "b": rated(0.5)}, {"a": rated(0.45), "b": rated(0.45)}]
     trial = {"a": rated(1.0), "b": rated(0.3)}
-    assert rank_stop(trial, peers, objective="min", directions=UP, growth=1.5) != ""
-    assert rank_stop(trial, peers, objective="mean", directions=UP, growth=1.5) == ""
-    assert rank_stop(trial, peers, objective="mean", directions=UP, growth=1.5, weights={"a": 1.0, "b": 9.0}) != ""
+    assert rank_stop(trial, peers, objective="min", directions=UP, share=TWO_THIRDS) != ""
+    assert rank_stop(trial, peers, objective="mean", directions=UP, share=TWO_THIRDS) == ""
+    assert rank_stop(trial, peers, objective="mean", directions=UP, share=TWO_THIRDS, weights={"a": 1.0, "b": 9.0}) != ""
 
 
 def test_rank_per_task_by_pareto_layers() -> None:
@@ -232,11 +233,11 @@ def test_rank_per_task_by_pareto_layers() -> None:
     second = [{"a": rated(0.5), "b": rated(0.5)}, {"a": rated(0.1), "b": rated(0.8)}]
     peers = front + second  # 6 at the stage with the trial, 3 go on: the front
     on_front = {"a": rated(1.0), "b": rated(0.1)}  # best on a: on the front whatever else
-    assert rank_stop(on_front, peers, objective="per_task", directions=UP, growth=2.0) == ""
+    assert rank_stop(on_front, peers, objective="per_task", directions=UP, share=HALF) == ""
     layer_two = {"a": rated(0.55), "b": rated(0.55)}  # dominated by (0.6, 0.6) only
-    reason = rank_stop(layer_two, peers, objective="per_task", directions=UP, growth=2.0)
+    reason = rank_stop(layer_two, peers, objective="per_task", directions=UP, share=HALF)
     assert "(3 better; Pareto layer 2" in reason
-    assert rank_stop(layer_two, peers, objective="per_task", directions=UP, growth=1.5) == ""  # 4 of 6 go on
+    assert rank_stop(layer_two, peers, objective="per_task", directions=UP, share=TWO_THIRDS) == ""  # 4 of 6 go on
 
 
 def test_rule_rank_stops_what_the_test_promotes_and_rule_test_ignores_peers() -> None:
@@ -300,6 +301,10 @@ def test_bad_settings_are_refused() -> None:
         FidelityConfig(first_stage=10, confidence=1.0)
     with pytest.raises(FitnessError, match="rule must be one of 'test', 'rank', got 'asha'"):
         FidelityConfig(first_stage=10, rule="asha")
+    with pytest.raises(FitnessError, match="promote must be in .0, 1. and needs rule 'rank', got 0.2 with rule 'test'"):
+        FidelityConfig(first_stage=10, promote=0.2)
+    with pytest.raises(FitnessError, match="promote must be in"):
+        FidelityConfig(first_stage=10, rule="rank", promote=1.0)
     with pytest.raises(FitnessError, match="unknown objective 'median'"):
         decide({"a": [1.0, 0.0]}, [], [], objective="median", directions={"a": True}, config=CONFIG)
     with pytest.raises(FitnessError, match="no rows of task 'b'"):
@@ -322,4 +327,6 @@ def test_the_schedule_in_words_lists_every_stage() -> None:
     assert text.startswith("4 stage(s) of 60, 180, 540, 600 search rows (first_stage 60, growth 3)")
     assert "95% confidence" in text and "rule rank" not in text
     ranked = describe_schedule(600, FidelityConfig(first_stage=60, rule="rank"))
-    assert ranked.endswith("or when it is not among the best 1/3 of the trials finished at that stage (rule rank)")
+    assert ranked.endswith("or when it is not among the best 0.333 of the trials finished at that stage (rule rank)")
+    assert FidelityConfig(first_stage=60, growth=2.0, rule="rank").promoted_share == Fraction(1, 2)
+    assert FidelityConfig(first_stage=60, rule="rank", promote=0.2).promoted_share == Fraction(1, 5)

@@ -64,6 +64,9 @@ def test_config_reads_fidelity_and_names_the_key_of_each_error(tmp_path: Path, l
     ranked = load_study(staged_study(tmp_path, llama_family, trials=2,
                                      fidelity='fidelity = { first_stage = 6, growth = 2.0, rule = "rank" }'))
     assert ranked.fidelity == FidelityConfig(first_stage=6, growth=2.0, confidence=0.95, rule="rank")
+    shared = load_study(staged_study(tmp_path, llama_family, trials=2,
+                                     fidelity='fidelity = { first_stage = 6, rule = "rank", promote = 0.2 }'))
+    assert shared.fidelity is not None and shared.fidelity.promote == 0.2
     bad = {
         "fidelity = { first_stage = 1 }": "study.fidelity.first_stage: must be >= 2, got 1",
         "fidelity = { growth = 2.0 }": "study.fidelity.first_stage: required",
@@ -72,6 +75,8 @@ def test_config_reads_fidelity_and_names_the_key_of_each_error(tmp_path: Path, l
         "fidelity = { first = 4 }": "study.fidelity.first: unknown key",
         'fidelity = { first_stage = 4, rule = "asha" }': "study.fidelity.rule: must be one of 'test', 'rank', got 'asha'",
         "fidelity = { first_stage = 4, rule = 1 }": "study.fidelity.rule: expected a string",
+        "fidelity = { first_stage = 4, promote = 0.2 }": "study.fidelity.promote: is the rank rule's share",
+        'fidelity = { first_stage = 4, rule = "rank", promote = 1.5 }': "study.fidelity.promote: must be in (0, 1)",
         "fidelity = 4": "study.fidelity: expected a table",
     }
     for text, message in bad.items():
