@@ -6,7 +6,8 @@ each in its own temporary output folder:
 
 1. **full**: every search trial scored on every search row (``study.fidelity`` removed);
 2. **multi**: the same trial budget scored in stages (``--first-stage``, ``--growth``,
-   ``--confidence``; by default the study's own ``study.fidelity``, else 60 rows, 3.0, 0.95);
+   ``--confidence``, ``--rule``, ``--promote``; by default the study's own ``study.fidelity``,
+   else 60 rows, 3.0, 0.95, rule test);
 3. **multi at equal wall time**: the multi study continued (the driver resumes it with a larger
    budget and finalizes again; its first trials are exactly run 2's) to the budget whose search
    loop takes the full run's search-loop wall time: ``budget x full wall / multi wall``, rounded
@@ -22,6 +23,9 @@ the weakest task), per seed (null when no finalist passed the gates).
 The last line is one JSON object::
 
     python benchmarks/fidelity.py [--study STUDY] [--seeds 5] [--trials N] [--first-stage 60]
+        [--growth 3] [--confidence 0.95] [--rule test|rank] [--promote SHARE]
+
+``benchmarks/fidelity_replay.py`` screens schedules first, cheaply, over stored full runs.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import optuna
 
-from fitness.fidelity import FidelityConfig
+from fitness.fidelity import RULE_RANK, RULES, FidelityConfig
 from fitness.objective import objective_values
 from search import ranking, storage
 from search.config import StudyConfig, load_study
@@ -91,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-stage", type=int, default=None)
     parser.add_argument("--growth", type=float, default=None)
     parser.add_argument("--confidence", type=float, default=None)
+    parser.add_argument("--rule", choices=RULES, default=None)
+    parser.add_argument("--promote", type=float, default=None, help="rule rank: the share promoted (1/growth)")
     parser.add_argument("--no-equal-wall", action="store_true", help="skip run 3 (multi at equal wall time)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_study(args.study)
     own = base.fidelity or FidelityConfig(first_stage=60)
+    rule = args.rule or own.rule
     fidelity = FidelityConfig(first_stage=args.first_stage or own.first_stage, growth=args.growth or own.growth,
-                              confidence=args.confidence or own.confidence)
+                              confidence=args.confidence or own.confidence, rule=rule,
+                              promote=args.promote or (own.promote if rule == own.rule else None))
     trials = args.trials if args.trials is not None else base.trials
     per_generation = popsize(plan_study(base)) if base.sampler == "cmaes" else 1
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -148,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["heldout_min_multi_equal_wall"] = [r["heldout_multi_equal_wall"] for r in rows]
         summary["trials_equal_wall"] = [r["trials_equal_wall"] for r in rows]
     summary["fidelity"] = {"first_stage": fidelity.first_stage, "growth": fidelity.growth,
-                           "confidence": fidelity.confidence}
+                           "confidence": fidelity.confidence, "rule": fidelity.rule,
+                           "promote": float(fidelity.promoted_share) if fidelity.rule == RULE_RANK else None}
     full_scores = [r["heldout_full"] for r in rows]
     multi_scores = [r["heldout_multi"] for r in rows]
     if all(isinstance(v, float) and math.isfinite(v) for v in [*full_scores, *multi_scores]):

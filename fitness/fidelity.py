@@ -26,6 +26,12 @@ are always a prefix of that task's order, and prefixes of two trials line up row
   Otherwise (ties, too few rows, a task with fewer than 2 rows) the trial is promoted.
   The confidence holds per test: a trial checked at several stages and against several
   gates is stopped wrongly somewhat more often than ``1 - confidence`` in total.
+* **Rank rule** (``rule = "rank"``, :func:`rank_stop`): a trial the tests above promote is
+  still stopped when it is not among the best share ``promote`` (default ``1 / growth``) of
+  the trials at this stage (it and its ``peers``, each ranked by its estimate on the same
+  rows: the objective, or for ``per_task`` its Pareto layer), as successive halving / ASHA
+  bound the cost: ``floor(n * promote)`` of ``n`` trials go on, ties with the last kept one
+  included; while that is 0 (fewer than ``1 / promote`` trials at the stage), every one does.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ if TYPE_CHECKING:  # numpy only inside functions: search.config (read by `search
 RESAMPLES = 2000  # bootstrap draws per decision (fitness.intervals.RESAMPLES; a test holds them equal)
 
 OBJECTIVES: tuple[str, ...] = ("mean", "min", "per_task")
+RULE_TEST = "test"  # stop only when confidently worse than the incumbents, or failing a gate
+RULE_RANK = "rank"  # ... or when not among the best share `promote` of the trials at the stage
+RULES: tuple[str, ...] = (RULE_TEST, RULE_RANK)
 PROMOTE = "promote"
 STOP = "stop"
 
@@ -59,6 +68,8 @@ class FidelityConfig:
     growth: float = 3.0  # each stage has this many times the rows of the one before
     confidence: float = 0.95  # of each one-sided test that stops a trial
     resamples: int = RESAMPLES  # bootstrap draws per decision
+    rule: str = RULE_TEST  # RULES: what else than the tests stops a trial (module doc)
+    promote: float | None = None  # rule rank: the share of the trials at a stage that go on (None: 1 / growth)
 
     def __post_init__(self) -> None:
         if isinstance(self.first_stage, bool) or not isinstance(self.first_stage, int) or self.first_stage < 2:
@@ -69,6 +80,16 @@ class FidelityConfig:
             raise FitnessError(f"fidelity: confidence must be in (0.5, 1), got {self.confidence!r}")
         if self.resamples < 100:
             raise FitnessError(f"fidelity: resamples must be >= 100, got {self.resamples!r}")
+        if self.rule not in RULES:
+            raise FitnessError(f"fidelity: rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
+        if self.promote is not None and (self.rule != RULE_RANK or not 0.0 < self.promote < 1.0):
+            raise FitnessError(f"fidelity: promote must be in (0, 1) and needs rule 'rank', got {self.promote!r} "
+                               f"with rule {self.rule!r}")
+
+    @property
+    def promoted_share(self) -> Fraction:
+        """Rule rank: the share of the trials at a stage that go on (exact: the same on every machine)."""
+        return Fraction(repr(self.promote)) if self.promote is not None else 1 / Fraction(repr(self.growth))
 
 
 RowOrder = tuple[tuple[str, int], ...]  # (task, row index in the task's search slice), in scoring order
@@ -111,9 +132,13 @@ def stage_sizes(total_rows: int, config: FidelityConfig) -> tuple[int, ...]:
 def describe_schedule(total_rows: int, config: FidelityConfig) -> str:
     """The stage schedule in words (``search validate``)."""
     sizes = stage_sizes(total_rows, config)
-    return (f"{len(sizes)} stage(s) of {', '.join(map(str, sizes))} search rows (first_stage {config.first_stage}, "
+    text = (f"{len(sizes)} stage(s) of {', '.join(map(str, sizes))} search rows (first_stage {config.first_stage}, "
             f"growth {config.growth:g}); a trial stops after a stage when it cannot reach the best trial or "
             f"fails a gate, each with {config.confidence:.0%} confidence")
+    if config.rule == RULE_RANK:
+        text += (f", or when it is not among the best {float(config.promoted_share):.3g} of the trials finished "
+                 f"at that stage (rule rank)")
+    return text
 
 
 def stage_rows(order: RowOrder, size: int) -> dict[str, list[int]]:
@@ -163,7 +188,7 @@ class Decision:
 def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Sequence[GateLimit], *,
            objective: str, directions: Mapping[str, bool], config: FidelityConfig,
            weights: Mapping[str, float] | None = None, sources_rows: Mapping[str, TaskRows] | None = None,
-           seed: int = 0) -> Decision:
+           seed: int = 0, peers_rows: Sequence[TaskRows] = ()) -> Decision:
     """Promote or stop a trial after a stage.
 
     ``trial_rows``: task -> the trial's row scores so far (study order). ``incumbents_rows``:
@@ -171,6 +196,8 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
     rows are compared). ``gates``: the study's resolved gates; ``sources_rows``: source label
     -> task -> row scores, the paired reference of ``max_regression`` gates (without it the
     stored limit is used). ``directions``: task -> higher_is_better. ``weights``: ``mean``.
+    ``peers_rows``: with ``config.rule`` rank, the other trials that reached this stage, each
+    with at least the trial's rows (:func:`rank_stop`); ignored by rule test.
     """
     import numpy as np
 
@@ -214,8 +241,16 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
             return stop(f"gate {gate.name} failed with {quantile:.0%} confidence "
                         f"(score {estimate[gate.task]:.4f} on {lengths[gate.task]} rows)")
 
-    if not incumbents_rows or len(scored) < len(trial):
+    if len(scored) < len(trial):
         return Decision(PROMOTE, "", estimate, lengths)
+    if config.rule == RULE_RANK:
+        reason = rank_stop(trial, peers_rows, objective=objective, directions=directions,
+                           share=config.promoted_share, weights=weights)
+        if reason:
+            return stop(reason)
+    promote = Decision(PROMOTE, "", estimate, lengths)
+    if not incumbents_rows:
+        return promote
     incumbents = [_prefix(rows, lengths, f"incumbent {number}") for number, rows in enumerate(incumbents_rows)]
     _, draws = resampled_task_means([trial, *incumbents], resamples=config.resamples, seed=rng_seed)
     # gain[task]: (resamples, incumbents) how much better the trial is, in each task's direction
@@ -226,7 +261,7 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
         if dominated.any():
             return stop(f"dominated by incumbent {int(np.argmax(dominated))} on every task "
                         f"with {quantile:.0%} confidence")
-        return Decision(PROMOTE, "", estimate, lengths)
+        return promote
     higher = _one_direction(directions)
     sign = 1.0 if higher else -1.0
     values = aggregate({task: draws[task] for task in trial}, objective, weights, higher)
@@ -235,7 +270,56 @@ def decide(trial_rows: TaskRows, incumbents_rows: Sequence[TaskRows], gates: Seq
     if (upper < 0).all():
         return stop(f"cannot reach the {len(incumbents)} incumbent(s): objective {objective} is worse "
                     f"with {quantile:.0%} confidence (by at least {float(-upper.max()):.4f})")
-    return Decision(PROMOTE, "", estimate, lengths)
+    return promote
+
+
+def rank_stop(trial_rows: TaskRows, peers_rows: Sequence[TaskRows], *, objective: str,
+              directions: Mapping[str, bool], share: Fraction, weights: Mapping[str, float] | None = None) -> str:
+    """Why the rank rule stops a trial ("" when it is promoted): of the ``n`` trials at the
+    stage (it and ``peers_rows``, each cut to the trial's rows), only those with fewer than
+    ``floor(n * share)`` trials strictly better than them go on (ties promote; ``n * share
+    < 1`` promotes every one). Better: by the objective of the per-task means (``mean`` /
+    ``min``), or for ``per_task`` by Pareto layer (non-dominated sorting of the means)."""
+    import numpy as np
+
+    from fitness.intervals import aggregate
+
+    n = len(peers_rows) + 1
+    keep = math.floor(n * Fraction(share))
+    if keep < 1:
+        return ""
+    lengths = {task: len(rows) for task, rows in trial_rows.items()}
+    everyone = [trial_rows, *(_prefix(rows, lengths, f"peer {i}") for i, rows in enumerate(peers_rows))]
+    means = {task: np.array([float(np.mean(rows[task])) for rows in everyone]) for task in trial_rows}
+    if objective == "per_task":  # each task signed so that higher is better
+        layer = _pareto_layers(np.stack([m if directions[t] else -m for t, m in means.items()], axis=1))
+        better = int(np.sum(layer < layer[0]))
+        what = f"Pareto layer {int(layer[0]) + 1}"
+    else:
+        higher = _one_direction(directions)
+        value = aggregate(means, objective, weights, higher)
+        better = int(np.sum(value > value[0] if higher else value < value[0]))
+        what = f"objective {objective} estimate {float(value[0]):.4f}"
+    if better < keep:
+        return ""
+    return (f"not among the best {keep} of the {n} trials at this stage ({better} better; {what} "
+            f"on {sum(lengths.values())} rows; rule rank)")
+
+
+def _pareto_layers(signed: np.ndarray) -> np.ndarray:
+    """Each row's non-dominated sorting layer (0 = the Pareto front) over ``signed`` (higher is better)."""
+    import numpy as np
+
+    layer = np.full(len(signed), -1, dtype=np.int64)
+    remaining = list(range(len(signed)))
+    current = 0
+    while remaining:
+        front = [i for i in remaining if not any(np.all(signed[j] >= signed[i]) and np.any(signed[j] > signed[i])
+                                                 for j in remaining if j != i)]
+        layer[front] = current
+        remaining = [i for i in remaining if i not in front]
+        current += 1
+    return layer
 
 
 def _prefix(rows: TaskRows, lengths: Mapping[str, int], who: str) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fitness.errors import FitnessError
 from fitness.extract import GenerateSpec
-from fitness.fidelity import FidelityConfig
+from fitness.fidelity import RULE_RANK, RULE_TEST, RULES, FidelityConfig
 from fitness.gates import GateSpec
 from fitness.objective import MODES as OBJECTIVES
 from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
@@ -57,7 +57,7 @@ STUDY_KEYS = (
     "name", "seed", "output", "storage", "trials", "sampler", "population", "objective", "top_k", "enqueue",
     "warm_start", "fidelity",
 )
-FIDELITY_KEYS = ("first_stage", "growth", "confidence")
+FIDELITY_KEYS = ("first_stage", "growth", "confidence", "rule", "promote")
 MODELS_KEYS = ("base", "sources", "demo_family", "allow_pickle", "trust_remote_code", "dtype", "tokenizer")
 GENOME_KEYS = (
     "method", "layer_granularity", "per_role", "embed_head", "weight", "density", "lambda", "t", "fixed",
@@ -346,7 +346,8 @@ class _Parser:
         )
 
     def fidelity(self, study: _Table, tasks: tuple[TaskSpec, ...]) -> FidelityConfig | None:
-        """``study.fidelity = { first_stage = N, growth = 3.0, confidence = 0.95 }`` (fitness.fidelity)."""
+        """``study.fidelity = { first_stage = N, growth = 3.0, confidence = 0.95, rule = "test", promote = share }``
+        (fitness.fidelity)."""
         if not study.has("fidelity"):
             return None
         table = study.get_table("fidelity")
@@ -358,6 +359,14 @@ class _Parser:
         confidence = table.get_float("confidence", 0.95)
         if not 0.5 < confidence < 1.0:
             raise table.error("confidence", f"must be in (0.5, 1), got {confidence}")
+        rule = table.get_str("rule", RULE_TEST)
+        if rule not in RULES:
+            raise table.error("rule", f"must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
+        promote = table.get_float("promote", None)
+        if promote is not None and rule != RULE_RANK:
+            raise table.error("promote", f"is the rank rule's share of trials promoted; set rule = {RULE_RANK!r}")
+        if promote is not None and not 0.0 < promote < 1.0:
+            raise table.error("promote", f"must be in (0, 1), got {promote}")
         for index, task in enumerate(tasks):
             # a stage's estimate is the mean of the rows scored: tasks without per-row values
             # (lm-eval aggregates) or whose score is not that mean (corpus perplexity) cannot be staged
@@ -367,7 +376,7 @@ class _Parser:
             if task.metric == "perplexity":
                 raise table.error("first_stage", f"tasks[{index}] ({task.name!r}) uses metric perplexity, whose "
                                   "score is not the mean of its rows; use loglik or remove study.fidelity")
-        return FidelityConfig(first_stage=first, growth=growth, confidence=confidence)
+        return FidelityConfig(first_stage=first, growth=growth, confidence=confidence, rule=rule, promote=promote)
 
     def storage(self, study: _Table, output: Path) -> str:
         url = study.get_str("storage", "")

@@ -52,7 +52,7 @@ from search.records import (
 )
 from search.recovery import StopRequest, enqueue_rerun
 from search.samplers import CMA_PREFIX, HORIZON, POSITION
-from search.staged import FIDELITY_ATTR, StudyStages, study_stages
+from search.staged import FIDELITY_ATTR, PROMOTED_ATTR, StudyStages, study_stages
 from search.warm_start import enqueue_position
 from search.worker import TrialOutcome
 from search.write_behind import WriteBehindStorage
@@ -96,6 +96,7 @@ class _InFlight:
     # scored in stages (search.staged): task -> the rows so far, in the study's row order
     rows: dict[str, list[float]] = field(default_factory=dict)
     carried: dict[str, int] = field(default_factory=dict)  # rows kept from the lost run it re-runs
+    promoted: int = 0  # the last stage a decision promoted it after (kept over re-runs: decided once)
     merge_s: float = 0.0  # summed over its stages
     score_s: float = 0.0
     worker: str = ""  # of its last stage
@@ -228,12 +229,15 @@ class SearchLoop:
             return False
         item = _InFlight(trial, recipe, int(trial.user_attrs.get(POSITION, -1)))
         if self.stages is not None:
-            carried = self._carried_rows(trial)
+            carried, item.promoted = self._carried_rows(trial)
             item.rows = {task: list(values) for task, values in carried.items()}
             item.carried = {task: len(values) for task, values in carried.items()}
             if carried:  # on this trial too: a second kill still keeps them
                 self.storage.set_trial_system_attr(self.storage.trial_id(trial.number), ROWS_SEARCH_ATTR,
                                                    prefix_rows_attr(carried, self.stages.task_rows))
+                if item.promoted:
+                    self.storage.set_trial_system_attr(self.storage.trial_id(trial.number), PROMOTED_ATTR,
+                                                       item.promoted)
             if self.stages.at_stage_end(item.carried) is not None:  # lost after storing a stage: decide now
                 finished = self._after_stage(item)
                 self._charge("store_s", clock)
@@ -251,13 +255,17 @@ class SearchLoop:
         rows = self.stages.next_rows({task: len(values) for task, values in item.rows.items()})
         self.pool.submit(item.trial.number, item.recipe.to_dict(), "search", rows=rows)
 
-    def _carried_rows(self, trial: Trial) -> dict[str, list[float]]:
-        """A re-run's rows kept from the lost run (stored stage by stage), else none."""
+    def _carried_rows(self, trial: Trial) -> tuple[dict[str, list[float]], int]:
+        """A re-run's rows kept from the lost run (stored stage by stage), else none, and the last
+        stage the lost run was promoted after."""
         lost = trial.user_attrs.get("rerun_of")
         if lost is None:
-            return {}
-        held = trial_prefix_rows(self.study.get_trials(deepcopy=False)[lost])
-        return {} if held is None else {task: values.tolist() for task, values in held.items()}
+            return {}, 0
+        frozen = self.study.get_trials(deepcopy=False)[lost]
+        held = trial_prefix_rows(frozen)
+        if held is None:
+            return {}, 0
+        return {task: values.tolist() for task, values in held.items()}, int(frozen.system_attrs.get(PROMOTED_ATTR, 0))
 
     def _charge(self, part: str, since: float) -> float:
         """Add the driver's CPU time since ``since`` to ``part`` of the timings; returns now."""
@@ -330,12 +338,20 @@ class SearchLoop:
             scores = {task: math.fsum(values) / len(values) for task, values in rows.items()}
             self._store_outcome(item, TrialOutcome(scores, item.merge_s, item.score_s, None, item.worker, rows=rows))
             return True
-        # the stage's rows first (a killed driver's re-run continues from them), then the decision
+        # the stage's rows (a killed driver's re-run continues from them) and, when promoted, the
+        # decision, stored before the next stage is submitted: a re-run does not decide again on
+        # what has been told since (search.staged: the rank rule's peers grow)
         self.storage.set_trial_system_attr(trial_id, ROWS_SEARCH_ATTR, prefix_rows_attr(item.rows, stages.task_rows))
-        self.storage.flush()
+        if item.promoted == stage:  # a re-run whose lost run was promoted after this stage
+            self.storage.flush()
+            self._submit(item)
+            return False
         decision = stages.decide(item.rows, self.study.get_trials(deepcopy=False), self.plan,
                                  seed=self.plan.config.seed + max(item.position, 0))
         if not decision.stopped:
+            self.storage.set_trial_system_attr(trial_id, PROMOTED_ATTR, stage)
+            self.storage.flush()
+            item.promoted = stage
             self._submit(item)
             return False
         raw = objective_values(decision.estimate, self.plan.tasks, self.plan.config.objective)

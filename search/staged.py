@@ -11,6 +11,8 @@ After each stage :func:`StudyStages.decide` compares the trial's rows with, on t
 rows: the best feasible trial scored on every row so far (search trials and baselines;
 ``per_task``: every such trial on the Pareto front), and the gates (``max_regression``
 paired with its source's rows). A trial stopped there is told ``PRUNED`` (``search.loop``).
+With ``rule = "rank"`` it is also ranked among its peers (:func:`stage_peer_rows`): the search
+trials already finished (told, in the driver's order of results) that hold this stage's rows.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from fitness.fidelity import (
+    RULE_RANK,
+    RULE_TEST,
     Decision,
     FidelityConfig,
     RowOrder,
@@ -38,12 +42,17 @@ from search import ranking
 from search.baselines import source_baseline_name, source_references
 from search.errors import SearchError
 from search.plan import StudyPlan
-from search.records import EXAMPLE_ROWS_ATTR, trial_rows
+from search.records import EXAMPLE_ROWS_ATTR, trial_prefix_rows, trial_rows
 
 FIDELITY_ATTR = "fidelity"
 """Study user attr: the row order's inputs and digest (:func:`study_stages`); trial user attr: the
 trial's stages (``search.loop``: ``stage``, ``stages``, ``rows``, and on a stopped trial ``stopped``,
 ``estimate``, ``objective``; on a re-run, ``carried``: rows kept from the lost run)."""
+
+
+PROMOTED_ATTR = "fidelity_promoted"
+"""Trial system attr: the last stage a running trial was promoted after (``search.loop``; a re-run of
+a lost trial takes it over and does not decide that stage again)."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +107,28 @@ class StudyStages:
             if rows is not None:
                 sources_rows[label] = self.in_study_order(rows)
         incumbents = [self.in_study_order(rows) for rows in _incumbent_rows(trials, plan, config.objective)]
+        held = {task: len(v) for task, v in trial_rows_so_far.items()}
+        peers = self.stage_peer_rows(trials, held) if self.config.rule == RULE_RANK else []
         return decide({task: np.asarray(v, dtype=np.float64) for task, v in trial_rows_so_far.items()},
                       incumbents, limits, objective=config.objective, directions=plan.task_higher,
                       config=self.config, weights={t.name: t.weight for t in config.tasks},
-                      sources_rows=sources_rows, seed=seed)
+                      sources_rows=sources_rows, seed=seed, peers_rows=peers)
+
+    def stage_peer_rows(self, trials: Sequence[FrozenTrial], held: Mapping[str, int]) -> list[dict[str, np.ndarray]]:
+        """The rank rule's peers of a trial holding ``held`` rows per task (study order): every
+        finished search trial (scored on every row, or stopped at this stage or later) cut to
+        those rows. Running trials are left out: only results the driver has already told
+        count, so the decision depends on the order of results, not on timing inside a stage."""
+        peers: list[dict[str, np.ndarray]] = []
+        for trial in trials:
+            if ranking.kind(trial) != ranking.KIND_SEARCH or trial.state.name not in ("COMPLETE", "PRUNED"):
+                continue
+            full = trial_rows(trial, {})
+            rows = self.in_study_order(full) if full is not None else trial_prefix_rows(trial)
+            if rows is None or any(task not in rows or rows[task].size < n for task, n in held.items()):
+                continue  # stopped before this stage (or stored without per-row values)
+            peers.append({task: rows[task][:n] for task, n in held.items()})
+        return peers
 
 
 def study_stages(study: optuna.Study, plan: StudyPlan) -> StudyStages | None:
@@ -123,6 +150,9 @@ def study_stages(study: optuna.Study, plan: StudyPlan) -> StudyStages | None:
     sizes = stage_sizes(sum(task_rows.values()), config)
     record = {"seed": plan.config.seed, "rows": task_rows, "order_sha256": digest, "first_stage": config.first_stage,
               "growth": config.growth, "confidence": config.confidence, "stages": list(sizes)}
+    if config.rule != RULE_TEST:  # absent: rule test (studies stored before the rule existed read the same)
+        record["rule"] = config.rule
+        record["promote"] = float(config.promoted_share)
     stored = study.user_attrs.get(FIDELITY_ATTR)
     if isinstance(stored, Mapping) and stored.get("order_sha256") != digest:
         raise SearchError(
@@ -132,10 +162,15 @@ def study_stages(study: optuna.Study, plan: StudyPlan) -> StudyStages | None:
         )
     if stored != record:
         study.set_user_attr(FIDELITY_ATTR, record)  # first run, or new stage settings over the same order
+    return stages_of(config, order, task_rows)
+
+
+def stages_of(config: FidelityConfig, order: RowOrder, task_rows: Mapping[str, int]) -> StudyStages:
+    """The stages of ``config`` over ``order`` (``study_row_order`` of ``task_rows``); touches no study."""
     task_order: dict[str, list[int]] = {task: [] for task in task_rows}
     for task, row in order:
         task_order[task].append(row)
-    return StudyStages(config, order, sizes, task_rows,
+    return StudyStages(config, order, stage_sizes(sum(task_rows.values()), config), dict(task_rows),
                        {task: np.asarray(rows, dtype=np.int64) for task, rows in task_order.items()})
 
 

@@ -17,6 +17,7 @@ from fitness.fidelity import (
     STOP,
     FidelityConfig,
     decide,
+    rank_stop,
     rows_to_score,
     stage_rows,
     stage_sizes,
@@ -178,6 +179,83 @@ def test_tasks_with_fewer_than_two_rows_never_stop_a_trial() -> None:
     assert decision.action == PROMOTE and decision.rows == {"a": 30, "b": 1}
 
 
+# -- the rank rule (rule = "rank") -----------------------------------------------------------
+
+
+def rated(rate: float, rows: int = 20) -> np.ndarray:
+    """``rows`` 0/1 rows with exactly ``round(rate * rows)`` ones (estimates known exactly)."""
+    return (np.arange(rows) < round(rate * rows)).astype(float)
+
+
+HALF, THIRD, TWO_THIRDS = Fraction(1, 2), Fraction(1, 3), Fraction(2, 3)
+RANK = FidelityConfig(first_stage=60, growth=2.0, confidence=0.95, resamples=1000, rule="rank")
+
+
+def test_rank_keeps_the_best_floor_n_over_growth_and_ties_with_them() -> None:
+    peers = [{"a": rated(r)} for r in (0.2, 0.4, 0.6, 0.8, 0.9)]  # with the trial: 6 at the stage, 3 go on
+    up = {"a": True}
+    assert rank_stop({"a": rated(0.95)}, peers, objective="mean", directions=up, share=HALF) == ""
+    assert rank_stop({"a": rated(0.7)}, peers, objective="mean", directions=up, share=HALF) == ""  # 3rd
+    assert rank_stop({"a": rated(0.6)}, peers, objective="mean", directions=up, share=HALF) == ""  # tie: 2 better
+    reason = rank_stop({"a": rated(0.5)}, peers, objective="mean", directions=up, share=HALF)
+    assert reason.startswith("not among the best 3 of the 6 trials at this stage (3 better;")
+    # lower is better: the same rows ranked the other way
+    assert rank_stop({"a": rated(0.5)}, peers, objective="mean", directions={"a": False}, share=HALF) == ""
+    assert rank_stop({"a": rated(0.85)}, peers, objective="mean", directions={"a": False}, share=HALF) != ""
+
+
+def test_rank_promotes_every_trial_while_fewer_than_growth_reached_the_stage() -> None:
+    worst = {"a": rated(0.0)}
+    assert rank_stop(worst, [{"a": rated(1.0)}], objective="mean", directions={"a": True}, share=THIRD) == ""
+    assert rank_stop(worst, [{"a": rated(1.0)}] * 2, objective="mean", directions={"a": True}, share=THIRD) != ""
+    assert rank_stop(worst, [], objective="min", directions={"a": True}, share=TWO_THIRDS) == ""
+
+
+def test_rank_compares_the_peers_on_the_trial_rows_only() -> None:
+    # each peer is better on the trial's 20 rows only after them: cut to 20 rows they are all worse
+    peers = [{"a": np.concatenate([rated(0.1), np.ones(40)])} for _ in range(3)]
+    assert rank_stop({"a": rated(0.5)}, peers, objective="mean", directions={"a": True}, share=HALF) == ""
+    with pytest.raises(FitnessError, match="peer 0 has 10 rows of task 'a'; the trial has 20"):
+        rank_stop({"a": rated(0.5)}, [{"a": rated(0.5, 10)}], objective="mean", directions={"a": True}, share=HALF)
+
+
+def test_rank_by_the_objective_of_the_task_means() -> None:
+    # min: the weakest task decides (the trial's 0.3 on b ranks it below peers it beats on the mean)
+    peers = [{"a": rated(0.5), "b": rated(0.5)}, {"a": rated(0.45), "b": rated(0.45)}]
+    trial = {"a": rated(1.0), "b": rated(0.3)}
+    assert rank_stop(trial, peers, objective="min", directions=UP, share=TWO_THIRDS) != ""
+    assert rank_stop(trial, peers, objective="mean", directions=UP, share=TWO_THIRDS) == ""
+    assert rank_stop(trial, peers, objective="mean", directions=UP, share=TWO_THIRDS, weights={"a": 1.0, "b": 9.0}) != ""
+
+
+def test_rank_per_task_by_pareto_layers() -> None:
+    front = [{"a": rated(0.9), "b": rated(0.2)}, {"a": rated(0.2), "b": rated(0.9)}, {"a": rated(0.6), "b": rated(0.6)}]
+    second = [{"a": rated(0.5), "b": rated(0.5)}, {"a": rated(0.1), "b": rated(0.8)}]
+    peers = front + second  # 6 at the stage with the trial, 3 go on: the front
+    on_front = {"a": rated(1.0), "b": rated(0.1)}  # best on a: on the front whatever else
+    assert rank_stop(on_front, peers, objective="per_task", directions=UP, share=HALF) == ""
+    layer_two = {"a": rated(0.55), "b": rated(0.55)}  # dominated by (0.6, 0.6) only
+    reason = rank_stop(layer_two, peers, objective="per_task", directions=UP, share=HALF)
+    assert "(3 better; Pareto layer 2" in reason
+    assert rank_stop(layer_two, peers, objective="per_task", directions=UP, share=TWO_THIRDS) == ""  # 4 of 6 go on
+
+
+def test_rule_rank_stops_what_the_test_promotes_and_rule_test_ignores_peers() -> None:
+    trial = {"a": rated(0.5, 40), "b": rated(0.5, 40)}
+    incumbent = {"a": rated(0.55, 40), "b": rated(0.55, 40)}  # not surely better on 40 rows
+    peers = [incumbent] * 3
+    test = decide(trial, [incumbent], [], objective="min", directions=UP, config=CONFIG, peers_rows=peers)
+    assert test.action == PROMOTE
+    ranked = decide(trial, [incumbent], [], objective="min", directions=UP, config=RANK, peers_rows=peers)
+    assert ranked.action == STOP and ranked.reason.startswith("not among the best 2 of the 4 trials")
+    assert ranked.estimate == {"a": 0.5, "b": 0.5} and ranked.rows == {"a": 40, "b": 40}
+    assert decide(incumbent, [incumbent], [], objective="min", directions=UP, config=RANK,
+                  peers_rows=[trial] * 3).action == PROMOTE
+    # the paired test still stops a trial the rank keeps (fewer than growth at the stage)
+    worse = {"a": rated(0.1, 40), "b": rated(0.1, 40)}
+    assert decide(worse, [incumbent], [], objective="min", directions=UP, config=RANK).action == STOP
+
+
 GATE = GateLimit(name="a.min", task="a", kind=KIND_MIN, setting=0.3, limit=0.3, higher_is_better=True)
 
 
@@ -221,6 +299,12 @@ def test_bad_settings_are_refused() -> None:
         FidelityConfig(first_stage=10, growth=1.0)
     with pytest.raises(FitnessError, match="confidence must be in"):
         FidelityConfig(first_stage=10, confidence=1.0)
+    with pytest.raises(FitnessError, match="rule must be one of 'test', 'rank', got 'asha'"):
+        FidelityConfig(first_stage=10, rule="asha")
+    with pytest.raises(FitnessError, match="promote must be in .0, 1. and needs rule 'rank', got 0.2 with rule 'test'"):
+        FidelityConfig(first_stage=10, promote=0.2)
+    with pytest.raises(FitnessError, match="promote must be in"):
+        FidelityConfig(first_stage=10, rule="rank", promote=1.0)
     with pytest.raises(FitnessError, match="unknown objective 'median'"):
         decide({"a": [1.0, 0.0]}, [], [], objective="median", directions={"a": True}, config=CONFIG)
     with pytest.raises(FitnessError, match="no rows of task 'b'"):
@@ -241,4 +325,8 @@ def test_the_schedule_in_words_lists_every_stage() -> None:
 
     text = describe_schedule(600, FidelityConfig(first_stage=60))
     assert text.startswith("4 stage(s) of 60, 180, 540, 600 search rows (first_stage 60, growth 3)")
-    assert "95% confidence" in text
+    assert "95% confidence" in text and "rule rank" not in text
+    ranked = describe_schedule(600, FidelityConfig(first_stage=60, rule="rank"))
+    assert ranked.endswith("or when it is not among the best 0.333 of the trials finished at that stage (rule rank)")
+    assert FidelityConfig(first_stage=60, growth=2.0, rule="rank").promoted_share == Fraction(1, 2)
+    assert FidelityConfig(first_stage=60, rule="rank", promote=0.2).promoted_share == Fraction(1, 5)

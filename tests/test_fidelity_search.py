@@ -36,7 +36,7 @@ from search.records import (
     trial_rows,
 )
 from search.samplers import POSITION, visible_trials
-from search.staged import FIDELITY_ATTR
+from search.staged import FIDELITY_ATTR, PROMOTED_ATTR
 from tests.checkpoints import TinyFamily
 from tests.studies import write_study
 from tests.test_driver import load, search_trials
@@ -60,12 +60,23 @@ def test_config_reads_fidelity_and_names_the_key_of_each_error(tmp_path: Path, l
     config = load_study(staged_study(tmp_path, llama_family, trials=2,
                                      fidelity="fidelity = { first_stage = 6 }"))
     assert config.fidelity == FidelityConfig(first_stage=6, growth=3.0, confidence=0.95)
+    assert config.fidelity.rule == "test"  # absent: the paired test only, as before the rule existed
+    ranked = load_study(staged_study(tmp_path, llama_family, trials=2,
+                                     fidelity='fidelity = { first_stage = 6, growth = 2.0, rule = "rank" }'))
+    assert ranked.fidelity == FidelityConfig(first_stage=6, growth=2.0, confidence=0.95, rule="rank")
+    shared = load_study(staged_study(tmp_path, llama_family, trials=2,
+                                     fidelity='fidelity = { first_stage = 6, rule = "rank", promote = 0.2 }'))
+    assert shared.fidelity is not None and shared.fidelity.promote == 0.2
     bad = {
         "fidelity = { first_stage = 1 }": "study.fidelity.first_stage: must be >= 2, got 1",
         "fidelity = { growth = 2.0 }": "study.fidelity.first_stage: required",
         "fidelity = { first_stage = 4, growth = 1.0 }": "study.fidelity.growth: must be > 1",
         "fidelity = { first_stage = 4, confidence = 1.0 }": "study.fidelity.confidence: must be in (0.5, 1)",
         "fidelity = { first = 4 }": "study.fidelity.first: unknown key",
+        'fidelity = { first_stage = 4, rule = "asha" }': "study.fidelity.rule: must be one of 'test', 'rank', got 'asha'",
+        "fidelity = { first_stage = 4, rule = 1 }": "study.fidelity.rule: expected a string",
+        "fidelity = { first_stage = 4, promote = 0.2 }": "study.fidelity.promote: is the rank rule's share",
+        'fidelity = { first_stage = 4, rule = "rank", promote = 1.5 }': "study.fidelity.promote: must be in (0, 1)",
         "fidelity = 4": "study.fidelity: expected a table",
     }
     for text, message in bad.items():
@@ -181,13 +192,21 @@ def test_a_gate_failed_at_the_first_stage_stops_the_trial_there(tmp_path: Path, 
 
 
 def test_cmaes_generations_fill_with_stopped_members(tmp_path: Path, llama_family: TinyFamily) -> None:
-    path = staged_study(tmp_path, llama_family, trials=12, sampler="cmaes", population=4)
+    # with the rank rule (the schedule the README recommends for CMA-ES)
+    path = staged_study(tmp_path, llama_family, trials=12, sampler="cmaes", population=4,
+                        fidelity='fidelity = { first_stage = 4, growth = 2.0, rule = "rank" }')
     result = run_study(load_study(path), quiet=True, finalize_after=False)
     assert result.done == 12
-    searched = search_trials(load(path))
+    study = load(path)
+    assert study.user_attrs[FIDELITY_ATTR]["rule"] == "rank"
+    searched = search_trials(study)
     generations = [t.system_attrs["cma:generation"] for t in searched]
     assert sorted(generations) == [0] * 4 + [1] * 4 + [2] * 4  # each generation told whole
-    assert any(t.state == TrialState.PRUNED for t in searched)
+    assert any("rule rank" in t.user_attrs[FIDELITY_ATTR].get("stopped", "") for t in searched)
+    for trial in searched:  # every promotion is stored (a re-run after a kill does not decide it again)
+        stage = trial.user_attrs[FIDELITY_ATTR]["stage"]
+        last_promoted = stage - 1 if trial.state == TrialState.PRUNED else 3
+        assert trial.system_attrs.get(PROMOTED_ATTR, 0) == last_promoted
 
 
 def test_per_task_studies_stop_dominated_trials(tmp_path: Path, llama_family: TinyFamily) -> None:
@@ -222,9 +241,10 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
 ) -> None:
     metric = "tests.test_fidelity_search:noisy_killing_scorer"
     paths = {}
-    for name in ("plain", "killed"):
+    for name in ("plain", "killed"):  # the rank rule: its decisions depend on what was told before
         (tmp_path / name).mkdir()
-        paths[name] = staged_study(tmp_path / name, llama_family, trials=3, metric=metric)
+        paths[name] = staged_study(tmp_path / name, llama_family, trials=3, metric=metric,
+                                   fidelity='fidelity = { first_stage = 4, growth = 2.0, rule = "rank" }')
     run_study(load_study(paths["plain"]), quiet=True, finalize_after=False)
 
     # 4 baselines x 2 tasks = 8 calls (batches of 16: one per task), then the first search
@@ -236,6 +256,7 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
     lost = next(t for t in search_trials(load(paths["killed"])) if t.state == TrialState.RUNNING)
     held = trial_prefix_rows(lost)
     assert held is not None and {t: len(v) for t, v in held.items()} == {"alpha": 2, "beta": 2}
+    assert lost.system_attrs[PROMOTED_ATTR] == 1  # stage 1 decided and stored: the re-run takes it over
 
     monkeypatch.setenv("SCORED_LOG", str(tmp_path / "scored.jsonl"))
     result = run_study(load_study(paths["killed"]), quiet=True, finalize_after=False)
