@@ -164,7 +164,7 @@ def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
                split: str = "search") -> dict[str, np.ndarray] | None:
     """A trial's per-row values on ``split`` (task -> float64 array in the study's row order),
     or None when it has none stored (not scored on that split; a task without per-row values,
-    such as an lm-eval task, leaves its task out)."""
+    such as an lm-eval metric lm-eval does not average, leaves its task out)."""
     if split == "search":
         raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
     else:
