@@ -36,6 +36,7 @@ Importing this module imports neither lm-eval nor torch (``search.config`` uses 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -430,9 +431,14 @@ def document_split(spec: TaskSpec) -> DocumentSplit:
     return _task_split(spec, n_docs, key, aggregation_name(task, key))
 
 
-def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
-    """What ``LmEvalTask`` would refuse (``search validate``): documents per split."""
+def check_lm_eval_task(spec: TaskSpec, *, staged: bool = False) -> dict[str, int]:
+    """What ``LmEvalTask`` would refuse (``search validate``): documents per split. ``staged``
+    (``study.fidelity``): a metric lm-eval does not average cannot be scored in stages."""
     split = document_split(spec)
+    reason = split.no_rows_reason(spec.name)
+    if staged and reason is not None:
+        raise FitnessError(f"{reason}, so it cannot be scored in stages (study.fidelity); "
+                           "choose a metric lm-eval averages (lm_eval_metric) or remove study.fidelity")
     return {"search": len(split.search), "heldout": len(split.heldout)}
 
 
@@ -512,9 +518,27 @@ class LmEvalTask:
         task = self.task
         build = task.build_all_requests
         built: dict[tuple[int, ...], list[Any]] = {}
+        whole = tuple(self.split["search"])
+        at = {doc: position for position, doc in enumerate(whole)}
+        splits = {tuple(documents) for documents in self.split.values()}
 
         def build_all_requests(**kwargs: Any) -> None:
             key = tuple(kwargs.get("samples") or ())
+            if key not in built and key and key not in splits and all(doc in at for doc in key):
+                # A stage (some search documents): the search split's own requests for them, so
+                # their few-shot contexts are the ones a full run gives (the few-shot generator
+                # advances document by document: building the subset alone would draw others).
+                if whole not in built:
+                    self.task.set_fewshot_seed(seed=FEWSHOT_SEED)
+                    build(**{**kwargs, "samples": _Indices(whole)})
+                    built[whole] = list(task._instances)
+                if len(built) > 64:  # resumed trials' odd stages: keep the cache small
+                    for stale in [k for k in built if k not in splits]:
+                        del built[stale]
+                rank = {at[doc]: new_id for new_id, doc in enumerate(key)}  # lm-eval's doc_id: position in samples
+                built[key] = [dataclasses.replace(instance, resps=[], filtered_resps={},
+                                                  metadata=(instance.task_name, rank[instance.doc_id], instance.repeats))
+                              for instance in built[whole] if instance.doc_id in rank]
             if key not in built:
                 build(**kwargs)
                 built[key] = list(task._instances)
@@ -536,19 +560,34 @@ class LmEvalTask:
             return None
         return [(f"{ROW_FILE_PREFIX}{self.documents.task}", index) for index in self.split[split]]
 
-    def run(self, split: str, *, log_samples: bool = False) -> LmEvalResult:
+    def run(self, split: str, *, log_samples: bool = False, rows: Sequence[int] | None = None) -> LmEvalResult:
         """lm-eval's aggregate of the metric on ``split``'s documents (the model as merged now),
-        with each document's value when the aggregation is the mean (the module docstring)."""
+        with each document's value when the aggregation is the mean (the module docstring).
+
+        ``rows`` (a multi-fidelity stage): only these documents, by position in the search
+        split, in the order wanted; ``rows`` of the result then follow that order, and the score
+        is lm-eval's mean of them. Their requests are the search split's own (the few-shot
+        contexts a full run gives them).
+        """
         from lm_eval.evaluator import evaluate
 
         name = self.spec.lm_eval.task  # type: ignore[union-attr]
+        documents = self.split[split]
+        if rows is not None:
+            if split != "search" or not self.per_row:
+                raise FitnessError(f"task {self.spec.name!r}: only the search split of a task whose metric lm-eval "
+                                   f"averages can be scored in stages ({split!r}, {self.aggregation!r})")
+            if len(set(rows)) != len(rows) or not all(0 <= r < len(documents) for r in rows):
+                raise FitnessError(f"task {self.spec.name!r}: stage rows must be distinct positions in the "
+                                   f"{len(documents)} search documents")
+            documents = sorted(documents[r] for r in rows)
         # The few-shot sampler's generator advances with each use: reseed it so every trial
         # sees the same few-shot examples (as each fresh `lm_eval` run does).
         self.task.set_fewshot_seed(seed=FEWSHOT_SEED)
         with _quiet():
             results = evaluate(
                 lm=self.lm, task_dict={"tasks": {name: self.task}, "groups": {}},
-                samples={name: _Indices(self.split[split])}, bootstrap_iters=0,
+                samples={name: _Indices(documents)}, bootstrap_iters=0,
                 log_samples=log_samples or self.per_row, apply_chat_template=self.spec.chat_template,
                 fewshot_as_multiturn=self.spec.lm_eval.fewshot_as_multiturn,  # type: ignore[union-attr]
             )
@@ -556,17 +595,20 @@ class LmEvalTask:
         if value is None:
             raise FitnessError(f"task {self.spec.name!r}: lm-eval returned no {self.key!r}")
         logged = list(results.get("samples", {}).get(name, []))
-        rows = self._rows(logged, split) if self.per_row else None
-        return LmEvalResult(float(value), logged if log_samples else [], rows)
+        values = self._rows(logged, split, documents) if self.per_row else None
+        if values is not None and rows is not None:  # document order -> the order asked for
+            by_document = dict(zip(documents, values, strict=True))
+            values = [by_document[self.split[split][r]] for r in rows]
+        return LmEvalResult(float(value), logged if log_samples else [], values)
 
-    def _rows(self, logged: Sequence[Mapping[str, Any]], split: str) -> list[float]:
+    def _rows(self, logged: Sequence[Mapping[str, Any]], split: str, documents: Sequence[int]) -> list[float]:
         """The metric's value of every document (its filter's logged samples, in document order):
         the very values lm-eval's ``mean`` summed, each logged sample holding them by metric name."""
         metric, filter_key = self.key.split(",", 1)
         mine = [sample for sample in logged if sample.get("filter") == filter_key]
-        if [sample.get("doc_id") for sample in mine] != self.split[split]:
+        if [sample.get("doc_id") for sample in mine] != list(documents):
             raise FitnessError(f"task {self.spec.name!r}: lm-eval logged other documents than the {split} split's "
-                               f"{len(self.split[split])} for {self.key!r}")
+                               f"{len(documents)} for {self.key!r}")
         try:
             return [float(sample[metric]) for sample in mine]
         except (KeyError, TypeError, ValueError) as exc:

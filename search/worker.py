@@ -166,7 +166,7 @@ class TrialWorker:
                     if rows is not None and not rows.get(name):
                         continue  # this stage needs no row of this task
                     if isinstance(data, LmEvalTask):  # runs on self.model, which lm-eval's HFLM wraps
-                        result = data.run(split)
+                        result = data.run(split, rows=None if rows is None else rows[name])
                         scores[name] = result.score
                         if result.rows is not None:
                             values[name] = tuple(result.rows)

@@ -9,7 +9,9 @@ task over the demo family's own rows; nothing is downloaded).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -222,20 +224,25 @@ def open_and_flush(plan) -> None:  # noqa: ANN001
 
 @needs_lm_eval
 def test_a_metric_lm_eval_does_not_average_has_no_rows_and_the_reason_names_it(tmp_path: Path) -> None:
-    """catalog_ll scored by perplexity: lm-eval's registry aggregates it with `perplexity`, not `mean`."""
-    from fitness.lm_eval_task import document_split
+    """catalog_ll scored by perplexity: lm-eval's registry aggregates it with `perplexity`, not `mean`:
+    no interval, and no multi-fidelity stages (the study file may ask for them: validate refuses)."""
+    from fitness.lm_eval_task import check_lm_eval_task
     from search.confidence import objective_rule
     from search.lm_eval_splits import SPLITS_KEY
 
     block = ('lm_eval = "logistics_catalog_ll"      # loglikelihood: is the answer the greedy continuation\n'
              f'lm_eval_include = "{TASKS}"\nlm_eval_metric = "acc"')
     path = study_copy(tmp_path, **{block: block.replace('"acc"', '"perplexity"'),
-                                   'objective = "mean"': 'objective = "per_task"', 'sampler = "cmaes"': 'sampler = "nsga2"'})
-    tasks = {t.name: t for t in load_study(path).tasks}
-    split = document_split(tasks["catalog_ll"])
-    assert (split.metric, split.aggregation) == ("perplexity,none", "perplexity")
+                                   'objective = "mean"': 'objective = "per_task"', 'sampler = "cmaes"': 'sampler = "nsga2"',
+                                   "top_k = 3": "fidelity = { first_stage = 4 }\ntop_k = 3"})
+    config = load_study(path)
+    assert config.fidelity is not None  # lm-eval tasks may be staged when lm-eval averages their metric
+    tasks = {t.name: t for t in config.tasks}
     reason = ("task 'catalog_ll': lm-eval aggregates its metric perplexity,none with 'perplexity', "
               "not a mean of per-document values")
+    with pytest.raises(FitnessError, match=re.escape(reason) + r", so it cannot be scored in stages \(study.fidelity\)"):
+        check_lm_eval_task(tasks["catalog_ll"], staged=True)
+    split = DocumentSplit("logistics_catalog_ll", 400, (0,), (1,), "perplexity,none", "perplexity")  # as recorded
     assert split.no_rows_reason("catalog_ll") == reason
     refunds = DocumentSplit("logistics_refunds_mc", 400, (0,), (1,), "acc,none", "mean")  # as the run above records
     attrs = {"definition": {"objective": "per_task", "tasks": {
@@ -317,6 +324,23 @@ def test_in_memory_results_equal_lm_eval_on_the_exported_checkpoint(tmp_path: Pa
         assert abs(math.fsum(values) / len(values) - ours.score) <= 1e-12
         assert trial_rows(trial, {})[name].tolist() == values  # stored like every task's rows
     assert set(outcome.row_ids) == set(NAMES)
+    # a multi-fidelity stage: some search documents, in the order asked, each with its full-run value
+    stage = {name: [7, 0, 3, 11] for name in NAMES}
+    staged = worker.evaluate(Recipe.from_dict(trial.user_attrs["recipe"]), "search", rows=stage)
+    assert staged.error is None and staged.rows is not None
+    for name in NAMES:
+        assert list(staged.rows[name]) == [outcome.rows[name][i] for i in stage[name]], name
+    # with few-shot examples: a stage's prompts are the full run's (lm-eval draws them document by document)
+    spec = next(t for t in config.tasks if t.name == "refunds_mc")
+    assert spec.lm_eval is not None
+    fewshot = LmEvalTask(dataclasses.replace(spec, lm_eval=dataclasses.replace(spec.lm_eval, num_fewshot=2)),
+                         worker.tasks["refunds_mc"].lm)  # type: ignore[union-attr]
+    full = fewshot.run("search", log_samples=True)
+    part = fewshot.run("search", log_samples=True, rows=[9, 2, 5])
+    assert full.rows is not None and part.rows == [full.rows[i] for i in (9, 2, 5)]
+    prompts = {s["doc_id"]: s["arguments"] for s in full.samples}
+    assert all(s["arguments"] == prompts[s["doc_id"]] for s in part.samples)
+    assert "\n\n" in part.samples[0]["arguments"][0][0]  # two examples precede the question
     assert study.user_attrs["example_rows"]["search"] == outcome.row_ids
     assert outcome.row_ids["refunds_mc"]["n"] == 12
     # finalize re-scored the finalists and baselines on held-out: the tasks get 95% intervals
