@@ -282,7 +282,6 @@ class DocumentSplit:
         return (f"lm-eval task {name} ({self.task}): {len(self.search)} search docs, "
                 f"{len(self.heldout)} held-out docs (of {self.documents})")
 
-
     def no_rows_reason(self, name: str) -> str | None:
         """Why task ``name`` keeps no per-document values (:func:`no_rows_reason`); None when it
         keeps them or the split was recorded before aggregations were."""
