@@ -22,19 +22,28 @@ own aggregate of that metric. ``TaskSpec.metric`` is ``"lm_eval/<metric>"``, who
 direction comes from :data:`LOWER_IS_BETTER` (``search validate`` checks it against
 the task's own ``higher_is_better``).
 
+Per-document values: when the task aggregates its metric with lm-eval's registered ``mean``
+(:func:`aggregation_name`: ``acc``, ``acc_norm``, ``exact_match``, ... as the task's YAML or
+lm-eval's registry sets it), a run keeps the metric's value of every document, in the split's
+(sorted) document order: exactly the list lm-eval averages (its logged samples of the metric's
+filter), so their mean is the score. Another aggregation (corpus ``bleu``, ``f1``,
+``perplexity``, a task's own function) is not a mean of per-document values: no rows, and
+:func:`no_rows_reason` says why, naming the metric and its aggregation.
+
 Importing this module imports neither lm-eval nor torch (``search.config`` uses it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import logging
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +71,8 @@ PUBLIC_BENCHMARK_PREFIXES: tuple[str, ...] = (
     "mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc", "truthfulqa",
     "bigbench", "piqa", "openbookqa", "leaderboard",
 )
+MEAN_AGGREGATION = "mean"  # lm-eval's registered `mean` (lm_eval/api/metrics.py): sum(values) / len(values)
+ROW_FILE_PREFIX = "lm-eval:"  # a row id's "file" for an lm-eval document: lm-eval:<task>:<document index>
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate, the CLI)
 SPLITS = ("search", "heldout")
 
@@ -245,17 +256,24 @@ class DocumentSplit:
     documents: int  # how many evaluation documents the task has
     search: tuple[int, ...]
     heldout: tuple[int, ...]
+    # the scored metric (metric,filter) and lm-eval's aggregation of it (aggregation_name); None
+    # in a split recorded before they were kept. Not part of the split: a resume compares documents.
+    metric: str | None = field(default=None, compare=False)
+    aggregation: str | None = field(default=None, compare=False)
 
     def to_attr(self) -> dict[str, object]:
         """The compact JSON form a study stores."""
+        aggregated = {} if self.aggregation is None else {"metric": self.metric, "aggregation": self.aggregation}
         return {"lm_eval": self.task, "documents": self.documents,
-                "search": compact_indices(self.search), "heldout": compact_indices(self.heldout)}
+                "search": compact_indices(self.search), "heldout": compact_indices(self.heldout), **aggregated}
 
     @classmethod
     def from_attr(cls, value: Mapping[str, object]) -> DocumentSplit:
         try:
+            metric, aggregation = value.get("metric"), value.get("aggregation")
             return cls(str(value["lm_eval"]), int(value["documents"]),  # type: ignore[call-overload]
-                       tuple(expand_indices(str(value["search"]))), tuple(expand_indices(str(value["heldout"]))))
+                       tuple(expand_indices(str(value["search"]))), tuple(expand_indices(str(value["heldout"]))),
+                       None if metric is None else str(metric), None if aggregation is None else str(aggregation))
         except (KeyError, TypeError, ValueError) as exc:
             raise FitnessError(f"a stored lm-eval document split is malformed ({exc}): {value!r}") from None
 
@@ -264,13 +282,41 @@ class DocumentSplit:
         return (f"lm-eval task {name} ({self.task}): {len(self.search)} search docs, "
                 f"{len(self.heldout)} held-out docs (of {self.documents})")
 
+    def no_rows_reason(self, name: str) -> str | None:
+        """Why task ``name`` keeps no per-document values (:func:`no_rows_reason`); None when it
+        keeps them or the split was recorded before aggregations were."""
+        if self.metric is None or self.aggregation is None:
+            return None
+        return no_rows_reason(name, self.metric, self.aggregation)
 
-def _task_split(spec: TaskSpec, n_docs: int) -> DocumentSplit:
+
+def _task_split(spec: TaskSpec, n_docs: int, key: str | None = None, aggregation: str | None = None) -> DocumentSplit:
     lm = spec.lm_eval
     assert lm is not None
     split = split_documents(n_docs, seed=spec.split_seed, heldout_fraction=spec.heldout_fraction,
                             limit=spec.limit, where=f"task {spec.name!r}")
-    return DocumentSplit(lm.task, n_docs, tuple(split["search"]), tuple(split["heldout"]))
+    return DocumentSplit(lm.task, n_docs, tuple(split["search"]), tuple(split["heldout"]), key, aggregation)
+
+
+def aggregation_name(task: Any, key: str) -> str:
+    """How lm-eval aggregates ``key``'s metric (``metric,filter``) on ``task``: the name its
+    aggregation registry gives the task's function (``"mean"``, ``"perplexity"``, ``"bleu"``,
+    ``"f1"``, ...), or, for a function of the task's own, its qualified name."""
+    from lm_eval.api.registry import aggregation_registry
+
+    function = task.aggregation()[key.split(",")[0]]
+    for name in aggregation_registry:  # aliases
+        if aggregation_registry.get(name) is function:
+            return str(name)
+    return str(getattr(function, "__qualname__", function))
+
+
+def no_rows_reason(name: str, key: str, aggregation: str) -> str | None:
+    """Why task ``name``'s score has no per-document values (None: lm-eval averages them)."""
+    if aggregation == MEAN_AGGREGATION:
+        return None
+    return (f"task {name!r}: lm-eval aggregates its metric {key} with {aggregation!r}, "
+            "not a mean of per-document values")
 
 
 class _Indices(list):  # type: ignore[type-arg]
@@ -376,17 +422,22 @@ def result_key(spec: TaskSpec, keys: Sequence[str], directions: dict[str, bool] 
 def document_split(spec: TaskSpec) -> DocumentSplit:
     """What ``LmEvalTask`` would refuse, checked (task, metric, documents); then its split."""
     task, keys = load_lm_eval_task(spec)
-    result_key(spec, keys, task.higher_is_better())
+    key = result_key(spec, keys, task.higher_is_better())
     try:
         n_docs = len(task.eval_docs)
     except Exception as exc:
         raise FitnessError(f"task {spec.name!r}: lm_eval: task has no test or validation documents: {exc}") from None
-    return _task_split(spec, n_docs)
+    return _task_split(spec, n_docs, key, aggregation_name(task, key))
 
 
-def check_lm_eval_task(spec: TaskSpec) -> dict[str, int]:
-    """What ``LmEvalTask`` would refuse (``search validate``): documents per split."""
+def check_lm_eval_task(spec: TaskSpec, *, staged: bool = False) -> dict[str, int]:
+    """What ``LmEvalTask`` would refuse (``search validate``): documents per split. ``staged``
+    (``study.fidelity``): a metric lm-eval does not average cannot be scored in stages."""
     split = document_split(spec)
+    reason = split.no_rows_reason(spec.name)
+    if staged and reason is not None:
+        raise FitnessError(f"{reason}, so it cannot be scored in stages (study.fidelity); "
+                           "choose a metric lm-eval averages (lm_eval_metric) or remove study.fidelity")
     return {"search": len(split.search), "heldout": len(split.heldout)}
 
 
@@ -420,6 +471,9 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, ba
 class LmEvalResult:
     score: float
     samples: list[dict[str, Any]]  # lm-eval's logged per-document records (log_samples)
+    # the metric's value per document, in the split's document order (what lm-eval averages);
+    # None when its aggregation is not the mean
+    rows: list[float] | None = None
 
 
 class LmEvalTask:
@@ -436,7 +490,9 @@ class LmEvalTask:
             self.task.set_config(key="num_fewshot", value=lm_spec.num_fewshot)
         elif self.task.get_config("num_fewshot") is None:
             self.task.set_config(key="num_fewshot", value=0)
-        self.documents = _task_split(spec, len(self.task.eval_docs))
+        self.aggregation = aggregation_name(self.task, self.key)
+        self.per_row = self.aggregation == MEAN_AGGREGATION  # keep each document's value
+        self.documents = _task_split(spec, len(self.task.eval_docs), self.key, self.aggregation)
         self.split = {"search": list(self.documents.search), "heldout": list(self.documents.heldout)}
         self._docs_as_list()
         self._build_requests_once()
@@ -461,9 +517,27 @@ class LmEvalTask:
         task = self.task
         build = task.build_all_requests
         built: dict[tuple[int, ...], list[Any]] = {}
+        whole = tuple(self.split["search"])
+        at = {doc: position for position, doc in enumerate(whole)}
+        splits = {tuple(documents) for documents in self.split.values()}
 
         def build_all_requests(**kwargs: Any) -> None:
             key = tuple(kwargs.get("samples") or ())
+            if key not in built and key and key not in splits and all(doc in at for doc in key):
+                # A stage (some search documents): the search split's own requests for them, so
+                # their few-shot contexts are the ones a full run gives (the few-shot generator
+                # advances document by document: building the subset alone would draw others).
+                if whole not in built:
+                    self.task.set_fewshot_seed(seed=FEWSHOT_SEED)
+                    build(**{**kwargs, "samples": _Indices(whole)})
+                    built[whole] = list(task._instances)
+                if len(built) > 64:  # resumed trials' odd stages: keep the cache small
+                    for stale in [k for k in built if k not in splits]:
+                        del built[stale]
+                rank = {at[doc]: new_id for new_id, doc in enumerate(key)}  # lm-eval's doc_id: position in samples
+                built[key] = [dataclasses.replace(instance, resps=[], filtered_resps={},
+                                                  metadata=(instance.task_name, rank[instance.doc_id], instance.repeats))
+                              for instance in built[whole] if instance.doc_id in rank]
             if key not in built:
                 build(**kwargs)
                 built[key] = list(task._instances)
@@ -478,26 +552,67 @@ class LmEvalTask:
     def score(self, split: str) -> float:
         return self.run(split).score
 
-    def run(self, split: str, *, log_samples: bool = False) -> LmEvalResult:
-        """lm-eval's aggregate of the metric on ``split``'s documents (the model as merged now)."""
+    def row_ids(self, split: str) -> list[tuple[str, int]] | None:
+        """What identifies each per-document value of ``split`` (``search.records.row_ids``'s
+        ``(file, row)``: ``("lm-eval:<task>", document index)``); None without per-document values."""
+        if not self.per_row or split not in self.split:
+            return None
+        return [(f"{ROW_FILE_PREFIX}{self.documents.task}", index) for index in self.split[split]]
+
+    def run(self, split: str, *, log_samples: bool = False, rows: Sequence[int] | None = None) -> LmEvalResult:
+        """lm-eval's aggregate of the metric on ``split``'s documents (the model as merged now),
+        with each document's value when the aggregation is the mean (the module docstring).
+
+        ``rows`` (a multi-fidelity stage): only these documents, by position in the search
+        split, in the order wanted; ``rows`` of the result then follow that order, and the score
+        is lm-eval's mean of them. Their requests are the search split's own (the few-shot
+        contexts a full run gives them).
+        """
         from lm_eval.evaluator import evaluate
 
         name = self.spec.lm_eval.task  # type: ignore[union-attr]
+        documents = self.split[split]
+        if rows is not None:
+            if split != "search" or not self.per_row:
+                raise FitnessError(f"task {self.spec.name!r}: only the search split of a task whose metric lm-eval "
+                                   f"averages can be scored in stages ({split!r}, {self.aggregation!r})")
+            if len(set(rows)) != len(rows) or not all(0 <= r < len(documents) for r in rows):
+                raise FitnessError(f"task {self.spec.name!r}: stage rows must be distinct positions in the "
+                                   f"{len(documents)} search documents")
+            documents = sorted(documents[r] for r in rows)
         # The few-shot sampler's generator advances with each use: reseed it so every trial
         # sees the same few-shot examples (as each fresh `lm_eval` run does).
         self.task.set_fewshot_seed(seed=FEWSHOT_SEED)
         with _quiet():
             results = evaluate(
                 lm=self.lm, task_dict={"tasks": {name: self.task}, "groups": {}},
-                samples={name: _Indices(self.split[split])}, bootstrap_iters=0,
-                log_samples=log_samples, apply_chat_template=self.spec.chat_template,
+                samples={name: _Indices(documents)}, bootstrap_iters=0,
+                log_samples=log_samples or self.per_row, apply_chat_template=self.spec.chat_template,
                 fewshot_as_multiturn=self.spec.lm_eval.fewshot_as_multiturn,  # type: ignore[union-attr]
             )
         value = results["results"][name].get(self.key)
         if value is None:
             raise FitnessError(f"task {self.spec.name!r}: lm-eval returned no {self.key!r}")
-        samples = list(results.get("samples", {}).get(name, [])) if log_samples else []
-        return LmEvalResult(float(value), samples)
+        logged = list(results.get("samples", {}).get(name, []))
+        values = self._rows(logged, split, documents) if self.per_row else None
+        if values is not None and rows is not None:  # document order -> the order asked for
+            by_document = dict(zip(documents, values, strict=True))
+            values = [by_document[self.split[split][r]] for r in rows]
+        return LmEvalResult(float(value), logged if log_samples else [], values)
+
+    def _rows(self, logged: Sequence[Mapping[str, Any]], split: str, documents: Sequence[int]) -> list[float]:
+        """The metric's value of every document (its filter's logged samples, in document order):
+        the very values lm-eval's ``mean`` summed, each logged sample holding them by metric name."""
+        metric, filter_key = self.key.split(",", 1)
+        mine = [sample for sample in logged if sample.get("filter") == filter_key]
+        if [sample.get("doc_id") for sample in mine] != list(documents):
+            raise FitnessError(f"task {self.spec.name!r}: lm-eval logged other documents than the {split} split's "
+                               f"{len(documents)} for {self.key!r}")
+        try:
+            return [float(sample[metric]) for sample in mine]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FitnessError(f"task {self.spec.name!r}: lm-eval logged no number for {self.key!r} "
+                               f"per document ({type(exc).__name__}: {exc})") from None
 
 
 def load_lm_eval_tasks(specs: Sequence[TaskSpec], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -17,8 +17,11 @@ in the objective's own units. ``per_task`` studies: the interval is of the mean 
 signed task scores (the number finalize ranks by).
 
 A task whose score is not the mean of its rows has no interval: ``perplexity`` (the corpus
-perplexity), lm-eval tasks (lm-eval aggregates; no per-row values are kept). Then the
-objective has none either and the text says why. Light: numpy, no torch.
+perplexity), an lm-eval task whose metric lm-eval aggregates otherwise than by its ``mean``
+(corpus ``bleu``, ``f1``, perplexities: the reason names the metric and its aggregation, as
+the study recorded them with its document split, ``search.lm_eval_splits``). lm-eval tasks
+averaged by ``mean`` keep one value per document (``fitness.lm_eval_task``) and get intervals
+like any task. Then the objective has none either and the text says why. Light: numpy, no torch.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fitness.errors import FitnessError
 from fitness.intervals import Interval, objective_difference_interval, objective_interval, prefer
 from search import ranking
 from search.definition import DEFINITION_KEY
+from search.lm_eval_splits import stored_splits
 from search.records import heldout_record, trial_rows
 from search.test_split import NO_TEST_SPLIT, read_test_record, read_test_state, record_rows
 
@@ -103,9 +108,19 @@ def objective_rule(study_user_attrs: Mapping[str, object], directions: Sequence[
         metric = str(specs[task].get("metric", ""))
         if metric in NOT_A_MEAN:
             no_interval[task] = f"task {task!r}: its {metric} is not a mean over rows"
-        elif specs[task].get("lm_eval") is not None:
-            no_interval[task] = f"task {task!r}: lm-eval keeps no per-row values"
+        elif specs[task].get("lm_eval") is not None and (reason := _lm_eval_reason(task, study_user_attrs)):
+            no_interval[task] = reason
     return ObjectiveRule(objective, tasks, higher, weights, no_interval)
+
+
+def _lm_eval_reason(task: str, study_user_attrs: Mapping[str, object]) -> str | None:
+    """Why an lm-eval task has no interval (its metric is not averaged); None when it has one or
+    its split was recorded before aggregations were (then only its stored rows tell)."""
+    try:
+        split = stored_splits(study_user_attrs).get(task)
+    except FitnessError as exc:  # a malformed record, named
+        return f"task {task!r}: {exc}"
+    return None if split is None else split.no_rows_reason(task)
 
 
 def heldout_interval(rule: ObjectiveRule, rows: Mapping[str, np.ndarray] | None) -> Interval | None:
@@ -164,7 +179,7 @@ def chosen_confidence(trials: Sequence[FrozenTrial], user_attrs: Mapping[str, ob
     missing = ""
     if rule.no_interval:
         missing = "; ".join(rule.no_interval.values())
-    elif rows is None:
+    elif rows is None or rule.signed(rows) is None:
         missing = "no per-row held-out results stored (finalized before they were kept)"
     signed_heldout = _signed_objective(rule, record.scores)
     gap = None if signed_heldout is None else ranking.score(chosen, directions) - signed_heldout

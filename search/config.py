@@ -368,11 +368,9 @@ class _Parser:
         if promote is not None and not 0.0 < promote < 1.0:
             raise table.error("promote", f"must be in (0, 1), got {promote}")
         for index, task in enumerate(tasks):
-            # a stage's estimate is the mean of the rows scored: tasks without per-row values
-            # (lm-eval aggregates) or whose score is not that mean (corpus perplexity) cannot be staged
-            if task.lm_eval is not None:
-                raise table.error("first_stage", f"tasks[{index}] ({task.name!r}) is an lm-eval task, which has "
-                                  "no per-row values to score in stages; remove study.fidelity")
+            # a stage's estimate is the mean of the rows scored: a task whose score is not that mean
+            # (corpus perplexity) cannot be staged; an lm-eval task's aggregation is known only once
+            # lm-eval loads it: `validate` / `start` refuse one that is not a mean (check_lm_eval_task)
             if task.metric == "perplexity":
                 raise table.error("first_stage", f"tasks[{index}] ({task.name!r}) uses metric perplexity, whose "
                                   "score is not the mean of its rows; use loglik or remove study.fidelity")

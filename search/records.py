@@ -18,7 +18,9 @@ are a prefix of the study's row order (not file order), marked ``prefix:<rows of
 before the encoding; :func:`decode_rows_prefix` tells the prefix length and the task's size,
 :func:`trial_prefix_rows` reads them, and :func:`trial_rows` gives None for such a trial (no
 paired comparison over every row is possible with it). A trial scored on every row is stored in
-file order as in a study without stages.
+file order as in a study without stages. A stopped trial (state PRUNED) holds its stages in user
+attr ``fidelity`` (``search.staged``); :func:`stopped_trial` reads it for status and the report,
+which say it in the words of :func:`stopped_early`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ EXAMPLE_ROWS_ATTR = "example_rows"
 _PREFIX = "prefix:"
 _BITS = "bits:"
 _FLOAT64 = "f64:"
+
+STOPPED_EARLY = "stopped early (multi-fidelity: scored on fewer rows, never best)"
+"""How status and the report say that trials scored in stages were stopped (:func:`stopped_early`)."""
+FIDELITY_ATTR = "fidelity"  # search.staged.FIDELITY_ATTR (that module loads torch; status and the report read this)
 
 HELDOUT_KEY_PREFIX = "heldout:"  # study user attr heldout:<trial number>, a HeldoutRecord (no Optuna here: status reads it)
 
@@ -88,6 +94,38 @@ class HeldoutRecord:
             "feasible_heldout": self.feasible,
             **({"rows_heldout": dict(self.rows)} if self.rows else {}),
         }
+
+
+def stopped_early(count: int, of: int | None = None) -> str:
+    """``N stopped early (...)``, or with ``of`` (search trials done) ``N of M search trials stopped early (...)``."""
+    return f"{count} {STOPPED_EARLY}" if of is None else f"{count} of {of} search trials {STOPPED_EARLY}"
+
+
+@dataclass(frozen=True)
+class StoppedTrial:
+    """A search trial stopped after a stage (its user attr ``fidelity``, as ``search.loop`` stores it)."""
+
+    number: int
+    stage: int  # the last stage it was scored on (1-based)
+    stages: int  # the study's stages
+    rows: dict[str, int]  # task -> rows scored
+    estimate: dict[str, float]  # task -> mean of those rows
+    objective: tuple[float, ...]  # the objective(s) from the estimate
+    reason: str  # why it was stopped
+
+
+def stopped_trial(trial: FrozenTrial) -> StoppedTrial | None:
+    """The stages of a trial stopped early; None for any other trial."""
+    record = trial.user_attrs.get(FIDELITY_ATTR)
+    if trial.state.name != "PRUNED" or not isinstance(record, Mapping) or "stopped" not in record:
+        return None
+    rows, estimate = record.get("rows"), record.get("estimate")
+    return StoppedTrial(
+        trial.number, int(record.get("stage", 0)), int(record.get("stages", 0)),
+        {str(t): int(n) for t, n in rows.items()} if isinstance(rows, Mapping) else {},
+        {str(t): float(v) for t, v in estimate.items()} if isinstance(estimate, Mapping) else {},
+        tuple(float(v) for v in record.get("objective") or ()), str(record["stopped"]),
+    )
 
 
 def heldout_record(study_user_attrs: Mapping[str, object], trial_number: int) -> HeldoutRecord | None:
@@ -164,7 +202,7 @@ def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
                split: str = "search") -> dict[str, np.ndarray] | None:
     """A trial's per-row values on ``split`` (task -> float64 array in the study's row order),
     or None when it has none stored (not scored on that split; a task without per-row values,
-    such as an lm-eval task, leaves its task out)."""
+    such as an lm-eval metric lm-eval does not average, leaves its task out)."""
     if split == "search":
         raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
     else:

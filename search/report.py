@@ -8,6 +8,11 @@ it shows the same chosen trial as ``search export`` and the dashboard note
 Gate limits come from what the study stored (:mod:`search.gate_record`): the study's gates
 for the dashed lines, the chosen trial's own record for its gate table. A study from an
 older version, without stored limits, is drawn without them and says so.
+
+Trials stopped early by multi-fidelity scoring (``study.fidelity``: state PRUNED, scored on a
+prefix of the rows, ``search.records.stopped_trial``) are counted in the words status uses
+(``records.stopped_early``), listed with their stage, rows and estimate, and drawn in the
+history at their estimate as stopped: never on the best-so-far line, never chosen.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from search import confidence, gate_record, ranking, storage
 from search.annotate import chosen_trial
 from search.generations import generations_file
 from search.lm_eval_splits import splits_html
+from search.records import StoppedTrial, stopped_early, stopped_trial
 from search.warm_start import WARM_ATTR, best_warm_trial
 
 FEASIBLE = "#1f77b4"
 INFEASIBLE = "#d62728"
 BASELINE = "#2ca02c"
 CHOSEN = "#ff7f0e"
+STOPPED = "#7f7f7f"
 RECIPE_FILENAME = "recipe.yaml"  # the download's name; `search report` writes its paths for that file beside the report
 
 
@@ -73,6 +80,8 @@ class StudyView:
     baselines: dict[str, FrozenTrial]
     chosen: FrozenTrial | None
     gates: gate_record.StudyGates
+    stopped: list[StoppedTrial]  # search trials stopped early (multi-fidelity), by number
+    done: int  # search trials done (ranking.counts_toward_budget: complete, stopped, failed)
 
     @property
     def multi(self) -> bool:
@@ -97,6 +106,8 @@ def read_study(study: optuna.Study, task_higher: Mapping[str, bool]) -> StudyVie
         baselines=ranking.baseline_trials(trials),
         chosen=chosen_trial(study),
         gates=gate_record.read_study_gates(study.user_attrs),
+        stopped=[s for t in trials if ranking.kind(t) == ranking.KIND_SEARCH and (s := stopped_trial(t)) is not None],
+        done=sum(ranking.counts_toward_budget(t) for t in trials),
     )
 
 
@@ -181,6 +192,13 @@ def history_figure(view: StudyView) -> Figure | Omitted:
             marker={"color": colour, "size": 8, "symbol": "circle" if feasible else "x"},
             hovertext=[_hover(t) for t in group], hoverinfo="text",
         ))
+    if view.stopped:  # at their estimate, apart from the completed trials and the best-so-far line
+        fig.add_trace(go.Scatter(
+            x=[s.number for s in view.stopped], y=[_stopped_objective(view, s) for s in view.stopped],
+            mode="markers", name=f"stopped early ({len(view.stopped)}): estimate",
+            marker={"color": STOPPED, "size": 8, "symbol": "triangle-down-open"},
+            hovertext=[_stopped_hover(s) for s in view.stopped], hoverinfo="text",
+        ))
     baselines = list(view.baselines.values())
     fig.add_trace(go.Scatter(
         x=[t.number for t in baselines], y=[objective_value(view, t) for t in baselines],
@@ -207,11 +225,37 @@ def history_figure(view: StudyView) -> Figure | Omitted:
     ytitle = "mean of the signed objectives" if view.multi else "objective (unpenalised)"
     fig.update_layout(xaxis_title="trial number", yaxis_title=ytitle, height=420)
     failed = f" {len(view.failed)} search trial(s) failed and are not drawn." if view.failed else ""
+    stopped = (f" {stopped_early(len(view.stopped), view.done)}: grey open triangles at the "
+               "objective estimated on the rows they were scored on, never on the best-so-far line."
+               if view.stopped else "")
     return Figure(
         "history", title, fig,
         "Every completed trial's objective. Infeasible trials (a gate failed) are red crosses, "
-        "baselines green diamonds, the chosen trial a star." + failed,
+        "baselines green diamonds, the chosen trial a star." + failed + stopped,
     )
+
+
+def _stopped_objective(view: StudyView, stopped: StoppedTrial) -> float:
+    """A stopped trial's estimated objective, as :func:`objective_value` draws a completed one."""
+    values = stopped.objective
+    if not values:
+        return math.nan
+    if not view.multi:
+        return values[0]
+    signed = [v if d == "maximize" else -v for v, d in zip(values, view.directions, strict=True)]
+    return sum(signed) / len(signed)
+
+
+def _stopped_rows(stopped: StoppedTrial) -> str:
+    return ", ".join(f"{task} {rows}" for task, rows in stopped.rows.items())
+
+
+def _stopped_hover(stopped: StoppedTrial) -> str:
+    lines = [f"<b>#{stopped.number} stopped early</b> after stage {stopped.stage} of {stopped.stages}",
+             f"scored on {sum(stopped.rows.values())} rows ({html.escape(_stopped_rows(stopped))})"]
+    lines += [f"{html.escape(task)}: {value:.4f} (estimate)" for task, value in stopped.estimate.items()]
+    lines.append(html.escape(stopped.reason))
+    return "<br>".join(lines)
 
 
 def task_scores_figure(view: StudyView) -> Figure | Omitted:
@@ -523,6 +567,7 @@ def _page(view: StudyView, parts: Sequence[Figure | Omitted], recipe_text: str |
         f"<h1>mergesearch study <code>{name}</code></h1>",
         "<pre id='report-errors' hidden></pre>",
         _overview(view),
+        _stopped_section(view),
         splits_html(view.study.user_attrs),
         _summary(view, recipe_text),
     ]
@@ -555,6 +600,25 @@ def _overview(view: StudyView) -> str:
         f"{len(view.search)} completed search trial(s) ({feasible} feasible), {len(view.failed)} failed, "
         f"{len(view.baselines)} baseline(s); tasks: {html.escape(', '.join(view.tasks))}</p>"
     )
+
+
+def _stopped_section(view: StudyView) -> str:
+    """The count of trials stopped early, and each with its stage, rows and estimate."""
+    if not view.stopped:
+        return ""
+    head = "<tr><th>trial</th><th>stage</th><th>rows scored</th>" + "".join(
+        f"<th>{html.escape(task)} (estimate)</th>" for task in view.tasks) + "<th>objective (estimate)</th><th>why stopped</th></tr>"
+    rows = [
+        f"<tr class='stopped' data-trial='{s.number}'><td>{s.number}</td><td>{s.stage} of {s.stages}</td>"
+        f"<td>{sum(s.rows.values())} ({html.escape(_stopped_rows(s))})</td>"
+        + "".join(_cell(s.estimate.get(task)) for task in view.tasks)
+        + f"{_cell(_stopped_objective(view, s) if s.objective else None)}<td>{html.escape(s.reason)}</td></tr>"
+        for s in view.stopped
+    ]
+    return (f"<section id='stopped-trials'><p>{html.escape(stopped_early(len(view.stopped), view.done))}.</p>"
+            "<details><summary>the trials stopped early: each scored on a prefix of the study's row order, "
+            "its scores the means of those rows</summary>"
+            f"<table>{head}{''.join(rows)}</table></details></section>")
 
 
 def _summary(view: StudyView, recipe_text: str | None) -> str:

@@ -64,7 +64,7 @@ class TrialOutcome:
     worker: str = ""  # "node_id:pid"
     # held-out split only: per generation task, one record per example (search.generations)
     generations: dict[str, list[dict[str, object]]] | None = None
-    # task -> one value per row (search.records); lm-eval tasks have none (lm-eval aggregates)
+    # task -> one value per row (search.records); lm-eval tasks: per document, when lm-eval averages them
     rows: dict[str, tuple[float, ...]] | None = None
     # task -> which rows those are ({"n", "ids"}, search.records.row_ids), the same every trial
     row_ids: dict[str, dict[str, object]] | None = None
@@ -115,7 +115,9 @@ class TrialWorker:
         self._row_ids = {
             split: row_ids({name: [(e.file.name, e.row) for e in getattr(data, split).examples]
                             for name, data in self.tasks.items()
-                            if not isinstance(data, LmEvalTask) and getattr(data, split) is not None})
+                            if not isinstance(data, LmEvalTask) and getattr(data, split) is not None}
+                           | {name: ids for name, data in self.tasks.items()
+                              if isinstance(data, LmEvalTask) and (ids := data.row_ids(split)) is not None})
             for split in (*SPLITS, TEST_SPLIT)
         }
 
@@ -164,7 +166,10 @@ class TrialWorker:
                     if rows is not None and not rows.get(name):
                         continue  # this stage needs no row of this task
                     if isinstance(data, LmEvalTask):  # runs on self.model, which lm-eval's HFLM wraps
-                        scores[name] = data.score(split)
+                        result = data.run(split, rows=None if rows is None else rows[name])
+                        scores[name] = result.score
+                        if result.rows is not None:
+                            values[name] = tuple(result.rows)
                         continue
                     encoded = getattr(data, split)  # search, heldout or test (None: no test file)
                     if encoded is None:

@@ -40,6 +40,7 @@ from search.staged import FIDELITY_ATTR, PROMOTED_ATTR
 from tests.checkpoints import TinyFamily
 from tests.studies import write_study
 from tests.test_driver import load, search_trials
+from tests.test_report import assert_report_marks_stopped
 from tests.test_resume import cli, count_call_and_kill_at
 
 STAGES = "fidelity = { first_stage = 4, growth = 2.0 }"
@@ -158,6 +159,7 @@ def test_a_staged_study_stops_some_trials_and_never_shows_them_as_best(
     assert chosen is not None and chosen.state == TrialState.COMPLETE
     assert all(t.state == TrialState.COMPLETE for t in ranking.ranked(study.get_trials(), directions))
     assert "stopped early" in render_status(study)
+    assert_report_marks_stopped(study, {"alpha": True, "beta": True})  # the report's count and marks
     first_stopped = next(t.number for t in searched if t.state == TrialState.PRUNED)
     recipe = tmp_path / "stopped.yaml"
     assert main(["export", str(path), "-o", str(recipe), "--trial", str(first_stopped)]) == 2  # no release

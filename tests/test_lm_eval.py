@@ -9,6 +9,9 @@ task over the demo family's own rows; nothing is downloaded).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -149,6 +152,10 @@ def test_malformed_stored_indices_are_named() -> None:
     split = DocumentSplit("t", 10, (0, 1, 2, 5), (3, 4, 9))
     assert split.to_attr() == {"lm_eval": "t", "documents": 10, "search": "0-2,5", "heldout": "3-4,9"}
     assert DocumentSplit.from_attr(split.to_attr()) == split
+    # the metric's aggregation is recorded beside the split, not part of it (a resume compares documents)
+    averaged = DocumentSplit("t", 10, (0, 1, 2, 5), (3, 4, 9), "acc,none", "mean")
+    assert averaged == split and DocumentSplit.from_attr(averaged.to_attr()).aggregation == "mean"
+    assert averaged.no_rows_reason("x") is None and split.no_rows_reason("x") is None
 
 
 # -- lm-eval itself -----------------------------------------------------------------------------
@@ -216,6 +223,37 @@ def open_and_flush(plan) -> None:  # noqa: ANN001
 
 
 @needs_lm_eval
+def test_a_metric_lm_eval_does_not_average_has_no_rows_and_the_reason_names_it(tmp_path: Path) -> None:
+    """catalog_ll scored by perplexity: lm-eval's registry aggregates it with `perplexity`, not `mean`:
+    no interval, and no multi-fidelity stages (the study file may ask for them: validate refuses)."""
+    from fitness.lm_eval_task import check_lm_eval_task
+    from search.confidence import objective_rule
+    from search.lm_eval_splits import SPLITS_KEY
+
+    block = ('lm_eval = "logistics_catalog_ll"      # loglikelihood: is the answer the greedy continuation\n'
+             f'lm_eval_include = "{TASKS}"\nlm_eval_metric = "acc"')
+    path = study_copy(tmp_path, **{block: block.replace('"acc"', '"perplexity"'),
+                                   'objective = "mean"': 'objective = "per_task"', 'sampler = "cmaes"': 'sampler = "nsga2"',
+                                   "top_k = 3": "fidelity = { first_stage = 4 }\ntop_k = 3"})
+    config = load_study(path)
+    assert config.fidelity is not None  # lm-eval tasks may be staged when lm-eval averages their metric
+    tasks = {t.name: t for t in config.tasks}
+    reason = ("task 'catalog_ll': lm-eval aggregates its metric perplexity,none with 'perplexity', "
+              "not a mean of per-document values")
+    with pytest.raises(FitnessError, match=re.escape(reason) + r", so it cannot be scored in stages \(study.fidelity\)"):
+        check_lm_eval_task(tasks["catalog_ll"], staged=True)
+    split = DocumentSplit("logistics_catalog_ll", 400, (0,), (1,), "perplexity,none", "perplexity")  # as recorded
+    assert split.no_rows_reason("catalog_ll") == reason
+    refunds = DocumentSplit("logistics_refunds_mc", 400, (0,), (1,), "acc,none", "mean")  # as the run above records
+    attrs = {"definition": {"objective": "per_task", "tasks": {
+                 "refunds_mc": {"metric": "lm_eval/acc", "lm_eval": {"task": "logistics_refunds_mc"}},
+                 "catalog_ll": {"metric": "lm_eval/perplexity", "lm_eval": {"task": "logistics_catalog_ll"}}}},
+             SPLITS_KEY: {"refunds_mc": refunds.to_attr(), "catalog_ll": split.to_attr()}}
+    rule = objective_rule(attrs, ["maximize", "minimize"])
+    assert rule is not None and rule.no_interval == {"catalog_ll": reason}
+
+
+@needs_lm_eval
 def test_unknown_task_and_metric_are_named_by_validate(tmp_path: Path) -> None:
     from search.commands.validate import check_data
 
@@ -235,20 +273,23 @@ def test_unknown_task_and_metric_are_named_by_validate(tmp_path: Path) -> None:
 @needs_lm_eval
 @pytest.mark.slow
 def test_in_memory_results_equal_lm_eval_on_the_exported_checkpoint(tmp_path: Path) -> None:
-    """Baselines only (trials = 0); trial 4 is the default_ties merge. Per task: the trial's
-    stored score, the worker's in-memory run and `lm_eval --model hf pretrained=DIR` on the
-    checkpoint `search export --materialize` wrote agree document by document."""
+    """Baselines and one search trial, finalized; trial 4 is the default_ties merge. Per task: the
+    trial's stored score, the worker's in-memory run and `lm_eval --model hf pretrained=DIR` on the
+    checkpoint `search export --materialize` wrote agree document by document, and the per-document
+    values the trial stored are lm-eval's own, whose mean is the score."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from fitness.lm_eval_task import LmEvalTask
     from merges.recipe import Recipe
     from search.cli import main
+    from search.confidence import confidence_lines
     from search.driver import worker_setup
+    from search.records import trial_rows
     from search.storage import load_existing_study
     from search.worker import TrialWorker
 
-    path = study_copy(tmp_path, limit=12, trials=0)
+    path = study_copy(tmp_path, limit=12, trials=1)
     assert main(["start", str(path)]) == 0
     config = load_study(path)
     study = load_existing_study(config.name, config.storage)
@@ -275,6 +316,37 @@ def test_in_memory_results_equal_lm_eval_on_the_exported_checkpoint(tmp_path: Pa
         for mine, ref in zip(ours.samples, theirs, strict=True):
             assert mine["filtered_resps"] == ref["filtered_resps"], (name, mine["doc_id"])
             assert {m: mine[m] for m in mine["metrics"]} == {m: ref[m] for m in ref["metrics"]}
+        # per-document values: lm-eval's own (its filter's samples on disk), their mean is the score
+        metric, filter_key = data.key.split(",")
+        assert data.aggregation == "mean"
+        values = [float(s[metric]) for s in theirs if s["filter"] == filter_key]
+        assert list(outcome.rows[name]) == ours.rows == values and len(values) == len(data.split["search"])
+        assert abs(math.fsum(values) / len(values) - ours.score) <= 1e-12
+        assert trial_rows(trial, {})[name].tolist() == values  # stored like every task's rows
+    assert set(outcome.row_ids) == set(NAMES)
+    # a multi-fidelity stage: some search documents, in the order asked, each with its full-run value
+    stage = {name: [7, 0, 3, 11] for name in NAMES}
+    staged = worker.evaluate(Recipe.from_dict(trial.user_attrs["recipe"]), "search", rows=stage)
+    assert staged.error is None and staged.rows is not None
+    for name in NAMES:
+        assert list(staged.rows[name]) == [outcome.rows[name][i] for i in stage[name]], name
+    # with few-shot examples: a stage's prompts are the full run's (lm-eval draws them document by document)
+    spec = next(t for t in config.tasks if t.name == "refunds_mc")
+    assert spec.lm_eval is not None
+    fewshot = LmEvalTask(dataclasses.replace(spec, lm_eval=dataclasses.replace(spec.lm_eval, num_fewshot=2)),
+                         worker.tasks["refunds_mc"].lm)  # type: ignore[union-attr]
+    full = fewshot.run("search", log_samples=True)
+    part = fewshot.run("search", log_samples=True, rows=[9, 2, 5])
+    assert full.rows is not None and part.rows == [full.rows[i] for i in (9, 2, 5)]
+    prompts = {s["doc_id"]: s["arguments"] for s in full.samples}
+    assert all(s["arguments"] == prompts[s["doc_id"]] for s in part.samples)
+    assert "\n\n" in part.samples[0]["arguments"][0][0]  # two examples precede the question
+    assert study.user_attrs["example_rows"]["search"] == outcome.row_ids
+    assert outcome.row_ids["refunds_mc"]["n"] == 12
+    # finalize re-scored the finalists and baselines on held-out: the tasks get 95% intervals
+    lines = confidence_lines(study.get_trials(), study.user_attrs, [d.name.lower() for d in study.directions])
+    assert any(line.startswith("  tasks: refunds_mc ") for line in lines), lines
+    assert not any("no intervals" in line for line in lines), lines
 
 
 def test_a_chat_template_the_base_tokenizer_lacks_is_named_by_validate(tmp_path: Path) -> None:

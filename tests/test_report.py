@@ -272,3 +272,44 @@ def test_passthrough_recipe_draws_which_source_layer_feeds_each_output_layer() -
     (heatmap,) = figure.figure.data
     assert list(heatmap.y) == ["a", "b"]
     assert [list(row) for row in heatmap.text] == [["L0", "L1", "", "L3"], ["", "", "L1", ""]]
+
+
+def assert_report_marks_stopped(study: optuna.Study, task_higher: dict[str, bool]) -> None:
+    """A study scored in stages (tests/test_fidelity_search.py runs one and calls this): the report
+    counts the trials stopped early in status's words, lists each with its stage, rows and estimate,
+    and draws them at their estimate apart from the best-so-far line and the chosen star."""
+    from optuna.trial import TrialState
+
+    from search.records import STOPPED_EARLY
+
+    trials = study.get_trials()
+    stopped = [t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH and t.state == TrialState.PRUNED]
+    done = sum(ranking.counts_toward_budget(t) for t in trials)
+    assert stopped and done > len(stopped)
+    page = build_report(study, task_higher=task_higher)
+    assert f"<p>{len(stopped)} of {done} search trials {html.escape(STOPPED_EARLY)}.</p>" in page
+    for trial in stopped:
+        record = trial.user_attrs["fidelity"]
+        row = re.search(rf"<tr class='stopped' data-trial='{trial.number}'>(.*?)</tr>", page)
+        assert row is not None, trial.number
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+        assert cells[1] == f"{record['stage']} of {record['stages']}"
+        assert cells[2] == f"{sum(record['rows'].values())} (" + ", ".join(
+            f"{task} {n}" for task, n in record["rows"].items()) + ")"
+        assert cells[3:3 + len(record["estimate"])] == [f"{record['estimate'][t]:.4f}" for t in task_higher]
+        assert html.unescape(cells[-1]) == record["stopped"]
+    history = history_figure(read_study(study, task_higher))
+    assert isinstance(history, Figure)
+    traces = {trace.name: trace for trace in history.figure.data}
+    marked = traces[f"stopped early ({len(stopped)}): estimate"]
+    assert list(marked.x) == [t.number for t in stopped]
+    assert list(marked.y) == pytest.approx([t.user_attrs["fidelity"]["objective"][0] for t in stopped])
+    drawn_as_trials = [n for name, trace in traces.items() if name.startswith(("feasible", "infeasible", "chosen"))
+                       for n in trace.x]
+    best_line = traces["best feasible so far"]
+    numbers = {t.number for t in stopped}
+    assert not numbers & set(drawn_as_trials)
+    assert not numbers & set(best_line.x)
+    completed = {ranking.raw_values(t)[0] for t in ranking.search_trials(trials) if ranking.is_feasible(t)}
+    assert set(best_line.y) <= completed  # the line takes completed trials' values only, never an estimate
+    assert f"{STOPPED_EARLY}: grey open triangles" in history.caption

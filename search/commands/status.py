@@ -11,7 +11,7 @@ from search.commands import SUMMARIES, add_study_arguments
 from search.confidence import confidence_lines
 from search.config import load_study
 from search.lm_eval_splits import split_lines
-from search.records import heldout_record
+from search.records import heldout_record, stopped_early
 from search.warm_start import warm_start_line
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         f"{'?' if budget is None else budget} done, "
         f"{len(complete)} complete, {sum(ranking.is_feasible(t) for t in complete)} feasible, "
         f"{len(failed)} failed, {sum(t.state.name == 'RUNNING' for t in searched)} running, "
-        + (f"{stopped} stopped early (multi-fidelity: PRUNED, never best), " if (
+        + (f"{stopped_early(stopped)}, " if (
             stopped := sum(t.state.name == 'PRUNED' for t in searched)) else "") +
         f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
         _throughput(complete, progress.throughput(searched, run)),

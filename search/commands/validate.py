@@ -206,7 +206,8 @@ def check_data(config: StudyConfig) -> dict[str, dict[str, int]]:
             raise StudyConfigError(f"{config.path}: tasks[{index}].chat_template: the base tokenizer ({base}) has "
                                    "no chat template for lm-eval's apply_chat_template; set chat_template = false")
         try:
-            rows[task.name] = check_lm_eval_task(task) if task.lm_eval else check_task(task, tokenizer)
+            rows[task.name] = (check_lm_eval_task(task, staged=config.fidelity is not None) if task.lm_eval
+                               else check_task(task, tokenizer))
         except FitnessError as exc:
             raise StudyConfigError(f"{config.path}: tasks[{index}]: {exc}") from None
     return rows
