@@ -10,8 +10,8 @@ The finalist rule (``search.confidence.RULE``): the best-on-search finalist that
 every gate on held-out is final unless another passing finalist is better on held-out by
 more than noise (the paired 95% bootstrap interval of the difference excludes 0); then the
 best on held-out among those. Choosing the best held-out number outright would pick noise
-and report it as a gain. Without per-row values (lm-eval or perplexity tasks, records from
-before rows were kept) there is no interval and the best on held-out is final.
+and report it as a gain. Without per-row values (perplexity tasks, lm-eval tasks whose metric
+lm-eval does not average, records from before rows were kept) there is no interval and the best on held-out is final.
 """
 
 from __future__ import annotations
