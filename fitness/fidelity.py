@@ -292,7 +292,7 @@ def rank_stop(trial_rows: TaskRows, peers_rows: Sequence[TaskRows], *, objective
     everyone = [trial_rows, *(_prefix(rows, lengths, f"peer {i}") for i, rows in enumerate(peers_rows))]
     means = {task: np.array([float(np.mean(rows[task])) for rows in everyone]) for task in trial_rows}
     if objective == "per_task":  # each task signed so that higher is better
-        layer = _pareto_layers(np.stack([m if directions[t] else -m for t, m in means.items()], axis=1))
+        layer = pareto_layers(np.stack([m if directions[t] else -m for t, m in means.items()], axis=1))
         better = int(np.sum(layer < layer[0]))
         what = f"Pareto layer {int(layer[0]) + 1}"
     else:
@@ -306,7 +306,7 @@ def rank_stop(trial_rows: TaskRows, peers_rows: Sequence[TaskRows], *, objective
             f"on {sum(lengths.values())} rows; rule rank)")
 
 
-def _pareto_layers(signed: np.ndarray) -> np.ndarray:
+def pareto_layers(signed: np.ndarray) -> np.ndarray:
     """Each row's non-dominated sorting layer (0 = the Pareto front) over ``signed`` (higher is better)."""
     import numpy as np
 

@@ -50,7 +50,11 @@ _FLOAT64 = "f64:"
 
 STOPPED_EARLY = "stopped early (multi-fidelity: scored on fewer rows, never best)"
 """How status and the report say that trials scored in stages were stopped (:func:`stopped_early`)."""
-FIDELITY_ATTR = "fidelity"  # search.staged.FIDELITY_ATTR (that module loads torch; status and the report read this)
+FIDELITY_ATTR = "fidelity"
+"""Study user attr: the row order's inputs and digest (``search.staged.study_stages``); trial user
+attr: the trial's stages (``search.loop``: ``stage``, ``stages``, ``rows``, and on a stopped trial
+``stopped``, ``estimate``, ``objective``; on a re-run, ``carried``: rows kept from the lost run).
+Here, not in ``search.staged``, because status, the report and the samplers read it without it."""
 
 HELDOUT_KEY_PREFIX = "heldout:"  # study user attr heldout:<trial number>, a HeldoutRecord (no Optuna here: status reads it)
 

@@ -48,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import ranking
 from search.config import SAMPLERS  # the names live where study files are read (no Optuna there)
 from search.errors import SearchError
+from search.records import FIDELITY_ATTR
 
 POSITION = "position"
 """Trial user attr: the search trial's place in the search (a re-run keeps the original's)."""
@@ -158,7 +159,7 @@ def sampler_values(trial: FrozenTrial, directions: Sequence[str], scale: float) 
 
 def stopped_estimate(trial: FrozenTrial) -> list[float] | None:
     """A trial stopped early's objective estimate (user attr ``fidelity``), else None."""
-    record = trial.user_attrs.get("fidelity")  # search.staged.FIDELITY_ATTR (that module imports this one)
+    record = trial.user_attrs.get(FIDELITY_ATTR)
     if trial.state != TrialState.PRUNED or not isinstance(record, Mapping) or "objective" not in record:
         return None
     return [float(v) for v in record["objective"]]

@@ -33,6 +33,7 @@ from fitness.fidelity import (
     FidelityConfig,
     RowOrder,
     decide,
+    pareto_layers,
     rows_to_score,
     stage_sizes,
     study_row_order,
@@ -42,13 +43,7 @@ from search import ranking
 from search.baselines import source_baseline_name, source_references
 from search.errors import SearchError
 from search.plan import StudyPlan
-from search.records import EXAMPLE_ROWS_ATTR, trial_prefix_rows, trial_rows
-
-FIDELITY_ATTR = "fidelity"
-"""Study user attr: the row order's inputs and digest (:func:`study_stages`); trial user attr: the
-trial's stages (``search.loop``: ``stage``, ``stages``, ``rows``, and on a stopped trial ``stopped``,
-``estimate``, ``objective``; on a re-run, ``carried``: rows kept from the lost run)."""
-
+from search.records import EXAMPLE_ROWS_ATTR, FIDELITY_ATTR, trial_prefix_rows, trial_rows
 
 PROMOTED_ATTR = "fidelity_promoted"
 """Trial system attr: the last stage a running trial was promoted after (``search.loop``; a re-run of
@@ -181,8 +176,8 @@ def _incumbent_rows(trials: Sequence[FrozenTrial], plan: StudyPlan, objective: s
               and (rows := trial_rows(t, {})) is not None]
     if objective != "per_task":
         return [rows for _, rows in scored[:1]]
-    signed = [np.array([v if d == "maximize" else -v for v, d in zip(ranking.raw_values(t), plan.directions,
-                                                                     strict=True)]) for t, _ in scored]
-    front = [i for i, a in enumerate(signed)
-             if not any(np.all(b >= a) and np.any(b > a) for j, b in enumerate(signed) if j != i)]
-    return [scored[i][1] for i in front]
+    if not scored:
+        return []
+    signed = np.array([[v if d == "maximize" else -v for v, d in zip(ranking.raw_values(t), plan.directions,
+                                                                     strict=True)] for t, _ in scored])
+    return [rows for (_, rows), layer in zip(scored, pareto_layers(signed), strict=True) if layer == 0]
