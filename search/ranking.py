@@ -57,7 +57,11 @@ def raw_values(trial: FrozenTrial) -> tuple[float, ...]:
 
 def score(trial: FrozenTrial, directions: Sequence[str]) -> float:
     """One number, larger is better: the mean of the direction-signed raw objectives."""
-    values = raw_values(trial)
+    return signed_mean(raw_values(trial), directions)
+
+
+def signed_mean(values: Sequence[float], directions: Sequence[str]) -> float:
+    """The mean of ``values`` each signed by its direction (larger is better)."""
     signed = [v if d == "maximize" else -v for v, d in zip(values, directions, strict=True)]
     return sum(signed) / len(signed)
 

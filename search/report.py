@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from fitness.fidelity import pareto_layers
 from fitness.gates import GateLimit
 from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
@@ -240,10 +241,7 @@ def _stopped_objective(view: StudyView, stopped: StoppedTrial) -> float:
     values = stopped.objective
     if not values:
         return math.nan
-    if not view.multi:
-        return values[0]
-    signed = [v if d == "maximize" else -v for v, d in zip(values, view.directions, strict=True)]
-    return sum(signed) / len(signed)
+    return ranking.signed_mean(values, view.directions) if view.multi else values[0]
 
 
 def _stopped_rows(stopped: StoppedTrial) -> str:
@@ -512,16 +510,14 @@ def pareto_figure(view: StudyView) -> Figure | Omitted:
 
 def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
     """Feasible trials not dominated by another feasible trial (raw objectives)."""
+    import numpy as np
+
     signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    points = [
-        (t, [s * v for s, v in zip(signs, ranking.raw_values(t), strict=True)])
-        for t in trials if ranking.is_feasible(t)
-    ]
-
-    def dominates(a: list[float], b: list[float]) -> bool:
-        return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
-
-    return [t for t, p in points if not any(dominates(q, p) for _, q in points)]
+    feasible = [t for t in trials if ranking.is_feasible(t)]
+    if not feasible:
+        return []
+    signed = np.array([[s * v for s, v in zip(signs, ranking.raw_values(t), strict=True)] for t in feasible])
+    return [t for t, layer in zip(feasible, pareto_layers(signed), strict=True) if layer == 0]
 
 
 def _source_labels(view: StudyView, paths: Sequence[str]) -> list[str]:
