@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import build_library
+from merges.methods.native import EXACT_FLAGS, build_library
 
 MAX_SOURCES = 32
 CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small enough to split
@@ -309,8 +309,7 @@ class _Job(ctypes.Structure):
 @lru_cache(maxsize=1)
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None when no C compiler works."""
-    lib = build_library("fused", _C_SOURCE, ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math",
-                                             "-shared", "-fPIC"], ["-lm"])
+    lib = build_library("fused", _C_SOURCE, EXACT_FLAGS, ["-lm"])
     if lib is None:
         return None
     lib.fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import build_library
+from merges.methods.native import EXACT_FLAGS, build_library
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -103,8 +103,7 @@ void karcher_update(int dtype, int64_t s, int64_t e, float c, float sn, float no
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), None without a working C compiler."""
-    lib = build_library("karcher", _C_SOURCE, ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math",
-                                               "-shared", "-fPIC"], [])
+    lib = build_library("karcher", _C_SOURCE, EXACT_FLAGS, [])
     if lib is None:
         return None
     lib.karcher_tangent.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,

@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 BUILD_TIMEOUT_S = 120
+EXACT_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
+"""Flags of kernels that must round as torch does: vectorised for this CPU, but no FMA contraction
+and no fast-math reassociation (each C operation one IEEE rounding)."""
 
 
 def cache_dir() -> Path:
