@@ -6,6 +6,14 @@ import pytest
 from tests.checkpoints import TinyFamily, make_family
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``ray`` run one after another on one xdist worker: a Ray runtime keeps
+    machine-wide state (``/tmp/ray``, the current-cluster file a plain ``ray.init()`` joins)."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     """Base + 3 fine-tune-like sources, Llama naming, 4 layers."""

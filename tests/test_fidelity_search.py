@@ -286,6 +286,7 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_stages_run_on_the_ray_pool(tmp_path: Path, llama_family: TinyFamily) -> None:
     from dataclasses import replace
 

@@ -17,6 +17,9 @@ import pytest
 from tests.checkpoints import TinyFamily
 from tests.test_ray_pool import write_study
 
+pytestmark = pytest.mark.ray  # see conftest: Ray tests share one xdist worker
+
+
 
 @dataclass(frozen=True)
 class TwoNodes:

@@ -30,6 +30,9 @@ from search.memory import (
 )
 from tests.checkpoints import TinyFamily
 
+pytestmark = pytest.mark.ray  # see conftest: Ray tests share one xdist worker
+
+
 # -- memory estimate (no Ray) -----------------------------------------------------------
 
 

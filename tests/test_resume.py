@@ -187,6 +187,7 @@ def test_a_killed_and_resumed_study_ends_like_an_uninterrupted_one(
     assert final_recipe(paths["killed"]) == final_recipe(paths["plain"])
 
 
+@pytest.mark.ray
 def test_parallel_draws_do_not_depend_on_which_trial_finishes_first(
     tmp_path: Path, llama_family: TinyFamily
 ) -> None:
