@@ -60,9 +60,22 @@ PROMOTE = "promote"
 STOP = "stop"
 
 
+class FidelitySettingError(FitnessError):
+    """A :class:`FidelityConfig` setting out of range: ``key`` names the field, ``problem`` what is wrong
+    (``search.config`` re-raises it under the TOML key ``study.fidelity.<key>``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(key, problem)  # both in args: the error pickles (Ray)
+        self.key, self.problem = key, problem
+
+    def __str__(self) -> str:
+        return f"fidelity: {self.key} {self.problem}"
+
+
 @dataclass(frozen=True)
 class FidelityConfig:
-    """How a study scores in stages."""
+    """How a study scores in stages; the one place that checks these settings (``search.config`` reads
+    ``study.fidelity`` into it and names the TOML key of a :class:`FidelitySettingError`)."""
 
     first_stage: int  # rows (all tasks together) of the first stage
     growth: float = 3.0  # each stage has this many times the rows of the one before
@@ -72,19 +85,25 @@ class FidelityConfig:
     promote: float | None = None  # rule rank: the share of the trials at a stage that go on (None: 1 / growth)
 
     def __post_init__(self) -> None:
-        if isinstance(self.first_stage, bool) or not isinstance(self.first_stage, int) or self.first_stage < 2:
-            raise FitnessError(f"fidelity: first_stage must be an integer >= 2, got {self.first_stage!r}")
-        if not (math.isfinite(self.growth) and self.growth > 1.0):
-            raise FitnessError(f"fidelity: growth must be a finite number > 1, got {self.growth!r}")
+        if isinstance(self.first_stage, bool) or not isinstance(self.first_stage, int):
+            raise FidelitySettingError("first_stage", f"must be an integer, got {self.first_stage!r}")
+        if self.first_stage < 2:
+            raise FidelitySettingError("first_stage", f"must be >= 2, got {self.first_stage!r}")
+        if not math.isfinite(self.growth):
+            raise FidelitySettingError("growth", f"must be a finite number, got {self.growth!r}")
+        if self.growth <= 1.0:
+            raise FidelitySettingError("growth", f"must be > 1, got {self.growth!r}")
         if not 0.5 < self.confidence < 1.0:
-            raise FitnessError(f"fidelity: confidence must be in (0.5, 1), got {self.confidence!r}")
+            raise FidelitySettingError("confidence", f"must be in (0.5, 1), got {self.confidence!r}")
         if self.resamples < 100:
-            raise FitnessError(f"fidelity: resamples must be >= 100, got {self.resamples!r}")
+            raise FidelitySettingError("resamples", f"must be >= 100, got {self.resamples!r}")
         if self.rule not in RULES:
-            raise FitnessError(f"fidelity: rule must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
-        if self.promote is not None and (self.rule != RULE_RANK or not 0.0 < self.promote < 1.0):
-            raise FitnessError(f"fidelity: promote must be in (0, 1) and needs rule 'rank', got {self.promote!r} "
-                               f"with rule {self.rule!r}")
+            raise FidelitySettingError("rule", f"must be one of {', '.join(map(repr, RULES))}, got {self.rule!r}")
+        if self.promote is not None and self.rule != RULE_RANK:
+            raise FidelitySettingError("promote", f"is the rank rule's share of trials promoted; set rule = "
+                                                  f"{RULE_RANK!r}")
+        if self.promote is not None and not 0.0 < self.promote < 1.0:
+            raise FidelitySettingError("promote", f"must be in (0, 1), got {self.promote!r}")
 
     @property
     def promoted_share(self) -> Fraction:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fitness.errors import FitnessError
 from fitness.extract import GenerateSpec
-from fitness.fidelity import RULE_RANK, RULE_TEST, RULES, FidelityConfig
+from fitness.fidelity import FidelityConfig, FidelitySettingError
 from fitness.gates import GateSpec
 from fitness.objective import MODES as OBJECTIVES
 from fitness.spec import BUILTIN_METRICS, TaskSpec, is_user_metric
@@ -346,27 +346,22 @@ class _Parser:
         )
 
     def fidelity(self, study: _Table, tasks: tuple[TaskSpec, ...]) -> FidelityConfig | None:
-        """``study.fidelity = { first_stage = N, growth = 3.0, confidence = 0.95, rule = "test", promote = share }``
-        (fitness.fidelity)."""
+        """``study.fidelity = { first_stage = N, growth, confidence, rule, promote }``: the types read here;
+        defaults, limits and their messages are ``fitness.fidelity.FidelityConfig``'s, named by TOML key."""
         if not study.has("fidelity"):
             return None
         table = study.get_table("fidelity")
         table.expect(FIDELITY_KEYS)
-        first = table.get_int("first_stage", minimum=2)
-        growth = table.get_float("growth", 3.0)
-        if growth <= 1.0:
-            raise table.error("growth", f"must be > 1, got {growth}")
-        confidence = table.get_float("confidence", 0.95)
-        if not 0.5 < confidence < 1.0:
-            raise table.error("confidence", f"must be in (0.5, 1), got {confidence}")
-        rule = table.get_str("rule", RULE_TEST)
-        if rule not in RULES:
-            raise table.error("rule", f"must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
-        promote = table.get_float("promote", None)
-        if promote is not None and rule != RULE_RANK:
-            raise table.error("promote", f"is the rank rule's share of trials promoted; set rule = {RULE_RANK!r}")
-        if promote is not None and not 0.0 < promote < 1.0:
-            raise table.error("promote", f"must be in (0, 1), got {promote}")
+        settings: dict[str, object] = {
+            "first_stage": table.get_int("first_stage"), "growth": table.get_float("growth", None),
+            "confidence": table.get_float("confidence", None), "rule": table.get_str("rule", None),
+            "promote": table.get_float("promote", None),
+        }
+        given = {key: value for key, value in settings.items() if value is not None}  # unset: the default
+        try:
+            config = FidelityConfig(**given)  # type: ignore[arg-type]
+        except FidelitySettingError as exc:
+            raise table.error(exc.key, exc.problem) from None
         for index, task in enumerate(tasks):
             # a stage's estimate is the mean of the rows scored: a task whose score is not that mean
             # (corpus perplexity) cannot be staged; an lm-eval task's aggregation is known only once
@@ -374,7 +369,7 @@ class _Parser:
             if task.metric == "perplexity":
                 raise table.error("first_stage", f"tasks[{index}] ({task.name!r}) uses metric perplexity, whose "
                                   "score is not the mean of its rows; use loglik or remove study.fidelity")
-        return FidelityConfig(first_stage=first, growth=growth, confidence=confidence, rule=rule, promote=promote)
+        return config
 
     def storage(self, study: _Table, output: Path) -> str:
         url = study.get_str("storage", "")

@@ -25,7 +25,6 @@ names every difference.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from fitness.spec import FORMATS, TaskSpec
 from merges.lora import reference_folders
 from search.config import StudyConfig
 from search.errors import SearchError
+from studies.demo_family.shipped import sha256_file  # light, imports nothing of search: no cycle
 
 if TYPE_CHECKING:  # confidence.py (status) reads DEFINITION_KEY without optuna
     import optuna
@@ -142,15 +142,6 @@ def _include_fingerprint(folder: Path) -> dict[str, str]:
         if p.is_file() and p.suffix in suffixes and not ignored & set(p.relative_to(folder).parts)
     )
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _jsonable(value: object) -> object:

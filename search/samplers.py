@@ -48,7 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import ranking
 from search.config import SAMPLERS  # the names live where study files are read (no Optuna there)
 from search.errors import SearchError
-from search.records import FIDELITY_ATTR
+from search.records import stopped_trial
 
 POSITION = "position"
 """Trial user attr: the search trial's place in the search (a re-run keeps the original's)."""
@@ -157,14 +157,6 @@ def sampler_values(trial: FrozenTrial, directions: Sequence[str], scale: float) 
 # -- the view -------------------------------------------------------------------------
 
 
-def stopped_estimate(trial: FrozenTrial) -> list[float] | None:
-    """A trial stopped early's objective estimate (user attr ``fidelity``), else None."""
-    record = trial.user_attrs.get(FIDELITY_ATTR)
-    if trial.state != TrialState.PRUNED or not isinstance(record, Mapping) or "objective" not in record:
-        return None
-    return [float(v) for v in record["objective"]]
-
-
 def visible_trials(trials: Sequence[FrozenTrial], *, position: int | None, horizon: int | None,
                    directions: Sequence[str] | None, scale: float = PENALTY_FLOOR,
                    stopped_as_complete: bool = False) -> list[FrozenTrial]:
@@ -192,11 +184,11 @@ def visible_trials(trials: Sequence[FrozenTrial], *, position: int | None, horiz
                 shown.values = None
                 shown.datetime_complete = None
             trial = shown
-        estimate = stopped_estimate(trial) if stopped_as_complete else None
-        if estimate is not None:
+        stopped = stopped_trial(trial) if stopped_as_complete else None  # records: the one reader
+        if stopped is not None and stopped.objective:
             trial = copy.copy(trial)
             trial.state = TrialState.COMPLETE
-            trial.values = estimate
+            trial.values = list(stopped.objective)
         if directions is not None and trial.state == TrialState.COMPLETE and not ranking.is_feasible(trial):
             trial = copy.copy(trial)
             trial.values = sampler_values(trial, directions, scale)

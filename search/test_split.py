@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fitness.spec import TEST_SPLIT, TaskSpec
-from search.definition import sha256_file
 from search.records import decode_rows, rows_attr, store_row_ids
+from studies.demo_family.shipped import sha256_file
 
 if TYPE_CHECKING:  # status imports this module without numpy or optuna
     import numpy as np

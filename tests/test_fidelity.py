@@ -293,15 +293,15 @@ def test_max_regression_is_paired_with_the_reference_rows() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(FitnessError, match="first_stage must be an integer >= 2"):
+    with pytest.raises(FitnessError, match="first_stage must be >= 2, got 1"):
         FidelityConfig(first_stage=1)
-    with pytest.raises(FitnessError, match="growth must be a finite number > 1"):
+    with pytest.raises(FitnessError, match="growth must be > 1, got 1.0"):
         FidelityConfig(first_stage=10, growth=1.0)
     with pytest.raises(FitnessError, match="confidence must be in"):
         FidelityConfig(first_stage=10, confidence=1.0)
     with pytest.raises(FitnessError, match="rule must be one of 'test', 'rank', got 'asha'"):
         FidelityConfig(first_stage=10, rule="asha")
-    with pytest.raises(FitnessError, match="promote must be in .0, 1. and needs rule 'rank', got 0.2 with rule 'test'"):
+    with pytest.raises(FitnessError, match="promote is the rank rule's share of trials promoted; set rule = 'rank'"):
         FidelityConfig(first_stage=10, promote=0.2)
     with pytest.raises(FitnessError, match="promote must be in"):
         FidelityConfig(first_stage=10, rule="rank", promote=1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from itertools import pairwise
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from merges.methods import sparsify as sp
 from merges.methods.fused import FusedJob, native_library, run_eager, run_native_many
 from merges.methods.linear import linear
 from merges.methods.model_stock import model_stock
+from merges.methods.native import chunk_spans
 from merges.methods.registry import FAMILY, METHODS, validate_recipe
 from merges.methods.slerp import slerp
 from merges.methods.task_arithmetic import combine, merge_task_vectors, sparsify_delta
@@ -287,6 +289,15 @@ def test_fused_kernels_equal_reference(shape: tuple[int, int], seed: int, weight
         job.out.zero_()
         assert run_native_many(lib, [job], None) == [0]
         close(job.out, expected)
+
+
+@given(n=st.integers(0, 5000), chunk=st.integers(1, 700))
+def test_chunk_spans_cover_each_entry_once(n: int, chunk: int) -> None:
+    # fused and karcher_kernel call their kernels once per span: every entry in exactly one
+    spans = chunk_spans(n, chunk)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(end == start for (_, end), (start, _) in pairwise(spans))
+    assert all(0 < end - start <= chunk for start, end in spans) or spans == [(0, 0)]
 
 
 def test_fused_linear_mode_equals_linear() -> None:

@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import EXACT_FLAGS, build_library
+from merges.methods.native import EXACT_FLAGS, build_library, chunk_spans
 
 MAX_SOURCES = 32
 CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small enough to split
@@ -366,16 +366,12 @@ def _to_struct(job: FusedJob) -> _Job:
     return s
 
 
-def _spans(n: int) -> list[tuple[int, int]]:
-    return [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)] or [(0, 0)]
-
-
 def run_native_many(lib: ctypes.CDLL, jobs: Sequence[FusedJob], pool: ThreadPoolExecutor | None
                     ) -> list[int]:
     """Run every job's chunks on ``pool``; returns the non-finite count per job."""
     structs = [_to_struct(job) for job in jobs]
     work = [(index, start, end) for index, job in enumerate(jobs)
-            for start, end in _spans(job.out.numel())]
+            for start, end in chunk_spans(job.out.numel(), CHUNK)]
 
     def one(item: tuple[int, int, int]) -> tuple[int, int]:
         index, start, end = item
@@ -395,7 +391,7 @@ def masked_l1_many(lib: ctypes.CDLL | None, items: Sequence[tuple[FusedJob, int]
         return [masked_l1_eager(job, i) for job, i in items]
     structs = {id(job): _to_struct(job) for job, _ in items}
     work = [(index, start, end) for index, (job, i) in enumerate(items)
-            for start, end in _spans(job.deltas[i].numel())]
+            for start, end in chunk_spans(job.deltas[i].numel(), CHUNK)]
 
     def one(item: tuple[int, int, int]) -> tuple[int, float]:
         index, start, end = item

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import EXACT_FLAGS, build_library
+from merges.methods.native import EXACT_FLAGS, build_library, chunk_spans
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -137,7 +137,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def _split(n: int, run: Callable[[int, int], None]) -> None:
     """``run(start, end)`` over [0, n) in chunks, on torch's number of threads (ctypes calls
     release the GIL; entries are independent, so the split does not change a bit)."""
-    spans = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
+    spans = chunk_spans(n, CHUNK)
     threads = min(_threads(), len(spans))
     if threads <= 1:
         run(0, n)

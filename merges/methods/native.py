@@ -23,6 +23,13 @@ EXACT_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-
 and no fast-math reassociation (each C operation one IEEE rounding)."""
 
 
+def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[0, n) as consecutive ``(start, end)`` spans of at most ``chunk`` entries, one native call
+    each (a kernel's entries are independent: the split changes no bit); an empty tensor still
+    gets one empty span, so a caller makes its call either way."""
+    return [(start, min(n, start + chunk)) for start in range(0, n, chunk)] or [(0, 0)]
+
+
 def cache_dir() -> Path:
     root = os.environ.get("MERGESEARCH_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "mergesearch") / "kernels"

@@ -4,7 +4,8 @@ CPU training is not bit-reproducible across instruction sets (AVX2 and AVX-512 k
 round differently), so the family is built once and its files are checked in with a
 SHA-256 per file in ``family.json``. Loading it verifies every file, so a study never
 runs on a family other than the one its README tables were measured on without saying so.
-Light on purpose (no torch): ``search.config`` imports it.
+Light on purpose (no torch): ``search.config`` imports it, ``search.definition`` its
+:func:`sha256_file`.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def read_manifest(root: Path) -> dict[str, object] | None:
 
 
 def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks: the demo's manifest and the study definition's
+    data fingerprints (``search.definition``, which imports it from here: this module imports
+    nothing of ``search``, so neither direction cycles)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
