@@ -207,7 +207,17 @@ def statistics_bytes(methods: Sequence[str], *, numel: int, n_sources: int, widt
             kinds.add("sources")
     per_entry = {"magnitude": KEY_BYTES, "magnitude_outliers": KEY_BYTES, "random": KEY_BYTES,
                  "della_magprune": 2 * KEY_BYTES, "sources": width}  # sorted |delta| or tie ranks; keys; + row positions
-    return sum(per_entry[kind] for kind in kinds) * numel * n_sources
+    once = sum(_once_per_entry(method, width) for method in set(methods))
+    return sum(per_entry[kind] for kind in kinds) * numel * n_sources + once * numel
+
+
+def _once_per_entry(method: str, width: int) -> int:
+    """Bytes per entry a method caches once per tensor (not per source), merges.methods' planners:
+    sce's variance order (int32; half: the variance), what karcher / ram / arcee_fusion compute
+    from the sources alone (the mean, the merge, the importance scores), ramplus_tl's merge
+    outside the unique entries (float32 from half) and their indices (int32, at most one each)."""
+    return {"sce": KEY_BYTES, "karcher": width, "ram": width, "arcee_fusion": width,
+            "ramplus_tl": max(width, 4) + KEY_BYTES}.get(method, 0)
 
 
 def estimate_from_shape(

@@ -73,20 +73,33 @@ def draw_states(seed: int, numels: Mapping[str, int]) -> dict[str, torch.Tensor]
 
 
 def plan(ctx: TensorContext) -> Plan:
+    """No gene enters arcee_fusion: a tensor's importance scores (the sources only) are computed
+    once, its threshold once per seed (the seed's draws above 1M entries), and a trial is
+    mergekit's last line, ``base + (other - base) * mask``, on the resident task vector (the
+    engine's ``other - base``, the same subtraction in the same dtype)."""
     (position,) = ctx.positions
     model = ctx.model_of(position)
     base = ctx.base
     assert base is not None
     shape = ctx.shape
+    large = ctx.numel > QUANTILE_SAMPLE_SIZE
     state = None
-    if ctx.numel > QUANTILE_SAMPLE_SIZE:
+    if large:
         state = ctx.cached(("arcee_fusion draws", ctx.seed), lambda: draw_states(
             ctx.seed, {name: _numel(s) for name, s in ctx.shapes.items()}))[ctx.name]
 
-    def compute() -> torch.Tensor:  # the picks only now: one tensor's at a time
-        picks = None if state is None else sample_picks(ctx.numel, torch.Generator().set_state(state))
-        other = ctx.tensor(model).view(shape)
-        return arcee_fusion(base.view(shape), other, picks).reshape(-1)
+    def scores() -> torch.Tensor:
+        return importance(ctx.tensor(model).view(shape), base.view(shape)).reshape(-1)
+
+    def compute() -> torch.Tensor:
+        flat = ctx.cached(("arcee_fusion importance", ctx.name, model), scores)
+
+        def cut() -> torch.Tensor:  # the picks only now: one tensor's at a time
+            picks = None if state is None else sample_picks(ctx.numel, torch.Generator().set_state(state))
+            return threshold(flat, picks)
+
+        limit = ctx.cached(("arcee_fusion threshold", ctx.name, model, ctx.seed if large else None), cut)
+        return base + ctx.delta(model) * (flat >= limit).float()
 
     return Plan(eager=compute)
 

@@ -3,6 +3,7 @@ directions on the unit hypersphere (equal weights), scaled by their mean norm.
 
 The base is not an input of its own (mergekit ignores ``base_model``); a listed base is one
 more model. Iterates at most ``max_iter`` times, until the tangent step is below ``tol``.
+Nothing in it is a gene, so the engine keeps each tensor's mean once computed (``plan``).
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ def karcher(tensors: Sequence[torch.Tensor], alphas: Sequence[float], *, max_ite
 
 
 def plan(ctx: TensorContext) -> Plan:
-    models = [ctx.model_of(p) for p in ctx.positions]
+    """The Karcher mean depends on the sources and on ``max_iter`` / ``tol`` only (no gene moves
+    it: they are fixed values, not searched), so it is a per-tensor statistic: computed on the
+    first recipe that needs it, then each trial copies it (the engine writes it into ``out``)."""
+    models = tuple(ctx.model_of(p) for p in ctx.positions)
     max_iter = int(ctx.global_value("max_iter"))
     tol = float(ctx.global_value("tol"))
 
-    def compute() -> torch.Tensor:
+    def mean() -> torch.Tensor:
         tensors = [ctx.tensor(m) for m in models]
         return karcher(tensors, [1.0 / len(tensors)] * len(tensors), max_iter=max_iter, tol=tol)
 
-    return Plan(eager=compute)
+    return Plan(eager=lambda: ctx.cached(("karcher", ctx.name, models, max_iter, tol), mean))

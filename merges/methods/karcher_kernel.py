@@ -134,7 +134,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="karcher")
 
 
-def _split(n: int, run: Callable[[int, int], None]) -> None:
+def split(n: int, run: Callable[[int, int], None]) -> None:
     """``run(start, end)`` over [0, n) in chunks, on torch's number of threads (ctypes calls
     release the GIL; entries are independent, so the split does not change a bit)."""
     spans = chunk_spans(n, CHUNK)
@@ -151,7 +151,7 @@ def tangent(lib: ctypes.CDLL, units: Sequence[torch.Tensor], dots: Sequence[floa
     pointers = (ctypes.c_void_p * k)(*[u.data_ptr() for u in units])
     dot_values, coef_values = (ctypes.c_float * k)(*dots), (ctypes.c_float * k)(*coefs)
     wide_pointer = None if wide is None else wide.data_ptr()
-    _split(mean.numel(), lambda start, end: lib.karcher_tangent(
+    split(mean.numel(), lambda start, end: lib.karcher_tangent(
         DTYPES[mean.dtype], start, end, k, pointers, dot_values, coef_values, mean.data_ptr(),
         out.data_ptr(), wide_pointer))
 
@@ -159,6 +159,6 @@ def tangent(lib: ctypes.CDLL, units: Sequence[torch.Tensor], dots: Sequence[floa
 def update(lib: ctypes.CDLL, cos: float, sin: float, norm: float, mean: torch.Tensor,
            tangent_: torch.Tensor, wide: torch.Tensor | None) -> None:
     wide_pointer = None if wide is None else wide.data_ptr()
-    _split(mean.numel(), lambda start, end: lib.karcher_update(
+    split(mean.numel(), lambda start, end: lib.karcher_update(
         DTYPES[mean.dtype], start, end, cos, sin, norm, mean.data_ptr(), tangent_.data_ptr(),
         wide_pointer))

@@ -12,11 +12,13 @@ cached per tensor) rather than the cached stable order: ``torch.equal`` to merge
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from merges.methods import sce_kernel
 from merges.methods.planning import HALF, Plan, TensorContext
 
 
@@ -39,18 +41,22 @@ def sce_mask(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype,
 
 
 def sce_weight(vectors: torch.Tensor) -> torch.Tensor:
-    weights = vectors.square().reshape(vectors.shape[0], -1).mean(dim=1)
+    return weights_of_squares(vectors.square())
+
+
+def weights_of_squares(squares: torch.Tensor) -> torch.Tensor:
+    """``sce_weight`` after its ``square()``: each task vector's share of the mean squares."""
+    weights = squares.reshape(squares.shape[0], -1).mean(dim=1)
     total = torch.sum(weights).item()
     if abs(total) < 1e-6:
         return torch.ones_like(weights) / weights.shape[0]
     return weights / total
 
 
-@dataclass(frozen=True)
-class VarianceOrder:
+class VarianceOrder(NamedTuple):
     """Per tensor, independent of the recipe: each entry's position in the descending order of
     the task vectors' variance (int32; mergekit's ``topk`` picks the first ``k``), and how many
-    entries vary at all."""
+    entries vary at all. (A tuple: the lean plan drops tensor statistics after each chunk.)"""
 
     position: torch.Tensor
     nonzero: int
@@ -62,6 +68,12 @@ def variance_order(vectors: torch.Tensor) -> VarianceOrder:
     position = torch.empty_like(order, dtype=torch.int32)
     position[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
     return VarianceOrder(position, int(torch.count_nonzero(var)))
+
+
+def keep_count(nonzero: int, select_topk: float) -> int:
+    """mergekit's ``k = int(count_nonzero(var) * density)``: an int64 tensor times a Python float
+    is a float32 product in torch (not a float64 one: at 10M entries the two can differ by one)."""
+    return 0 if select_topk <= 0 else int(torch.tensor(nonzero) * select_topk)
 
 
 def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: float = 1.0,
@@ -78,7 +90,7 @@ def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: floa
         if order is None:
             mask = sce_mask(vectors, select_topk, mask_dtype, variance)
         else:
-            k = 0 if select_topk <= 0 else int(order.nonzero * select_topk)
+            k = keep_count(order.nonzero, select_topk)
             mask = (order.position < k).to(mask_dtype)
         vectors = vectors * mask.unsqueeze(0)
     sign = vectors.sign().to(mask_dtype)
@@ -92,26 +104,49 @@ def sce(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, select_topk: floa
     return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
 
 
+def sce_native(lib: ctypes.CDLL, base: torch.Tensor, deltas: Sequence[torch.Tensor], select_topk: float,
+               order: VarianceOrder | None, out: torch.Tensor) -> torch.Tensor:
+    """``sce`` into ``out`` by ``sce_kernel`` (float32, CPU; ``order``: the deltas' own, needed
+    when ``0 < select_topk < 1``): the same bits as mergekit's ``sce_merge``."""
+    position, keep = None, int(select_topk >= 1)  # unmasked: all kept (x * 1 is x)
+    if 0 < select_topk < 1:
+        assert order is not None
+        position, keep = order.position, keep_count(order.nonzero, select_topk)
+    weights = weights_of_squares(sce_kernel.squares(lib, deltas, position, keep))
+    sce_kernel.merge(lib, base, deltas, position, keep, weights.tolist(), out)
+    return out
+
+
 def plan(ctx: TensorContext) -> Plan:
-    """Eager; the variance order is computed once per tensor (no ``topk`` per trial; in
-    float16 / bfloat16 the variance is, and ``topk`` runs per trial)."""
+    """The variance order is computed once per tensor (the sources only); a trial's gene,
+    ``select_topk``, becomes how many entries of it are kept. float32 on the CPU: two C passes
+    (``sce_kernel``: the kept squares for torch's mean, then the merge), else mergekit's torch
+    steps (float16 / bfloat16: the variance is cached, ``topk`` runs per trial)."""
     base = ctx.base
     assert base is not None
     models = tuple(ctx.model_of(p) for p in ctx.positions)
     deltas = [ctx.delta(m) for m in models]
     select_topk = float(ctx.global_value("select_topk"))
-    int8_mask = bool(ctx.global_value("int8_mask"))
-    order = variance = None
-    if 0 < select_topk < 1 and deltas:
+    int8_mask = bool(ctx.global_value("int8_mask"))  # the same values either way (a mask of 0 / 1)
+    masked = 0 < select_topk < 1
+    lib = sce_kernel.library() if sce_kernel.supports(base, deltas, ctx.out) else None
+
+    def order() -> VarianceOrder:
+        return ctx.cached(("sce", ctx.name, models), lambda: variance_order(torch.stack(deltas, dim=0)))
+
+    if lib is not None:
+        return Plan(eager=lambda: sce_native(lib, base, deltas, select_topk,
+                                             order() if masked else None, ctx.out))
+    found = variance = None
+    if masked and deltas:
         if ctx.dtype in HALF:
             variance = ctx.cached(("sce variance", ctx.name, models),
                                   lambda: torch.var(torch.stack(deltas, dim=0), dim=0, unbiased=False))
         else:
-            order = ctx.cached(("sce", ctx.name, models),
-                               lambda: variance_order(torch.stack(deltas, dim=0)))
+            found = order()
 
     def compute() -> torch.Tensor:
-        return sce(base, deltas, select_topk=select_topk, int8_mask=int8_mask, order=order,
+        return sce(base, deltas, select_topk=select_topk, int8_mask=int8_mask, order=found,
                    variance=variance)
 
     return Plan(eager=compute)
