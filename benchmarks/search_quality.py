@@ -43,7 +43,8 @@ study kept by another checkout gets its recipes' checkpoint paths pointed at thi
   ``default_b`` / ``default_2b`` study on held-out and test (``--screen-cache DIR`` keeps those
   rows for a rerun) and prints one JSON object: per finalize rule (``SCREEN_RULES``) choosing
   among the top 5 and the top 12, the test objective of its pick per arm and seed, the means and
-  2B - B. Test rows only measure the rules here; ``oracle`` (the best test score) is the ceiling
+  2B - B, and the mean test objective of the search's best 1, 3, 5 and 12. Test rows only
+  measure the rules here; ``oracle`` (the best test score) is the ceiling
   of any choice among those trials. Every run is a separate ``python -m search.cli start`` process (nothing
 shared between runs). Issue 15's target: default beats random at equal budget in >= 4 of 5
 seeds, and 2B's mean test score is >= 0.02 above B's.
@@ -281,6 +282,11 @@ def screen_rules(study_file: Path, kept_dir: Path, seeds: list[int], sampler: st
             result[f"{rule_name}_top{k}"] = {**picks, "mean_default_b": round(sum(picks["default_b"]) / len(seeds), 6),
                                             "mean_default_2b": round(sum(picks["default_2b"]) / len(seeds), 6),
                                             "mean_2b_minus_b": round(gain, 6)}
+    # how good the search's own ranking is: the mean test objective of its best k trials
+    result["mean_test_of_search_top"] = {
+        arm: {k: round(sum(sum(objective.of(t["test"]) for t in screened[(arm, s)]["trials"][:k]) / k
+                           for s in seeds) / len(seeds), 6) for k in (1, 3, 5, top)}
+        for arm in ("default_b", "default_2b")}
     if pool is not None:
         pool.close()
     return result
