@@ -28,9 +28,24 @@ The last line is one JSON object, per arm in seed order::
         [--arms default_b,default_2b,random_b] [--default-sampler gp] [--trials B]
         [--runs runs.jsonl] [--keep DIR]
     python benchmarks/search_quality.py --combine runs.jsonl more.jsonl
+    python benchmarks/search_quality.py --refinalize KEPT --keep COPIES [--seed-list ...] [--runs FILE]
+    python benchmarks/search_quality.py --screen-rules KEPT [--seed-list ...] [--screen-cache DIR]
 
 ``--default-sampler NAME`` runs the default arms with that sampler (a candidate default) instead
-of the study's own. Every run is a separate ``python -m search.cli start`` process (nothing
+of the study's own.
+
+Two modes search nothing and read the studies a ``--keep DIR`` run left (never writing them; a
+study kept by another checkout gets its recipes' checkpoint paths pointed at this study's):
+
+* ``--refinalize DIR`` finalizes a copy of each kept study with this checkout's finalize and
+  reports its figures like a run (a candidate finalize rule on the very same searches);
+* ``--screen-rules DIR`` scores the ``--screen-top`` (12) best feasible search trials of each kept
+  ``default_b`` / ``default_2b`` study on held-out and test (``--screen-cache DIR`` keeps those
+  rows for a rerun) and prints one JSON object: per finalize rule (``SCREEN_RULES``) choosing
+  among the top 5 and the top 12, the test objective of its pick per arm and seed, the means and
+  2B - B, and the mean test objective of the search's best 1, 3, 5 and 12. Test rows only
+  measure the rules here; ``oracle`` (the best test score) is the ceiling
+  of any choice among those trials. Every run is a separate ``python -m search.cli start`` process (nothing
 shared between runs). Issue 15's target: default beats random at equal budget in >= 4 of 5
 seeds, and 2B's mean test score is >= 0.02 above B's.
 """
@@ -40,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,6 +103,193 @@ def final_scores(study_file: Path, out: Path) -> tuple[float, float]:
         return sum(signed) / len(signed)
 
     return objective(test.scores), objective(held.scores)
+
+
+def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str, env: dict[str, str]) -> None:
+    """Finalize a copy (``out``) of a kept study with this checkout's finalize; the kept one is
+    never written. ``search finalize`` takes no ``--seed`` or ``--sampler``, so a one-line driver
+    passes them (the study's definition names the seed and sampler it ran)."""
+    if not (kept / "study.db").is_file():
+        raise SystemExit(f"--refinalize: {kept} holds no study.db (run the arm with --keep first)")
+    if out.exists():
+        raise SystemExit(f"--refinalize: {out} exists (give another --keep folder)")
+    shutil.copytree(kept, out)
+    relocate_recipes(out / "study.db", load_study_family(study_file))
+    driver = ("import sys; from search.config import load_study; from search.finalize import finalize_study; "
+              "finalize_study(load_study(sys.argv[1], out=sys.argv[2], seed=int(sys.argv[3]), sampler=sys.argv[4]), "
+              "quiet=True)")
+    subprocess.run([sys.executable, "-c", driver, str(study_file), str(out), str(seed), sampler], check=True, env=env)
+
+
+def load_study_family(study_file: Path) -> Path:
+    """The folder holding the study's base checkpoint (the demo: its ``family/``)."""
+    from search.config import load_study
+
+    return Path(load_study(study_file).models.base).parent
+
+
+def relocate_recipes(database: Path, family: Path) -> None:
+    """Point a copied study's trial recipes at ``family`` (a study kept by another checkout
+    names that checkout's checkpoint paths; the checkpoints are the same files, which the
+    study's definition checks by fingerprint, not path)."""
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        row = connection.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'recipe' LIMIT 1").fetchone()
+        if row is None:
+            return
+        old = Path(json.loads(row[0])["base"]).parent
+        if old != family:
+            connection.execute("UPDATE trial_user_attributes SET value_json = replace(value_json, ?, ?) "
+                               "WHERE key = 'recipe'", (json.dumps(str(old) + "/")[:-1], json.dumps(str(family) + "/")[:-1]))
+
+
+SCREEN_RULES = ("current", "heldout", "pooled", "oracle")
+"""Finalize rules ``--screen-rules`` compares (see :func:`screen_choice`)."""
+
+
+def screen_study(study_file: Path, kept: Path, seed: int, sampler: str, top: int, pool: object) -> dict:
+    """The ``top`` best feasible search trials of a kept study (never written) with their search,
+    held-out and test rows: held-out and test scored here where the study has none."""
+    import optuna
+
+    from search import ranking
+    from search.config import load_study
+    from search.pool import evaluate_all
+    from search.records import trial_rows
+    from search.test_split import TEST_SPLIT, read_test_record, record_rows
+
+    config = load_study(study_file, out=kept, seed=seed, sampler=sampler)
+    study = optuna.load_study(study_name=config.name, storage=f"sqlite:///{kept / 'study.db'}")
+    trials, attrs = study.get_trials(deepcopy=False), study.user_attrs
+    directions = [d.name.lower() for d in study.directions]
+    search = ranking.search_trials(trials)
+    best = ranking.top_feasible(search, directions, top)
+    family = json.dumps(str(load_study_family(study_file)) + "/")[:-1]
+
+    def recipe(trial: object) -> dict:  # a study kept by another checkout names its checkpoint paths
+        text = json.dumps(trial.user_attrs["recipe"])
+        old = json.dumps(str(Path(trial.user_attrs["recipe"]["base"]).parent) + "/")[:-1]
+        return json.loads(text.replace(old, family))
+
+    def rows(split: str, stored: dict[int, dict | None]) -> dict[int, dict]:
+        todo = [t for t in best if stored.get(t.number) is None]
+        for trial, outcome in zip(todo, evaluate_all(pool, [recipe(t) for t in todo], split), strict=True):
+            if outcome.rows is None:
+                raise SystemExit(f"{kept}: trial {trial.number} on {split}: {outcome.error or 'no per-row values'}")
+            stored[trial.number] = {task: list(v) for task, v in outcome.rows.items()}
+        return stored
+
+    held = rows("heldout", {t.number: (None if (r := trial_rows(t, attrs, "heldout")) is None
+                                       else {k: v.tolist() for k, v in r.items()}) for t in best})
+    test = rows(TEST_SPLIT, {t.number: (None if (r := record_rows(read_test_record(attrs, t.number))) is None
+                                        else {k: v.tolist() for k, v in r.items()}) for t in best})
+    return {"n_search": len(search), "trials": [
+        {"number": t.number, "search": {k: v.tolist() for k, v in trial_rows(t, attrs, "search").items()},
+         "heldout": held[t.number], "test": test[t.number]} for t in best]}
+
+
+def screen_choice(screened: dict, rule_name: str, k: int, objective: object) -> dict:
+    """The trial a finalize rule picks among the top ``k`` (rows as :func:`screen_study` gives):
+
+    * ``current``: ``search.finalize``'s rule (``search.confidence.RULE``; held-out gates not applied);
+    * ``heldout``: the best held-out objective;
+    * ``pooled``: the best objective over search and held-out rows together (twice the rows);
+    * ``oracle``: the best *test* objective (no rule can know it: the ceiling of any choice).
+    """
+    import numpy as np
+
+    from search.finalize import FinalistRow, _choose
+
+    top = screened["trials"][:k]
+
+    def value(rows: dict) -> float:
+        return objective.of(rows)
+
+    if rule_name == "current":
+        rule, make = objective.rule, (lambda r: {t: np.asarray(v, dtype=float) for t, v in r.items()})
+        finalists = [FinalistRow(i, 0.0, value(t["heldout"]), True, ()) for i, t in enumerate(top)]
+        chosen, _, _ = _choose(finalists, {i: make(t["heldout"]) for i, t in enumerate(top)}, rule)
+        return top[chosen.trial]
+    if rule_name == "heldout":
+        return max(top, key=lambda t: value(t["heldout"]))
+    if rule_name == "pooled":
+        return max(top, key=lambda t: value({task: t["search"][task] + t["heldout"][task] for task in t["search"]}))
+    return max(top, key=lambda t: value(t["test"]))
+
+
+class SignedObjective:
+    """The study objective of per-row values, signed (larger is better), as finalize ranks."""
+
+    def __init__(self, rule: object) -> None:
+        self.rule = rule
+
+    def of(self, rows: dict) -> float:
+        """The objective of stored rows (task -> list of values)."""
+        import numpy as np
+
+        return self({task: np.asarray(values, dtype=float) for task, values in rows.items()})
+
+    def __call__(self, rows: dict) -> float:
+        import numpy as np
+
+        from fitness.intervals import aggregate
+
+        signed = self.rule.signed(rows)
+        objective, weights = self.rule.aggregation()
+        return float(aggregate({t: np.array([v.mean()]) for t, v in signed.items()}, objective, weights, True)[0])
+
+
+def screen_rules(study_file: Path, kept_dir: Path, seeds: list[int], sampler: str, top: int,
+                 cache: Path | None) -> dict:
+    """``--screen-rules``: per rule and number of finalists, the test objective of the pick per arm and seed."""
+    import optuna
+
+    from search import confidence
+    from search.config import load_study
+    from search.plan import worker_setup
+    from search.pool import make_pool
+
+    config = load_study(study_file)
+    pool = None
+    screened: dict[tuple[str, int], dict] = {}
+    objective = None
+    for arm in ("default_b", "default_2b"):
+        for seed in seeds:
+            kept = kept_dir / f"{arm}-{sampler}" / f"seed-{seed}"
+            stored = None if cache is None else cache / f"{arm}-{sampler}-seed-{seed}.json"
+            if stored is not None and stored.is_file():
+                screened[(arm, seed)] = json.loads(stored.read_text())
+            else:
+                if not (kept / "study.db").is_file():
+                    raise SystemExit(f"--screen-rules: {kept} holds no study.db (run the arm with --keep first)")
+                pool = pool or make_pool(worker_setup(config), config.execution)
+                screened[(arm, seed)] = screen_study(study_file, kept, seed, sampler, top, pool)
+                if stored is not None:
+                    stored.parent.mkdir(parents=True, exist_ok=True)
+                    stored.write_text(json.dumps(screened[(arm, seed)]))
+                print(f"screened {kept}", file=sys.stderr, flush=True)
+            if objective is None:
+                study = optuna.load_study(study_name=config.name, storage=f"sqlite:///{kept / 'study.db'}")
+                rule = confidence.objective_rule(study.user_attrs, [d.name.lower() for d in study.directions])
+                objective = SignedObjective(rule)
+    result: dict = {"seeds": seeds, "top": top}
+    for rule_name in SCREEN_RULES:
+        for k in (5, top):
+            picks = {arm: [round(objective.of(screen_choice(screened[(arm, s)], rule_name, k, objective)["test"]), 6)
+                           for s in seeds] for arm in ("default_b", "default_2b")}
+            gain = sum(b2 - b for b, b2 in zip(picks["default_b"], picks["default_2b"], strict=True)) / len(seeds)
+            result[f"{rule_name}_top{k}"] = {**picks, "mean_default_b": round(sum(picks["default_b"]) / len(seeds), 6),
+                                            "mean_default_2b": round(sum(picks["default_2b"]) / len(seeds), 6),
+                                            "mean_2b_minus_b": round(gain, 6)}
+    # how good the search's own ranking is: the mean test objective of its best k trials
+    result["mean_test_of_search_top"] = {
+        arm: {k: round(sum(sum(objective.of(t["test"]) for t in screened[(arm, s)]["trials"][:k]) / k
+                           for s in seeds) / len(seeds), 6) for k in (1, 3, 5, top)}
+        for arm in ("default_b", "default_2b")}
+    if pool is not None:
+        pool.close()
+    return result
 
 
 def read_runs(paths: list[Path]) -> list[dict]:
@@ -149,6 +352,15 @@ def main() -> None:
                         help="append each finished run as one JSON line to this file (a partial run is never lost)")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
                         help="run nothing: print the summary of these --runs files (several invocations' runs)")
+    parser.add_argument("--refinalize", type=Path, default=None,
+                        help="search nothing: finalize (with this checkout's finalize) a copy of each study a "
+                             "--keep DIR holds, and report those figures (a finalize rule on the same searches)")
+    parser.add_argument("--screen-rules", type=Path, default=None, metavar="KEEP_DIR",
+                        help="search nothing: score the best trials of the kept default_b / default_2b studies "
+                             "on held-out and test, and print the test objective each finalize rule picks")
+    parser.add_argument("--screen-top", type=int, default=12, help="--screen-rules: how many best trials (default 12)")
+    parser.add_argument("--screen-cache", type=Path, default=None,
+                        help="--screen-rules: keep each study's scored rows here (a rerun reads them)")
     args = parser.parse_args()
 
     if args.combine:
@@ -167,6 +379,10 @@ def main() -> None:
     config = load_study(args.study, sampler=args.default_sampler)
     if not has_test_split(config.tasks):
         raise SystemExit(f"{args.study}: no test split (set `test` on every task); the held-out score chose the recipe")
+    if args.screen_rules is not None:
+        print(json.dumps(screen_rules(args.study, args.screen_rules, seeds, config.sampler, args.screen_top,
+                                      args.screen_cache)), flush=True)
+        return
     budget = args.trials or config.trials
     work = args.keep or Path(tempfile.mkdtemp(prefix="search-quality-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -175,15 +391,20 @@ def main() -> None:
         for arm in arms:
             sampler = "random" if arm == "random_b" else config.sampler
             out = work / f"{arm}-{sampler}" / f"seed-{seed}"
-            command = [sys.executable, "-m", "search.cli", "start", str(args.study), "--out", str(out),
-                       "--seed", str(seed), "--quiet", *arm_arguments(arm, budget, sampler)]
             started = time.perf_counter()
-            subprocess.run(command, check=True, env=env)
+            if args.refinalize is not None:
+                refinalize(args.study, args.refinalize / out.relative_to(work), out, seed, sampler, env)
+            else:
+                command = [sys.executable, "-m", "search.cli", "start", str(args.study), "--out", str(out),
+                           "--seed", str(seed), "--quiet", *arm_arguments(arm, budget, sampler)]
+                subprocess.run(command, check=True, env=env)
             test, held = final_scores(args.study, out)
             wall = time.perf_counter() - started
             run = {"seed": seed, "arm": arm, "sampler": sampler, "test": round(test, 6), "heldout": round(held, 6),
                    "trials_b": budget, "trials": 2 * budget if arm == "default_2b" else budget,
                    "wall_s": round(wall, 1), "study": str(args.study)}
+            if args.refinalize is not None:
+                run["refinalized"] = str(args.refinalize / out.relative_to(work))
             runs.append(run)
             if args.runs is not None:
                 with args.runs.open("a") as stream:
