@@ -45,14 +45,17 @@ sources as stored (a bf16 checkpoint stays bf16 in memory; a storage dtype wider
 arithmetic one is held in the arithmetic one; a LoRA source or a vocabulary view, computed
 at read time, in the arithmetic one) and runs a trial in chunks of tensors (each chunk at
 most the largest tensor's entries): per chunk it forms the task vectors in the arithmetic
-dtype, finds each magnitude cut by selection (``torch.kthvalue`` at the one or two ranks a
-band needs, no sorted copy), decides a tied cut by ``tie_order`` (torch's sort replayed only
-where a cut lies; a full sort where the replay is unavailable), draws the DARE keys, then runs
-the same planners (the chunk's tensors side by side on the pool) and fused passes and drops
-all of it. The
+dtype, finds each magnitude cut by selection (at the one or two ranks a band needs, no sorted
+copy: on the CPU in float32 inside the one bucket of a ``magnitude_sketch`` histogram, built per
+tensor and source at load, that holds the rank; else ``np.partition`` / ``torch.kthvalue`` over
+the tensor), decides a tied cut by ``tie_order`` (torch's sort replayed only where a cut lies; a
+full sort where the replay is unavailable), draws the DARE keys, then runs the same planners (the
+chunk's tensors side by side on the pool) and fused passes and drops all of it (on the CPU its
+buffers are reused by the next chunk and trial: no fresh model-sized pages per trial). The
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
-sorted ones. Memory: the held checkpoints plus one chunk's deltas, keys and sort temporaries.
+sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas, keys and sort
+temporaries.
 
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
 the model holds a partial merge: merge a recipe into it again before using it.
