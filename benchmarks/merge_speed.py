@@ -11,13 +11,18 @@ on disk), then for each method and each engine plan (``--plan``) prints
 * ``floor_s``: a memcpy pass over the bytes a merge must touch (read K+1, write one),
 * peak RSS of each process (each runs as a child, measured with ``os.wait4``); for the
   engine ``peak_rss_mb`` is the child's own peak up to its last merge (loading, engine, live
-  model, merges), before the floor's buffers (``child_peak_rss_mb``: with them).
+  model, merges), before the floor's buffers (``child_peak_rss_mb``: with them);
+* with ``--phases``: where the timed merges spent their time (``engine_phases``, seconds per
+  recipe): thread-seconds of forming task vectors, selecting the cuts, replaying tied cuts and
+  the fused passes (summed over the pool's threads), and the wall time of each step of a chunk.
 
 The last line is one JSON object keyed by method (the engine's figures under ``plans``,
 keyed by plan). Usage::
 
     python -m benchmarks.merge_speed --size small --methods linear,ties
     python -m benchmarks.merge_speed --size 1b --methods ties --plan lean
+    python -m benchmarks.merge_speed --size 1b --methods ties --plan lean --phases --repeats 1 \
+        --skip-search-merge --skip-mergekit
     python -m benchmarks.merge_speed --size 250m --skip-mergekit
     python -m benchmarks.merge_speed --size 250m --methods new --skip-engine --skip-search-merge
     python -m benchmarks.merge_speed --size small --methods ties,new   # new: NEW_METHODS
@@ -197,8 +202,75 @@ def run_child(command: list[str]) -> tuple[float, float, int, str]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024, process.returncode, output
 
 
+class Phases:
+    """Seconds spent inside wrapped engine functions, summed over threads (``--phases``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def wrap(self, owner: object, attribute: str, phase: str) -> None:
+        """Replace ``owner.attribute`` (a function) by one that adds its time to ``phase``."""
+        import functools
+
+        inner = getattr(owner, attribute)
+
+        @functools.wraps(inner)
+        def timed(*args: object, **kwargs: object) -> object:
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.add(phase, time.perf_counter() - started)
+
+        setattr(owner, attribute, timed)
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def install(self) -> None:
+        """Time the lean plan's steps: thread-seconds of each kind of work, wall time of each
+        step of a chunk (``wall:`` entries; planning = forming deltas + selecting cuts)."""
+        import merges.engine as engine
+        from merges.methods import tie_order
+
+        original = engine.MergeEngine._derived
+
+        def derived(this: object, kind: str, name: str, model: int, compute: object) -> object:
+            def timed() -> object:
+                started = time.perf_counter()
+                try:
+                    return compute()  # type: ignore[operator]
+                finally:
+                    self.add(f"threads: form {kind}", time.perf_counter() - started)
+            return original(this, kind, name, model, timed)  # type: ignore[arg-type]
+
+        engine.MergeEngine._derived = derived  # type: ignore[method-assign,assignment]
+        self.wrap(engine._OrderStatistics, "__init__", "threads: select cut (copy |delta|)")
+        self.wrap(engine._OrderStatistics, "__getitem__", "threads: select cut")
+        self.wrap(engine.magnitude_sketch.SketchedOrder, "__getitem__", "threads: select cut")
+        self.wrap(tie_order, "window_keys", "threads: replay tied cuts")
+        self.wrap(tie_order, "tied_cut_keys", "threads: replay tied cuts")
+        self.wrap(engine, "run_native_many", "wall: fused passes")
+        self.wrap(engine.MergeEngine, "_fill_ranks", "wall: tied cuts")
+        self.wrap(engine.MergeEngine, "_apply_rescale", "wall: rescale")
+        self.wrap(engine.MergeEngine, "_drop_chunk", "wall: drop chunk")
+        self.wrap(engine.MergeEngine, "_run_chunk", "wall: chunks")
+        self.wrap(engine.MergeEngine, "merge_into", "wall: merge_into")
+
+    def report(self, merges: int) -> dict[str, float]:
+        """Per merge; ``wall: planning`` = chunks minus the other chunk steps."""
+        per = {phase: seconds / merges for phase, seconds in sorted(self.seconds.items())}
+        steps = ("wall: fused passes", "wall: tied cuts", "wall: rescale")
+        per["wall: planning"] = per.get("wall: chunks", 0.0) - sum(per.get(s, 0.0) for s in steps)
+        return per
+
+
 def engine_child(method: str, root: Path, size_name: str, repeats: int, threads: int | None,
-                 plan: str) -> None:
+                 plan: str, phases: bool = False) -> None:
     """Runs inside a child: time merge_into under ``plan``, print one JSON line."""
     from merges.checkpoint import open_checkpoint
     from merges.engine import MergeEngine
@@ -214,6 +286,9 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
     started = time.perf_counter()
     engine.merge_into(model, recipe)
     first_s = time.perf_counter() - started
+    timers = Phases() if phases else None
+    if timers is not None:
+        timers.install()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -238,7 +313,8 @@ def engine_child(method: str, root: Path, size_name: str, repeats: int, threads:
     print(json.dumps({"engine_s": statistics.median(times), "engine_first_s": first_s,
                       "engine_load_s": load_s, "copy_s": min(copies), "n_params": n_params,
                       "merge_peak_rss_mb": merge_peak_mb,
-                      "resident_mb": engine.resident_bytes() / 2**20}))
+                      "resident_mb": engine.resident_bytes() / 2**20,
+                      **({"engine_phases": timers.report(repeats)} if timers is not None else {})}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,13 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     parser.add_argument("--plan", default="resident,lean",
                         help="engine plans to measure, comma list (default resident,lean)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the engine's steps per merge (engine_phases)")
     parser.add_argument("--engine-child", metavar="METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cache = os.environ.get("MERGESEARCH_CACHE")
     root = (Path(cache) if cache else REPO / ".cache") / "bench" / args.size
     plans = [p.strip() for p in args.plan.split(",") if p.strip()]
     if args.engine_child:
-        engine_child(args.engine_child, root, args.size, args.repeats, args.threads, plans[0])
+        engine_child(args.engine_child, root, args.size, args.repeats, args.threads, plans[0],
+                     args.phases)
         return 0
 
     size = SIZES[args.size]
@@ -281,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                            "--engine-child", method, "--repeats", str(args.repeats), "--plan", plan]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
+                if args.phases:
+                    command.append("--phases")
                 _, rss, status, output = run_child(command)
                 if status != 0:
                     print(f"{method}: engine ({plan}) failed:\n{output[-3000:]}", flush=True)
@@ -294,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                     engine_load_s=engine["engine_load_s"], floor_s=floor,
                     peak_rss_mb=engine["merge_peak_rss_mb"], child_peak_rss_mb=rss,
                     resident_mb=engine["resident_mb"])
+                if "engine_phases" in engine:
+                    row["plans"][plan]["phases"] = engine["engine_phases"]  # type: ignore[index]
+                    print(f"{method} {plan} phases (s per merge): "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in engine["engine_phases"].items()),
+                          flush=True)
             yaml_path = scratch / f"{method}.yaml"
             row["search_merge_s"] = row["search_merge_rss_mb"] = None
             row["mergekit_s"] = row["mergekit_rss_mb"] = None

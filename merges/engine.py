@@ -45,14 +45,17 @@ sources as stored (a bf16 checkpoint stays bf16 in memory; a storage dtype wider
 arithmetic one is held in the arithmetic one; a LoRA source or a vocabulary view, computed
 at read time, in the arithmetic one) and runs a trial in chunks of tensors (each chunk at
 most the largest tensor's entries): per chunk it forms the task vectors in the arithmetic
-dtype, finds each magnitude cut by selection (``torch.kthvalue`` at the one or two ranks a
-band needs, no sorted copy), decides a tied cut by ``tie_order`` (torch's sort replayed only
-where a cut lies; a full sort where the replay is unavailable), draws the DARE keys, then runs
-the same planners (the chunk's tensors side by side on the pool) and fused passes and drops
-all of it. The
+dtype, finds each magnitude cut by selection (at the one or two ranks a band needs, no sorted
+copy: on the CPU in float32 inside the one bucket of a ``magnitude_sketch`` histogram, built per
+tensor and source at load, that holds the rank; else ``np.partition`` / ``torch.kthvalue`` over
+the tensor), decides a tied cut by ``tie_order`` (torch's sort replayed only where a cut lies; a
+full sort where the replay is unavailable), draws the DARE keys, then runs the same planners (the
+chunk's tensors side by side on the pool) and fused passes and drops all of it (on the CPU its
+buffers are reused by the next chunk and trial: no fresh model-sized pages per trial). The
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
-sorted ones. Memory: the held checkpoints plus one chunk's deltas, keys and sort temporaries.
+sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas, keys and sort
+temporaries.
 
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
 the model holds a partial merge: merge a recipe into it again before using it.
@@ -62,12 +65,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import queue
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 import transformers
 
@@ -75,7 +81,7 @@ from merges.checkpoint import Checkpoint
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
 from merges.grouping import consecutive_groups
 from merges.layout import Layout, TensorInfo
-from merges.methods import sparsify, tie_order
+from merges.methods import magnitude_sketch, sparsify, tie_order
 from merges.methods.fused import (
     FusedJob,
     masked_l1_many,
@@ -179,8 +185,20 @@ class MergeEngine:
         # lean: each floating tensor as held ([base,] sources...), and one chunk's derived tensors
         self._held: dict[str, list[torch.Tensor]] = {}
         self._chunk: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, name, model)
+        self._order: dict[tuple[str, int], object] = {}  # one chunk's |delta| order statistics
+        # lean, CPU float32: per (tensor, source) counts of |delta| per bucket (magnitude_sketch)
+        self._sketch: dict[tuple[str, int], np.ndarray] = {}
         self._names = [name for name in self._shapes if self._floating[name]]
         self._largest = max((self._numel(name) for name in self._names), default=0)
+        # lean on the CPU: one chunk's base and task vectors, and its tied cuts' keys, in memory
+        # reused from trial to trial (see _Arena); replay scratch likewise, one per replay at once
+        reuse = self._lean and self._device.type == "cpu"
+        k = len(self._sources)
+        slack = _Arena.ALIGN * len(self._names)  # each tensor's start rounded up to a line
+        self._arena = _Arena((self._largest + slack) * (1 + k) if reuse else 0, dtype, self._device)
+        self._key_arena = _Arena((self._largest + slack) * k if reuse else 0, torch.int32, self._device)
+        self._replay_scratch = _BufferPool(self._largest if reuse else 0, torch.int32,
+                                           max(1, min(k, self._threads)))
         self._load()
         # lazily computed statistics (see the module docstring)
         self._ascending: dict[tuple[str, int], torch.Tensor] = {}  # |delta| ascending, CPU: lookups
@@ -219,7 +237,8 @@ class MergeEngine:
         for group in (self._deltas, self._della_position, self._held):
             for per_source in group.values():
                 tensors.extend(per_source)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return (sum(t.numel() * t.element_size() for t in tensors)
+                + sum(counts.nbytes for counts in self._sketch.values()))
 
     def new_model(self, *, trust_remote_code: bool = False) -> transformers.PreTrainedModel:
         """A live model of the base's config with the base's weights, on the engine's device.
@@ -346,6 +365,30 @@ class MergeEngine:
             for name in self._names:
                 self._held.setdefault(name, []).append(self._hold(checkpoint, name))
             checkpoint.release()
+        self._build_sketches()
+
+    def _build_sketches(self) -> None:
+        """Lean, on the CPU in float32: each large tensor's ``|delta|`` histogram per source
+        (``magnitude_sketch``), so a trial's magnitude cut is selected from one bucket. The
+        deltas are formed once here, tensor by tensor, on the pool."""
+        if self._device.type != "cpu" or self._dtype != torch.float32 or self._base_ckpt is None:
+            return
+        names = [n for n in self._names if self._numel(n) >= magnitude_sketch.MIN_NUMEL]
+
+        def build(name: str) -> list[np.ndarray | None]:
+            base = self._held[name][0].to(self._dtype)
+            found = []
+            for held in self._held[name][1:]:
+                delta = torch.sub(held, base) if held.dtype == self._dtype else held.to(self._dtype).sub_(base)
+                found.append(magnitude_sketch.histogram(delta.numpy()))
+                del delta
+            return found
+
+        results = self._pool.map(build, names) if self._pool is not None else map(build, names)
+        for name, per_source in zip(names, results, strict=True):
+            for model, counts in enumerate(per_source):
+                if counts is not None:
+                    self._sketch[(name, model)] = counts
 
     def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
         return checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
@@ -552,7 +595,10 @@ class MergeEngine:
         """The base tensor (flat, arithmetic dtype); None without a base checkpoint."""
         if not self._lean or self._base_ckpt is None:
             return self._base.get(name)
-        return self._derived("base", name, BASE, lambda: self._held[name][0].to(self._dtype))
+        held = self._held[name][0]
+        if held.dtype == self._dtype:
+            return held
+        return self._derived("base", name, BASE, lambda: self._arena.take(held.numel()).copy_(held))
 
     def _delta(self, name: str, model: int) -> torch.Tensor:
         """Source ``model``'s task vector (flat, arithmetic dtype): its tensor without a base."""
@@ -564,9 +610,10 @@ class MergeEngine:
         held = self._held[name][model + 1]
 
         def compute() -> torch.Tensor:
+            out = self._arena.take(held.numel())
             if held.dtype == self._dtype:
-                return torch.sub(held, base)
-            return held.to(self._dtype).sub_(base)  # the cast's own memory: one allocation, not two
+                return torch.sub(held, base, out=out)
+            return out.copy_(held).sub_(base)  # the cast, then the subtraction, in place
 
         return self._derived("delta", name, model, compute)
 
@@ -586,6 +633,9 @@ class MergeEngine:
     def _drop_chunk(self) -> None:
         """Forget one lean chunk's tensors: task vectors, keys, tie positions, large statistics."""
         self._chunk.clear()
+        self._arena.reset()
+        self._key_arena.reset()
+        self._order.clear()
         self._rank.clear()
         self._random.clear()
         self._della_position.clear()
@@ -681,9 +731,18 @@ class MergeEngine:
 
     def _sorted(self, name: str, model: int) -> torch.Tensor:
         """Ascending ``|delta|``; on first use computed for every tensor of ``model`` at once.
-        Lean: its values looked up by selection instead (``_OrderStatistics``)."""
+        Lean: its values looked up by selection instead, within the sketch's bucket where the
+        tensor has one (``magnitude_sketch``), else in the whole tensor (``_OrderStatistics``);
+        kept for the chunk (a tied cut's value is read from it again)."""
         if self._lean:
-            return _OrderStatistics(self._delta(name, model))  # type: ignore[return-value]
+            order = self._order.get((name, model))
+            if order is None:
+                counts = self._sketch.get((name, model))
+                delta = self._delta(name, model)
+                order = (_OrderStatistics(delta) if counts is None
+                         else magnitude_sketch.SketchedOrder(delta.numpy(), counts))
+                self._order[(name, model)] = order
+            return order  # type: ignore[return-value]
         found = self._ascending.get((name, model))
         if found is None:
             names = [n for n in self._names if (n, model) not in self._ascending]
@@ -738,8 +797,22 @@ class MergeEngine:
 
         def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | None:
             (kind, name, model), (lo, hi) = wanted_key
-            return tie_order.window_keys(self._delta(name, model), lo, hi,
-                                         descending=kind == "descending")
+            delta = self._delta(name, model)
+            order = self._order.get((name, model))
+            if kind == "descending" and lo == 0 and order is not None:
+                # one cut, inside one run of equal magnitudes: the replay that carries only
+                # that run's indices (the cut's value was selected while planning)
+                tied = order[delta.numel() - hi]  # type: ignore[index]
+                scratch = self._replay_scratch.take()
+                try:
+                    keys = tie_order.tied_cut_keys(delta, hi, tied, descending=True,
+                                                   keys=self._key_arena.take(delta.numel()),
+                                                   scratch=scratch)
+                finally:
+                    self._replay_scratch.give(scratch)
+                if keys is not None:
+                    return keys
+            return tie_order.window_keys(delta, lo, hi, descending=kind == "descending")
 
         items = list(wanted)
         results = list(self._pool.map(compute, items) if self._pool is not None else map(compute, items))
@@ -833,6 +906,62 @@ def _tensor_sized(value: object) -> bool:
     if isinstance(value, tuple | list):
         return any(_tensor_sized(v) for v in value)
     return False
+
+
+class _Arena:
+    """Memory for one lean chunk's model-sized tensors, reused from chunk to chunk and trial to
+    trial (bump allocation, ``reset`` per chunk): a fresh allocation of that size is mapped and
+    zeroed by the kernel page by page on every trial, a reused one is not. Its capacity is one
+    chunk's worth (what search.memory prices as the lean plan's scratch); a request past it (or
+    with no capacity: off the CPU, resident plan) gets its own memory."""
+
+    ALIGN = 16  # entries: each tensor starts on a 64-byte line
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._capacity = capacity
+        self._dtype = dtype
+        self._device = device
+        self._buffer: torch.Tensor | None = None  # allocated on first use
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self, numel: int) -> torch.Tensor:
+        with self._lock:
+            start = self._used
+            if start + numel > self._capacity:
+                return torch.empty(numel, dtype=self._dtype, device=self._device)
+            if self._buffer is None:
+                self._buffer = torch.empty(self._capacity, dtype=self._dtype, device=self._device)
+            self._used = min(self._capacity, start + -(-numel // self.ALIGN) * self.ALIGN)
+        return self._buffer[start:start + numel]
+
+    def reset(self) -> None:
+        self._used = 0
+
+
+class _BufferPool:
+    """``count`` reusable buffers of ``numel`` entries, handed to one caller at a time (the tie
+    replays running side by side on the engine's pool); with ``numel`` 0, None (callers allocate)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, count: int) -> None:
+        self._numel, self._dtype = numel, dtype
+        self._free: queue.Queue[torch.Tensor] | None = None
+        self._count = count
+        self._lock = threading.Lock()
+
+    def take(self) -> torch.Tensor | None:
+        if not self._numel:
+            return None
+        with self._lock:
+            if self._free is None:
+                self._free = queue.Queue()
+                for _ in range(self._count):
+                    self._free.put(torch.empty(self._numel, dtype=self._dtype))
+        return self._free.get()
+
+    def give(self, buffer: torch.Tensor | None) -> None:
+        if buffer is not None and self._free is not None:
+            self._free.put(buffer)
 
 
 class _OrderStatistics:

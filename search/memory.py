@@ -15,8 +15,9 @@ the budget (``[execution] memory_gb``, else the device's free memory) is chosen:
   study's methods cache (sorted magnitudes or tie ranks, DARE keys, DELLA row positions:
   4 bytes per entry and source each; the sources themselves once linear-like methods run);
 * ``lean``: base and sources as stored (bf16 stays bf16; a wider storage dtype is held in
-  the arithmetic dtype), task vectors and density thresholds formed per tensor per trial;
-  its scratch is one tensor's deltas, keys and sort temporaries.
+  the arithmetic dtype), plus a small ``|delta|`` histogram per large tensor and source
+  (``merges.methods.magnitude_sketch``: 128 KiB each), task vectors and density thresholds
+  formed per tensor per trial; its scratch is one tensor's deltas, keys and sort temporaries.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class ModelShape:
     max_positions: int
     largest_name: str = ""  # the biggest tensor's name, for messages
     held_bytes: int = 0  # the lean plan's bytes of this checkpoint: storage dtype, or the arithmetic one if narrower
+    sketch_bytes: int = 0  # the lean plan's |delta| histograms of this checkpoint's tensors, per source
 
 
 @dataclass(frozen=True)
@@ -145,17 +147,20 @@ def shape_from_headers(
     ``plain``: a checkpoint read as stored; a LoRA source or a vocabulary view is computed
     in the arithmetic dtype, so the lean plan holds it in that dtype.
     """
+    from merges.methods.magnitude_sketch import sketch_bytes  # torch-free
+
     width = _width(dtype)
     sizes = [math.prod(shape) for shape in shapes.values()]
     if not sizes:
         raise SearchError(f"{where}: checkpoint has no tensors")
     largest = max(shapes, key=lambda name: math.prod(shapes[name]))
-    held = 0
+    held = sketches = 0
     for name, shape in shapes.items():
         code = dtype_codes.get(name, "F32")
         stored = STORAGE_BYTES.get(code, 4)
         if code in FLOATING_CODES:  # as merges.engine's lean plan keeps it
             stored = min(stored, width) if plain else width
+            sketches += sketch_bytes(math.prod(shape))
         held += math.prod(shape) * stored
     return ModelShape(
         numel=sum(sizes),
@@ -168,6 +173,7 @@ def shape_from_headers(
             _config_value(config, "max_position_embeddings", "n_positions", default=DEFAULT_SEQ_LEN_CAP)
         ),
         held_bytes=held,
+        sketch_bytes=sketches,
     )
 
 
@@ -248,7 +254,7 @@ def estimate_from_shape(
     else:
         statistics = 0
         held = shape.held_bytes or tensor_bytes
-        resident = held + (sources_held if sources_held is not None else held * k)
+        resident = held + (sources_held if sources_held is not None else held * k) + shape.sketch_bytes * k
         # one chunk (at most the largest tensor's entries): base and K deltas / sources in the
         # arithmetic dtype, K int32 keys or tie positions, the sort temporaries of the ties
         # computed side by side, and a float32 copy of |delta| for the selection of a threshold

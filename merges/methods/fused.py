@@ -309,7 +309,9 @@ class _Job(ctypes.Structure):
 @lru_cache(maxsize=1)
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None when no C compiler works."""
-    lib = build_library("fused", _C_SOURCE, EXACT_FLAGS, ["-lm"])
+    # no trapping math: the sign election's selects become vector blends (no FP trap is ever
+    # enabled here, and IEEE results, hence the bits, stay the same)
+    lib = build_library("fused", _C_SOURCE, [*EXACT_FLAGS, "-fno-trapping-math"], ["-lm"])
     if lib is None:
         return None
     lib.fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]

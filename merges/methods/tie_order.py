@@ -31,6 +31,7 @@ DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches
 _C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 
 typedef struct { float v; int32_t i; } pair_t;
@@ -103,6 +104,93 @@ int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int3
     for (int64_t p = 0; p < n; ++p) keys[scratch[p].i] = (p >= lo && p < hi) ? (int32_t)lo : 2147483647;
     return 0;
 }
+
+/* The same replay for a window [0, keep) whose cut lies inside one run of equal magnitudes
+   (bit pattern ``tied``): only those entries need their index, so each entry is one 32-bit
+   word, the magnitude's bits, or TIED_FLAG | index for a tied one (which compares as ``tied``).
+   Half the memory traffic of (value, index) pairs, and the same comparisons, hence the same
+   partitions. */
+#define TIED_FLAG 0x80000000u
+#define WKEY(w, tied) (((w) & TIED_FLAG) ? (tied) : (w))
+#define WBEFORE(desc, a, b, tied) ((desc) ? WKEY(a, tied) > WKEY(b, tied) : WKEY(a, tied) < WKEY(b, tied))
+
+static inline void swap_words(uint32_t* x, int64_t a, int64_t b) { uint32_t t = x[a]; x[a] = x[b]; x[b] = t; }
+
+static void w_median_to_first(uint32_t* x, int64_t r, int64_t a, int64_t b, int64_t c, int desc, uint32_t t) {
+    if (WBEFORE(desc, x[a], x[b], t)) {
+        if (WBEFORE(desc, x[b], x[c], t)) swap_words(x, r, b);
+        else if (WBEFORE(desc, x[a], x[c], t)) swap_words(x, r, c);
+        else swap_words(x, r, a);
+    } else if (WBEFORE(desc, x[a], x[c], t)) swap_words(x, r, a);
+    else if (WBEFORE(desc, x[b], x[c], t)) swap_words(x, r, c);
+    else swap_words(x, r, b);
+}
+
+static int64_t w_partition_pivot(uint32_t* x, int64_t first, int64_t last, int desc, uint32_t t) {
+    int64_t mid = first + (last - first) / 2;
+    w_median_to_first(x, first, first + 1, mid, last - 1, desc, t);
+    uint32_t pivot = x[first];
+    int64_t lo = first + 1, hi = last;
+    for (;;) {
+        while (WBEFORE(desc, x[lo], pivot, t)) ++lo;
+        --hi;
+        while (WBEFORE(desc, pivot, x[hi], t)) --hi;
+        if (!(lo < hi)) return lo;
+        swap_words(x, lo, hi);
+        ++lo;
+    }
+}
+
+static void w_insertion_sort(uint32_t* x, int64_t first, int64_t last, int desc, uint32_t t) {
+    for (int64_t i = first + 1; i < last; ++i) {
+        uint32_t v = x[i];
+        int64_t j = i;
+        while (j > first && WBEFORE(desc, v, x[j - 1], t)) { x[j] = x[j - 1]; --j; }
+        x[j] = v;
+    }
+}
+
+static int w_select_range(uint32_t* x, int64_t first, int64_t last, int depth, int desc, int64_t cut,
+                          uint32_t t) {
+    while (last - first > 16) {
+        if (!straddles(first, last, cut)) return 0;
+        if (depth == 0) return -1;
+        --depth;
+        int64_t pivot = w_partition_pivot(x, first, last, desc, t);
+        if (w_select_range(x, pivot, last, depth, desc, cut, t)) return -1;
+        last = pivot;
+    }
+    if (straddles(first, last, cut)) w_insertion_sort(x, first, last, desc, t);
+    return 0;
+}
+
+/* keys[i] = 0 where |values[i]| ends in sorted positions [0, keep), else 2^31 - 1, when the
+   cut splits the run of magnitudes equal to ``tied`` (bit pattern); 0 on success, -1 where the
+   replay stops (heapsort), -2 when the cut does not lie inside that run or a value is NaN */
+int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
+                      int32_t* keys, uint32_t* scratch) {
+    int64_t before = 0, equal = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        float v = values[i];
+        memcpy(&bits, &v, 4);
+        bits &= 0x7fffffffu;
+        if (bits > 0x7f800000u) return -2;  /* NaN: not ordered like a bit pattern */
+        int is_tied = bits == tied;
+        int is_before = desc ? bits > tied : bits < tied;
+        scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
+        keys[i] = is_before ? 0 : 2147483647;
+        before += is_before;
+        equal += is_tied;
+    }
+    if (!(before < keep && keep < before + equal)) return -2;
+    int depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) depth += 2;
+    if (n > 1 && w_select_range(scratch, 0, n, depth, desc, keep, tied)) return -1;
+    for (int64_t p = 0; p < keep; ++p)
+        if (scratch[p] & TIED_FLAG) keys[scratch[p] & ~TIED_FLAG] = 0;
+    return 0;
+}
 """
 
 
@@ -115,6 +203,9 @@ def _library() -> ctypes.CDLL | None:
     lib.window_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
     lib.window_keys.restype = ctypes.c_int64
+    lib.tied_cut_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                                  ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tied_cut_keys.restype = ctypes.c_int64
     return lib
 
 
@@ -125,6 +216,19 @@ def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
     scratch = torch.empty(2 * n, dtype=torch.int32)  # (float, int32) pairs
     status = lib.window_keys(magnitudes.data_ptr(), n, lo, hi, int(descending), keys.data_ptr(),
                              scratch.data_ptr())
+    return keys if status == 0 else None
+
+
+def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: float,
+                 descending: bool, keys: torch.Tensor | None = None,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor | None:
+    n = magnitudes.numel()
+    keys = torch.empty(n, dtype=torch.int32) if keys is None else keys[:n]
+    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]  # a word per entry
+    assert keys.dtype == scratch.dtype == torch.int32 and keys.is_contiguous() and scratch.is_contiguous()
+    bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+    status = lib.tied_cut_keys(magnitudes.data_ptr(), n, keep, int(descending), bits, keys.data_ptr(),
+                               scratch.data_ptr())
     return keys if status == 0 else None
 
 
@@ -157,6 +261,13 @@ def _agrees_with_torch() -> bool:
                 inside = (positions >= lo) & (positions < hi)
                 if not torch.equal(keys != DROPPED, inside):
                     return False
+            for keep in (n // 3, n // 2, n - n // 7):  # the one-run replay, where the cut is tied
+                ordered = torch.sort(values, descending=descending).values
+                if float(ordered[keep - 1]) != float(ordered[keep]):
+                    continue
+                keys = _replay_tied(lib, values, keep, float(ordered[keep]), descending)
+                if keys is None or not torch.equal(keys != DROPPED, positions < keep):
+                    return False
     return True
 
 
@@ -171,3 +282,19 @@ def window_keys(delta: torch.Tensor, lo: int, hi: int, *, descending: bool) -> t
     assert lib is not None
     # float32 as mergekit sorts; the replay takes |.| itself (no copy of a float32 delta)
     return _replay(lib, delta.reshape(-1).float().contiguous(), lo, hi, descending)
+
+
+def tied_cut_keys(delta: torch.Tensor, keep: int, tied: float, *, descending: bool,
+                  keys: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+    """``window_keys(delta, 0, keep, descending=...)`` where the cut lies inside the run of
+    magnitudes equal to ``tied`` (the value at sorted positions ``keep - 1`` and ``keep``):
+    the same keys (0 kept, ``DROPPED`` not) from a replay that carries only the tied entries'
+    indices (4 bytes of scratch per entry, not 8). None when the replay cannot be used, or
+    ``tied`` is not the value at that cut. ``keys`` (the result) and ``scratch``: int32 buffers
+    of at least ``delta.numel()`` entries to reuse instead of allocating."""
+    if delta.device.type != "cpu" or delta.numel() >= DROPPED or not _agrees_with_torch():
+        return None
+    lib = _library()
+    assert lib is not None
+    return _replay_tied(lib, delta.reshape(-1).float().contiguous(), keep, tied, descending, keys, scratch)

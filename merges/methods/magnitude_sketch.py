@@ -1,0 +1,145 @@
+"""A per-tensor histogram of ``|delta|`` that narrows a magnitude cut to one small bucket.
+
+The lean engine plan finds a TIES / breadcrumbs cut per trial without a sorted copy. Selecting
+it from the whole tensor (``np.partition``) reads and reorders every entry per trial; this
+sketch, built once per (tensor, source) when the engine loads, counts the entries per bucket
+of the float32 bit pattern of ``|delta|``: bucket 0 holds exact zeros, bucket ``b > 0`` the
+magnitudes whose top 16 bits are ``b - 1``. Non-negative floats sort like their bit patterns,
+so the buckets are in value order: a cumulative sum names the bucket that holds an ascending
+position, one pass over the tensor gathers that bucket's magnitudes (a small fraction), and
+selection among them gives the same number the sorted tensor holds there.
+
+Torch-free (numpy and a small C kernel), so ``search.memory`` prices it with ``sketch_bytes``.
+None from ``histogram`` / ``gather_bucket``: no C compiler (the caller selects as before).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+
+from merges.methods.native import EXACT_FLAGS, build_library
+
+BUCKETS = (0x7F800000 >> 16) + 2
+"""Exact zero, then one bucket per top-16-bit pattern up to +inf's."""
+MIN_NUMEL = 1 << 16
+"""Tensors smaller than this are selected from directly (cheap); no sketch is kept for them."""
+COUNT_BYTES = 4  # int32 counts (a tensor has fewer than 2**31 entries)
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+#define BUCKETS @BUCKETS@
+
+static inline int64_t bucket_of(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    bits &= 0x7fffffffu;
+    return bits ? (int64_t)(bits >> 16) + 1 : 0;
+}
+
+/* counts[bucket] += 1 per entry (counts zeroed by the caller); returns the number of NaNs,
+   which are not counted (no bucket orders them) */
+int64_t magnitude_histogram(const float* values, int64_t n, int32_t* counts) {
+    int64_t nan = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t b = bucket_of(values[i]);
+        if (b >= BUCKETS) { ++nan; continue; }
+        counts[b] += 1;
+    }
+    return nan;
+}
+
+/* |values[i]| of every entry in ``bucket``, in index order; returns how many */
+int64_t gather_bucket(const float* values, int64_t n, int64_t bucket, float* out) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        float v = values[i];
+        if (bucket_of(v) == bucket) {
+            uint32_t bits;
+            memcpy(&bits, &v, 4);
+            bits &= 0x7fffffffu;
+            memcpy(&out[k], &bits, 4);
+            ++k;
+        }
+    }
+    return k;
+}
+""".replace("@BUCKETS@", str(BUCKETS))
+
+
+def sketch_bytes(numel: int) -> int:
+    """Bytes of one (tensor, source) sketch: 0 for a tensor below ``MIN_NUMEL``."""
+    return BUCKETS * COUNT_BYTES if numel >= MIN_NUMEL else 0
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    lib = build_library("magnitude_sketch", _C_SOURCE, EXACT_FLAGS, [])
+    if lib is None:
+        return None
+    lib.magnitude_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.magnitude_histogram.restype = ctypes.c_int64
+    lib.gather_bucket.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.gather_bucket.restype = ctypes.c_int64
+    return lib
+
+
+def histogram(values: np.ndarray) -> np.ndarray | None:
+    """Counts per bucket of ``|values|`` (float32, contiguous); None without the kernel or
+    when a value is NaN (then no bucket order holds)."""
+    lib = _library()
+    if lib is None:
+        return None
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    counts = np.zeros(BUCKETS, dtype=np.int32)
+    nan = lib.magnitude_histogram(values.ctypes.data, values.size, counts.ctypes.data)
+    return None if nan else counts
+
+
+def gather_bucket(values: np.ndarray, bucket: int, count: int) -> np.ndarray:
+    """The ``count`` magnitudes of ``values`` (float32, contiguous) in ``bucket``."""
+    lib = _library()
+    assert lib is not None, "gather_bucket follows a histogram, which needs the kernel"
+    out = np.empty(count, dtype=np.float32)
+    found = lib.gather_bucket(values.ctypes.data, values.size, bucket, out.ctypes.data)
+    assert found == count, (found, count)
+    return out
+
+
+class SketchedOrder:
+    """Ascending ``|values|`` as a magnitude band reads it (``numel()``, ``[i]``), from a sketch:
+    position ``i`` is found in its bucket's gathered magnitudes by selection."""
+
+    def __init__(self, values: np.ndarray, counts: np.ndarray) -> None:
+        self._values = values
+        self._counts = counts
+        self._ends = np.cumsum(counts, dtype=np.int64)  # ascending positions before bucket b + 1
+        self._gathered: dict[int, np.ndarray] = {}
+        self._found: dict[int, float] = {}
+
+    def numel(self) -> int:
+        return int(self._values.size)
+
+    def __getitem__(self, index: int) -> float:
+        found = self._found.get(index)
+        if found is not None:
+            return found
+        if not 0 <= index < self._values.size:
+            raise IndexError(index)
+        bucket = int(np.searchsorted(self._ends, index, side="right"))
+        if bucket == 0:
+            value = 0.0
+        else:
+            gathered = self._gathered.get(bucket)
+            if gathered is None:
+                gathered = gather_bucket(self._values, bucket, int(self._counts[bucket]))
+                self._gathered[bucket] = gathered
+            offset = index - int(self._ends[bucket - 1])
+            gathered.partition(offset)  # in place: the bucket's values stay the same
+            value = float(gathered[offset])
+        self._found[index] = value
+        return value

@@ -1,0 +1,101 @@
+"""The lean plan's magnitude sketch and one-run tie replay give exactly the sorted / torch answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from merges.checkpoint import open_checkpoint
+from merges.engine import MergeEngine
+from merges.methods import magnitude_sketch, tie_order
+from merges.methods.tie_order import DROPPED
+from merges.recipe import Recipe
+
+
+def _native() -> None:
+    if magnitude_sketch._library() is None or not tie_order._agrees_with_torch():
+        pytest.skip("no C compiler, or the replay does not reproduce this machine's torch sort")
+
+
+def _values(n: int, distinct: int, zeros: float, seed: int) -> np.ndarray:
+    """Signed, heavily tied float32 values (``distinct`` magnitudes across several octaves),
+    a share of exact zeros and of negative zeros."""
+    rng = np.random.default_rng(seed)
+    levels = np.ldexp(rng.integers(1, 64, distinct), rng.integers(-30, 4, distinct)).astype(np.float32)
+    values = levels[rng.integers(0, distinct, n)] * rng.choice(np.float32([-1, 1]), n)
+    values[rng.random(n) < zeros] = 0.0
+    values[rng.random(n) < zeros / 4] = -0.0
+    return values.astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 5000), distinct=st.integers(1, 30), zeros=st.sampled_from([0.0, 0.3, 1.0]),
+       seed=st.integers(0, 2**31), density=st.floats(0, 1))
+def test_sketched_order_is_the_sorted_tensor_and_the_tie_replay_torch_sort(
+        n: int, distinct: int, zeros: float, seed: int, density: float) -> None:
+    """Every ascending position read through the sketch is the sorted value there (ties, all-zero
+    tensors included); where the TIES cut is tied, the one-run replay keeps torch's entries."""
+    _native()
+    values = _values(n, distinct, zeros, seed)
+    counts = magnitude_sketch.histogram(values)
+    assert counts is not None and int(counts.sum()) == n
+    order = magnitude_sketch.SketchedOrder(values, counts)
+    ascending = np.sort(np.abs(values))
+    picks = np.random.default_rng(seed).integers(0, n, 8)
+    positions = sorted({0, n - 1, int(density * (n - 1)), *(int(i) for i in picks)})
+    assert [order[i] for i in positions] == [float(ascending[i]) for i in positions]
+    keep = max(1, int(density * n))
+    if keep >= n or ascending[n - keep] == 0 or ascending[n - keep] != ascending[n - keep - 1]:
+        return  # no tied nonzero cut: a magnitude band decides it
+    tensor = torch.from_numpy(values)
+    keys = tie_order.tied_cut_keys(tensor, keep, order[n - keep], descending=True)
+    assert keys is not None
+    kept = torch.argsort(tensor.abs(), descending=True)[:keep]  # mergekit's call
+    assert torch.equal(keys != DROPPED, torch.isin(torch.arange(n), kept))
+    assert bool(((keys == 0) | (keys == DROPPED)).all())
+
+
+def test_nan_and_a_wrong_tied_value_are_refused() -> None:
+    """No histogram with a NaN (no bucket order); a value that is not the cut's: None."""
+    _native()
+    assert magnitude_sketch.histogram(np.float32([1.0, np.nan, 2.0])) is None
+    values = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.5])
+    assert tie_order.tied_cut_keys(values, 2, 1.0, descending=True) is not None
+    assert tie_order.tied_cut_keys(values, 2, 0.5, descending=True) is None
+
+
+def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16-like tied family with every tensor sketched: lean TIES takes its cuts from the sketch
+    and its tied cuts from the one-run replay, and merges the resident plan's tensors bit for bit."""
+    _native()
+    from tests.checkpoints import quantised_family
+
+    monkeypatch.setattr(magnitude_sketch, "MIN_NUMEL", 1)
+    quantised_family(tmp_path, seed=5, source_seed=200)
+    base = open_checkpoint(tmp_path / "base")
+    sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
+    replays: list[bool] = []
+    replay = tie_order.tied_cut_keys
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        keys = replay(*args, **kwargs)  # type: ignore[arg-type]
+        replays.append(keys is not None)
+        return keys
+
+    monkeypatch.setattr(tie_order, "tied_cut_keys", counted)
+    lean = MergeEngine(base, sources, device="cpu", plan="lean", threads=2)
+    resident = MergeEngine(base, sources, device="cpu", plan="resident", threads=2)
+    assert lean._sketch and len(lean._sketch) == 2 * len(lean._names)
+    paths = [str(tmp_path / f"source{i}") for i in range(2)]
+    for densities in ([0.35, 0.6], [0.5, 0.9], [0.0, 1.0]):
+        r = Recipe.uniform("ties", str(tmp_path / "base"), paths, 2,
+                           {"weight": [0.7, 0.4], "density": densities})
+        merged = lean.materialize(r)
+        for name, tensor in resident.materialize(r).items():
+            assert torch.equal(merged[name], tensor), (densities, name)
+    assert replays and all(replays)
