@@ -143,6 +143,13 @@ def _stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``. A NaN or inf makes the sum non-finite, and one sum is ~20x
+    cheaper than ``isfinite(t).all()`` (which writes a bool per entry); only a non-finite sum
+    (also reached by overflow of finite entries) is checked entry by entry."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 class MergeEngine:
     """Merges recipes over one base and its sources, with every input tensor resident."""
 
@@ -409,7 +416,7 @@ class MergeEngine:
                       raw: torch.Tensor) -> None:
         """A NaN or inf in ``raw`` makes the sum of ``derived`` (raw or raw - base) non-finite;
         only then is ``raw`` checked entry by entry (a finite sum can also overflow)."""
-        if bool(torch.isfinite(derived.sum())) or bool(torch.isfinite(raw).all()):
+        if bool(torch.isfinite(derived.sum())) or all_finite(raw):
             return
         raise MergeError(f"{checkpoint.path}: tensor {name!r} holds NaN or inf")
 
@@ -684,7 +691,7 @@ class MergeEngine:
                 run_eager(work.job)
             elif work.eager is not None:
                 work.out.copy_(work.eager())
-            if self._floating[work.target.info.name] and not bool(torch.isfinite(work.out).all()):
+            if self._floating[work.target.info.name] and not all_finite(work.out):
                 self._non_finite(recipe, work.target)
 
     @staticmethod

@@ -339,3 +339,18 @@ def test_engine_without_base_merges_linear(llama_family: TinyFamily) -> None:
     assert_model_equals(model, merged)
     with pytest.raises(RecipeError, match="'ties' needs a base model"):
         engine.materialize(Recipe.uniform("ties", None, paths, N_LAYERS, {"weight": WEIGHTS}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite_entry_by_entry(dtype: torch.dtype) -> None:
+    """The engine's output check: a sum first, entries only when the sum is not finite. Finite
+    entries whose sum overflows are finite; one NaN or inf anywhere is not."""
+    from merges.engine import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.zeros(5), torch.full((7,), big), torch.tensor([big, big, -1.0]),
+             torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 2.0]),
+             torch.tensor([float("-inf"), float("inf")]), torch.tensor([-big, float("-inf")])]
+    for values in cases:
+        tensor = values.to(dtype)
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all()), values
