@@ -416,7 +416,7 @@ class MergeEngine:
                       raw: torch.Tensor) -> None:
         """A NaN or inf in ``raw`` makes the sum of ``derived`` (raw or raw - base) non-finite;
         only then is ``raw`` checked entry by entry (a finite sum can also overflow)."""
-        if bool(torch.isfinite(derived.sum())) or all_finite(raw):
+        if bool(torch.isfinite(derived.sum())) or bool(torch.isfinite(raw).all()):
             return
         raise MergeError(f"{checkpoint.path}: tensor {name!r} holds NaN or inf")
 
