@@ -74,20 +74,13 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
     and its tied cuts from the one-run replay, and merges the resident plan's tensors bit for bit."""
     _native()
     from tests.checkpoints import quantised_family
+    from tests.test_tie_order import record_replays
 
     monkeypatch.setattr(magnitude_sketch, "MIN_NUMEL", 1)
     quantised_family(tmp_path, seed=5, source_seed=200)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
-    replays: list[bool] = []
-    replay = tie_order.tied_cut_keys
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
-        keys = replay(*args, **kwargs)  # type: ignore[arg-type]
-        replays.append(keys is not None)
-        return keys
-
-    monkeypatch.setattr(tie_order, "tied_cut_keys", counted)
+    replays = record_replays(monkeypatch, "tied_cut_keys")
     lean = MergeEngine(base, sources, device="cpu", plan="lean", threads=2)
     resident = MergeEngine(base, sources, device="cpu", plan="resident", threads=2)
     assert lean._sketch and len(lean._sketch) == 2 * len(lean._names)

@@ -79,6 +79,21 @@ def test_not_used_off_the_cpu_or_without_the_native_code(monkeypatch: pytest.Mon
         tie_order._agrees_with_torch.cache_clear()
 
 
+def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str) -> list[bool]:
+    """Wrap ``tie_order.<replay_name>``; the list records, per call, whether it decided the cut
+    (keys, not None: no full sort)."""
+    replay = getattr(tie_order, replay_name)
+    calls: list[bool] = []
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+        keys = replay(*args, **kwargs)
+        calls.append(keys is not None)
+        return keys
+
+    monkeypatch.setattr(tie_order, replay_name, counted)
+    return calls
+
+
 def test_lean_engine_replays_tied_cuts_and_matches_resident(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16-quantised family (ties at most cuts): the lean plan takes its tied cuts from the
@@ -89,15 +104,7 @@ def test_lean_engine_replays_tied_cuts_and_matches_resident(tmp_path: Path,
     quantised_family(tmp_path, seed=5, source_seed=200)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
-    calls: list[bool] = []
-    replay = tie_order.window_keys
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
-        keys = replay(*args, **kwargs)  # type: ignore[arg-type]
-        calls.append(keys is not None)
-        return keys
-
-    monkeypatch.setattr(tie_order, "window_keys", counted)
+    calls = record_replays(monkeypatch, "window_keys")
     lean = MergeEngine(base, sources, device="cpu", plan="lean")
     resident = MergeEngine(base, sources, device="cpu", plan="resident")
     paths = [str(tmp_path / f"source{i}") for i in range(2)]
