@@ -354,9 +354,11 @@ def test_arcee_fusion_large_tensors_match_mergekit_seeded(dtype: str, wide_mlp_f
     text = recipe_to_mergekit(recipe, layout)
     ours = _engine(recipe)
     assert_same_tensors(ours, _mergekit(text, tmp_path / "mk", seed=7), layout)
-    other_seed = _engine(dataclasses.replace(recipe, seed=8))  # the draws decide entries
     large = [n for n, t in ours.items() if t.numel() > 1_000_000]
-    assert len(large) == 3 and any(not torch.equal(ours[n], other_seed[n]) for n in large)
+    assert len(large) == 3
+    if dtype == "float32":  # the draws decide entries (in bfloat16 two seeds' quantiles may round alike)
+        other_seed = _engine(dataclasses.replace(recipe, seed=8))
+        assert any(not torch.equal(ours[n], other_seed[n]) for n in large)
 
 
 def test_multislerp_float16_zero_task_vector_is_refused(llama_family: TinyFamily, tmp_path: Path) -> None:
