@@ -35,6 +35,7 @@ from functools import lru_cache
 import torch
 
 from merges.methods.native import EXACT_FLAGS, build_library, chunk_spans
+from merges.methods.sum_order import sums_in_order
 
 MAX_SOURCES = 32
 CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small enough to split
@@ -338,6 +339,7 @@ def addcmul_fuses() -> bool:
 def native_supports(job: FusedJob) -> bool:
     tensors = [job.out, *([job.base] if job.base is not None else []), *job.deltas]
     return (len(job.deltas) <= MAX_SOURCES
+            and (job.linear or sums_in_order(len(job.deltas), job.out.numel()))  # linear adds in order
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                     for t in tensors)
             and all(k is None or (k.dtype == torch.int32 and k.is_contiguous()) for k in job.keys))
