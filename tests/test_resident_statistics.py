@@ -41,22 +41,50 @@ def _awkward(seed: int, count: int, n: int = 5000) -> list[torch.Tensor]:
     return [base, *sources]
 
 
-@pytest.mark.parametrize("count", [3, 5])
+@pytest.mark.parametrize("count", [1, 3, 5])
 @pytest.mark.parametrize("select_topk", [0.0, 0.37, 1.0])
-def test_sce_passes_match_mergekit_bit_for_bit(count: int, select_topk: float,
+@pytest.mark.parametrize("n", [1024, 4992, 70_016])  # squares through torch below MIN_ENTRIES or with one source
+def test_sce_passes_match_mergekit_bit_for_bit(count: int, select_topk: float, n: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     lib = sce_kernel.library()
     if lib is None:
         pytest.skip("no C compiler: the kernel path cannot run here")
     monkeypatch.setattr("merges.methods.karcher_kernel.CHUNK", 256)  # split over threads: same bits
     monkeypatch.setattr("merges.methods.karcher_kernel._threads", lambda: 3)
-    base, *models = _awkward(count, count)
+    base, *models = _awkward(count, count, n)
     deltas = [m - base for m in models]
+    assert sce_kernel.supports(base, deltas, base)  # sizes whose dim-0 sums torch adds in order
     order = sce.variance_order(torch.stack(deltas))
     ours = sce.sce_native(lib, base, deltas, select_topk, order, torch.empty_like(base))
     theirs = _theirs("sce", [base, *models], select_topk=select_topk, int8_mask=False)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours.signbit(), theirs.signbit())  # signed zeros too
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sce_square_sums_are_torchs_sums(threads: int) -> None:
+    """The kept squares summed in torch's order, with no ``[K, N]`` squares written: equal bits to
+    torch's ``sum(dim=1)`` over rows long enough for its cascade's second level width (2^5 ilp
+    rows: over 2^19 of them) and odd tails, whatever torch's thread count."""
+    lib = sce_kernel.library()
+    if lib is None or sce_kernel.lanes() is None:
+        pytest.skip("no C compiler, or torch's sum layout not matched here: torch sums the squares")
+    generator = torch.Generator().manual_seed(threads)
+    n = (1 << 19) * 4 * sce_kernel.lanes() + 4 * sce_kernel.lanes() * 37 + 11
+    deltas = [torch.randn(n, generator=generator) * (j + 1) ** 3 for j in range(3)]
+    deltas[1][:999] = -0.0
+    position = torch.randperm(n, generator=generator).to(torch.int32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for where, keep in ((None, 1), (position, n // 3), (None, 0)):
+            mask = (torch.ones(n) if keep else torch.zeros(n)) if where is None else (where < keep).float()
+            theirs = (torch.stack(deltas) * mask).square().sum(dim=1)
+            ours = sce_kernel.square_sums(lib, deltas, where, keep)
+            assert ours is not None and torch.equal(ours, theirs)
+    finally:
+        torch.set_num_threads(previous)
+    assert sce_kernel.square_sums(lib, deltas[:1], None, 1) is None  # one row: torch splits it over threads
 
 
 def test_sce_keeps_mergekits_float32_count() -> None:

@@ -134,10 +134,11 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="karcher")
 
 
-def split(n: int, run: Callable[[int, int], None]) -> None:
-    """``run(start, end)`` over [0, n) in chunks, on torch's number of threads (ctypes calls
-    release the GIL; entries are independent, so the split does not change a bit)."""
-    spans = chunk_spans(n, CHUNK)
+def split(n: int, run: Callable[[int, int], None], chunk: int | None = None) -> None:
+    """``run(start, end)`` over [0, n) in spans of ``chunk`` (default ``CHUNK``), on torch's number
+    of threads (ctypes calls release the GIL; entries are independent, so the split does not
+    change a bit)."""
+    spans = chunk_spans(n, CHUNK if chunk is None else chunk)
     threads = min(_threads(), len(spans))
     if threads <= 1:
         run(0, n)

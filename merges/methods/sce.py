@@ -41,12 +41,11 @@ def sce_mask(vectors: torch.Tensor, density: float, mask_dtype: torch.dtype,
 
 
 def sce_weight(vectors: torch.Tensor) -> torch.Tensor:
-    return weights_of_squares(vectors.square())
+    return weights_of_means(vectors.square().reshape(vectors.shape[0], -1).mean(dim=1))
 
 
-def weights_of_squares(squares: torch.Tensor) -> torch.Tensor:
-    """``sce_weight`` after its ``square()``: each task vector's share of the mean squares."""
-    weights = squares.reshape(squares.shape[0], -1).mean(dim=1)
+def weights_of_means(weights: torch.Tensor) -> torch.Tensor:
+    """``sce_weight`` after its ``mean``: each task vector's share of the mean squares."""
     total = torch.sum(weights).item()
     if abs(total) < 1e-6:
         return torch.ones_like(weights) / weights.shape[0]
@@ -112,7 +111,13 @@ def sce_native(lib: ctypes.CDLL, base: torch.Tensor, deltas: Sequence[torch.Tens
     if 0 < select_topk < 1:
         assert order is not None
         position, keep = order.position, keep_count(order.nonzero, select_topk)
-    weights = weights_of_squares(sce_kernel.squares(lib, deltas, position, keep))
+    sums = sce_kernel.square_sums(lib, deltas, position, keep)
+    if sums is not None:  # torch's CPU mean is its sum, then div_ by the count (mean_out)
+        means = sums.div_(base.numel())
+    else:
+        mask = torch.full_like(base, float(keep > 0)) if position is None else (position < keep).to(base.dtype).reshape(base.shape)
+        means = (torch.stack(list(deltas)) * mask).square().reshape(len(deltas), -1).mean(dim=1)
+    weights = weights_of_means(means)
     sce_kernel.merge(lib, base, deltas, position, keep, weights.tolist(), out)
     return out
 
@@ -120,7 +125,7 @@ def sce_native(lib: ctypes.CDLL, base: torch.Tensor, deltas: Sequence[torch.Tens
 def plan(ctx: TensorContext) -> Plan:
     """The variance order is computed once per tensor (the sources only); a trial's gene,
     ``select_topk``, becomes how many entries of it are kept. float32 on the CPU: two C passes
-    (``sce_kernel``: the kept squares for torch's mean, then the merge), else mergekit's torch
+    (``sce_kernel``: the kept squares' sums in torch's order, then the merge), else mergekit's torch
     steps (float16 / bfloat16: the variance is cached, ``topk`` runs per trial)."""
     base = ctx.base
     assert base is not None
