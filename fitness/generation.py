@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from fitness.extract import cut_at_stop, verdict
-from fitness.scoring import _eval_mode, _model_device, _takes_logits_to_keep
+from fitness.scoring import _eval_mode, _model_device, _takes_logits_to_keep, stop_token_ids
 
 if TYPE_CHECKING:
     from fitness.slices import EncodedSlice
@@ -76,13 +76,7 @@ def generation_records(data: EncodedSlice, answers: Sequence[GeneratedAnswer]) -
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's eos plus the model's ``generation_config.eos_token_id`` (what generate stops on)."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.append(eos)
-    elif isinstance(eos, Sequence):
-        ids.extend(int(token) for token in eos)
-    return sorted(set(ids))
+    return stop_token_ids(model, tokenizer.eos_token_id)
 
 
 def greedy_generate(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *,

@@ -103,7 +103,7 @@ def _sequence_stats(model: PreTrainedModel, data: EncodedSlice, device: torch.de
     logprob = torch.zeros(n_sequences, dtype=torch.float64)
     tokens = torch.zeros(n_sequences, dtype=torch.long)
     greedy = torch.zeros(n_sequences, dtype=torch.bool)
-    stop_ids = torch.tensor(_stop_ids(model, data), dtype=torch.long, device=device)
+    stop_ids = torch.tensor(stop_token_ids(model, data.end_token_id), dtype=torch.long, device=device)
     slice_logits = _takes_logits_to_keep(model)
     for cpu_or_device_batch in data.batches:
         batch = cpu_or_device_batch.to(device)
@@ -153,10 +153,11 @@ def _forward(model: PreTrainedModel, batch: EncodedBatch, columns: torch.Tensor 
     return out.logits
 
 
-def _stop_ids(model: PreTrainedModel, data: EncodedSlice) -> list[int]:
-    ids: list[int] = [] if data.end_token_id is None else [data.end_token_id]
-    generation_config = getattr(model, "generation_config", None)
-    eos = getattr(generation_config, "eos_token_id", None)
+def stop_token_ids(model: PreTrainedModel, end_token_id: int | None) -> list[int]:
+    """``end_token_id`` (the tokenizer's eos, if any) plus the model's
+    ``generation_config.eos_token_id``: the tokens that end an answer (what generate stops on)."""
+    ids: list[int] = [] if end_token_id is None else [int(end_token_id)]
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(eos, int):
         ids.append(eos)
     elif isinstance(eos, Sequence):

@@ -216,15 +216,14 @@ def _fewshot_rows(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row
     assert generate.fewshot_file is not None  # checked by GenerateSpec
     pool = _read_source(spec, generate.fewshot_file)
     for split, rows in (("held-out", heldout), ("search", search), ("test", test)):
-        prompts = {row.prompt: row for row in rows}
-        for row in pool:
-            twin = prompts.get(row.prompt)
-            if twin is not None:
-                raise FitnessError(
-                    f"task {spec.name!r}: generate.fewshot_file: {row.file}: row {row.row}: field "
-                    f"{spec.prompt_field!r} is also a {split} row ({twin.file}: row {twin.row}); few-shot "
-                    "examples must not be rows the study scores"
-                )
+        found = _first_overlap(rows, pool)
+        if found is not None:
+            row, twin = found
+            raise FitnessError(
+                f"task {spec.name!r}: generate.fewshot_file: {row.file}: row {row.row}: field "
+                f"{spec.prompt_field!r} is also a {split} row ({twin.file}: row {twin.row}); few-shot "
+                "examples must not be rows the study scores"
+            )
     if len(pool) < generate.fewshot:
         raise FitnessError(
             f"task {spec.name!r}: generate.fewshot = {generate.fewshot} but {generate.fewshot_file} has "
@@ -383,16 +382,26 @@ def _split(spec: TaskSpec, rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
 def _check_disjoint(spec: TaskSpec, search: Sequence[_Row], heldout: Sequence[_Row],
                     names: tuple[str, str] = ("search", "held-out")) -> None:
     """No prompt of the second split (``names[1]``) is also in the first."""
-    first_in_search: dict[str, _Row] = {}
-    for row in search:
-        first_in_search.setdefault(row.prompt, row)
-    for row in heldout:
-        twin = first_in_search.get(row.prompt)
+    found = _first_overlap(search, heldout)
+    if found is not None:
+        row, twin = found
+        raise FitnessError(
+            f"task {spec.name!r}: {row.file}: row {row.row}: field {spec.prompt_field!r} also appears "
+            f"in the {names[0]} split ({twin.file}: row {twin.row}); {names[0]} and {names[1]} must not overlap"
+        )
+
+
+def _first_overlap(first: Sequence[_Row], second: Sequence[_Row]) -> tuple[_Row, _Row] | None:
+    """The first row of ``second`` whose prompt ``first`` also has, with the first such row of
+    ``first``; None when they share no prompt (rows are compared by prompt text alone)."""
+    by_prompt: dict[str, _Row] = {}
+    for row in first:
+        by_prompt.setdefault(row.prompt, row)
+    for row in second:
+        twin = by_prompt.get(row.prompt)
         if twin is not None:
-            raise FitnessError(
-                f"task {spec.name!r}: {row.file}: row {row.row}: field {spec.prompt_field!r} also appears "
-                f"in the {names[0]} split ({twin.file}: row {twin.row}); {names[0]} and {names[1]} must not overlap"
-            )
+            return row, twin
+    return None
 
 
 # -- tokenising ------------------------------------------------------------------------

@@ -65,8 +65,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import queue
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,6 +75,7 @@ import numpy as np
 import torch
 import transformers
 
+from merges.buffers import Arena, BufferPool
 from merges.checkpoint import Checkpoint
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
 from merges.grouping import consecutive_groups
@@ -198,13 +197,13 @@ class MergeEngine:
         self._names = [name for name in self._shapes if self._floating[name]]
         self._largest = max((self._numel(name) for name in self._names), default=0)
         # lean on the CPU: one chunk's base and task vectors, and its tied cuts' keys, in memory
-        # reused from trial to trial (see _Arena); replay scratch likewise, one per replay at once
+        # reused from trial to trial (see Arena); replay scratch likewise, one per replay at once
         reuse = self._lean and self._device.type == "cpu"
         k = len(self._sources)
-        slack = _Arena.ALIGN * len(self._names)  # each tensor's start rounded up to a line
-        self._arena = _Arena((self._largest + slack) * (1 + k) if reuse else 0, dtype, self._device)
-        self._key_arena = _Arena((self._largest + slack) * k if reuse else 0, torch.int32, self._device)
-        self._replay_scratch = _BufferPool(self._largest if reuse else 0, torch.int32,
+        slack = Arena.ALIGN * len(self._names)  # each tensor's start rounded up to a line
+        self._arena = Arena((self._largest + slack) * (1 + k) if reuse else 0, dtype, self._device)
+        self._key_arena = Arena((self._largest + slack) * k if reuse else 0, torch.int32, self._device)
+        self._replay_scratch = BufferPool(self._largest if reuse else 0, torch.int32,
                                            max(1, min(k, self._threads)))
         self._load()
         # lazily computed statistics (see the module docstring)
@@ -913,62 +912,6 @@ def _tensor_sized(value: object) -> bool:
     if isinstance(value, tuple | list):
         return any(_tensor_sized(v) for v in value)
     return False
-
-
-class _Arena:
-    """Memory for one lean chunk's model-sized tensors, reused from chunk to chunk and trial to
-    trial (bump allocation, ``reset`` per chunk): a fresh allocation of that size is mapped and
-    zeroed by the kernel page by page on every trial, a reused one is not. Its capacity is one
-    chunk's worth (what search.memory prices as the lean plan's scratch); a request past it (or
-    with no capacity: off the CPU, resident plan) gets its own memory."""
-
-    ALIGN = 16  # entries: each tensor starts on a 64-byte line
-
-    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        self._capacity = capacity
-        self._dtype = dtype
-        self._device = device
-        self._buffer: torch.Tensor | None = None  # allocated on first use
-        self._used = 0
-        self._lock = threading.Lock()
-
-    def take(self, numel: int) -> torch.Tensor:
-        with self._lock:
-            start = self._used
-            if start + numel > self._capacity:
-                return torch.empty(numel, dtype=self._dtype, device=self._device)
-            if self._buffer is None:
-                self._buffer = torch.empty(self._capacity, dtype=self._dtype, device=self._device)
-            self._used = min(self._capacity, start + -(-numel // self.ALIGN) * self.ALIGN)
-        return self._buffer[start:start + numel]
-
-    def reset(self) -> None:
-        self._used = 0
-
-
-class _BufferPool:
-    """``count`` reusable buffers of ``numel`` entries, handed to one caller at a time (the tie
-    replays running side by side on the engine's pool); with ``numel`` 0, None (callers allocate)."""
-
-    def __init__(self, numel: int, dtype: torch.dtype, count: int) -> None:
-        self._numel, self._dtype = numel, dtype
-        self._free: queue.Queue[torch.Tensor] | None = None
-        self._count = count
-        self._lock = threading.Lock()
-
-    def take(self) -> torch.Tensor | None:
-        if not self._numel:
-            return None
-        with self._lock:
-            if self._free is None:
-                self._free = queue.Queue()
-                for _ in range(self._count):
-                    self._free.put(torch.empty(self._numel, dtype=self._dtype))
-        return self._free.get()
-
-    def give(self, buffer: torch.Tensor | None) -> None:
-        if buffer is not None and self._free is not None:
-            self._free.put(buffer)
 
 
 class _OrderStatistics:

@@ -8,11 +8,13 @@ real fine-tune often leaves them), saved with ``save_pretrained`` as safetensors
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers.normalizers import Normalizer
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -49,13 +51,19 @@ def tiny_model(arch: str, *, seed: int = 0, layers: int = 4, tie: bool = False) 
     raise ValueError(arch)
 
 
-def tiny_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate([*VOCAB, *extra_tokens])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+def word_tokenizer(words: Sequence[str], normalizer: Normalizer | None = None) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer, ``words[i]`` with id ``i``, and the test special tokens."""
+    tok = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def tiny_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    return word_tokenizer([*VOCAB, *extra_tokens])
 
 
 def perturbed(model: PreTrainedModel, *, seed: int, scale: float = 0.02, keep_every: int = 5) -> PreTrainedModel:

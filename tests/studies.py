@@ -108,6 +108,12 @@ def run(path: Path) -> tuple[StudyConfig, optuna.Study]:
     return config, storage.load_existing_study(config.name, config.storage)
 
 
+def stored_study(path: Path, out: Path | None = None) -> optuna.Study:
+    """The study ``path`` (a study.toml) names, loaded as every command but the driver loads it."""
+    config = load_study(path, out=out)
+    return storage.load_existing_study(config.name, config.storage)
+
+
 def source_scores(path: Path, task: str) -> list[float]:
     """The sources' search-split scores on ``task``, sorted, scored directly (no study run).
 

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search import storage
 from search.config import load_study
 from search.definition import (
     DEFINITION_KEY,
@@ -27,16 +26,11 @@ from search.definition import (
 )
 from search.driver import run_study
 from tests.checkpoints import TinyFamily
-from tests.studies import write_study
+from tests.studies import stored_study, write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 NEW_STUDY_HINT = "use a new --out"
-
-
-def stored(path: Path) -> optuna.Study:
-    config = load_study(path)
-    return storage.load_existing_study(config.name, config.storage)
 
 
 def test_definition_ignores_budget_gates_top_k_execution_and_locations(
@@ -94,15 +88,15 @@ def test_changed_data_file_and_checkpoint_are_named(tmp_path: Path, llama_family
 def test_changed_seed_is_refused_and_a_longer_budget_continues(tmp_path: Path, llama_family: TinyFamily) -> None:
     path = write_study(tmp_path, llama_family, trials=1)
     run_study(load_study(path), quiet=True)
-    assert stored(path).user_attrs[DEFINITION_KEY]["seed"] == 0
-    before = len(stored(path).trials)
+    assert stored_study(path).user_attrs[DEFINITION_KEY]["seed"] == 0
+    before = len(stored_study(path).trials)
 
     write_study(tmp_path, llama_family, trials=1, seed=7)
     with pytest.raises(DefinitionChangedError) as caught:
         run_study(load_study(path), quiet=True)
     message = str(caught.value)
     assert "seed: 0 -> 7" in message and NEW_STUDY_HINT in message and "--trials" in message
-    study = stored(path)
+    study = stored_study(path)
     assert len(study.trials) == before and study.user_attrs["seed"] == 0  # nothing written
 
     write_study(tmp_path, llama_family, trials=2, top_k=1)  # back to seed 0, more budget
@@ -117,7 +111,7 @@ def test_method_change_with_a_bigger_budget_runs_no_trial_of_the_new_method(
     write_study(tmp_path, llama_family, trials=50, method="dare_ties")
     with pytest.raises(DefinitionChangedError, match='genome.method: "ties" -> "dare_ties"'):
         run_study(load_study(path), quiet=True)
-    methods = {t.user_attrs["recipe"]["method"] for t in stored(path).trials if "recipe" in t.user_attrs}
+    methods = {t.user_attrs["recipe"]["method"] for t in stored_study(path).trials if "recipe" in t.user_attrs}
     assert "dare_ties" not in methods
 
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fitness.scoring import score_slice
 from fitness.slices import load_task
-from search import ranking, storage
+from search import ranking
 from search.commands.export import choose_trial
 from search.commands.status import render_status
 from search.config import load_study
@@ -33,7 +33,7 @@ from search.driver import run_study
 from search.errors import SearchError
 from search.samplers import visible_trials
 from tests.checkpoints import TinyFamily
-from tests.studies import write_study
+from tests.studies import stored_study, write_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -41,11 +41,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def search_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials() if t.user_attrs.get("kind") == "search"]
-
-
-def load(path: Path) -> optuna.Study:
-    config = load_study(path)
-    return storage.load_existing_study(config.name, config.storage)
 
 
 def test_unpassable_gate_gives_no_best_and_status_names_the_gate(
@@ -56,7 +51,7 @@ def test_unpassable_gate_gives_no_best_and_status_names_the_gate(
     result = run_study(load_study(path), quiet=True)
     assert result.done == 3
     assert result.finalized is not None and result.finalized.final_trial is None
-    study = load(path)
+    study = stored_study(path)
     trials = study.get_trials()
     assert ranking.best_feasible(trials, ["maximize"]) is None
     assert all(not t.user_attrs["feasible"] for t in ranking.search_trials(trials))
@@ -91,7 +86,7 @@ def test_trial_whose_scorer_raises_is_failed_with_its_reason_and_the_study_goes_
     monkeypatch.setenv("FLAKY_SCORER_SOURCES", json.dumps(heads))
     path = write_study(tmp_path, llama_family, trials=8, metric="tests.test_driver:flaky_scorer")
     result = run_study(load_study(path), quiet=True)
-    study = load(path)
+    study = stored_study(path)
     searched = search_trials(study)
     failed = [t for t in searched if t.state == TrialState.FAIL]
     complete = [t for t in searched if t.state == TrialState.COMPLETE]
@@ -114,7 +109,7 @@ def test_loop_timings_account_for_this_runs_search_trials(tmp_path: Path, llama_
     first = run_study(config, quiet=True)
     # a resumed run reports only its own trials
     second = run_study(load_study(path, trials=7), quiet=True)
-    searched = sorted(search_trials(load(path)), key=lambda t: t.number)
+    searched = sorted(search_trials(stored_study(path)), key=lambda t: t.number)
     assert [first.timings.trials, second.timings.trials] == [4, 3] and len(searched) == 7
     for timings, trials in ((first.timings, searched[:4]), (second.timings, searched[4:])):
         assert timings.merge_s == pytest.approx(sum(t.user_attrs["timings"]["merge_s"] for t in trials))
@@ -130,7 +125,7 @@ def source_scores(tmp_path: Path, family: TinyFamily, task: str) -> list[float]:
     folder.mkdir()
     path = write_study(folder, family, trials=0)
     run_study(load_study(path), quiet=True)
-    baselines = ranking.baseline_trials(load(path).get_trials())
+    baselines = ranking.baseline_trials(stored_study(path).get_trials())
     return sorted(t.user_attrs["scores_search"][task] for n, t in baselines.items() if n.startswith("source:"))
 
 
@@ -140,7 +135,7 @@ def test_stored_constraints_are_what_the_dashboard_reads(tmp_path: Path, llama_f
     threshold = (alpha[0] + alpha[-1]) / 2
     path = write_study(tmp_path, llama_family, trials=6, gates={"alpha": f"{{ min = {threshold!r} }}"})
     run_study(load_study(path), quiet=True)
-    study = load(path)
+    study = stored_study(path)
     study_system_attrs = study._storage.get_study_system_attrs(study._study_id)
     seen = set()
     for trial in study.get_trials():
@@ -166,13 +161,13 @@ def test_cmaes_asks_whole_generations_and_penalises_infeasible(
     (tmp_path / "probe").mkdir()
     probe = write_study(tmp_path / "probe", llama_family, trials=4, sampler="cmaes", population=4)
     run_study(load_study(probe), quiet=True)
-    beta = sorted(t.user_attrs["scores_search"]["beta"] for t in search_trials(load(probe)))
+    beta = sorted(t.user_attrs["scores_search"]["beta"] for t in search_trials(stored_study(probe)))
     path = write_study(
         tmp_path, llama_family, trials=8, sampler="cmaes", population=4,
         gates={"beta": f"{{ min = {(beta[1] + beta[2]) / 2!r} }}"},
     )
     run_study(load_study(path), quiet=True)
-    study = load(path)
+    study = stored_study(path)
     searched = search_trials(study)
     generations = [t.system_attrs.get("cma:generation") for t in searched]
     assert generations == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -203,7 +198,7 @@ def test_a_seeded_study_gives_the_same_trials_twice(tmp_path: Path, llama_family
         folder.mkdir()
         path = write_study(folder, llama_family, trials=4, sampler="cmaes", population=4, seed=7)
         run_study(load_study(path), quiet=True)
-        runs.append([(t.params, t.user_attrs.get("scores_search")) for t in load(path).get_trials()])
+        runs.append([(t.params, t.user_attrs.get("scores_search")) for t in stored_study(path).get_trials()])
     assert runs[0] == runs[1]
     searched = [p for p, _ in runs[0] if p]
     assert len(searched) == 4 and len({json.dumps(p, sort_keys=True) for p in searched}) == 4
@@ -213,7 +208,7 @@ def test_source_baseline_scores_exactly_the_source(tmp_path: Path, llama_family:
     path = write_study(tmp_path, llama_family, trials=0)
     config = load_study(path)
     run_study(config, quiet=True)
-    study = load(path)
+    study = stored_study(path)
     baselines = ranking.baseline_trials(study.get_trials())
     assert set(baselines) == {"source:s0", "source:s1", "source:s2", "uniform_linear"}
     tokenizer = AutoTokenizer.from_pretrained(llama_family.base)
@@ -250,7 +245,7 @@ def test_export_writes_the_final_recipe_and_its_materialized_checkpoint(
                        genome_extra="density = { min = 0.3, max = 1.0 }")
     config = load_study(path)
     run_study(config, quiet=True)
-    study = load(path)
+    study = stored_study(path)
     final = study.user_attrs["final_trial"]
     assert isinstance(final, int)
     recipe = tmp_path / "export" / "recipe.yaml"

@@ -29,7 +29,7 @@ from search.cli import main
 from search.config import load_study
 from search.driver import run_study
 from tests.checkpoints import TinyFamily
-from tests.studies import gated_study, run, write_study
+from tests.studies import gated_study, run, stored_study, write_study
 
 MERGEKIT_YAML = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
 
@@ -60,15 +60,18 @@ def finished(tmp_path_factory: pytest.TempPathFactory, llama_family: TinyFamily)
     return path
 
 
+def final_recipe(path: Path) -> Recipe:
+    """The recipe of the finished study's final trial, as stored."""
+    study = stored_study(path)
+    return Recipe.from_dict(study.trials[study.user_attrs["final_trial"]].user_attrs["recipe"])
+
+
 def test_default_export_is_relative_to_its_folder_and_mergekit_rebuilds_it_from_there(
     finished: Path, llama_family: TinyFamily, tmp_path: Path
 ) -> None:
     from tests.test_mergekit_golden import assert_same_tensors
 
-    config = load_study(finished)
-    study = optuna.load_study(study_name=config.name, storage=config.storage)
-    final = study.user_attrs["final_trial"]
-    recipe = Recipe.from_dict(study.trials[final].user_attrs["recipe"])
+    recipe = final_recipe(finished)
     shipped = tmp_path / "ship" / "recipe.yaml"
     assert main(["export", str(finished), "-o", str(shipped)]) == 0
     text = shipped.read_text()
@@ -88,10 +91,7 @@ def test_model_names_and_root_make_a_yaml_for_the_teams_folders(
 ) -> None:
     from tests.test_mergekit_golden import assert_same_tensors
 
-    config = load_study(finished)
-    study = optuna.load_study(study_name=config.name, storage=config.storage)
-    final = study.user_attrs["final_trial"]
-    recipe = Recipe.from_dict(study.trials[final].user_attrs["recipe"])
+    recipe = final_recipe(finished)
     exported = tmp_path / "here" / "recipe.yaml"
     # Relative names start with ./ (mergekit asks the Hub about any a/b while writing its model card).
     assert main(["export", str(finished), "-o", str(exported), "--model-name", "base=./team/base-v1",

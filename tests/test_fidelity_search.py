@@ -38,8 +38,8 @@ from search.records import (
 from search.samplers import POSITION, visible_trials
 from search.staged import FIDELITY_ATTR, PROMOTED_ATTR
 from tests.checkpoints import TinyFamily
-from tests.studies import write_study
-from tests.test_driver import load, search_trials
+from tests.studies import stored_study, write_study
+from tests.test_driver import search_trials
 from tests.test_report import assert_report_marks_stopped
 from tests.test_resume import cli, count_call_and_kill_at
 
@@ -132,7 +132,7 @@ def test_a_staged_study_stops_some_trials_and_never_shows_them_as_best(
     path = staged_study(tmp_path, llama_family, trials=8)
     result = run_study(load_study(path), quiet=True)
     assert result.done == 8 and result.finalized is not None
-    study = load(path)
+    study = stored_study(path)
     assert study.user_attrs[FIDELITY_ATTR]["stages"] == [4, 8, 16, 24]
     searched = search_trials(study)
     states = {t.state for t in searched}
@@ -186,7 +186,7 @@ def test_a_gate_failed_at_the_first_stage_stops_the_trial_there(tmp_path: Path, 
     # log-likelihoods are negative: no trial can reach 0
     path = staged_study(tmp_path, llama_family, trials=3, gates={"alpha": "{ min = 0.0 }"})
     run_study(load_study(path), quiet=True)
-    for trial in search_trials(load(path)):
+    for trial in search_trials(stored_study(path)):
         record = trial.user_attrs[FIDELITY_ATTR]
         assert trial.state == TrialState.PRUNED and record["stage"] == 1
         assert record["stopped"].startswith("gate alpha.min failed with 95% confidence")
@@ -199,7 +199,7 @@ def test_cmaes_generations_fill_with_stopped_members(tmp_path: Path, llama_famil
                         fidelity='fidelity = { first_stage = 4, growth = 2.0, rule = "rank" }')
     result = run_study(load_study(path), quiet=True, finalize_after=False)
     assert result.done == 12
-    study = load(path)
+    study = stored_study(path)
     assert study.user_attrs[FIDELITY_ATTR]["rule"] == "rank"
     searched = search_trials(study)
     generations = [t.system_attrs["cma:generation"] for t in searched]
@@ -215,7 +215,7 @@ def test_per_task_studies_stop_dominated_trials(tmp_path: Path, llama_family: Ti
     path = staged_study(tmp_path, llama_family, trials=6, sampler="nsga2", objective="per_task", population=4)
     result = run_study(load_study(path), quiet=True, finalize_after=False)
     assert result.done == 6
-    for trial in search_trials(load(path)):
+    for trial in search_trials(stored_study(path)):
         assert trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         if trial.state == TrialState.PRUNED:  # Optuna keeps no values for a pruned multi-objective trial
             assert trial.values is None and len(trial.user_attrs[FIDELITY_ATTR]["objective"]) == 2
@@ -255,7 +255,7 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
                env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": "11"})
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
-    lost = next(t for t in search_trials(load(paths["killed"])) if t.state == TrialState.RUNNING)
+    lost = next(t for t in search_trials(stored_study(paths["killed"])) if t.state == TrialState.RUNNING)
     held = trial_prefix_rows(lost)
     assert held is not None and {t: len(v) for t, v in held.items()} == {"alpha": 2, "beta": 2}
     assert lost.system_attrs[PROMOTED_ATTR] == 1  # stage 1 decided and stored: the re-run takes it over
@@ -263,7 +263,7 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
     monkeypatch.setenv("SCORED_LOG", str(tmp_path / "scored.jsonl"))
     result = run_study(load_study(paths["killed"]), quiet=True, finalize_after=False)
     assert result.done == 3
-    study = load(paths["killed"])
+    study = stored_study(paths["killed"])
     rerun = next(t for t in search_trials(study) if t.user_attrs.get("rerun_of") == lost.number)
     assert rerun.user_attrs[FIDELITY_ATTR]["carried"] == {"alpha": 2, "beta": 2}
     # Rows scored by the resumed run: exactly what its trials hold beyond the rows carried over.
@@ -275,7 +275,7 @@ def test_a_study_killed_mid_stage_resumes_with_the_same_rows_and_scores_none_twi
     # ...and the study ends as one never interrupted: same states, values and rows per position
     def by_position(path: Path) -> dict[int, tuple[object, ...]]:
         out: dict[int, tuple[object, ...]] = {}
-        for trial in search_trials(load(path)):
+        for trial in search_trials(stored_study(path)):
             if ranking.counts_toward_budget(trial):
                 rows = trial_rows(trial, {}) or trial_prefix_rows(trial) or {}
                 out[trial.user_attrs[POSITION]] = (trial.state, trial.values, trial.params,
@@ -300,7 +300,7 @@ def test_stages_run_on_the_ray_pool(tmp_path: Path, llama_family: TinyFamily) ->
     finally:
         pool.close()
     assert result.done == 6
-    for trial in search_trials(load(config.path)):
+    for trial in search_trials(stored_study(config.path)):
         record = trial.user_attrs[FIDELITY_ATTR]
         assert trial.state == (TrialState.COMPLETE if record["stage"] == 4 else TrialState.PRUNED)
         held = trial_rows(trial, {}) or trial_prefix_rows(trial)

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from merges.checkpoint import open_checkpoint
 from merges.errors import PreflightError
 from merges.preflight import preflight
-from tests.checkpoints import VOCAB, TinyFamily, save, tiny_model, tiny_tokenizer
+from tests.checkpoints import VOCAB, TinyFamily, save, tiny_model, tiny_tokenizer, word_tokenizer
 
 
 def _edited_copy(src: Path, dst: Path, edit: dict[str, torch.Tensor | None]) -> Path:
@@ -126,29 +125,13 @@ def _swapped_tokenizer() -> PreTrainedTokenizerFast:
     words = list(VOCAB)
     a, b = words.index("w5"), words.index("w6")
     words[a], words[b] = words[b], words[a]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return word_tokenizer(words)
 
 
 def _renamed_tokenizer() -> PreTrainedTokenizerFast:
     """Same size as the test vocabulary, with ``w7`` replaced by ``v7``."""
     words = [("v7" if t == "w7" else t) for t in VOCAB]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return word_tokenizer(words)
 
 
 def test_vocabulary_mismatch_names_the_token(tmp_path: Path) -> None:

@@ -28,8 +28,8 @@ from search.records import EXAMPLE_ROWS_ATTR, trial_rows
 from search.samplers import POSITION
 from tests.checkpoints import TinyFamily
 from tests.processes import ctrl_c_works
-from tests.studies import open_running_study, write_study
-from tests.test_driver import load, search_trials
+from tests.studies import open_running_study, stored_study, write_study
+from tests.test_driver import search_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_killed_driver_fails_running_trials_and_reruns_them(tmp_path: Path, llam
                env={"KILL_COUNTER_FILE": str(tmp_path / "calls"), "KILL_AT_CALL": "11"})
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    before = {t.number: t for t in load(path).get_trials()}
+    before = {t.number: t for t in stored_study(path).get_trials()}
     running = [t for t in before.values() if t.state == TrialState.RUNNING]
     finished = [t for t in before.values() if t.state == TrialState.COMPLETE]
     assert len(running) == 3 and all(t.user_attrs["kind"] == "search" for t in running)
@@ -76,7 +76,7 @@ def test_killed_driver_fails_running_trials_and_reruns_them(tmp_path: Path, llam
 
     result = run_study(load_study(path), quiet=True)
     assert result.done == 8 and not result.interrupted
-    after = {t.number: t for t in load(path).get_trials()}
+    after = {t.number: t for t in stored_study(path).get_trials()}
     for trial in finished:  # no finished trial lost or changed
         assert after[trial.number].state == TrialState.COMPLETE
         assert after[trial.number].values == trial.values
@@ -95,7 +95,7 @@ def test_killed_driver_fails_running_trials_and_reruns_them(tmp_path: Path, llam
     assert len(ranking.baseline_trials(after.values())) == 4  # baselines not scored twice
     # per-row results survive the kill: every scored trial, before and after, keeps one value
     # per row per task whose mean is its stored score (search.records)
-    attrs = load(path).user_attrs
+    attrs = stored_study(path).user_attrs
     for trial in [*finished, *(t for t in after.values() if ranking.is_scored(t))]:
         rows = trial_rows(trial, attrs, "search")
         assert rows is not None and set(rows) == set(trial.user_attrs["scores_search"]), trial.number
@@ -120,7 +120,7 @@ def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"resume with: search start {path}" in err
-    study = load(path)
+    study = stored_study(path)
     done = sum(ranking.counts_toward_budget(t) for t in search_trials(study))
     assert 3 <= done < 400
     # The trial in flight was finished, not abandoned.
@@ -129,7 +129,7 @@ def test_sigint_stops_cleanly_and_leaves_a_resumable_study(tmp_path: Path, llama
 
     result = run_study(load_study(path, trials=done + 2), quiet=True)
     assert result.done == done + 2 and result.finalized is not None
-    study = load(path)
+    study = stored_study(path)
     assert sum(ranking.counts_toward_budget(t) for t in search_trials(study)) == done + 2
 
 
@@ -137,12 +137,12 @@ def by_position(path: Path) -> dict[int, tuple[dict, list[float] | None, TrialSt
     """The study's search, position by position: genes, told values, state (lost runs left out)."""
     return {
         t.user_attrs[POSITION]: (t.params, t.values, t.state)
-        for t in search_trials(load(path)) if ranking.counts_toward_budget(t)
+        for t in search_trials(stored_study(path)) if ranking.counts_toward_budget(t)
     }
 
 
 def final_recipe(path: Path) -> dict:
-    study = load(path)
+    study = stored_study(path)
     return study.get_trials()[study.user_attrs["final_trial"]].user_attrs["recipe"]
 
 
@@ -180,7 +180,7 @@ def test_a_killed_and_resumed_study_ends_like_an_uninterrupted_one(
     result = run_study(load_study(paths["killed"]), quiet=True)
     assert result.done == trials and result.finalized is not None
 
-    lost = [t for t in search_trials(load(paths["killed"]))
+    lost = [t for t in search_trials(stored_study(paths["killed"]))
             if t.user_attrs.get("failure") == ranking.DRIVER_STOPPED]
     assert len(lost) >= len(kill_at)  # the kills landed mid-search
     assert by_position(paths["killed"]) == expected
@@ -211,8 +211,8 @@ def test_parallel_draws_do_not_depend_on_which_trial_finishes_first(
         run_study(config, quiet=True, pool=pool, finalize_after=False)
     finally:
         pool.close()
-    assert lag == 3 and load(paths["ray"]).user_attrs[LAG_ATTR] == lag
-    workers = {t.user_attrs["worker"] for t in search_trials(load(paths["ray"]))}
+    assert lag == 3 and stored_study(paths["ray"]).user_attrs[LAG_ATTR] == lag
+    workers = {t.user_attrs["worker"] for t in search_trials(stored_study(paths["ray"]))}
     assert len(workers) == 2  # both workers ran trials
 
     inline = load_study(paths["inline"])

@@ -20,12 +20,12 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from search import ranking, storage
+from search import ranking
 from search.cli import main
 from search.config import load_study
 from search.progress import Progress, ProgressState, RunRecord, throughput
 from tests.checkpoints import TinyFamily
-from tests.studies import write_study
+from tests.studies import stored_study, write_study
 
 PROGRESS = re.compile(r"^(\d+)/(\d+) search trials done \(trial (\d+) finished\):.* ([0-9.]+) search trials/min")
 
@@ -35,18 +35,13 @@ def new(folder: Path) -> Path:
     return folder
 
 
-def stored(path: Path, out: Path | None = None) -> optuna.Study:
-    config = load_study(path, out=out)
-    return storage.load_existing_study(config.name, config.storage)
-
-
 def test_progress_status_and_finalize_use_one_budget_one_numbering_one_throughput(
     tmp_path: Path, llama_family: TinyFamily, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_study(tmp_path, llama_family, trials=5)  # the file's budget: 5
     assert main(["start", str(path), "--trials", "3"]) == 0
     out = capsys.readouterr().out
-    study = stored(path)
+    study = stored_study(path)
     searched = sorted((t for t in study.trials if ranking.kind(t) == ranking.KIND_SEARCH), key=lambda t: t.number)
     baselines = ranking.baseline_trials(study.trials)
     assert min(t.number for t in searched) == len(baselines)  # Optuna numbers count the baselines first
@@ -132,7 +127,7 @@ def test_quiet_start_prints_nothing_not_even_optunas_log(
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (done.stdout, done.stderr) == ("", "")
-    assert isinstance(stored(quiet).user_attrs.get("final_trial"), int)  # it did run
+    assert isinstance(stored_study(quiet).user_attrs.get("final_trial"), int)  # it did run
 
 
 def test_seed_and_sampler_on_the_command_line_run_a_variant_of_one_study_file(
@@ -142,7 +137,7 @@ def test_seed_and_sampler_on_the_command_line_run_a_variant_of_one_study_file(
     variant = tmp_path / "random-seed3"
     # random uses no population: the file's `population = 4` does not stand in the way.
     assert main(["start", str(path), "--sampler", "random", "--seed", "3", "--out", str(variant), "--quiet"]) == 0
-    study = stored(path, out=variant)
+    study = stored_study(path, out=variant)
     assert (study.user_attrs["sampler"], study.user_attrs["seed"]) == ("random", 3)
     # The same trials as a study file that says sampler = "random", seed = 3.
     reference = write_study(new(tmp_path / "ref"), llama_family, trials=2, sampler="random", seed=3)
@@ -151,7 +146,7 @@ def test_seed_and_sampler_on_the_command_line_run_a_variant_of_one_study_file(
     def genes(s: optuna.Study) -> list[dict[str, object]]:
         return [t.params for t in sorted(ranking.search_trials(s.trials), key=lambda t: t.number)]
 
-    assert genes(study) == genes(stored(reference)) and len(genes(study)) == 2
+    assert genes(study) == genes(stored_study(reference)) and len(genes(study)) == 2
     assert main(["status", str(path), "--out", str(variant)]) == 0
     assert "sampler random, seed 3" in capsys.readouterr().out
     # population applies to the samplers that use one

@@ -20,7 +20,7 @@ from fitness.gates import GateSpec
 from fitness.slices import EncodedSlice, load_task
 from fitness.spec import TaskSpec
 from fitness.subset import subset_indices
-from tests.checkpoints import VOCAB, tiny_tokenizer
+from tests.checkpoints import VOCAB, tiny_tokenizer, word_tokenizer
 
 Row = dict[str, object]
 
@@ -221,12 +221,7 @@ def test_empty_answer_names_file_row_and_field(tmp_path: Path, tokenizer: PreTra
 
 def test_answer_that_tokenizes_to_nothing_is_named(tmp_path: Path) -> None:
     # a tokenizer whose normaliser deletes "!" turns the answer "!!" into no tokens
-    vocab = {word: i for i, word in enumerate([*VOCAB, "="])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Replace("!", "")
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = word_tokenizer([*VOCAB, "="], normalizers.Replace("!", ""))
     rows = toy_rows(3)
     rows[2]["answer"] = "!!"
     search = write_jsonl(tmp_path / "s.jsonl", rows)

@@ -23,7 +23,7 @@ from search.errors import StudyConfigError
 from search.samplers import POSITION
 from search.warm_start import PLAN_ATTR, WARM_ATTR
 from tests.checkpoints import TinyFamily
-from tests.studies import write_study
+from tests.studies import stored_study, write_study
 
 
 def with_study_keys(path: Path, lines: str) -> Path:
@@ -33,9 +33,7 @@ def with_study_keys(path: Path, lines: str) -> Path:
 
 
 def search_by_position(path: Path) -> list[FrozenTrial]:
-    config = load_study(path)
-    study = storage.load_existing_study(config.name, config.storage)
-    trials = [t for t in study.get_trials() if ranking.kind(t) == ranking.KIND_SEARCH]
+    trials = [t for t in stored_study(path).get_trials() if ranking.kind(t) == ranking.KIND_SEARCH]
     return sorted(trials, key=lambda t: (t.user_attrs[POSITION], t.number))
 
 

@@ -148,11 +148,7 @@ def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
     stacked = torch.stack(weighted)
     if job.consensus:
         w = torch.tensor(list(job.weights), dtype=dtype, device=device).unsqueeze(-1)
-        majority = (stacked.sum(dim=0) >= 0).to(dtype) * 2 - 1
-        mask = stacked.sign() == majority
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mixed, divisor = consensus_mix(stacked, w)
     else:
         mixed = stacked.sum(dim=0)
         divisor = torch.tensor(job.divisor, dtype=dtype, device=device)
@@ -162,6 +158,19 @@ def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
         mixed = mixed * job.lam
     assert base is not None, "task-vector merges need a base"
     return base + mixed
+
+
+def consensus_mix(stacked: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mergekit's TIES sign election over the weighted deltas ``stacked`` (weights ``w``, shaped to
+    broadcast against it): per entry the majority sign is the sum's (0 counts as +), only deltas of
+    that sign count (a zero never does). Returns their sum and their weights' sum (0 -> 1), what
+    ``normalize`` divides by. The C kernel's ``consensus`` branch is the same rule."""
+    majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
+    mask = stacked.sign() == majority
+    mixed = (stacked * mask).sum(dim=0)
+    divisor = (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
 
 
 def masked_l1_eager(job: FusedJob, i: int) -> float:

@@ -15,7 +15,7 @@ import torch
 
 from merges.errors import RecipeError
 from merges.methods import sparsify
-from merges.methods.fused import FusedJob
+from merges.methods.fused import FusedJob, consensus_mix
 from merges.methods.planning import Plan, RankKey, TensorContext
 from merges.methods.registry import FAMILY
 
@@ -33,12 +33,7 @@ def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequenc
         w.unsqueeze_(-1)
     stacked.mul_(w)
     if consensus:
-        sign = stacked.sign()
-        majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-        mask = sign == majority  # zero entries never count
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mixed, divisor = consensus_mix(stacked, w)
     else:
         mixed = stacked.sum(dim=0)
         divisor = w.sum(dim=0)
