@@ -242,7 +242,6 @@ def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
 def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: float,
                  descending: bool, keys: torch.Tensor | None = None,
                  scratch: torch.Tensor | None = None, blocked: bool = True) -> torch.Tensor | None:
-    """``blocked`` False: Hoare's scalar partition loop alone (the reference, and the old speed)."""
     n = magnitudes.numel()
     keys = torch.empty(n, dtype=torch.int32) if keys is None else keys[:n]
     scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]  # a word per entry
@@ -292,30 +291,35 @@ def _agrees_with_torch() -> bool:
     return True
 
 
-def window_keys(delta: torch.Tensor, lo: int, hi: int, *, descending: bool) -> torch.Tensor | None:
+def window_keys(delta: torch.Tensor, lo: int, hi: int, *, descending: bool, blocked: bool = True
+                ) -> torch.Tensor | None:
     """int32 keys of ``delta``'s entries (flat): ``lo`` for each entry whose position in
     mergekit's sort of ``|delta|`` (float32; ``descending`` for TIES, ascending for
     breadcrumbs) lies in ``[lo, hi)``, ``DROPPED`` for the others, so ``lo <= key < hi``
-    keeps exactly mergekit's entries. None when the replay cannot be used (module docstring)."""
+    keeps exactly mergekit's entries. None when the replay cannot be used (module docstring).
+    ``blocked`` False: the partitions by Hoare's scalar loop alone (the same keys, slower: the
+    reference for tests and benchmarks)."""
     if delta.device.type != "cpu" or delta.numel() >= DROPPED or not _agrees_with_torch():
         return None
     lib = _library()
     assert lib is not None
     # float32 as mergekit sorts; the replay takes |.| itself (no copy of a float32 delta)
-    return _replay(lib, delta.reshape(-1).float().contiguous(), lo, hi, descending)
+    return _replay(lib, delta.reshape(-1).float().contiguous(), lo, hi, descending, blocked)
 
 
 def tied_cut_keys(delta: torch.Tensor, keep: int, tied: float, *, descending: bool,
-                  keys: torch.Tensor | None = None, scratch: torch.Tensor | None = None
-                  ) -> torch.Tensor | None:
+                  keys: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                  blocked: bool = True) -> torch.Tensor | None:
     """``window_keys(delta, 0, keep, descending=...)`` where the cut lies inside the run of
     magnitudes equal to ``tied`` (the value at sorted positions ``keep - 1`` and ``keep``):
     the same keys (0 kept, ``DROPPED`` not) from a replay that carries only the tied entries'
     indices (4 bytes of scratch per entry, not 8). None when the replay cannot be used, or
     ``tied`` is not the value at that cut. ``keys`` (the result) and ``scratch``: int32 buffers
-    of at least ``delta.numel()`` entries to reuse instead of allocating."""
+    of at least ``delta.numel()`` entries to reuse instead of allocating; ``blocked`` as for
+    ``window_keys``."""
     if delta.device.type != "cpu" or delta.numel() >= DROPPED or not _agrees_with_torch():
         return None
     lib = _library()
     assert lib is not None
-    return _replay_tied(lib, delta.reshape(-1).float().contiguous(), keep, tied, descending, keys, scratch)
+    return _replay_tied(lib, delta.reshape(-1).float().contiguous(), keep, tied, descending, keys, scratch,
+                        blocked)
