@@ -49,6 +49,55 @@ typedef struct { float v; int32_t i; } pair_t;
 #define BLOCK ${BLOCK}
 
 static int straddles(int64_t first, int64_t last, int64_t cut) { return first < cut && cut < last; }
+
+/* ``blocked``: 0 Hoare's scalar loop alone (the reference), 1 blocks scanned one entry at a time,
+   2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1) */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VECTOR_SCANS 1
+/* the offsets of a byte mask's set bits, packed from the low byte up */
+static const uint64_t MASK_OFFSETS[256] = { ${MASK_OFFSETS} };
+
+/* a block's left stoppers (not before the pivot) among x[0, BLOCK), as the scalar scan finds them:
+   a word's key is its bits or, flagged (the sign bit), ``tied``, so a blend on the sign bit forms
+   it; keys are below 2^31, so the signed compares order them as the unsigned ones do.
+   ``off`` has 8 bytes to spare (each step stores 8 offsets, keeps popcount of them). */
+__attribute__((target("avx2,popcnt")))
+static int word_scan_left_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, int desc, uint8_t* off) {
+    const __m256 p = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)pivot));
+    const __m256 tv = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)t));
+    int n = 0;
+    for (int j = 0; j < BLOCK; j += 8) {
+        __m256 v = _mm256_loadu_ps((const float*)(x + j));
+        __m256i k = _mm256_castps_si256(_mm256_blendv_ps(v, tv, v));
+        __m256i before = desc ? _mm256_cmpgt_epi32(k, _mm256_castps_si256(p)) : _mm256_cmpgt_epi32(_mm256_castps_si256(p), k);
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(before)) & 0xffu;
+        uint64_t o = MASK_OFFSETS[m] + 0x0101010101010101ull * (uint64_t)j;
+        memcpy(off + n, &o, 8);
+        n += __builtin_popcount(m);
+    }
+    return n;
+}
+
+/* the right stoppers (not after the pivot) among x[0], x[-1], ..., x[1 - BLOCK], offset j for x[-j] */
+__attribute__((target("avx2,popcnt")))
+static int word_scan_right_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, int desc, uint8_t* off) {
+    const __m256 p = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)pivot));
+    const __m256 tv = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)t));
+    const __m256i reverse = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    int n = 0;
+    for (int j = 0; j < BLOCK; j += 8) {
+        __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float*)(x - j - 7)), reverse);
+        __m256i k = _mm256_castps_si256(_mm256_blendv_ps(v, tv, v));
+        __m256i after = desc ? _mm256_cmpgt_epi32(_mm256_castps_si256(p), k) : _mm256_cmpgt_epi32(k, _mm256_castps_si256(p));
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(after)) & 0xffu;
+        uint64_t o = MASK_OFFSETS[m] + 0x0101010101010101ull * (uint64_t)j;
+        memcpy(off + n, &o, 8);
+        n += __builtin_popcount(m);
+    }
+    return n;
+}
+#endif
 """
 
 # The replay over one element type: ${P} prefixes its names, ${T} is the element, ${K} what it
@@ -65,6 +114,25 @@ static void ${P}median_to_first(${T}* x, int64_t r, int64_t a, int64_t b, int64_
     } else if (BEFORE(desc, ka, kc)) ${P}swap(x, r, a);
     else if (BEFORE(desc, kb, kc)) ${P}swap(x, r, c);
     else ${P}swap(x, r, b);
+}
+
+/* the offsets j of the entries x[j], j in [0, BLOCK), that stop Hoare's left scan (not before
+   the pivot), ascending, without a branch per entry; their count */
+static inline __attribute__((always_inline)) int ${P}scan_left(const ${T}* x, ${K} pivot, uint32_t t, const int desc,
+                                                               int blocked, uint8_t* off) {
+    ${VECTOR_LEFT}
+    int n = 0;
+    for (int j = 0; j < BLOCK; ++j) { off[n] = (uint8_t)j; n += !BEFORE(desc, ${KEY}(x[j], t), pivot); }
+    return n;
+}
+
+/* likewise the entries x[-j] that stop the right scan (not after the pivot) */
+static inline __attribute__((always_inline)) int ${P}scan_right(const ${T}* x, ${K} pivot, uint32_t t, const int desc,
+                                                                int blocked, uint8_t* off) {
+    ${VECTOR_RIGHT}
+    int n = 0;
+    for (int j = 0; j < BLOCK; ++j) { off[n] = (uint8_t)j; n += !BEFORE(desc, pivot, ${KEY}(x[-j], t)); }
+    return n;
 }
 
 /* std::__unguarded_partition_pivot on [first, last) (more than 16 entries), the same swaps in
@@ -87,18 +155,18 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
         int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
         int64_t bl = 0, br = 0;    /* the buffered stoppers: bl + offl[sl..nl), br - offr[sr..nr) */
         int nl = 0, nr = 0, sl = 0, sr = 0;
-        uint8_t offl[BLOCK], offr[BLOCK];
+        uint8_t offl[BLOCK + 8], offr[BLOCK + 8];  /* 8 to spare for the vector scans' stores */
         for (;;) {
             if (sl == nl) {
                 if (rs - ls < BLOCK) break;
-                bl = ls; nl = sl = 0;
-                for (int j = 0; j < BLOCK; ++j) { offl[nl] = (uint8_t)j; nl += !BEFORE(desc, ${KEY}(x[bl + j], t), pivot); }
+                bl = ls; sl = 0;
+                nl = ${P}scan_left(x + bl, pivot, t, desc, blocked, offl);
                 ls += BLOCK;
             }
             if (sr == nr) {
                 if (rs - ls < BLOCK) break;
-                br = rs - 1; nr = sr = 0;
-                for (int j = 0; j < BLOCK; ++j) { offr[nr] = (uint8_t)j; nr += !BEFORE(desc, pivot, ${KEY}(x[br - j], t)); }
+                br = rs - 1; sr = 0;
+                nr = ${P}scan_right(x + br, pivot, t, desc, blocked, offr);
                 rs -= BLOCK;
             }
             int m = nl - sl < nr - sr ? nl - sl : nr - sr;
@@ -180,22 +248,33 @@ int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int3
    keys[i] = 0 where |values[i]| ends in sorted positions [0, keep), else 2^31 - 1; 0 on success,
    -1 where the replay stops (heapsort), -2 when the cut does not lie inside that run or a value
    is NaN */
-int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
-                      int32_t* keys, uint32_t* scratch, int32_t blocked) {
-    int64_t before = 0, equal = 0;
+/* the words and the untied entries' keys, with the counts before and equal to ``tied`` and of
+   NaNs; a loop without an exit, so that it vectorises (the replay's other passes are scans) */
+typedef uint32_t __attribute__((may_alias)) float_bits_t;  /* a float's bits, read in place */
+
+__attribute__((optimize("tree-vectorize")))
+static void words_of(const float_bits_t* values, int64_t n, int desc, uint32_t tied, int32_t* keys,
+                     uint32_t* scratch, int64_t* before, int64_t* equal, int64_t* nans) {
+    int64_t b = 0, e = 0, nan = 0;
     for (int64_t i = 0; i < n; ++i) {
-        uint32_t bits;
-        float v = values[i];
-        memcpy(&bits, &v, 4);
-        bits &= 0x7fffffffu;
-        if (bits > 0x7f800000u) return -2;  /* NaN: not ordered like a bit pattern */
-        int is_tied = bits == tied;
-        int is_before = desc ? bits > tied : bits < tied;
+        uint32_t bits = values[i] & 0x7fffffffu;
+        nan += bits > 0x7f800000u;
+        uint32_t is_tied = bits == tied;
+        uint32_t is_before = desc ? bits > tied : bits < tied;
         scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
         keys[i] = is_before ? 0 : 2147483647;
-        before += is_before;
-        equal += is_tied;
+        b += is_before;
+        e += is_tied;
     }
+    *before = b; *equal = e; *nans = nan;
+}
+
+int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
+                      int32_t* keys, uint32_t* scratch, int32_t blocked) {
+    int64_t before, equal, nans;
+    if (desc) words_of((const float_bits_t*)values, n, 1, tied, keys, scratch, &before, &equal, &nans);
+    else words_of((const float_bits_t*)values, n, 0, tied, keys, scratch, &before, &equal, &nans);
+    if (nans) return -2;  /* NaN: not ordered like a bit pattern */
     if (!(before < keep && keep < before + equal)) return -2;
     if (n > 1 && word_select_range(scratch, 0, n, word_depth_limit(n), desc, 0, keep, tied, blocked)) return -1;
     for (int64_t p = 0; p < keep; ++p)
@@ -204,9 +283,17 @@ int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc
 }
 """
 
-_C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK)
-             + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY")
-             + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY")
+_MASK_OFFSETS = ", ".join(
+    hex(sum(j << (8 * rank) for rank, j in enumerate(b for b in range(8) if mask >> b & 1))) + "ull"
+    for mask in range(256))
+_VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 2 && __builtin_cpu_supports(\"avx2\")) "
+                "return word_scan_{side}_avx2(x, pivot, t, desc, off);\n#endif")
+_C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
+             + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY",
+                                                     VECTOR_LEFT="", VECTOR_RIGHT="")
+             + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY",
+                                                     VECTOR_LEFT=_VECTOR_SCAN.format(side="left"),
+                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"))
              + _C_ENTRY_POINTS)
 
 
@@ -235,7 +322,7 @@ def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
     keys = torch.empty(n, dtype=torch.int32)
     scratch = torch.empty(2 * n, dtype=torch.int32)  # (float, int32) pairs
     status = lib.window_keys(magnitudes.data_ptr(), n, lo, hi, int(descending), keys.data_ptr(),
-                             scratch.data_ptr(), int(blocked))
+                             scratch.data_ptr(), 2 if blocked else 0)
     return keys if status == 0 else None
 
 
@@ -248,7 +335,7 @@ def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: fl
     assert keys.dtype == scratch.dtype == torch.int32 and keys.is_contiguous() and scratch.is_contiguous()
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     status = lib.tied_cut_keys(magnitudes.data_ptr(), n, keep, int(descending), bits, keys.data_ptr(),
-                               scratch.data_ptr(), int(blocked))
+                               scratch.data_ptr(), 2 if blocked else 0)
     return keys if status == 0 else None
 
 
