@@ -28,7 +28,7 @@ import torch
 from merges.methods.native import build_library
 
 DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
-PARTITION_BLOCK = 128  # entries per block of the partition's branch-free scans (offsets fit a uint8_t)
+PARTITION_BLOCK = 128  # entries per block of the partition's scans: a multiple of 8 (the vector step), <= 256 (uint8_t offsets)
 
 _C_HEADER = r"""
 #include <stdint.h>
@@ -61,7 +61,7 @@ static const uint64_t MASK_OFFSETS[256] = { ${MASK_OFFSETS} };
 /* a block's left stoppers (not before the pivot) among x[0, BLOCK), as the scalar scan finds them:
    a word's key is its bits or, flagged (the sign bit), ``tied``, so a blend on the sign bit forms
    it; keys are below 2^31, so the signed compares order them as the unsigned ones do.
-   ``off`` has 8 bytes to spare (each step stores 8 offsets, keeps popcount of them). */
+   Each step stores 8 offsets at off + n and keeps popcount of them; n <= j, so within the block. */
 __attribute__((target("avx2,popcnt")))
 static int word_scan_left_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, int desc, uint8_t* off) {
     const __m256 p = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)pivot));
@@ -155,7 +155,7 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
         int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
         int64_t bl = 0, br = 0;    /* the buffered stoppers: bl + offl[sl..nl), br - offr[sr..nr) */
         int nl = 0, nr = 0, sl = 0, sr = 0;
-        uint8_t offl[BLOCK + 8], offr[BLOCK + 8];  /* 8 to spare for the vector scans' stores */
+        uint8_t offl[BLOCK], offr[BLOCK];
         for (;;) {
             if (sl == nl) {
                 if (rs - ls < BLOCK) break;
