@@ -1,9 +1,11 @@
 """One tied cut of the 1.1B family (``merge_speed --size 1b``): tie_order's replay vs a full sort.
 
 ``lm_head.weight`` of source0 minus the base (65.5M entries, bf16 on disk, float32 arithmetic),
-TIES density 0.5: ``tie_order.window_keys`` against ``sparsify.descending_ranks`` (argsort and
-sort positions: what the lean plan did per tied tensor before), kept entries compared. Peak RSS
-about 2.2 GB::
+TIES density 0.5: ``tie_order.window_keys`` ((value, index) pairs) and ``tied_cut_keys`` (one
+word per entry: what the lean plan runs), each with the block partition and with Hoare's scalar
+loop (``blocked=False``: the replay before the blocks), against ``sparsify.descending_ranks``
+(argsort and sort positions: what the lean plan did per tied tensor before the replay), kept
+entries compared (the replays are single-threaded C). Peak RSS about 2.2 GB (once the family is built)::
 
     python -m benchmarks.tie_order_1b
 """
@@ -21,7 +23,7 @@ import torch
 from benchmarks.merge_speed import REPO, SIZES, build_family
 from merges.checkpoint import open_checkpoint
 from merges.methods import sparsify
-from merges.methods.tie_order import DROPPED, window_keys
+from merges.methods.tie_order import DROPPED, tied_cut_keys, window_keys
 
 NAME = "lm_head.weight"
 DENSITY = 0.5
@@ -37,16 +39,31 @@ def main() -> int:
     keep = sparsify.magnitude_keep_count(DENSITY, n)
     ascending = torch.from_numpy(np.sort(delta.abs().numpy()))
     tied = sparsify.magnitude_band(ascending, keep) is None
+    tied_value = float(ascending[n - 1 - keep])  # descending position keep: the cut's magnitude
     del ascending
-    started = time.perf_counter()
-    keys = window_keys(delta, 0, keep, descending=True)
-    replay_s = time.perf_counter() - started
+    timings: dict[str, float] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for blocked in (False, True):
+        name = "blocks" if blocked else "scalar"
+        started = time.perf_counter()
+        keys = window_keys(delta, 0, keep, descending=True, blocked=blocked)
+        timings[f"pairs, {name}"] = time.perf_counter() - started
+        kept[f"pairs, {name}"] = keys != DROPPED if keys is not None else torch.zeros(0, dtype=torch.bool)
+        if tied:
+            started = time.perf_counter()
+            keys = tied_cut_keys(delta, keep, tied_value, descending=True, blocked=blocked)
+            timings[f"words, {name}"] = time.perf_counter() - started
+            kept[f"words, {name}"] = keys != DROPPED if keys is not None else torch.zeros(0, dtype=torch.bool)
+        del keys
     started = time.perf_counter()
     ranks = sparsify.descending_ranks(delta)
     sort_s = time.perf_counter() - started
-    same = keys is not None and torch.equal(keys != DROPPED, ranks < keep)
-    print(f"{NAME}: {n} entries, {int((delta == 0).sum())} zero, cut tied: {tied}; replay "
-          f"{replay_s:.2f} s, argsort + positions {sort_s:.2f} s, same kept entries: {same}; "
+    reference = ranks < keep
+    same = all(torch.equal(k, reference) for k in kept.values())
+    replays = "; ".join(f"{name} {seconds:.2f} s ({seconds / n * 1e9:.1f} ns/entry)"
+                        for name, seconds in timings.items())
+    print(f"{NAME}: {n} entries, {int((delta == 0).sum())} zero, cut tied: {tied}; replay {replays}; "
+          f"argsort + positions {sort_s:.2f} s, same kept entries: {same}; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0 if same else 1
 

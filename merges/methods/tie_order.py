@@ -20,6 +20,7 @@ depth limit would switch to heapsort inside a cut's range, or the tensor is not 
 from __future__ import annotations
 
 import ctypes
+import string
 from functools import lru_cache
 
 import torch
@@ -27,8 +28,9 @@ import torch
 from merges.methods.native import build_library
 
 DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
+PARTITION_BLOCK = 128  # entries per block of the partition's scans: a multiple of 8 (the vector step), <= 256 (uint8_t offsets)
 
-_C_SOURCE = r"""
+_C_HEADER = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,71 +38,204 @@ _C_SOURCE = r"""
 
 typedef struct { float v; int32_t i; } pair_t;
 
-/* comp(a, b): a goes before b (torch's KeyValueCompDesc / KeyValueCompAsc on finite values) */
-#define BEFORE(desc, a, b) ((desc) ? (a).v > (b).v : (a).v < (b).v)
+/* What one entry compares as: a (value, index) pair by its value (torch's KeyValueCompDesc /
+   KeyValueCompAsc on finite values); a word (below) by its bits, or ``tied`` for a flagged one,
+   branch-free (no select per compare in the block scans). */
+#define TIED_FLAG 0x80000000u
+#define PAIR_KEY(e, tied) ((e).v)
+#define WORD_KEY(e, tied) ((e) ^ (((e) ^ (tied)) & (uint32_t)-(int32_t)((e) >> 31)))
+/* comp(a, b) on keys: a goes before b */
+#define BEFORE(desc, a, b) ((desc) ? (a) > (b) : (a) < (b))
+#define BLOCK ${BLOCK}
 
-static inline void swap_pairs(pair_t* x, int64_t a, int64_t b) { pair_t t = x[a]; x[a] = x[b]; x[b] = t; }
+static int straddles(int64_t first, int64_t last, int64_t cut) { return first < cut && cut < last; }
 
-static void median_to_first(pair_t* x, int64_t r, int64_t a, int64_t b, int64_t c, int desc) {
-    if (BEFORE(desc, x[a], x[b])) {
-        if (BEFORE(desc, x[b], x[c])) swap_pairs(x, r, b);
-        else if (BEFORE(desc, x[a], x[c])) swap_pairs(x, r, c);
-        else swap_pairs(x, r, a);
-    } else if (BEFORE(desc, x[a], x[c])) swap_pairs(x, r, a);
-    else if (BEFORE(desc, x[b], x[c])) swap_pairs(x, r, c);
-    else swap_pairs(x, r, b);
+/* ``blocked``: 0 Hoare's scalar loop alone (the reference), 1 blocks scanned one entry at a time,
+   2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1) */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VECTOR_SCANS 1
+/* the offsets of a byte mask's set bits, packed from the low byte up */
+static const uint64_t MASK_OFFSETS[256] = { ${MASK_OFFSETS} };
+
+/* a block's left stoppers (not before the pivot) among x[0, BLOCK), as the scalar scan finds them:
+   a word's key is its bits or, flagged (the sign bit), ``tied``, so a blend on the sign bit forms
+   it; keys are below 2^31, so the signed compares order them as the unsigned ones do.
+   Each step stores 8 offsets at off + n and keeps popcount of them; n <= j, so within the block. */
+__attribute__((target("avx2,popcnt")))
+static int word_scan_left_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, int desc, uint8_t* off) {
+    const __m256 p = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)pivot));
+    const __m256 tv = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)t));
+    int n = 0;
+    for (int j = 0; j < BLOCK; j += 8) {
+        __m256 v = _mm256_loadu_ps((const float*)(x + j));
+        __m256i k = _mm256_castps_si256(_mm256_blendv_ps(v, tv, v));
+        __m256i before = desc ? _mm256_cmpgt_epi32(k, _mm256_castps_si256(p)) : _mm256_cmpgt_epi32(_mm256_castps_si256(p), k);
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(before)) & 0xffu;
+        uint64_t o = MASK_OFFSETS[m] + 0x0101010101010101ull * (uint64_t)j;
+        memcpy(off + n, &o, 8);
+        n += __builtin_popcount(m);
+    }
+    return n;
 }
 
-static int64_t partition_pivot(pair_t* x, int64_t first, int64_t last, int desc) {
+/* the right stoppers (not after the pivot) among x[0], x[-1], ..., x[1 - BLOCK], offset j for x[-j] */
+__attribute__((target("avx2,popcnt")))
+static int word_scan_right_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, int desc, uint8_t* off) {
+    const __m256 p = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)pivot));
+    const __m256 tv = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)t));
+    const __m256i reverse = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    int n = 0;
+    for (int j = 0; j < BLOCK; j += 8) {
+        __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float*)(x - j - 7)), reverse);
+        __m256i k = _mm256_castps_si256(_mm256_blendv_ps(v, tv, v));
+        __m256i after = desc ? _mm256_cmpgt_epi32(_mm256_castps_si256(p), k) : _mm256_cmpgt_epi32(k, _mm256_castps_si256(p));
+        unsigned m = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(after)) & 0xffu;
+        uint64_t o = MASK_OFFSETS[m] + 0x0101010101010101ull * (uint64_t)j;
+        memcpy(off + n, &o, 8);
+        n += __builtin_popcount(m);
+    }
+    return n;
+}
+#endif
+"""
+
+# The replay over one element type: ${P} prefixes its names, ${T} is the element, ${K} what it
+# compares as, ${KEY} the macro that reads it (one body for pairs and words, instantiated twice).
+_C_REPLAY = r"""
+static inline void ${P}swap(${T}* x, int64_t a, int64_t b) { ${T} s = x[a]; x[a] = x[b]; x[b] = s; }
+
+static void ${P}median_to_first(${T}* x, int64_t r, int64_t a, int64_t b, int64_t c, int desc, uint32_t t) {
+    ${K} ka = ${KEY}(x[a], t), kb = ${KEY}(x[b], t), kc = ${KEY}(x[c], t);
+    if (BEFORE(desc, ka, kb)) {
+        if (BEFORE(desc, kb, kc)) ${P}swap(x, r, b);
+        else if (BEFORE(desc, ka, kc)) ${P}swap(x, r, c);
+        else ${P}swap(x, r, a);
+    } else if (BEFORE(desc, ka, kc)) ${P}swap(x, r, a);
+    else if (BEFORE(desc, kb, kc)) ${P}swap(x, r, c);
+    else ${P}swap(x, r, b);
+}
+
+/* the offsets j of the entries x[j], j in [0, BLOCK), that stop Hoare's left scan (not before
+   the pivot), ascending, without a branch per entry; their count */
+static inline __attribute__((always_inline)) int ${P}scan_left(const ${T}* x, ${K} pivot, uint32_t t, const int desc,
+                                                               int blocked, uint8_t* off) {
+    ${VECTOR_LEFT}
+    int n = 0;
+    for (int j = 0; j < BLOCK; ++j) { off[n] = (uint8_t)j; n += !BEFORE(desc, ${KEY}(x[j], t), pivot); }
+    return n;
+}
+
+/* likewise the entries x[-j] that stop the right scan (not after the pivot) */
+static inline __attribute__((always_inline)) int ${P}scan_right(const ${T}* x, ${K} pivot, uint32_t t, const int desc,
+                                                                int blocked, uint8_t* off) {
+    ${VECTOR_RIGHT}
+    int n = 0;
+    for (int j = 0; j < BLOCK; ++j) { off[n] = (uint8_t)j; n += !BEFORE(desc, pivot, ${KEY}(x[-j], t)); }
+    return n;
+}
+
+/* std::__unguarded_partition_pivot on [first, last) (more than 16 entries), the same swaps in
+   the same places. Hoare pairs the k-th entry that stops its left scan (not before the pivot)
+   with the k-th that stops its right scan (not after it) for as long as the first lies left of
+   the second; while the two scanned stretches do not meet, every left stopper lies left of every
+   right stopper, so the stoppers are found a block at a time without a branch per entry
+   (BlockQuicksort, Edelkamp & Weiss) and swapped in pairs. Where less than a block is left
+   between the stretches, Hoare's own loop resumes from its state after the last swap (which it
+   scans again where buffered stoppers were not paired); that swap's pair are its sentinels, or
+   the median-of-three's two others when none happened. ``blocked`` 0: Hoare's loop alone (the
+   reference the tests hold the blocks to). */
+static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
+        ${T}* x, int64_t first, int64_t last, const int desc, uint32_t t, int blocked) {
     int64_t mid = first + (last - first) / 2;
-    median_to_first(x, first, first + 1, mid, last - 1, desc);
-    pair_t pivot = x[first];
-    int64_t lo = first + 1, hi = last;
+    ${P}median_to_first(x, first, first + 1, mid, last - 1, desc, t);
+    const ${K} pivot = ${KEY}(x[first], t);
+    int64_t lo = first + 1, hi = last;  /* Hoare's state after the last swap */
+    if (blocked) {
+        int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
+        int64_t bl = 0, br = 0;    /* the buffered stoppers: bl + offl[sl..nl), br - offr[sr..nr) */
+        int nl = 0, nr = 0, sl = 0, sr = 0;
+        uint8_t offl[BLOCK], offr[BLOCK];
+        for (;;) {
+            if (sl == nl) {
+                if (rs - ls < BLOCK) break;
+                bl = ls; sl = 0;
+                nl = ${P}scan_left(x + bl, pivot, t, desc, blocked, offl);
+                ls += BLOCK;
+            }
+            if (sr == nr) {
+                if (rs - ls < BLOCK) break;
+                br = rs - 1; sr = 0;
+                nr = ${P}scan_right(x + br, pivot, t, desc, blocked, offr);
+                rs -= BLOCK;
+            }
+            int m = nl - sl < nr - sr ? nl - sl : nr - sr;
+            for (int k = 0; k < m; ++k) ${P}swap(x, bl + offl[sl + k], br - offr[sr + k]);
+            if (m) { lo = bl + offl[sl + m - 1] + 1; hi = br - offr[sr + m - 1]; }
+            sl += m; sr += m;
+        }
+    }
     for (;;) {
-        while (BEFORE(desc, x[lo], pivot)) ++lo;
+        while (BEFORE(desc, ${KEY}(x[lo], t), pivot)) ++lo;
         --hi;
-        while (BEFORE(desc, pivot, x[hi])) --hi;
+        while (BEFORE(desc, pivot, ${KEY}(x[hi], t))) --hi;
         if (!(lo < hi)) return lo;
-        swap_pairs(x, lo, hi);
+        ${P}swap(x, lo, hi);
         ++lo;
     }
 }
 
+/* the direction a constant in each copy (the scans' compares then need no select) */
+static int64_t ${P}partition_pivot(${T}* x, int64_t first, int64_t last, int desc, uint32_t t, int blocked) {
+    return desc ? ${P}partition_impl(x, first, last, 1, t, blocked) : ${P}partition_impl(x, first, last, 0, t, blocked);
+}
+
 /* the final insertion sort's effect on one range of at most 16 (stable) */
-static void insertion_sort(pair_t* x, int64_t first, int64_t last, int desc) {
+static void ${P}insertion_sort(${T}* x, int64_t first, int64_t last, int desc, uint32_t t) {
     for (int64_t i = first + 1; i < last; ++i) {
-        pair_t v = x[i];
+        ${T} v = x[i];
+        ${K} kv = ${KEY}(v, t);
         int64_t j = i;
-        while (j > first && BEFORE(desc, v, x[j - 1])) { x[j] = x[j - 1]; --j; }
+        while (j > first && BEFORE(desc, kv, ${KEY}(x[j - 1], t))) { x[j] = x[j - 1]; --j; }
         x[j] = v;
     }
 }
 
-static int straddles(int64_t first, int64_t last, int64_t cut) { return first < cut && cut < last; }
-
 /* std::__introsort_loop on [first, last), descending only into ranges that hold a cut;
    -1 where std::sort would switch to heapsort there (not replayed) */
-static int select_range(pair_t* x, int64_t first, int64_t last, int depth, int desc,
-                        int64_t lo, int64_t hi) {
+static int ${P}select_range(${T}* x, int64_t first, int64_t last, int depth, int desc, int64_t lo, int64_t hi,
+                            uint32_t t, int blocked) {
     while (last - first > 16) {
         if (!straddles(first, last, lo) && !straddles(first, last, hi)) return 0;
         if (depth == 0) return -1;
         --depth;
-        int64_t cut = partition_pivot(x, first, last, desc);
-        if (select_range(x, cut, last, depth, desc, lo, hi)) return -1;
+        int64_t cut = ${P}partition_pivot(x, first, last, desc, t, blocked);
+        if (${P}select_range(x, cut, last, depth, desc, lo, hi, t, blocked)) return -1;
         last = cut;
     }
-    if (straddles(first, last, lo) || straddles(first, last, hi)) insertion_sort(x, first, last, desc);
+    if (straddles(first, last, lo) || straddles(first, last, hi)) ${P}insertion_sort(x, first, last, desc, t);
     return 0;
 }
 
+/* 2 * floor(log2(n)): std::sort's depth limit (std::__lg) */
+static int ${P}depth_limit(int64_t n) {
+    int depth = 0;
+    for (int64_t m = n; m > 1; m >>= 1) depth += 2;
+    return depth;
+}
+
+/* one partition of x[0, n) (n > 16), for the tests: the returned cut and x as it leaves */
+int64_t ${P}partition_once(${T}* x, int64_t n, int32_t desc, uint32_t t, int32_t blocked) {
+    return ${P}partition_pivot(x, 0, n, desc, t, blocked);
+}
+"""
+
+_C_ENTRY_POINTS = r"""
 /* keys[i] = lo where |values[i]| ends in sorted positions [lo, hi), else 2^31 - 1; 0 on success */
 int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int32_t desc,
-                    int32_t* keys, pair_t* scratch) {
+                    int32_t* keys, pair_t* scratch, int32_t blocked) {
     for (int64_t i = 0; i < n; ++i) { scratch[i].v = fabsf(values[i]); scratch[i].i = (int32_t)i; }
-    int depth = 0;
-    for (int64_t m = n; m > 1; m >>= 1) depth += 2;  /* 2 * floor(log2(n)), std::__lg */
-    if (n > 1 && select_range(scratch, 0, n, depth, desc, lo, hi)) return -1;
+    if (n > 1 && pair_select_range(scratch, 0, n, pair_depth_limit(n), desc, lo, hi, 0, blocked)) return -1;
     for (int64_t p = 0; p < n; ++p) keys[scratch[p].i] = (p >= lo && p < hi) ? (int32_t)lo : 2147483647;
     return 0;
 }
@@ -109,89 +244,57 @@ int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int3
    (bit pattern ``tied``): only those entries need their index, so each entry is one 32-bit
    word, the magnitude's bits, or TIED_FLAG | index for a tied one (which compares as ``tied``).
    Half the memory traffic of (value, index) pairs, and the same comparisons, hence the same
-   partitions. */
-#define TIED_FLAG 0x80000000u
-#define WKEY(w, tied) (((w) & TIED_FLAG) ? (tied) : (w))
-#define WBEFORE(desc, a, b, tied) ((desc) ? WKEY(a, tied) > WKEY(b, tied) : WKEY(a, tied) < WKEY(b, tied))
+   partitions.
+   keys[i] = 0 where |values[i]| ends in sorted positions [0, keep), else 2^31 - 1; 0 on success,
+   -1 where the replay stops (heapsort), -2 when the cut does not lie inside that run or a value
+   is NaN */
+/* the words and the untied entries' keys, with the counts before and equal to ``tied`` and of
+   NaNs; a loop without an exit, so that it vectorises (the replay's other passes are scans) */
+typedef uint32_t __attribute__((may_alias)) float_bits_t;  /* a float's bits, read in place */
 
-static inline void swap_words(uint32_t* x, int64_t a, int64_t b) { uint32_t t = x[a]; x[a] = x[b]; x[b] = t; }
-
-static void w_median_to_first(uint32_t* x, int64_t r, int64_t a, int64_t b, int64_t c, int desc, uint32_t t) {
-    if (WBEFORE(desc, x[a], x[b], t)) {
-        if (WBEFORE(desc, x[b], x[c], t)) swap_words(x, r, b);
-        else if (WBEFORE(desc, x[a], x[c], t)) swap_words(x, r, c);
-        else swap_words(x, r, a);
-    } else if (WBEFORE(desc, x[a], x[c], t)) swap_words(x, r, a);
-    else if (WBEFORE(desc, x[b], x[c], t)) swap_words(x, r, c);
-    else swap_words(x, r, b);
-}
-
-static int64_t w_partition_pivot(uint32_t* x, int64_t first, int64_t last, int desc, uint32_t t) {
-    int64_t mid = first + (last - first) / 2;
-    w_median_to_first(x, first, first + 1, mid, last - 1, desc, t);
-    uint32_t pivot = x[first];
-    int64_t lo = first + 1, hi = last;
-    for (;;) {
-        while (WBEFORE(desc, x[lo], pivot, t)) ++lo;
-        --hi;
-        while (WBEFORE(desc, pivot, x[hi], t)) --hi;
-        if (!(lo < hi)) return lo;
-        swap_words(x, lo, hi);
-        ++lo;
-    }
-}
-
-static void w_insertion_sort(uint32_t* x, int64_t first, int64_t last, int desc, uint32_t t) {
-    for (int64_t i = first + 1; i < last; ++i) {
-        uint32_t v = x[i];
-        int64_t j = i;
-        while (j > first && WBEFORE(desc, v, x[j - 1], t)) { x[j] = x[j - 1]; --j; }
-        x[j] = v;
-    }
-}
-
-static int w_select_range(uint32_t* x, int64_t first, int64_t last, int depth, int desc, int64_t cut,
-                          uint32_t t) {
-    while (last - first > 16) {
-        if (!straddles(first, last, cut)) return 0;
-        if (depth == 0) return -1;
-        --depth;
-        int64_t pivot = w_partition_pivot(x, first, last, desc, t);
-        if (w_select_range(x, pivot, last, depth, desc, cut, t)) return -1;
-        last = pivot;
-    }
-    if (straddles(first, last, cut)) w_insertion_sort(x, first, last, desc, t);
-    return 0;
-}
-
-/* keys[i] = 0 where |values[i]| ends in sorted positions [0, keep), else 2^31 - 1, when the
-   cut splits the run of magnitudes equal to ``tied`` (bit pattern); 0 on success, -1 where the
-   replay stops (heapsort), -2 when the cut does not lie inside that run or a value is NaN */
-int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
-                      int32_t* keys, uint32_t* scratch) {
-    int64_t before = 0, equal = 0;
+__attribute__((optimize("tree-vectorize")))
+static void words_of(const float_bits_t* values, int64_t n, int desc, uint32_t tied, int32_t* keys,
+                     uint32_t* scratch, int64_t* before, int64_t* equal, int64_t* nans) {
+    int64_t b = 0, e = 0, nan = 0;
     for (int64_t i = 0; i < n; ++i) {
-        uint32_t bits;
-        float v = values[i];
-        memcpy(&bits, &v, 4);
-        bits &= 0x7fffffffu;
-        if (bits > 0x7f800000u) return -2;  /* NaN: not ordered like a bit pattern */
-        int is_tied = bits == tied;
-        int is_before = desc ? bits > tied : bits < tied;
+        uint32_t bits = values[i] & 0x7fffffffu;
+        nan += bits > 0x7f800000u;
+        uint32_t is_tied = bits == tied;
+        uint32_t is_before = desc ? bits > tied : bits < tied;
         scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
         keys[i] = is_before ? 0 : 2147483647;
-        before += is_before;
-        equal += is_tied;
+        b += is_before;
+        e += is_tied;
     }
+    *before = b; *equal = e; *nans = nan;
+}
+
+int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
+                      int32_t* keys, uint32_t* scratch, int32_t blocked) {
+    int64_t before, equal, nans;
+    if (desc) words_of((const float_bits_t*)values, n, 1, tied, keys, scratch, &before, &equal, &nans);
+    else words_of((const float_bits_t*)values, n, 0, tied, keys, scratch, &before, &equal, &nans);
+    if (nans) return -2;  /* NaN: not ordered like a bit pattern */
     if (!(before < keep && keep < before + equal)) return -2;
-    int depth = 0;
-    for (int64_t m = n; m > 1; m >>= 1) depth += 2;
-    if (n > 1 && w_select_range(scratch, 0, n, depth, desc, keep, tied)) return -1;
+    if (n > 1 && word_select_range(scratch, 0, n, word_depth_limit(n), desc, 0, keep, tied, blocked)) return -1;
     for (int64_t p = 0; p < keep; ++p)
         if (scratch[p] & TIED_FLAG) keys[scratch[p] & ~TIED_FLAG] = 0;
     return 0;
 }
 """
+
+_MASK_OFFSETS = ", ".join(
+    hex(sum(j << (8 * rank) for rank, j in enumerate(b for b in range(8) if mask >> b & 1))) + "ull"
+    for mask in range(256))
+_VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 2 && __builtin_cpu_supports(\"avx2\")) "
+                "return word_scan_{side}_avx2(x, pivot, t, desc, off);\n#endif")
+_C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
+             + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY",
+                                                     VECTOR_LEFT="", VECTOR_RIGHT="")
+             + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY",
+                                                     VECTOR_LEFT=_VECTOR_SCAN.format(side="left"),
+                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"))
+             + _C_ENTRY_POINTS)
 
 
 @lru_cache(maxsize=1)
@@ -201,34 +304,38 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.window_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
+                                ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.window_keys.restype = ctypes.c_int64
     lib.tied_cut_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
-                                  ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]
+                                  ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.tied_cut_keys.restype = ctypes.c_int64
+    for name in ("pair_partition_once", "word_partition_once"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32,
+                                       ctypes.c_int32]
+        getattr(lib, name).restype = ctypes.c_int64
     return lib
 
 
 def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
-            descending: bool) -> torch.Tensor | None:
+            descending: bool, blocked: bool = True) -> torch.Tensor | None:
     n = magnitudes.numel()
     keys = torch.empty(n, dtype=torch.int32)
     scratch = torch.empty(2 * n, dtype=torch.int32)  # (float, int32) pairs
     status = lib.window_keys(magnitudes.data_ptr(), n, lo, hi, int(descending), keys.data_ptr(),
-                             scratch.data_ptr())
+                             scratch.data_ptr(), 2 if blocked else 0)
     return keys if status == 0 else None
 
 
 def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: float,
                  descending: bool, keys: torch.Tensor | None = None,
-                 scratch: torch.Tensor | None = None) -> torch.Tensor | None:
+                 scratch: torch.Tensor | None = None, blocked: bool = True) -> torch.Tensor | None:
     n = magnitudes.numel()
     keys = torch.empty(n, dtype=torch.int32) if keys is None else keys[:n]
     scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]  # a word per entry
     assert keys.dtype == scratch.dtype == torch.int32 and keys.is_contiguous() and scratch.is_contiguous()
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     status = lib.tied_cut_keys(magnitudes.data_ptr(), n, keep, int(descending), bits, keys.data_ptr(),
-                               scratch.data_ptr())
+                               scratch.data_ptr(), 2 if blocked else 0)
     return keys if status == 0 else None
 
 
@@ -271,30 +378,35 @@ def _agrees_with_torch() -> bool:
     return True
 
 
-def window_keys(delta: torch.Tensor, lo: int, hi: int, *, descending: bool) -> torch.Tensor | None:
+def window_keys(delta: torch.Tensor, lo: int, hi: int, *, descending: bool, blocked: bool = True
+                ) -> torch.Tensor | None:
     """int32 keys of ``delta``'s entries (flat): ``lo`` for each entry whose position in
     mergekit's sort of ``|delta|`` (float32; ``descending`` for TIES, ascending for
     breadcrumbs) lies in ``[lo, hi)``, ``DROPPED`` for the others, so ``lo <= key < hi``
-    keeps exactly mergekit's entries. None when the replay cannot be used (module docstring)."""
+    keeps exactly mergekit's entries. None when the replay cannot be used (module docstring).
+    ``blocked`` False: the partitions by Hoare's scalar loop alone (the same keys, slower: the
+    reference for tests and benchmarks)."""
     if delta.device.type != "cpu" or delta.numel() >= DROPPED or not _agrees_with_torch():
         return None
     lib = _library()
     assert lib is not None
     # float32 as mergekit sorts; the replay takes |.| itself (no copy of a float32 delta)
-    return _replay(lib, delta.reshape(-1).float().contiguous(), lo, hi, descending)
+    return _replay(lib, delta.reshape(-1).float().contiguous(), lo, hi, descending, blocked)
 
 
 def tied_cut_keys(delta: torch.Tensor, keep: int, tied: float, *, descending: bool,
-                  keys: torch.Tensor | None = None, scratch: torch.Tensor | None = None
-                  ) -> torch.Tensor | None:
+                  keys: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                  blocked: bool = True) -> torch.Tensor | None:
     """``window_keys(delta, 0, keep, descending=...)`` where the cut lies inside the run of
     magnitudes equal to ``tied`` (the value at sorted positions ``keep - 1`` and ``keep``):
     the same keys (0 kept, ``DROPPED`` not) from a replay that carries only the tied entries'
     indices (4 bytes of scratch per entry, not 8). None when the replay cannot be used, or
     ``tied`` is not the value at that cut. ``keys`` (the result) and ``scratch``: int32 buffers
-    of at least ``delta.numel()`` entries to reuse instead of allocating."""
+    of at least ``delta.numel()`` entries to reuse instead of allocating; ``blocked`` as for
+    ``window_keys``."""
     if delta.device.type != "cpu" or delta.numel() >= DROPPED or not _agrees_with_torch():
         return None
     lib = _library()
     assert lib is not None
-    return _replay_tied(lib, delta.reshape(-1).float().contiguous(), keep, tied, descending, keys, scratch)
+    return _replay_tied(lib, delta.reshape(-1).float().contiguous(), keep, tied, descending, keys, scratch,
+                        blocked)
