@@ -16,9 +16,12 @@ Everything goes through public Optuna / optuna-dashboard APIs (``upload_artifact
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -46,6 +49,29 @@ def artifact_store(folder: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(str(folder))
 
 
+@functools.cache
+def _save_note() -> Callable[[optuna.Study | optuna.Trial, str], None]:
+    """optuna-dashboard's ``save_note``, loaded without running the package's ``__init__``.
+
+    ``import optuna_dashboard`` loads its web app and, through its importance view, sklearn:
+    ~0.9 s of every ``search start``, which only writes notes. The note module itself imports
+    only optuna, so it is loaded from its file (a private copy; the package is untouched). If a
+    later optuna-dashboard moves it, the public import still works, just slower.
+    """
+    package = importlib.util.find_spec("optuna_dashboard")  # locates it; runs nothing
+    folders = package.submodule_search_locations if package else None
+    note_file = Path(folders[0]) / "_note.py" if folders else None
+    if "optuna_dashboard" in sys.modules or note_file is None or not note_file.is_file():
+        from optuna_dashboard import save_note
+
+        return save_note
+    spec = importlib.util.spec_from_file_location("search._dashboard_note", note_file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.save_note
+
+
 def recipe_yaml(recipe: Recipe, layout: Layout, *, header: str = "") -> str:
     """The recipe as the mergekit YAML ``search export`` writes (``layout``: the base's)."""
     return recipe_to_mergekit(recipe, layout, header=header)
@@ -65,7 +91,7 @@ def attach_baseline_recipe(
     Once the baseline's trial is stored, it also gets a note saying it is a baseline (the
     dashboard lists baselines like any trial, and shows a trial's note at the top of its page).
     """
-    from optuna_dashboard import save_note  # here: the driver calls this, and needs no web stack
+    save_note = _save_note()
 
     header = f"mergesearch study {study.study_name!r}, baseline {name}"
     filename = f"baseline-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.yaml"
@@ -196,7 +222,7 @@ def study_note(study: optuna.Study, best: FrozenTrial | None) -> str:
 
 def write_best_note(study: optuna.Study) -> FrozenTrial | None:
     """Write the chosen trial's note and the study note; returns the chosen trial (or None)."""
-    from optuna_dashboard import save_note  # here: the driver calls this, and needs no web stack
+    save_note = _save_note()
 
     best = chosen_trial(study)
     save_note(study, study_note(study, best))

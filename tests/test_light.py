@@ -123,3 +123,40 @@ def test_dashboard_imports_no_torch_and_returns_on_ctrl_c(finished: tuple[Path, 
     assert process.returncode == 0, err
     assert "dashboard stopped" in out
     assert heavy_loaded(out) == []
+
+
+def test_notes_are_written_without_the_dashboard_package(tmp_path: Path) -> None:
+    """The driver writes notes (``search.annotate``) without importing optuna_dashboard, whose
+    ``__init__`` loads its web app and sklearn (~0.9 s of every ``search start``); the stored
+    attrs are exactly what optuna-dashboard's own ``save_note`` writes (a body over one
+    2045-character chunk, written twice so the version counts up and a stale chunk is cleared)."""
+    import optuna
+    from optuna_dashboard import get_note, save_note
+
+    bodies = ["x" * 2045 + "tail" * 600, "short"]
+    # Two storages with the same ids (a trial's note is keyed by its trial id).
+    url, their_url = (f"sqlite:///{tmp_path / name}" for name in ("ours.db", "theirs.db"))
+    code = (
+        "import sys, optuna\n"
+        "from search.annotate import _save_note\n"
+        f"study = optuna.create_study(study_name='notes', storage={url!r})\n"
+        "trial = study.ask()\n"
+        f"for body in {bodies!r}:\n"
+        "    _save_note()(study, body)\n"
+        "    _save_note()(trial, body[::-1])\n"
+        "print(MARK + ','.join(m for m in ('optuna_dashboard', 'sklearn') if m in sys.modules))\n"
+    ).replace("MARK", repr(MARK))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    assert heavy_loaded(done.stdout) == []
+    theirs = optuna.create_study(study_name="notes", storage=their_url)
+    their_trial = theirs.ask()
+    for body in bodies:
+        save_note(theirs, body)
+        save_note(their_trial, body[::-1])
+    ours = optuna.load_study(study_name="notes", storage=url)
+    attrs = ours._storage.get_study_system_attrs(ours._study_id)
+    assert attrs == theirs._storage.get_study_system_attrs(theirs._study_id)
+    assert attrs["dashboard:note_ver"] == 2
+    assert get_note(ours) == "short"

@@ -147,18 +147,22 @@ def test_auto_map_is_refused_without_trust_and_its_code_never_runs(tmp_path: Pat
     family, markers = _custom_family(tmp_path / "family")
     path = _study(tmp_path, family, trust=False)
     env = _env(tmp_path)
-    for command in (["validate"], ["start", "--quiet"]):
-        done = _closed_stdin(["-m", "search.cli", command[0], str(path), *command[1:]], env)
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.startswith(
-            f"error: {path}: models.trust_remote_code: models.base ({family.base}) ships its own Python code "  # type: ignore[attr-defined]
-            "(config.json auto_map: AutoConfig -> modeling_tiny.TinyCustomConfig, AutoModelForCausalLM -> "
-            "modeling_tiny.TinyCustomForCausalLM; tokenizer_config.json auto_map: AutoTokenizer -> "
-            "tokenization_tiny.TinyCustomTokenizerFast), which runs only with models.trust_remote_code = true"
-        ), done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
+    refusal = (
+        f"error: {path}: models.trust_remote_code: models.base ({family.base}) ships its own Python code "  # type: ignore[attr-defined]
+        "(config.json auto_map: AutoConfig -> modeling_tiny.TinyCustomConfig, AutoModelForCausalLM -> "
+        "modeling_tiny.TinyCustomForCausalLM; tokenizer_config.json auto_map: AutoTokenizer -> "
+        "tokenization_tiny.TinyCustomTokenizerFast), which runs only with models.trust_remote_code = true"
+    )
+    done = _closed_stdin(["-m", "search.cli", "validate", str(path)], env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(refusal), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    # `start` refuses through the same check (it runs `validate`'s check_study first); once, on
+    # a terminal, where transformers would ask [y/N] if it got that far. The pty carries
+    # stdout and stderr together: the refusal must be all there is.
     rc, out = _under_pty(["-m", "search.cli", "start", str(path), "--quiet"], env)
-    assert rc == 2 and "models.trust_remote_code" in out and "[y/N]" not in out
+    assert rc == 2 and "[y/N]" not in out
+    assert out.strip().startswith(refusal) and len(out.strip().splitlines()) == 1, out
     assert not markers["model"].exists() and not markers["tokenizer"].exists()
     assert not (tmp_path / "out").exists()  # refused before any storage
 
@@ -177,18 +181,16 @@ def test_a_tokenizer_auto_map_alone_is_refused(tmp_path: Path) -> None:
 
 
 def test_with_trust_custom_code_loads_without_a_prompt(tmp_path: Path) -> None:
+    """One run on a terminal: had the flag missed any load, transformers would print [y/N]
+    there and wait (then fail); with stdin closed it would print it and fail at once, so a
+    second run with stdin closed would add nothing."""
     family, markers = _custom_family(tmp_path / "family")
     path = _study(tmp_path, family, trust=True)
-    env = _env(tmp_path)
-    done = _closed_stdin(["-m", "search.cli", "start", str(path), "--quiet"], env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    rc, out = _under_pty(["-m", "search.cli", "start", str(path), "--quiet"], _env(tmp_path))
+    assert rc == 0, out[-3000:]
+    assert "[y/N]" not in out
     assert markers["model"].read_text() == "model code ran"
     assert markers["tokenizer"].read_text() == "tokenizer code ran"
     # the baselines were scored on the live custom model
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) >= 2
-    markers["model"].unlink()
-    rc, out = _under_pty(["-m", "search.cli", "start", str(path), "--out", str(tmp_path / "out2"), "--quiet"], env)
-    assert rc == 0, out[-3000:]
-    assert "[y/N]" not in out
-    assert markers["model"].exists()

@@ -655,6 +655,12 @@ def small_file_system(folder: Path, mode: str) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
+# Scorer calls: 4 baselines x 2 tasks, then 2 per search trial: call 14 is the third search
+# trial's second task, so the disk fills mid-search with trials left for the resume.
+FILL_AT_CALL = 14
+FULL_DISK_TRIALS = 5
+
+
 @pytest.mark.parametrize(("mode", "backend"), [("tmpfs", "sqlite"), ("tmpfs", "journal"), ("rlimit", "sqlite")])
 def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
     tmp_path: Path, llama_family: TinyFamily, mode: str, backend: str
@@ -662,11 +668,12 @@ def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
     with small_file_system(tmp_path / "small", mode) as small:
         url = storage_url(small, backend)
         stored_file = small / ("study.db" if backend == "sqlite" else "study.journal")
-        path = write_study(tmp_path, llama_family, trials=12, metric="tests.test_write_behind:filling_scorer")
+        path = write_study(tmp_path, llama_family, trials=FULL_DISK_TRIALS,
+                           metric="tests.test_write_behind:filling_scorer")
         path.write_text(path.read_text().replace("[study]\n", f'[study]\nstorage = "{url}"\n', 1))
         filler = small / "filler"
         env = {**os.environ, "PYTHONPATH": str(REPO), "FILL_COUNTER_FILE": str(tmp_path / "calls"),
-               "FILL_AT_CALL": "14", "FILL_MODE": mode,
+               "FILL_AT_CALL": str(FILL_AT_CALL), "FILL_MODE": mode,
                "FILL_TARGET": str(filler if mode == "tmpfs" else stored_file)}
         cli = [sys.executable, "-m", "search.cli", "start", str(path), "--quiet"]
         first = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -680,7 +687,7 @@ def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
         filler.unlink(missing_ok=True)  # space again
         stored = trials_on_disk(url, "tiny")
         searched = [t for t in stored if t.user_attrs.get("kind") == "search"]
-        assert len([t for t in searched if t.state == TrialState.COMPLETE]) < 12
+        assert len([t for t in searched if t.state == TrialState.COMPLETE]) < FULL_DISK_TRIALS
         for trial in stored:  # finished means complete: nothing half-written looks done
             if trial.state == TrialState.COMPLETE:
                 assert {"scores_search", "feasible", "gates"} <= set(trial.user_attrs), trial.number
@@ -690,4 +697,4 @@ def test_a_full_disk_stops_the_driver_with_one_line_and_the_study_resumes(
         assert again.returncode == 0, again.stderr
         final = trials_on_disk(url, "tiny")
         done = [t for t in final if t.user_attrs.get("kind") == "search" and t.state == TrialState.COMPLETE]
-        assert len(done) == 12 and all("scores_search" in t.user_attrs for t in done)
+        assert len(done) == FULL_DISK_TRIALS and all("scores_search" in t.user_attrs for t in done)
