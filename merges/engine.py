@@ -259,12 +259,17 @@ class MergeEngine:
         model_class = getattr(transformers, architecture, None) if architecture else None
         if model_class is None:
             model_class = transformers.AutoModelForCausalLM
+        held = self._held_state_dict()
         bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()  # a local load: the bar is noise in logs
         try:
-            model = model_class.from_pretrained(
-                path, dtype=self._dtype, trust_remote_code=trust_remote_code
-            ).to(self._device)
+            if held is not None:
+                model = model_class.from_pretrained(None, config=config, state_dict=held, dtype=self._dtype,
+                                                    trust_remote_code=trust_remote_code)
+            else:
+                model = model_class.from_pretrained(
+                    path, dtype=self._dtype, trust_remote_code=trust_remote_code
+                ).to(self._device)
         finally:
             if bars:
                 transformers.utils.logging.enable_progress_bar()
@@ -272,12 +277,26 @@ class MergeEngine:
         if isinstance(vocab_size, int) and vocab_size != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)  # an output vocabulary (tokenizer_union)
         if self._device.type == "cpu":
-            # from_pretrained leaves CPU weights mapped from the checkpoint file: give them
-            # their own memory, so merges write to RAM, not to copy-on-write file pages
+            # from_pretrained leaves CPU weights mapped from the checkpoint file, or (held) the
+            # engine's own tensors where no cast was needed: give them their own memory, so merges
+            # write to RAM, not to copy-on-write file pages or the engine's inputs
+            shared = None if held is None else {t.untyped_storage().data_ptr() for t in held.values()}
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
-                    tensor.data = tensor.data.clone()
+                    if shared is None or tensor.untyped_storage().data_ptr() in shared:
+                        tensor.data = tensor.data.clone()
         return model.eval()
+
+    def _held_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Lean on the CPU: the anchor's tensors as the engine holds them (its own checkpoint's,
+        not computed at read time), for ``new_model`` to build the live model from instead of the
+        file: the same values (a bf16 tensor cast to float32 once, either way), without the file's
+        mapped pages on top of the held copies and the live model (the lean plan's peak)."""
+        if not self._lean or self._device.type != "cpu" or type(self._anchor) is not Checkpoint:
+            return None
+        state = {name: self._held[name][0].view(self._shapes[name]) for name in self._names}
+        state.update({name: tensor.view(self._shapes[name]) for name, tensor in self._fixed.items()})
+        return state
 
     def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
         """Write the merge of ``recipe`` into ``model``'s parameters, in place.
