@@ -83,6 +83,7 @@ from merges.layout import Layout, TensorInfo
 from merges.methods import magnitude_sketch, sparsify, tie_order
 from merges.methods.fused import (
     FusedJob,
+    bf16_delta,
     masked_l1_many,
     native_library,
     native_supports,
@@ -625,17 +626,34 @@ class MergeEngine:
             return held
         return self._derived("base", name, BASE, lambda: self._arena.take(held.numel()).copy_(held))
 
+    def _narrow_base(self, name: str) -> torch.Tensor | None:
+        """Lean on the CPU, float32 arithmetic, bfloat16 base and native code: the base as held,
+        which the fused pass and ``bf16_delta`` widen exactly (no float32 copy per chunk)."""
+        if not self._lean or self._base_ckpt is None or self._lib is None:
+            return None
+        held = self._held[name][0]
+        return held if held.dtype == torch.bfloat16 and self._dtype == torch.float32 else None
+
+    def _fused_base(self, name: str) -> torch.Tensor | None:
+        """``FusedJob.base``: the narrow held base where there is one, else ``_base_of``."""
+        narrow = self._narrow_base(name)
+        return narrow if narrow is not None else self._base_of(name)
+
     def _delta(self, name: str, model: int) -> torch.Tensor:
         """Source ``model``'s task vector (flat, arithmetic dtype): its tensor without a base."""
         if not self._lean:
             return self._deltas[name][model]
         if self._base_ckpt is None:
             return self._derived("delta", name, model, lambda: self._held[name][model].to(self._dtype))
-        base = self._base_of(name)
         held = self._held[name][model + 1]
+        narrow = self._narrow_base(name)
 
         def compute() -> torch.Tensor:
             out = self._arena.take(held.numel())
+            if narrow is not None and held.dtype == torch.bfloat16:
+                assert self._lib is not None
+                return bf16_delta(self._lib, held, narrow, out)  # the cast and subtraction in one pass
+            base = self._base_of(name)
             if held.dtype == self._dtype:
                 return torch.sub(held, base, out=out)
             return out.copy_(held).sub_(base)  # the cast, then the subtraction, in place
@@ -1007,6 +1025,10 @@ class _Context:
     @property
     def base(self) -> torch.Tensor | None:
         return self._engine._base_of(self.name)
+
+    @property
+    def fused_base(self) -> torch.Tensor | None:
+        return self._engine._fused_base(self.name)
 
     def model_of(self, position: int) -> int:
         return self._engine._model_of(self._recipe.sources[position], "source")
