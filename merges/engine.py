@@ -833,23 +833,24 @@ class MergeEngine:
         (``tie_order``: std::sort replayed only where a cut lies; on the pool). False where the
         replay cannot be used: then full sort positions for the items still without keys.
 
-        A one-cut item whose delta nothing else reads (no other item, no rescale) and that the
-        native kernel merges gets no keys: the replay zeroes its dropped entries in the delta
-        itself (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike), which
-        saves the chunk 4 bytes per entry and the fused pass a read."""
+        A one-cut item whose delta no other item reads and that the native kernel merges gets
+        no keys: the replay zeroes its dropped entries in the delta itself
+        (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike), which saves the
+        chunk 4 bytes per entry and the fused pass a read; a rescaled item's L1 norm before the
+        cut is taken first (``_apply_rescale`` reads it from ``_l1``)."""
         uses: dict[int, int] = {}
         for work in works:
             if work.job is not None:
                 for delta in work.job.deltas:
                     uses[delta.data_ptr()] = uses.get(delta.data_ptr(), 0) + 1
-        wanted: dict[tuple[RankKey, tuple[int, int]], bool] = {}  # -> whether it may be applied
+        # -> (whether it may be applied in place, whether it is rescaled)
+        wanted: dict[tuple[RankKey, tuple[int, int]], tuple[bool, bool]] = {}
         for work in works:
             if work.job is not None and work.ranks:
                 native = self._lib is not None and native_supports(work.job)
                 for item, key in work.ranks:
-                    sole = (native and item not in (work.rescale or ())
-                            and uses[work.job.deltas[item].data_ptr()] == 1)
-                    wanted[(key, work.job.windows[item])] = sole
+                    sole = native and uses[work.job.deltas[item].data_ptr()] == 1
+                    wanted[(key, work.job.windows[item])] = (sole, item in (work.rescale or ()))
 
         def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | bool | None:
             (kind, name, model), (lo, hi) = wanted_key
@@ -861,9 +862,12 @@ class MergeEngine:
                 tied = order[delta.numel() - hi]  # type: ignore[index]
                 scratch = self._replay_scratch.take()
                 try:
-                    if wanted[wanted_key] and tie_order.tied_cut_apply(delta, hi, tied, descending=True,
-                                                                       scratch=scratch):
-                        return True
+                    sole, rescaled = wanted[wanted_key]
+                    if sole:
+                        if rescaled:
+                            self._l1_norm(name, delta)  # before the cut zeroes entries
+                        if tie_order.tied_cut_apply(delta, hi, tied, descending=True, scratch=scratch):
+                            return True
                     keys = tie_order.tied_cut_keys(delta, hi, tied, descending=True,
                                                    keys=self._key_arena.take(delta.numel()),
                                                    scratch=scratch)

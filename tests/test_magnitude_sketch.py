@@ -92,6 +92,12 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
         merged = lean.materialize(r)
         for name, tensor in resident.materialize(r).items():
             assert torch.equal(merged[name], tensor), (densities, name)
+    # rescaled: the L1 norm before the cut, then the cut in place (mergekit's rescale, bit for bit)
+    r = Recipe.uniform("ties", str(tmp_path / "base"), paths, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]},
+                       {"rescale": True})
+    merged = lean.materialize(r)
+    for name, tensor in resident.materialize(r).items():
+        assert torch.equal(merged[name], tensor), ("rescale", name)
     # each delta read by one item only: the replay zeroes its dropped entries in place
     assert applied and all(applied) and not keyed
     # the same source twice (one delta, two densities): it stays unchanged and gets keys
