@@ -254,6 +254,7 @@ class Phases:
         self.wrap(engine.magnitude_sketch.SketchedOrder, "__getitem__", "threads: select cut")
         self.wrap(tie_order, "window_keys", "threads: replay tied cuts")
         self.wrap(tie_order, "tied_cut_keys", "threads: replay tied cuts")
+        self.wrap(tie_order, "tied_cut_apply", "threads: replay tied cuts")
         self.wrap(engine, "run_native_many", "wall: fused passes")
         self.wrap(engine.MergeEngine, "_fill_ranks", "wall: tied cuts")
         self.wrap(engine.MergeEngine, "_apply_rescale", "wall: rescale")

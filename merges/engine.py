@@ -54,8 +54,10 @@ chunk's tensors side by side on the pool) and fused passes and drops all of it (
 buffers are reused by the next chunk and trial: no fresh model-sized pages per trial). The
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
-sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas, keys and sort
-temporaries.
+sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas (a TIES tied cut
+zeroes its delta's dropped entries in place, no keys; over bf16 checkpoints in float32 no float32
+base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
+built from the held base (``new_model``), not mapped from the file again.
 
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
 the model holds a partial merge: merge a recipe into it again before using it.
@@ -83,6 +85,7 @@ from merges.layout import Layout, TensorInfo
 from merges.methods import magnitude_sketch, sparsify, tie_order
 from merges.methods.fused import (
     FusedJob,
+    bf16_delta,
     masked_l1_many,
     native_library,
     native_supports,
@@ -259,12 +262,17 @@ class MergeEngine:
         model_class = getattr(transformers, architecture, None) if architecture else None
         if model_class is None:
             model_class = transformers.AutoModelForCausalLM
+        held = self._held_state_dict()
         bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()  # a local load: the bar is noise in logs
         try:
-            model = model_class.from_pretrained(
-                path, dtype=self._dtype, trust_remote_code=trust_remote_code
-            ).to(self._device)
+            if held is not None:
+                model = model_class.from_pretrained(None, config=config, state_dict=held, dtype=self._dtype,
+                                                    trust_remote_code=trust_remote_code)
+            else:
+                model = model_class.from_pretrained(
+                    path, dtype=self._dtype, trust_remote_code=trust_remote_code
+                ).to(self._device)
         finally:
             if bars:
                 transformers.utils.logging.enable_progress_bar()
@@ -272,12 +280,26 @@ class MergeEngine:
         if isinstance(vocab_size, int) and vocab_size != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)  # an output vocabulary (tokenizer_union)
         if self._device.type == "cpu":
-            # from_pretrained leaves CPU weights mapped from the checkpoint file: give them
-            # their own memory, so merges write to RAM, not to copy-on-write file pages
+            # from_pretrained leaves CPU weights mapped from the checkpoint file, or (held) the
+            # engine's own tensors where no cast was needed: give them their own memory, so merges
+            # write to RAM, not to copy-on-write file pages or the engine's inputs
+            shared = None if held is None else {t.untyped_storage().data_ptr() for t in held.values()}
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
-                    tensor.data = tensor.data.clone()
+                    if shared is None or tensor.untyped_storage().data_ptr() in shared:
+                        tensor.data = tensor.data.clone()
         return model.eval()
+
+    def _held_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Lean on the CPU: the anchor's tensors as the engine holds them (its own checkpoint's,
+        not computed at read time), for ``new_model`` to build the live model from instead of the
+        file: the same values (a bf16 tensor cast to float32 once, either way), without the file's
+        mapped pages on top of the held copies and the live model (the lean plan's peak)."""
+        if not self._lean or self._device.type != "cpu" or type(self._anchor) is not Checkpoint:
+            return None
+        state = {name: self._held[name][0].view(self._shapes[name]) for name in self._names}
+        state.update({name: tensor.view(self._shapes[name]) for name, tensor in self._fixed.items()})
+        return state
 
     def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
         """Write the merge of ``recipe`` into ``model``'s parameters, in place.
@@ -606,17 +628,34 @@ class MergeEngine:
             return held
         return self._derived("base", name, BASE, lambda: self._arena.take(held.numel()).copy_(held))
 
+    def _narrow_base(self, name: str) -> torch.Tensor | None:
+        """Lean on the CPU, float32 arithmetic, bfloat16 base and native code: the base as held,
+        which the fused pass and ``bf16_delta`` widen exactly (no float32 copy per chunk)."""
+        if not self._lean or self._base_ckpt is None or self._lib is None:
+            return None
+        held = self._held[name][0]
+        return held if held.dtype == torch.bfloat16 and self._dtype == torch.float32 else None
+
+    def _fused_base(self, name: str) -> torch.Tensor | None:
+        """``FusedJob.base``: the narrow held base where there is one, else ``_base_of``."""
+        narrow = self._narrow_base(name)
+        return narrow if narrow is not None else self._base_of(name)
+
     def _delta(self, name: str, model: int) -> torch.Tensor:
         """Source ``model``'s task vector (flat, arithmetic dtype): its tensor without a base."""
         if not self._lean:
             return self._deltas[name][model]
         if self._base_ckpt is None:
             return self._derived("delta", name, model, lambda: self._held[name][model].to(self._dtype))
-        base = self._base_of(name)
         held = self._held[name][model + 1]
+        narrow = self._narrow_base(name)
 
         def compute() -> torch.Tensor:
             out = self._arena.take(held.numel())
+            if narrow is not None and held.dtype == torch.bfloat16:
+                assert self._lib is not None
+                return bf16_delta(self._lib, held, narrow, out)  # the cast and subtraction in one pass
+            base = self._base_of(name)
             if held.dtype == self._dtype:
                 return torch.sub(held, base, out=out)
             return out.copy_(held).sub_(base)  # the cast, then the subtraction, in place
@@ -793,15 +832,29 @@ class MergeEngine:
 
     def _fill_windows(self, works: Sequence[_Work]) -> bool:
         """Lean: plug in keys that keep exactly mergekit's entries of each tied item's window
-        (``tie_order``: std::sort replayed only where a cut lies; on the pool). False, and
-        nothing changed, where the replay cannot be used: then full sort positions."""
-        wanted: dict[tuple[RankKey, tuple[int, int]], None] = {}
+        (``tie_order``: std::sort replayed only where a cut lies; on the pool). False where the
+        replay cannot be used: then full sort positions for the items still without keys.
+
+        A one-cut item whose delta no other item reads and that the native kernel merges gets
+        no keys: the replay zeroes its dropped entries in the delta itself
+        (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike), which saves the
+        chunk 4 bytes per entry and the fused pass a read; a rescaled item's L1 norm before the
+        cut is taken first (``_apply_rescale`` reads it from ``_l1``)."""
+        uses: dict[int, int] = {}
+        for work in works:
+            if work.job is not None:
+                for delta in work.job.deltas:
+                    uses[delta.data_ptr()] = uses.get(delta.data_ptr(), 0) + 1
+        # -> (whether it may be applied in place, whether it is rescaled)
+        wanted: dict[tuple[RankKey, tuple[int, int]], tuple[bool, bool]] = {}
         for work in works:
             if work.job is not None and work.ranks:
+                native = self._lib is not None and native_supports(work.job)
                 for item, key in work.ranks:
-                    wanted[(key, work.job.windows[item])] = None
+                    sole = native and uses[work.job.deltas[item].data_ptr()] == 1
+                    wanted[(key, work.job.windows[item])] = (sole, item in (work.rescale or ()))
 
-        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | None:
+        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | bool | None:
             (kind, name, model), (lo, hi) = wanted_key
             delta = self._delta(name, model)
             order = self._order.get((name, model))
@@ -811,6 +864,12 @@ class MergeEngine:
                 tied = order[delta.numel() - hi]  # type: ignore[index]
                 scratch = self._replay_scratch.take()
                 try:
+                    sole, rescaled = wanted[wanted_key]
+                    if sole:
+                        if rescaled:
+                            self._l1_norm(name, delta)  # before the cut zeroes entries
+                        if tie_order.tied_cut_apply(delta, hi, tied, descending=True, scratch=scratch):
+                            return True
                     keys = tie_order.tied_cut_keys(delta, hi, tied, descending=True,
                                                    keys=self._key_arena.take(delta.numel()),
                                                    scratch=scratch)
@@ -822,17 +881,20 @@ class MergeEngine:
 
         items = list(wanted)
         results = list(self._pool.map(compute, items) if self._pool is not None else map(compute, items))
-        if any(keys is None for keys in results):
-            return False
         found = dict(zip(items, results, strict=True))
         for work in works:
             if work.job is None or not work.ranks:
                 continue
             keys = list(work.job.keys)
             for item, key in work.ranks:
-                keys[item] = found[(key, work.job.windows[item])]
+                result = found[(key, work.job.windows[item])]
+                if isinstance(result, torch.Tensor):
+                    keys[item] = result
             work.job.keys = keys
-        return True
+            # what is left for full sort positions: the items the replay could not decide
+            work.plan.ranks = [(item, key) for item, key in work.ranks
+                               if found[(key, work.job.windows[item])] is None]
+        return not any(result is None for result in results)
 
     def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
         return torch.Generator(device=self._device).manual_seed(_stable_seed(seed, name, position))
@@ -969,6 +1031,10 @@ class _Context:
     @property
     def base(self) -> torch.Tensor | None:
         return self._engine._base_of(self.name)
+
+    @property
+    def fused_base(self) -> torch.Tensor | None:
+        return self._engine._fused_base(self.name)
 
     def model_of(self, position: int) -> int:
         return self._engine._model_of(self._recipe.sources[position], "source")

@@ -67,6 +67,7 @@ class ModelShape:
     largest_name: str = ""  # the biggest tensor's name, for messages
     held_bytes: int = 0  # the lean plan's bytes of this checkpoint: storage dtype, or the arithmetic one if narrower
     sketch_bytes: int = 0  # the lean plan's |delta| histograms of this checkpoint's tensors, per source
+    narrow_base: bool = False  # lean: the largest tensor held bf16 under float32 arithmetic (no float32 copy per chunk)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ def shape_from_headers(
         ),
         held_bytes=held,
         sketch_bytes=sketches,
+        # merges.engine's _narrow_base: the fused pass and the task vectors read the held bf16 base
+        narrow_base=plain and dtype == "float32" and dtype_codes.get(largest) == "BF16",
     )
 
 
@@ -217,6 +220,22 @@ def statistics_bytes(methods: Sequence[str], *, numel: int, n_sources: int, widt
     return sum(per_entry[kind] for kind in kinds) * numel * n_sources + once * numel
 
 
+def _lean_key_kinds(methods: Sequence[str]) -> int:
+    """int32 keys per entry and source the lean plan holds for a chunk (merges.engine): DARE's
+    random keys (1), DELLA's keys and row positions (2). A TIES tied cut is applied to the delta
+    in place (tie_order.tied_cut_apply) and a breadcrumbs window's keys are sort temporaries: none."""
+    from merges.methods.registry import METHODS  # torch-free catalogue
+
+    kinds = 0
+    for method in methods:
+        spec = METHODS.get(method)
+        if spec is None:
+            raise SearchError(f"genome.method: unknown method {method!r}")
+        sparsification = spec.family.sparsification if spec.family is not None else None
+        kinds = max(kinds, {"random": 1, "della_magprune": 2}.get(sparsification or "", 0))
+    return kinds
+
+
 def _once_per_entry(method: str, width: int) -> int:
     """Bytes per entry a method caches once per tensor (not per source), merges.methods' planners:
     sce's variance order (int32; half: the variance), what karcher / ram / arcee_fusion compute
@@ -255,10 +274,13 @@ def estimate_from_shape(
         statistics = 0
         held = shape.held_bytes or tensor_bytes
         resident = held + (sources_held if sources_held is not None else held * k) + shape.sketch_bytes * k
-        # one chunk (at most the largest tensor's entries): base and K deltas / sources in the
-        # arithmetic dtype, K int32 keys or tie positions, the sort temporaries of the ties
-        # computed side by side, and a float32 copy of |delta| for the selection of a threshold
-        per_entry = width * (k + 1) + KEY_BYTES * k + SORT_TEMP_BYTES * max(1, min(k, threads)) + 8
+        # one chunk (at most the largest tensor's entries): K deltas / sources and (unless the
+        # base is read as held) the base in the arithmetic dtype, the per-entry keys its methods
+        # hold (_lean_key_kinds), the sort temporaries of the ties computed side by side, and a
+        # float32 copy of |delta| for the selection of a threshold
+        kinds = _lean_key_kinds(methods) if methods is not None else key_kinds
+        per_entry = (width * (k + (0 if shape.narrow_base else 1)) + KEY_BYTES * k * kinds
+                     + SORT_TEMP_BYTES * max(1, min(k, threads)) + 8)
         scratch = shape.largest_tensor * per_entry
     seq = min(seq_len or DEFAULT_SEQ_LEN_CAP, shape.max_positions)
     # inference only: logits (kept in float32 by the scorer) + a few hidden-size buffers of one layer

@@ -294,6 +294,23 @@ def test_lean_plan_holds_bf16_checkpoints_as_stored(llama_family: TinyFamily, tm
             assert merged.keys() == expected.keys()
             for name, tensor in expected.items():
                 assert torch.equal(merged[name], tensor), (dtype, method, name)
+        # the live model: built from the held bf16 tensors (lean), from the file (resident), the same
+        from_held, from_file = state(lean.new_model()), state(resident.new_model())
+        assert from_held.keys() == from_file.keys()
+        for name, tensor in from_file.items():
+            assert from_held[name].dtype == tensor.dtype == dtype and torch.equal(from_held[name], tensor), name
+
+
+def test_lean_live_model_owns_its_memory(llama_family: TinyFamily) -> None:
+    """The lean plan builds the live model from its held tensors; a merge into it leaves them as they were."""
+    base, sources = open_family(llama_family)
+    lean = MergeEngine(base, sources, device="cpu", plan="lean")
+    held = {name: tensors[0].clone() for name, tensors in lean._held.items()}
+    model = lean.new_model()
+    assert state(model).keys() == state(MergeEngine(base, sources, device="cpu").new_model()).keys()
+    lean.merge_into(model, recipe(llama_family, "ties", *RECIPES["ties"]))
+    assert all(torch.equal(lean._held[name][0], tensor) for name, tensor in held.items())
+    assert any(not torch.equal(p.detach().reshape(-1), held[n]) for n, p in model.named_parameters() if n in held)
 
 
 def test_tied_magnitudes_follow_mergekit_sort_order(tmp_path: Path, engine_plan: str) -> None:

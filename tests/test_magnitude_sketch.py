@@ -80,7 +80,8 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
     quantised_family(tmp_path, seed=5, source_seed=200)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
-    replays = record_replays(monkeypatch, "tied_cut_keys")
+    applied = record_replays(monkeypatch, "tied_cut_apply")
+    keyed = record_replays(monkeypatch, "tied_cut_keys")
     lean = MergeEngine(base, sources, device="cpu", plan="lean", threads=2)
     resident = MergeEngine(base, sources, device="cpu", plan="resident", threads=2)
     assert lean._sketch and len(lean._sketch) == 2 * len(lean._names)
@@ -91,4 +92,18 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
         merged = lean.materialize(r)
         for name, tensor in resident.materialize(r).items():
             assert torch.equal(merged[name], tensor), (densities, name)
-    assert replays and all(replays)
+    # rescaled: the L1 norm before the cut, then the cut in place (mergekit's rescale, bit for bit)
+    r = Recipe.uniform("ties", str(tmp_path / "base"), paths, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]},
+                       {"rescale": True})
+    merged = lean.materialize(r)
+    for name, tensor in resident.materialize(r).items():
+        assert torch.equal(merged[name], tensor), ("rescale", name)
+    # each delta read by one item only: the replay zeroes its dropped entries in place
+    assert applied and all(applied) and not keyed
+    # the same source twice (one delta, two densities): it stays unchanged and gets keys
+    twice = [paths[0], paths[0]]
+    r = Recipe.uniform("ties", str(tmp_path / "base"), twice, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]})
+    merged = lean.materialize(r)
+    for name, tensor in resident.materialize(r).items():
+        assert torch.equal(merged[name], tensor), name
+    assert keyed and all(keyed)

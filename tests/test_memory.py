@@ -261,3 +261,29 @@ def test_a_study_runs_end_to_end_under_the_lean_plan(llama_family: TinyFamily, t
     out = capsys.readouterr().out
     assert "per worker, engine plan lean: resident tensors " in out
     assert "2/2 search trials" in out or "export with:" in out
+
+
+def test_the_lean_chunk_follows_the_methods_and_the_base() -> None:
+    """The lean plan's chunk: a TIES tied cut holds no keys (applied to the delta in place), DARE
+    keeps one int32 key per entry and source, DELLA two; a bf16 base under float32 arithmetic is
+    read as held (no float32 copy); each source's delta is always there."""
+    from dataclasses import replace
+
+    from search.memory import shape_from_headers
+
+    shapes = {"embed.weight": (1000, 64), "layer.weight": (64, 64)}
+    bf16 = shape_from_headers("m", shapes, dict.fromkeys(shapes, "BF16"), {"hidden_size": 64})
+    f16 = shape_from_headers("m", shapes, dict.fromkeys(shapes, "F16"), {"hidden_size": 64})
+    assert bf16.narrow_base and not f16.narrow_base
+    assert not shape_from_headers("m", shapes, dict.fromkeys(shapes, "BF16"), {}, dtype="bfloat16").narrow_base
+
+    def per_entry(shape: object, *methods: str) -> float:
+        estimate = estimate_from_shape(shape, n_sources=2, dtype="float32", batch_size=1,  # type: ignore[arg-type]
+                                       methods=methods, plan="lean", threads=1)
+        return estimate.scratch / 64_000
+
+    temporaries = 16 + 8  # one replay's sort temporaries, one |delta| copy
+    assert per_entry(bf16, "ties") == per_entry(bf16, "breadcrumbs") == 2 * 4 + temporaries
+    assert per_entry(bf16, "dare_ties") == 2 * 4 + 2 * 4 + temporaries
+    assert per_entry(bf16, "della", "ties") == 2 * 4 + 2 * 8 + temporaries
+    assert per_entry(f16, "ties") == per_entry(replace(bf16, narrow_base=False), "ties") == 3 * 4 + temporaries

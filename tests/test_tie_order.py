@@ -82,13 +82,13 @@ def test_not_used_off_the_cpu_or_without_the_native_code(monkeypatch: pytest.Mon
 
 def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str) -> list[bool]:
     """Wrap ``tie_order.<replay_name>``; the list records, per call, whether it decided the cut
-    (keys, not None: no full sort)."""
+    (keys, not None; ``tied_cut_apply``: True, no full sort)."""
     replay = getattr(tie_order, replay_name)
     calls: list[bool] = []
 
-    def counted(*args: object, **kwargs: object) -> torch.Tensor | None:
+    def counted(*args: object, **kwargs: object) -> torch.Tensor | bool | None:
         keys = replay(*args, **kwargs)
-        calls.append(keys is not None)
+        calls.append(keys is not None and keys is not False)
         return keys
 
     monkeypatch.setattr(tie_order, replay_name, counted)
@@ -211,3 +211,30 @@ def test_blocked_replay_keeps_the_scalar_replays_entries() -> None:
     with_nan = delta.clone()
     with_nan[123_456] = float("nan")  # not ordered like a bit pattern: the word replay declines
     assert tie_order._replay_tied(lib, with_nan, 100_000, float(ordered[100_000]), False) is None
+
+
+def test_applied_replay_zeroes_what_the_keys_drop() -> None:
+    """``tied_cut_apply``: the entries ``tied_cut_keys`` drops become +0.0 (the fused kernel's
+    masked value, whatever their sign), the kept ones keep their bits; where the replay declines
+    (the value at the cut is not tied there) it returns False and changes nothing."""
+    _replay_in_use()
+    generator = torch.Generator().manual_seed(7)
+    delta = torch.randint(-4, 5, (100_003,), generator=generator).float().mul_(0.25)
+    cases = 0
+    for descending in (True, False):
+        ordered = torch.sort(delta.abs(), descending=descending).values
+        for keep in (30_001, 50_000, 90_000):
+            tied = float(ordered[keep])
+            if float(ordered[keep - 1]) != tied:
+                continue
+            keys = tie_order.tied_cut_keys(delta, keep, tied, descending=descending)
+            applied = delta.clone()
+            assert keys is not None and tie_order.tied_cut_apply(applied, keep, tied, descending=descending)
+            expected = torch.where(keys == 0, delta, torch.zeros_like(delta))
+            assert torch.equal(applied.view(torch.int32), expected.view(torch.int32))
+            cases += bool((delta[keys != 0] != 0).any())  # some dropped entries were nonzero
+    assert cases >= 4
+    untied = torch.arange(1000, dtype=torch.float32)
+    copy = untied.clone()
+    assert not tie_order.tied_cut_apply(copy, 500, 500.0, descending=True)
+    assert torch.equal(copy, untied)

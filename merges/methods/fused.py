@@ -43,7 +43,8 @@ CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small 
 
 @dataclass
 class FusedJob:
-    """Everything one output tensor needs. Tensors are flat, contiguous, in the compute dtype.
+    """Everything one output tensor needs. Tensors are flat, contiguous, in the compute dtype
+    (float32 arithmetic may take a bfloat16 ``base``: the lean plan's held base, widened exactly).
 
     ``linear`` mode: ``out = base_weight * base + sum_i weights[i] * (base + deltas[i])``
     (``base_weight`` None skips the first term; ``base`` None means zero), divided by
@@ -113,8 +114,8 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _eager_chunk(job: FusedJob, start: int, end: int) -> torch.Tensor:
-    base = job.base[start:end] if job.base is not None else None
     dtype, device = job.out.dtype, job.out.device
+    base = job.base[start:end].to(dtype) if job.base is not None else None  # a bf16 base: widened exactly
     if job.linear:
         # accumulate in opmath, the caller's store into ``out`` rounds once (mergekit's
         # ``result.to(first.dtype)``); half-precision inputs are widened exactly
@@ -182,6 +183,7 @@ def masked_l1_eager(job: FusedJob, i: int) -> float:
 
 _C_SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 #define MAXK @MAXK@
 #define BLOCK 512
@@ -200,7 +202,21 @@ typedef struct {
     float scale[MAXK];
     int32_t has_scale[MAXK];
     float weight[MAXK];
+    const uint16_t *base16;        /* the base as bfloat16 (widened exactly per block), if set */
 } job_t;
+
+static inline float widen_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* out = float(source) - float(base) of two bfloat16 tensors: the float32 task vector, as torch's
+   cast then subtraction gives it (both widenings exact, one float32 subtraction) */
+void bf16_delta(const uint16_t *source, const uint16_t *base, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = widen_bf16(source[i]) - widen_bf16(base[i]);
+}
 
 /* x = delta where kept, else 0 (for entries s .. s+n-1 of source i) */
 static void kept(const job_t *a, int i, int64_t s, int64_t n, float *x) {
@@ -223,11 +239,15 @@ static void kept(const job_t *a, int i, int64_t s, int64_t n, float *x) {
 /* Merge entries [start, end); returns how many results are not finite. */
 int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
     float wd[MAXK][BLOCK];
-    float acc[BLOCK], div[BLOCK], mixed[BLOCK];
+    float acc[BLOCK], div[BLOCK], mixed[BLOCK], wide[BLOCK];
     int64_t bad = 0;
     for (int64_t s = start; s < end; s += BLOCK) {
         int64_t n = end - s < BLOCK ? end - s : BLOCK;
         const float *b = a->base ? a->base + s : 0;
+        if (a->base16) {
+            for (int64_t j = 0; j < n; ++j) wide[j] = widen_bf16(a->base16[s + j]);
+            b = wide;
+        }
         float *o = a->out + s;
         if (a->linear) {
             int first = 0;
@@ -313,6 +333,7 @@ class _Job(ctypes.Structure):
         ("band_hi", ctypes.c_float * MAX_SOURCES),
         ("scale", ctypes.c_float * MAX_SOURCES), ("has_scale", ctypes.c_int32 * MAX_SOURCES),
         ("weight", ctypes.c_float * MAX_SOURCES),
+        ("base16", ctypes.c_void_p),
     ]
 
 
@@ -328,7 +349,19 @@ def native_library() -> ctypes.CDLL | None:
     lib.fused_merge.restype = ctypes.c_int64
     lib.masked_l1.argtypes = [ctypes.POINTER(_Job), ctypes.c_int32, ctypes.c_int64, ctypes.c_int64]
     lib.masked_l1.restype = ctypes.c_double
+    lib.bf16_delta.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.bf16_delta.restype = None
     return lib
+
+
+def bf16_delta(lib: ctypes.CDLL, source: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = source.float() - base.float()`` of two flat contiguous bfloat16 CPU tensors into
+    float32 ``out``, in one pass (no float32 copy of the base)."""
+    assert source.dtype == base.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert source.is_contiguous() and base.is_contiguous() and out.is_contiguous()
+    assert source.numel() == base.numel() == out.numel()
+    lib.bf16_delta(source.data_ptr(), base.data_ptr(), out.data_ptr(), out.numel())
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -346,11 +379,15 @@ def addcmul_fuses() -> bool:
 
 
 def native_supports(job: FusedJob) -> bool:
-    tensors = [job.out, *([job.base] if job.base is not None else []), *job.deltas]
+    """Whether the C kernel runs ``job``: float32 tensors on the CPU (the base may be bfloat16)."""
+    tensors = [job.out, *job.deltas]
+    base = job.base
     return (len(job.deltas) <= MAX_SOURCES
             and (job.linear or sums_in_order(len(job.deltas), job.out.numel()))  # linear adds in order
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                     for t in tensors)
+            and (base is None or (base.device.type == "cpu" and base.is_contiguous()
+                                  and base.dtype in (torch.float32, torch.bfloat16)))
             and all(k is None or (k.dtype == torch.int32 and k.is_contiguous()) for k in job.keys))
 
 
@@ -362,7 +399,9 @@ def _to_struct(job: FusedJob) -> _Job:
     s.fma = int(job.fma and addcmul_fuses())
     s.base_weight = float(job.base_weight or 0.0)
     s.lam, s.divisor = float(job.lam), float(job.divisor)
-    s.base = job.base.data_ptr() if job.base is not None else None
+    wide = job.base is not None and job.base.dtype == torch.float32
+    s.base = job.base.data_ptr() if wide else None  # type: ignore[union-attr]
+    s.base16 = job.base.data_ptr() if job.base is not None and not wide else None
     s.out = job.out.data_ptr()
     for i, delta in enumerate(job.deltas):
         s.delta[i] = delta.data_ptr()

@@ -57,6 +57,11 @@ class TensorContext(Protocol):
     def base(self) -> torch.Tensor | None:
         """The base tensor (flat), None without a base checkpoint."""
 
+    @property
+    def fused_base(self) -> torch.Tensor | None:
+        """The base for ``FusedJob.base`` only: ``base``, or the lean plan's bfloat16 copy as held
+        where the arithmetic is float32 (the fused pass widens it exactly; no float32 copy)."""
+
     def model_of(self, position: int) -> int:
         """The engine's model index (``BASE`` or 0..K-1) of recipe source ``position``."""
 

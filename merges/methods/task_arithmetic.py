@@ -157,7 +157,7 @@ def plan(ctx: TensorContext) -> Plan:
     divisor = float(torch.tensor(used, dtype=ctx.dtype).sum()) if used else 0.0
     if abs(divisor) < 1e-8:
         divisor = 1.0
-    job = FusedJob(ctx.out, ctx.base, deltas, used, keys=keys, windows=windows, bands=bands,
+    job = FusedJob(ctx.out, ctx.fused_base, deltas, used, keys=keys, windows=windows, bands=bands,
                    scales=[None] * len(deltas), consensus=family.consensus,
                    normalize=normalize, divisor=divisor, lam=lam)
     return Plan(job=job, rescale=to_rescale, ranks=pending)

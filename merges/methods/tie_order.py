@@ -281,6 +281,49 @@ int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc
         if (scratch[p] & TIED_FLAG) keys[scratch[p] & ~TIED_FLAG] = 0;
     return 0;
 }
+
+/* The same replay, its result applied to ``values`` in place instead of written as keys: each
+   entry that ``tied_cut_keys`` would drop becomes +0.0f (what the fused kernel's mask gives a
+   dropped entry), so no int32 key per entry is stored. ``values`` is changed only on success
+   (0); -1 / -2 as for tied_cut_keys. */
+__attribute__((optimize("tree-vectorize")))
+static void only_words(const float_bits_t* values, int64_t n, int desc, uint32_t tied, uint32_t* scratch,
+                       int64_t* before, int64_t* equal, int64_t* nans) {
+    int64_t b = 0, e = 0, nan = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits = values[i] & 0x7fffffffu;
+        nan += bits > 0x7f800000u;
+        uint32_t is_tied = bits == tied;
+        b += desc ? bits > tied : bits < tied;
+        e += is_tied;
+        scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
+    }
+    *before = b; *equal = e; *nans = nan;
+}
+
+__attribute__((optimize("tree-vectorize")))
+static void drop_after(float_bits_t* values, int64_t n, int desc, uint32_t tied) {
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits = values[i] & 0x7fffffffu;
+        uint32_t is_after = desc ? bits < tied : bits > tied;
+        values[i] = is_after ? 0u : values[i];
+    }
+}
+
+int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
+                       uint32_t* scratch, int32_t blocked) {
+    int64_t before, equal, nans;
+    if (desc) only_words((const float_bits_t*)values, n, 1, tied, scratch, &before, &equal, &nans);
+    else only_words((const float_bits_t*)values, n, 0, tied, scratch, &before, &equal, &nans);
+    if (nans) return -2;
+    if (!(before < keep && keep < before + equal)) return -2;
+    if (n > 1 && word_select_range(scratch, 0, n, word_depth_limit(n), desc, 0, keep, tied, blocked)) return -1;
+    for (int64_t p = keep; p < n; ++p)  /* the run's entries past the cut */
+        if (scratch[p] & TIED_FLAG) values[scratch[p] & ~TIED_FLAG] = 0.0f;
+    if (desc) drop_after((float_bits_t*)values, n, 1, tied);
+    else drop_after((float_bits_t*)values, n, 0, tied);
+    return 0;
+}
 """
 
 _MASK_OFFSETS = ", ".join(
@@ -309,6 +352,9 @@ def _library() -> ctypes.CDLL | None:
     lib.tied_cut_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                   ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     lib.tied_cut_keys.restype = ctypes.c_int64
+    lib.tied_cut_apply.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                                   ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int32]
+    lib.tied_cut_apply.restype = ctypes.c_int64
     for name in ("pair_partition_once", "word_partition_once"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32,
                                        ctypes.c_int32]
@@ -410,3 +456,22 @@ def tied_cut_keys(delta: torch.Tensor, keep: int, tied: float, *, descending: bo
     assert lib is not None
     return _replay_tied(lib, delta.reshape(-1).float().contiguous(), keep, tied, descending, keys, scratch,
                         blocked)
+
+
+def tied_cut_apply(delta: torch.Tensor, keep: int, tied: float, *, descending: bool,
+                   scratch: torch.Tensor | None = None, blocked: bool = True) -> bool:
+    """``tied_cut_keys``'s selection applied to ``delta`` (flat, contiguous float32, CPU) in
+    place: every entry it would drop set to +0.0, as the fused kernel masks a dropped entry, so
+    the merge needs no key per entry (4 bytes less per entry of the chunk). False, and
+    ``delta`` unchanged, where that replay cannot be used."""
+    if (delta.device.type != "cpu" or delta.dtype != torch.float32 or not delta.is_contiguous()
+            or delta.numel() >= DROPPED or not _agrees_with_torch()):
+        return False
+    lib = _library()
+    assert lib is not None
+    n = delta.numel()
+    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]
+    assert scratch.dtype == torch.int32 and scratch.is_contiguous()
+    bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+    return lib.tied_cut_apply(delta.data_ptr(), n, keep, int(descending), bits, scratch.data_ptr(),
+                              2 if blocked else 0) == 0
