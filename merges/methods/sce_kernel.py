@@ -67,8 +67,7 @@ void sce_run_sums(int64_t r0, int64_t r1, int64_t step, int64_t rows, int64_t ru
         for (int j = 0; j < k; ++j) for (int i = 0; i < span; ++i) acc[j][i] = 0.0f;
         for (int64_t row = first; row < last; ++row) {
             int64_t b = row * span;
-            if (position) { for (int i = 0; i < span; ++i) m[i] = position[b + i] < keep ? 1.0f : 0.0f; }
-            else { for (int i = 0; i < span; ++i) m[i] = keep > 0 ? 1.0f : 0.0f; }
+            kept(position, keep, b, span, m);
             for (int j = 0; j < k; ++j) {
                 const float *d = deltas[j] + b;
                 for (int i = 0; i < span; ++i) { float v = d[i] * m[i]; acc[j][i] = acc[j][i] + v * v; }
