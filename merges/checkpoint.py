@@ -2,7 +2,9 @@
 
 Safetensors weights (``model.safetensors`` or a sharded ``model.safetensors.index.json``)
 are read through safetensors' memory map; one open handle per shard is kept, so reading a
-tensor never reads a whole file. Pickle weights (``pytorch_model.bin``, sharded
+tensor never reads a whole file. ``read_into`` reads one tensor's bytes with plain file reads
+at its data offsets into a caller's buffer instead: no mapped pages (which count in the
+process's RSS once touched; the page cache does not), no handle kept open. Pickle weights (``pytorch_model.bin``, sharded
 ``pytorch_model.bin.index.json``, a single ``*.pt``) are refused unless the caller opts in
 with ``allow_pickle=True``; they are then loaded with ``weights_only=True, mmap=True``.
 
@@ -14,7 +16,9 @@ export`` and the dashboard stay light); torch is imported by the first tensor re
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -79,6 +83,8 @@ class Checkpoint:
     _pickle: bool = field(default=False, repr=False, compare=False)
     # Open shards, filled on first read: safetensors handles or mmap'd pickle state dicts.
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Safetensors data offsets, filled on first ``read_into``: name -> (shard, start, end) in bytes.
+    _offsets: dict[str, tuple[Path, int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -115,6 +121,45 @@ class Checkpoint:
         handle = self._handle(file)
         tensor = handle[name] if self._pickle else handle.get_tensor(name)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    @property
+    def readable_by_offset(self) -> bool:
+        """Whether ``read_into`` works: a plain safetensors checkpoint (not pickle weights, not a
+        tensor computed at read time such as a LoRA source's or a vocabulary view's)."""
+        return type(self) is Checkpoint and not self._pickle
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` as stored, read with plain file reads (``os.preadv``) into ``out`` (a
+        contiguous CPU tensor of its entries, any shape, the stored dtype); returns ``out``.
+
+        Nothing is memory-mapped and no file stays open (``readable_by_offset`` must hold)."""
+        import torch
+
+        if not self.readable_by_offset:
+            raise CheckpointError(f"{self.path}: {name!r} cannot be read by offset (not plain safetensors)")
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if not self._offsets:
+            for file in dict.fromkeys(self._file_of.values()):
+                self._offsets.update(_data_offsets(file))
+        file, start, end = self._offsets[name]
+        if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtypes[name]:
+            raise CheckpointError(f"{self.path}: read_into {name!r} needs a contiguous CPU {self.dtypes[name]} buffer")
+        if out.numel() * out.element_size() != end - start:
+            raise CheckpointError(f"{self.path}: {name!r} holds {end - start} bytes, the buffer "
+                                  f"{out.numel() * out.element_size()}")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):  # a read returns at most ~2 GiB (Linux), or less near the end
+                got = os.preadv(fd, [view[done:]], start + done)
+                if got <= 0:
+                    raise CheckpointError(f"{file}: ends inside tensor {name!r}")
+                done += got
+        finally:
+            os.close(fd)
+        return out
 
     def remote_code(self) -> dict[str, tuple[str, ...]]:
         """The Python classes the folder asks transformers to import: file -> ``Auto… -> module.Class``.
@@ -294,6 +339,20 @@ def _open_safetensors(file: Path, *, framework: str = "pt") -> Any:
         return safe_open(str(file), framework=framework, device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError
         raise CheckpointError(f"{file}: cannot open as safetensors ({exc})") from exc
+
+
+def _data_offsets(file: Path) -> dict[str, tuple[Path, int, int]]:
+    """Each tensor's byte range in a safetensors file (its header: an 8-byte little-endian length,
+    then JSON with ``data_offsets`` relative to the end of the header)."""
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read its safetensors header ({exc})") from exc
+    data = 8 + length
+    return {name: (file, data + int(entry["data_offsets"][0]), data + int(entry["data_offsets"][1]))
+            for name, entry in header.items() if name != "__metadata__"}
 
 
 def _load_pickle(file: Path) -> Mapping[str, Any]:

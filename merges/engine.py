@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +98,7 @@ from merges.preflight import preflight
 from merges.recipe import Recipe
 
 _T = TypeVar("_T")
-ENGINE_PLANS = ("resident", "lean")  # fastest first; search.memory costs each
+ENGINE_PLANS = ("resident", "lean", "stream")  # fastest first; search.memory costs each
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,9 @@ class MergeEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         self._dtype = dtype
-        self._lean = plan == "lean"
+        self._plan_name = plan
+        self._lean = plan in ("lean", "stream")  # stream: the lean plan, reading its inputs per chunk
+        self._stream = plan == "stream"
         self._threads = max(1, threads or torch.get_num_threads())
         self._base_ckpt = base
         self._sources = tuple(sources)
@@ -191,7 +193,9 @@ class MergeEngine:
         self._base: dict[str, torch.Tensor] = {}
         self._deltas: dict[str, list[torch.Tensor]] = {}
         self._fixed: dict[str, torch.Tensor] = {}  # non-floating tensors, taken from the anchor
-        # lean: each floating tensor as held ([base,] sources...), and one chunk's derived tensors
+        # lean: each floating tensor as held ([base,] sources...), and one chunk's derived tensors;
+        # stream: the held tensors of one chunk only, read when it runs
+        self._models = ([anchor] if base is not None else []) + list(self._sources)
         self._held: dict[str, list[torch.Tensor]] = {}
         self._chunk: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, name, model)
         self._order: dict[tuple[str, int], object] = {}  # one chunk's |delta| order statistics
@@ -208,6 +212,10 @@ class MergeEngine:
         self._key_arena = Arena((self._largest + slack) * k if reuse else 0, torch.int32, self._device)
         self._replay_scratch = BufferPool(self._largest if reuse else 0, torch.int32,
                                            max(1, min(k, self._threads)))
+        # stream on the CPU: one chunk's tensors of every checkpoint as read (bytes; a held tensor
+        # is never wider than the arithmetic dtype)
+        read_bytes = len(self._models) * (self._largest * dtype.itemsize + slack)
+        self._read_arena = Arena(read_bytes if reuse and self._stream else 0, torch.uint8, self._device)
         self._load()
         # lazily computed statistics (see the module docstring)
         self._ascending: dict[tuple[str, int], torch.Tensor] = {}  # |delta| ascending, CPU: lookups
@@ -236,7 +244,7 @@ class MergeEngine:
     @property
     def plan(self) -> str:
         """The engine plan (``ENGINE_PLANS``)."""
-        return "lean" if self._lean else "resident"
+        return self._plan_name
 
     def resident_bytes(self) -> int:
         """Bytes of every tensor the engine holds (inputs and cached statistics)."""
@@ -283,7 +291,9 @@ class MergeEngine:
             # from_pretrained leaves CPU weights mapped from the checkpoint file, or (held) the
             # engine's own tensors where no cast was needed: give them their own memory, so merges
             # write to RAM, not to copy-on-write file pages or the engine's inputs
-            shared = None if held is None else {t.untyped_storage().data_ptr() for t in held.values()}
+            # (stream: the state dict was read for the model alone, its tensors are the model's own)
+            shared = (None if held is None else set() if self._stream
+                      else {t.untyped_storage().data_ptr() for t in held.values()})
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
                     if shared is None or tensor.untyped_storage().data_ptr() in shared:
@@ -294,10 +304,14 @@ class MergeEngine:
         """Lean on the CPU: the anchor's tensors as the engine holds them (its own checkpoint's,
         not computed at read time), for ``new_model`` to build the live model from instead of the
         file: the same values (a bf16 tensor cast to float32 once, either way), without the file's
-        mapped pages on top of the held copies and the live model (the lean plan's peak)."""
+        mapped pages on top of the held copies and the live model (the lean plan's peak). Stream:
+        read again the same way (``_read_held``), into memory of their own."""
         if not self._lean or self._device.type != "cpu" or type(self._anchor) is not Checkpoint:
             return None
-        state = {name: self._held[name][0].view(self._shapes[name]) for name in self._names}
+        if self._stream:
+            state = {name: self._read_held(self._anchor, name).view(self._shapes[name]) for name in self._names}
+        else:
+            state = {name: self._held[name][0].view(self._shapes[name]) for name in self._names}
         state.update({name: tensor.view(self._shapes[name]) for name, tensor in self._fixed.items()})
         return state
 
@@ -350,6 +364,35 @@ class MergeEngine:
             result[target.out_name] = tensor.to(device=device)
         return result
 
+    def iter_materialize(self, recipe: Recipe, *, device: str | torch.device = "cpu"
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``materialize``'s tensors one chunk at a time: the same names, dtypes and values, in
+        layout order, each valid only until the iterator is advanced past its chunk (write it
+        out at once). Lean / stream on the CPU: the chunk's results live in memory reused by the
+        next chunk, so one chunk's outputs are all that is alive of the merge."""
+        targets = self._plan(recipe)  # validated before the first tensor
+        out_dtype = self._out_dtype(recipe) if recipe.out_dtype is not None else None
+        spec = METHODS[recipe.method]
+        dtypes = {t.info.name: self._result_dtype(spec, t.info.name) for t in targets}
+        width = max((dtypes[n].itemsize for n in dtypes if self._floating[n]), default=1)  # others: own memory
+        reuse = self._lean and self._device.type == "cpu"
+        slack = Arena.ALIGN * len(self._names)
+        arena = Arena((self._largest * width + slack) if reuse else 0, torch.uint8, self._device)
+        for group in consecutive_groups(targets, lambda t: self._numel(t.info.name), self._largest):
+            arena.reset()  # the previous chunk's tensors: the caller is done with them
+            chunk = [(t, arena.take(self._numel(t.info.name) * dtypes[t.info.name].itemsize)
+                      .view(dtypes[t.info.name])) for t in group]
+            with torch.no_grad():
+                if self._lean:
+                    self._run_one(recipe, chunk)
+                else:
+                    self._run_chunk(recipe, chunk, [t.info.name for t in group])
+            for target, out in chunk:
+                tensor = out.view(self._shapes[target.info.name])
+                if self._floating[target.info.name] and out_dtype is not None:
+                    tensor = tensor.to(dtype=out_dtype)
+                yield target.out_name, tensor.to(device=device)
+
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable, single-threaded)."""
         if self._pool is not None:
@@ -361,6 +404,9 @@ class MergeEngine:
     def _load(self) -> None:
         anchor = self._anchor
         has_base = self._base_ckpt is not None
+        if self._stream:
+            self._load_stream()
+            return
         if self._lean:
             self._load_lean()
             return
@@ -395,42 +441,95 @@ class MergeEngine:
             checkpoint.release()
         self._build_sketches()
 
-    def _build_sketches(self) -> None:
-        """Lean, on the CPU in float32: each large tensor's ``|delta|`` histogram per source
-        (``magnitude_sketch``), so a trial's magnitude cut is selected from one bucket. The
-        deltas are formed once here, tensor by tensor, on the pool."""
-        if self._device.type != "cpu" or self._dtype != torch.float32 or self._base_ckpt is None:
-            return
-        names = [n for n in self._names if self._numel(n) >= magnitude_sketch.MIN_NUMEL]
+    def _load_stream(self) -> None:
+        """Nothing held: every tensor of every checkpoint read once as a chunk would read it
+        (``_read_held``, on the pool), checked finite, its sketches built, and dropped; a
+        checkpoint read through its memory map (not plain safetensors) is closed after."""
+        for name in self._shapes:
+            if not self._floating[name]:
+                self._fixed[name] = self._anchor.read(name, device=self._device).reshape(-1)
 
-        def build(name: str) -> list[np.ndarray | None]:
-            base = self._held[name][0].to(self._dtype)
-            found = []
-            for held in self._held[name][1:]:
-                delta = torch.sub(held, base) if held.dtype == self._dtype else held.to(self._dtype).sub_(base)
-                found.append(magnitude_sketch.histogram(delta.numpy()))
-                del delta
+        def check(name: str) -> list[np.ndarray | None]:
+            found: list[np.ndarray | None] = []
+            base = None
+            for i, checkpoint in enumerate(self._models):
+                held = self._read_held(checkpoint, name)
+                self._check_finite(checkpoint, name, held, held)
+                if i == 0 and self._base_ckpt is not None:
+                    base = held.to(self._dtype) if self._sketched(name) else None
+                elif base is not None:
+                    found.append(self._histogram(held, base))
             return found
 
-        results = self._pool.map(build, names) if self._pool is not None else map(build, names)
+        results = self._pool.map(check, self._names) if self._pool is not None else map(check, self._names)
+        self._keep_sketches(self._names, results)
+        for checkpoint in self._models:
+            if not checkpoint.readable_by_offset:
+                checkpoint.release()
+
+    def _sketched(self, name: str) -> bool:
+        """Whether the lean plan keeps ``|delta|`` histograms of ``name`` (``_build_sketches``)."""
+        return (self._device.type == "cpu" and self._dtype == torch.float32 and self._base_ckpt is not None
+                and self._numel(name) >= magnitude_sketch.MIN_NUMEL)
+
+    def _histogram(self, held: torch.Tensor, base: torch.Tensor) -> np.ndarray | None:
+        """One source's ``|delta|`` histogram from its held tensor and the base in the arithmetic dtype."""
+        delta = torch.sub(held, base) if held.dtype == self._dtype else held.to(self._dtype).sub_(base)
+        return magnitude_sketch.histogram(delta.numpy())
+
+    def _keep_sketches(self, names: Sequence[str], results: Iterable[list[np.ndarray | None]]) -> None:
         for name, per_source in zip(names, results, strict=True):
             for model, counts in enumerate(per_source):
                 if counts is not None:
                     self._sketch[(name, model)] = counts
 
+    def _build_sketches(self) -> None:
+        """Lean, on the CPU in float32: each large tensor's ``|delta|`` histogram per source
+        (``magnitude_sketch``), so a trial's magnitude cut is selected from one bucket. The
+        deltas are formed once here, tensor by tensor, on the pool."""
+        names = [n for n in self._names if self._sketched(n)]
+
+        def build(name: str) -> list[np.ndarray | None]:
+            base = self._held[name][0].to(self._dtype)
+            return [self._histogram(held, base) for held in self._held[name][1:]]
+
+        results = self._pool.map(build, names) if self._pool is not None else map(build, names)
+        self._keep_sketches(names, results)
+
     def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
         return checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
 
-    def _hold(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
-        """The lean plan's copy of one tensor (flat): as stored when that is narrower than the
-        arithmetic dtype (a later cast rounds as ``read``'s does), else in the arithmetic dtype.
-        A LoRA source or vocabulary view computes its tensor at read time: arithmetic dtype."""
+    def _held_dtype(self, checkpoint: Checkpoint, name: str) -> torch.dtype:
+        """The dtype the lean plan holds ``name`` of ``checkpoint`` in: as stored when that is
+        narrower than the arithmetic dtype (a later cast rounds as ``read``'s does), else the
+        arithmetic dtype. A LoRA source or vocabulary view computes its tensor at read time:
+        arithmetic dtype."""
         stored = checkpoint.dtypes[name]
         narrower = stored.itemsize < self._dtype.itemsize and type(checkpoint) is Checkpoint
-        held = (checkpoint.read(name, device=self._device).clone() if narrower  # own memory
-                else self._read(checkpoint, name).clone())
-        self._check_finite(checkpoint, name, held.reshape(-1), held)
-        return held.reshape(-1)
+        return stored if narrower else self._dtype
+
+    def _hold(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        """The lean plan's copy of one tensor (flat, ``_held_dtype``), in memory of its own."""
+        dtype = self._held_dtype(checkpoint, name)
+        held = checkpoint.read(name, device=self._device, dtype=dtype).reshape(-1).clone()
+        self._check_finite(checkpoint, name, held, held)
+        return held
+
+    def _read_held(self, checkpoint: Checkpoint, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stream: ``name`` of ``checkpoint`` as the lean plan holds it (flat, ``_held_dtype``), read
+        into ``out`` (a fresh tensor if None). A plain safetensors checkpoint is read by plain file
+        reads at the tensor's offsets (``Checkpoint.read_into``: no mapped pages); a stored dtype
+        wider than the held one is read as stored and cast once, as ``read`` casts. Any other
+        checkpoint (pickle, LoRA source, vocabulary view) is read by ``Checkpoint.read``."""
+        dtype = self._held_dtype(checkpoint, name)
+        if out is None:
+            out = torch.empty(self._numel(name), dtype=dtype, device=self._device)
+        if not checkpoint.readable_by_offset:
+            return out.copy_(checkpoint.read(name, device=self._device, dtype=dtype).reshape(-1))
+        stored = checkpoint.dtypes[name]
+        if stored == dtype and out.device.type == "cpu":
+            return checkpoint.read_into(name, out)
+        return out.copy_(checkpoint.read_into(name, torch.empty(out.numel(), dtype=stored)))
 
     @staticmethod
     def _check_finite(checkpoint: Checkpoint, name: str, derived: torch.Tensor,
@@ -687,16 +786,43 @@ class MergeEngine:
         self._l1.clear()  # keyed by storage address, which the next chunk's tensors reuse
         for key in [k for k, v in self._statistics.items() if _tensor_sized(v)]:
             del self._statistics[key]
+        if self._stream:
+            self._held.clear()
+            self._read_arena.reset()
+
+    def _read_chunk(self, names: Sequence[str]) -> None:
+        """Stream: read the chunk's tensors of every checkpoint into ``_held`` (on the pool)."""
+        names = [name for name in dict.fromkeys(names) if self._floating[name]]
+        items = [(name, i) for name in names for i in range(len(self._models))]
+
+        def read(item: tuple[str, int]) -> torch.Tensor:
+            name, i = item
+            checkpoint = self._models[i]
+            dtype = self._held_dtype(checkpoint, name)
+            numel = self._numel(name)
+            buffer = self._read_arena.take(numel * dtype.itemsize).view(dtype)
+            return self._read_held(checkpoint, name, buffer)
+
+        results = self._pool.map(read, items) if self._pool is not None else map(read, items)
+        for (name, _), tensor in zip(items, results, strict=True):
+            self._held.setdefault(name, []).append(tensor)
 
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         if not self._lean:
             self._run_chunk(recipe, outputs, self._names)
             return
         for chunk in self._chunks(outputs):
-            try:
-                self._run_chunk(recipe, chunk, [target.info.name for target, _ in chunk])
-            finally:
-                self._drop_chunk()
+            self._run_one(recipe, chunk)
+
+    def _run_one(self, recipe: Recipe, chunk: Sequence[tuple[_Target, torch.Tensor]]) -> None:
+        """One lean chunk (stream: its inputs read first), its tensors dropped after."""
+        names = [target.info.name for target, _ in chunk]
+        try:
+            if self._stream:
+                self._read_chunk(names)
+            self._run_chunk(recipe, chunk, names)
+        finally:
+            self._drop_chunk()
 
     def _run_chunk(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]],
                    names: Sequence[str]) -> None:

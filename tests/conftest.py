@@ -40,7 +40,7 @@ def demo_family_root() -> Path:
     return shipped_family().root
 
 
-@pytest.fixture(scope="module", params=["resident", "lean"])
+@pytest.fixture(scope="module", params=["resident", "lean", "stream"])
 def engine_plan(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every ``MergeEngine`` built without an explicit ``plan`` runs under each engine plan:
     the golden tests hold for all of them (merges.engine, "Engine plans")."""
