@@ -291,9 +291,9 @@ class MergeEngine:
             # from_pretrained leaves CPU weights mapped from the checkpoint file, or (held) the
             # engine's own tensors where no cast was needed: give them their own memory, so merges
             # write to RAM, not to copy-on-write file pages or the engine's inputs
-            # (stream: the state dict was read for the model alone, its tensors are the model's own)
-            shared = (None if held is None else set() if self._stream
-                      else {t.untyped_storage().data_ptr() for t in held.values()})
+            # (stream: the floating tensors were read for the model alone, they are its own)
+            kept = self._fixed.values() if self._stream else held.values() if held is not None else ()
+            shared = None if held is None else {t.untyped_storage().data_ptr() for t in kept}
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
                     if shared is None or tensor.untyped_storage().data_ptr() in shared:
@@ -305,11 +305,14 @@ class MergeEngine:
         not computed at read time), for ``new_model`` to build the live model from instead of the
         file: the same values (a bf16 tensor cast to float32 once, either way), without the file's
         mapped pages on top of the held copies and the live model (the lean plan's peak). Stream:
-        read again the same way (``_read_held``), into memory of their own."""
+        read again the same way (``_read_held``) and cast to the arithmetic dtype tensor by tensor:
+        ``from_pretrained`` takes tensors of its dtype as the parameters themselves, so the live
+        model is all that is built (no second copy)."""
         if not self._lean or self._device.type != "cpu" or type(self._anchor) is not Checkpoint:
             return None
         if self._stream:
-            state = {name: self._read_held(self._anchor, name).view(self._shapes[name]) for name in self._names}
+            state = {name: self._read_held(self._anchor, name).to(self._dtype).view(self._shapes[name])
+                     for name in self._names}
         else:
             state = {name: self._held[name][0].view(self._shapes[name]) for name in self._names}
         state.update({name: tensor.view(self._shapes[name]) for name, tensor in self._fixed.items()})
