@@ -21,6 +21,8 @@ keyed by plan). Usage::
 
     python -m benchmarks.merge_speed --size small --methods linear,ties
     python -m benchmarks.merge_speed --size 1b --methods ties --plan lean
+    python -m benchmarks.merge_speed --size 250m --methods linear,ties --plan lean,stream \
+        --skip-search-merge --skip-mergekit
     python -m benchmarks.merge_speed --size 1b --methods ties --plan lean --phases --repeats 1 \
         --skip-search-merge --skip-mergekit
     python -m benchmarks.merge_speed --size 250m --skip-mergekit
@@ -260,6 +262,7 @@ class Phases:
         self.wrap(engine.MergeEngine, "_apply_rescale", "wall: rescale")
         self.wrap(engine.MergeEngine, "_drop_chunk", "wall: drop chunk")
         self.wrap(engine.MergeEngine, "_run_chunk", "wall: chunks")
+        self.wrap(engine.MergeEngine, "_read_chunk", "wall: read chunk")  # stream: the chunk's inputs
         self.wrap(engine.MergeEngine, "merge_into", "wall: merge_into")
 
     def report(self, merges: int) -> dict[str, float]:
