@@ -68,7 +68,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -213,9 +213,12 @@ class MergeEngine:
         self._replay_scratch = BufferPool(self._largest if reuse else 0, torch.int32,
                                            max(1, min(k, self._threads)))
         # stream on the CPU: one chunk's tensors of every checkpoint as read (bytes; a held tensor
-        # is never wider than the arithmetic dtype)
+        # is never wider than the arithmetic dtype), twice: the next chunk is read into the other
+        # while this one merges (_prefetch, on the reader threads)
         read_bytes = len(self._models) * (self._largest * dtype.itemsize + slack)
-        self._read_arena = Arena(read_bytes if reuse and self._stream else 0, torch.uint8, self._device)
+        self._read_arenas = tuple(Arena(read_bytes if reuse and self._stream else 0, torch.uint8, self._device)
+                                  for _ in range(2))
+        self._reader: ThreadPoolExecutor | None = None  # stream: started by the first merge
         self._load()
         # lazily computed statistics (see the module docstring)
         self._ascending: dict[tuple[str, int], torch.Tensor] = {}  # |delta| ascending, CPU: lookups
@@ -381,26 +384,40 @@ class MergeEngine:
         reuse = self._lean and self._device.type == "cpu"
         slack = Arena.ALIGN * len(self._names)
         arena = Arena((self._largest * width + slack) if reuse else 0, torch.uint8, self._device)
-        for group in consecutive_groups(targets, lambda t: self._numel(t.info.name), self._largest):
-            arena.reset()  # the previous chunk's tensors: the caller is done with them
-            chunk = [(t, arena.take(self._numel(t.info.name) * dtypes[t.info.name].itemsize)
-                      .view(dtypes[t.info.name])) for t in group]
-            with torch.no_grad():
-                if self._lean:
-                    self._run_one(recipe, chunk)
-                else:
-                    self._run_chunk(recipe, chunk, [t.info.name for t in group])
+        groups = list(consecutive_groups(targets, lambda t: self._numel(t.info.name), self._largest))
+
+        def allocated() -> Iterator[list[tuple[_Target, torch.Tensor]]]:
+            for group in groups:
+                arena.reset()  # the previous chunk's tensors: the caller is done with them
+                yield [(t, arena.take(self._numel(t.info.name) * dtypes[t.info.name].itemsize)
+                        .view(dtypes[t.info.name])) for t in group]
+
+        if self._lean:
+            merged = self._run_lean(recipe, allocated(), [[t.info.name for t in g] for g in groups])
+        else:
+            merged = (self._run_resident(recipe, chunk) for chunk in allocated())
+        for chunk in merged:
             for target, out in chunk:
                 tensor = out.view(self._shapes[target.info.name])
                 if self._floating[target.info.name] and out_dtype is not None:
                     tensor = tensor.to(dtype=out_dtype)
                 yield target.out_name, tensor.to(device=device)
 
+    def _run_resident(self, recipe: Recipe, chunk: list[tuple[_Target, torch.Tensor]]
+                      ) -> list[tuple[_Target, torch.Tensor]]:
+        with torch.no_grad():
+            self._run_chunk(recipe, chunk, [target.info.name for target, _ in chunk])
+        return chunk
+
     def close(self) -> None:
-        """Stop the worker threads (the engine stays usable, single-threaded)."""
+        """Stop the worker threads (the engine stays usable, single-threaded; stream reads
+        start their reader threads again)."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._reader is not None:
+            self._reader.shutdown()
+            self._reader = None
 
     # -- loading --------------------------------------------------------------------
 
@@ -790,42 +807,68 @@ class MergeEngine:
         for key in [k for k, v in self._statistics.items() if _tensor_sized(v)]:
             del self._statistics[key]
         if self._stream:
-            self._held.clear()
-            self._read_arena.reset()
+            self._held = {}
 
-    def _read_chunk(self, names: Sequence[str]) -> None:
-        """Stream: read the chunk's tensors of every checkpoint into ``_held`` (on the pool)."""
-        names = [name for name in dict.fromkeys(names) if self._floating[name]]
-        items = [(name, i) for name in names for i in range(len(self._models))]
+    def _read_chunk(self, names: Sequence[str], arena: Arena) -> list[tuple[str, Future[torch.Tensor]]]:
+        """Stream: start reading the chunk's tensors of every checkpoint into ``arena`` (on the
+        reader threads); ``_held``'s entries, in order, once done."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(2, thread_name_prefix="stream-read")
+        reader = self._reader
 
-        def read(item: tuple[str, int]) -> torch.Tensor:
-            name, i = item
+        def read(name: str, i: int) -> torch.Tensor:
             checkpoint = self._models[i]
             dtype = self._held_dtype(checkpoint, name)
-            numel = self._numel(name)
-            buffer = self._read_arena.take(numel * dtype.itemsize).view(dtype)
+            buffer = arena.take(self._numel(name) * dtype.itemsize).view(dtype)
             return self._read_held(checkpoint, name, buffer)
 
-        results = self._pool.map(read, items) if self._pool is not None else map(read, items)
-        for (name, _), tensor in zip(items, results, strict=True):
-            self._held.setdefault(name, []).append(tensor)
+        arena.reset()  # its last chunk was merged and dropped before this one was asked for
+        return [(name, reader.submit(read, name, i)) for name in dict.fromkeys(names) if self._floating[name]
+                for i in range(len(self._models))]
+
+    def _prefetch(self, groups: Sequence[Sequence[str]]) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Stream: each group's held tensors, in turn; the next group's are read (into the other
+        arena) while the caller merges this one. Closing it waits for the reads in flight, so
+        that none writes into a buffer once the merge has moved on."""
+        pending = self._read_chunk(groups[0], self._read_arenas[0]) if groups else []
+        try:
+            for i in range(len(groups)):
+                held: dict[str, list[torch.Tensor]] = {}
+                for name, future in pending:
+                    held.setdefault(name, []).append(future.result())
+                pending = (self._read_chunk(groups[i + 1], self._read_arenas[(i + 1) % 2])
+                           if i + 1 < len(groups) else [])
+                yield held
+        finally:
+            wait([future for _, future in pending])
 
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         if not self._lean:
             self._run_chunk(recipe, outputs, self._names)
             return
-        for chunk in self._chunks(outputs):
-            self._run_one(recipe, chunk)
+        chunks = list(self._chunks(outputs))
+        for _ in self._run_lean(recipe, chunks, [[t.info.name for t, _ in chunk] for chunk in chunks]):
+            pass
 
-    def _run_one(self, recipe: Recipe, chunk: Sequence[tuple[_Target, torch.Tensor]]) -> None:
-        """One lean chunk (stream: its inputs read first), its tensors dropped after."""
-        names = [target.info.name for target, _ in chunk]
+    def _run_lean(self, recipe: Recipe, chunks: Iterable[Sequence[tuple[_Target, torch.Tensor]]],
+                  groups: Sequence[Sequence[str]]) -> Iterator[Sequence[tuple[_Target, torch.Tensor]]]:
+        """Merge the lean chunks (``groups``: their tensor names, known before the chunks' outputs
+        exist) one by one, yielding each once merged; its tensors are dropped before the next.
+        Stream: each chunk's inputs are read while the one before merges (``_prefetch``)."""
+        reads = self._prefetch(groups) if self._stream else None
         try:
-            if self._stream:
-                self._read_chunk(names)
-            self._run_chunk(recipe, chunk, names)
+            for chunk in chunks:
+                try:
+                    if reads is not None:
+                        self._held = next(reads)
+                    with torch.no_grad():
+                        self._run_chunk(recipe, chunk, [target.info.name for target, _ in chunk])
+                finally:
+                    self._drop_chunk()
+                yield chunk
         finally:
-            self._drop_chunk()
+            if reads is not None:
+                reads.close()
 
     def _run_chunk(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]],
                    names: Sequence[str]) -> None:
@@ -1078,9 +1121,9 @@ class MergeEngine:
                                        row_position=positions[model])
 
     def __del__(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
+        for pool in (getattr(self, "_pool", None), getattr(self, "_reader", None)):
+            if pool is not None:
+                pool.shutdown(wait=False)
 
 
 def _planner(spec: MethodSpec) -> Callable[[TensorContext], Plan]:

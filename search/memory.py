@@ -17,12 +17,17 @@ the budget (``[execution] memory_gb``, else the device's free memory) is chosen:
 * ``lean``: base and sources as stored (bf16 stays bf16; a wider storage dtype is held in
   the arithmetic dtype), plus a small ``|delta|`` histogram per large tensor and source
   (``merges.methods.magnitude_sketch``: 128 KiB each), task vectors and density thresholds
-  formed per tensor per trial; its scratch is one tensor's deltas, keys and sort temporaries.
+  formed per tensor per trial; its scratch is one tensor's deltas, keys and tie temporaries;
+* ``stream``: the lean plan holding no checkpoint: each chunk's tensors of the base and every
+  source are read from the files (plain file reads into reused buffers: the page cache holds
+  the files, not the worker; the next chunk is read while one merges), so it holds the
+  histograms alone and its scratch adds two chunks' read buffers.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,17 +46,20 @@ KEY_BYTES = 4
 """The engine's cached per-entry keys (magnitude ranks, DARE keys) are int32."""
 DEFAULT_SEQ_LEN_CAP = 512
 """Sequence length assumed for evaluation activations when the caller does not know it."""
-ENGINE_PLANS = ("resident", "lean")
+ENGINE_PLANS = ("resident", "lean", "stream")
 """merges.engine's plans, fastest first (kept in step with ``merges.engine.ENGINE_PLANS``;
 this module imports no torch)."""
 STORAGE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 """Bytes per element of each safetensors dtype code."""
 FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-SORT_TEMP_BYTES = 16
-"""A tie's sort positions (merges.methods.sparsify.descending_ranks): int64 argsort indices,
-the sorted float32 values and the int32 positions, per entry, while one is computed. The lean
-plan's replay (merges.methods.tie_order) needs 8 (value, index pairs): this bounds both."""
+TIE_TEMP_BYTES = {"magnitude": 8, "magnitude_outliers": 12}
+"""Per entry and tied cut replayed at once (merges.methods.tie_order, on the engine's threads),
+the lean plan's temporaries by sparsification: one TIES cut needs an int32 word per entry
+(``tied_cut_apply``, the engine's replay scratch) and, where it cannot be applied in place,
+int32 keys; a breadcrumbs window (``window_keys``) (float32, int32) pairs and int32 keys. The
+full sort (16: int64 argsort indices, sorted values, positions) runs only where the replay is
+unavailable (no C compiler, or torch's sort order not reproduced on this machine)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,8 @@ class MemoryEstimate:
             largest = f" (largest tensor {self.largest_name or '?'}: {_gib(self.largest_tensor)})"
         if self.plan == "lean":
             held = "base and sources in their storage dtypes"
+        elif self.plan == "stream":
+            held = "no checkpoint: read per chunk; |delta| histograms"
         else:
             held = f"base + task vectors, {_gib(self.statistics)} of them statistics"
         return (
@@ -236,6 +246,22 @@ def _lean_key_kinds(methods: Sequence[str]) -> int:
     return kinds
 
 
+def _tie_bytes(methods: Sequence[str] | None) -> int:
+    """``TIE_TEMP_BYTES`` of the study's methods (the widest; every kind's without methods)."""
+    from merges.methods.registry import METHODS  # torch-free catalogue
+
+    if methods is None:
+        return max(TIE_TEMP_BYTES.values())
+    found = 0
+    for method in methods:
+        spec = METHODS.get(method)
+        if spec is None:
+            raise SearchError(f"genome.method: unknown method {method!r}")
+        sparsification = spec.family.sparsification if spec.family is not None else None
+        found = max(found, TIE_TEMP_BYTES.get(sparsification or "", 0))
+    return found
+
+
 def _once_per_entry(method: str, width: int) -> int:
     """Bytes per entry a method caches once per tensor (not per source), merges.methods' planners:
     sce's variance order (int32; half: the variance), what karcher / ram / arcee_fusion compute
@@ -248,7 +274,7 @@ def _once_per_entry(method: str, width: int) -> int:
 def estimate_from_shape(
     shape: ModelShape, *, n_sources: int, dtype: str, batch_size: int, seq_len: int | None = None,
     key_kinds: int = 1, methods: Sequence[str] | None = None, plan: str = "resident",
-    sources_held: int | None = None, threads: int = 1,
+    sources_held: int | None = None, threads: int = 1, device: str = "cpu",
 ) -> MemoryEstimate:
     """The per-worker estimate for a model of ``shape`` merged from ``n_sources`` fine-tunes.
 
@@ -256,7 +282,8 @@ def estimate_from_shape(
     without them ``key_kinds`` per-entry statistics are counted (1 for ties / dare /
     breadcrumbs, 2 for della; 0 for linear-only studies). ``plan``: one of ``ENGINE_PLANS``.
     ``sources_held``: the lean plan's bytes of all sources (default: like the base);
-    ``threads``: the engine's threads (the lean plan's sort temporaries run side by side).
+    ``threads``: the engine's threads (the lean plan's tie replays run side by side);
+    ``device``: the engine's (the |delta| histograms are kept on the CPU in float32 only).
     """
     width = _width(dtype)
     if plan not in ENGINE_PLANS:
@@ -273,15 +300,25 @@ def estimate_from_shape(
     else:
         statistics = 0
         held = shape.held_bytes or tensor_bytes
-        resident = held + (sources_held if sources_held is not None else held * k) + shape.sketch_bytes * k
-        # one chunk (at most the largest tensor's entries): K deltas / sources and (unless the
-        # base is read as held) the base in the arithmetic dtype, the per-entry keys its methods
-        # hold (_lean_key_kinds), the sort temporaries of the ties computed side by side, and a
-        # float32 copy of |delta| for the selection of a threshold
+        all_held = held + (sources_held if sources_held is not None else held * k)
+        sketched = device == "cpu" and dtype == "float32"  # merges.engine's _sketched
+        sketches = shape.sketch_bytes * k if sketched else 0
+        resident = sketches + (all_held if plan == "lean" else 0)
+        # one chunk (at most the largest tensor's entries): K deltas in the arithmetic dtype and
+        # the base too where it is held narrower and not read as held (a base held in the
+        # arithmetic dtype is used as it is), the per-entry keys its methods hold
+        # (_lean_key_kinds), the temporaries of the tied cuts replayed side by side, and
+        # without histograms a float32 |delta| per source for the selection of a threshold
         kinds = _lean_key_kinds(methods) if methods is not None else key_kinds
-        per_entry = (width * (k + (0 if shape.narrow_base else 1)) + KEY_BYTES * k * kinds
-                     + SORT_TEMP_BYTES * max(1, min(k, threads)) + 8)
+        base_copy = 0 if shape.narrow_base or held >= tensor_bytes else width
+        ties = _tie_bytes(methods)  # 0: no magnitude cut to select
+        selection = 0 if sketched or not ties else 4 * k
+        per_entry = width * k + base_copy + KEY_BYTES * k * kinds + selection + ties * max(1, min(k, threads))
         scratch = shape.largest_tensor * per_entry
+        if plan == "stream":
+            # + the chunk's tensors of every checkpoint as read (held dtypes, mean bytes per
+            # entry), twice: the next chunk's are read while this one merges
+            scratch += 2 * -(-shape.largest_tensor * all_held // shape.numel)
     seq = min(seq_len or DEFAULT_SEQ_LEN_CAP, shape.max_positions)
     # inference only: logits (kept in float32 by the scorer) + a few hidden-size buffers of one layer
     per_token = 4 * shape.vocab * 2 + width * (4 * shape.hidden + 2 * max(shape.intermediate, shape.hidden))
@@ -303,7 +340,8 @@ def plan_estimates(setup: WorkerSetup, *, seq_len: int | None = None) -> list[Me
     return [
         estimate_from_shape(shape, n_sources=len(setup.sources), dtype=setup.dtype, batch_size=setup.batch_size,
                             seq_len=seq_len, methods=setup.methods or None, plan=plan,
-                            sources_held=sources_held, threads=setup.threads or 1)
+                            sources_held=sources_held, threads=setup.threads or os.cpu_count() or 1,
+                            device=setup.device)
         for plan in plans
     ]
 

@@ -57,9 +57,9 @@ def big_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     root = tmp_path_factory.mktemp("big")
     tiny = make_family(root / "tiny", n_sources=0)
     config = json.loads((tiny.base / "config.json").read_text())
-    # ~36 hidden² parameters; even the lean engine plan holds the bf16 base and source (2 bytes
-    # each) and a float32 live model (4): 8 bytes each, more than this machine's RAM
-    hidden = math.isqrt(psutil.virtual_memory().total // (8 * 36)) // 8 * 8 + 8
+    # ~36 hidden² parameters; even the stream engine plan, which holds no checkpoint, builds a
+    # float32 live model (4 bytes each): more than this machine's RAM
+    hidden = math.isqrt(psutil.virtual_memory().total // (4 * 36)) // 8 * 8 + 8
     scale = {TINY_HIDDEN: hidden, 2 * TINY_HIDDEN: 2 * hidden, TINY_HIDDEN // 2: hidden // 2}
     config.update(hidden_size=hidden, intermediate_size=2 * hidden)
     from safetensors import safe_open
@@ -179,22 +179,25 @@ def _setup(family: TinyFamily, memory_gb: float | None, method: str = "ties") ->
 def test_the_fastest_plan_that_fits_the_budget_is_chosen(llama_family: TinyFamily) -> None:
     from search.memory import check_local_memory, plan_estimates
 
-    resident, lean = plan_estimates(_setup(llama_family, None))  # type: ignore[arg-type]
-    assert (resident.plan, lean.plan) == ("resident", "lean")
+    resident, lean, stream = plan_estimates(_setup(llama_family, None))  # type: ignore[arg-type]
+    assert (resident.plan, lean.plan, stream.plan) == ("resident", "lean", "stream")
     # fp32 checkpoints are held as stored; the resident plan adds task vectors and statistics:
     # sorted magnitudes (ties) and the sources themselves (linear, the baselines)
     assert resident.statistics == resident.live_model * 3 + resident.live_model * 3
-    assert lean.resident == resident.live_model * 4 and lean.statistics == 0
-    assert lean.total < resident.total
+    # (tensors under 64Ki entries: no histograms, so the stream plan holds nothing)
+    assert lean.resident == resident.live_model * 4 and lean.statistics == 0 and stream.resident == 0
+    assert stream.total < lean.total < resident.total
     between = (lean.total + resident.total) / 2 / GIB
     assert check_local_memory(_setup(llama_family, resident.total / GIB)).plan == "resident"  # type: ignore[arg-type]
     assert check_local_memory(_setup(llama_family, between)).plan == "lean"  # type: ignore[arg-type]
+    below = (stream.total + lean.total) / 2 / GIB
+    assert check_local_memory(_setup(llama_family, below)).plan == "stream"  # type: ignore[arg-type]
     with pytest.raises(SearchError) as info:
-        check_local_memory(_setup(llama_family, lean.total / GIB * 0.9))  # type: ignore[arg-type]
+        check_local_memory(_setup(llama_family, stream.total / GIB * 0.9))  # type: ignore[arg-type]
     message = str(info.value)
-    assert message.startswith(f"1 worker × {lean.total / GIB:.2f} GiB needed, at most ")
+    assert message.startswith(f"1 worker × {stream.total / GIB:.2f} GiB needed, at most ")
     assert "GiB RAM available (node " in message and ", execution.memory_gb)" in message
-    assert "engine plan lean" in message and "(largest tensor " in message
+    assert "engine plan stream" in message and "(largest tensor " in message
 
 
 def test_the_statistics_follow_the_methods() -> None:
@@ -218,15 +221,16 @@ def test_the_inline_worker_runs_the_chosen_plan(llama_family: TinyFamily, tmp_pa
 
     config = load_study(write_study(tmp_path, llama_family, trials=2, tasks=("alpha",)))
     setup = worker_setup(config)
-    resident, lean = plan_estimates(setup)
-    between = (lean.total + resident.total) / 2 / GIB
+    resident, lean, stream = plan_estimates(setup)
     from dataclasses import replace
 
-    pool = make_pool(replace(setup, memory_gb=between), replace(config.execution, backend="inline"))
-    try:
-        assert pool._worker.engine.plan == "lean"  # type: ignore[attr-defined]
-    finally:
-        pool.close()
+    for plan, low, high in (("lean", lean, resident), ("stream", stream, lean)):
+        between = (low.total + high.total) / 2 / GIB
+        pool = make_pool(replace(setup, memory_gb=between), replace(config.execution, backend="inline"))
+        try:
+            assert pool._worker.engine.plan == plan  # type: ignore[attr-defined]
+        finally:
+            pool.close()
 
 
 def test_memory_gb_is_checked(tmp_path: Path, llama_family: TinyFamily) -> None:
@@ -254,7 +258,7 @@ def test_a_study_runs_end_to_end_under_the_lean_plan(llama_family: TinyFamily, t
     from search.memory import plan_estimates
 
     path = write_study(tmp_path, llama_family, trials=2, tasks=("alpha",), method="ties")
-    resident, lean = plan_estimates(worker_setup(load_study(path)))
+    resident, lean, _ = plan_estimates(worker_setup(load_study(path)))
     between = (lean.total + resident.total) / 2 / GIB
     path.write_text(path.read_text().replace("[execution]", f"[execution]\nmemory_gb = {between:.6f}", 1))
     assert main(["start", str(path)]) == 0
@@ -266,7 +270,10 @@ def test_a_study_runs_end_to_end_under_the_lean_plan(llama_family: TinyFamily, t
 def test_the_lean_chunk_follows_the_methods_and_the_base() -> None:
     """The lean plan's chunk: a TIES tied cut holds no keys (applied to the delta in place), DARE
     keeps one int32 key per entry and source, DELLA two; a bf16 base under float32 arithmetic is
-    read as held (no float32 copy); each source's delta is always there."""
+    read as held (no float32 copy), a float16 one is copied; each source's delta is always
+    there; a TIES replay's scratch is 8 bytes per entry, a breadcrumbs window's 12; without
+    histograms (off the CPU) a float32 |delta| per source for the selection. The stream plan's
+    chunk adds the chunk's tensors of every checkpoint as held."""
     from dataclasses import replace
 
     from search.memory import shape_from_headers
@@ -277,13 +284,20 @@ def test_the_lean_chunk_follows_the_methods_and_the_base() -> None:
     assert bf16.narrow_base and not f16.narrow_base
     assert not shape_from_headers("m", shapes, dict.fromkeys(shapes, "BF16"), {}, dtype="bfloat16").narrow_base
 
-    def per_entry(shape: object, *methods: str) -> float:
+    def per_entry(shape: object, *methods: str, plan: str = "lean", device: str = "cpu") -> float:
         estimate = estimate_from_shape(shape, n_sources=2, dtype="float32", batch_size=1,  # type: ignore[arg-type]
-                                       methods=methods, plan="lean", threads=1)
+                                       methods=methods, plan=plan, threads=1, device=device)
         return estimate.scratch / 64_000
 
-    temporaries = 16 + 8  # one replay's sort temporaries, one |delta| copy
-    assert per_entry(bf16, "ties") == per_entry(bf16, "breadcrumbs") == 2 * 4 + temporaries
-    assert per_entry(bf16, "dare_ties") == 2 * 4 + 2 * 4 + temporaries
-    assert per_entry(bf16, "della", "ties") == 2 * 4 + 2 * 8 + temporaries
-    assert per_entry(f16, "ties") == per_entry(replace(bf16, narrow_base=False), "ties") == 3 * 4 + temporaries
+    assert per_entry(bf16, "ties") == 2 * 4 + 8 and per_entry(bf16, "breadcrumbs") == 2 * 4 + 12
+    assert per_entry(bf16, "linear") == 2 * 4  # no cut: no replay, nothing selected
+    assert per_entry(bf16, "dare_ties") == 2 * 4 + 2 * 4  # random keys, no cut
+    assert per_entry(bf16, "della", "ties") == 2 * 4 + 2 * 8 + 8
+    assert per_entry(f16, "ties") == per_entry(replace(bf16, narrow_base=False), "ties") == 3 * 4 + 8
+    assert per_entry(bf16, "ties", device="cuda") == 2 * 4 + 8 + 2 * 4
+    # held as read: base and both sources in bf16, 2 bytes an entry each
+    # (twice: the next chunk is read while this one merges)
+    assert per_entry(bf16, "ties", plan="stream") == per_entry(bf16, "ties") + 2 * 3 * 2
+    f32 = shape_from_headers("m", shapes, dict.fromkeys(shapes, "F32"), {"hidden_size": 64})
+    assert per_entry(f32, "ties") == 2 * 4 + 8  # a float32 base is used as held
+    assert per_entry(f32, "ties", plan="stream") == 2 * 4 + 8 + 2 * 3 * 4
