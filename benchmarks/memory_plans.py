@@ -40,7 +40,8 @@ def dry_run() -> list[dict[str, object]]:
                   "max_position_embeddings": 4096}
         shape = shape_from_headers(model, shapes, dict.fromkeys(shapes, "BF16"), config, dtype=DTYPE)
         estimates = [estimate_from_shape(shape, n_sources=N_SOURCES, dtype=DTYPE, batch_size=BATCH_SIZE,
-                                         seq_len=SEQ_LEN, methods=METHODS, plan=plan) for plan in ENGINE_PLANS]
+                                         seq_len=SEQ_LEN, methods=METHODS, plan=plan, device="cuda")
+                     for plan in ENGINE_PLANS]
         on_device = {e.plan: e.total - e.runtime for e in estimates}
         for device_gb in DEVICES_GB:
             chosen = next((plan for plan in ENGINE_PLANS if on_device[plan] <= device_gb * 10**9), None)

@@ -247,7 +247,8 @@ def test_llama_7b_with_3_sources_fits_an_80_gb_gpu() -> None:
 
     rows = {(row["model"], row["device_gb"]): row for row in dry_run()}
     assert rows[("llama-7b", 80)]["plan"] == "lean"
-    assert rows[("llama-7b", 24)]["plan"] is None and rows[("llama-70b", 141)]["plan"] is None
+    assert rows[("llama-7b", 24)]["plan"] == rows[("llama-13b", 80)]["plan"] == "stream"  # no checkpoint held
+    assert rows[("llama-13b", 24)]["plan"] is None and rows[("llama-70b", 141)]["plan"] is None
     assert rows[("llama-13b", 141)]["plan"] == "lean"  # the resident plan needs 342 GiB
 
 
