@@ -59,6 +59,22 @@ zeroes its delta's dropped entries in place, no keys; over bf16 checkpoints in f
 base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
 built from the held base (``new_model``), not mapped from the file again.
 
+``"stream"`` is the lean plan holding no checkpoint: each chunk's tensors of the base and the
+sources are read when the chunk runs, as the lean plan would hold them (``_held_dtype``), into
+buffers reused from chunk to chunk (two arenas: the next chunk is read on two reader threads
+while this one merges, ``_prefetch``). A plain safetensors checkpoint is read by ``os.preadv`` at
+the tensor's data offsets (``Checkpoint.read_into``): no memory map, whose touched pages count in
+the process's RSS (the page cache that serves the reads does not); others (pickle weights, a
+LoRA source, a vocabulary view) through ``Checkpoint.read``. At load every tensor is read once
+the same way, checked finite and its histograms built (``_load_stream``); ``new_model`` reads the
+base again, in the arithmetic dtype, which ``from_pretrained`` takes as the parameters themselves.
+Memory: the histograms, two chunks' read buffers and the lean chunk's terms, and the live model.
+The tensors are the lean plan's bit for bit (the same values, read the same way).
+
+``iter_materialize`` yields ``materialize``'s tensors chunk by chunk (for a writer that streams
+them to disk): under lean / stream on the CPU the results of one chunk live in memory the next
+one reuses, so that is all of the merge that is alive.
+
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
 the model holds a partial merge: merge a recipe into it again before using it.
 """

@@ -128,6 +128,7 @@ def test_validate_prints_the_estimate(tmp_path: Path, capsys: pytest.CaptureFixt
     memory = next(line for line in out.splitlines() if line.startswith("memory: "))
     assert " per worker, engine plan resident: resident tensors " in memory and "largest tensor " in memory
     assert "; 1 worker(s) fit in this machine's free RAM (plans: resident " in memory and ", lean " in memory
+    assert ", stream " in memory
 
 
 # -- the advice, as plain numbers ---------------------------------------------------------
