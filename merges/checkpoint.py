@@ -139,9 +139,11 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: {name!r} cannot be read by offset (not plain safetensors)")
         if name not in self._file_of:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-        if not self._offsets:
+        if not self._offsets:  # every shard's at once: one update, so a reader thread sees none or all
+            found: dict[str, tuple[Path, int, int]] = {}
             for file in dict.fromkeys(self._file_of.values()):
-                self._offsets.update(_data_offsets(file))
+                found.update(_data_offsets(file))
+            self._offsets.update(found)
         file, start, end = self._offsets[name]
         if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != self.dtypes[name]:
             raise CheckpointError(f"{self.path}: read_into {name!r} needs a contiguous CPU {self.dtypes[name]} buffer")
