@@ -152,7 +152,9 @@ class LoraCheckpoint(Checkpoint):
         else:
             weight = self.model.read(name)
         if weight.is_floating_point():
-            weight = weight.to(getattr(torch, self.fold_dtype))
+            # the fold adds in place: into a copy, never into the tensor read (it can be the
+            # open file's mapped memory, which the next read of this tensor returns again)
+            weight = weight.to(getattr(torch, self.fold_dtype), copy=target is not None)
             if target is not None:
                 weight = self._fold(weight, target)
         return weight.to(device=device, dtype=dtype or weight.dtype)
