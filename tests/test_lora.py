@@ -189,3 +189,26 @@ def test_missing_adapter_files_are_named(lora_family: tuple[TinyFamily, Path], t
         open_checkpoint(f"{family.base}+{empty}")
     with pytest.raises(CheckpointError, match="does not exist"):
         open_checkpoint(f"{family.base}+{tmp_path / 'nowhere'}")
+
+
+def test_a_lora_source_read_again_folds_once(lora_family: tuple[TinyFamily, Path]) -> None:
+    """Every read of a LoRA source folds the adapter into a fresh copy: the stream plan reads it
+    per chunk (``Checkpoint.read``: no file offsets), the resident plan again for linear (the
+    sources themselves), and all plans merge the same tensors, bit for bit."""
+    family, adapter = lora_family
+    sources = [f"{family.base}+{adapter}", str(family.sources[0])]
+    lora = open_checkpoint(sources[0])
+    assert open_checkpoint(family.base).readable_by_offset and not lora.readable_by_offset
+    name = "model.embed_tokens.weight"
+    assert torch.equal(lora.read(name).clone(), lora.read(name))
+    recipes = [Recipe.uniform("ties", str(family.base), sources, 4, {"weight": [0.6, 0.4], "density": [0.5, 0.7]}),
+               Recipe.uniform("linear", str(family.base), sources, 4, {"weight": [0.6, 0.4]})]
+    merged = {plan: MergeEngine(open_checkpoint(family.base), [open_checkpoint(s) for s in sources], device="cpu",
+                                plan=plan) for plan in ("resident", "lean", "stream")}
+    for recipe in recipes:
+        expected = merged["resident"].materialize(recipe)
+        for plan in ("lean", "stream"):
+            ours = merged[plan].materialize(recipe)
+            assert list(ours) == list(expected)
+            for tensor_name, tensor in expected.items():
+                assert torch.equal(ours[tensor_name], tensor), (recipe.method, plan, tensor_name)
