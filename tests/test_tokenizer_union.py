@@ -231,3 +231,29 @@ def test_study_tokenizer_key_is_checked(tokens_family: dict[str, Path], tmp_path
         check_checkpoints(load_study(path))  # without a policy the preflight still names the difference
     path.write_text(without.replace("[models]\n", '[models]\ntokenizer = "base"\n', 1))
     assert check_checkpoints(load_study(path)) == 4
+
+
+def test_the_stream_plan_reads_vocabulary_views_per_chunk(tokens_family: dict[str, Path]) -> None:
+    """Vocabulary views are computed at read time (``Checkpoint.read``, no file offsets): the
+    stream plan reads them chunk by chunk, every read permuted afresh, and merges the resident
+    plan's tensors bit for bit."""
+    from merges.engine import MergeEngine
+
+    names = ("tools", "other", "plain")
+
+    def merged(plan: str) -> dict[str, torch.Tensor]:
+        base, views = vocabulary_views(open_checkpoint(tokens_family["base"]),
+                                       [open_checkpoint(tokens_family[n]) for n in names], TokenizerPolicy("union"))
+        assert base is not None and not base.readable_by_offset
+        engine = MergeEngine(base, views, device="cpu", plan=plan)
+        recipe = Recipe.uniform("ties", str(base.path), [str(v.path) for v in views], engine.layout.n_layers,
+                                {"weight": [0.6, 0.5, 0.3], "density": [0.7, 0.5, 0.9]})
+        first = engine.materialize(recipe)
+        again = engine.materialize(recipe)  # the views read a second time
+        assert all(torch.equal(first[n], again[n]) for n in first)
+        return first
+
+    expected, streamed = merged("resident"), merged("stream")
+    assert list(streamed) == list(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name
