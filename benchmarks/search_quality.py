@@ -25,14 +25,16 @@ The last line is one JSON object, per arm in seed order::
      "default_beats_random": "4/5", "mean_2b_minus_b": 0.02, "mean_default_b": ..., "seeds": 5}
 
     python benchmarks/search_quality.py [--study PATH] [--seeds 5 | --seed-list 1,2,3,4]
-        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--trials B]
+        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--cma-lr-adapt] [--trials B]
         [--runs runs.jsonl] [--keep DIR]
     python benchmarks/search_quality.py --combine runs.jsonl more.jsonl
     python benchmarks/search_quality.py --refinalize KEPT --keep COPIES [--seed-list ...] [--runs FILE]
     python benchmarks/search_quality.py --screen-rules KEPT [--seed-list ...] [--screen-cache DIR]
 
 ``--default-sampler NAME`` runs the default arms with that sampler (a candidate default) instead
-of the study's own.
+of the study's own; ``--cma-lr-adapt`` runs CMA-ES default arms with Optuna's learning-rate
+adaptation (``search.samplers.CMA_LR_ADAPT`` set in each run's process; sampler ``cmaes+lr_adapt``
+in the records).
 
 Two modes search nothing and read the studies a ``--keep DIR`` run left (never writing them; a
 study kept by another checkout gets its recipes' checkpoint paths pointed at this study's):
@@ -65,6 +67,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
 ARMS = ("default_b", "default_2b", "random_b")
+LR_ADAPT_DRIVER = ("import sys; import search.samplers as samplers; samplers.CMA_LR_ADAPT = True; "
+                   "from search.cli import main; sys.exit(main(sys.argv[1:]))")
+"""``search start`` with CMA-ES's learning-rate adaptation on (``--cma-lr-adapt``)."""
 
 
 def arm_arguments(arm: str, budget: int, sampler: str) -> list[str]:
@@ -346,6 +351,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms to run (of {', '.join(ARMS)})")
     parser.add_argument("--default-sampler", default=None,
                         help="sampler of the default arms (a candidate default; default: the study's own)")
+    parser.add_argument("--cma-lr-adapt", action="store_true",
+                        help="CMA-ES default arms with learning-rate adaptation (a candidate default)")
     parser.add_argument("--trials", type=int, default=None, help="budget B (default: the study's trials)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the studies in this folder (default: a temp dir)")
     parser.add_argument("--runs", type=Path, default=None,
@@ -383,6 +390,10 @@ def main() -> None:
         print(json.dumps(screen_rules(args.study, args.screen_rules, seeds, config.sampler, args.screen_top,
                                       args.screen_cache)), flush=True)
         return
+    if args.cma_lr_adapt and config.sampler != "cmaes":
+        raise SystemExit(f"--cma-lr-adapt: the default arms' sampler is {config.sampler}, not cmaes")
+    if args.cma_lr_adapt and args.refinalize is not None:
+        raise SystemExit("--cma-lr-adapt: finalize draws nothing (refinalize the kept studies without it)")
     budget = args.trials or config.trials
     work = args.keep or Path(tempfile.mkdtemp(prefix="search-quality-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -390,17 +401,20 @@ def main() -> None:
     for seed in seeds:
         for arm in arms:
             sampler = "random" if arm == "random_b" else config.sampler
-            out = work / f"{arm}-{sampler}" / f"seed-{seed}"
+            lr_adapt = args.cma_lr_adapt and arm != "random_b"
+            label = f"{sampler}+lr_adapt" if lr_adapt else sampler  # the records' sampler
+            out = work / f"{arm}-{label}" / f"seed-{seed}"
             started = time.perf_counter()
             if args.refinalize is not None:
                 refinalize(args.study, args.refinalize / out.relative_to(work), out, seed, sampler, env)
             else:
-                command = [sys.executable, "-m", "search.cli", "start", str(args.study), "--out", str(out),
+                entry = ["-c", LR_ADAPT_DRIVER] if lr_adapt else ["-m", "search.cli"]
+                command = [sys.executable, *entry, "start", str(args.study), "--out", str(out),
                            "--seed", str(seed), "--quiet", *arm_arguments(arm, budget, sampler)]
                 subprocess.run(command, check=True, env=env)
             test, held = final_scores(args.study, out)
             wall = time.perf_counter() - started
-            run = {"seed": seed, "arm": arm, "sampler": sampler, "test": round(test, 6), "heldout": round(held, 6),
+            run = {"seed": seed, "arm": arm, "sampler": label, "test": round(test, 6), "heldout": round(held, 6),
                    "trials_b": budget, "trials": 2 * budget if arm == "default_2b" else budget,
                    "wall_s": round(wall, 1), "study": str(args.study)}
             if args.refinalize is not None:
@@ -409,7 +423,7 @@ def main() -> None:
             if args.runs is not None:
                 with args.runs.open("a") as stream:
                     stream.write(json.dumps(run) + "\n")
-            print(f"seed {seed} {arm} ({sampler}): test {test:.4f}, held-out {held:.4f} ({wall:.0f} s)",
+            print(f"seed {seed} {arm} ({label}): test {test:.4f}, held-out {held:.4f} ({wall:.0f} s)",
                   file=sys.stderr, flush=True)
     print(json.dumps(summarise(runs)), flush=True)
 
