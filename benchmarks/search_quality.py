@@ -25,20 +25,26 @@ The last line is one JSON object, per arm in seed order::
      "default_beats_random": "4/5", "mean_2b_minus_b": 0.02, "mean_default_b": ..., "seeds": 5}
 
     python benchmarks/search_quality.py [--study PATH] [--seeds 5 | --seed-list 1,2,3,4]
-        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--trials B]
+        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--cma-lr-adapt] [--trials B]
         [--runs runs.jsonl] [--keep DIR]
     python benchmarks/search_quality.py --combine runs.jsonl more.jsonl
     python benchmarks/search_quality.py --refinalize KEPT --keep COPIES [--seed-list ...] [--runs FILE]
+        [--b-from-2b]
     python benchmarks/search_quality.py --screen-rules KEPT [--seed-list ...] [--screen-cache DIR]
 
 ``--default-sampler NAME`` runs the default arms with that sampler (a candidate default) instead
-of the study's own.
+of the study's own; ``--cma-lr-adapt`` runs CMA-ES default arms with Optuna's learning-rate
+adaptation (``search.samplers.CMA_LR_ADAPT`` set in each run's process; sampler ``cmaes+lr_adapt``
+in the records).
 
 Two modes search nothing and read the studies a ``--keep DIR`` run left (never writing them; a
 study kept by another checkout gets its recipes' checkpoint paths pointed at this study's):
 
 * ``--refinalize DIR`` finalizes a copy of each kept study with this checkout's finalize and
-  reports its figures like a run (a candidate finalize rule on the very same searches);
+  reports its figures like a run (a candidate finalize rule on the very same searches); with
+  ``--b-from-2b`` the ``default_b`` arm is the kept ``default_2b`` study cut to its first B
+  search trials: a search draws each position from the trials before it alone (``search.samplers``),
+  so those are the trials its B run draws and scores, and one 2B run gives both arms;
 * ``--screen-rules DIR`` scores the ``--screen-top`` (12) best feasible search trials of each kept
   ``default_b`` / ``default_2b`` study on held-out and test (``--screen-cache DIR`` keeps those
   rows for a rerun) and prints one JSON object: per finalize rule (``SCREEN_RULES``) choosing
@@ -65,6 +71,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
 ARMS = ("default_b", "default_2b", "random_b")
+LR_ADAPT_DRIVER = ("import sys; import search.samplers as samplers; samplers.CMA_LR_ADAPT = True; "
+                   "from search.cli import main; sys.exit(main(sys.argv[1:]))")
+"""``search start`` with CMA-ES's learning-rate adaptation on (``--cma-lr-adapt``)."""
 
 
 def arm_arguments(arm: str, budget: int, sampler: str) -> list[str]:
@@ -105,20 +114,54 @@ def final_scores(study_file: Path, out: Path) -> tuple[float, float]:
     return objective(test.scores), objective(held.scores)
 
 
-def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str, env: dict[str, str]) -> None:
+def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str, env: dict[str, str],
+               budget: int | None = None) -> None:
     """Finalize a copy (``out``) of a kept study with this checkout's finalize; the kept one is
     never written. ``search finalize`` takes no ``--seed`` or ``--sampler``, so a one-line driver
-    passes them (the study's definition names the seed and sampler it ran)."""
+    passes them (the study's definition names the seed and sampler it ran). ``budget``: the copy
+    keeps only the search trials at positions below it (:func:`truncate_search`)."""
     if not (kept / "study.db").is_file():
         raise SystemExit(f"--refinalize: {kept} holds no study.db (run the arm with --keep first)")
     if out.exists():
         raise SystemExit(f"--refinalize: {out} exists (give another --keep folder)")
     shutil.copytree(kept, out)
     relocate_recipes(out / "study.db", load_study_family(study_file))
+    if budget is not None:
+        truncate_search(out / "study.db", budget)
     driver = ("import sys; from search.config import load_study; from search.finalize import finalize_study; "
               "finalize_study(load_study(sys.argv[1], out=sys.argv[2], seed=int(sys.argv[3]), sampler=sys.argv[4]), "
               "quiet=True)")
     subprocess.run([sys.executable, "-c", driver, str(study_file), str(out), str(seed), sampler], check=True, env=env)
+
+
+def truncate_search(database: Path, budget: int) -> None:
+    """Delete a copied study's search trials at positions >= ``budget`` (they are its last
+    trials: a run never interrupted numbers them in position order after the baselines) and
+    the finalize and test records of the trials deleted; record the budget as the run's."""
+    import sqlite3
+
+    from search.samplers import POSITION
+
+    with sqlite3.connect(database) as connection:
+        cut = [number for number, trial_id in connection.execute(
+            "SELECT t.number, t.trial_id FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+            "WHERE a.key = ? AND CAST(a.value_json AS INTEGER) >= ?", (POSITION, budget))]
+        total = connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+        if not cut or sorted(cut) != list(range(total - len(cut), total)):
+            raise SystemExit(f"{database}: positions >= {budget} are not the study's last trials (an interrupted run?)")
+        tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if name != "trials" and any(column[1] == "trial_id" for column in
+                                              connection.execute(f"PRAGMA table_info({name})"))]
+        ids = "SELECT trial_id FROM trials WHERE number >= ?"
+        for table in tables:
+            connection.execute(f"DELETE FROM {table} WHERE trial_id IN ({ids})", (min(cut),))
+        connection.execute("DELETE FROM trials WHERE number >= ?", (min(cut),))
+        for number in cut:
+            connection.execute("DELETE FROM study_user_attributes WHERE key IN (?, ?)",
+                               (f"heldout:{number}", f"test:{number}"))
+        run = json.loads(connection.execute("SELECT value_json FROM study_user_attributes WHERE key = 'run'").fetchone()[0])
+        connection.execute("UPDATE study_user_attributes SET value_json = ? WHERE key = 'run'",
+                           (json.dumps({**run, "budget": budget}),))
 
 
 def load_study_family(study_file: Path) -> Path:
@@ -346,6 +389,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms to run (of {', '.join(ARMS)})")
     parser.add_argument("--default-sampler", default=None,
                         help="sampler of the default arms (a candidate default; default: the study's own)")
+    parser.add_argument("--cma-lr-adapt", action="store_true",
+                        help="CMA-ES default arms with learning-rate adaptation (a candidate default)")
     parser.add_argument("--trials", type=int, default=None, help="budget B (default: the study's trials)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the studies in this folder (default: a temp dir)")
     parser.add_argument("--runs", type=Path, default=None,
@@ -358,6 +403,8 @@ def main() -> None:
     parser.add_argument("--screen-rules", type=Path, default=None, metavar="KEEP_DIR",
                         help="search nothing: score the best trials of the kept default_b / default_2b studies "
                              "on held-out and test, and print the test objective each finalize rule picks")
+    parser.add_argument("--b-from-2b", action="store_true",
+                        help="--refinalize: the default_b arm from the kept default_2b study's first B search trials")
     parser.add_argument("--screen-top", type=int, default=12, help="--screen-rules: how many best trials (default 12)")
     parser.add_argument("--screen-cache", type=Path, default=None,
                         help="--screen-rules: keep each study's scored rows here (a rerun reads them)")
@@ -383,6 +430,10 @@ def main() -> None:
         print(json.dumps(screen_rules(args.study, args.screen_rules, seeds, config.sampler, args.screen_top,
                                       args.screen_cache)), flush=True)
         return
+    if args.cma_lr_adapt and config.sampler != "cmaes":
+        raise SystemExit(f"--cma-lr-adapt: the default arms' sampler is {config.sampler}, not cmaes")
+    if args.b_from_2b and args.refinalize is None:
+        raise SystemExit("--b-from-2b: only with --refinalize (it reads kept default_2b studies)")
     budget = args.trials or config.trials
     work = args.keep or Path(tempfile.mkdtemp(prefix="search-quality-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -390,26 +441,33 @@ def main() -> None:
     for seed in seeds:
         for arm in arms:
             sampler = "random" if arm == "random_b" else config.sampler
-            out = work / f"{arm}-{sampler}" / f"seed-{seed}"
+            lr_adapt = args.cma_lr_adapt and arm != "random_b"
+            label = f"{sampler}+lr_adapt" if lr_adapt else sampler  # the records' sampler
+            out = work / f"{arm}-{label}" / f"seed-{seed}"
             started = time.perf_counter()
-            if args.refinalize is not None:
-                refinalize(args.study, args.refinalize / out.relative_to(work), out, seed, sampler, env)
+            kept = None if args.refinalize is None else args.refinalize / out.relative_to(work)
+            cut = args.b_from_2b and arm == "default_b"
+            if cut:
+                kept = args.refinalize / f"default_2b-{label}" / f"seed-{seed}"
+            if kept is not None:
+                refinalize(args.study, kept, out, seed, sampler, env, budget if cut else None)
             else:
-                command = [sys.executable, "-m", "search.cli", "start", str(args.study), "--out", str(out),
+                entry = ["-c", LR_ADAPT_DRIVER] if lr_adapt else ["-m", "search.cli"]
+                command = [sys.executable, *entry, "start", str(args.study), "--out", str(out),
                            "--seed", str(seed), "--quiet", *arm_arguments(arm, budget, sampler)]
                 subprocess.run(command, check=True, env=env)
             test, held = final_scores(args.study, out)
             wall = time.perf_counter() - started
-            run = {"seed": seed, "arm": arm, "sampler": sampler, "test": round(test, 6), "heldout": round(held, 6),
+            run = {"seed": seed, "arm": arm, "sampler": label, "test": round(test, 6), "heldout": round(held, 6),
                    "trials_b": budget, "trials": 2 * budget if arm == "default_2b" else budget,
                    "wall_s": round(wall, 1), "study": str(args.study)}
-            if args.refinalize is not None:
-                run["refinalized"] = str(args.refinalize / out.relative_to(work))
+            if kept is not None:
+                run["refinalized"] = str(kept) + (f" (its first {budget} search trials)" if cut else "")
             runs.append(run)
             if args.runs is not None:
                 with args.runs.open("a") as stream:
                     stream.write(json.dumps(run) + "\n")
-            print(f"seed {seed} {arm} ({sampler}): test {test:.4f}, held-out {held:.4f} ({wall:.0f} s)",
+            print(f"seed {seed} {arm} ({label}): test {test:.4f}, held-out {held:.4f} ({wall:.0f} s)",
                   file=sys.stderr, flush=True)
     print(json.dumps(summarise(runs)), flush=True)
 

@@ -58,6 +58,11 @@ HORIZON = "horizon"
 CMA_PREFIX = "cma:"  # CmaEsSampler's system attrs (generation, optimizer) on the trials it drew
 PENALTY_ATTR = "cma_penalty"  # study user attr: see penalty_scale
 PENALTY_FLOOR = 10.0
+CMA_LR_ADAPT = False
+"""CMA-ES with Optuna's learning-rate adaptation (``lr_adapt``: LRA-CMA-ES, made for noisy
+objectives). Off: on the demo, doubling its budget gained +.017 over seeds 0-4 (issue 15 asks
++.02), and over ten seeds it was below plain CMA-ES at 48 and 96 trials (README, search quality).
+``benchmarks/search_quality.py --cma-lr-adapt`` runs the default arms with it on."""
 
 
 def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
@@ -89,10 +94,10 @@ def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
 
         def inner(s: int) -> BaseSampler:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # source_trials
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # source_trials, lr_adapt
                 return optuna.samplers.CmaEsSampler(
                     seed=s, popsize=population, n_startup_trials=0, warn_independent_sampling=False,
-                    source_trials=warm,
+                    source_trials=warm, lr_adapt=CMA_LR_ADAPT,
                 )
     elif name == "tpe":
         def inner(s: int) -> BaseSampler:

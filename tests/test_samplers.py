@@ -188,3 +188,19 @@ def test_every_sampler_draws_through_the_view_and_other_names_are_refused() -> N
             assert len({tuple(sorted(p.items())) for p in drawn}) == 9, name
     with pytest.raises(SearchError, match="sampler: expected one of cmaes, tpe, gp, nsga2, random, got 'x'"):
         make_sampler("x", seed=0, space=SPACE)
+
+
+def test_cma_lr_adapt_is_off_by_default_and_on_changes_the_draws_after_the_first_generation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import search.samplers as samplers
+
+    assert samplers.CMA_LR_ADAPT is False  # the measured default (README, search quality)
+    plain = new_study("cmaes")
+    searched(plain, "cmaes", 8)
+    monkeypatch.setattr(samplers, "CMA_LR_ADAPT", True)  # benchmarks/search_quality.py --cma-lr-adapt
+    adapted = new_study("cmaes")
+    searched(adapted, "cmaes", 8)
+    drawn = [[t.params for t in s.get_trials()] for s in (plain, adapted)]
+    # the first generation comes from the same start; the learning rate changes the first update
+    assert drawn[0][:4] == drawn[1][:4]
+    assert all(a != b for a, b in zip(drawn[0][4:], drawn[1][4:], strict=True))

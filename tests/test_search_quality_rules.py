@@ -31,3 +31,33 @@ def test_each_rule_picks_by_its_own_rows() -> None:
     assert screen_choice(screened, "current", 2, objective)["number"] == 1
     tied = {"n_search": 2, "trials": [trials[0], {**trials[0], "number": 9}]}
     assert screen_choice(tied, "current", 2, objective)["number"] == 0  # a tie keeps the best on search
+
+
+def test_truncate_search_keeps_the_first_positions_and_their_records_only(tmp_path) -> None:
+    import optuna
+    import pytest
+
+    from benchmarks.search_quality import truncate_search
+    from search.samplers import POSITION
+
+    database = tmp_path / "study.db"
+    study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+    study.set_user_attr("run", {"budget": 4, "started": "then"})
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"kind": "baseline"}))  # trial 0: no position
+    for position in range(4):  # trials 1-4
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": position / 4}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+            value=position / 4, user_attrs={"kind": "search", POSITION: position}))
+    for number in range(5):
+        study.set_user_attr(f"heldout:{number}", {"n": number})
+    study.set_user_attr("test:4", {"n": 4})
+    truncate_search(database, 2)
+    cut = optuna.load_study(study_name="s", storage=f"sqlite:///{database}")
+    assert [(t.number, t.user_attrs.get(POSITION)) for t in cut.trials] == [(0, None), (1, 0), (2, 1)]
+    assert [t.params for t in cut.trials[1:]] == [{"x": 0.0}, {"x": 0.25}]
+    assert sorted(k for k in cut.user_attrs if ":" in k) == ["heldout:0", "heldout:1", "heldout:2"]
+    assert cut.user_attrs["run"] == {"budget": 2, "started": "then"}
+    # a study whose cut-off positions are not its last trials (a run re-ran one) is refused
+    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={"kind": "search", POSITION: 0}))
+    with pytest.raises(SystemExit, match="not the study's last trials"):
+        truncate_search(database, 1)
