@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,6 +349,23 @@ class MergeEngine:
                 tensor = tensor.to(dtype=out_dtype)
             result[target.out_name] = tensor.to(device=device)
         return result
+
+    def output_specs(self, recipe: Recipe) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """``(name, shape, dtype)`` of each tensor ``materialize`` / ``iter_materialize`` return,
+        in their order, without merging: what a streamed save writes its headers from."""
+        targets = self._plan(recipe)
+        out_dtype = self._out_dtype(recipe) if recipe.out_dtype is not None else None
+        spec = METHODS[recipe.method]
+        return [(t.out_name, self._shapes[t.info.name],
+                 out_dtype if self._floating[t.info.name] and out_dtype is not None
+                 else self._result_dtype(spec, t.info.name)) for t in targets]
+
+    def iter_materialize(self, recipe: Recipe, *, device: str | torch.device = "cpu"
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``materialize``'s tensors one at a time, in its order; each valid only until the
+        iterator advances. THROWAWAY (stream16b): yields from ``materialize``, so it holds the
+        whole output; stream16a's chunked version replaces it."""
+        yield from self.materialize(recipe, device=device).items()
 
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable, single-threaded)."""
