@@ -345,3 +345,17 @@ def test_a_tensor_unlike_its_spec_is_named(llama_family: TinyFamily, tmp_path: P
         assert list(tmp_path.iterdir()) == []
     with pytest.raises(CheckpointError, match=f"{name!r} is listed twice"):
         save_checkpoint_stream([*specs, specs[4]], iter(items), tmp_path / "out", like=base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nan_and_inf_are_refused_in_every_float_dtype(dtype: torch.dtype) -> None:
+    from merges.save import _stored_bytes
+
+    good = torch.linspace(-2, 2, 50).to(dtype).view(5, 10)
+    assert bytes(_stored_bytes("w", good[:, ::2], None)) == good[:, ::2].contiguous().view(torch.uint8).numpy().tobytes()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = good.clone()
+        poisoned[3, 7] = bad
+        for tensor in (poisoned, poisoned[:, 1::2]):  # contiguous or a strided view
+            with pytest.raises(NonFiniteMergeError, match="'w' holds NaN or inf"):
+                _stored_bytes("w", tensor, None)
