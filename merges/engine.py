@@ -386,6 +386,16 @@ class MergeEngine:
             result[target.out_name] = tensor.to(device=device)
         return result
 
+    def output_specs(self, recipe: Recipe) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """``(name, shape, dtype)`` of each tensor ``materialize`` / ``iter_materialize`` return,
+        in their order, without merging: what a streamed save writes its headers from."""
+        targets = self._plan(recipe)
+        out_dtype = self._out_dtype(recipe) if recipe.out_dtype is not None else None
+        spec = METHODS[recipe.method]
+        return [(t.out_name, self._shapes[t.info.name],
+                 out_dtype if self._floating[t.info.name] and out_dtype is not None
+                 else self._result_dtype(spec, t.info.name)) for t in targets]
+
     def iter_materialize(self, recipe: Recipe, *, device: str | torch.device = "cpu"
                          ) -> Iterator[tuple[str, torch.Tensor]]:
         """``materialize``'s tensors one chunk at a time: the same names, dtypes and values, in

@@ -393,6 +393,12 @@ class VocabularyView(Checkpoint):
         tensor = self.permuter.read(str(self.path), name, dtype or self.inner.dtypes[name])
         return tensor.to(device=device)
 
+    def release(self) -> None:
+        """The inner checkpoint's shards: the lean engine releases each model once read, and a
+        view that kept them open would keep every file's mapped pages in the process."""
+        assert self.inner is not None
+        self.inner.release()
+
     def vocabulary(self) -> dict[str, int]:
         assert self.output is not None
         return dict(self.output.vocab)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import save, save_file
 from transformers import AutoModelForCausalLM
 
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.errors import CheckpointError, NonFiniteMergeError
 from merges.output import MARKER, OutputError
-from merges.save import save_checkpoint
+from merges.save import DEFAULT_MAX_SHARD_BYTES, TensorSpec, save_checkpoint, save_checkpoint_stream
 from tests.checkpoints import TinyFamily
 
 
@@ -218,3 +220,142 @@ def test_config_overrides_and_generation_config(gpt2_family: TinyFamily, tmp_pat
     assert (out / "generation_config.json").read_text() == (
         gpt2_family.base / "generation_config.json"
     ).read_text()
+
+
+# -- the streamed writer ----------------------------------------------------------------------
+
+
+def _specs(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+
+
+def _mixed(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, every third in bfloat16 and every fifth in float16 (safetensors
+    orders a file's tensors by dtype, then name: the header must follow)."""
+    tensors = _source_tensors(ckpt)
+    for index, name in enumerate(tensors):
+        if index % 3 == 0:
+            tensors[name] = tensors[name].to(torch.bfloat16)
+        elif index % 5 == 0:
+            tensors[name] = tensors[name].to(torch.float16)
+    return tensors
+
+
+@pytest.mark.parametrize("limit", [DEFAULT_MAX_SHARD_BYTES, 10_000])
+def test_each_file_is_what_save_file_writes(llama_family: TinyFamily, tmp_path: Path, limit: int) -> None:
+    base = open_checkpoint(llama_family.base)
+    tensors = _mixed(open_checkpoint(llama_family.sources[0]))
+    out = save_checkpoint(tensors, tmp_path / "out", like=base, max_shard_bytes=limit)
+    files = sorted(out.glob("*.safetensors"))
+    assert (len(files) > 3) == (limit == 10_000)
+    written: list[str] = []
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            names = list(f.keys())
+        written += names
+        expected = tmp_path / "expected.safetensors"
+        save_file({n: tensors[n] for n in names}, str(expected), metadata={"format": "pt"})
+        assert file.read_bytes() == expected.read_bytes(), file.name
+    assert sorted(written) == sorted(tensors)
+
+
+def test_header_is_safetensors_for_every_dtype() -> None:
+    """Every dtype the writer knows, a 0-d and an empty tensor and a non-ASCII name: the header
+    and the offsets are those of safetensors' own serialisation."""
+    from merges.save import _SAFETENSORS_DTYPES, _shard
+
+    tensors = {f"t{index:02d}": torch.zeros(index % 3 + 1, 2).to(dtype)
+               for index, dtype in enumerate(reversed(_SAFETENSORS_DTYPES))}
+    tensors.update({"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4), "größe": torch.ones(3)})
+    expected = save(tensors, metadata={"format": "pt"})
+    shard = _shard("x.safetensors", _specs(tensors), None)
+    assert expected.startswith(shard.header)
+    for name, tensor in tensors.items():
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert expected[shard.offsets[name]:shard.offsets[name] + len(raw)] == raw, name
+    assert len(expected) == len(shard.header) + shard.nbytes
+
+
+@pytest.mark.parametrize("limit", [DEFAULT_MAX_SHARD_BYTES, 20_000])
+def test_stream_writes_the_files_of_the_dict(gpt2_family: TinyFamily, tmp_path: Path, limit: int) -> None:
+    """Fed one tensor at a time (the tied head among them, skipped), the files are the dict's;
+    a cast to bfloat16 applies to each tensor as it comes."""
+    base = open_checkpoint(gpt2_family.base)
+    tensors = dict(AutoModelForCausalLM.from_pretrained(gpt2_family.sources[1]).state_dict())
+    assert base.layout.is_tied_head("lm_head.weight") and "lm_head.weight" in tensors
+    kwargs = {"like": base, "max_shard_bytes": limit, "dtype": torch.bfloat16}
+    whole = save_checkpoint(tensors, tmp_path / "dict", **kwargs)
+
+    def one_at_a_time() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors.items():
+            yield name, tensor.clone()  # a fresh buffer each time, as a chunked engine's
+
+    streamed = save_checkpoint_stream(_specs(tensors), one_at_a_time(), tmp_path / "stream", **kwargs)
+    dict_files, stream_files = _files(whole), _files(streamed)
+    assert (len([n for n in dict_files if n.endswith(".safetensors")]) > 1) == (limit == 20_000)
+    del dict_files[MARKER], stream_files[MARKER]  # mtimes differ
+    assert stream_files == dict_files
+    loaded = AutoModelForCausalLM.from_pretrained(streamed, dtype=torch.bfloat16).state_dict()
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
+
+
+def test_an_error_mid_stream_leaves_the_output_as_it_was(llama_family: TinyFamily, tmp_path: Path) -> None:
+    base = open_checkpoint(llama_family.base)
+    tensors = _source_tensors(open_checkpoint(llama_family.sources[0]))
+
+    def failing(after: int) -> Iterator[tuple[str, torch.Tensor]]:
+        for index, item in enumerate(tensors.items()):
+            if index == after:
+                raise RuntimeError("the merge failed")
+            yield item
+
+    for limit in (DEFAULT_MAX_SHARD_BYTES, 10_000):  # in the only file, or after whole shards
+        with pytest.raises(RuntimeError, match="the merge failed"):
+            save_checkpoint_stream(_specs(tensors), failing(len(tensors) - 2), tmp_path / "out",
+                                   like=base, max_shard_bytes=limit)
+        assert list(tmp_path.iterdir()) == []
+    out = save_checkpoint(_source_tensors(base), tmp_path / "out", like=base)
+    before = _files(out)
+    with pytest.raises(RuntimeError, match="the merge failed"):
+        save_checkpoint_stream(_specs(tensors), failing(5), out, like=base, overwrite=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_tensor_unlike_its_spec_is_named(llama_family: TinyFamily, tmp_path: Path) -> None:
+    base = open_checkpoint(llama_family.base)
+    tensors = _source_tensors(base)
+    specs = _specs(tensors)
+    items = list(tensors.items())
+    name, tensor = items[4]
+    last = items[-1][0]
+    cases = [  # (the stream, what the message says, the tensor it names)
+        ([*items[:4], items[5], items[4], *items[6:]], "arrived where", items[5][0]),  # out of order
+        ([*items[:4], (name, tensor.half()), *items[5:]], r"as \[64, 32\] torch.float16, expected \[64, 32\] "
+         "torch.float32", name),
+        ([*items[:4], (name, tensor[None]), *items[5:]], r"as \[1, 64, 32\] torch.float32, expected", name),
+        (items[:-1], "never arrived", last),
+        ([*items, ("model.extra.weight", tensor)], "after the last expected one", "model.extra.weight"),
+    ]
+    for stream, message, named in cases:
+        with pytest.raises(CheckpointError, match=message) as raised:
+            save_checkpoint_stream(specs, iter(stream), tmp_path / "out", like=base)
+        assert f"tensor {named!r}" in str(raised.value), message
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match=f"{name!r} is listed twice"):
+        save_checkpoint_stream([*specs, specs[4]], iter(items), tmp_path / "out", like=base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nan_and_inf_are_refused_in_every_float_dtype(dtype: torch.dtype) -> None:
+    from merges.save import _stored_bytes
+
+    good = torch.linspace(-2, 2, 50).to(dtype).view(5, 10)
+    assert bytes(_stored_bytes("w", good[:, ::2], None)) == good[:, ::2].contiguous().view(torch.uint8).numpy().tobytes()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = good.clone()
+        poisoned[3, 7] = bad
+        for tensor in (poisoned, poisoned[:, 1::2]):  # contiguous or a strided view
+            with pytest.raises(NonFiniteMergeError, match="'w' holds NaN or inf"):
+                _stored_bytes("w", tensor, None)

@@ -4,6 +4,8 @@ mergekit itself is in ``test_mergekit_golden.py``)."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merges.checkpoint import open_checkpoint
 from merges.engine import MergeEngine
+from merges.errors import NonFiniteMergeError
 from merges.mergekit_yaml import recipe_to_mergekit
 from merges.output import MARKER
 from merges.recipe import LayerSlice, Recipe
+from merges.save import save_checkpoint
 from search.cli import main
 from tests.checkpoints import TinyFamily
 
@@ -131,3 +135,73 @@ def test_cuda_device_needs_cuda(llama_family: TinyFamily, tmp_path: Path,
     else:
         assert code == 2 and "no CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def _linear(family: TinyFamily, **kwargs: object) -> Recipe:
+    return Recipe.uniform("linear", str(family.base), [str(s) for s in family.sources], 4,
+                          tensor_params={"weight": [0.5, 0.3, 0.2]}, **kwargs)
+
+
+def test_output_specs_are_what_materialize_returns(llama_family: TinyFamily, gpt2_family: TinyFamily) -> None:
+    """The streamed save writes its headers from ``output_specs``: names (a tied head too),
+    shapes, dtypes (``out_dtype``, a float32 result from half inputs) and order must be the tensors'."""
+    recipes = [
+        (llama_family, _ties(llama_family)),
+        (gpt2_family, _linear(gpt2_family, dtype="bfloat16", out_dtype="float16")),
+        (llama_family, Recipe.uniform("ramplus_tl", str(llama_family.base), [str(llama_family.sources[0])], 4,
+                                      dtype="bfloat16")),
+    ]
+    for family, recipe in recipes:
+        engine = MergeEngine(open_checkpoint(family.base), [open_checkpoint(s) for s in recipe.sources],
+                             dtype=getattr(torch, recipe.dtype), plan="stream")
+        tensors = engine.materialize(recipe)
+        assert engine.output_specs(recipe) == [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+        # Each yielded tensor is valid only until the iterator advances: compare it there.
+        names = [n for n, t in engine.iter_materialize(recipe) if torch.equal(t, tensors[n])]
+        assert names == list(tensors)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # ramplus_tl: float32 from bf16
+
+
+def test_merge_writes_the_files_of_a_dict_save(gpt2_family: TinyFamily, tmp_path: Path) -> None:
+    """Streamed tensor by tensor (tied head, an out_dtype cast), the weights and config are those
+    ``save_checkpoint`` writes from the whole merged dict."""
+    recipe = _linear(gpt2_family, out_dtype="bfloat16")
+    out = tmp_path / "merged"
+    assert main(["merge", str(_write(tmp_path, recipe, gpt2_family)), str(out)]) == 0
+    base = open_checkpoint(gpt2_family.base)
+    engine = MergeEngine(base, [open_checkpoint(p) for p in gpt2_family.sources], plan="lean")
+    whole = save_checkpoint(engine.materialize(recipe), tmp_path / "dict", like=base, dtype=torch.bfloat16,
+                            config_dtype=torch.bfloat16)
+    assert _only_entries(out) == _only_entries(whole)
+    for name in ("model.safetensors", "config.json"):  # the tokenizer goes through mergekit's path
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_merge_failing_mid_stream_writes_nothing(
+    llama_family: TinyFamily, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _write(tmp_path, _ties(llama_family), llama_family)
+    out = tmp_path / "out"
+    assert main(["merge", str(config), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    shutil.rmtree(out)
+    real = MergeEngine.iter_materialize
+
+    def failing(self: MergeEngine, recipe: Recipe, **kwargs: object) -> Iterator[tuple[str, torch.Tensor]]:
+        for index, item in enumerate(real(self, recipe, **kwargs)):  # type: ignore[arg-type]
+            if index == 5:
+                raise NonFiniteMergeError(f"tensor {item[0]!r} holds NaN or inf")
+            yield item
+
+    monkeypatch.setattr(MergeEngine, "iter_materialize", failing)
+    assert main(["merge", str(config), str(out)]) == 2
+    assert "holds NaN or inf" in capsys.readouterr().err
+    assert _only_entries(tmp_path) == ["recipe.yaml"]
+    monkeypatch.undo()
+    assert main(["merge", str(config), str(out)]) == 0
+    previous = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert {n: b for n, (b, _) in previous.items() if n != MARKER} == {n: b for n, b in before.items() if n != MARKER}
+    monkeypatch.setattr(MergeEngine, "iter_materialize", failing)
+    assert main(["merge", str(config), str(out), "--overwrite", "--seed", "3"]) == 2
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == previous
+    assert _only_entries(tmp_path) == ["out", "recipe.yaml"]

@@ -3,9 +3,9 @@
 A fast drop-in for ``mergekit-yaml`` on the configs the engine reproduces exactly: the
 config is read with :func:`merges.mergekit_yaml.recipe_from_mergekit` (which refuses
 anything else, with the reason), the checkpoints are opened and preflighted, the engine
-materialises the merged tensors and :func:`merges.save.save_checkpoint` writes them
-atomically, so a failed run leaves no output folder behind. The output folder is checked
-(:mod:`merges.output`) before anything is merged: new or empty, or with ``--overwrite`` a
+yields the merged tensors one at a time and :func:`merges.save.save_checkpoint_stream` writes
+each as it comes (the writer holds none of them), atomically, so a failed run leaves no output
+folder behind. The output folder is checked (:mod:`merges.output`) before anything is merged: new or empty, or with ``--overwrite`` a
 previous output of this tool; never a source, the base, or a folder holding one.
 
 Per-slice ``base_model``s (``Recipe.group_bases``) merge as mergekit 0.1.5 merges them: one
@@ -89,7 +89,7 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
         tokenizer_from_mergekit,
     )
     from merges.output import Protected, check_output_folder
-    from merges.save import save_checkpoint
+    from merges.save import TensorSpec, save_checkpoint, save_checkpoint_stream
     from merges.tokenizer_union import vocabulary_views
 
     if not config.is_file():
@@ -112,22 +112,25 @@ def merge_config(config: Path, out_dir: Path, *, device: str = "cpu", seed: int 
         base, views = vocabulary_views(base, [*sources, *extra], tokenizer)
         sources, extra = views[:len(sources)], views[len(sources):]
     like = base or sources[0]
-    if recipe.group_bases:
-        assert base is not None  # Recipe: group bases come with a base
-        by_path = {str(c.path): c for c in (*sources, *extra, base)}
-        tensors = _materialize_per_base(recipe, by_path, device)
-    else:
-        # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
-        # One recipe: no statistic is worth caching; the lean plan holds the checkpoints as stored.
-        engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype), plan="lean")
-        tensors = engine.materialize(recipe, device="cpu")
     # As mergekit writes: cast only to an `out_dtype`; otherwise each tensor as its method returned it
     # (arcee_fusion / ramplus_tl: float32 from half inputs), config.json naming `out_dtype or dtype`.
     out_dtype = getattr(torch, recipe.out_dtype) if recipe.out_dtype else None
-    return save_checkpoint(tensors, out_dir, like=like, dtype=out_dtype,
-                           config_dtype=getattr(torch, recipe.out_dtype or recipe.dtype),
-                           config_overrides=_layer_count_override(like, recipe),
-                           overwrite=overwrite, protected=protected, chat_template=chat_template)
+    saving = {"like": like, "dtype": out_dtype, "config_dtype": getattr(torch, recipe.out_dtype or recipe.dtype),
+              "config_overrides": _layer_count_override(like, recipe), "overwrite": overwrite,
+              "protected": protected, "chat_template": chat_template}
+    if recipe.group_bases:
+        assert base is not None  # Recipe: group bases come with a base
+        by_path = {str(c.path): c for c in (*sources, *extra, base)}
+        return save_checkpoint(_materialize_per_base(recipe, by_path, device), out_dir, **saving)
+    # The engine runs the preflight (architecture, tensors, vocabulary) before loading.
+    # One recipe, read once: the stream plan holds no checkpoint (each chunk's inputs are read from
+    # the files when it merges) and each merged chunk is written as it comes, as mergekit does.
+    engine = MergeEngine(base, sources, device=device, dtype=getattr(torch, recipe.dtype), plan="stream")
+    try:
+        specs = [TensorSpec(*spec) for spec in engine.output_specs(recipe)]
+        return save_checkpoint_stream(specs, engine.iter_materialize(recipe, device="cpu"), out_dir, **saving)
+    finally:
+        engine.close()
 
 
 def _open(recipe: Recipe, allow_pickle: bool) -> tuple[Checkpoint | None, list[Checkpoint]]:
@@ -179,7 +182,7 @@ def _materialize_per_base(recipe: Recipe, by_path: dict[str, Checkpoint], device
     layout = None
     for base in dict.fromkeys(recipe.group_bases):
         engine = MergeEngine(by_path[base], sources, device=device, dtype=getattr(torch, recipe.dtype),
-                             plan="lean")
+                             plan="stream")
         layout = engine.layout
         mine = {info.name for info in layout.tensors
                 if recipe.group_bases[recipe.group_of_tensor(info.layer, info.role)] == base}
