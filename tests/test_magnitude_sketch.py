@@ -60,6 +60,29 @@ def test_sketched_order_is_the_sorted_tensor_and_the_tie_replay_torch_sort(
     assert bool(((keys == 0) | (keys == DROPPED)).all())
 
 
+def test_gather_bucket_is_the_buckets_entries_in_index_order() -> None:
+    """Every bucket's gathered magnitudes are its entries in index order, found by stretches of 64
+    tested at once and the tail after them: exact zeros stay out of bucket 1 (whose bit range
+    starts at 0, as subnormals do), members in the first, last and lone entries of a stretch."""
+    _native()
+    rng = np.random.default_rng(3)
+    n = 64 * 5 + 37  # whole stretches and a tail
+    bits = np.zeros(n, dtype=np.uint32)
+    bits[[0, 63, 64, 200, n - 1]] = [1, 0xFFFF, 0x10000, 0x3F800000, 5]  # subnormals, bucket 2's first, 1.0
+    bits[rng.integers(0, n, 40)] = rng.integers(0x10000, 0x30000, 40)  # buckets 2 and 3
+    values = bits.view(np.float32) * rng.choice(np.float32([-1, 1]), n)
+    values[[7, 100]] = -0.0
+    counts = magnitude_sketch.histogram(values)
+    assert counts is not None
+    magnitudes = np.abs(values)
+    for bucket in map(int, np.flatnonzero(counts)):
+        gathered = magnitude_sketch.gather_bucket(values, bucket, int(counts[bucket]))
+        member = magnitudes.view(np.uint32) == 0 if bucket == 0 else (
+            (magnitudes.view(np.uint32) >> 16 == bucket - 1) & (magnitudes != 0))
+        assert np.array_equal(gathered.view(np.uint32), magnitudes[member].view(np.uint32))
+    assert counts[0] >= 2 and counts[1] >= 1  # zeros and bucket 1 side by side were tested
+
+
 def test_nan_and_a_wrong_tied_value_are_refused() -> None:
     """No histogram with a NaN (no bucket order); a value that is not the cut's: None."""
     _native()
