@@ -836,8 +836,9 @@ class MergeEngine:
         replay cannot be used: then full sort positions for the items still without keys.
 
         A one-cut item whose delta no other item reads and that the native kernel merges gets
-        no keys: the replay zeroes its dropped entries in the delta itself
-        (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike), which saves the
+        no keys: the replay zeroes the tied run's dropped entries in the delta itself
+        (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike) and the item gets
+        the magnitude band that drops the rest (``tie_order.applied_band``), which saves the
         chunk 4 bytes per entry and the fused pass a read; a rescaled item's L1 norm before the
         cut is taken first (``_apply_rescale`` reads it from ``_l1``)."""
         uses: dict[int, int] = {}
@@ -854,7 +855,7 @@ class MergeEngine:
                     sole = native and uses[work.job.deltas[item].data_ptr()] == 1
                     wanted[(key, work.job.windows[item])] = (sole, item in (work.rescale or ()))
 
-        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | bool | None:
+        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | float | None:
             (kind, name, model), (lo, hi) = wanted_key
             delta = self._delta(name, model)
             order = self._order.get((name, model))
@@ -869,7 +870,7 @@ class MergeEngine:
                         if rescaled:
                             self._l1_norm(name, delta)  # before the cut zeroes entries
                         if tie_order.tied_cut_apply(delta, hi, tied, descending=True, scratch=scratch):
-                            return True
+                            return tied  # applied: the band from this value drops the rest
                     keys = tie_order.tied_cut_keys(delta, hi, tied, descending=True,
                                                    keys=self._key_arena.take(delta.numel()),
                                                    scratch=scratch)
@@ -886,11 +887,15 @@ class MergeEngine:
             if work.job is None or not work.ranks:
                 continue
             keys = list(work.job.keys)
+            bands = list(work.job.bands) if work.job.bands else [None] * len(keys)
             for item, key in work.ranks:
                 result = found[(key, work.job.windows[item])]
                 if isinstance(result, torch.Tensor):
                     keys[item] = result
+                elif isinstance(result, float):
+                    bands[item] = tie_order.applied_band(result, descending=True)
             work.job.keys = keys
+            work.job.bands = bands
             # what is left for full sort positions: the items the replay could not decide
             work.plan.ranks = [(item, key) for item, key in work.ranks
                                if found[(key, work.job.windows[item])] is None]
