@@ -783,9 +783,11 @@ class MergeEngine:
             order = self._order.get((name, model))
             if order is None:
                 counts = self._sketch.get((name, model))
-                delta = self._delta(name, model)
-                order = (_OrderStatistics(delta) if counts is None
-                         else magnitude_sketch.SketchedOrder(delta.numpy(), counts))
+                if counts is None:
+                    order = _OrderStatistics(self._delta(name, model))
+                else:
+                    order = magnitude_sketch.SketchedOrder(
+                        None, counts, lambda bucket, count: self._gather(name, model, bucket, count))
                 self._order[(name, model)] = order
             return order  # type: ignore[return-value]
         found = self._ascending.get((name, model))
@@ -800,6 +802,27 @@ class MergeEngine:
                 self._ascending[(n, model)] = values
             found = self._ascending[(name, model)]
         return found
+
+    def _gather(self, name: str, model: int, bucket: int, count: int) -> np.ndarray:
+        """Lean, sketched: one bucket's magnitudes of the task vector; where the chunk has not formed
+        it yet and it comes from bf16 tensors, formed in the same pass (``bf16_delta_gather``: the
+        values ``_delta`` forms, without reading them again to gather)."""
+        gathered: list[np.ndarray] = []
+        if ("delta", name, model) not in self._chunk and self._base_ckpt is not None:
+            held, narrow = self._held[name][model + 1], self._narrow_base(name)
+            if narrow is not None and held.dtype == torch.bfloat16:
+
+                def compute() -> torch.Tensor:
+                    out = self._arena.take(held.numel())
+                    gathered.append(magnitude_sketch.bf16_delta_gather(
+                        held.view(torch.int16).numpy(), narrow.view(torch.int16).numpy(), out.numpy(),
+                        bucket, count))
+                    return out
+
+                self._derived("delta", name, model, compute)
+        if gathered:
+            return gathered[0]
+        return magnitude_sketch.gather_bucket(self._delta(name, model).numpy(), bucket, count)
 
     def _fill_ranks(self, works: Sequence[_Work]) -> None:
         """Compute (on the pool) and plug in mergekit's sort positions where a cut was tied.

@@ -80,10 +80,10 @@ def test_not_used_off_the_cpu_or_without_the_native_code(monkeypatch: pytest.Mon
         tie_order._agrees_with_torch.cache_clear()
 
 
-def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str) -> list[bool]:
-    """Wrap ``tie_order.<replay_name>``; the list records, per call, whether it decided the cut
-    (keys, not None; ``tied_cut_apply``: True, no full sort)."""
-    replay = getattr(tie_order, replay_name)
+def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str, module: object = tie_order) -> list[bool]:
+    """Wrap ``module.<replay_name>`` (``tie_order``'s by default); the list records, per call,
+    whether it decided the cut (keys, not None; ``tied_cut_apply``: True, no full sort)."""
+    replay = getattr(module, replay_name)
     calls: list[bool] = []
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor | bool | None:
@@ -91,7 +91,7 @@ def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str) -> list[bo
         calls.append(keys is not None and keys is not False)
         return keys
 
-    monkeypatch.setattr(tie_order, replay_name, counted)
+    monkeypatch.setattr(module, replay_name, counted)
     return calls
 
 

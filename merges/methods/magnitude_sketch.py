@@ -16,6 +16,7 @@ None from ``histogram`` / ``gather_bucket``: no C compiler (the caller selects a
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -73,18 +74,48 @@ static inline int64_t gather_from(const float_bits_t* bits, int64_t i, int64_t e
     return k;
 }
 
+/* one stretch [i, i + GATHER_STRETCH): tested at once, walked only where it holds a member */
+static inline int64_t gather_stretch(const float_bits_t* bits, int64_t i, uint32_t lo, uint32_t span,
+                                     uint32_t nonzero, float* out, int64_t k) {
+    uint32_t any = 0;
+    for (int j = 0; j < GATHER_STRETCH; ++j) any |= IN_BUCKET(bits[i + j] & 0x7fffffffu, lo, span, nonzero);
+    return any ? gather_from(bits, i, i + GATHER_STRETCH, lo, span, nonzero, out, k) : k;
+}
+
+/* bucket b > 0: the nonzero magnitudes with bits in [(b - 1) << 16, b << 16); bucket 0: exact
+   zeros, bits in [0, 1) (one unsigned compare each: m - lo < span) */
+#define BUCKET_RANGE(bucket) \
+    uint32_t nonzero = (bucket) != 0; \
+    uint32_t lo = nonzero ? (uint32_t)((bucket) - 1) << 16 : 0u, span = nonzero ? 1u << 16 : 1u;
+
 int64_t gather_bucket(const float* values, int64_t n, int64_t bucket, float* out) {
     const float_bits_t* bits = (const float_bits_t*)values;
-    /* bucket b > 0: the nonzero magnitudes with bits in [(b - 1) << 16, b << 16); bucket 0: exact
-       zeros, bits in [0, 1) (one unsigned compare each: m - lo < span) */
-    uint32_t nonzero = bucket != 0;
-    uint32_t lo = nonzero ? (uint32_t)(bucket - 1) << 16 : 0u, span = nonzero ? 1u << 16 : 1u;
+    BUCKET_RANGE(bucket)
+    int64_t k = 0, i = 0;
+    for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) k = gather_stretch(bits, i, lo, span, nonzero, out, k);
+    return gather_from(bits, i, n, lo, span, nonzero, out, k);
+}
+
+static inline float widen_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* delta = float(source) - float(base) of two bfloat16 tensors (fused.bf16_delta's values: both
+   widenings exact, one float32 subtraction) and, in the same pass, gather_bucket(delta, bucket):
+   each stretch is formed, then tested while it is in cache, so the delta is not read again */
+int64_t bf16_delta_gather(const uint16_t* source, const uint16_t* base, float* delta, int64_t n,
+                          int64_t bucket, float* out) {
+    const float_bits_t* bits = (const float_bits_t*)delta;
+    BUCKET_RANGE(bucket)
     int64_t k = 0, i = 0;
     for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) {
-        uint32_t any = 0;
-        for (int j = 0; j < GATHER_STRETCH; ++j) any |= IN_BUCKET(bits[i + j] & 0x7fffffffu, lo, span, nonzero);
-        if (any) k = gather_from(bits, i, i + GATHER_STRETCH, lo, span, nonzero, out, k);
+        for (int j = 0; j < GATHER_STRETCH; ++j) delta[i + j] = widen_bf16(source[i + j]) - widen_bf16(base[i + j]);
+        k = gather_stretch(bits, i, lo, span, nonzero, out, k);
     }
+    for (int64_t j = i; j < n; ++j) delta[j] = widen_bf16(source[j]) - widen_bf16(base[j]);
     return gather_from(bits, i, n, lo, span, nonzero, out, k);
 }
 """.replace("@BUCKETS@", str(BUCKETS))
@@ -104,6 +135,9 @@ def _library() -> ctypes.CDLL | None:
     lib.magnitude_histogram.restype = ctypes.c_int64
     lib.gather_bucket.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.gather_bucket.restype = ctypes.c_int64
+    lib.bf16_delta_gather.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_void_p]
+    lib.bf16_delta_gather.restype = ctypes.c_int64
     return lib
 
 
@@ -129,25 +163,50 @@ def gather_bucket(values: np.ndarray, bucket: int, count: int) -> np.ndarray:
     return out
 
 
+def bf16_delta_gather(source: np.ndarray, base: np.ndarray, delta: np.ndarray, bucket: int,
+                      count: int) -> np.ndarray:
+    """``delta[:] = float32(source) - float32(base)`` of two bfloat16 tensors held as their 16-bit
+    patterns (uint16 / int16, contiguous) into float32 ``delta``, and in the same pass
+    ``gather_bucket(delta, bucket, count)``, which it returns."""
+    lib = _library()
+    assert lib is not None, "bf16_delta_gather follows a histogram, which needs the kernel"
+    assert source.itemsize == base.itemsize == 2 and delta.dtype == np.float32
+    assert source.size == base.size == delta.size
+    assert source.flags.c_contiguous and base.flags.c_contiguous and delta.flags.c_contiguous
+    out = np.empty(count, dtype=np.float32)
+    found = lib.bf16_delta_gather(source.ctypes.data, base.ctypes.data, delta.ctypes.data, delta.size, bucket,
+                                  out.ctypes.data)
+    assert found == count, (found, count)
+    return out
+
+
+Gather = Callable[[int, int], np.ndarray]
+"""(bucket, count) -> that bucket's ``count`` magnitudes in index order (``gather_bucket``'s result)."""
+
+
 class SketchedOrder:
     """Ascending ``|values|`` as a magnitude band reads it (``numel()``, ``[i]``), from a sketch:
-    position ``i`` is found in its bucket's gathered magnitudes by selection."""
+    position ``i`` is found in its bucket's gathered magnitudes by selection. ``values`` None:
+    ``gather`` gathers a bucket instead (the lean engine forms a delta and gathers in one pass)."""
 
-    def __init__(self, values: np.ndarray, counts: np.ndarray) -> None:
-        self._values = values
+    def __init__(self, values: np.ndarray | None, counts: np.ndarray, gather: Gather | None = None) -> None:
+        assert (values is None) != (gather is None)
+        self._gather: Gather = (gather if gather is not None
+                                else lambda bucket, count: gather_bucket(values, bucket, count))
         self._counts = counts
         self._ends = np.cumsum(counts, dtype=np.int64)  # ascending positions before bucket b + 1
+        self._size = int(self._ends[-1])  # every entry is counted (no NaN: histogram)
         self._gathered: dict[int, np.ndarray] = {}
         self._found: dict[int, float] = {}
 
     def numel(self) -> int:
-        return int(self._values.size)
+        return self._size
 
     def __getitem__(self, index: int) -> float:
         found = self._found.get(index)
         if found is not None:
             return found
-        if not 0 <= index < self._values.size:
+        if not 0 <= index < self._size:
             raise IndexError(index)
         bucket = int(np.searchsorted(self._ends, index, side="right"))
         if bucket == 0:
@@ -155,7 +214,7 @@ class SketchedOrder:
         else:
             gathered = self._gathered.get(bucket)
             if gathered is None:
-                gathered = gather_bucket(self._values, bucket, int(self._counts[bucket]))
+                gathered = self._gather(bucket, int(self._counts[bucket]))
                 self._gathered[bucket] = gathered
             offset = index - int(self._ends[bucket - 1])
             gathered.partition(offset)  # in place: the bucket's values stay the same
