@@ -805,18 +805,19 @@ class MergeEngine:
 
     def _gather(self, name: str, model: int, bucket: int, count: int) -> np.ndarray:
         """Lean, sketched: one bucket's magnitudes of the task vector; where the chunk has not formed
-        it yet and it comes from bf16 tensors, formed in the same pass (``bf16_delta_gather``: the
-        values ``_delta`` forms, without reading them again to gather)."""
+        it yet, formed in the same pass from the held float32 or bf16 tensors
+        (``magnitude_sketch.delta_gather``: the values ``_delta`` forms, not read again to gather)."""
         gathered: list[np.ndarray] = []
         if ("delta", name, model) not in self._chunk and self._base_ckpt is not None:
             held, narrow = self._held[name][model + 1], self._narrow_base(name)
-            if narrow is not None and held.dtype == torch.bfloat16:
+            base = narrow if narrow is not None else self._held[name][0]
+            if held.dtype == base.dtype and (held.dtype == self._dtype or narrow is not None):
 
                 def compute() -> torch.Tensor:
                     out = self._arena.take(held.numel())
-                    gathered.append(magnitude_sketch.bf16_delta_gather(
-                        held.view(torch.int16).numpy(), narrow.view(torch.int16).numpy(), out.numpy(),
-                        bucket, count))
+                    bits = {torch.bfloat16: torch.int16}.get(held.dtype, held.dtype)  # numpy has no bf16
+                    gathered.append(magnitude_sketch.delta_gather(
+                        held.view(bits).numpy(), base.view(bits).numpy(), out.numpy(), bucket, count))
                     return out
 
                 self._derived("delta", name, model, compute)

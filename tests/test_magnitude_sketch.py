@@ -83,9 +83,10 @@ def test_gather_bucket_is_the_buckets_entries_in_index_order() -> None:
     assert counts[0] >= 2 and counts[1] >= 1  # zeros and bucket 1 side by side were tested
 
 
-def test_bf16_delta_gather_forms_bf16_delta_and_gathers_its_bucket() -> None:
+def test_delta_gather_forms_the_delta_and_gathers_its_bucket() -> None:
     """The lean engine's one pass over two bf16 tensors: the delta ``fused.bf16_delta`` forms (torch's
-    cast and subtraction) and that delta's bucket, as ``gather_bucket`` finds it after (tail included)."""
+    cast and subtraction) and that delta's bucket, as ``gather_bucket`` finds it after (tail included);
+    over two float32 tensors, torch's subtraction."""
     _native()
     from merges.methods.fused import bf16_delta, native_library
 
@@ -101,11 +102,21 @@ def test_bf16_delta_gather_forms_bf16_delta_and_gathers_its_bucket() -> None:
                            expected.view(torch.int32))
     for bucket in map(int, np.argsort(counts)[-3:]):  # the fullest buckets
         delta = np.full(base.numel(), np.nan, dtype=np.float32)
-        gathered = magnitude_sketch.bf16_delta_gather(source.view(torch.int16).numpy(), base.view(torch.int16).numpy(),
-                                                      delta, bucket, int(counts[bucket]))
+        gathered = magnitude_sketch.delta_gather(source.view(torch.int16).numpy(), base.view(torch.int16).numpy(),
+                                                 delta, bucket, int(counts[bucket]))
         assert np.array_equal(delta.view(np.uint32), expected.numpy().view(np.uint32))
         assert np.array_equal(gathered.view(np.uint32), magnitude_sketch.gather_bucket(
             expected.numpy(), bucket, int(counts[bucket])).view(np.uint32))
+    source32, base32 = source.float().add_(1e-4), base.float()  # not bf16 values: a float32 rounding
+    expected32 = torch.sub(source32, base32).numpy()
+    counts32 = magnitude_sketch.histogram(expected32)
+    assert counts32 is not None
+    for bucket in map(int, np.argsort(counts32)[-3:]):
+        wide = np.full(base.numel(), np.nan, dtype=np.float32)
+        again = magnitude_sketch.delta_gather(source32.numpy(), base32.numpy(), wide, bucket, int(counts32[bucket]))
+        assert np.array_equal(wide.view(np.uint32), expected32.view(np.uint32))
+        assert np.array_equal(again.view(np.uint32), magnitude_sketch.gather_bucket(
+            expected32, bucket, int(counts32[bucket])).view(np.uint32))
 
 
 def test_nan_and_a_wrong_tied_value_are_refused() -> None:
@@ -122,14 +133,14 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
                                                     dtype: torch.dtype) -> None:
     """A bf16-like tied family with every tensor sketched: lean TIES takes its cuts from the sketch
     and its tied cuts from the one-run replay, and merges the resident plan's tensors bit for bit.
-    Stored in bf16, a cut's bucket is gathered as its delta is formed (``bf16_delta_gather``)."""
+    Stored in float32 or bf16, a cut's bucket is gathered as its delta is formed (``delta_gather``)."""
     _native()
     from tests.checkpoints import quantised_family
     from tests.test_tie_order import record_replays
 
     monkeypatch.setattr(magnitude_sketch, "MIN_NUMEL", 1)
     quantised_family(tmp_path, seed=5, source_seed=200, dtype=dtype)
-    fused_gathers = record_replays(monkeypatch, "bf16_delta_gather", magnitude_sketch)
+    fused_gathers = record_replays(monkeypatch, "delta_gather", magnitude_sketch)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
     applied = record_replays(monkeypatch, "tied_cut_apply")
@@ -152,7 +163,7 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
         assert torch.equal(merged[name], tensor), ("rescale", name)
     # each delta read by one item only: the replay zeroes its dropped entries in place
     assert applied and all(applied) and not keyed
-    assert bool(fused_gathers) == (dtype == torch.bfloat16)
+    assert fused_gathers and all(fused_gathers)  # held float32 or bf16: a cut's bucket found as its delta is formed
     # the same source twice (one delta, two densities): it stays unchanged and gets keys
     twice = [paths[0], paths[0]]
     r = Recipe.uniform("ties", str(tmp_path / "base"), twice, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]})

@@ -103,21 +103,26 @@ static inline float widen_bf16(uint16_t h) {
     return f;
 }
 
-/* delta = float(source) - float(base) of two bfloat16 tensors (fused.bf16_delta's values: both
-   widenings exact, one float32 subtraction) and, in the same pass, gather_bucket(delta, bucket):
-   each stretch is formed, then tested while it is in cache, so the delta is not read again */
-int64_t bf16_delta_gather(const uint16_t* source, const uint16_t* base, float* delta, int64_t n,
-                          int64_t bucket, float* out) {
-    const float_bits_t* bits = (const float_bits_t*)delta;
-    BUCKET_RANGE(bucket)
-    int64_t k = 0, i = 0;
-    for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) {
-        for (int j = 0; j < GATHER_STRETCH; ++j) delta[i + j] = widen_bf16(source[i + j]) - widen_bf16(base[i + j]);
-        k = gather_stretch(bits, i, lo, span, nonzero, out, k);
-    }
-    for (int64_t j = i; j < n; ++j) delta[j] = widen_bf16(source[j]) - widen_bf16(base[j]);
-    return gather_from(bits, i, n, lo, span, nonzero, out, k);
+static inline float same_f32(float v) { return v; }
+
+/* delta = WIDEN(source) - WIDEN(base) (bf16_delta_gather: two bfloat16 tensors, fused.bf16_delta's
+   values, both widenings exact; f32_delta_gather: torch.sub's of two float32 tensors; one float32
+   subtraction either way) and, in the same pass, gather_bucket(delta, bucket): each stretch is
+   formed, then tested while it is in cache, so the delta is not read again */
+#define DELTA_GATHER(NAME, T, WIDEN) \
+int64_t NAME(const T* source, const T* base, float* delta, int64_t n, int64_t bucket, float* out) { \
+    const float_bits_t* bits = (const float_bits_t*)delta; \
+    BUCKET_RANGE(bucket) \
+    int64_t k = 0, i = 0; \
+    for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) { \
+        for (int j = 0; j < GATHER_STRETCH; ++j) delta[i + j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
+        k = gather_stretch(bits, i, lo, span, nonzero, out, k); \
+    } \
+    for (int64_t j = i; j < n; ++j) delta[j] = WIDEN(source[j]) - WIDEN(base[j]); \
+    return gather_from(bits, i, n, lo, span, nonzero, out, k); \
 }
+DELTA_GATHER(bf16_delta_gather, uint16_t, widen_bf16)
+DELTA_GATHER(f32_delta_gather, float, same_f32)
 """.replace("@BUCKETS@", str(BUCKETS))
 
 
@@ -135,9 +140,10 @@ def _library() -> ctypes.CDLL | None:
     lib.magnitude_histogram.restype = ctypes.c_int64
     lib.gather_bucket.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.gather_bucket.restype = ctypes.c_int64
-    lib.bf16_delta_gather.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int64, ctypes.c_void_p]
-    lib.bf16_delta_gather.restype = ctypes.c_int64
+    for name in ("bf16_delta_gather", "f32_delta_gather"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_int64
     return lib
 
 
@@ -163,19 +169,20 @@ def gather_bucket(values: np.ndarray, bucket: int, count: int) -> np.ndarray:
     return out
 
 
-def bf16_delta_gather(source: np.ndarray, base: np.ndarray, delta: np.ndarray, bucket: int,
-                      count: int) -> np.ndarray:
-    """``delta[:] = float32(source) - float32(base)`` of two bfloat16 tensors held as their 16-bit
-    patterns (uint16 / int16, contiguous) into float32 ``delta``, and in the same pass
-    ``gather_bucket(delta, bucket, count)``, which it returns."""
+def delta_gather(source: np.ndarray, base: np.ndarray, delta: np.ndarray, bucket: int, count: int) -> np.ndarray:
+    """``delta[:] = float32(source) - float32(base)`` into float32 ``delta`` (contiguous, same
+    sizes), and in the same pass ``gather_bucket(delta, bucket, count)``, which it returns. The
+    inputs: two float32 arrays (the values of torch's subtraction), or two bfloat16 tensors held
+    as their 16-bit patterns (uint16 / int16 arrays; those of ``fused.bf16_delta``)."""
     lib = _library()
-    assert lib is not None, "bf16_delta_gather follows a histogram, which needs the kernel"
-    assert source.itemsize == base.itemsize == 2 and delta.dtype == np.float32
+    assert lib is not None, "delta_gather follows a histogram, which needs the kernel"
+    assert source.dtype == base.dtype and source.itemsize in (2, 4) and delta.dtype == np.float32
+    assert source.dtype == np.float32 or source.itemsize == 2
     assert source.size == base.size == delta.size
     assert source.flags.c_contiguous and base.flags.c_contiguous and delta.flags.c_contiguous
     out = np.empty(count, dtype=np.float32)
-    found = lib.bf16_delta_gather(source.ctypes.data, base.ctypes.data, delta.ctypes.data, delta.size, bucket,
-                                  out.ctypes.data)
+    kernel = lib.f32_delta_gather if source.itemsize == 4 else lib.bf16_delta_gather
+    found = kernel(source.ctypes.data, base.ctypes.data, delta.ctypes.data, delta.size, bucket, out.ctypes.data)
     assert found == count, (found, count)
     return out
 
