@@ -55,8 +55,8 @@ buffers are reused by the next chunk and trial: no fresh model-sized pages per t
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
 sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas (a TIES tied cut
-zeroes its delta's dropped entries in place, no keys; over bf16 checkpoints in float32 no float32
-base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
+zeroes its run's dropped entries in place and a magnitude band drops the rest, no keys; over bf16
+checkpoints in float32 no float32 base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
 built from the held base (``new_model``), not mapped from the file again.
 
 If ``merge_into`` raises ``NonFiniteMergeError`` (or any error after it started writing),
