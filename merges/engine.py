@@ -55,8 +55,8 @@ buffers are reused by the next chunk and trial: no fresh model-sized pages per t
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
 sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas (a TIES tied cut
-zeroes its delta's dropped entries in place, no keys; over bf16 checkpoints in float32 no float32
-base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
+zeroes its run's dropped entries in place and a magnitude band drops the rest, no keys; over bf16
+checkpoints in float32 no float32 base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
 built from the held base (``new_model``), not mapped from the file again.
 
 ``"stream"`` is the lean plan holding no checkpoint: each chunk's tensors of the base and the
@@ -981,9 +981,11 @@ class MergeEngine:
             order = self._order.get((name, model))
             if order is None:
                 counts = self._sketch.get((name, model))
-                delta = self._delta(name, model)
-                order = (_OrderStatistics(delta) if counts is None
-                         else magnitude_sketch.SketchedOrder(delta.numpy(), counts))
+                if counts is None:
+                    order = _OrderStatistics(self._delta(name, model))
+                else:
+                    order = magnitude_sketch.SketchedOrder(
+                        None, counts, lambda bucket, count: self._gather(name, model, bucket, count))
                 self._order[(name, model)] = order
             return order  # type: ignore[return-value]
         found = self._ascending.get((name, model))
@@ -998,6 +1000,28 @@ class MergeEngine:
                 self._ascending[(n, model)] = values
             found = self._ascending[(name, model)]
         return found
+
+    def _gather(self, name: str, model: int, bucket: int, count: int) -> np.ndarray:
+        """Lean, sketched: one bucket's magnitudes of the task vector; where the chunk has not formed
+        it yet, formed in the same pass from the held float32 or bf16 tensors
+        (``magnitude_sketch.delta_gather``: the values ``_delta`` forms, not read again to gather)."""
+        gathered: list[np.ndarray] = []
+        if ("delta", name, model) not in self._chunk and self._base_ckpt is not None:
+            held, narrow = self._held[name][model + 1], self._narrow_base(name)
+            base = narrow if narrow is not None else self._held[name][0]
+            if held.dtype == base.dtype and (held.dtype == self._dtype or narrow is not None):
+
+                def compute() -> torch.Tensor:
+                    out = self._arena.take(held.numel())
+                    bits = {torch.bfloat16: torch.int16}.get(held.dtype, held.dtype)  # numpy has no bf16
+                    gathered.append(magnitude_sketch.delta_gather(
+                        held.view(bits).numpy(), base.view(bits).numpy(), out.numpy(), bucket, count))
+                    return out
+
+                self._derived("delta", name, model, compute)
+        if gathered:
+            return gathered[0]
+        return magnitude_sketch.gather_bucket(self._delta(name, model).numpy(), bucket, count)
 
     def _fill_ranks(self, works: Sequence[_Work]) -> None:
         """Compute (on the pool) and plug in mergekit's sort positions where a cut was tied.
@@ -1034,8 +1058,9 @@ class MergeEngine:
         replay cannot be used: then full sort positions for the items still without keys.
 
         A one-cut item whose delta no other item reads and that the native kernel merges gets
-        no keys: the replay zeroes its dropped entries in the delta itself
-        (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike), which saves the
+        no keys: the replay zeroes the tied run's dropped entries in the delta itself
+        (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike) and the item gets
+        the magnitude band that drops the rest (``tie_order.applied_band``), which saves the
         chunk 4 bytes per entry and the fused pass a read; a rescaled item's L1 norm before the
         cut is taken first (``_apply_rescale`` reads it from ``_l1``)."""
         uses: dict[int, int] = {}
@@ -1052,7 +1077,7 @@ class MergeEngine:
                     sole = native and uses[work.job.deltas[item].data_ptr()] == 1
                     wanted[(key, work.job.windows[item])] = (sole, item in (work.rescale or ()))
 
-        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | bool | None:
+        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | float | None:
             (kind, name, model), (lo, hi) = wanted_key
             delta = self._delta(name, model)
             order = self._order.get((name, model))
@@ -1067,7 +1092,7 @@ class MergeEngine:
                         if rescaled:
                             self._l1_norm(name, delta)  # before the cut zeroes entries
                         if tie_order.tied_cut_apply(delta, hi, tied, descending=True, scratch=scratch):
-                            return True
+                            return tied  # applied: the band from this value drops the rest
                     keys = tie_order.tied_cut_keys(delta, hi, tied, descending=True,
                                                    keys=self._key_arena.take(delta.numel()),
                                                    scratch=scratch)
@@ -1084,11 +1109,15 @@ class MergeEngine:
             if work.job is None or not work.ranks:
                 continue
             keys = list(work.job.keys)
+            bands = list(work.job.bands) if work.job.bands else [None] * len(keys)
             for item, key in work.ranks:
                 result = found[(key, work.job.windows[item])]
                 if isinstance(result, torch.Tensor):
                     keys[item] = result
+                elif isinstance(result, float):
+                    bands[item] = tie_order.applied_band(result, descending=True)
             work.job.keys = keys
+            work.job.bands = bands
             # what is left for full sort positions: the items the replay could not decide
             work.plan.ranks = [(item, key) for item, key in work.ranks
                                if found[(key, work.job.windows[item])] is None]

@@ -97,18 +97,19 @@ def make_family(root: Path, arch: str = "llama", *, n_sources: int = 3, seed: in
     return TinyFamily(base_dir, sources)
 
 
-def quantised_family(root: Path, *, seed: int, source_seed: int) -> None:
+def quantised_family(root: Path, *, seed: int, source_seed: int, dtype: torch.dtype = torch.float32) -> None:
     """``root/base`` and two sources ``root/source{0,1}`` whose deltas are multiples of 0.01 in
-    [-0.02, 0.02]: many equal |delta|, so TIES / breadcrumbs cuts fall inside ties."""
-    base_model = tiny_model("llama", seed=seed, layers=2)
+    [-0.02, 0.02] (before the sources are stored in ``dtype``, as the base): many equal |delta|, so
+    TIES / breadcrumbs cuts fall inside ties."""
+    base_model = tiny_model("llama", seed=seed, layers=2).to(dtype)
     save(base_model, root / "base")
     for i in range(2):
         gen = torch.Generator().manual_seed(source_seed + i)
-        source = type(base_model)(base_model.config)
+        source = type(base_model)(base_model.config).to(dtype)
         source.load_state_dict(base_model.state_dict())
         with torch.no_grad():
             for param in source.parameters():
-                param.add_(torch.randint(-2, 3, param.shape, generator=gen).float() * 0.01)
+                param.add_((torch.randint(-2, 3, param.shape, generator=gen).float() * 0.01).to(dtype))
         save(source, root / f"source{i}")
 
 

@@ -60,6 +60,65 @@ def test_sketched_order_is_the_sorted_tensor_and_the_tie_replay_torch_sort(
     assert bool(((keys == 0) | (keys == DROPPED)).all())
 
 
+def test_gather_bucket_is_the_buckets_entries_in_index_order() -> None:
+    """Every bucket's gathered magnitudes are its entries in index order, found by stretches of 64
+    tested at once and the tail after them: exact zeros stay out of bucket 1 (whose bit range
+    starts at 0, as subnormals do), members in the first, last and lone entries of a stretch."""
+    _native()
+    rng = np.random.default_rng(3)
+    n = 64 * 5 + 37  # whole stretches and a tail
+    bits = np.zeros(n, dtype=np.uint32)
+    bits[[0, 63, 64, 200, n - 1]] = [1, 0xFFFF, 0x10000, 0x3F800000, 5]  # subnormals, bucket 2's first, 1.0
+    bits[rng.integers(0, n, 40)] = rng.integers(0x10000, 0x30000, 40)  # buckets 2 and 3
+    values = bits.view(np.float32) * rng.choice(np.float32([-1, 1]), n)
+    values[[7, 100]] = -0.0
+    counts = magnitude_sketch.histogram(values)
+    assert counts is not None
+    magnitudes = np.abs(values)
+    for bucket in map(int, np.flatnonzero(counts)):
+        gathered = magnitude_sketch.gather_bucket(values, bucket, int(counts[bucket]))
+        member = magnitudes.view(np.uint32) == 0 if bucket == 0 else (
+            (magnitudes.view(np.uint32) >> 16 == bucket - 1) & (magnitudes != 0))
+        assert np.array_equal(gathered.view(np.uint32), magnitudes[member].view(np.uint32))
+    assert counts[0] >= 2 and counts[1] >= 1  # zeros and bucket 1 side by side were tested
+
+
+def test_delta_gather_forms_the_delta_and_gathers_its_bucket() -> None:
+    """The lean engine's one pass over two bf16 tensors: the delta ``fused.bf16_delta`` forms (torch's
+    cast and subtraction) and that delta's bucket, as ``gather_bucket`` finds it after (tail included);
+    over two float32 tensors, torch's subtraction."""
+    _native()
+    from merges.methods.fused import bf16_delta, native_library
+
+    generator = torch.Generator().manual_seed(9)
+    base = torch.randn(64 * 40 + 13, generator=generator).mul_(0.02).bfloat16()
+    source = (base.float() + torch.randn(base.numel(), generator=generator).mul_(0.002)).bfloat16()
+    expected = source.float() - base.float()
+    counts = magnitude_sketch.histogram(expected.numpy())
+    assert counts is not None
+    lib = native_library()
+    if lib is not None:
+        assert torch.equal(bf16_delta(lib, source, base, torch.empty_like(expected)).view(torch.int32),
+                           expected.view(torch.int32))
+    for bucket in map(int, np.argsort(counts)[-3:]):  # the fullest buckets
+        delta = np.full(base.numel(), np.nan, dtype=np.float32)
+        gathered = magnitude_sketch.delta_gather(source.view(torch.int16).numpy(), base.view(torch.int16).numpy(),
+                                                 delta, bucket, int(counts[bucket]))
+        assert np.array_equal(delta.view(np.uint32), expected.numpy().view(np.uint32))
+        assert np.array_equal(gathered.view(np.uint32), magnitude_sketch.gather_bucket(
+            expected.numpy(), bucket, int(counts[bucket])).view(np.uint32))
+    source32, base32 = source.float().add_(1e-4), base.float()  # not bf16 values: a float32 rounding
+    expected32 = torch.sub(source32, base32).numpy()
+    counts32 = magnitude_sketch.histogram(expected32)
+    assert counts32 is not None
+    for bucket in map(int, np.argsort(counts32)[-3:]):
+        wide = np.full(base.numel(), np.nan, dtype=np.float32)
+        again = magnitude_sketch.delta_gather(source32.numpy(), base32.numpy(), wide, bucket, int(counts32[bucket]))
+        assert np.array_equal(wide.view(np.uint32), expected32.view(np.uint32))
+        assert np.array_equal(again.view(np.uint32), magnitude_sketch.gather_bucket(
+            expected32, bucket, int(counts32[bucket])).view(np.uint32))
+
+
 def test_nan_and_a_wrong_tied_value_are_refused() -> None:
     """No histogram with a NaN (no bucket order); a value that is not the cut's: None."""
     _native()
@@ -69,15 +128,19 @@ def test_nan_and_a_wrong_tied_value_are_refused() -> None:
     assert tie_order.tied_cut_keys(values, 2, 0.5, descending=True) is None
 
 
-def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    dtype: torch.dtype) -> None:
     """A bf16-like tied family with every tensor sketched: lean TIES takes its cuts from the sketch
-    and its tied cuts from the one-run replay, and merges the resident plan's tensors bit for bit."""
+    and its tied cuts from the one-run replay, and merges the resident plan's tensors bit for bit.
+    Stored in float32 or bf16, a cut's bucket is gathered as its delta is formed (``delta_gather``)."""
     _native()
     from tests.checkpoints import quantised_family
     from tests.test_tie_order import record_replays
 
     monkeypatch.setattr(magnitude_sketch, "MIN_NUMEL", 1)
-    quantised_family(tmp_path, seed=5, source_seed=200)
+    quantised_family(tmp_path, seed=5, source_seed=200, dtype=dtype)
+    fused_gathers = record_replays(monkeypatch, "delta_gather", magnitude_sketch)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
     applied = record_replays(monkeypatch, "tied_cut_apply")
@@ -100,6 +163,7 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
         assert torch.equal(merged[name], tensor), ("rescale", name)
     # each delta read by one item only: the replay zeroes its dropped entries in place
     assert applied and all(applied) and not keyed
+    assert fused_gathers and all(fused_gathers)  # held float32 or bf16: a cut's bucket found as its delta is formed
     # the same source twice (one delta, two densities): it stays unchanged and gets keys
     twice = [paths[0], paths[0]]
     r = Recipe.uniform("ties", str(tmp_path / "base"), twice, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]})

@@ -80,10 +80,10 @@ def test_not_used_off_the_cpu_or_without_the_native_code(monkeypatch: pytest.Mon
         tie_order._agrees_with_torch.cache_clear()
 
 
-def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str) -> list[bool]:
-    """Wrap ``tie_order.<replay_name>``; the list records, per call, whether it decided the cut
-    (keys, not None; ``tied_cut_apply``: True, no full sort)."""
-    replay = getattr(tie_order, replay_name)
+def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str, module: object = tie_order) -> list[bool]:
+    """Wrap ``module.<replay_name>`` (``tie_order``'s by default); the list records, per call,
+    whether it decided the cut (keys, not None; ``tied_cut_apply``: True, no full sort)."""
+    replay = getattr(module, replay_name)
     calls: list[bool] = []
 
     def counted(*args: object, **kwargs: object) -> torch.Tensor | bool | None:
@@ -91,7 +91,7 @@ def record_replays(monkeypatch: pytest.MonkeyPatch, replay_name: str) -> list[bo
         calls.append(keys is not None and keys is not False)
         return keys
 
-    monkeypatch.setattr(tie_order, replay_name, counted)
+    monkeypatch.setattr(module, replay_name, counted)
     return calls
 
 
@@ -214,9 +214,11 @@ def test_blocked_replay_keeps_the_scalar_replays_entries() -> None:
 
 
 def test_applied_replay_zeroes_what_the_keys_drop() -> None:
-    """``tied_cut_apply``: the entries ``tied_cut_keys`` drops become +0.0 (the fused kernel's
-    masked value, whatever their sign), the kept ones keep their bits; where the replay declines
-    (the value at the cut is not tied there) it returns False and changes nothing."""
+    """``tied_cut_apply`` then its band (``applied_band``, as the fused kernel masks: +0.0 outside
+    it): the entries ``tied_cut_keys`` drops become +0.0 (the kernel's masked value, whatever their
+    sign), the kept ones keep their bits; the apply alone leaves the entries past the tied run as
+    they were; where the replay declines (the value at the cut is not tied there) it returns False
+    and changes nothing."""
     _replay_in_use()
     generator = torch.Generator().manual_seed(7)
     delta = torch.randint(-4, 5, (100_003,), generator=generator).float().mul_(0.25)
@@ -230,11 +232,39 @@ def test_applied_replay_zeroes_what_the_keys_drop() -> None:
             keys = tie_order.tied_cut_keys(delta, keep, tied, descending=descending)
             applied = delta.clone()
             assert keys is not None and tie_order.tied_cut_apply(applied, keep, tied, descending=descending)
+            lo, hi = tie_order.applied_band(tied, descending=descending)
+            outside = (applied.abs() < lo) | (applied.abs() > hi)
+            assert torch.equal(applied[delta.abs() != tied], delta[delta.abs() != tied])  # the run's only
+            masked = torch.where(outside, torch.zeros_like(applied), applied)
             expected = torch.where(keys == 0, delta, torch.zeros_like(delta))
-            assert torch.equal(applied.view(torch.int32), expected.view(torch.int32))
+            assert torch.equal(masked.view(torch.int32), expected.view(torch.int32))
             cases += bool((delta[keys != 0] != 0).any())  # some dropped entries were nonzero
     assert cases >= 4
     untied = torch.arange(1000, dtype=torch.float32)
     copy = untied.clone()
     assert not tie_order.tied_cut_apply(copy, 500, 500.0, descending=True)
     assert torch.equal(copy, untied)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(17, 3_000), distinct=st.integers(1, 12), keep_share=st.floats(0, 1),
+       descending=st.booleans(), seed=st.integers(0, 2**31))
+def test_applied_replay_forms_its_words_in_the_first_partition(n: int, distinct: int, keep_share: float,
+                                                               descending: bool, seed: int) -> None:
+    """``tied_cut_apply`` forms the words inside its first partition (the median of three's entries
+    first, then each scanned block, then the rest): at sizes around the block boundaries it keeps
+    what ``tied_cut_keys`` (the words formed by a pass of their own) keeps."""
+    _replay_in_use()
+    generator = torch.Generator().manual_seed(seed)
+    delta = torch.randint(-distinct, distinct + 1, (n,), generator=generator).float().mul_(0.5)
+    keep = min(n - 1, max(1, int(keep_share * n)))
+    ordered = torch.sort(delta.abs(), descending=descending).values
+    tied = float(ordered[keep])
+    if float(ordered[keep - 1]) != tied or tied == 0:
+        return
+    keys = tie_order.tied_cut_keys(delta, keep, tied, descending=descending)
+    applied = delta.clone()
+    assert keys is not None and tie_order.tied_cut_apply(applied, keep, tied, descending=descending)
+    lo, hi = tie_order.applied_band(tied, descending=descending)
+    kept = (applied.abs() >= lo) & (applied.abs() <= hi) & (applied != 0)
+    assert torch.equal(kept, (keys == 0) & (delta != 0))

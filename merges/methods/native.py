@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 BUILD_TIMEOUT_S = 120
@@ -56,7 +57,8 @@ def build_library(name: str, source: str, flags: list[str], libraries: list[str]
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / f"{name}.c"
                 src.write_text(source)
-                built = target.parent / f"{target.name}.tmp-{os.getpid()}"
+                # per process and thread: two threads' first calls build at once (a lean engine's pool)
+                built = target.parent / f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}"
                 subprocess.run([os.environ.get("CC", "cc"), *flags, str(src), "-o", str(built), *libraries],
                                check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
                 os.replace(built, target)

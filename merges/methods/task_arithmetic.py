@@ -114,7 +114,7 @@ def plan(ctx: TensorContext) -> Plan:
     bands: list[sparsify.Band | None] = []
     kind = family.sparsification
     for item, (position, model) in enumerate(zip(positions, models, strict=True)):
-        delta = ctx.delta(model)
+        delta: torch.Tensor | None = None  # formed after the cut's lookups: a lean engine may form it while it selects
         density = densities[position]
         key, window, band = None, (0, 0), None
         if kind == "magnitude" and density < 1:
@@ -139,7 +139,7 @@ def plan(ctx: TensorContext) -> Plan:
         elif kind == "della_magprune" and density < 1:
             epsilon = ctx.tensor_values("epsilon")[position]
             if density <= 0:
-                delta = torch.zeros_like(delta)
+                delta = torch.zeros_like(ctx.delta(model))
             else:
                 try:
                     sparsify.check_della_bounds(density, epsilon, f"tensor {name!r}")
@@ -149,7 +149,7 @@ def plan(ctx: TensorContext) -> Plan:
         masked = key is not None or band is not None or (pending and pending[-1][0] == item)
         if masked and rescale and not (kind == "magnitude" and density <= 0):
             to_rescale.append(item)
-        deltas.append(delta)
+        deltas.append(ctx.delta(model) if delta is None else delta)
         keys.append(key)
         windows.append(window)
         bands.append(band if key is None else None)

@@ -50,6 +50,58 @@ typedef struct { float v; int32_t i; } pair_t;
 
 static int straddles(int64_t first, int64_t last, int64_t cut) { return first < cut && cut < last; }
 
+typedef uint32_t __attribute__((may_alias)) float_bits_t;  /* a float's bits, read in place */
+
+/* The words of values[a, b) into scratch[a, b) (see tied_cut_keys: a magnitude's bits, or
+   TIED_FLAG | index for one equal to ``tied``), adding the counts before and equal to ``tied`` and
+   of NaNs; a loop without an exit, so that it vectorises (the replay's other passes are scans) */
+__attribute__((optimize("tree-vectorize")))
+static void only_words(const float_bits_t* values, int64_t a, int64_t b, int desc, uint32_t tied, uint32_t* scratch,
+                       int64_t* before, int64_t* equal, int64_t* nans) {
+    int64_t bf = 0, e = 0, nan = 0;
+    for (int64_t i = a; i < b; ++i) {
+        uint32_t bits = values[i] & 0x7fffffffu;
+        nan += bits > 0x7f800000u;
+        uint32_t is_tied = bits == tied;
+        bf += desc ? bits > tied : bits < tied;
+        e += is_tied;
+        scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
+    }
+    *before += bf; *equal += e; *nans += nan;
+}
+
+/* The first partition of a word replay forms the words as its scans reach them (``lazy``), instead
+   of after a pass of its own that writes them all: one write and one read of every word less. The
+   words formed are always [first, ls) and [rs, last) (the scanned stretches) and the median of
+   three's entries; a stretch formed later keeps those (they may have been swapped already). */
+typedef struct {
+    const float_bits_t* values;  /* the magnitudes the words are formed from */
+    int64_t early[3];            /* formed before the median of three: first + 1, mid, last - 1 */
+    int64_t before, equal, nans; /* only_words' counts, of every entry once */
+    int desc;
+    uint32_t tied;
+} lazy_t;
+
+static void lazy_form(lazy_t* lz, uint32_t* x, int64_t a, int64_t b) {
+    if (!lz || a >= b) return;
+    uint32_t kept[3];
+    for (int j = 0; j < 3; ++j) if (lz->early[j] >= a && lz->early[j] < b) kept[j] = x[lz->early[j]];
+    if (lz->desc) only_words(lz->values, a, b, 1, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
+    else only_words(lz->values, a, b, 0, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
+    for (int j = 0; j < 3; ++j) if (lz->early[j] >= a && lz->early[j] < b) x[lz->early[j]] = kept[j];
+}
+
+/* the words the median of three reads, before it: ``first`` counted now (no stretch holds it),
+   the three others when their stretch is formed */
+static void lazy_early(lazy_t* lz, uint32_t* x, int64_t first, int64_t mid, int64_t last) {
+    if (!lz) return;
+    lz->early[0] = first + 1; lz->early[1] = mid; lz->early[2] = last - 1;
+    int64_t uncounted = 0;
+    for (int j = 0; j < 3; ++j) only_words(lz->values, lz->early[j], lz->early[j] + 1, lz->desc, lz->tied, x,
+                                           &uncounted, &uncounted, &uncounted);
+    only_words(lz->values, first, first + 1, lz->desc, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
+}
+
 /* ``blocked``: 0 Hoare's scalar loop alone (the reference), 1 blocks scanned one entry at a time,
    2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1) */
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -146,13 +198,14 @@ static inline __attribute__((always_inline)) int ${P}scan_right(const ${T}* x, $
    the median-of-three's two others when none happened. ``blocked`` 0: Hoare's loop alone (the
    reference the tests hold the blocks to). */
 static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
-        ${T}* x, int64_t first, int64_t last, const int desc, uint32_t t, int blocked) {
+        ${T}* x, int64_t first, int64_t last, const int desc, uint32_t t, int blocked, lazy_t* lz) {
     int64_t mid = first + (last - first) / 2;
+    ${LAZY_EARLY}
     ${P}median_to_first(x, first, first + 1, mid, last - 1, desc, t);
     const ${K} pivot = ${KEY}(x[first], t);
     int64_t lo = first + 1, hi = last;  /* Hoare's state after the last swap */
+    int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
     if (blocked) {
-        int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
         int64_t bl = 0, br = 0;    /* the buffered stoppers: bl + offl[sl..nl), br - offr[sr..nr) */
         int nl = 0, nr = 0, sl = 0, sr = 0;
         uint8_t offl[BLOCK], offr[BLOCK];
@@ -160,12 +213,14 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
             if (sl == nl) {
                 if (rs - ls < BLOCK) break;
                 bl = ls; sl = 0;
+                ${LAZY_FORM_LEFT}
                 nl = ${P}scan_left(x + bl, pivot, t, desc, blocked, offl);
                 ls += BLOCK;
             }
             if (sr == nr) {
                 if (rs - ls < BLOCK) break;
                 br = rs - 1; sr = 0;
+                ${LAZY_FORM_RIGHT}
                 nr = ${P}scan_right(x + br, pivot, t, desc, blocked, offr);
                 rs -= BLOCK;
             }
@@ -175,6 +230,7 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
             sl += m; sr += m;
         }
     }
+    ${LAZY_FORM_REST}
     for (;;) {
         while (BEFORE(desc, ${KEY}(x[lo], t), pivot)) ++lo;
         --hi;
@@ -187,7 +243,7 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
 
 /* the direction a constant in each copy (the scans' compares then need no select) */
 static int64_t ${P}partition_pivot(${T}* x, int64_t first, int64_t last, int desc, uint32_t t, int blocked) {
-    return desc ? ${P}partition_impl(x, first, last, 1, t, blocked) : ${P}partition_impl(x, first, last, 0, t, blocked);
+    return desc ? ${P}partition_impl(x, first, last, 1, t, blocked, 0) : ${P}partition_impl(x, first, last, 0, t, blocked, 0);
 }
 
 /* the final insertion sort's effect on one range of at most 16 (stable) */
@@ -250,8 +306,6 @@ int64_t window_keys(const float* values, int64_t n, int64_t lo, int64_t hi, int3
    is NaN */
 /* the words and the untied entries' keys, with the counts before and equal to ``tied`` and of
    NaNs; a loop without an exit, so that it vectorises (the replay's other passes are scans) */
-typedef uint32_t __attribute__((may_alias)) float_bits_t;  /* a float's bits, read in place */
-
 __attribute__((optimize("tree-vectorize")))
 static void words_of(const float_bits_t* values, int64_t n, int desc, uint32_t tied, int32_t* keys,
                      uint32_t* scratch, int64_t* before, int64_t* equal, int64_t* nans) {
@@ -282,46 +336,49 @@ int64_t tied_cut_keys(const float* values, int64_t n, int64_t keep, int32_t desc
     return 0;
 }
 
-/* The same replay, its result applied to ``values`` in place instead of written as keys: each
-   entry that ``tied_cut_keys`` would drop becomes +0.0f (what the fused kernel's mask gives a
-   dropped entry), so no int32 key per entry is stored. ``values`` is changed only on success
-   (0); -1 / -2 as for tied_cut_keys. */
-__attribute__((optimize("tree-vectorize")))
-static void only_words(const float_bits_t* values, int64_t n, int desc, uint32_t tied, uint32_t* scratch,
-                       int64_t* before, int64_t* equal, int64_t* nans) {
-    int64_t b = 0, e = 0, nan = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t bits = values[i] & 0x7fffffffu;
-        nan += bits > 0x7f800000u;
-        uint32_t is_tied = bits == tied;
-        b += desc ? bits > tied : bits < tied;
-        e += is_tied;
-        scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
-    }
-    *before = b; *equal = e; *nans = nan;
+/* the first partition of the word replay on [0, n) (n > 16), forming the words from ``lz->values``
+   as it goes (lazy_t) */
+static int64_t word_partition_first(uint32_t* x, int64_t n, int desc, uint32_t t, int blocked, lazy_t* lz) {
+    return desc ? word_partition_impl(x, 0, n, 1, t, blocked, lz) : word_partition_impl(x, 0, n, 0, t, blocked, lz);
 }
 
-__attribute__((optimize("tree-vectorize")))
-static void drop_after(float_bits_t* values, int64_t n, int desc, uint32_t tied) {
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t bits = values[i] & 0x7fffffffu;
-        uint32_t is_after = desc ? bits < tied : bits > tied;
-        values[i] = is_after ? 0u : values[i];
-    }
-}
-
+/* The same replay, its result applied to ``values`` in place instead of written as keys: each entry
+   of the tied run that ``tied_cut_keys`` would drop becomes +0.0f (what the fused kernel's mask gives
+   a dropped entry); the entries past the run (below it descending, above it ascending) are left as
+   they are, for the caller's magnitude band (tie_order.applied_band) to drop, so no int32 key per
+   entry is stored and no pass writes them. ``values`` is changed only on success (0); -1 / -2 as
+   for tied_cut_keys. The first partition forms the words (no pass of its own); introsort's loop
+   then goes on from it as word_select_range would (the right part first, one depth level spent). */
 int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
                        uint32_t* scratch, int32_t blocked) {
-    int64_t before, equal, nans;
-    if (desc) only_words((const float_bits_t*)values, n, 1, tied, scratch, &before, &equal, &nans);
-    else only_words((const float_bits_t*)values, n, 0, tied, scratch, &before, &equal, &nans);
-    if (nans) return -2;
-    if (!(before < keep && keep < before + equal)) return -2;
-    if (n > 1 && word_select_range(scratch, 0, n, word_depth_limit(n), desc, 0, keep, tied, blocked)) return -1;
-    for (int64_t p = keep; p < n; ++p)  /* the run's entries past the cut */
+    int64_t before = 0, equal = 0, nans = 0;
+    const float_bits_t* bits = (const float_bits_t*)values;
+    if (n > 16 && blocked) {
+        lazy_t lz = {bits, {0, 0, 0}, 0, 0, 0, desc, tied};
+        int64_t cut = word_partition_first(scratch, n, desc, tied, blocked, &lz);
+        if (lz.nans) return -2;  /* NaN: not ordered like a bit pattern */
+        if (!(lz.before < keep && keep < lz.before + lz.equal)) return -2;
+        int depth = word_depth_limit(n) - 1;  /* > 0: n > 16 */
+        if (word_select_range(scratch, cut, n, depth, desc, 0, keep, tied, blocked)) return -1;
+        if (word_select_range(scratch, 0, cut, depth, desc, 0, keep, tied, blocked)) return -1;
+    } else {
+        if (desc) only_words(bits, 0, n, 1, tied, scratch, &before, &equal, &nans);
+        else only_words(bits, 0, n, 0, tied, scratch, &before, &equal, &nans);
+        if (nans) return -2;
+        if (!(before < keep && keep < before + equal)) return -2;
+        if (n > 1 && word_select_range(scratch, 0, n, word_depth_limit(n), desc, 0, keep, tied, blocked)) return -1;
+    }
+    /* the run's entries past the cut: a small share of [keep, n), so stretches without one are
+       passed over by a test that vectorises */
+    int64_t p = keep;
+    for (; p + 64 <= n; p += 64) {
+        uint32_t any = 0;
+        for (int j = 0; j < 64; ++j) any |= scratch[p + j] & TIED_FLAG;
+        if (any) for (int j = 0; j < 64; ++j)
+            if (scratch[p + j] & TIED_FLAG) values[scratch[p + j] & ~TIED_FLAG] = 0.0f;
+    }
+    for (; p < n; ++p)
         if (scratch[p] & TIED_FLAG) values[scratch[p] & ~TIED_FLAG] = 0.0f;
-    if (desc) drop_after((float_bits_t*)values, n, 1, tied);
-    else drop_after((float_bits_t*)values, n, 0, tied);
     return 0;
 }
 """
@@ -331,12 +388,18 @@ _MASK_OFFSETS = ", ".join(
     for mask in range(256))
 _VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 2 && __builtin_cpu_supports(\"avx2\")) "
                 "return word_scan_{side}_avx2(x, pivot, t, desc, off);\n#endif")
+# the word replay's first partition may form its words as it scans (lazy_t; lz 0 elsewhere)
+_LAZY = {"LAZY_EARLY": "lazy_early(lz, x, first, mid, last);",
+         "LAZY_FORM_LEFT": "lazy_form(lz, x, bl, bl + BLOCK);",
+         "LAZY_FORM_RIGHT": "lazy_form(lz, x, br - BLOCK + 1, br + 1);",
+         "LAZY_FORM_REST": "lazy_form(lz, x, ls, rs);"}
+_NO_LAZY = dict.fromkeys(_LAZY, "")
 _C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
              + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY",
-                                                     VECTOR_LEFT="", VECTOR_RIGHT="")
+                                                     VECTOR_LEFT="", VECTOR_RIGHT="", **_NO_LAZY)
              + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY",
                                                      VECTOR_LEFT=_VECTOR_SCAN.format(side="left"),
-                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"))
+                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"), **_LAZY)
              + _C_ENTRY_POINTS)
 
 
@@ -458,12 +521,22 @@ def tied_cut_keys(delta: torch.Tensor, keep: int, tied: float, *, descending: bo
                         blocked)
 
 
+def applied_band(tied: float, *, descending: bool) -> tuple[float, float]:
+    """The magnitude band (``FusedJob.bands``, inclusive) that completes ``tied_cut_apply``'s
+    selection: the tied run's entries and those before it (``|delta| >= tied`` descending,
+    ``<= tied`` ascending); the run's dropped entries are +0.0 by then, which is what a masked
+    entry contributes (band or not)."""
+    tied = abs(tied)
+    return (tied, float("inf")) if descending else (0.0, tied)
+
+
 def tied_cut_apply(delta: torch.Tensor, keep: int, tied: float, *, descending: bool,
                    scratch: torch.Tensor | None = None, blocked: bool = True) -> bool:
     """``tied_cut_keys``'s selection applied to ``delta`` (flat, contiguous float32, CPU) in
-    place: every entry it would drop set to +0.0, as the fused kernel masks a dropped entry, so
-    the merge needs no key per entry (4 bytes less per entry of the chunk). False, and
-    ``delta`` unchanged, where that replay cannot be used."""
+    place for the tied run: each of its entries that selection drops set to +0.0, as the fused
+    kernel masks a dropped entry; the entries past the run stay as they are, for the band
+    ``applied_band(tied, ...)`` to drop (no key per entry, and no pass that writes them). False,
+    and ``delta`` unchanged, where that replay cannot be used."""
     if (delta.device.type != "cpu" or delta.dtype != torch.float32 or not delta.is_contiguous()
             or delta.numel() >= DROPPED or not _agrees_with_torch()):
         return False
