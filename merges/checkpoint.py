@@ -128,6 +128,11 @@ class Checkpoint:
         tensor computed at read time such as a LoRA source's or a vocabulary view's)."""
         return type(self) is Checkpoint and not self._pickle
 
+    def offset_source(self, name: str) -> Checkpoint | None:
+        """The plain safetensors checkpoint whose ``read_into`` gives ``name`` as ``read`` gives it
+        here (itself when ``readable_by_offset``), or None: read it with ``read``."""
+        return self if self.readable_by_offset else None
+
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Tensor ``name`` as stored, read with plain file reads (``os.preadv``) into ``out`` (a
         contiguous CPU tensor of its entries, any shape, the stored dtype); returns ``out``.

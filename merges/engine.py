@@ -566,16 +566,18 @@ class MergeEngine:
         into ``out`` (a fresh tensor if None). A plain safetensors checkpoint is read by plain file
         reads at the tensor's offsets (``Checkpoint.read_into``: no mapped pages); a stored dtype
         wider than the held one is read as stored and cast once, as ``read`` casts. Any other
-        checkpoint (pickle, LoRA source, vocabulary view) is read by ``Checkpoint.read``."""
+        tensor (pickle, LoRA source, a vocabulary view's re-indexed rows: ``offset_source`` None)
+        is read by ``Checkpoint.read``."""
         dtype = self._held_dtype(checkpoint, name)
         if out is None:
             out = torch.empty(self._numel(name), dtype=dtype, device=self._device)
-        if not checkpoint.readable_by_offset:
+        source = checkpoint.offset_source(name)  # a vocabulary view's tensors off the vocabulary too
+        if source is None:
             return out.copy_(checkpoint.read(name, device=self._device, dtype=dtype).reshape(-1))
-        stored = checkpoint.dtypes[name]
+        stored = source.dtypes[name]
         if stored == dtype and out.device.type == "cpu":
-            return checkpoint.read_into(name, out)
-        return out.copy_(checkpoint.read_into(name, torch.empty(out.numel(), dtype=stored)))
+            return source.read_into(name, out)
+        return out.copy_(source.read_into(name, torch.empty(out.numel(), dtype=stored)))
 
     @staticmethod
     def _check_finite(checkpoint: Checkpoint, name: str, derived: torch.Tensor,

@@ -393,6 +393,12 @@ class VocabularyView(Checkpoint):
         tensor = self.permuter.read(str(self.path), name, dtype or self.inner.dtypes[name])
         return tensor.to(device=device)
 
+    def offset_source(self, name: str) -> Checkpoint | None:
+        """A tensor off the vocabulary is the inner checkpoint's as stored: the stream plan reads
+        it by file offsets (no mapped pages); the re-indexed ones are computed here."""
+        assert self.inner is not None
+        return None if is_vocabulary_tensor(name) else self.inner.offset_source(name)
+
     def release(self) -> None:
         """The inner checkpoint's shards: the lean engine releases each model once read, and a
         view that kept them open would keep every file's mapped pages in the process."""
