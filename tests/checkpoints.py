@@ -97,6 +97,23 @@ def make_family(root: Path, arch: str = "llama", *, n_sources: int = 3, seed: in
     return TinyFamily(base_dir, sources)
 
 
+def bf16_copy(family: TinyFamily, root: Path) -> TinyFamily:
+    """The family copied under ``root`` (config, tokenizer) with its weights stored in bf16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folders = []
+    for folder in (family.base, *family.sources):
+        copy = root / Path(folder).name
+        shutil.copytree(folder, copy)
+        tensors = load_file(str(copy / "model.safetensors"))
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(copy / "model.safetensors"),
+                  metadata={"format": "pt"})
+        folders.append(copy)
+    return TinyFamily(folders[0], tuple(folders[1:]))
+
+
 def quantised_family(root: Path, *, seed: int, source_seed: int, dtype: torch.dtype = torch.float32) -> None:
     """``root/base`` and two sources ``root/source{0,1}`` whose deltas are multiples of 0.01 in
     [-0.02, 0.02] (before the sources are stored in ``dtype``, as the base): many equal |delta|, so

@@ -19,7 +19,7 @@ from merges.methods.linear import linear
 from merges.methods.slerp import slerp
 from merges.methods.task_arithmetic import merge_task_vectors
 from merges.recipe import ROLES, LayerSlice, Recipe
-from tests.checkpoints import TinyFamily
+from tests.checkpoints import TinyFamily, bf16_copy
 
 N_LAYERS = 4
 WEIGHTS = [0.6, 0.3, 0.9]
@@ -274,15 +274,7 @@ def test_resident_bytes_counts_inputs_and_statistics(llama_family: TinyFamily, e
 def test_lean_plan_holds_bf16_checkpoints_as_stored(llama_family: TinyFamily, tmp_path: Path) -> None:
     """bf16 checkpoints stay bf16 in the lean plan (half the bytes of fp32 arithmetic) and every
     method merges them into the resident plan's tensors bit for bit, in fp32 and in bf16."""
-    folders = []
-    for folder in (llama_family.base, *llama_family.sources):
-        copy = tmp_path / folder.name
-        shutil.copytree(folder, copy)
-        tensors = load_file(str(copy / "model.safetensors"))
-        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(copy / "model.safetensors"),
-                  metadata={"format": "pt"})
-        folders.append(copy)
-    bf16 = TinyFamily(folders[0], tuple(folders[1:]))
+    bf16 = bf16_copy(llama_family, tmp_path)
     base, sources = open_family(bf16)
     n = sum(torch.Size(s).numel() for s in base.shapes.values())
     for dtype in (torch.float32, torch.bfloat16):

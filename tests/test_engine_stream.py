@@ -17,7 +17,7 @@ import merges.checkpoint as checkpoint_module
 from merges.checkpoint import Checkpoint, open_checkpoint
 from merges.engine import MergeEngine
 from merges.errors import CheckpointError
-from tests.checkpoints import TinyFamily
+from tests.checkpoints import TinyFamily, bf16_copy
 from tests.test_engine import RECIPES, open_family, recipe
 
 
@@ -121,15 +121,7 @@ def test_stream_sharded_and_pickle_checkpoints(llama_family: TinyFamily, tmp_pat
 def test_stream_bf16_checkpoints_and_live_model(llama_family: TinyFamily, tmp_path: Path) -> None:
     """bf16 files in float32 arithmetic: read as stored (bf16) into the chunk's buffers; the live
     model is read again and cast once, as from_pretrained casts the file; it owns its memory."""
-    folders = []
-    for folder in (llama_family.base, *llama_family.sources):
-        copy = tmp_path / Path(folder).name
-        shutil.copytree(folder, copy)
-        tensors = load_file(str(copy / "model.safetensors"))
-        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(copy / "model.safetensors"),
-                  metadata={"format": "pt"})
-        folders.append(copy)
-    bf16 = TinyFamily(folders[0], tuple(folders[1:]))
+    bf16 = bf16_copy(llama_family, tmp_path)
     base, sources = open_family(bf16)
     resident = MergeEngine(base, sources, device="cpu", plan="resident")
     stream = MergeEngine(base, sources, device="cpu", plan="stream")
