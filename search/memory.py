@@ -53,6 +53,9 @@ STORAGE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I
                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 """Bytes per element of each safetensors dtype code."""
 FLOATING_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+KEY_KINDS = {"random": 1, "della_magprune": 2}
+"""int32 keys per entry and source the lean plan holds for a chunk, by sparsification (see
+``_lean_key_kinds``)."""
 TIE_TEMP_BYTES = {"magnitude": 8, "magnitude_outliers": 12}
 """Per entry and tied cut replayed at once (merges.methods.tie_order, on the engine's threads),
 the lean plan's temporaries by sparsification: one TIES cut needs an int32 word per entry
@@ -234,32 +237,27 @@ def _lean_key_kinds(methods: Sequence[str]) -> int:
     """int32 keys per entry and source the lean plan holds for a chunk (merges.engine): DARE's
     random keys (1), DELLA's keys and row positions (2). A TIES tied cut is applied to the delta
     in place (tie_order.tied_cut_apply) and a breadcrumbs window's keys are sort temporaries: none."""
-    from merges.methods.registry import METHODS  # torch-free catalogue
-
-    kinds = 0
-    for method in methods:
-        spec = METHODS.get(method)
-        if spec is None:
-            raise SearchError(f"genome.method: unknown method {method!r}")
-        sparsification = spec.family.sparsification if spec.family is not None else None
-        kinds = max(kinds, {"random": 1, "della_magprune": 2}.get(sparsification or "", 0))
-    return kinds
+    return max((KEY_KINDS.get(kind, 0) for kind in _sparsifications(methods)), default=0)
 
 
 def _tie_bytes(methods: Sequence[str] | None) -> int:
     """``TIE_TEMP_BYTES`` of the study's methods (the widest; every kind's without methods)."""
-    from merges.methods.registry import METHODS  # torch-free catalogue
-
     if methods is None:
         return max(TIE_TEMP_BYTES.values())
-    found = 0
+    return max((TIE_TEMP_BYTES.get(kind, 0) for kind in _sparsifications(methods)), default=0)
+
+
+def _sparsifications(methods: Sequence[str]) -> list[str]:
+    """Each method's sparsification kind (``""`` for none), in order; an unknown method is an error."""
+    from merges.methods.registry import METHODS  # torch-free catalogue
+
+    kinds = []
     for method in methods:
         spec = METHODS.get(method)
         if spec is None:
             raise SearchError(f"genome.method: unknown method {method!r}")
-        sparsification = spec.family.sparsification if spec.family is not None else None
-        found = max(found, TIE_TEMP_BYTES.get(sparsification or "", 0))
-    return found
+        kinds.append((spec.family.sparsification if spec.family is not None else None) or "")
+    return kinds
 
 
 def _once_per_entry(method: str, width: int) -> int:
