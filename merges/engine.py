@@ -378,13 +378,7 @@ class MergeEngine:
                                    device=self._device)) for t in targets]
         with torch.no_grad():
             self._run(recipe, outputs)
-        result: dict[str, torch.Tensor] = {}
-        for target, out in outputs:
-            tensor = out.view(self._shapes[target.info.name])
-            if self._floating[target.info.name] and out_dtype is not None:
-                tensor = tensor.to(dtype=out_dtype)
-            result[target.out_name] = tensor.to(device=device)
-        return result
+        return {target.out_name: self._returned(spec, target, out, out_dtype, device) for target, out in outputs}
 
     def output_specs(self, recipe: Recipe) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """``(name, shape, dtype)`` of each tensor ``materialize`` / ``iter_materialize`` return,
@@ -392,9 +386,8 @@ class MergeEngine:
         targets = self._plan(recipe)
         out_dtype = self._out_dtype(recipe) if recipe.out_dtype is not None else None
         spec = METHODS[recipe.method]
-        return [(t.out_name, self._shapes[t.info.name],
-                 out_dtype if self._floating[t.info.name] and out_dtype is not None
-                 else self._result_dtype(spec, t.info.name)) for t in targets]
+        return [(t.out_name, self._shapes[t.info.name], self._returned_dtype(spec, t.info.name, out_dtype))
+                for t in targets]
 
     def iter_materialize(self, recipe: Recipe, *, device: str | torch.device = "cpu"
                          ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -424,10 +417,19 @@ class MergeEngine:
             merged = (self._run_resident(recipe, chunk) for chunk in allocated())
         for chunk in merged:
             for target, out in chunk:
-                tensor = out.view(self._shapes[target.info.name])
-                if self._floating[target.info.name] and out_dtype is not None:
-                    tensor = tensor.to(dtype=out_dtype)
-                yield target.out_name, tensor.to(device=device)
+                yield target.out_name, self._returned(spec, target, out, out_dtype, device)
+
+    def _returned_dtype(self, spec: MethodSpec, name: str, out_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype a merged tensor is returned in: ``out_dtype`` for a floating one, else as its
+        method returns it (``_result_dtype``)."""
+        return out_dtype if self._floating[name] and out_dtype is not None else self._result_dtype(spec, name)
+
+    def _returned(self, spec: MethodSpec, target: _Target, out: torch.Tensor, out_dtype: torch.dtype | None,
+                  device: str | torch.device) -> torch.Tensor:
+        """A merged output as ``materialize`` / ``iter_materialize`` return it: shaped, in
+        ``_returned_dtype``, on ``device`` (no copy where neither changes)."""
+        name = target.info.name
+        return out.view(self._shapes[name]).to(dtype=self._returned_dtype(spec, name, out_dtype), device=device)
 
     def _run_resident(self, recipe: Recipe, chunk: list[tuple[_Target, torch.Tensor]]
                       ) -> list[tuple[_Target, torch.Tensor]]:
