@@ -42,7 +42,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _element_size(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def save_checkpoint(
@@ -236,7 +236,7 @@ def _shard(file: str, group: list[TensorSpec], dtype: torch.dtype | None) -> _Sh
     relative: dict[str, int] = {}
     position = 0
     for name, shape, stored_dtype in stored:
-        size = math.prod(shape) * _element_size(stored_dtype)
+        size = math.prod(shape) * stored_dtype.itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[stored_dtype], "shape": list(shape),
                         "data_offsets": [position, position + size]}
         relative[name] = position
@@ -325,10 +325,6 @@ def _write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 def _stored_dtype(arriving: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and arriving.is_floating_point else arriving
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 # torch dtype -> safetensors name, in the order of safetensors' ``Dtype`` enum (its header
