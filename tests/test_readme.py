@@ -92,3 +92,62 @@ def test_the_pointer_check_catches_paths_outside() -> None:
     pointers = _outside_pointers_in(text, doc)
     assert pointers == ["link ../../elsewhere.md", "link missing.md", "path ../shared/DESIGN.md",
                         "path ../../elsewhere.md", "absolute path /work/shared/notes.md"]
+
+
+# -- links to a heading land on one --------------------------------------------------------
+
+_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)  # code blocks: their "#" lines are no headings
+_HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.MULTILINE)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but "-" and "_" dropped, spaces -> "-"."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def _anchors(doc: Path) -> set[str]:
+    """Every anchor ``doc``'s headings give, a repeated one as GitHub numbers it (``x``, ``x-1``, ...)."""
+    anchors: set[str] = set()
+    for heading in _HEADING.findall(_FENCE.sub("", doc.read_text(encoding="utf-8"))):
+        slug, n = _slug(heading), 0
+        while (slug if n == 0 else f"{slug}-{n}") in anchors:
+            n += 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def _dangling_anchors_in(text: str, doc: Path) -> list[str]:
+    """Links of ``text`` (in ``doc``) to ``#anchor`` in a markdown file of the repository that has no such heading."""
+    found = []
+    for match in _LINK.finditer(text):
+        target, _, anchor = match.group(1).partition("#")
+        if not anchor or re.match(r"^[a-z][a-z0-9+.-]*:", target) or not (target or doc.name).endswith(".md"):
+            continue
+        linked = (doc.parent / target).resolve() if target else doc
+        if linked.exists() and anchor not in _anchors(linked):
+            found.append(match.group(1))
+    return found
+
+
+def test_every_link_to_a_heading_lands_on_one() -> None:
+    dangling = {str(doc.relative_to(REPO)): _dangling_anchors_in(doc.read_text(encoding="utf-8"), doc)
+                for doc in _docs()}
+    assert not {doc: found for doc, found in dangling.items() if found}
+
+
+def test_the_anchor_check_knows_github_slugs(tmp_path: Path) -> None:
+    doc = tmp_path / "a.md"
+    doc.write_text("# Top\n### `[study]` (optional table)\n## Merging at 1.1B\n## Top\n"
+                   "```bash\n# not a heading\n```\n", encoding="utf-8")
+    assert _anchors(doc) == {"top", "study-optional-table", "merging-at-11b", "top-1"}
+    text = "[a](#top-1) [b](#merging-at-11b) [c](#not-a-heading) [d](a.md#top-2) [e](https://x.org/#y)"
+    assert _dangling_anchors_in(text, doc) == ["#not-a-heading", "a.md#top-2"]
+
+
+def test_the_performance_section_points_to_its_history() -> None:
+    """The README keeps the current figures; every earlier run lives in docs/PERFORMANCE_HISTORY.md."""
+    text = README.read_text(encoding="utf-8")
+    performance = text[text.index("\n## Performance\n"):text.index("\n## CLI reference\n")]
+    assert "](docs/PERFORMANCE_HISTORY.md)" in performance
+    history = (REPO / "docs" / "PERFORMANCE_HISTORY.md").read_text(encoding="utf-8")
+    assert "](../README.md#performance)" in history
