@@ -25,7 +25,7 @@ The last line is one JSON object, per arm in seed order::
      "default_beats_random": "4/5", "mean_2b_minus_b": 0.02, "mean_default_b": ..., "seeds": 5}
 
     python benchmarks/search_quality.py [--study PATH] [--seeds 5 | --seed-list 1,2,3,4]
-        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--cma-lr-adapt] [--trials B]
+        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--cma-lr-adapt] [--population N] [--trials B]
         [--runs runs.jsonl] [--keep DIR]
     python benchmarks/search_quality.py --combine runs.jsonl more.jsonl
     python benchmarks/search_quality.py --refinalize KEPT --keep COPIES [--seed-list ...] [--runs FILE]
@@ -35,7 +35,8 @@ The last line is one JSON object, per arm in seed order::
 ``--default-sampler NAME`` runs the default arms with that sampler (a candidate default) instead
 of the study's own; ``--cma-lr-adapt`` runs CMA-ES default arms with Optuna's learning-rate
 adaptation (``search.samplers.CMA_LR_ADAPT`` set in each run's process; sampler ``cmaes+lr_adapt``
-in the records).
+in the records); ``--population N`` runs them with population N instead of the study file's
+(sampler ``cmaes+popN``; ``--refinalize`` of such studies needs the same flag).
 
 Two modes search nothing and read the studies a ``--keep DIR`` run left (never writing them; a
 study kept by another checkout gets its recipes' checkpoint paths pointed at this study's):
@@ -71,9 +72,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
 ARMS = ("default_b", "default_2b", "random_b")
-LR_ADAPT_DRIVER = ("import sys; import search.samplers as samplers; samplers.CMA_LR_ADAPT = True; "
-                   "from search.cli import main; sys.exit(main(sys.argv[1:]))")
-"""``search start`` with CMA-ES's learning-rate adaptation on (``--cma-lr-adapt``)."""
+POPULATION_PATCH = ("import dataclasses; import search.config as config; import search.commands.start as start; "
+                    "_load = config.load_study; "
+                    "load = lambda *a, **k: dataclasses.replace(_load(*a, **k), population={population}); "
+                    "config.load_study = start.load_study = load; ")
+"""Run-process code that makes every study file read say ``population = N`` (``--population``)."""
+
+
+def start_entry(lr_adapt: bool, population: int | None) -> list[str]:
+    """How a run starts ``search start``: ``-m search.cli``, or a one-line driver that first sets
+    CMA-ES's learning-rate adaptation (``--cma-lr-adapt``: ``search.samplers.CMA_LR_ADAPT``) or
+    overrides the study file's population (``--population``: the study's definition records it)."""
+    if not lr_adapt and population is None:
+        return ["-m", "search.cli"]
+    code = "import sys; "
+    if lr_adapt:
+        code += "import search.samplers as samplers; samplers.CMA_LR_ADAPT = True; "
+    if population is not None:
+        code += POPULATION_PATCH.format(population=population)
+    return ["-c", code + "from search.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def sampler_label(sampler: str, lr_adapt: bool, population: int | None) -> str:
+    """The records' sampler (and the kept folders' names): ``cmaes``, ``cmaes+lr_adapt``, ``cmaes+pop16``."""
+    return sampler + ("+lr_adapt" if lr_adapt else "") + ("" if population is None else f"+pop{population}")
 
 
 def arm_arguments(arm: str, budget: int, sampler: str) -> list[str]:
@@ -115,11 +137,12 @@ def final_scores(study_file: Path, out: Path) -> tuple[float, float]:
 
 
 def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str, env: dict[str, str],
-               budget: int | None = None) -> None:
+               budget: int | None = None, population: int | None = None) -> None:
     """Finalize a copy (``out``) of a kept study with this checkout's finalize; the kept one is
     never written. ``search finalize`` takes no ``--seed`` or ``--sampler``, so a one-line driver
     passes them (the study's definition names the seed and sampler it ran). ``budget``: the copy
-    keeps only the search trials at positions below it (:func:`truncate_search`)."""
+    keeps only the search trials at positions below it (:func:`truncate_search`); ``population``: the
+    one the kept study ran with (``--population``; its definition is checked against the file's)."""
     if not (kept / "study.db").is_file():
         raise SystemExit(f"--refinalize: {kept} holds no study.db (run the arm with --keep first)")
     if out.exists():
@@ -128,9 +151,10 @@ def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str,
     relocate_recipes(out / "study.db", load_study_family(study_file))
     if budget is not None:
         truncate_search(out / "study.db", budget)
-    driver = ("import sys; from search.config import load_study; from search.finalize import finalize_study; "
-              "finalize_study(load_study(sys.argv[1], out=sys.argv[2], seed=int(sys.argv[3]), sampler=sys.argv[4]), "
-              "quiet=True)")
+    driver = ("import sys; " + ("" if population is None else POPULATION_PATCH.format(population=population))
+              + "import search.config as config; from search.finalize import finalize_study; "
+              "finalize_study(config.load_study(sys.argv[1], out=sys.argv[2], seed=int(sys.argv[3]), "
+              "sampler=sys.argv[4]), quiet=True)")
     subprocess.run([sys.executable, "-c", driver, str(study_file), str(out), str(seed), sampler], check=True, env=env)
 
 
@@ -187,7 +211,7 @@ def relocate_recipes(database: Path, family: Path) -> None:
                                "WHERE key = 'recipe'", (json.dumps(str(old) + "/")[:-1], json.dumps(str(family) + "/")[:-1]))
 
 
-SCREEN_RULES = ("current", "heldout", "pooled", "oracle")
+SCREEN_RULES = ("current", "heldout", "pooled", "pooled_gated", "oracle")
 """Finalize rules ``--screen-rules`` compares (see :func:`screen_choice`)."""
 
 
@@ -238,6 +262,9 @@ def screen_choice(screened: dict, rule_name: str, k: int, objective: object) -> 
     * ``current``: ``search.finalize``'s rule (``search.confidence.RULE``; held-out gates not applied);
     * ``heldout``: the best held-out objective;
     * ``pooled``: the best objective over search and held-out rows together (twice the rows);
+    * ``pooled_gated``: ``current``'s rule on those pooled rows: the best on search unless another
+      finalist is better on them by more than noise (the paired 95% interval excludes 0), then the
+      best pooled among those;
     * ``oracle``: the best *test* objective (no rule can know it: the ceiling of any choice).
     """
     import numpy as np
@@ -249,15 +276,19 @@ def screen_choice(screened: dict, rule_name: str, k: int, objective: object) -> 
     def value(rows: dict) -> float:
         return objective.of(rows)
 
-    if rule_name == "current":
+    def pooled(t: dict) -> dict:
+        return {task: t["search"][task] + t["heldout"][task] for task in t["search"]}
+
+    if rule_name in ("current", "pooled_gated"):
+        rows = (lambda t: t["heldout"]) if rule_name == "current" else pooled
         rule, make = objective.rule, (lambda r: {t: np.asarray(v, dtype=float) for t, v in r.items()})
-        finalists = [FinalistRow(i, 0.0, value(t["heldout"]), True, ()) for i, t in enumerate(top)]
-        chosen, _, _ = _choose(finalists, {i: make(t["heldout"]) for i, t in enumerate(top)}, rule)
+        finalists = [FinalistRow(i, 0.0, value(rows(t)), True, ()) for i, t in enumerate(top)]
+        chosen, _, _ = _choose(finalists, {i: make(rows(t)) for i, t in enumerate(top)}, rule)
         return top[chosen.trial]
     if rule_name == "heldout":
         return max(top, key=lambda t: value(t["heldout"]))
     if rule_name == "pooled":
-        return max(top, key=lambda t: value({task: t["search"][task] + t["heldout"][task] for task in t["search"]}))
+        return max(top, key=lambda t: value(pooled(t)))
     return max(top, key=lambda t: value(t["test"]))
 
 
@@ -391,6 +422,8 @@ def main() -> None:
                         help="sampler of the default arms (a candidate default; default: the study's own)")
     parser.add_argument("--cma-lr-adapt", action="store_true",
                         help="CMA-ES default arms with learning-rate adaptation (a candidate default)")
+    parser.add_argument("--population", type=int, default=None,
+                        help="CMA-ES / NSGA-II default arms with this population instead of the study's (a candidate)")
     parser.add_argument("--trials", type=int, default=None, help="budget B (default: the study's trials)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the studies in this folder (default: a temp dir)")
     parser.add_argument("--runs", type=Path, default=None,
@@ -432,6 +465,8 @@ def main() -> None:
         return
     if args.cma_lr_adapt and config.sampler != "cmaes":
         raise SystemExit(f"--cma-lr-adapt: the default arms' sampler is {config.sampler}, not cmaes")
+    if args.population is not None and (config.sampler not in ("cmaes", "nsga2") or args.population < 2):
+        raise SystemExit(f"--population: {args.population} for sampler {config.sampler} (cmaes or nsga2, >= 2)")
     if args.b_from_2b and args.refinalize is None:
         raise SystemExit("--b-from-2b: only with --refinalize (it reads kept default_2b studies)")
     budget = args.trials or config.trials
@@ -442,7 +477,8 @@ def main() -> None:
         for arm in arms:
             sampler = "random" if arm == "random_b" else config.sampler
             lr_adapt = args.cma_lr_adapt and arm != "random_b"
-            label = f"{sampler}+lr_adapt" if lr_adapt else sampler  # the records' sampler
+            population = None if arm == "random_b" else args.population
+            label = sampler_label(sampler, lr_adapt, population)
             out = work / f"{arm}-{label}" / f"seed-{seed}"
             started = time.perf_counter()
             kept = None if args.refinalize is None else args.refinalize / out.relative_to(work)
@@ -450,10 +486,9 @@ def main() -> None:
             if cut:
                 kept = args.refinalize / f"default_2b-{label}" / f"seed-{seed}"
             if kept is not None:
-                refinalize(args.study, kept, out, seed, sampler, env, budget if cut else None)
+                refinalize(args.study, kept, out, seed, sampler, env, budget if cut else None, population)
             else:
-                entry = ["-c", LR_ADAPT_DRIVER] if lr_adapt else ["-m", "search.cli"]
-                command = [sys.executable, *entry, "start", str(args.study), "--out", str(out),
+                command = [sys.executable, *start_entry(lr_adapt, population), "start", str(args.study), "--out", str(out),
                            "--seed", str(seed), "--quiet", *arm_arguments(arm, budget, sampler)]
                 subprocess.run(command, check=True, env=env)
             test, held = final_scores(args.study, out)

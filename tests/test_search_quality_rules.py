@@ -1,10 +1,22 @@
-"""benchmarks/search_quality.py --screen-rules: which trial each finalize rule picks, on constructed rows."""
+"""benchmarks/search_quality.py: which trial each --screen-rules finalize rule picks (constructed rows), the B
+cut of a kept study, and the --population driver."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 
-from benchmarks.search_quality import SignedObjective, screen_choice
+from benchmarks.search_quality import (
+    DEMO_STUDY,
+    POPULATION_PATCH,
+    ROOT,
+    SignedObjective,
+    sampler_label,
+    screen_choice,
+    start_entry,
+)
 from search import confidence
 
 
@@ -31,6 +43,16 @@ def test_each_rule_picks_by_its_own_rows() -> None:
     assert screen_choice(screened, "current", 2, objective)["number"] == 1
     tied = {"n_search": 2, "trials": [trials[0], {**trials[0], "number": 9}]}
     assert screen_choice(tied, "current", 2, objective)["number"] == 0  # a tie keeps the best on search
+    # pooled_gated: the shipped rule on search + held-out rows: trial 2 is better there by more than noise
+    assert screen_choice(screened, "pooled_gated", 4, objective)["number"] == 2
+    assert screen_choice(screened, "pooled_gated", 2, objective)["number"] == 0  # trial 1 is worse pooled
+    # one more right answer per task is better pooled but within noise: pooled takes it, gated does not
+    held = {t: list(v) for t, v in trials[0]["heldout"].items()}
+    for values in held.values():
+        values[values.index(0.0)] = 1.0
+    nudged = {"n_search": 2, "trials": [trials[0], {**trials[0], "number": 9, "heldout": held}]}
+    assert screen_choice(nudged, "pooled", 2, objective)["number"] == 9
+    assert screen_choice(nudged, "pooled_gated", 2, objective)["number"] == 0
 
 
 def test_truncate_search_keeps_the_first_positions_and_their_records_only(tmp_path) -> None:
@@ -61,3 +83,16 @@ def test_truncate_search_keeps_the_first_positions_and_their_records_only(tmp_pa
     study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={"kind": "search", POSITION: 0}))
     with pytest.raises(SystemExit, match="not the study's last trials"):
         truncate_search(database, 1)
+
+
+def test_population_driver_overrides_the_study_file_in_start_and_config() -> None:
+    code = ("import sys; " + POPULATION_PATCH.format(population=16)
+            + "print(start.load_study(sys.argv[1]).population, config.load_study(sys.argv[1]).population)")
+    shown = subprocess.run([sys.executable, "-c", code, str(DEMO_STUDY)], capture_output=True, text=True,
+                           check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""}).stdout.split()
+    assert shown == ["16", "16"]  # the demo file says 8
+    assert start_entry(False, None) == ["-m", "search.cli"]
+    entry = start_entry(True, 16)
+    assert entry[0] == "-c" and "CMA_LR_ADAPT = True" in entry[1] and "population=16" in entry[1]
+    assert sampler_label("cmaes", False, 16) == "cmaes+pop16"
+    assert sampler_label("cmaes", True, None) == "cmaes+lr_adapt"
