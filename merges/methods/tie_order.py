@@ -28,6 +28,7 @@ import torch
 from merges.methods.native import EXACT_FLAGS, build_library
 
 DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
+BLOCKED = 3  # the C replay's fastest block loop (``blocked`` in the C source), each falling back to the CPU's best
 PARTITION_BLOCK = 128  # entries per block of the partition's scans: a multiple of 8 (the vector step), <= 256 (uint8_t offsets)
 
 _C_HEADER = r"""
@@ -103,7 +104,8 @@ static void lazy_early(lazy_t* lz, uint32_t* x, int64_t first, int64_t mid, int6
 }
 
 /* ``blocked``: 0 Hoare's scalar loop alone (the reference), 1 blocks scanned one entry at a time,
-   2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1) */
+   2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1),
+   3 the words' blocks scanned and swapped 16 at a time with AVX-512 (below; else as 2) */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define VECTOR_SCANS 1
@@ -148,6 +150,113 @@ static int word_scan_right_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, i
         n += __builtin_popcount(m);
     }
     return n;
+}
+/* ``blocked`` 3: the words' block loop with AVX-512 (where the CPU has it, else as 2). A scan keeps
+   each block's stoppers as a bit mask and their words compressed in scan order, so the k-th left
+   and k-th right stopper are paired by rank: the m pairs of a step are written by expanding the
+   other side's compressed words into the stoppers' lanes, 16 entries at a time, instead of m
+   scalar swaps (the same swaps, hence the same partition). */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) int word_scan512(
+        const uint32_t* x, int right, __m512i pivot, __m512i tv, const int desc, uint16_t* mask, int* count,
+        uint32_t* words) {
+    const __m512i reverse = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int n = 0;
+    for (int s = 0; s < BLOCK / 16; ++s) {
+        /* the right scan's chunk s: x[-16s], x[-16s - 1], ..., lane j at x[-16s - j] */
+        __m512i v = right ? _mm512_permutexvar_epi32(reverse, _mm512_loadu_si512(x - 16 * s - 15))
+                          : _mm512_loadu_si512(x + 16 * s);
+        __m512i k = _mm512_mask_blend_epi32(_mm512_movepi32_mask(v), v, tv);
+        /* a stopper: not before the pivot (left), not after it (right) */
+        __mmask16 stop = (desc != right) ? _mm512_cmp_epi32_mask(k, pivot, _MM_CMPINT_LE)
+                                         : _mm512_cmp_epi32_mask(k, pivot, _MM_CMPINT_NLT);
+        _mm512_storeu_si512(words + n, _mm512_maskz_compress_epi32(stop, v));
+        mask[s] = stop;
+        count[s] = n;
+        n += __builtin_popcount(stop);
+    }
+    count[BLOCK / 16] = n;
+    return n;
+}
+
+/* the lanes of stoppers of ranks [from, to) written with words[0, to - from) in rank order */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) void word_fill512(
+        uint32_t* x, int right, const uint16_t* mask, const int* count, int from, int to, const uint32_t* words) {
+    const __m512i reverse = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int s = 0; s < BLOCK / 16; ++s) {
+        int c = count[s], e = count[s + 1];
+        if (e <= from) continue;
+        if (c >= to) break;
+        int a = from > c ? from - c : 0, b = (to < e ? to : e) - c;  /* ranks [a, b) within the chunk */
+        __mmask16 sel = (__mmask16)_pdep_u32(((1u << b) - 1) & ~((1u << a) - 1), mask[s]);
+        __m512i w = _mm512_loadu_si512(words + (c + a - from));
+        uint32_t* at = right ? x - 16 * s - 15 : x + 16 * s;
+        __m512i v = _mm512_loadu_si512(at);
+        if (right) v = _mm512_permutexvar_epi32(reverse, v);
+        v = _mm512_mask_expand_epi32(v, sel, w);
+        if (right) v = _mm512_permutexvar_epi32(reverse, v);
+        _mm512_storeu_si512(at, v);
+    }
+}
+
+/* the offset (in scan order) of the stopper of rank r */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) int64_t word_offset512(const uint16_t* mask, const int* count, int r) {
+    int s = 0;
+    while (count[s + 1] <= r) ++s;
+    return 16 * s + __builtin_ctz(_pdep_u32(1u << (r - count[s]), mask[s]));
+}
+
+/* word_partition_impl's block loop (its ``blocked`` branch) with the scans and swaps above; the
+   same state after it: ls, rs scanned, lo, hi Hoare's after the last swap */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) void word_blocks512_impl(
+        uint32_t* x, uint32_t pivot_key, uint32_t t, const int desc, lazy_t* lz,
+        int64_t* ls_, int64_t* rs_, int64_t* lo_, int64_t* hi_) {
+    const __m512i pivot = _mm512_set1_epi32((int32_t)pivot_key), tv = _mm512_set1_epi32((int32_t)t);
+    int64_t ls = *ls_, rs = *rs_, lo = *lo_, hi = *hi_;
+    int64_t bl = 0, br = 0;
+    int nl = 0, nr = 0, sl = 0, sr = 0;
+    uint16_t maskl[BLOCK / 16], maskr[BLOCK / 16];
+    int countl[BLOCK / 16 + 1], countr[BLOCK / 16 + 1];
+    uint32_t wordsl[BLOCK + 16], wordsr[BLOCK + 16];  /* 16 of slack: a chunk is stored and read whole */
+    for (;;) {
+        if (sl == nl) {
+            if (rs - ls < BLOCK) break;
+            bl = ls; sl = 0;
+            lazy_form(lz, x, bl, bl + BLOCK);
+            nl = word_scan512(x + bl, 0, pivot, tv, desc, maskl, countl, wordsl);
+            ls += BLOCK;
+        }
+        if (sr == nr) {
+            if (rs - ls < BLOCK) break;
+            br = rs - 1; sr = 0;
+            lazy_form(lz, x, br - BLOCK + 1, br + 1);
+            nr = word_scan512(x + br, 1, pivot, tv, desc, maskr, countr, wordsr);
+            rs -= BLOCK;
+        }
+        int m = nl - sl < nr - sr ? nl - sl : nr - sr;
+        if (m) {
+            word_fill512(x + bl, 0, maskl, countl, sl, sl + m, wordsr + sr);
+            word_fill512(x + br, 1, maskr, countr, sr, sr + m, wordsl + sl);
+            lo = bl + word_offset512(maskl, countl, sl + m - 1) + 1;
+            hi = br - word_offset512(maskr, countr, sr + m - 1);
+        }
+        sl += m; sr += m;
+    }
+    *ls_ = ls; *rs_ = rs; *lo_ = lo; *hi_ = hi;
+}
+
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static void word_blocks512(uint32_t* x, uint32_t pivot, uint32_t t, int desc, lazy_t* lz,
+                           int64_t* ls, int64_t* rs, int64_t* lo, int64_t* hi) {
+    if (desc) word_blocks512_impl(x, pivot, t, 1, lz, ls, rs, lo, hi);
+    else word_blocks512_impl(x, pivot, t, 0, lz, ls, rs, lo, hi);
+}
+
+static int has_avx512(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2");
 }
 #endif
 """
@@ -205,6 +314,7 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
     const ${K} pivot = ${KEY}(x[first], t);
     int64_t lo = first + 1, hi = last;  /* Hoare's state after the last swap */
     int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
+    ${VECTOR_BLOCKS}
     if (blocked) {
         int64_t bl = 0, br = 0;    /* the buffered stoppers: bl + offl[sl..nl), br - offr[sr..nr) */
         int nl = 0, nr = 0, sl = 0, sr = 0;
@@ -386,7 +496,7 @@ int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uin
 _MASK_OFFSETS = ", ".join(
     hex(sum(j << (8 * rank) for rank, j in enumerate(b for b in range(8) if mask >> b & 1))) + "ull"
     for mask in range(256))
-_VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 2 && __builtin_cpu_supports(\"avx2\")) "
+_VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked >= 2 && __builtin_cpu_supports(\"avx2\")) "
                 "return word_scan_{side}_avx2(x, pivot, t, desc, off);\n#endif")
 # the word replay's first partition may form its words as it scans (lazy_t; lz 0 elsewhere)
 _LAZY = {"LAZY_EARLY": "lazy_early(lz, x, first, mid, last);",
@@ -394,12 +504,16 @@ _LAZY = {"LAZY_EARLY": "lazy_early(lz, x, first, mid, last);",
          "LAZY_FORM_RIGHT": "lazy_form(lz, x, br - BLOCK + 1, br + 1);",
          "LAZY_FORM_REST": "lazy_form(lz, x, ls, rs);"}
 _NO_LAZY = dict.fromkeys(_LAZY, "")
+# the words' block loop with AVX-512 (``blocked`` 3), Hoare's loop resuming after it as after the blocks
+_VECTOR_BLOCKS = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 3 && has_avx512()) {\n"
+                  "        word_blocks512(x, pivot, t, desc, lz, &ls, &rs, &lo, &hi);\n        blocked = 0;\n    }\n#endif")
 _C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
              + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY",
-                                                     VECTOR_LEFT="", VECTOR_RIGHT="", **_NO_LAZY)
+                                                     VECTOR_LEFT="", VECTOR_RIGHT="", VECTOR_BLOCKS="", **_NO_LAZY)
              + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY",
                                                      VECTOR_LEFT=_VECTOR_SCAN.format(side="left"),
-                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"), **_LAZY)
+                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"),
+                                                     VECTOR_BLOCKS=_VECTOR_BLOCKS, **_LAZY)
              + _C_ENTRY_POINTS)
 
 
@@ -432,7 +546,7 @@ def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
     keys = torch.empty(n, dtype=torch.int32)
     scratch = torch.empty(2 * n, dtype=torch.int32)  # (float, int32) pairs
     status = lib.window_keys(magnitudes.data_ptr(), n, lo, hi, int(descending), keys.data_ptr(),
-                             scratch.data_ptr(), 2 if blocked else 0)
+                             scratch.data_ptr(), BLOCKED if blocked else 0)
     return keys if status == 0 else None
 
 
@@ -445,7 +559,7 @@ def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: fl
     assert keys.dtype == scratch.dtype == torch.int32 and keys.is_contiguous() and scratch.is_contiguous()
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     status = lib.tied_cut_keys(magnitudes.data_ptr(), n, keep, int(descending), bits, keys.data_ptr(),
-                               scratch.data_ptr(), 2 if blocked else 0)
+                               scratch.data_ptr(), BLOCKED if blocked else 0)
     return keys if status == 0 else None
 
 
@@ -548,4 +662,4 @@ def tied_cut_apply(delta: torch.Tensor, keep: int, tied: float, *, descending: b
     assert scratch.dtype == torch.int32 and scratch.is_contiguous()
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     return lib.tied_cut_apply(delta.data_ptr(), n, keep, int(descending), bits, scratch.data_ptr(),
-                              2 if blocked else 0) == 0
+                              BLOCKED if blocked else 0) == 0
