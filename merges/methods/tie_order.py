@@ -158,15 +158,35 @@ static int word_scan_right_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, i
    scalar swaps (the same swaps, hence the same partition). */
 __attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
 static inline __attribute__((always_inline)) int word_scan512(
-        const uint32_t* x, int right, __m512i pivot, __m512i tv, const int desc, uint16_t* mask, int* count,
-        uint32_t* words) {
+        uint32_t* x, int right, __m512i pivot, __m512i tv, const int desc, uint16_t* mask, int* count,
+        uint32_t* words, const int form, lazy_t* lz, int64_t index) {
     const __m512i reverse = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     int n = 0;
+    int64_t before = 0, equal = 0, nans = 0;
     for (int s = 0; s < BLOCK / 16; ++s) {
-        /* the right scan's chunk s: x[-16s], x[-16s - 1], ..., lane j at x[-16s - j] */
-        __m512i v = right ? _mm512_permutexvar_epi32(reverse, _mm512_loadu_si512(x - 16 * s - 15))
-                          : _mm512_loadu_si512(x + 16 * s);
-        __m512i k = _mm512_mask_blend_epi32(_mm512_movepi32_mask(v), v, tv);
+        /* the chunk's entries in memory order: x[16s, 16s + 16) left, x[-16s - 15, -16s] right */
+        int64_t at = right ? -16 * s - 15 : 16 * s;
+        __m512i v, k;
+        if (form) {  /* the words formed here from the magnitudes (only_words, 16 at a time) */
+            __m512i bits = _mm512_and_si512(_mm512_loadu_si512(lz->values + index + at), _mm512_set1_epi32(0x7fffffff));
+            __mmask16 tied = _mm512_cmpeq_epi32_mask(bits, tv);
+            nans += __builtin_popcount(_mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(0x7f800000)));
+            before += __builtin_popcount(desc ? _mm512_cmpgt_epu32_mask(bits, tv) : _mm512_cmplt_epu32_mask(bits, tv));
+            equal += __builtin_popcount(tied);
+            __m512i flagged = _mm512_or_si512(_mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(index + at))),
+                                              _mm512_set1_epi32((int32_t)TIED_FLAG));
+            v = _mm512_mask_blend_epi32(tied, bits, flagged);
+            _mm512_storeu_si512(x + at, v);
+            k = bits;  /* a tied word's key is ``tied``, its bits */
+        } else {
+            v = _mm512_loadu_si512(x + at);
+            k = _mm512_mask_blend_epi32(_mm512_movepi32_mask(v), v, tv);
+        }
+        if (right) {  /* scan order: lane j at x[-16s - j] */
+            v = _mm512_permutexvar_epi32(reverse, v);
+            k = _mm512_permutexvar_epi32(reverse, k);
+        }
         /* a stopper: not before the pivot (left), not after it (right) */
         __mmask16 stop = (desc != right) ? _mm512_cmp_epi32_mask(k, pivot, _MM_CMPINT_LE)
                                          : _mm512_cmp_epi32_mask(k, pivot, _MM_CMPINT_NLT);
@@ -175,8 +195,15 @@ static inline __attribute__((always_inline)) int word_scan512(
         count[s] = n;
         n += __builtin_popcount(stop);
     }
+    if (form) { lz->before += before; lz->equal += equal; lz->nans += nans; }
     count[BLOCK / 16] = n;
     return n;
+}
+
+/* whether a lazy replay still has to form [a, b) around the median of three's early words */
+static int lazy_plain(const lazy_t* lz, int64_t a, int64_t b) {
+    for (int j = 0; j < 3; ++j) if (lz->early[j] >= a && lz->early[j] < b) return 0;
+    return 1;
 }
 
 /* the lanes of stoppers of ranks [from, to) written with words[0, to - from) in rank order */
@@ -225,15 +252,23 @@ static inline __attribute__((always_inline)) void word_blocks512_impl(
         if (sl == nl) {
             if (rs - ls < BLOCK) break;
             bl = ls; sl = 0;
-            lazy_form(lz, x, bl, bl + BLOCK);
-            nl = word_scan512(x + bl, 0, pivot, tv, desc, maskl, countl, wordsl);
+            if (lz && lazy_plain(lz, bl, bl + BLOCK)) {
+                nl = word_scan512(x + bl, 0, pivot, tv, desc, maskl, countl, wordsl, 1, lz, bl);
+            } else {
+                lazy_form(lz, x, bl, bl + BLOCK);
+                nl = word_scan512(x + bl, 0, pivot, tv, desc, maskl, countl, wordsl, 0, 0, 0);
+            }
             ls += BLOCK;
         }
         if (sr == nr) {
             if (rs - ls < BLOCK) break;
             br = rs - 1; sr = 0;
-            lazy_form(lz, x, br - BLOCK + 1, br + 1);
-            nr = word_scan512(x + br, 1, pivot, tv, desc, maskr, countr, wordsr);
+            if (lz && lazy_plain(lz, br - BLOCK + 1, br + 1)) {
+                nr = word_scan512(x + br, 1, pivot, tv, desc, maskr, countr, wordsr, 1, lz, br);
+            } else {
+                lazy_form(lz, x, br - BLOCK + 1, br + 1);
+                nr = word_scan512(x + br, 1, pivot, tv, desc, maskr, countr, wordsr, 0, 0, 0);
+            }
             rs -= BLOCK;
         }
         int m = nl - sl < nr - sr ? nl - sl : nr - sr;
