@@ -1,6 +1,7 @@
 """ns per entry of tie_order's replay of one tied cut, by partition: Hoare's scalar loop (the replay
 before issue 16), blocks scanned entry by entry, and (the word replay) blocks scanned 8 entries at a
-time with AVX2 where the CPU has it; the same kept entries asserted. One 1.1B MLP matrix's shape
+time with AVX2 where the CPU has it, or scanned and swapped 16 at a time with AVX-512; the same kept
+entries asserted. One 1.1B MLP matrix's shape
 (5632 × 2048 = 11.5M entries) of bf16 fine-tune-like deltas, float32 arithmetic, TIES density 0.5
 (a cut inside a run of equal magnitudes), single-threaded C, best and median of ``--repeats``::
 
@@ -17,7 +18,7 @@ import torch
 
 from merges.methods import tie_order
 
-MODES = {0: "Hoare's loop", 1: "blocks", 2: "blocks, AVX2 scans"}  # tie_order's ``blocked`` argument in C
+MODES = {0: "Hoare's loop", 1: "blocks", 2: "blocks, AVX2 scans", 3: "blocks, AVX-512"}  # tie_order's ``blocked`` argument in C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {}
     kept: torch.Tensor | None = None
     for _ in range(args.repeats):  # interleaved, so that the machine's load falls on each alike
-        for replay, modes in (("words", (0, 1, 2)), ("pairs", (0, 1))):
+        for replay, modes in (("words", (0, 1, 2, 3)), ("pairs", (0, 1))):
             for mode in modes:
                 started = time.perf_counter()
                 if replay == "words":

@@ -163,7 +163,7 @@ def _partitions_agree(values: torch.Tensor, tied_share: float, generator: torch.
             scalar = data.clone()
             reference = partition(scalar.data_ptr(), n, desc, context, 0)
             assert 0 < reference < n  # a real partition: the check below can fail
-            for mode in (1, 2):  # blocks scanned entry by entry; 8 at a time (words, on AVX2)
+            for mode in (1, 2, 3):  # blocks scanned entry by entry; 8 at a time (words, AVX2); 16 (AVX-512)
                 blocked = data.clone()
                 cut = partition(blocked.data_ptr(), n, desc, context, mode)
                 assert cut == reference and torch.equal(blocked, scalar), (name, n, desc, mode)
@@ -211,6 +211,12 @@ def test_blocked_replay_keeps_the_scalar_replays_entries() -> None:
     with_nan = delta.clone()
     with_nan[123_456] = float("nan")  # not ordered like a bit pattern: the word replay declines
     assert tie_order._replay_tied(lib, with_nan, 100_000, float(ordered[100_000]), False) is None
+    if tie_order._agrees_with_torch():  # the applied replay, whose first partition counts the NaNs as it forms
+        for at in (3, 100_001, 123_456, 200_002):  # in the first left block, the middle, a right block, the last
+            with_nan = delta.clone()
+            with_nan[at] = float("nan")
+            assert not tie_order.tied_cut_apply(with_nan, 100_000, float(ordered[100_000]), descending=False)
+            assert torch.equal(with_nan[:at], delta[:at]) and torch.equal(with_nan[at + 1:], delta[at + 1:])
 
 
 def test_applied_replay_zeroes_what_the_keys_drop() -> None:

@@ -25,9 +25,10 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import build_library
+from merges.methods.native import EXACT_FLAGS, build_library
 
 DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
+BLOCKED = 3  # the C replay's fastest block loop (``blocked`` in the C source), each falling back to the CPU's best
 PARTITION_BLOCK = 128  # entries per block of the partition's scans: a multiple of 8 (the vector step), <= 256 (uint8_t offsets)
 
 _C_HEADER = r"""
@@ -103,7 +104,8 @@ static void lazy_early(lazy_t* lz, uint32_t* x, int64_t first, int64_t mid, int6
 }
 
 /* ``blocked``: 0 Hoare's scalar loop alone (the reference), 1 blocks scanned one entry at a time,
-   2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1) */
+   2 the words' blocks scanned 8 entries at a time with AVX2 where the CPU has it (else as 1),
+   3 the words' blocks scanned and swapped 16 at a time with AVX-512 (below; else as 2) */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define VECTOR_SCANS 1
@@ -148,6 +150,161 @@ static int word_scan_right_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, i
         n += __builtin_popcount(m);
     }
     return n;
+}
+/* ``blocked`` 3: the words' block loop with AVX-512 (where the CPU has it, else as 2). A scan keeps
+   each block's stoppers as a bit mask and their words compressed in scan order, so the k-th left
+   and k-th right stopper are paired by rank: the m pairs of a step are written by expanding the
+   other side's compressed words into the stoppers' lanes, 16 entries at a time, instead of m
+   scalar swaps (the same swaps, hence the same partition). */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) int word_scan512(
+        uint32_t* x, int right, __m512i pivot, __m512i tv, const int desc, uint16_t* mask, int* count,
+        uint32_t* words, const int form, lazy_t* lz, int64_t index) {
+    const __m512i reverse = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int n = 0;
+    int64_t before = 0, equal = 0, nans = 0;
+    for (int s = 0; s < BLOCK / 16; ++s) {
+        /* the chunk's entries in memory order: x[16s, 16s + 16) left, x[-16s - 15, -16s] right */
+        int64_t at = right ? -16 * s - 15 : 16 * s;
+        __m512i v, k;
+        if (form) {  /* the words formed here from the magnitudes (only_words, 16 at a time) */
+            __m512i bits = _mm512_and_si512(_mm512_loadu_si512(lz->values + index + at), _mm512_set1_epi32(0x7fffffff));
+            __mmask16 tied = _mm512_cmpeq_epi32_mask(bits, tv);
+            nans += __builtin_popcount(_mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(0x7f800000)));
+            before += __builtin_popcount(desc ? _mm512_cmpgt_epu32_mask(bits, tv) : _mm512_cmplt_epu32_mask(bits, tv));
+            equal += __builtin_popcount(tied);
+            __m512i flagged = _mm512_or_si512(_mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(index + at))),
+                                              _mm512_set1_epi32((int32_t)TIED_FLAG));
+            v = _mm512_mask_blend_epi32(tied, bits, flagged);
+            _mm512_storeu_si512(x + at, v);
+            k = bits;  /* a tied word's key is ``tied``, its bits */
+        } else {
+            v = _mm512_loadu_si512(x + at);
+            k = _mm512_mask_blend_epi32(_mm512_movepi32_mask(v), v, tv);
+        }
+        if (right) {  /* scan order: lane j at x[-16s - j] */
+            v = _mm512_permutexvar_epi32(reverse, v);
+            k = _mm512_permutexvar_epi32(reverse, k);
+        }
+        /* a stopper: not before the pivot (left), not after it (right) */
+        __mmask16 stop = (desc != right) ? _mm512_cmp_epi32_mask(k, pivot, _MM_CMPINT_LE)
+                                         : _mm512_cmp_epi32_mask(k, pivot, _MM_CMPINT_NLT);
+        _mm512_storeu_si512(words + n, _mm512_maskz_compress_epi32(stop, v));
+        mask[s] = stop;
+        count[s] = n;
+        n += __builtin_popcount(stop);
+    }
+    if (form) { lz->before += before; lz->equal += equal; lz->nans += nans; }
+    count[BLOCK / 16] = n;
+    return n;
+}
+
+/* whether a lazy replay still has to form [a, b) around the median of three's early words */
+static int lazy_plain(const lazy_t* lz, int64_t a, int64_t b) {
+    for (int j = 0; j < 3; ++j) if (lz->early[j] >= a && lz->early[j] < b) return 0;
+    return 1;
+}
+
+/* the lanes of stoppers of ranks [from, to) written with words[0, to - from) in rank order */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) void word_fill512(
+        uint32_t* x, int right, const uint16_t* mask, const int* count, int from, int to, const uint32_t* words) {
+    const __m512i reverse = _mm512_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int s = 0; s < BLOCK / 16; ++s) {
+        int c = count[s], e = count[s + 1];
+        if (e <= from) continue;
+        if (c >= to) break;
+        int a = from > c ? from - c : 0, b = (to < e ? to : e) - c;  /* ranks [a, b) within the chunk */
+        __mmask16 sel = (__mmask16)_pdep_u32(((1u << b) - 1) & ~((1u << a) - 1), mask[s]);
+        __m512i w = _mm512_loadu_si512(words + (c + a - from));
+        uint32_t* at = right ? x - 16 * s - 15 : x + 16 * s;
+        __m512i v = _mm512_loadu_si512(at);
+        if (right) v = _mm512_permutexvar_epi32(reverse, v);
+        v = _mm512_mask_expand_epi32(v, sel, w);
+        if (right) v = _mm512_permutexvar_epi32(reverse, v);
+        _mm512_storeu_si512(at, v);
+    }
+}
+
+/* the offset (in scan order) of the stopper of rank r */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) int64_t word_offset512(const uint16_t* mask, const int* count, int r) {
+    int s = 0;
+    while (count[s + 1] <= r) ++s;
+    return 16 * s + __builtin_ctz(_pdep_u32(1u << (r - count[s]), mask[s]));
+}
+
+/* word_partition_impl's block loop (its ``blocked`` branch) with the scans and swaps above; the
+   same state after it: ls, rs scanned, lo, hi Hoare's after the last swap */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) void word_blocks512_impl(
+        uint32_t* x, uint32_t pivot_key, uint32_t t, const int desc, lazy_t* lz,
+        int64_t* ls_, int64_t* rs_, int64_t* lo_, int64_t* hi_) {
+    const __m512i pivot = _mm512_set1_epi32((int32_t)pivot_key), tv = _mm512_set1_epi32((int32_t)t);
+    int64_t ls = *ls_, rs = *rs_, lo = *lo_, hi = *hi_;
+    int64_t bl = 0, br = 0;
+    int nl = 0, nr = 0, sl = 0, sr = 0;
+    uint16_t maskl[BLOCK / 16], maskr[BLOCK / 16];
+    int countl[BLOCK / 16 + 1], countr[BLOCK / 16 + 1];
+    uint32_t wordsl[BLOCK + 16], wordsr[BLOCK + 16];  /* 16 of slack: a chunk is stored and read whole */
+    for (;;) {
+        if (sl == nl) {
+            if (rs - ls < BLOCK) break;
+            bl = ls; sl = 0;
+            if (lz && lazy_plain(lz, bl, bl + BLOCK)) {
+                nl = word_scan512(x + bl, 0, pivot, tv, desc, maskl, countl, wordsl, 1, lz, bl);
+            } else {
+                lazy_form(lz, x, bl, bl + BLOCK);
+                nl = word_scan512(x + bl, 0, pivot, tv, desc, maskl, countl, wordsl, 0, 0, 0);
+            }
+            ls += BLOCK;
+        }
+        if (sr == nr) {
+            if (rs - ls < BLOCK) break;
+            br = rs - 1; sr = 0;
+            if (lz && lazy_plain(lz, br - BLOCK + 1, br + 1)) {
+                nr = word_scan512(x + br, 1, pivot, tv, desc, maskr, countr, wordsr, 1, lz, br);
+            } else {
+                lazy_form(lz, x, br - BLOCK + 1, br + 1);
+                nr = word_scan512(x + br, 1, pivot, tv, desc, maskr, countr, wordsr, 0, 0, 0);
+            }
+            rs -= BLOCK;
+        }
+        int m = nl - sl < nr - sr ? nl - sl : nr - sr;
+        if (m) {
+            word_fill512(x + bl, 0, maskl, countl, sl, sl + m, wordsr + sr);
+            word_fill512(x + br, 1, maskr, countr, sr, sr + m, wordsl + sl);
+            lo = bl + word_offset512(maskl, countl, sl + m - 1) + 1;
+            hi = br - word_offset512(maskr, countr, sr + m - 1);
+        }
+        sl += m; sr += m;
+    }
+    *ls_ = ls; *rs_ = rs; *lo_ = lo; *hi_ = hi;
+}
+
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static void word_blocks512(uint32_t* x, uint32_t pivot, uint32_t t, int desc, lazy_t* lz,
+                           int64_t* ls, int64_t* rs, int64_t* lo, int64_t* hi) {
+    if (desc) word_blocks512_impl(x, pivot, t, 1, lz, ls, rs, lo, hi);
+    else word_blocks512_impl(x, pivot, t, 0, lz, ls, rs, lo, hi);
+}
+
+/* tied_cut_apply's last step with AVX-512: each flagged word of scratch[p, n) zeroes its entry of
+   ``values``, found 16 words at a time by their sign bits (about one stretch of 64 in three holds
+   none here, so walking each stretch that holds one entry by entry cost the most); returns where
+   it stopped (the rest, under 16 words, as before) */
+__attribute__((target("avx512f,avx512dq")))
+static int64_t zero_flagged512(float* values, const uint32_t* scratch, int64_t p, int64_t n) {
+    for (; p + 16 <= n; p += 16) {
+        uint32_t m = _mm512_movepi32_mask(_mm512_loadu_si512(scratch + p));
+        for (; m; m &= m - 1) values[scratch[p + __builtin_ctz(m)] & ~TIED_FLAG] = 0.0f;
+    }
+    return p;
+}
+
+static int has_avx512(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2");
 }
 #endif
 """
@@ -205,6 +362,7 @@ static inline __attribute__((always_inline)) int64_t ${P}partition_impl(
     const ${K} pivot = ${KEY}(x[first], t);
     int64_t lo = first + 1, hi = last;  /* Hoare's state after the last swap */
     int64_t ls = lo, rs = hi;  /* scanned: [first + 1, ls) from the left, [rs, last) from the right */
+    ${VECTOR_BLOCKS}
     if (blocked) {
         int64_t bl = 0, br = 0;    /* the buffered stoppers: bl + offl[sl..nl), br - offr[sr..nr) */
         int nl = 0, nr = 0, sl = 0, sr = 0;
@@ -371,6 +529,9 @@ int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uin
     /* the run's entries past the cut: a small share of [keep, n), so stretches without one are
        passed over by a test that vectorises */
     int64_t p = keep;
+#ifdef VECTOR_SCANS
+    if (blocked == 3 && has_avx512()) p = zero_flagged512(values, scratch, p, n);
+#endif
     for (; p + 64 <= n; p += 64) {
         uint32_t any = 0;
         for (int j = 0; j < 64; ++j) any |= scratch[p + j] & TIED_FLAG;
@@ -386,7 +547,7 @@ int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uin
 _MASK_OFFSETS = ", ".join(
     hex(sum(j << (8 * rank) for rank, j in enumerate(b for b in range(8) if mask >> b & 1))) + "ull"
     for mask in range(256))
-_VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 2 && __builtin_cpu_supports(\"avx2\")) "
+_VECTOR_SCAN = ("\n#ifdef VECTOR_SCANS\n    if (blocked >= 2 && __builtin_cpu_supports(\"avx2\")) "
                 "return word_scan_{side}_avx2(x, pivot, t, desc, off);\n#endif")
 # the word replay's first partition may form its words as it scans (lazy_t; lz 0 elsewhere)
 _LAZY = {"LAZY_EARLY": "lazy_early(lz, x, first, mid, last);",
@@ -394,19 +555,24 @@ _LAZY = {"LAZY_EARLY": "lazy_early(lz, x, first, mid, last);",
          "LAZY_FORM_RIGHT": "lazy_form(lz, x, br - BLOCK + 1, br + 1);",
          "LAZY_FORM_REST": "lazy_form(lz, x, ls, rs);"}
 _NO_LAZY = dict.fromkeys(_LAZY, "")
+# the words' block loop with AVX-512 (``blocked`` 3), Hoare's loop resuming after it as after the blocks
+_VECTOR_BLOCKS = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 3 && has_avx512()) {\n"
+                  "        word_blocks512(x, pivot, t, desc, lz, &ls, &rs, &lo, &hi);\n        blocked = 0;\n    }\n#endif")
 _C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
              + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY",
-                                                     VECTOR_LEFT="", VECTOR_RIGHT="", **_NO_LAZY)
+                                                     VECTOR_LEFT="", VECTOR_RIGHT="", VECTOR_BLOCKS="", **_NO_LAZY)
              + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY",
                                                      VECTOR_LEFT=_VECTOR_SCAN.format(side="left"),
-                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"), **_LAZY)
+                                                     VECTOR_RIGHT=_VECTOR_SCAN.format(side="right"),
+                                                     VECTOR_BLOCKS=_VECTOR_BLOCKS, **_LAZY)
              + _C_ENTRY_POINTS)
 
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = build_library("tie_order", _C_SOURCE, ["-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"],
-                        ["-lm"])
+    # comparisons and moves only (fabsf apart, exact), so vectorised for this CPU changes no result: at
+    # -O3 -march=native the words are formed with its widest vectors and the block scans unrolled
+    lib = build_library("tie_order", _C_SOURCE, EXACT_FLAGS, ["-lm"])
     if lib is None:
         return None
     lib.window_keys.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -431,7 +597,7 @@ def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
     keys = torch.empty(n, dtype=torch.int32)
     scratch = torch.empty(2 * n, dtype=torch.int32)  # (float, int32) pairs
     status = lib.window_keys(magnitudes.data_ptr(), n, lo, hi, int(descending), keys.data_ptr(),
-                             scratch.data_ptr(), 2 if blocked else 0)
+                             scratch.data_ptr(), BLOCKED if blocked else 0)
     return keys if status == 0 else None
 
 
@@ -444,7 +610,7 @@ def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: fl
     assert keys.dtype == scratch.dtype == torch.int32 and keys.is_contiguous() and scratch.is_contiguous()
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     status = lib.tied_cut_keys(magnitudes.data_ptr(), n, keep, int(descending), bits, keys.data_ptr(),
-                               scratch.data_ptr(), 2 if blocked else 0)
+                               scratch.data_ptr(), BLOCKED if blocked else 0)
     return keys if status == 0 else None
 
 
@@ -547,4 +713,4 @@ def tied_cut_apply(delta: torch.Tensor, keep: int, tied: float, *, descending: b
     assert scratch.dtype == torch.int32 and scratch.is_contiguous()
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     return lib.tied_cut_apply(delta.data_ptr(), n, keep, int(descending), bits, scratch.data_ptr(),
-                              2 if blocked else 0) == 0
+                              BLOCKED if blocked else 0) == 0
