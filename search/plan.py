@@ -8,6 +8,7 @@ write-behind storage and stores what the readers (status, report, dashboard) nee
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,8 @@ def worker_setup(config: StudyConfig) -> WorkerSetup:
         tokenizer=config.models.tokenizer_policy(),
         # Torch's default (every core) oversubscribes a shared machine; a worker gets its share.
         threads=max(1, int(execution.cpus_per_worker)),
+        # inline: the one worker runs while the driver waits, so its merges take every core
+        engine_threads=len(os.sched_getaffinity(0)) if execution.backend == "inline" else None,
         methods=tuple(dict.fromkeys(("linear", config.genome.method))),  # baselines merge linearly
         memory_gb=execution.memory_gb,
     )

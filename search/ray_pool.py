@@ -231,7 +231,7 @@ class RayPool:
     def _start_actors(self, setup: WorkerSetup, execution: ExecutionConfig) -> None:
         cuda = setup.device == "cuda"
         threads = setup.threads or max(1, math.floor(execution.cpus_per_worker))
-        setup = replace(setup, threads=threads)
+        setup = replace(setup, threads=threads, engine_threads=None)  # a Ray worker merges on its CPU share
         estimate = worker_memory_breakdown(setup, workers=execution.workers)
         setup = replace(setup, engine_plan=estimate.plan)  # every worker runs the plan the estimate is for
         per_worker = estimate.total

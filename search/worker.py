@@ -46,7 +46,10 @@ class WorkerSetup:
     batch_size: int
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    threads: int | None = None  # torch intra-op threads for this worker
+    threads: int | None = None  # torch intra-op threads for this worker (its scores' bits depend on it)
+    # The merge engine's threads (None: ``threads``). Any count gives the same tensors bit for bit,
+    # so an inline worker, alone on its machine, merges on every core and scores on ``threads``.
+    engine_threads: int | None = None
     tokenizer: TokenizerPolicy | None = None  # models.tokenizer: the sources' vocabularies merged (picklable)
     methods: tuple[str, ...] = ()  # the merge methods trials can run (the memory plan's statistics)
     memory_gb: float | None = None  # execution.memory_gb: the budget the engine plan must fit
@@ -92,7 +95,7 @@ class TrialWorker:
                                                         tokenizer=setup.tokenizer,
                                                         trust_remote_code=setup.trust_remote_code)
         self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype,
-                                  plan=setup.engine_plan or "resident")
+                                  plan=setup.engine_plan or "resident", threads=setup.engine_threads or setup.threads)
         self.model = self.engine.new_model(trust_remote_code=setup.trust_remote_code)
         self.model.eval()
         if isinstance(base, VocabularyView):  # the merged model's own tokenizer, as it ships

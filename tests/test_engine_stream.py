@@ -153,3 +153,16 @@ def test_iter_materialize_equals_materialize(llama_family: TinyFamily, plan: str
         streamed = {name: tensor.clone() for name, tensor in engine.iter_materialize(r)}
         assert list(expected) == list(engine.layout.names)
         assert_same(expected, streamed, (plan, r.method))
+
+
+def test_any_thread_count_gives_the_same_bits(llama_family: TinyFamily, tmp_path: Path) -> None:
+    """An inline worker merges on every core and scores on its own torch threads (search.plan):
+    sound only because the engine's thread count never changes a bit: lean and stream, bf16
+    checkpoints whose TIES cuts are tied and replayed side by side."""
+    family = bf16_copy(llama_family, tmp_path)
+    for plan in ("lean", "stream"):
+        one = MergeEngine(*open_family(family), device="cpu", plan=plan, threads=1)
+        three = MergeEngine(*open_family(family), device="cpu", plan=plan, threads=3)
+        for method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
+            r = recipe(family, method, *RECIPES[method])
+            assert_same(one.materialize(r), three.materialize(r), (plan, method))

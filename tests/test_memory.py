@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import struct
 import subprocess
@@ -218,12 +219,17 @@ def test_the_statistics_follow_the_methods() -> None:
 
 def test_the_inline_worker_runs_the_chosen_plan(llama_family: TinyFamily, tmp_path: Path) -> None:
     """``[execution] memory_gb`` between the plans: the worker's engine is built lean."""
+    from dataclasses import replace
+
     from search.memory import plan_estimates
 
     config = load_study(write_study(tmp_path, llama_family, trials=2, tasks=("alpha",)))
     setup = worker_setup(config)
+    # inline: merges on every core the process may use, scores on cpus_per_worker threads; a Ray
+    # worker merges on its CPU share (its pool sets engine_threads None again)
+    assert (setup.threads, setup.engine_threads) == (1, len(os.sched_getaffinity(0)))
+    assert worker_setup(replace(config, execution=replace(config.execution, backend="ray"))).engine_threads is None
     resident, lean, stream = plan_estimates(setup)
-    from dataclasses import replace
 
     for plan, low, high in (("lean", lean, resident), ("stream", stream, lean)):
         between = (low.total + high.total) / 2 / GIB
