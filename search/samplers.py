@@ -74,7 +74,9 @@ def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
     """
     fixed_space: dict[str, BaseDistribution] | None = None
     if name == "cmaes":
-        import cmaes  # noqa: F401  # Optuna imports it (and scipy.stats, ~1 s) at the first ask otherwise
+        import cmaes  # Optuna imports it (and scipy.stats, ~1 s) at the first ask otherwise
+
+        symmetric_sampling(cmaes.CMA)
 
         # CMA gets the genome's numeric genes as a fixed search space and
         # n_startup_trials=0, so the very first generation is already CMA's (with the
@@ -115,6 +117,31 @@ def make_sampler(name: str, *, seed: int, space: Mapping[str, BaseDistribution],
         raise SearchError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {name!r}")
     return SearchSampler(inner, seed=seed, fixed_space=fixed_space, penalise=name == "cmaes",
                          stopped_as_complete=name != "tpe")
+
+
+def symmetric_sampling(cma_class: type) -> None:
+    """Make CMA-ES draw the same genes on every CPU. ``cmaes.CMA`` samples ``y = B D z`` with
+    ``C = B D^2 B^T`` from ``numpy.linalg.eigh``; where eigenvalues repeat (after the first
+    generations most of C's spectrum does) the eigenvectors are any basis of their space, and
+    LAPACK picks a different one under OpenBLAS's kernels for different instruction sets: the
+    demo's search diverged at its second generation under ``OPENBLAS_CORETYPE=Nehalem``. Here
+    ``y = B D B^T z``, C's symmetric square root, which is the same whatever basis ``eigh``
+    returns; it has the same distribution N(0, C), and the first generation (C = I) is unchanged.
+
+    ``CMA._sample_solution`` is private to the cmaes package; Optuna's ``CmaEsSampler`` builds its
+    ``CMA`` inside, so no public hook exists. ``tests/test_samplers.py`` checks the method is there,
+    is replaced once, and draws the same genes from two eigenbases of one covariance."""
+    if getattr(cma_class._sample_solution, "symmetric", False):
+        return
+
+    def sample_solution(self: object) -> np.ndarray:
+        basis, scales = self._eigen_decomposition()  # type: ignore[attr-defined]
+        z = self._rng.randn(self._n_dim)  # type: ignore[attr-defined]  # ~ N(0, I), as cmaes draws it
+        y = basis.dot(scales * basis.T.dot(z))  # ~ N(0, C)
+        return self._mean + self._sigma * y  # type: ignore[attr-defined]
+
+    sample_solution.symmetric = True  # type: ignore[attr-defined]
+    cma_class._sample_solution = sample_solution
 
 
 def position_seed(seed: int, position: int) -> int:

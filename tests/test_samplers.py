@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import optuna
 import pytest
 from hypothesis import given, settings
@@ -204,3 +205,28 @@ def test_cma_lr_adapt_is_off_by_default_and_on_changes_the_draws_after_the_first
     # the first generation comes from the same start; the learning rate changes the first update
     assert drawn[0][:4] == drawn[1][:4]
     assert all(a != b for a, b in zip(drawn[0][4:], drawn[1][4:], strict=True))
+
+
+def test_cma_es_draws_the_same_genes_from_any_eigenbasis() -> None:
+    """``search.samplers.symmetric_sampling`` (cmaes' private ``CMA._sample_solution``, replaced):
+    where C's eigenvalues repeat, LAPACK may return any basis of their space (it does differ between
+    OpenBLAS's kernels for different CPUs); the draws must not depend on which."""
+    import cmaes
+
+    from search.samplers import symmetric_sampling
+
+    symmetric_sampling(cmaes.CMA)
+    symmetric_sampling(cmaes.CMA)  # once is enough: a second call changes nothing
+    assert getattr(cmaes.CMA._sample_solution, "symmetric", False)
+    angle = 0.7
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    bases = (np.eye(4), np.block([[rotation, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]]))
+    scales = np.array([1.0, 1.0, 1.0, 2.0])  # C = diag(1, 1, 1, 4): eigenvalue 1 three times
+    draws = []
+    for basis in bases:
+        cma = cmaes.CMA(mean=np.full(4, 0.5), sigma=0.3, seed=3)
+        assert np.allclose(basis @ np.diag(scales**2) @ basis.T, np.diag([1.0, 1.0, 1.0, 4.0]))
+        cma._B, cma._D = basis, scales  # what _eigen_decomposition caches
+        draws.append(np.array([cma._sample_solution() for _ in range(5)]))
+    assert np.allclose(draws[0], draws[1], rtol=0, atol=1e-12)
+    assert not np.allclose(draws[0], 0.5)  # they are draws, not the mean
