@@ -60,8 +60,9 @@ PENALTY_ATTR = "cma_penalty"  # study user attr: see penalty_scale
 PENALTY_FLOOR = 10.0
 CMA_LR_ADAPT = False
 """CMA-ES with Optuna's learning-rate adaptation (``lr_adapt``: LRA-CMA-ES, made for noisy
-objectives). Off: on the demo, doubling its budget gained +.009 over ten seeds (issue 15 asks
-+.02), no more than plain CMA-ES, and it was below plain CMA-ES at 48 trials (README, search quality).
+objectives). Off: on the demo (with CMA-ES's draws before ``symmetric_sampling``), doubling its
+budget gained +.009 over ten seeds (issue 15 asks +.02), no more than plain CMA-ES, and it was
+below plain CMA-ES at 48 trials (README, search quality).
 ``benchmarks/search_quality.py --cma-lr-adapt`` runs the default arms with it on."""
 
 
