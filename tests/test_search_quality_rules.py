@@ -86,11 +86,11 @@ def test_truncate_search_keeps_the_first_positions_and_their_records_only(tmp_pa
 
 
 def test_population_driver_overrides_the_study_file_in_start_and_config() -> None:
-    code = ("import sys; " + POPULATION_PATCH.format(population=16)
+    code = ("import sys; " + POPULATION_PATCH.format(population=12)
             + "print(start.load_study(sys.argv[1]).population, config.load_study(sys.argv[1]).population)")
     shown = subprocess.run([sys.executable, "-c", code, str(DEMO_STUDY)], capture_output=True, text=True,
                            check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""}).stdout.split()
-    assert shown == ["16", "16"]  # the demo file says 8
+    assert shown == ["12", "12"]  # the demo file says 16
     assert start_entry(False, None) == ["-m", "search.cli"]
     entry = start_entry(True, 16)
     assert entry[0] == "-c" and "CMA_LR_ADAPT = True" in entry[1] and "population=16" in entry[1]
