@@ -989,7 +989,7 @@ class MergeEngine:
                     order = _OrderStatistics(self._delta(name, model))
                 else:
                     order = magnitude_sketch.SketchedOrder(
-                        None, counts, lambda bucket, count: self._gather(name, model, bucket, count))
+                        counts, lambda bucket, count: self._gather(name, model, bucket, count))
                 self._order[(name, model)] = order
             return order  # type: ignore[return-value]
         found = self._ascending.get((name, model))

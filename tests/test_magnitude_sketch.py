@@ -44,7 +44,8 @@ def test_sketched_order_is_the_sorted_tensor_and_the_tie_replay_torch_sort(
     values = _values(n, distinct, zeros, seed)
     counts = magnitude_sketch.histogram(values)
     assert counts is not None and int(counts.sum()) == n
-    order = magnitude_sketch.SketchedOrder(values, counts)
+    order = magnitude_sketch.SketchedOrder(
+        counts, lambda bucket, count: magnitude_sketch.gather_bucket(values, bucket, count))
     ascending = np.sort(np.abs(values))
     picks = np.random.default_rng(seed).integers(0, n, 8)
     positions = sorted({0, n - 1, int(density * (n - 1)), *(int(i) for i in picks)})

@@ -192,14 +192,13 @@ Gather = Callable[[int, int], np.ndarray]
 
 
 class SketchedOrder:
-    """Ascending ``|values|`` as a magnitude band reads it (``numel()``, ``[i]``), from a sketch:
-    position ``i`` is found in its bucket's gathered magnitudes by selection. ``values`` None:
-    ``gather`` gathers a bucket instead (the lean engine forms a delta and gathers in one pass)."""
+    """Ascending ``|values|`` as a magnitude band reads it (``numel()``, ``[i]``), from a sketch
+    (``counts``, the values' ``histogram``): position ``i`` is found in its bucket's magnitudes,
+    which ``gather`` gives (``gather_bucket`` of the values, or the lean engine's ``delta_gather``
+    forming the delta in the same pass), by selection."""
 
-    def __init__(self, values: np.ndarray | None, counts: np.ndarray, gather: Gather | None = None) -> None:
-        assert (values is None) != (gather is None)
-        self._gather: Gather = (gather if gather is not None
-                                else lambda bucket, count: gather_bucket(values, bucket, count))
+    def __init__(self, counts: np.ndarray, gather: Gather) -> None:
+        self._gather = gather
         self._counts = counts
         self._ends = np.cumsum(counts, dtype=np.int64)  # ascending positions before bucket b + 1
         self._size = int(self._ends[-1])  # every entry is counted (no NaN: histogram)
