@@ -339,7 +339,7 @@ def plan_estimates(setup: WorkerSetup, *, seq_len: int | None = None) -> list[Me
         estimate_from_shape(shape, n_sources=len(setup.sources), dtype=setup.dtype, batch_size=setup.batch_size,
                             seq_len=seq_len, methods=setup.methods or None, plan=plan,
                             sources_held=sources_held,
-                            threads=setup.engine_threads or setup.threads or os.cpu_count() or 1,
+                            threads=setup.merge_threads or os.cpu_count() or 1,
                             device=setup.device)
         for plan in plans
     ]

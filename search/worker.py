@@ -55,6 +55,11 @@ class WorkerSetup:
     memory_gb: float | None = None  # execution.memory_gb: the budget the engine plan must fit
     engine_plan: str | None = None  # merges.engine plan, chosen by search.memory before loading (None: resident)
 
+    @property
+    def merge_threads(self) -> int | None:
+        """The merge engine's threads: ``engine_threads``, else ``threads`` (None: the engine's default)."""
+        return self.engine_threads or self.threads
+
 
 @dataclass(frozen=True)
 class TrialOutcome:
@@ -95,7 +100,7 @@ class TrialWorker:
                                                         tokenizer=setup.tokenizer,
                                                         trust_remote_code=setup.trust_remote_code)
         self.engine = MergeEngine(base, sources, device=setup.device, dtype=dtype,
-                                  plan=setup.engine_plan or "resident", threads=setup.engine_threads or setup.threads)
+                                  plan=setup.engine_plan or "resident", threads=setup.merge_threads)
         self.model = self.engine.new_model(trust_remote_code=setup.trust_remote_code)
         self.model.eval()
         if isinstance(base, VocabularyView):  # the merged model's own tokenizer, as it ships
