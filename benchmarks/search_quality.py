@@ -25,7 +25,8 @@ The last line is one JSON object, per arm in seed order::
      "default_beats_random": "4/5", "mean_2b_minus_b": 0.02, "mean_default_b": ..., "seeds": 5}
 
     python benchmarks/search_quality.py [--study PATH] [--seeds 5 | --seed-list 1,2,3,4]
-        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--cma-lr-adapt] [--population N] [--trials B]
+        [--arms default_b,default_2b,random_b] [--default-sampler gp] [--cma-lr-adapt] [--cma-sigma0 X]
+        [--population N] [--trials B]
         [--runs runs.jsonl] [--keep DIR]
     python benchmarks/search_quality.py --combine runs.jsonl more.jsonl
     python benchmarks/search_quality.py --refinalize KEPT --keep COPIES [--seed-list ...] [--runs FILE]
@@ -35,8 +36,10 @@ The last line is one JSON object, per arm in seed order::
 ``--default-sampler NAME`` runs the default arms with that sampler (a candidate default) instead
 of the study's own; ``--cma-lr-adapt`` runs CMA-ES default arms with Optuna's learning-rate
 adaptation (``search.samplers.CMA_LR_ADAPT`` set in each run's process; sampler ``cmaes+lr_adapt``
-in the records); ``--population N`` runs them with population N instead of the study file's
-(sampler ``cmaes+popN``; ``--refinalize`` of such studies needs the same flag).
+in the records); ``--cma-sigma0 X`` runs them with CMA-ES's initial step size X in the [0, 1]-normalised
+space (``search.samplers.CMA_SIGMA0``; sampler ``cmaes+sigma0=X``); ``--population N`` runs them with
+population N instead of the study file's (sampler ``cmaes+popN``). ``--refinalize`` of such studies
+needs the same flags (the kept folders are named by the sampler).
 
 Two modes search nothing and read the studies a ``--keep DIR`` run left (never writing them; a
 study kept by another checkout gets its recipes' checkpoint paths pointed at this study's):
@@ -79,23 +82,37 @@ POPULATION_PATCH = ("import dataclasses; import search.config as config; import 
 """Run-process code that makes every study file read say ``population = N`` (``--population``)."""
 
 
-def start_entry(lr_adapt: bool, population: int | None) -> list[str]:
-    """How a run starts ``search start``: ``-m search.cli``, or a one-line driver that first sets
-    CMA-ES's learning-rate adaptation (``--cma-lr-adapt``: ``search.samplers.CMA_LR_ADAPT``) or
-    overrides the study file's population (``--population``: the study's definition records it)."""
-    if not lr_adapt and population is None:
-        return ["-m", "search.cli"]
-    code = "import sys; "
+def candidate_patches(lr_adapt: bool, population: int | None, sigma0: float | None = None) -> str:
+    """Run-process code (after ``import sys``) that sets a candidate default: CMA-ES's learning-rate
+    adaptation (``--cma-lr-adapt``: ``search.samplers.CMA_LR_ADAPT``), its initial step size
+    (``--cma-sigma0``: ``search.samplers.CMA_SIGMA0``), the study file's population overridden
+    (``--population``: the study's definition records it)."""
+    code = ""
+    if lr_adapt or sigma0 is not None:
+        code += "import search.samplers as samplers; "
     if lr_adapt:
-        code += "import search.samplers as samplers; samplers.CMA_LR_ADAPT = True; "
+        code += "samplers.CMA_LR_ADAPT = True; "
+    if sigma0 is not None:
+        code += f"samplers.CMA_SIGMA0 = {float(sigma0)!r}; "
     if population is not None:
         code += POPULATION_PATCH.format(population=population)
-    return ["-c", code + "from search.cli import main; sys.exit(main(sys.argv[1:]))"]
+    return code
 
 
-def sampler_label(sampler: str, lr_adapt: bool, population: int | None) -> str:
-    """The records' sampler (and the kept folders' names): ``cmaes``, ``cmaes+lr_adapt``, ``cmaes+pop16``."""
-    return sampler + ("+lr_adapt" if lr_adapt else "") + ("" if population is None else f"+pop{population}")
+def start_entry(lr_adapt: bool, population: int | None, sigma0: float | None = None) -> list[str]:
+    """How a run starts ``search start``: ``-m search.cli``, or a one-line driver that first sets a
+    candidate default (:func:`candidate_patches`)."""
+    patches = candidate_patches(lr_adapt, population, sigma0)
+    if not patches:
+        return ["-m", "search.cli"]
+    return ["-c", "import sys; " + patches + "from search.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def sampler_label(sampler: str, lr_adapt: bool, population: int | None, sigma0: float | None = None) -> str:
+    """The records' sampler (and the kept folders' names): ``cmaes``, ``cmaes+lr_adapt``, ``cmaes+pop16``,
+    ``cmaes+sigma0=0.25``."""
+    return (sampler + ("+lr_adapt" if lr_adapt else "") + ("" if population is None else f"+pop{population}")
+            + ("" if sigma0 is None else f"+sigma0={float(sigma0):g}"))
 
 
 def arm_arguments(arm: str, budget: int, sampler: str) -> list[str]:
@@ -137,12 +154,15 @@ def final_scores(study_file: Path, out: Path) -> tuple[float, float]:
 
 
 def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str, env: dict[str, str],
-               budget: int | None = None, population: int | None = None) -> None:
+               budget: int | None = None, population: int | None = None, lr_adapt: bool = False,
+               sigma0: float | None = None) -> None:
     """Finalize a copy (``out``) of a kept study with this checkout's finalize; the kept one is
     never written. ``search finalize`` takes no ``--seed`` or ``--sampler``, so a one-line driver
     passes them (the study's definition names the seed and sampler it ran). ``budget``: the copy
     keeps only the search trials at positions below it (:func:`truncate_search`); ``population``: the
-    one the kept study ran with (``--population``; its definition is checked against the file's)."""
+    one the kept study ran with (``--population``; its definition is checked against the file's);
+    ``lr_adapt``, ``sigma0``: set as in the kept run's process (finalize draws no genes; set all the same
+    so the copy is finalized exactly as that run's own finalize was)."""
     if not (kept / "study.db").is_file():
         raise SystemExit(f"--refinalize: {kept} holds no study.db (run the arm with --keep first)")
     if out.exists():
@@ -151,7 +171,7 @@ def refinalize(study_file: Path, kept: Path, out: Path, seed: int, sampler: str,
     relocate_recipes(out / "study.db", load_study_family(study_file))
     if budget is not None:
         truncate_search(out / "study.db", budget)
-    driver = ("import sys; " + ("" if population is None else POPULATION_PATCH.format(population=population))
+    driver = ("import sys; " + candidate_patches(lr_adapt, population, sigma0)
               + "import search.config as config; from search.finalize import finalize_study; "
               "finalize_study(config.load_study(sys.argv[1], out=sys.argv[2], seed=int(sys.argv[3]), "
               "sampler=sys.argv[4]), quiet=True)")
@@ -422,6 +442,9 @@ def main() -> None:
                         help="sampler of the default arms (a candidate default; default: the study's own)")
     parser.add_argument("--cma-lr-adapt", action="store_true",
                         help="CMA-ES default arms with learning-rate adaptation (a candidate default)")
+    parser.add_argument("--cma-sigma0", type=float, default=None, metavar="X",
+                        help="CMA-ES default arms with initial step size X in the [0, 1]-normalised space "
+                             "(a candidate; default: Optuna's 1/6)")
     parser.add_argument("--population", type=int, default=None,
                         help="CMA-ES / NSGA-II default arms with this population instead of the study's (a candidate)")
     parser.add_argument("--trials", type=int, default=None, help="budget B (default: the study's trials)")
@@ -465,6 +488,8 @@ def main() -> None:
         return
     if args.cma_lr_adapt and config.sampler != "cmaes":
         raise SystemExit(f"--cma-lr-adapt: the default arms' sampler is {config.sampler}, not cmaes")
+    if args.cma_sigma0 is not None and (config.sampler != "cmaes" or not args.cma_sigma0 > 0):
+        raise SystemExit(f"--cma-sigma0: {args.cma_sigma0} for sampler {config.sampler} (cmaes, > 0)")
     if args.population is not None and (config.sampler not in ("cmaes", "nsga2") or args.population < 2):
         raise SystemExit(f"--population: {args.population} for sampler {config.sampler} (cmaes or nsga2, >= 2)")
     if args.b_from_2b and args.refinalize is None:
@@ -478,7 +503,8 @@ def main() -> None:
             sampler = "random" if arm == "random_b" else config.sampler
             lr_adapt = args.cma_lr_adapt and arm != "random_b"
             population = None if arm == "random_b" else args.population
-            label = sampler_label(sampler, lr_adapt, population)
+            sigma0 = None if arm == "random_b" else args.cma_sigma0
+            label = sampler_label(sampler, lr_adapt, population, sigma0)
             out = work / f"{arm}-{label}" / f"seed-{seed}"
             started = time.perf_counter()
             kept = None if args.refinalize is None else args.refinalize / out.relative_to(work)
@@ -486,9 +512,10 @@ def main() -> None:
             if cut:
                 kept = args.refinalize / f"default_2b-{label}" / f"seed-{seed}"
             if kept is not None:
-                refinalize(args.study, kept, out, seed, sampler, env, budget if cut else None, population)
+                refinalize(args.study, kept, out, seed, sampler, env, budget if cut else None, population,
+                           lr_adapt, sigma0)
             else:
-                command = [sys.executable, *start_entry(lr_adapt, population), "start", str(args.study), "--out", str(out),
+                command = [sys.executable, *start_entry(lr_adapt, population, sigma0), "start", str(args.study), "--out", str(out),
                            "--seed", str(seed), "--quiet", *arm_arguments(arm, budget, sampler)]
                 subprocess.run(command, check=True, env=env)
             test, held = final_scores(args.study, out)

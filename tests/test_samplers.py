@@ -207,6 +207,38 @@ def test_cma_lr_adapt_is_off_by_default_and_on_changes_the_draws_after_the_first
     assert all(a != b for a, b in zip(drawn[0][4:], drawn[1][4:], strict=True))
 
 
+def test_cma_sigma0_sets_the_first_generations_step_and_is_left_out_of_a_warm_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``search.samplers.CMA_SIGMA0`` reaches ``CmaEsSampler(sigma0=...)``, an argument Optuna
+    deprecated: if it stops arriving (or silently means something else) this fails."""
+    import warnings
+
+    import search.samplers as samplers
+
+    assert samplers.CMA_SIGMA0 is None  # the measured default: Optuna's 1/6 of the range
+
+    def first_generation(population: int = 8) -> np.ndarray:
+        study = optuna.create_study(direction="maximize",
+                                    sampler=make_sampler("cmaes", seed=3, space=SPACE, population=population))
+        searched(study, "cmaes", population, popsize=population)
+        return np.array([[t.params[k] for k in sorted(SPACE)] for t in study.get_trials()]) - 0.5
+
+    plain = first_generation()
+    monkeypatch.setattr(samplers, "CMA_SIGMA0", 0.25)  # benchmarks/search_quality.py --cma-sigma0 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecation warning is silenced where sigma0 is passed
+        wide = first_generation()
+    # Same seed, same normal draws, from the box's centre: each draw not resampled for leaving the
+    # box is the default's step times 0.25 / (1/6) = 1.5.
+    scaled = [np.allclose(w, 1.5 * p, rtol=1e-9, atol=1e-12) for w, p in zip(wide, plain, strict=True)]
+    assert sum(scaled) >= len(scaled) // 2, (wide, plain)
+    # Optuna refuses sigma0 with source trials: a warm start keeps its own spread
+    source = [optuna.trial.create_trial(params={k: 0.1 * i for k in SPACE}, distributions=SPACE, value=float(i))
+              for i in range(4)]
+    warm = make_sampler("cmaes", seed=3, space=SPACE, population=4, source_trials=source)
+    assert warm.inner._sigma0 is None and warm.inner._source_trials  # type: ignore[attr-defined]
+
+
 def test_cma_es_draws_the_same_genes_from_any_eigenbasis() -> None:
     """``search.samplers.symmetric_sampling`` (cmaes' private ``CMA._sample_solution``, replaced):
     where C's eigenvalues repeat, LAPACK may return any basis of their space (it does differ between

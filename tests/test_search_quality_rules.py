@@ -13,6 +13,7 @@ from benchmarks.search_quality import (
     POPULATION_PATCH,
     ROOT,
     SignedObjective,
+    candidate_patches,
     sampler_label,
     screen_choice,
     start_entry,
@@ -96,3 +97,10 @@ def test_population_driver_overrides_the_study_file_in_start_and_config() -> Non
     assert entry[0] == "-c" and "CMA_LR_ADAPT = True" in entry[1] and "population=16" in entry[1]
     assert sampler_label("cmaes", False, 16) == "cmaes+pop16"
     assert sampler_label("cmaes", True, None) == "cmaes+lr_adapt"
+    entry = start_entry(False, None, 0.25)  # --cma-sigma0 0.25
+    assert entry[0] == "-c" and "samplers.CMA_SIGMA0 = 0.25;" in entry[1] and "CMA_LR_ADAPT" not in entry[1]
+    assert sampler_label("cmaes", False, None, 0.25) == "cmaes+sigma0=0.25"
+    code = "import sys; " + candidate_patches(True, None, 0.25) + "print(samplers.CMA_SIGMA0, samplers.CMA_LR_ADAPT)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                           env={"PYTHONPATH": str(ROOT), "PATH": ""}).stdout.split()
+    assert shown == ["0.25", "True"]  # what --refinalize's driver runs too
