@@ -426,8 +426,15 @@ def test_ctrl_c_stops_the_dashboard_cleanly(served: Served) -> None:
     # The timeout is a hang guard. On a busy machine this used to pass 60 s: after "dashboard
     # stopped" the interpreter tore down torch and transformers, over a second of CPU a niced
     # process barely gets; the dashboard no longer imports them (tests/test_light.py).
-    served.process.send_signal(signal.SIGINT)
-    out, err = served.process.communicate(timeout=60)
+    # A client holding a connection open without a request (a browser's preconnect, an idle
+    # tab) must not keep it from stopping: it used to wait for that request's thread.
+    idle = socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1])), timeout=30)
+    get(f"{served.url}/api/meta")  # served while that connection sits idle
+    try:
+        served.process.send_signal(signal.SIGINT)
+        out, err = served.process.communicate(timeout=60)
+    finally:
+        idle.close()
     assert served.process.returncode == 0, err
     assert f"(read-only): http://127.0.0.1:{served.url.rsplit(':', 1)[1]}/dashboard/studies/" in out
     assert "dashboard stopped" in out
