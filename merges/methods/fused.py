@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import EXACT_FLAGS, build_library, chunk_spans
+from merges.methods.native import EXACT_FLAGS, STREAM_STORE_C, build_library, chunk_spans
 from merges.methods.sum_order import sums_in_order
 
 MAX_SOURCES = 32
@@ -181,9 +181,7 @@ def masked_l1_eager(job: FusedJob, i: int) -> float:
 
 # -- native (CPU) ---------------------------------------------------------------------------
 
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
+_C_SOURCE = STREAM_STORE_C + r"""
 #include <math.h>
 #define MAXK @MAXK@
 #define BLOCK 512
@@ -215,7 +213,13 @@ static inline float widen_bf16(uint16_t h) {
 /* out = float(source) - float(base) of two bfloat16 tensors: the float32 task vector, as torch's
    cast then subtraction gives it (both widenings exact, one float32 subtraction) */
 void bf16_delta(const uint16_t *source, const uint16_t *base, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[i] = widen_bf16(source[i]) - widen_bf16(base[i]);
+    float block[BLOCK];
+    for (int64_t s = 0; s < n; s += BLOCK) {
+        int64_t m = n - s < BLOCK ? n - s : BLOCK;
+        for (int64_t j = 0; j < m; ++j) block[j] = widen_bf16(source[s + j]) - widen_bf16(base[s + j]);
+        stream_copy(out + s, block, m);
+    }
+    stream_fence();
 }
 
 /* x = delta where kept, else 0 (for entries s .. s+n-1 of source i) */
@@ -264,7 +268,8 @@ int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
                 else for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + d[j] * w;
             }
             if (a->normalize) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / a->divisor;
-            for (int64_t j = 0; j < n; ++j) { o[j] = acc[j]; bad += !isfinite(acc[j]); }
+            for (int64_t j = 0; j < n; ++j) bad += !isfinite(acc[j]);
+            stream_copy(o, acc, n);
             continue;
         }
         for (int i = 0; i < a->k; ++i) {
@@ -294,8 +299,10 @@ int64_t fused_merge(const job_t *a, int64_t start, int64_t end) {
         }
         if (a->normalize) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] / div[j];
         if (a->lam != 1.0f) for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] * a->lam;
-        for (int64_t j = 0; j < n; ++j) { float r = b[j] + acc[j]; o[j] = r; bad += !isfinite(r); }
+        for (int64_t j = 0; j < n; ++j) { acc[j] = b[j] + acc[j]; bad += !isfinite(acc[j]); }
+        stream_copy(o, acc, n);
     }
+    stream_fence();
     return bad;
 }
 

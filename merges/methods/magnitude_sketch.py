@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from merges.methods.native import EXACT_FLAGS, build_library
+from merges.methods.native import EXACT_FLAGS, STREAM_STORE_C, build_library
 
 BUCKETS = (0x7F800000 >> 16) + 2
 """Exact zero, then one bucket per top-16-bit pattern up to +inf's."""
@@ -29,9 +29,7 @@ MIN_NUMEL = 1 << 16
 """Tensors smaller than this are selected from directly (cheap); no sketch is kept for them."""
 COUNT_BYTES = 4  # int32 counts (a tensor has fewer than 2**31 entries)
 
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
+_C_SOURCE = STREAM_STORE_C + r"""
 
 #define BUCKETS @BUCKETS@
 
@@ -108,18 +106,22 @@ static inline float same_f32(float v) { return v; }
 /* delta = WIDEN(source) - WIDEN(base) (bf16_delta_gather: two bfloat16 tensors, fused.bf16_delta's
    values, both widenings exact; f32_delta_gather: torch.sub's of two float32 tensors; one float32
    subtraction either way) and, in the same pass, gather_bucket(delta, bucket): each stretch is
-   formed, then tested while it is in cache, so the delta is not read again */
+   formed in a local block, tested there and streamed to ``delta`` (stream_copy), so the delta is
+   not read again */
 #define DELTA_GATHER(NAME, T, WIDEN) \
 int64_t NAME(const T* source, const T* base, float* delta, int64_t n, int64_t bucket, float* out) { \
-    const float_bits_t* bits = (const float_bits_t*)delta; \
+    float block[GATHER_STRETCH]; \
+    const float_bits_t* bits = (const float_bits_t*)block; \
     BUCKET_RANGE(bucket) \
     int64_t k = 0, i = 0; \
     for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) { \
-        for (int j = 0; j < GATHER_STRETCH; ++j) delta[i + j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
-        k = gather_stretch(bits, i, lo, span, nonzero, out, k); \
+        for (int j = 0; j < GATHER_STRETCH; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
+        k = gather_stretch(bits, 0, lo, span, nonzero, out, k); \
+        stream_copy(delta + i, block, GATHER_STRETCH); \
     } \
+    stream_fence(); \
     for (int64_t j = i; j < n; ++j) delta[j] = WIDEN(source[j]) - WIDEN(base[j]); \
-    return gather_from(bits, i, n, lo, span, nonzero, out, k); \
+    return gather_from((const float_bits_t*)delta, i, n, lo, span, nonzero, out, k); \
 }
 DELTA_GATHER(bf16_delta_gather, uint16_t, widen_bf16)
 DELTA_GATHER(f32_delta_gather, float, same_f32)
