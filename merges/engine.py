@@ -217,6 +217,10 @@ class MergeEngine:
         self._order: dict[tuple[str, int], object] = {}  # one chunk's |delta| order statistics
         # lean, CPU float32: per (tensor, source) counts of |delta| per bucket (magnitude_sketch)
         self._sketch: dict[tuple[str, int], np.ndarray] = {}
+        # lean / stream, sketched tensors a source left bit for bit as the base: their task vector
+        # is +0.0 everywhere (x - x), read from one zero buffer (``_zero_delta``), never formed
+        self._same: set[tuple[str, int]] = set()
+        self._zeros: torch.Tensor | None = None
         self._names = [name for name in self._shapes if self._floating[name]]
         self._largest = max((self._numel(name) for name in self._names), default=0)
         # lean on the CPU: one chunk's base and task vectors, and its tied cuts' keys, in memory
@@ -499,18 +503,21 @@ class MergeEngine:
 
         def check(name: str) -> list[np.ndarray | None]:
             found: list[np.ndarray | None] = []
-            base = None
+            base = held_base = None
             for i, checkpoint in enumerate(self._models):
                 held = self._read_held(checkpoint, name)
                 self._check_finite(checkpoint, name, held, held)
                 if i == 0 and self._base_ckpt is not None:
                     base = held.to(self._dtype) if self._sketched(name) else None
-                elif base is not None:
+                    held_base = held
+                elif base is not None and held_base is not None:
                     found.append(self._histogram(held, base))
+                    self._note_same(name, i - 1, found[-1], held, held_base)
             return found
 
         results = self._pool.map(check, self._names) if self._pool is not None else map(check, self._names)
         self._keep_sketches(self._names, results)
+        self._make_zeros()
         for checkpoint in self._models:
             if not checkpoint.readable_by_offset:
                 checkpoint.release()
@@ -539,10 +546,37 @@ class MergeEngine:
 
         def build(name: str) -> list[np.ndarray | None]:
             base = self._held[name][0].to(self._dtype)
-            return [self._histogram(held, base) for held in self._held[name][1:]]
+            found = [self._histogram(held, base) for held in self._held[name][1:]]
+            for model, (counts, held) in enumerate(zip(found, self._held[name][1:], strict=True)):
+                self._note_same(name, model, counts, held, self._held[name][0])
+            return found
 
         results = self._pool.map(build, names) if self._pool is not None else map(build, names)
         self._keep_sketches(names, results)
+        self._make_zeros()
+
+    def _note_same(self, name: str, model: int, counts: np.ndarray | None, held: torch.Tensor,
+                   base: torch.Tensor) -> None:
+        """Record a source tensor that is the base's bit for bit (a fine-tune that left it alone:
+        LoRA-merged models leave most tensors so): every ``|delta|`` in the zero bucket, then the
+        bits compared (a -0.0 against a +0.0 would give a -0.0 delta, not the zero buffer's +0.0)."""
+        if counts is None or int(counts[0]) != held.numel() or held.dtype != base.dtype:
+            return
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[held.element_size()]
+        if torch.equal(held.view(bits), base.view(bits)):
+            self._same.add((name, model))
+
+    def _zero_delta(self, numel: int) -> torch.Tensor:
+        """+0.0 x ``numel`` in the arithmetic dtype, from one buffer of the largest tensor's size that
+        nothing writes: calloc'd pages never touched map the kernel's zero page, so reading it costs
+        neither memory traffic nor resident memory. Its readers only read (a tied cut's in-place
+        replay needs a delta no other item reads, and a zero cut is never tied)."""
+        assert self._zeros is not None, "made once the loading found a tensor left as the base"
+        return self._zeros[:numel]
+
+    def _make_zeros(self) -> None:
+        if self._same:
+            self._zeros = torch.from_numpy(np.zeros(self._largest, dtype=np.float32))
 
     def _read(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
         return checkpoint.read(name, device=self._device, dtype=self._dtype).reshape(-1)
@@ -794,6 +828,8 @@ class MergeEngine:
         """Source ``model``'s task vector (flat, arithmetic dtype): its tensor without a base."""
         if not self._lean:
             return self._deltas[name][model]
+        if (name, model) in self._same:
+            return self._zero_delta(self._numel(name))
         if self._base_ckpt is None:
             return self._derived("delta", name, model, lambda: self._held[name][model].to(self._dtype))
         held = self._held[name][model + 1]

@@ -166,3 +166,42 @@ def test_any_thread_count_gives_the_same_bits(llama_family: TinyFamily, tmp_path
         for method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
             r = recipe(family, method, *RECIPES[method])
             assert_same(one.materialize(r), three.materialize(r), (plan, method))
+
+
+def test_sources_left_as_the_base_read_zeros_and_merge_the_same(llama_family: TinyFamily, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source tensor equal to the base bit for bit (what a LoRA-merged fine-tune leaves in most
+    tensors) is not subtracted per trial: lean and stream read its task vector from one zero buffer,
+    and every method still gives the resident plan's bits. A tensor that differs from the base only
+    by -0.0 against +0.0 has a -0.0 delta there, so it is not taken for one."""
+    from merges.methods import magnitude_sketch
+
+    monkeypatch.setattr(magnitude_sketch, "MIN_NUMEL", 1)  # every tensor sketched, as a large one is
+    family = TinyFamily(tmp_path / "base", tuple(tmp_path / f"source{i}" for i in range(3)))
+    shutil.copytree(llama_family.base, family.base)
+    base_tensors = load_file(str(family.base / "model.safetensors"))
+    floating = [n for n, t in base_tensors.items() if t.is_floating_point()]
+    signed = floating[1]
+    base_tensors[signed] = base_tensors[signed].clone()
+    base_tensors[signed].view(-1)[0] = 0.0
+    save_file(base_tensors, str(family.base / "model.safetensors"), metadata={"format": "pt"})
+    same = set()
+    for i, (src, dst) in enumerate(zip(llama_family.sources, family.sources, strict=True)):
+        shutil.copytree(src, dst)
+        tensors = load_file(str(dst / "model.safetensors"))
+        if i == 0:  # every other tensor left as the base
+            tensors.update({n: base_tensors[n].clone() for n in floating[::2]})
+        if i == 1:  # the base's tensor but a -0.0 where the base holds +0.0
+            tensors[signed] = base_tensors[signed].clone()
+            tensors[signed].view(-1)[0] = -0.0
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        same |= {(n, i) for n in floating if torch.equal(tensors[n].view(torch.int32), base_tensors[n].view(torch.int32))}
+    assert {(n, 0) for n in floating[::2]} <= same and (signed, 1) not in same
+    resident = MergeEngine(*open_family(family), device="cpu", plan="resident", threads=2)
+    for plan in ("lean", "stream"):
+        engine = MergeEngine(*open_family(family), device="cpu", plan=plan, threads=2)
+        assert engine._same == same, plan
+        for method in sorted(RECIPES):
+            r = recipe(family, method, *RECIPES[method])
+            assert_same(resident.materialize(r), engine.materialize(r), (plan, method))
+        assert engine._zeros is not None and not engine._zeros.any()  # never written
