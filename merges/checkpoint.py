@@ -52,20 +52,15 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "chat_template.json",
 )
 
-# safetensors dtype code -> the name of the torch dtype (names, so that torch loads only when needed).
+# safetensors dtype code -> the name of the torch dtype (names, so that torch loads only when
+# needed), in the order of safetensors' ``Dtype`` enum, by which its header sorts tensors (widest
+# last): the one table of dtype codes, read here, written by merges.save (tests/test_save.py pins
+# its bytes against save_file) and folded to by merges.lora.
 _SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
+    "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64",
+    "U64": "uint64",
 }
 _CODE_OF_TORCH_NAME: dict[str, str] = {torch_name: code for code, torch_name in _SAFETENSORS_DTYPES.items()}
 

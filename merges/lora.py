@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from merges.checkpoint import _SAFETENSORS_DTYPES, Checkpoint
+from merges.checkpoint import _CODE_OF_TORCH_NAME, _SAFETENSORS_DTYPES, Checkpoint
 from merges.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -193,17 +193,13 @@ def open_lora_source(model: Checkpoint, adapter_dir: str | Path) -> LoraCheckpoi
     adapter = _read_adapter(folder, model)
     fold_dtype = _load_dtype(model)
     dtype_codes = {
-        name: (_code_of(fold_dtype) if _SAFETENSORS_DTYPES[code].startswith(("float", "bfloat")) else code)
+        name: (_CODE_OF_TORCH_NAME[fold_dtype] if _SAFETENSORS_DTYPES[code].startswith(("float", "bfloat")) else code)
         for name, code in model.dtype_codes.items()
     }
     return LoraCheckpoint(
         Path(lora_reference(model.path, folder)), model.config, dict(model.shapes), dtype_codes, model.layout,
         {}, model=model, adapter=adapter, fold_dtype=fold_dtype,
     )
-
-
-def _code_of(torch_name: str) -> str:
-    return next(code for code, name in _SAFETENSORS_DTYPES.items() if name == torch_name)
 
 
 def _load_dtype(model: Checkpoint) -> str:

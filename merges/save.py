@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from merges.checkpoint import _SAFETENSORS_DTYPES as _DTYPE_CODES  # the one table of dtype codes
 from merges.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, Checkpoint
 from merges.errors import CheckpointError, NonFiniteMergeError
 from merges.grouping import consecutive_groups
@@ -327,14 +328,8 @@ def _stored_dtype(arriving: torch.dtype, dtype: torch.dtype | None) -> torch.dty
     return dtype if dtype is not None and arriving.is_floating_point else arriving
 
 
-# torch dtype -> safetensors name, in the order of safetensors' ``Dtype`` enum (its header
-# sorts tensors by it, widest last here): tests/test_save.py pins the bytes against save_file.
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-    torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
-}
+# torch dtype -> safetensors code, in the order of safetensors' ``Dtype`` enum (merges.checkpoint's table)
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {getattr(torch, name): code for code, name in _DTYPE_CODES.items()}
 _DTYPE_RANKS = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
 
 
