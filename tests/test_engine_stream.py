@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -205,3 +206,11 @@ def test_sources_left_as_the_base_read_zeros_and_merge_the_same(llama_family: Ti
             r = recipe(family, method, *RECIPES[method])
             assert_same(resident.materialize(r), engine.materialize(r), (plan, method))
         assert engine._zeros is not None and not engine._zeros.any()  # never written
+    # float8 checkpoints are held as stored, one byte per entry: compared bit for bit too
+    f8 = torch.tensor([0.5, -0.0, 0.0, 2.0]).to(torch.float8_e4m3fn)
+    zero_bucket = np.array([f8.numel()], dtype=np.int32)
+    engine._note_same("f8", 0, zero_bucket, f8.clone(), f8)
+    negated = f8.clone()
+    negated[2] = -0.0
+    engine._note_same("f8", 1, zero_bucket, negated, f8)
+    assert ("f8", 0) in engine._same and ("f8", 1) not in engine._same
