@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row.update(trials_equal_wall=trials, loop_s_equal_wall=round(multi_loop, 2),
                                heldout_multi_equal_wall=row["heldout_multi"])
-            if not args.no_equal_wall:
                 row["equal_wall_ratio"] = round(float(row["loop_s_equal_wall"]) / full_loop, 3)  # type: ignore[arg-type]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
