@@ -47,9 +47,13 @@ def test_streamed_outputs_are_the_same_bits_on_older_x86(tmp_path: Path, monkeyp
         pytest.skip("x86 instruction sets")
     monkeypatch.setenv("MERGESEARCH_CACHE", str(tmp_path))
     monkeypatch.delenv("MERGESEARCH_NO_NATIVE", raising=False)
-    flags = ["-O3", f"-march={march}", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
-    delta_lib = native.build_library("fused", fused._C_SOURCE, flags, ["-lm"])
-    gather_lib = native.build_library("magnitude_sketch", magnitude_sketch._C_SOURCE, flags, [])
+    def for_march(flags: list[str]) -> list[str]:  # the kernels' own flags, another CPU's instruction set
+        assert "-march=native" in flags
+        return [f"-march={march}" if flag == "-march=native" else flag for flag in flags]
+
+    delta_lib = native.build_library("fused", fused._C_SOURCE, for_march(fused.FLAGS), ["-lm"])
+    gather_lib = native.build_library("magnitude_sketch", magnitude_sketch._C_SOURCE,
+                                      for_march(native.EXACT_FLAGS), [])
     if delta_lib is None or gather_lib is None:
         pytest.skip("no C compiler")
     gather_lib.f32_delta_gather.restype = ctypes.c_int64

@@ -344,12 +344,15 @@ class _Job(ctypes.Structure):
     ]
 
 
+# no trapping math: the sign election's selects become vector blends (no FP trap is ever
+# enabled here, and IEEE results, hence the bits, stay the same)
+FLAGS = [*EXACT_FLAGS, "-fno-trapping-math"]
+
+
 @lru_cache(maxsize=1)
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None when no C compiler works."""
-    # no trapping math: the sign election's selects become vector blends (no FP trap is ever
-    # enabled here, and IEEE results, hence the bits, stay the same)
-    lib = build_library("fused", _C_SOURCE, [*EXACT_FLAGS, "-fno-trapping-math"], ["-lm"])
+    lib = build_library("fused", _C_SOURCE, FLAGS, ["-lm"])
     if lib is None:
         return None
     lib.fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
