@@ -54,10 +54,11 @@ chunk's tensors side by side on the pool) and fused passes and drops all of it (
 buffers are reused by the next chunk and trial: no fresh model-sized pages per trial). The
 tensors are the resident plan's bit for bit: the inputs are the same values (a cast at read
 time and a cast later round alike), and a band from selected values is the band from
-sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas (a TIES tied cut
-zeroes its run's dropped entries in place and a magnitude band drops the rest, no keys; over bf16
-checkpoints in float32 no float32 base: see ``_narrow_base``), the keys its method draws and sort temporaries; the live model is
-built from the held base (``new_model``), not mapped from the file again.
+sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas (none for a task
+vector only the fused pass reads: ``_task_vector``; a formed TIES delta's tied cut zeroes its run's
+dropped entries in place and a magnitude band drops the rest, no keys; over bf16 checkpoints in
+float32 no float32 base: see ``_narrow_base``), the keys its method draws and sort temporaries; the
+live model is built from the held base (``new_model``), not mapped from the file again.
 
 ``"stream"`` is the lean plan holding no checkpoint: each chunk's tensors of the base and the
 sources are read when the chunk runs, as the lean plan would hold them (``_held_dtype``), into
@@ -83,7 +84,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +94,16 @@ import numpy as np
 import torch
 import transformers
 
-from merges.buffers import Arena, BufferPool
+from merges.buffers import Arena, BufferPool, release_freed_heap
 from merges.checkpoint import Checkpoint
 from merges.errors import MergeError, NonFiniteMergeError, RecipeError
 from merges.grouping import consecutive_groups
 from merges.layout import Layout, TensorInfo
 from merges.methods import magnitude_sketch, sparsify, tie_order
 from merges.methods.fused import (
+    Delta,
     FusedJob,
+    PairDelta,
     bf16_delta,
     masked_l1_many,
     native_library,
@@ -221,6 +224,8 @@ class MergeEngine:
         # is +0.0 everywhere (x - x), read from one zero buffer (``_zero_delta``), never formed
         self._same: set[tuple[str, int]] = set()
         self._zeros: torch.Tensor | None = None
+        # lean, one chunk: the (tensor, source) task vectors handed out not formed (``_task_vector``)
+        self._pairs: set[tuple[str, int]] = set()
         self._names = [name for name in self._shapes if self._floating[name]]
         self._largest = max((self._numel(name) for name in self._names), default=0)
         # lean on the CPU: one chunk's base and task vectors, and its tied cuts' keys, in memory
@@ -240,6 +245,7 @@ class MergeEngine:
                                   for _ in range(2))
         self._reader: ThreadPoolExecutor | None = None  # stream: started by the first merge
         self._load()
+        release_freed_heap()  # what loading freed (read buffers, the sketches' temporaries)
         # lazily computed statistics (see the module docstring)
         self._ascending: dict[tuple[str, int], torch.Tensor] = {}  # |delta| ascending, CPU: lookups
         self._rank: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, name, source), ties only
@@ -321,6 +327,7 @@ class MergeEngine:
                 for tensor in [*model.parameters(), *model.buffers()]:
                     if shared is None or tensor.untyped_storage().data_ptr() in shared:
                         tensor.data = tensor.data.clone()
+            release_freed_heap()
         return model.eval()
 
     def _held_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -846,6 +853,54 @@ class MergeEngine:
 
         return self._derived("delta", name, model, compute)
 
+    def _task_vector(self, name: str, model: int) -> Delta:
+        """Source ``model``'s task vector for a fused job alone: lean on the CPU with native code, for a
+        sketched tensor whose source and base are held alike (float32, or bfloat16 under float32
+        arithmetic), one the fused pass forms itself (``PairDelta``: no pass writes it and reads it
+        back, and no chunk memory holds it; its magnitude cut is then gathered without forming it
+        either, and a tied cut's dropped entries are masked by a bitmap). Else ``_delta``."""
+        inputs = self._pair_inputs(name, model)
+        if inputs is None:
+            return self._delta(name, model)
+        self._pairs.add((name, model))
+        return PairDelta(*inputs)
+
+    def _pair_inputs(self, name: str, model: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(held source, ``FusedJob.base``) where ``_task_vector`` hands out a ``PairDelta``, else None."""
+        if (not self._lean or self._lib is None or not self._sketched(name) or (name, model) in self._same
+                or ("delta", name, model) in self._chunk):
+            return None
+        held, base = self._held[name][model + 1], self._fused_base(name)
+        if base is None or held.dtype != base.dtype or held.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return held, base
+
+    def _prefetch_sorted(self, name: str, wanted: Mapping[int, Sequence[int]]) -> None:
+        """Lean: the sketch buckets that ``wanted``'s positions lie in, for every model whose task
+        vector is not formed, gathered in one pass over the base and those sources
+        (``magnitude_sketch.pair_gather_many``: the base read once, not once per source)."""
+        orders: list[tuple[magnitude_sketch.SketchedOrder, tuple[int, int], torch.Tensor]] = []
+        base: torch.Tensor | None = None
+        for model, positions in wanted.items():
+            inputs = self._pair_inputs(name, model)
+            if inputs is None:
+                continue
+            order = self._sorted(name, model)
+            missing = order.missing(positions) if isinstance(order, magnitude_sketch.SketchedOrder) else None
+            if missing is not None:
+                orders.append((order, missing, inputs[0]))
+                base = inputs[1]
+        if base is None:
+            return
+        bits = {torch.bfloat16: torch.int16}.get(base.dtype, base.dtype)  # numpy has no bf16
+        for start in range(0, len(orders), magnitude_sketch.MAX_GATHER):
+            batch = orders[start:start + magnitude_sketch.MAX_GATHER]
+            found = magnitude_sketch.pair_gather_many(
+                [held.view(bits).numpy() for _, _, held in batch], base.view(bits).numpy(),
+                [buckets for _, buckets, _ in batch], [order.count(*buckets) for order, buckets, _ in batch])
+            for (order, buckets, _), values in zip(batch, found, strict=True):
+                order.supply(*buckets, values)
+
     def _derived(self, kind: str, name: str, model: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A tensor the lean plan forms once per chunk (kept until the chunk is merged)."""
         key = (kind, name, model)
@@ -862,6 +917,7 @@ class MergeEngine:
     def _drop_chunk(self) -> None:
         """Forget one lean chunk's tensors: task vectors, keys, tie positions, large statistics."""
         self._chunk.clear()
+        self._pairs.clear()
         self._arena.reset()
         self._key_arena.reset()
         self._order.clear()
@@ -1048,11 +1104,13 @@ class MergeEngine:
         if ("delta", name, model) not in self._chunk and self._base_ckpt is not None:
             held, narrow = self._held[name][model + 1], self._narrow_base(name)
             base = narrow if narrow is not None else self._held[name][0]
+            bits = {torch.bfloat16: torch.int16}.get(held.dtype, held.dtype)  # numpy has no bf16
+            if (name, model) in self._pairs:  # the fused pass forms it: gathered without forming it
+                return magnitude_sketch.pair_gather(held.view(bits).numpy(), base.view(bits).numpy(), bucket, count)
             if held.dtype == base.dtype and (held.dtype == self._dtype or narrow is not None):
 
                 def compute() -> torch.Tensor:
                     out = self._arena.take(held.numel())
-                    bits = {torch.bfloat16: torch.int16}.get(held.dtype, held.dtype)  # numpy has no bf16
                     gathered.append(magnitude_sketch.delta_gather(
                         held.view(bits).numpy(), base.view(bits).numpy(), out.numpy(), bucket, count))
                     return out
@@ -1096,8 +1154,11 @@ class MergeEngine:
         (``tie_order``: std::sort replayed only where a cut lies; on the pool). False where the
         replay cannot be used: then full sort positions for the items still without keys.
 
-        A one-cut item whose delta no other item reads and that the native kernel merges gets
-        no keys: the replay zeroes the tied run's dropped entries in the delta itself
+        A one-cut item whose task vector is not formed (``PairDelta``) gets no keys: the replay
+        reads the source and the base and marks the tied run's dropped entries in a bitmap
+        (``tie_order.tied_cut_drops``, ``FusedJob.drops``: n / 8 bytes), and the item gets the
+        magnitude band that drops the rest. A formed one whose delta no other item reads and that
+        the native kernel merges gets no keys either: the replay zeroes the tied run's dropped entries in the delta itself
         (``tie_order.tied_cut_apply``; the kernel's mask gives them +0.0 alike) and the item gets
         the magnitude band that drops the rest (``tie_order.applied_band``), which saves the
         chunk 4 bytes per entry and the fused pass a read; a rescaled item's L1 norm before the
@@ -1106,40 +1167,52 @@ class MergeEngine:
         for work in works:
             if work.job is not None:
                 for delta in work.job.deltas:
-                    uses[delta.data_ptr()] = uses.get(delta.data_ptr(), 0) + 1
-        # -> (whether it may be applied in place, whether it is rescaled)
-        wanted: dict[tuple[RankKey, tuple[int, int]], tuple[bool, bool]] = {}
+                    if not isinstance(delta, PairDelta):
+                        uses[delta.data_ptr()] = uses.get(delta.data_ptr(), 0) + 1
+        # (rank key, window, whether the item's delta is a PairDelta) -> (whether it may be applied in
+        # place, whether it is rescaled, the PairDelta)
+        Wanted = tuple[RankKey, tuple[int, int], bool]
+        wanted: dict[Wanted, tuple[bool, bool, PairDelta | None]] = {}
+        wanted_of: dict[tuple[int, int], Wanted] = {}  # (id(work), item) -> its key in ``wanted``
         for work in works:
             if work.job is not None and work.ranks:
                 native = self._lib is not None and native_supports(work.job)
                 for item, key in work.ranks:
-                    sole = native and uses[work.job.deltas[item].data_ptr()] == 1
-                    wanted[(key, work.job.windows[item])] = (sole, item in (work.rescale or ()))
+                    delta = work.job.deltas[item]
+                    pair = delta if isinstance(delta, PairDelta) else None
+                    sole = native and pair is None and uses.get(delta.data_ptr(), 0) == 1  # type: ignore[union-attr]
+                    wanted_of[(id(work), item)] = (key, work.job.windows[item], pair is not None)
+                    wanted[wanted_of[(id(work), item)]] = (sole, item in (work.rescale or ()), pair)
 
-        def compute(wanted_key: tuple[RankKey, tuple[int, int]]) -> torch.Tensor | float | None:
-            (kind, name, model), (lo, hi) = wanted_key
-            delta = self._delta(name, model)
+        def compute(wanted_key: Wanted) -> torch.Tensor | float | tuple[float, torch.Tensor] | None:
+            (kind, name, model), (lo, hi), _ = wanted_key
+            sole, rescaled, pair = wanted[wanted_key]
             order = self._order.get((name, model))
+            numel = self._numel(name)
             if kind == "descending" and lo == 0 and order is not None:
                 # one cut, inside one run of equal magnitudes: the replay that carries only
                 # that run's indices (the cut's value was selected while planning)
-                tied = order[delta.numel() - hi]  # type: ignore[index]
+                tied = order[numel - hi]  # type: ignore[index]
                 scratch = self._replay_scratch.take()
                 try:
-                    sole, rescaled = wanted[wanted_key]
+                    if pair is not None:  # not formed: the run's dropped entries as a bitmap
+                        drop = tie_order.tied_cut_drops(pair.source, pair.base, hi, tied, descending=True,
+                                                        scratch=scratch)
+                        if drop is not None:
+                            return tied, drop
+                    delta = self._delta(name, model)
                     if sole:
                         if rescaled:
                             self._l1_norm(name, delta)  # before the cut zeroes entries
                         if tie_order.tied_cut_apply(delta, hi, tied, descending=True, scratch=scratch):
                             return tied  # applied: the band from this value drops the rest
                     keys = tie_order.tied_cut_keys(delta, hi, tied, descending=True,
-                                                   keys=self._key_arena.take(delta.numel()),
-                                                   scratch=scratch)
+                                                   keys=self._key_arena.take(numel), scratch=scratch)
                 finally:
                     self._replay_scratch.give(scratch)
                 if keys is not None:
                     return keys
-            return tie_order.window_keys(delta, lo, hi, descending=kind == "descending")
+            return tie_order.window_keys(self._delta(name, model), lo, hi, descending=kind == "descending")
 
         items = list(wanted)
         results = list(self._pool.map(compute, items) if self._pool is not None else map(compute, items))
@@ -1149,17 +1222,22 @@ class MergeEngine:
                 continue
             keys = list(work.job.keys)
             bands = list(work.job.bands) if work.job.bands else [None] * len(keys)
-            for item, key in work.ranks:
-                result = found[(key, work.job.windows[item])]
+            drops = list(work.job.drops) if work.job.drops else [None] * len(keys)
+            for item, _ in work.ranks:
+                result = found[wanted_of[(id(work), item)]]
                 if isinstance(result, torch.Tensor):
                     keys[item] = result
                 elif isinstance(result, float):
                     bands[item] = tie_order.applied_band(result, descending=True)
+                elif isinstance(result, tuple):
+                    bands[item] = tie_order.applied_band(result[0], descending=True)
+                    drops[item] = result[1]
             work.job.keys = keys
             work.job.bands = bands
+            work.job.drops = drops
             # what is left for full sort positions: the items the replay could not decide
             work.plan.ranks = [(item, key) for item, key in work.ranks
-                               if found[(key, work.job.windows[item])] is None]
+                               if found[wanted_of[(id(work), item)]] is None]
         return not any(result is None for result in results)
 
     def _generator(self, seed: int, name: str, position: int) -> torch.Generator:
@@ -1308,6 +1386,9 @@ class _Context:
     def delta(self, model: int) -> torch.Tensor:
         return self._engine._delta(self.name, model)
 
+    def task_vector(self, model: int) -> Delta:
+        return self._engine._task_vector(self.name, model)
+
     def tensor(self, model: int) -> torch.Tensor:
         return self._engine._exact_source(self.name, model)
 
@@ -1325,6 +1406,10 @@ class _Context:
 
     def sorted_magnitudes(self, model: int) -> torch.Tensor:
         return self._engine._sorted(self.name, model)
+
+    def prefetch_sorted(self, wanted: Mapping[int, Sequence[int]]) -> None:
+        if self._engine._lean:
+            self._engine._prefetch_sorted(self.name, wanted)
 
     def rank(self, key: RankKey) -> torch.Tensor | None:
         return self._engine._rank.get(key)

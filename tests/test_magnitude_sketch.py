@@ -134,7 +134,10 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
                                                     dtype: torch.dtype) -> None:
     """A bf16-like tied family with every tensor sketched: lean TIES takes its cuts from the sketch
     and its tied cuts from the one-run replay, and merges the resident plan's tensors bit for bit.
-    Stored in float32 or bf16, a cut's bucket is gathered as its delta is formed (``delta_gather``)."""
+    Stored in float32 or bf16, its task vectors are never formed (``PairDelta``: the cuts' buckets
+    gathered from the sources and the base in one pass, a tied run's dropped entries as a bitmap), except where the
+    recipe rescales: then a cut's bucket is gathered as its delta is formed (``delta_gather``) and
+    the replay zeroes the dropped entries in place."""
     _native()
     from tests.checkpoints import quantised_family
     from tests.test_tie_order import record_replays
@@ -142,10 +145,12 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(magnitude_sketch, "MIN_NUMEL", 1)
     quantised_family(tmp_path, seed=5, source_seed=200, dtype=dtype)
     fused_gathers = record_replays(monkeypatch, "delta_gather", magnitude_sketch)
+    many_gathers = record_replays(monkeypatch, "pair_gather_many", magnitude_sketch)
     base = open_checkpoint(tmp_path / "base")
     sources = [open_checkpoint(tmp_path / f"source{i}") for i in range(2)]
     applied = record_replays(monkeypatch, "tied_cut_apply")
     keyed = record_replays(monkeypatch, "tied_cut_keys")
+    dropped = record_replays(monkeypatch, "tied_cut_drops")
     lean = MergeEngine(base, sources, device="cpu", plan="lean", threads=2)
     resident = MergeEngine(base, sources, device="cpu", plan="resident", threads=2)
     assert lean._sketch and len(lean._sketch) == 2 * len(lean._names)
@@ -156,6 +161,8 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
         merged = lean.materialize(r)
         for name, tensor in resident.materialize(r).items():
             assert torch.equal(merged[name], tensor), (densities, name)
+    # every source's cut found in one pass over the tensors per tensor (the planner's prefetch)
+    assert dropped and all(dropped) and many_gathers and not applied and not keyed and not fused_gathers
     # rescaled: the L1 norm before the cut, then the cut in place (mergekit's rescale, bit for bit)
     r = Recipe.uniform("ties", str(tmp_path / "base"), paths, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]},
                        {"rescale": True})
@@ -165,10 +172,66 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
     # each delta read by one item only: the replay zeroes its dropped entries in place
     assert applied and all(applied) and not keyed
     assert fused_gathers and all(fused_gathers)  # held float32 or bf16: a cut's bucket found as its delta is formed
-    # the same source twice (one delta, two densities): it stays unchanged and gets keys
+    # the same source twice (one task vector, two densities): each item its own bitmap, no keys
     twice = [paths[0], paths[0]]
+    calls = len(dropped)
     r = Recipe.uniform("ties", str(tmp_path / "base"), twice, 2, {"weight": [0.7, 0.4], "density": [0.35, 0.6]})
     merged = lean.materialize(r)
     for name, tensor in resident.materialize(r).items():
         assert torch.equal(merged[name], tensor), name
-    assert keyed and all(keyed)
+    assert len(dropped) > calls and all(dropped) and not keyed
+
+
+@given(st.integers(1, 300), st.integers(-2, 305))
+@settings(max_examples=60, deadline=None)
+def test_magnitude_band_reads_only_the_positions_it_names(numel: int, keep: int) -> None:
+    """``sparsify.magnitude_band_positions`` is what ``magnitude_band`` reads (a lean engine gathers
+    exactly those before the band is asked for)."""
+    from merges.methods import sparsify
+
+    read: set[int] = set()
+
+    class Recording:
+        def numel(self) -> int:
+            return numel
+
+        def __getitem__(self, index: int) -> float:
+            read.add(index)
+            return float(index // 3)  # ties in runs of three: both branches of the tie test
+
+    sparsify.magnitude_band(Recording(), keep)  # type: ignore[arg-type]
+    assert read <= set(sparsify.magnitude_band_positions(numel, keep))
+    assert read == set(sparsify.magnitude_band_positions(numel, keep)) or not read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_gather_of_several_sources_is_each_sources_gather(dtype: torch.dtype) -> None:
+    """``pair_gather_many`` gives each source what ``pair_gather`` gives it bucket by bucket (a range
+    of two buckets included), and ``SketchedOrder.supply`` files them so the order's values match."""
+    _native()
+    generator = torch.Generator().manual_seed(11)
+    n = 10_007
+    base = torch.randn(n, generator=generator).mul_(0.02).to(dtype)
+    sources = [(base.float() + torch.randn(n, generator=generator).mul_(0.002)).to(dtype) for _ in range(3)]
+    bits = {torch.bfloat16: torch.int16}.get(dtype, dtype)
+    deltas = [(s.float() - base.float()).numpy() for s in sources]
+    counts = [magnitude_sketch.histogram(d) for d in deltas]
+    buckets = []
+    for c in counts:
+        assert c is not None
+        nonzero = [b for b in np.nonzero(c)[0].tolist() if b > 0]
+        buckets.append((nonzero[len(nonzero) // 2], nonzero[len(nonzero) // 2 + 1]))
+    found = magnitude_sketch.pair_gather_many(
+        [s.view(bits).numpy() for s in sources], base.view(bits).numpy(), buckets,
+        [int(c[first:last + 1].sum()) for c, (first, last) in zip(counts, buckets, strict=True)])
+    for source, c, (first, last), values in zip(sources, counts, buckets, found, strict=True):
+        one = np.concatenate([magnitude_sketch.pair_gather(source.view(bits).numpy(), base.view(bits).numpy(),
+                                                           b, int(c[b])) for b in range(first, last + 1)])
+        assert np.array_equal(np.sort(one.view(np.uint32)), np.sort(values.view(np.uint32)))
+    ascending = np.sort(np.abs(deltas[0]))
+    order = magnitude_sketch.SketchedOrder(counts[0], lambda b, k: pytest.fail("gathered again"))
+    first, last = buckets[0]
+    order.supply(first, last, found[0])
+    start = int(counts[0][:first].sum())
+    for index in (start, start + int(counts[0][first]) - 1, start + int(counts[0][first])):
+        assert order[index] == ascending[index]

@@ -392,3 +392,44 @@ def test_magnitude_bands_equal_mergekit_sorting(shape: tuple[int, int], seed: in
             continue
         got = flat * ((magnitude >= band[0]) & (magnitude <= band[1])).float()
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("consensus", [True, False])
+def test_pair_deltas_and_drop_bitmaps_equal_formed_deltas(dtype: torch.dtype, consensus: bool) -> None:
+    """A task vector the fused pass forms itself (``PairDelta``, float32 or bfloat16 source and base)
+    gives the bits of the formed one, eagerly and natively, under a magnitude band, a key window or
+    neither; a drop bitmap gives the bits of its entries zeroed in the formed delta (+0.0)."""
+    from merges.methods.fused import PairDelta, drop_mask
+
+    generator = torch.Generator().manual_seed(7)
+    n = 4099  # not a multiple of a block or a bitmap word
+    base = torch.randn(n, generator=generator).mul_(0.02).to(dtype)
+    sources = [(base.float() + torch.randn(n, generator=generator).mul_(0.002)).to(dtype) for _ in range(3)]
+    formed = [s.float() - base.float() for s in sources]
+    drop = torch.zeros(-(-n // 64), dtype=torch.int64)
+    for index in torch.randint(0, n, (300,), generator=generator).tolist():
+        drop[index // 64] |= 1 << (index % 64) if index % 64 < 63 else -(1 << 63)
+    keys = [None, sp.random_keys((n,), torch.Generator().manual_seed(3)), None]
+    windows = [(0, 0), (0, sp.key_threshold(0.6)), (0, 0)]
+    bands = [(0.001, float("inf")), None, None]
+    zeroed = [d.clone() for d in formed]
+    zeroed[0][drop_mask(drop, 0, n)] = 0.0
+    zeroed[2][drop_mask(drop, 0, n)] = 0.0
+
+    def job(deltas: list, drops: list) -> FusedJob:
+        return FusedJob(torch.empty(n), base, deltas, [0.5, 0.3, 0.4], keys=keys, windows=windows, bands=bands,
+                        consensus=consensus, normalize=True, divisor=1.2, lam=0.9, drops=drops)
+
+    reference = job(zeroed, [])
+    run_eager(reference, chunk=1000)
+    pairs = [PairDelta(s, base) for s in sources]
+    eager = job(pairs, [drop, None, drop])
+    run_eager(eager, chunk=1000)
+    assert torch.equal(eager.out.view(torch.int32), reference.out.view(torch.int32))
+    lib = native_library()
+    if lib is not None:
+        for deltas in (pairs, formed):
+            native = job(deltas, [drop, None, drop])
+            assert run_native_many(lib, [native], None) == [0]
+            assert torch.equal(native.out.view(torch.int32), reference.out.view(torch.int32))

@@ -41,6 +41,34 @@ MAX_SOURCES = 32
 CHUNK = 1 << 20  # elements per native call: enough to amortise the call, small enough to split
 
 
+@dataclass(frozen=True)
+class PairDelta:
+    """A task vector the fused pass forms itself, ``float32(source) - float32(base)`` block by block
+    (the lean plan's held tensors: both float32, torch.sub's values, or both bfloat16, widened
+    exactly as ``bf16_delta`` does), so no pass writes it and reads it back. ``base`` is the job's
+    own ``FusedJob.base``. Task-vector mode only; nothing may change its entries (``FusedJob.drops``
+    masks a tied cut's dropped ones instead)."""
+
+    source: torch.Tensor
+    base: torch.Tensor
+
+    def numel(self) -> int:
+        return self.source.numel()
+
+    def formed(self, start: int, end: int) -> torch.Tensor:
+        """Entries ``[start, end)`` of the task vector, formed (float32)."""
+        return self.source[start:end].float() - self.base[start:end].float()
+
+
+Delta = torch.Tensor | PairDelta
+
+
+def drop_mask(drop: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Entries ``[start, end)`` of a drop bitmap (``tie_order.tied_cut_drops``) as bools."""
+    index = torch.arange(start, end)
+    return ((drop[index // 64] >> (index % 64)) & 1).bool()
+
+
 @dataclass
 class FusedJob:
     """Everything one output tensor needs. Tensors are flat, contiguous, in the compute dtype
@@ -52,12 +80,13 @@ class FusedJob:
     Task-vector mode: mask each delta (by its key window ``keys[i] in [lo, hi)``, else by
     its magnitude band ``band_lo <= |delta| <= band_hi``, else keep all), scale it, weight
     it, optionally elect signs (``consensus``), sum, normalise, multiply by ``lam``, add to
-    ``base``.
+    ``base``. A delta may be a :class:`PairDelta` (task-vector mode), which ``drops`` can mask further:
+    a bitmap per delta (``tie_order.tied_cut_drops``) whose set entries become +0.0 once kept.
     """
 
     out: torch.Tensor
     base: torch.Tensor | None
-    deltas: Sequence[torch.Tensor]
+    deltas: Sequence[Delta]
     weights: Sequence[float]
     linear: bool = False
     base_weight: float | None = None
@@ -70,6 +99,7 @@ class FusedJob:
     divisor: float = 1.0  # without consensus: sum of weights (0 -> 1 handled by the caller)
     lam: float = 1.0
     fma: bool = False  # linear mode: add each term as torch's addcmul_ does (mergekit linear)
+    drops: Sequence[torch.Tensor | None] = ()
 
     def key(self, i: int) -> torch.Tensor | None:
         return self.keys[i] if self.keys else None
@@ -83,17 +113,27 @@ class FusedJob:
     def scale(self, i: int) -> float | None:
         return self.scales[i] if self.scales else None
 
+    def drop(self, i: int) -> torch.Tensor | None:
+        return self.drops[i] if self.drops else None
+
+    def delta(self, i: int, start: int, end: int) -> torch.Tensor:
+        """Delta ``i`` on ``[start, end)``, formed where it is a :class:`PairDelta`."""
+        delta = self.deltas[i]
+        return delta.formed(start, end) if isinstance(delta, PairDelta) else delta[start:end]
+
     def kept(self, i: int, start: int, end: int) -> torch.Tensor:
         """Delta ``i`` on ``[start, end)`` with dropped entries zeroed (eager)."""
-        delta = self.deltas[i][start:end]
-        key, band = self.key(i), self.band(i)
+        delta = self.delta(i, start, end)
+        key, band, drop = self.key(i), self.band(i), self.drop(i)
         if key is not None:
             lo, hi = self.window(i)
             keys = key[start:end]
-            return delta * ((keys >= lo) & (keys < hi)).to(delta.dtype)
-        if band is not None:
+            delta = delta * ((keys >= lo) & (keys < hi)).to(delta.dtype)
+        elif band is not None:
             magnitude = delta.abs()
-            return delta * ((magnitude >= band[0]) & (magnitude <= band[1])).to(delta.dtype)
+            delta = delta * ((magnitude >= band[0]) & (magnitude <= band[1])).to(delta.dtype)
+        if drop is not None:
+            delta = torch.where(drop_mask(drop, start, end), torch.zeros((), dtype=delta.dtype), delta)
         return delta
 
 
@@ -176,7 +216,7 @@ def consensus_mix(stacked: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
 
 def masked_l1_eager(job: FusedJob, i: int) -> float:
     """L1 norm of delta ``i`` after masking."""
-    return float(job.kept(i, 0, job.deltas[i].numel()).abs().sum())
+    return float(job.kept(i, 0, job.out.numel()).abs().sum())
 
 
 # -- native (CPU) ---------------------------------------------------------------------------
@@ -201,6 +241,9 @@ typedef struct {
     int32_t has_scale[MAXK];
     float weight[MAXK];
     const uint16_t *base16;        /* the base as bfloat16 (widened exactly per block), if set */
+    const void *src[MAXK];         /* a task vector formed here (PairDelta): its source ... */
+    int32_t src16[MAXK];           /* ... as bfloat16 (with base16), else float32 (with base) */
+    const uint64_t *drop[MAXK];    /* entries masked to +0.0 once kept (a tied cut's run), if set */
 } job_t;
 
 static inline float widen_bf16(uint16_t h) {
@@ -222,21 +265,39 @@ void bf16_delta(const uint16_t *source, const uint16_t *base, float *out, int64_
     stream_fence();
 }
 
-/* x = delta where kept, else 0 (for entries s .. s+n-1 of source i) */
-static void kept(const job_t *a, int i, int64_t s, int64_t n, float *x) {
-    const float *d = a->delta[i] + s;
-    if (a->key[i]) {
-        const int32_t *key = a->key[i] + s;
-        int32_t lo = (int32_t)a->lo[i], hi = (int32_t)a->hi[i];
-        for (int64_t j = 0; j < n; ++j) x[j] = ((key[j] >= lo) & (key[j] < hi)) ? d[j] : 0.0f;
-    } else if (a->has_band[i]) {
-        float lo = a->band_lo[i], hi = a->band_hi[i];
-        for (int64_t j = 0; j < n; ++j) {
-            float m = fabsf(d[j]);
-            x[j] = ((m >= lo) & (m <= hi)) ? d[j] : 0.0f;
-        }
+/* x = delta where kept, else 0 (for entries s .. s+n-1 of source i); a PairDelta's entries are
+   formed as they are masked (torch.sub's values, or bf16_delta's). One loop per case, each entry's
+   value given by VALUE (x aliases nothing, so each loop vectorises without overlap checks) */
+#define MASKED(VALUE) \
+    if (a->key[i]) { \
+        const int32_t *key = a->key[i] + s; \
+        int32_t lo = (int32_t)a->lo[i], hi = (int32_t)a->hi[i]; \
+        for (int64_t j = 0; j < n; ++j) { float v = (VALUE); x[j] = ((key[j] >= lo) & (key[j] < hi)) ? v : 0.0f; } \
+    } else if (a->has_band[i]) { \
+        float lo = a->band_lo[i], hi = a->band_hi[i]; \
+        for (int64_t j = 0; j < n; ++j) { float v = (VALUE), m = fabsf(v); x[j] = ((m >= lo) & (m <= hi)) ? v : 0.0f; } \
+    } else { \
+        for (int64_t j = 0; j < n; ++j) x[j] = (VALUE); \
+    }
+static void kept(const job_t *a, int i, int64_t s, int64_t n, float *restrict x) {
+    if (!a->src[i]) {
+        const float *d = a->delta[i] + s;
+        MASKED(d[j])
+    } else if (a->src16[i]) {
+        const uint16_t *src = (const uint16_t *)a->src[i] + s, *b = a->base16 + s;
+        MASKED(widen_bf16(src[j]) - widen_bf16(b[j]))
     } else {
-        for (int64_t j = 0; j < n; ++j) x[j] = d[j];
+        const float *src = (const float *)a->src[i] + s, *b = a->base + s;
+        MASKED(src[j] - b[j])
+    }
+    const uint64_t *drop = a->drop[i];
+    if (drop) {  /* a few set bits: words without one are passed over */
+        for (int64_t w = s >> 6; w <= (s + n - 1) >> 6; ++w) {
+            for (uint64_t m = drop[w]; m; m &= m - 1) {
+                int64_t e = (w << 6) + __builtin_ctzll(m) - s;
+                if (e >= 0 && e < n) x[e] = 0.0f;
+            }
+        }
     }
 }
 
@@ -341,6 +402,8 @@ class _Job(ctypes.Structure):
         ("scale", ctypes.c_float * MAX_SOURCES), ("has_scale", ctypes.c_int32 * MAX_SOURCES),
         ("weight", ctypes.c_float * MAX_SOURCES),
         ("base16", ctypes.c_void_p),
+        ("src", ctypes.c_void_p * MAX_SOURCES), ("src16", ctypes.c_int32 * MAX_SOURCES),
+        ("drop", ctypes.c_void_p * MAX_SOURCES),
     ]
 
 
@@ -390,15 +453,27 @@ def addcmul_fuses() -> bool:
 
 def native_supports(job: FusedJob) -> bool:
     """Whether the C kernel runs ``job``: float32 tensors on the CPU (the base may be bfloat16)."""
-    tensors = [job.out, *job.deltas]
+    pairs = [d for d in job.deltas if isinstance(d, PairDelta)]
+    tensors = [job.out, *(d for d in job.deltas if not isinstance(d, PairDelta))]
     base = job.base
     return (len(job.deltas) <= MAX_SOURCES
+            and all(pair_supported(job, pair) for pair in pairs)
             and (job.linear or sums_in_order(len(job.deltas), job.out.numel()))  # linear adds in order
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                     for t in tensors)
             and (base is None or (base.device.type == "cpu" and base.is_contiguous()
                                   and base.dtype in (torch.float32, torch.bfloat16)))
             and all(k is None or (k.dtype == torch.int32 and k.is_contiguous()) for k in job.keys))
+
+
+def pair_supported(job: FusedJob, pair: PairDelta) -> bool:
+    """Whether the C kernel forms ``pair`` in ``job``: task-vector mode, its base the job's own (as the
+    kernel reads it), both contiguous on the CPU, float32 or bfloat16 alike."""
+    base = job.base
+    return (not job.linear and base is not None and pair.base is base
+            and pair.source.dtype == base.dtype and base.dtype in (torch.float32, torch.bfloat16)
+            and pair.source.device.type == "cpu" and pair.source.is_contiguous()
+            and pair.source.numel() == job.out.numel())
 
 
 def _to_struct(job: FusedJob) -> _Job:
@@ -414,7 +489,13 @@ def _to_struct(job: FusedJob) -> _Job:
     s.base16 = job.base.data_ptr() if job.base is not None and not wide else None
     s.out = job.out.data_ptr()
     for i, delta in enumerate(job.deltas):
-        s.delta[i] = delta.data_ptr()
+        if isinstance(delta, PairDelta):
+            s.src[i] = delta.source.data_ptr()
+            s.src16[i] = int(delta.source.dtype == torch.bfloat16)
+        else:
+            s.delta[i] = delta.data_ptr()
+        drop = job.drop(i)
+        s.drop[i] = drop.data_ptr() if drop is not None else None
         key = job.key(i)
         s.key[i] = key.data_ptr() if key is not None else None
         s.lo[i], s.hi[i] = job.window(i)
@@ -453,7 +534,7 @@ def masked_l1_many(lib: ctypes.CDLL | None, items: Sequence[tuple[FusedJob, int]
         return [masked_l1_eager(job, i) for job, i in items]
     structs = {id(job): _to_struct(job) for job, _ in items}
     work = [(index, start, end) for index, (job, i) in enumerate(items)
-            for start, end in chunk_spans(job.deltas[i].numel(), CHUNK)]
+            for start, end in chunk_spans(job.out.numel(), CHUNK)]
 
     def one(item: tuple[int, int, int]) -> tuple[int, float]:
         index, start, end = item

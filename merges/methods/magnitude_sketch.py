@@ -16,7 +16,7 @@ None from ``histogram`` / ``gather_bucket``: no C compiler (the caller selects a
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -125,6 +125,53 @@ int64_t NAME(const T* source, const T* base, float* delta, int64_t n, int64_t bu
 }
 DELTA_GATHER(bf16_delta_gather, uint16_t, widen_bf16)
 DELTA_GATHER(f32_delta_gather, float, same_f32)
+
+/* the same gather with the delta formed only in the local block, not stored: for a task vector the
+   fused pass forms itself (fused.PairDelta) */
+#define PAIR_GATHER(NAME, T, WIDEN) \
+int64_t NAME(const T* source, const T* base, int64_t n, int64_t bucket, float* out) { \
+    float block[GATHER_STRETCH]; \
+    const float_bits_t* bits = (const float_bits_t*)block; \
+    BUCKET_RANGE(bucket) \
+    int64_t k = 0, i = 0; \
+    for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) { \
+        for (int j = 0; j < GATHER_STRETCH; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
+        k = gather_stretch(bits, 0, lo, span, nonzero, out, k); \
+    } \
+    int64_t m = n - i; \
+    for (int64_t j = 0; j < m; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
+    return gather_from(bits, 0, m, lo, span, nonzero, out, k); \
+}
+PAIR_GATHER(bf16_pair_gather, uint16_t, widen_bf16)
+PAIR_GATHER(f32_pair_gather, float, same_f32)
+
+/* PAIR_GATHER for k sources of one base in one pass (the base read once, not k times: these passes
+   are bound by memory traffic): source i's magnitudes with bits in [lo[i], lo[i] + span[i]) (nonzero
+   buckets only) into outs[i], their number into found[i] */
+#define MAX_GATHER 32
+#define PAIR_GATHER_MANY(NAME, T, WIDEN) \
+void NAME(const T* const* sources, const T* base, int32_t k, int64_t n, const uint32_t* lo, \
+          const uint32_t* span, float* const* outs, int64_t* found) { \
+    float block[GATHER_STRETCH]; \
+    const float_bits_t* bits = (const float_bits_t*)block; \
+    int64_t kk[MAX_GATHER] = {0}; \
+    int64_t i = 0; \
+    for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) { \
+        for (int32_t s = 0; s < k; ++s) { \
+            const T* source = sources[s]; \
+            for (int j = 0; j < GATHER_STRETCH; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
+            kk[s] = gather_stretch(bits, 0, lo[s], span[s], 1, outs[s], kk[s]); \
+        } \
+    } \
+    int64_t m = n - i; \
+    for (int32_t s = 0; s < k; ++s) { \
+        const T* source = sources[s]; \
+        for (int64_t j = 0; j < m; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
+        found[s] = gather_from(bits, 0, m, lo[s], span[s], 1, outs[s], kk[s]); \
+    } \
+}
+PAIR_GATHER_MANY(bf16_pair_gather_many, uint16_t, widen_bf16)
+PAIR_GATHER_MANY(f32_pair_gather_many, float, same_f32)
 """.replace("@BUCKETS@", str(BUCKETS))
 
 
@@ -145,6 +192,14 @@ def _library() -> ctypes.CDLL | None:
     for name in ("bf16_delta_gather", "f32_delta_gather"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_int64
+    for name in ("bf16_pair_gather_many", "f32_pair_gather_many"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        getattr(lib, name).restype = None
+    for name in ("bf16_pair_gather", "f32_pair_gather"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p]
         getattr(lib, name).restype = ctypes.c_int64
     return lib
 
@@ -189,6 +244,55 @@ def delta_gather(source: np.ndarray, base: np.ndarray, delta: np.ndarray, bucket
     return out
 
 
+def pair_gather(source: np.ndarray, base: np.ndarray, bucket: int, count: int) -> np.ndarray:
+    """``delta_gather``'s result without storing the delta: the ``count`` magnitudes in ``bucket`` of
+    ``float32(source) - float32(base)`` (the same inputs: float32 arrays, or bfloat16 bit patterns)."""
+    lib = _library()
+    assert lib is not None, "pair_gather follows a histogram, which needs the kernel"
+    assert source.dtype == base.dtype and source.itemsize in (2, 4) and source.size == base.size
+    assert source.dtype == np.float32 or source.itemsize == 2
+    assert source.flags.c_contiguous and base.flags.c_contiguous
+    out = np.empty(count, dtype=np.float32)
+    kernel = lib.f32_pair_gather if source.itemsize == 4 else lib.bf16_pair_gather
+    found = kernel(source.ctypes.data, base.ctypes.data, source.size, bucket, out.ctypes.data)
+    assert found == count, (found, count)
+    return out
+
+
+MAX_GATHER = 32  # sources per pair_gather_many call (the C source's MAX_GATHER)
+
+
+def bucket_bits(first: int, last: int) -> tuple[int, int]:
+    """The magnitude bits ``[lo, lo + span)`` of the nonzero buckets ``first`` .. ``last``."""
+    assert 1 <= first <= last < BUCKETS
+    return (first - 1) << 16, (last - first + 1) << 16
+
+
+def pair_gather_many(sources: list[np.ndarray], base: np.ndarray, buckets: list[tuple[int, int]],
+                     counts: list[int]) -> list[np.ndarray]:
+    """``pair_gather`` for several sources of one base in one pass (the base read once): source
+    ``i``'s magnitudes in its nonzero buckets ``buckets[i]`` (first, last), ``counts[i]`` of them,
+    in index order."""
+    lib = _library()
+    assert lib is not None, "pair_gather_many follows a histogram, which needs the kernel"
+    k = len(sources)
+    assert 0 < k <= MAX_GATHER and len(buckets) == len(counts) == k
+    assert all(s.dtype == base.dtype and s.size == base.size and s.flags.c_contiguous for s in sources)
+    assert base.flags.c_contiguous and (base.dtype == np.float32 or base.itemsize == 2)
+    outs = [np.empty(count, dtype=np.float32) for count in counts]
+    bounds = [bucket_bits(first, last) for first, last in buckets]
+    pointers = (ctypes.c_void_p * k)(*[s.ctypes.data for s in sources])
+    out_pointers = (ctypes.c_void_p * k)(*[o.ctypes.data for o in outs])
+    lo = np.array([b[0] for b in bounds], dtype=np.uint32)
+    span = np.array([b[1] for b in bounds], dtype=np.uint32)
+    found = np.zeros(k, dtype=np.int64)
+    kernel = lib.f32_pair_gather_many if base.dtype == np.float32 else lib.bf16_pair_gather_many
+    kernel(pointers, base.ctypes.data, k, base.size, lo.ctypes.data, span.ctypes.data, out_pointers,
+           found.ctypes.data)
+    assert found.tolist() == list(counts), (found, counts)
+    return outs
+
+
 Gather = Callable[[int, int], np.ndarray]
 """(bucket, count) -> that bucket's ``count`` magnitudes in index order (``gather_bucket``'s result)."""
 
@@ -209,6 +313,28 @@ class SketchedOrder:
 
     def numel(self) -> int:
         return self._size
+
+    def missing(self, indices: Sequence[int]) -> tuple[int, int] | None:
+        """The nonzero buckets (first, last) that hold ``indices`` and are not gathered yet (None:
+        nothing to gather): for a caller that gathers several orders' buckets in one pass."""
+        wanted = sorted({int(np.searchsorted(self._ends, i, side="right")) for i in indices
+                         if 0 <= i < self._size and i not in self._found})
+        wanted = [b for b in wanted if b != 0 and b not in self._gathered]
+        return (wanted[0], wanted[-1]) if wanted else None
+
+    def count(self, first: int, last: int) -> int:
+        """Entries in buckets ``first`` .. ``last``."""
+        return int(self._counts[first:last + 1].sum())
+
+    def supply(self, first: int, last: int, values: np.ndarray) -> None:
+        """The magnitudes of buckets ``first`` .. ``last`` (``count`` of them), gathered elsewhere."""
+        if first == last:
+            self._gathered[first] = values
+            return
+        of = (values.view(np.uint32) >> 16).astype(np.int64) + 1  # each value's bucket
+        for bucket in range(first, last + 1):
+            if self._counts[bucket]:
+                self._gathered[bucket] = values[of == bucket]
 
     def __getitem__(self, index: int) -> float:
         found = self._found.get(index)

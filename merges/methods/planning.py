@@ -10,13 +10,13 @@ for all tensors at once (L1 rescale factors, tied-cut sort positions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
 
-from merges.methods.fused import FusedJob
+from merges.methods.fused import Delta, FusedJob
 from merges.methods.registry import MethodSpec
 
 BASE = -1  # model index of the base; sources are 0..K-1
@@ -68,6 +68,11 @@ class TensorContext(Protocol):
     def delta(self, model: int) -> torch.Tensor:
         """Model ``model``'s tensor minus the base (flat; the tensor itself without a base)."""
 
+    def task_vector(self, model: int) -> Delta:
+        """``delta`` for a ``FusedJob``'s ``deltas`` alone: possibly a ``PairDelta`` the fused pass
+        forms itself. Asked before the cut's lookups, so that a lean engine does not form it while
+        it selects; nothing else may read it (ask ``delta`` for that)."""
+
     def tensor(self, model: int) -> torch.Tensor:
         """Model ``model``'s own tensor (flat; read again from its checkpoint on first use, since
         base + delta is not always the source in floating point and mergekit uses the source)."""
@@ -83,6 +88,12 @@ class TensorContext(Protocol):
 
     def sorted_magnitudes(self, model: int) -> torch.Tensor:
         """``|delta|`` ascending (CPU), for magnitude bands."""
+
+    def prefetch_sorted(self, wanted: Mapping[int, Sequence[int]]) -> None:
+        """Say which ascending positions of ``|delta|`` ``sorted_magnitudes(model)`` will be read at,
+        per model (positions the cuts read, for task vectors asked for by ``task_vector``): a lean
+        engine then finds them for every model in one pass over the tensors. A hint: nothing else
+        changes."""
 
     def rank(self, key: RankKey) -> torch.Tensor | None:
         """mergekit's sort positions of a delta, if already computed (else None)."""

@@ -111,6 +111,15 @@ def magnitude_band(ascending: torch.Tensor, keep: int) -> Band | None:
     return outlier_band(ascending, n - keep, n)
 
 
+def magnitude_band_positions(numel: int, keep: int) -> tuple[int, ...]:
+    """The ascending positions ``magnitude_band(ascending, keep)`` reads (of ``numel``): the two
+    around the cut, for an engine that finds them all before the bands are asked for."""
+    if keep <= 0 or keep >= numel:
+        return ()
+    lo = numel - keep
+    return (lo - 1, lo)
+
+
 def outlier_band(ascending: torch.Tensor, lo: int, hi: int) -> Band | None:
     """Band that keeps ascending ranks ``[lo, hi)``; None when a tie makes it ambiguous."""
     n = ascending.numel()

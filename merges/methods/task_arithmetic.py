@@ -15,11 +15,12 @@ import torch
 
 from merges.errors import RecipeError
 from merges.methods import sparsify
-from merges.methods.fused import FusedJob, consensus_mix
+from merges.methods.fused import Delta, FusedJob, consensus_mix
 from merges.methods.planning import Plan, RankKey, TensorContext
 from merges.methods.registry import FAMILY
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
+PAIRED = (None, "magnitude", "random")  # sparsifiers whose deltas only the fused pass reads (ctx.task_vector)
 
 
 def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -106,16 +107,27 @@ def plan(ctx: TensorContext) -> Plan:
     lam = float(ctx.global_value("lambda"))
     name, numel, positions = ctx.name, ctx.numel, ctx.positions
     models = [ctx.model_of(p) for p in positions]
-    deltas: list[torch.Tensor] = []
+    deltas: list[Delta] = []
     keys: list[torch.Tensor | None] = []
     windows: list[tuple[int, int]] = []
     to_rescale: list[int] = []
     pending: list[tuple[int, RankKey]] = []
     bands: list[sparsify.Band | None] = []
     kind = family.sparsification
+    if kind == "magnitude" and not rescale:  # the cuts of task vectors asked for by task_vector, below
+        wanted: dict[int, list[int]] = {}
+        for position, model in zip(positions, models, strict=True):
+            if densities[position] < 1 and ctx.rank(("descending", name, model)) is None:
+                count = sparsify.magnitude_keep_count(densities[position], numel)
+                wanted.setdefault(model, []).extend(sparsify.magnitude_band_positions(numel, count))
+        if wanted:
+            ctx.prefetch_sorted(wanted)
     for item, (position, model) in enumerate(zip(positions, models, strict=True)):
-        delta: torch.Tensor | None = None  # formed after the cut's lookups: a lean engine may form it while it selects
+        delta: Delta | None = None  # formed after the cut's lookups: a lean engine may form it while it selects
         density = densities[position]
+        # a delta the fused pass alone reads (not rescaled, no DELLA): asked for before the lookups,
+        # so a lean engine that hands it out not formed selects without forming it
+        vector = ctx.task_vector(model) if kind in PAIRED and not (rescale and density < 1) else None
         key, window, band = None, (0, 0), None
         if kind == "magnitude" and density < 1:
             count = sparsify.magnitude_keep_count(density, numel)
@@ -149,7 +161,9 @@ def plan(ctx: TensorContext) -> Plan:
         masked = key is not None or band is not None or (pending and pending[-1][0] == item)
         if masked and rescale and not (kind == "magnitude" and density <= 0):
             to_rescale.append(item)
-        deltas.append(ctx.delta(model) if delta is None else delta)
+        if delta is None:
+            delta = vector if vector is not None and item not in to_rescale else ctx.delta(model)
+        deltas.append(delta)
         keys.append(key)
         windows.append(window)
         bands.append(band if key is None else None)

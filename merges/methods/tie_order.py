@@ -53,20 +53,48 @@ static int straddles(int64_t first, int64_t last, int64_t cut) { return first < 
 
 typedef uint32_t __attribute__((may_alias)) float_bits_t;  /* a float's bits, read in place */
 
-/* The words of values[a, b) into scratch[a, b) (see tied_cut_keys: a magnitude's bits, or
+/* Where a replay's magnitudes come from: ``values`` itself (a formed delta; kind MAGS_VALUES), or a
+   task vector not formed, source - base entry by entry (MAGS_F32: two float32 tensors, torch.sub's
+   values; MAGS_BF16: two bfloat16 tensors widened exactly, fused.bf16_delta's values): the same
+   float32 numbers, so the same words and the same replay, without a pass that writes the delta. */
+#define MAGS_VALUES 0
+#define MAGS_F32 1
+#define MAGS_BF16 2
+typedef struct { const void* values; const void* base; int kind; } mags_t;
+
+/* MARK: what a dropped entry of the tied run becomes: +0.0f in ``values`` (tied_cut_apply), or its bit
+   set in the bitmap ``drop`` (tied_cut_drops: a task vector not formed) */
+#define MARK(values, drop, i) do { uint32_t i_ = (i); \
+    if (values) values[i_] = 0.0f; else drop[i_ >> 6] |= 1ull << (i_ & 63); } while (0)
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bf16_widen(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* The words of the magnitudes [a, b) into scratch[a, b) (see tied_cut_keys: a magnitude's bits, or
    TIED_FLAG | index for one equal to ``tied``), adding the counts before and equal to ``tied`` and
-   of NaNs; a loop without an exit, so that it vectorises (the replay's other passes are scans) */
+   of NaNs; loops without an exit, so that they vectorise (the replay's other passes are scans) */
+#define WORDS_LOOP(BITS) { \
+    for (int64_t i = a; i < b; ++i) { \
+        uint32_t bits = (BITS) & 0x7fffffffu; \
+        nan += bits > 0x7f800000u; \
+        uint32_t is_tied = bits == tied; \
+        bf += desc ? bits > tied : bits < tied; \
+        e += is_tied; \
+        scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits; \
+    } }
 __attribute__((optimize("tree-vectorize")))
-static void only_words(const float_bits_t* values, int64_t a, int64_t b, int desc, uint32_t tied, uint32_t* scratch,
+static void only_words(const mags_t* m, int64_t a, int64_t b, int desc, uint32_t tied, uint32_t* scratch,
                        int64_t* before, int64_t* equal, int64_t* nans) {
     int64_t bf = 0, e = 0, nan = 0;
-    for (int64_t i = a; i < b; ++i) {
-        uint32_t bits = values[i] & 0x7fffffffu;
-        nan += bits > 0x7f800000u;
-        uint32_t is_tied = bits == tied;
-        bf += desc ? bits > tied : bits < tied;
-        e += is_tied;
-        scratch[i] = is_tied ? (TIED_FLAG | (uint32_t)i) : bits;
+    if (m->kind == MAGS_F32) {
+        const float* s = (const float*)m->values; const float* z = (const float*)m->base;
+        WORDS_LOOP(f32_bits(s[i] - z[i]))
+    } else if (m->kind == MAGS_BF16) {
+        const uint16_t* s = (const uint16_t*)m->values; const uint16_t* z = (const uint16_t*)m->base;
+        WORDS_LOOP(f32_bits(bf16_widen(s[i]) - bf16_widen(z[i])))
+    } else {
+        const float_bits_t* v = (const float_bits_t*)m->values;
+        WORDS_LOOP(v[i])
     }
     *before += bf; *equal += e; *nans += nan;
 }
@@ -76,7 +104,7 @@ static void only_words(const float_bits_t* values, int64_t a, int64_t b, int des
    words formed are always [first, ls) and [rs, last) (the scanned stretches) and the median of
    three's entries; a stretch formed later keeps those (they may have been swapped already). */
 typedef struct {
-    const float_bits_t* values;  /* the magnitudes the words are formed from */
+    mags_t mags;                 /* the magnitudes the words are formed from */
     int64_t early[3];            /* formed before the median of three: first + 1, mid, last - 1 */
     int64_t before, equal, nans; /* only_words' counts, of every entry once */
     int desc;
@@ -87,8 +115,8 @@ static void lazy_form(lazy_t* lz, uint32_t* x, int64_t a, int64_t b) {
     if (!lz || a >= b) return;
     uint32_t kept[3];
     for (int j = 0; j < 3; ++j) if (lz->early[j] >= a && lz->early[j] < b) kept[j] = x[lz->early[j]];
-    if (lz->desc) only_words(lz->values, a, b, 1, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
-    else only_words(lz->values, a, b, 0, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
+    if (lz->desc) only_words(&lz->mags, a, b, 1, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
+    else only_words(&lz->mags, a, b, 0, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
     for (int j = 0; j < 3; ++j) if (lz->early[j] >= a && lz->early[j] < b) x[lz->early[j]] = kept[j];
 }
 
@@ -98,9 +126,9 @@ static void lazy_early(lazy_t* lz, uint32_t* x, int64_t first, int64_t mid, int6
     if (!lz) return;
     lz->early[0] = first + 1; lz->early[1] = mid; lz->early[2] = last - 1;
     int64_t uncounted = 0;
-    for (int j = 0; j < 3; ++j) only_words(lz->values, lz->early[j], lz->early[j] + 1, lz->desc, lz->tied, x,
+    for (int j = 0; j < 3; ++j) only_words(&lz->mags, lz->early[j], lz->early[j] + 1, lz->desc, lz->tied, x,
                                            &uncounted, &uncounted, &uncounted);
-    only_words(lz->values, first, first + 1, lz->desc, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
+    only_words(&lz->mags, first, first + 1, lz->desc, lz->tied, x, &lz->before, &lz->equal, &lz->nans);
 }
 
 /* ``blocked``: 0 Hoare's scalar loop alone (the reference), 1 blocks scanned one entry at a time,
@@ -151,6 +179,19 @@ static int word_scan_right_avx2(const uint32_t* x, uint32_t pivot, uint32_t t, i
     }
     return n;
 }
+/* 16 magnitudes' float32 bits (sign included) from entry i on, as only_words forms them */
+__attribute__((target("avx512f,avx512dq,bmi2,popcnt")))
+static inline __attribute__((always_inline)) __m512i mags16(const mags_t* m, int64_t i) {
+    if (m->kind == MAGS_F32)
+        return _mm512_castps_si512(_mm512_sub_ps(_mm512_loadu_ps((const float*)m->values + i),
+                                                 _mm512_loadu_ps((const float*)m->base + i)));
+    if (m->kind == MAGS_BF16) {
+        __m512i s = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)m->values + i))), 16);
+        __m512i z = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)m->base + i))), 16);
+        return _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(s), _mm512_castsi512_ps(z)));
+    }
+    return _mm512_loadu_si512((const uint32_t*)m->values + i);
+}
 /* ``blocked`` 3: the words' block loop with AVX-512 (where the CPU has it, else as 2). A scan keeps
    each block's stoppers as a bit mask and their words compressed in scan order, so the k-th left
    and k-th right stopper are paired by rank: the m pairs of a step are written by expanding the
@@ -169,7 +210,7 @@ static inline __attribute__((always_inline)) int word_scan512(
         int64_t at = right ? -16 * s - 15 : 16 * s;
         __m512i v, k;
         if (form) {  /* the words formed here from the magnitudes (only_words, 16 at a time) */
-            __m512i bits = _mm512_and_si512(_mm512_loadu_si512(lz->values + index + at), _mm512_set1_epi32(0x7fffffff));
+            __m512i bits = _mm512_and_si512(mags16(&lz->mags, index + at), _mm512_set1_epi32(0x7fffffff));
             __mmask16 tied = _mm512_cmpeq_epi32_mask(bits, tv);
             nans += __builtin_popcount(_mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(0x7f800000)));
             before += __builtin_popcount(desc ? _mm512_cmpgt_epu32_mask(bits, tv) : _mm512_cmplt_epu32_mask(bits, tv));
@@ -290,15 +331,15 @@ static void word_blocks512(uint32_t* x, uint32_t pivot, uint32_t t, int desc, la
     else word_blocks512_impl(x, pivot, t, 0, lz, ls, rs, lo, hi);
 }
 
-/* tied_cut_apply's last step with AVX-512: each flagged word of scratch[p, n) zeroes its entry of
-   ``values``, found 16 words at a time by their sign bits (about one stretch of 64 in three holds
-   none here, so walking each stretch that holds one entry by entry cost the most); returns where
-   it stopped (the rest, under 16 words, as before) */
+/* tied_cut_apply's last step with AVX-512: each flagged word of scratch[p, n) marks its entry,
+   found 16 words at a time by their sign bits (about one stretch of 64 in three holds none here, so
+   walking each stretch that holds one entry by entry cost the most); returns where it stopped (the
+   rest, under 16 words, as before) */
 __attribute__((target("avx512f,avx512dq")))
-static int64_t zero_flagged512(float* values, const uint32_t* scratch, int64_t p, int64_t n) {
+static int64_t mark_flagged512(float* values, uint64_t* drop, const uint32_t* scratch, int64_t p, int64_t n) {
     for (; p + 16 <= n; p += 16) {
         uint32_t m = _mm512_movepi32_mask(_mm512_loadu_si512(scratch + p));
-        for (; m; m &= m - 1) values[scratch[p + __builtin_ctz(m)] & ~TIED_FLAG] = 0.0f;
+        for (; m; m &= m - 1) MARK(values, drop, scratch[p + __builtin_ctz(m)] & ~TIED_FLAG);
     }
     return p;
 }
@@ -500,19 +541,15 @@ static int64_t word_partition_first(uint32_t* x, int64_t n, int desc, uint32_t t
     return desc ? word_partition_impl(x, 0, n, 1, t, blocked, lz) : word_partition_impl(x, 0, n, 0, t, blocked, lz);
 }
 
-/* The same replay, its result applied to ``values`` in place instead of written as keys: each entry
-   of the tied run that ``tied_cut_keys`` would drop becomes +0.0f (what the fused kernel's mask gives
-   a dropped entry); the entries past the run (below it descending, above it ascending) are left as
-   they are, for the caller's magnitude band (tie_order.applied_band) to drop, so no int32 key per
-   entry is stored and no pass writes them. ``values`` is changed only on success (0); -1 / -2 as
-   for tied_cut_keys. The first partition forms the words (no pass of its own); introsort's loop
-   then goes on from it as word_select_range would (the right part first, one depth level spent). */
-int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
-                       uint32_t* scratch, int32_t blocked) {
+/* The same replay, its selection left in ``scratch``: each word of [keep, n) that is flagged is an
+   entry of the tied run that ``tied_cut_keys`` would drop. The first partition forms the words (no
+   pass of its own); introsort's loop then goes on from it as word_select_range would (the right part
+   first, one depth level spent). 0 on success, -1 / -2 as for tied_cut_keys. */
+static int64_t tied_cut_select(const mags_t* mags, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
+                               uint32_t* scratch, int32_t blocked) {
     int64_t before = 0, equal = 0, nans = 0;
-    const float_bits_t* bits = (const float_bits_t*)values;
     if (n > 16 && blocked) {
-        lazy_t lz = {bits, {0, 0, 0}, 0, 0, 0, desc, tied};
+        lazy_t lz = {*mags, {0, 0, 0}, 0, 0, 0, desc, tied};
         int64_t cut = word_partition_first(scratch, n, desc, tied, blocked, &lz);
         if (lz.nans) return -2;  /* NaN: not ordered like a bit pattern */
         if (!(lz.before < keep && keep < lz.before + lz.equal)) return -2;
@@ -520,27 +557,55 @@ int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uin
         if (word_select_range(scratch, cut, n, depth, desc, 0, keep, tied, blocked)) return -1;
         if (word_select_range(scratch, 0, cut, depth, desc, 0, keep, tied, blocked)) return -1;
     } else {
-        if (desc) only_words(bits, 0, n, 1, tied, scratch, &before, &equal, &nans);
-        else only_words(bits, 0, n, 0, tied, scratch, &before, &equal, &nans);
+        if (desc) only_words(mags, 0, n, 1, tied, scratch, &before, &equal, &nans);
+        else only_words(mags, 0, n, 0, tied, scratch, &before, &equal, &nans);
         if (nans) return -2;
         if (!(before < keep && keep < before + equal)) return -2;
         if (n > 1 && word_select_range(scratch, 0, n, word_depth_limit(n), desc, 0, keep, tied, blocked)) return -1;
     }
-    /* the run's entries past the cut: a small share of [keep, n), so stretches without one are
-       passed over by a test that vectorises */
+    return 0;
+}
+
+/* each entry of the tied run past the cut marked (MARK); they are a small share of [keep, n), so
+   stretches without one are passed over by a test that vectorises */
+static void mark_dropped(float* values, uint64_t* drop, const uint32_t* scratch, int64_t keep, int64_t n,
+                         int32_t blocked) {
     int64_t p = keep;
 #ifdef VECTOR_SCANS
-    if (blocked == 3 && has_avx512()) p = zero_flagged512(values, scratch, p, n);
+    if (blocked == 3 && has_avx512()) p = mark_flagged512(values, drop, scratch, p, n);
 #endif
     for (; p + 64 <= n; p += 64) {
         uint32_t any = 0;
         for (int j = 0; j < 64; ++j) any |= scratch[p + j] & TIED_FLAG;
         if (any) for (int j = 0; j < 64; ++j)
-            if (scratch[p + j] & TIED_FLAG) values[scratch[p + j] & ~TIED_FLAG] = 0.0f;
+            if (scratch[p + j] & TIED_FLAG) MARK(values, drop, scratch[p + j] & ~TIED_FLAG);
     }
     for (; p < n; ++p)
-        if (scratch[p] & TIED_FLAG) values[scratch[p] & ~TIED_FLAG] = 0.0f;
-    return 0;
+        if (scratch[p] & TIED_FLAG) MARK(values, drop, scratch[p] & ~TIED_FLAG);
+}
+
+/* The replay's result applied to ``values`` in place instead of written as keys: each entry of the
+   tied run that ``tied_cut_keys`` would drop becomes +0.0f (what the fused kernel's mask gives a
+   dropped entry); the entries past the run (below it descending, above it ascending) are left as
+   they are, for the caller's magnitude band (tie_order.applied_band) to drop, so no int32 key per
+   entry is stored and no pass writes them. ``values`` is changed only on success (0). */
+int64_t tied_cut_apply(float* values, int64_t n, int64_t keep, int32_t desc, uint32_t tied,
+                       uint32_t* scratch, int32_t blocked) {
+    mags_t mags = {values, 0, MAGS_VALUES};
+    int64_t status = tied_cut_select(&mags, n, keep, desc, tied, scratch, blocked);
+    if (status == 0) mark_dropped(values, 0, scratch, keep, n, blocked);
+    return status;
+}
+
+/* The same for a task vector not formed (``source - base``, kind MAGS_F32 or MAGS_BF16): the
+   entries it would zero get their bit set in ``drop`` (n bits, zeroed by the caller), which the
+   fused kernel reads as a mask. ``drop`` is changed only on success (0). */
+int64_t tied_cut_drops(const void* source, const void* base, int32_t kind, int64_t n, int64_t keep, int32_t desc,
+                       uint32_t tied, uint32_t* scratch, int32_t blocked, uint64_t* drop) {
+    mags_t mags = {source, base, kind};
+    int64_t status = tied_cut_select(&mags, n, keep, desc, tied, scratch, blocked);
+    if (status == 0) mark_dropped(0, drop, scratch, keep, n, blocked);
+    return status;
 }
 """
 
@@ -584,6 +649,9 @@ def _library() -> ctypes.CDLL | None:
     lib.tied_cut_apply.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                    ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int32]
     lib.tied_cut_apply.restype = ctypes.c_int64
+    lib.tied_cut_drops.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_int32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+    lib.tied_cut_drops.restype = ctypes.c_int64
     for name in ("pair_partition_once", "word_partition_once"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32,
                                        ctypes.c_int32]
@@ -714,3 +782,35 @@ def tied_cut_apply(delta: torch.Tensor, keep: int, tied: float, *, descending: b
     bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
     return lib.tied_cut_apply(delta.data_ptr(), n, keep, int(descending), bits, scratch.data_ptr(),
                               BLOCKED if blocked else 0) == 0
+
+
+MAGS_KINDS = {torch.float32: 1, torch.bfloat16: 2}  # the C source's MAGS_F32, MAGS_BF16
+
+
+def drop_words(numel: int) -> int:
+    """64-bit words of a ``tied_cut_drops`` bitmap of ``numel`` entries."""
+    return -(-numel // 64)
+
+
+def tied_cut_drops(source: torch.Tensor, base: torch.Tensor, keep: int, tied: float, *, descending: bool,
+                   scratch: torch.Tensor | None = None, blocked: bool = True) -> torch.Tensor | None:
+    """``tied_cut_apply``'s selection for a task vector not formed, ``source - base`` (flat contiguous
+    CPU tensors, both float32 or both bfloat16: the float32 values torch's subtraction or
+    ``fused.bf16_delta`` gives): instead of zeroing entries, a bitmap (int64 words, bit ``i % 64`` of
+    word ``i // 64``) with a bit set for each entry of the tied run that selection drops, for the fused
+    kernel (``FusedJob.drops``) to mask. None where the replay cannot be used."""
+    kind = MAGS_KINDS.get(source.dtype)
+    if (kind is None or base.dtype != source.dtype or source.device.type != "cpu" or base.device.type != "cpu"
+            or not (source.is_contiguous() and base.is_contiguous()) or source.numel() != base.numel()
+            or source.numel() >= DROPPED or not _agrees_with_torch()):
+        return None
+    lib = _library()
+    assert lib is not None
+    n = source.numel()
+    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]
+    assert scratch.dtype == torch.int32 and scratch.is_contiguous()
+    drop = torch.zeros(drop_words(n), dtype=torch.int64)
+    bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+    status = lib.tied_cut_drops(source.data_ptr(), base.data_ptr(), kind, n, keep, int(descending), bits,
+                                scratch.data_ptr(), BLOCKED if blocked else 0, drop.data_ptr())
+    return drop if status == 0 else None
