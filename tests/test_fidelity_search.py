@@ -14,6 +14,7 @@ import random
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -210,6 +211,46 @@ def test_cmaes_generations_fill_with_stopped_members(tmp_path: Path, llama_famil
         last_promoted = stage - 1 if trial.state == TrialState.PRUNED else 3
         assert trial.system_attrs.get(PROMOTED_ATTR, 0) == last_promoted
 
+
+
+def test_the_inline_pool_runs_a_held_recipe_s_next_stage_first_and_tells_in_submitted_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CMA-ES queues a generation: a trial promoted after its stage waits behind the others'. Its
+    # next stage runs while the model still holds its merge, but the loop is told the outcomes in
+    # the order it submitted them (its decisions depend on what was told before).
+    import search.pool as pool_module
+    from search.worker import TrialOutcome, WorkerSetup
+
+    runs: list[tuple[str, list[int], bool]] = []  # recipe, rows, merged for it
+
+    class Worker:
+        def __init__(self, setup: WorkerSetup) -> None:
+            self.merged: dict | None = None
+
+        def holds(self, recipe: dict) -> bool:
+            return recipe == self.merged
+
+        def evaluate(self, recipe: dict, split: str = "search", rows: dict | None = None) -> TrialOutcome:
+            merge = rows is None or recipe != self.merged
+            self.merged = recipe if rows is not None else None
+            runs.append((recipe["name"], list((rows or {}).get("t", [])), merge))
+            return TrialOutcome({"t": 1.0}, 0.0, 0.0, rows={"t": tuple(float(r) for r in (rows or {}).get("t", []))})
+
+    monkeypatch.setattr(pool_module, "TrialWorker", Worker)
+    monkeypatch.setattr(pool_module, "check_local_memory", lambda setup: SimpleNamespace(plan="resident"))
+    pool = pool_module.InlinePool(WorkerSetup("base", (), (), "cpu", "float32", 1))
+    a, b = {"name": "a"}, {"name": "b"}
+    pool.submit(0, a, rows={"t": [0, 1]})
+    pool.submit(1, b, rows={"t": [0, 1]})
+    assert [ticket for ticket, _ in pool.wait()] == [0]
+    pool.submit(0, a, rows={"t": [2, 3]})  # promoted: queued behind trial 1
+    pool.submit(2, a)  # every row (baselines, finalize): merged, never run early
+    told = [pool.wait() for _ in range(3)]
+    assert [[ticket for ticket, _ in out] for out in told] == [[1], [0], [2]]
+    assert told[1][0][1].rows == {"t": (2.0, 3.0)}  # trial 0's second stage
+    assert runs == [("a", [0, 1], True), ("a", [2, 3], False), ("b", [0, 1], True), ("a", [], True)]
+    assert pool.wait() == []
 
 def test_per_task_studies_stop_dominated_trials(tmp_path: Path, llama_family: TinyFamily) -> None:
     path = staged_study(tmp_path, llama_family, trials=6, sampler="nsga2", objective="per_task", population=4)
