@@ -124,6 +124,34 @@ def test_prefix_rows_are_stored_apart_from_full_rows() -> None:
     assert trial_prefix_rows(stopped)["a"].tolist() == [1.0, 0.0, 1.0]  # type: ignore[index]
 
 
+
+def test_stage_peers_are_each_finished_trial_s_own_rows_decoded_once() -> None:
+    from fitness.fidelity import study_row_order
+    from search.staged import stages_of
+
+    task_rows = {"a": 6, "b": 6}
+    stages = stages_of(FidelityConfig(first_stage=4, growth=2.0, rule="rank"), study_row_order(task_rows, 3),
+                       task_rows)
+    rng = np.random.default_rng(0)
+    full = {task: rng.random(6) for task in task_rows}  # file order
+    prefixes = [{task: rng.random(3) for task in task_rows} for _ in range(2)]  # study order, same lengths
+
+    def finished(state: TrialState, rows: dict[str, str]) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(state=state, value=None if state == TrialState.PRUNED else 0.5,
+                                         user_attrs={"kind": "search"}, system_attrs={"rows_search": rows})
+
+    trials = [finished(TrialState.COMPLETE, {t: encode_rows(v) for t, v in full.items()})] + [
+        finished(TrialState.PRUNED, {t: encode_prefix(v.tolist(), 6) for t, v in rows.items()}) for rows in prefixes]
+    held = {"a": 2, "b": 3}
+    expected = [{t: stages.in_study_order(full)[t][:n] for t, n in held.items()}] + [
+        {t: rows[t][:n] for t, n in held.items()} for rows in prefixes]
+    for _ in range(2):  # decoded, then from the decoded texts
+        peers = stages.stage_peer_rows(trials, held)
+        assert [{t: v.tolist() for t, v in p.items()} for p in peers] == [
+            {t: v.tolist() for t, v in p.items()} for p in expected]
+    # a stopped trial's prefix is the decoded array itself, shared by every later decision: read-only
+    assert all(not v.flags.writeable for p in peers[1:] for v in p.values())
+
 # -- the loop -------------------------------------------------------------------------------
 
 
