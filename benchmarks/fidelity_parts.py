@@ -4,7 +4,8 @@ One seed of the study (default: the demo study), run with the real driver on its
 only (no finalize), scored on every row (``--mode full``) or in stages (``--mode multi``, the
 schedule of ``--first-stage`` ... ``--promote``; by default the README's recommended one).
 Timers wrap the loop's parts from outside, so the same script measures an older commit too
-(``PYTHONPATH`` at that tree): what the worker reports for each evaluation (``merge``;
+(``PYTHONPATH`` at that tree, ``--study`` that tree's demo study: the demo family must be the
+tree's own): what the worker reports for each evaluation (``merge``;
 ``score_s1`` ... per stage, ``score_s0`` without stages) and, in the driver, the stage
 decisions (``decide``: ``search.staged.StudyStages.decide``), Optuna's ``tell`` (``tell``) and
 the write-behind storage's flushes (``flush``); ``other`` is the rest of the loop's wall time
