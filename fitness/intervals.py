@@ -148,8 +148,23 @@ def _draw_means(columns: np.ndarray, resamples: int, rng: np.random.Generator) -
     parts = []
     for start in range(0, resamples, block):
         picks = rng.integers(0, rows, size=(min(block, resamples - start), rows))
-        parts.append(columns[picks].mean(axis=1))
+        parts.append(_picked_means(columns, picks))
     return np.concatenate(parts, axis=0)
+
+
+def _picked_means(columns: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """``columns[picks].mean(axis=1)`` (``(draws, trials)``: each draw's mean per trial), bit for bit.
+
+    One trial: that expression itself (numpy sums each draw's contiguous rows pairwise). Several:
+    numpy sums ``columns[picks]``'s strided row axis one row after another, in row order, with an
+    inner loop as short as the trials; ``np.take`` along the rows, drawn row first, then reduced
+    over that leading axis adds the same rows in the same order with one long inner loop
+    (5-10x faster at 2 trials; ``tests/test_intervals.py`` holds the two equal bit for bit).
+    """
+    rows, width = columns.shape
+    if width == 1:
+        return columns[picks].mean(axis=1)
+    return np.add.reduce(np.take(columns, picks.T, axis=0), axis=0) / rows
 
 
 def aggregate(task_means: Mapping[str, np.ndarray], objective: str, weights: Mapping[str, float] | None,

@@ -179,6 +179,11 @@ def _model_device(model: PreTrainedModel) -> torch.device:
 
 @contextmanager
 def _eval_mode(model: PreTrainedModel) -> Iterator[None]:
+    if not any(module.training for module in model.modules()):
+        # already in eval mode throughout (a trial worker's model): eval() and train(False) would
+        # each walk and set every module (~0.5 ms a call on the demo's model, several calls per stage)
+        yield
+        return
     was_training = model.training
     model.eval()
     try:

@@ -58,6 +58,7 @@ class InlinePool:
         estimate = check_local_memory(setup)
         self._worker = TrialWorker(replace(setup, engine_plan=estimate.plan))
         self._queue: deque[tuple[int, dict, str, Mapping[str, Sequence[int]] | None]] = deque()
+        self._ahead: dict[int, TrialOutcome] = {}  # queued stages evaluated before their turn (see wait)
 
     def submit(self, ticket: int, recipe: dict, split: str = "search",
                rows: Mapping[str, Sequence[int]] | None = None) -> None:
@@ -69,17 +70,32 @@ class InlinePool:
         return max(0, self.size - len(self._queue))
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]:
-        """Run the oldest queued trial and return it ([] when nothing is queued)."""
+        """Run the oldest queued trial and return it ([] when nothing is queued).
+
+        Outcomes come back in the order submitted: the loop decides each stage on the trials told
+        before it (``search.staged``), so that order is part of the study. What runs first may
+        differ: a stage of the recipe the model holds (a trial promoted after the stage just told,
+        queued behind a CMA-ES generation) is evaluated before the oldest trial merges over it,
+        and kept until its turn; the same outcome (an evaluation depends on its recipe and rows
+        alone), without merging that recipe again.
+        """
         if not self._queue:
             return []
         ticket, recipe, split, rows = self._queue.popleft()
-        return [(ticket, self._worker.evaluate(recipe, split, rows))]
+        outcome = self._ahead.pop(ticket, None)
+        if outcome is None:
+            for later, later_recipe, later_split, later_rows in self._queue:
+                if later_rows is not None and later not in self._ahead and self._worker.holds(later_recipe):
+                    self._ahead[later] = self._worker.evaluate(later_recipe, later_split, later_rows)
+            outcome = self._worker.evaluate(recipe, split, rows)
+        return [(ticket, outcome)]
 
     def pending(self) -> list[int]:
         return [ticket for ticket, _, _, _ in self._queue]
 
     def close(self) -> None:
         self._queue.clear()
+        self._ahead.clear()
 
 
 def make_pool(setup: WorkerSetup, execution: ExecutionConfig) -> WorkerPool:

@@ -26,7 +26,7 @@ which say it in the words of :func:`stopped_early`.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -203,10 +203,11 @@ def rows_attr(rows: Mapping[str, Sequence[float]]) -> dict[str, str]:
 
 
 def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
-               split: str = "search") -> dict[str, np.ndarray] | None:
+               split: str = "search", *, decode: Callable[[str], np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
     """A trial's per-row values on ``split`` (task -> float64 array in the study's row order),
     or None when it has none stored (not scored on that split; a task without per-row values,
-    such as an lm-eval metric lm-eval does not average, leaves its task out)."""
+    such as an lm-eval metric lm-eval does not average, leaves its task out). ``decode``: what
+    decodes each task's text (default :func:`decode_rows`; ``search.staged`` passes a memo)."""
     if split == "search":
         raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
     else:
@@ -214,7 +215,8 @@ def trial_rows(trial: FrozenTrial, study_user_attrs: Mapping[str, object],
         raw = None if record is None else record.rows
     if not isinstance(raw, Mapping) or not raw or any(str(text).startswith(_PREFIX) for text in raw.values()):
         return None  # none stored, or a stopped trial's prefix (trial_prefix_rows)
-    return {str(task): decode_rows(str(text)) for task, text in raw.items()}
+    decode = decode or decode_rows
+    return {str(task): decode(str(text)) for task, text in raw.items()}
 
 
 def prefix_rows_attr(rows: Mapping[str, Sequence[float]], task_rows: Mapping[str, int]) -> dict[str, str]:
@@ -222,13 +224,15 @@ def prefix_rows_attr(rows: Mapping[str, Sequence[float]], task_rows: Mapping[str
     return {task: encode_prefix(values, task_rows[task]) for task, values in rows.items()}
 
 
-def trial_prefix_rows(trial: FrozenTrial) -> dict[str, np.ndarray] | None:
+def trial_prefix_rows(trial: FrozenTrial, *, decode: Callable[[str], np.ndarray] | None = None
+                      ) -> dict[str, np.ndarray] | None:
     """A trial's search rows scored in stages (task -> prefix of the study's row order), or
-    None when it holds none or holds every row (file order: :func:`trial_rows`)."""
+    None when it holds none or holds every row (file order: :func:`trial_rows`); ``decode`` as there."""
     raw = trial.system_attrs.get(ROWS_SEARCH_ATTR)
     if not isinstance(raw, Mapping) or not raw or not all(str(t).startswith(_PREFIX) for t in raw.values()):
         return None
-    return {str(task): decode_rows(str(text)) for task, text in raw.items()}
+    decode = decode or decode_rows
+    return {str(task): decode(str(text)) for task, text in raw.items()}
 
 
 def row_ids(examples_by_task: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, dict[str, object]]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import optuna
@@ -43,7 +43,13 @@ from search import ranking
 from search.baselines import source_baseline_name, source_references
 from search.errors import SearchError
 from search.plan import StudyPlan
-from search.records import EXAMPLE_ROWS_ATTR, FIDELITY_ATTR, trial_prefix_rows, trial_rows
+from search.records import (
+    EXAMPLE_ROWS_ATTR,
+    FIDELITY_ATTR,
+    decode_rows,
+    trial_prefix_rows,
+    trial_rows,
+)
 
 PROMOTED_ATTR = "fidelity_promoted"
 """Trial system attr: the last stage a running trial was promoted after (``search.loop``; a re-run of
@@ -59,6 +65,8 @@ class StudyStages:
     sizes: tuple[int, ...]  # rows held after each stage, all tasks together
     task_rows: dict[str, int]  # task -> search rows
     task_order: dict[str, np.ndarray]  # task -> file-order index of each row of the task's order
+    # stored row texts -> their values (read-only): every decision reads every finished trial's rows
+    _decoded: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def total(self) -> int:
@@ -98,10 +106,11 @@ class StudyStages:
         sources_rows: dict[str, dict[str, np.ndarray]] = {}
         for label in plan.labels:
             baseline = by_name.get(source_baseline_name(label))
-            rows = None if baseline is None else trial_rows(baseline, {})
+            rows = None if baseline is None else trial_rows(baseline, {}, decode=self._decode)
             if rows is not None:
                 sources_rows[label] = self.in_study_order(rows)
-        incumbents = [self.in_study_order(rows) for rows in _incumbent_rows(trials, plan, config.objective)]
+        incumbents = [self.in_study_order(rows)
+                      for rows in _incumbent_rows(trials, plan, config.objective, decode=self._decode)]
         held = {task: len(v) for task, v in trial_rows_so_far.items()}
         peers = self.stage_peer_rows(trials, held) if self.config.rule == RULE_RANK else []
         return decide({task: np.asarray(v, dtype=np.float64) for task, v in trial_rows_so_far.items()},
@@ -118,12 +127,24 @@ class StudyStages:
         for trial in trials:
             if ranking.kind(trial) != ranking.KIND_SEARCH or trial.state.name not in ("COMPLETE", "PRUNED"):
                 continue
-            full = trial_rows(trial, {})
-            rows = self.in_study_order(full) if full is not None else trial_prefix_rows(trial)
+            full = trial_rows(trial, {}, decode=self._decode)
+            rows = self.in_study_order(full) if full is not None else trial_prefix_rows(trial, decode=self._decode)
             if rows is None or any(task not in rows or rows[task].size < n for task, n in held.items()):
                 continue  # stopped before this stage (or stored without per-row values)
             peers.append({task: rows[task][:n] for task, n in held.items()})
         return peers
+
+    def _decode(self, text: str) -> np.ndarray:
+        """``records.decode_rows`` once per stored text (a finished trial's rows never change; its
+        values read-only, since every later decision shares them)."""
+        values = self._decoded.get(text)
+        if values is None:
+            if len(self._decoded) >= 65536:  # a long study: start over rather than grow without end
+                self._decoded.clear()
+            values = decode_rows(text)
+            values.flags.writeable = False
+            self._decoded[text] = values
+        return values
 
 
 def study_stages(study: optuna.Study, plan: StudyPlan) -> StudyStages | None:
@@ -169,13 +190,16 @@ def stages_of(config: FidelityConfig, order: RowOrder, task_rows: Mapping[str, i
                        {task: np.asarray(rows, dtype=np.int64) for task, rows in task_order.items()})
 
 
-def _incumbent_rows(trials: Sequence[FrozenTrial], plan: StudyPlan, objective: str) -> list[dict[str, np.ndarray]]:
+def _incumbent_rows(trials: Sequence[FrozenTrial], plan: StudyPlan, objective: str, *,
+                    decode: Callable[[str], np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
     """The rows (file order) of the trials a stage is compared with: the best feasible trial scored
     on every row (``per_task``: each one on the Pareto front), baselines included."""
-    scored = [(t, rows) for t in ranking.ranked(trials, plan.directions) if ranking.is_feasible(t)
-              and (rows := trial_rows(t, {})) is not None]
-    if objective != "per_task":
-        return [rows for _, rows in scored[:1]]
+    candidates = ((t, trial_rows(t, {}, decode=decode)) for t in ranking.ranked(trials, plan.directions)
+                  if ranking.is_feasible(t))
+    if objective != "per_task":  # the best one only: the others' rows are not decoded
+        best = next((rows for _, rows in candidates if rows is not None), None)
+        return [] if best is None else [best]
+    scored = [(t, rows) for t, rows in candidates if rows is not None]
     if not scored:
         return []
     signed = np.array([[v if d == "maximize" else -v for v, d in zip(ranking.raw_values(t), plan.directions,

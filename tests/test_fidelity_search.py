@@ -14,6 +14,7 @@ import random
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -123,6 +124,34 @@ def test_prefix_rows_are_stored_apart_from_full_rows() -> None:
     assert trial_prefix_rows(stopped)["a"].tolist() == [1.0, 0.0, 1.0]  # type: ignore[index]
 
 
+
+def test_stage_peers_are_each_finished_trial_s_own_rows_decoded_once() -> None:
+    from fitness.fidelity import study_row_order
+    from search.staged import stages_of
+
+    task_rows = {"a": 6, "b": 6}
+    stages = stages_of(FidelityConfig(first_stage=4, growth=2.0, rule="rank"), study_row_order(task_rows, 3),
+                       task_rows)
+    rng = np.random.default_rng(0)
+    full = {task: rng.random(6) for task in task_rows}  # file order
+    prefixes = [{task: rng.random(3) for task in task_rows} for _ in range(2)]  # study order, same lengths
+
+    def finished(state: TrialState, rows: dict[str, str]) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(state=state, value=None if state == TrialState.PRUNED else 0.5,
+                                         user_attrs={"kind": "search"}, system_attrs={"rows_search": rows})
+
+    trials = [finished(TrialState.COMPLETE, {t: encode_rows(v) for t, v in full.items()})] + [
+        finished(TrialState.PRUNED, {t: encode_prefix(v.tolist(), 6) for t, v in rows.items()}) for rows in prefixes]
+    held = {"a": 2, "b": 3}
+    expected = [{t: stages.in_study_order(full)[t][:n] for t, n in held.items()}] + [
+        {t: rows[t][:n] for t, n in held.items()} for rows in prefixes]
+    for _ in range(2):  # decoded, then from the decoded texts
+        peers = stages.stage_peer_rows(trials, held)
+        assert [{t: v.tolist() for t, v in p.items()} for p in peers] == [
+            {t: v.tolist() for t, v in p.items()} for p in expected]
+    # a stopped trial's prefix is the decoded array itself, shared by every later decision: read-only
+    assert all(not v.flags.writeable for p in peers[1:] for v in p.values())
+
 # -- the loop -------------------------------------------------------------------------------
 
 
@@ -210,6 +239,46 @@ def test_cmaes_generations_fill_with_stopped_members(tmp_path: Path, llama_famil
         last_promoted = stage - 1 if trial.state == TrialState.PRUNED else 3
         assert trial.system_attrs.get(PROMOTED_ATTR, 0) == last_promoted
 
+
+
+def test_the_inline_pool_runs_a_held_recipe_s_next_stage_first_and_tells_in_submitted_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CMA-ES queues a generation: a trial promoted after its stage waits behind the others'. Its
+    # next stage runs while the model still holds its merge, but the loop is told the outcomes in
+    # the order it submitted them (its decisions depend on what was told before).
+    import search.pool as pool_module
+    from search.worker import TrialOutcome, WorkerSetup
+
+    runs: list[tuple[str, list[int], bool]] = []  # recipe, rows, merged for it
+
+    class Worker:
+        def __init__(self, setup: WorkerSetup) -> None:
+            self.merged: dict | None = None
+
+        def holds(self, recipe: dict) -> bool:
+            return recipe == self.merged
+
+        def evaluate(self, recipe: dict, split: str = "search", rows: dict | None = None) -> TrialOutcome:
+            merge = rows is None or recipe != self.merged
+            self.merged = recipe if rows is not None else None
+            runs.append((recipe["name"], list((rows or {}).get("t", [])), merge))
+            return TrialOutcome({"t": 1.0}, 0.0, 0.0, rows={"t": tuple(float(r) for r in (rows or {}).get("t", []))})
+
+    monkeypatch.setattr(pool_module, "TrialWorker", Worker)
+    monkeypatch.setattr(pool_module, "check_local_memory", lambda setup: SimpleNamespace(plan="resident"))
+    pool = pool_module.InlinePool(WorkerSetup("base", (), (), "cpu", "float32", 1))
+    a, b = {"name": "a"}, {"name": "b"}
+    pool.submit(0, a, rows={"t": [0, 1]})
+    pool.submit(1, b, rows={"t": [0, 1]})
+    assert [ticket for ticket, _ in pool.wait()] == [0]
+    pool.submit(0, a, rows={"t": [2, 3]})  # promoted: queued behind trial 1
+    pool.submit(2, a)  # every row (baselines, finalize): merged, never run early
+    told = [pool.wait() for _ in range(3)]
+    assert [[ticket for ticket, _ in out] for out in told] == [[1], [0], [2]]
+    assert told[1][0][1].rows == {"t": (2.0, 3.0)}  # trial 0's second stage
+    assert runs == [("a", [0, 1], True), ("a", [2, 3], False), ("b", [0, 1], True), ("a", [], True)]
+    assert pool.wait() == []
 
 def test_per_task_studies_stop_dominated_trials(tmp_path: Path, llama_family: TinyFamily) -> None:
     path = staged_study(tmp_path, llama_family, trials=6, sampler="nsga2", objective="per_task", population=4)

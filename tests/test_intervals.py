@@ -117,3 +117,22 @@ def test_bad_rows_name_the_task_and_row() -> None:
         objective_interval({"x": [1.0, 0.0]}, objective="median")
     with pytest.raises(FitnessError, match="trial 1 has tasks"):
         objective_difference_interval({"x": [1.0, 0.0]}, {"y": [1.0, 0.0]}, objective="mean")
+
+
+def test_bootstrap_means_are_numpys_fancy_index_mean_bit_for_bit() -> None:
+    # the draws decide which trials a study stops (fitness.fidelity): a faster mean must keep every bit.
+    # Floats over 8 decades make the summation order visible (pairwise and row-by-row sums differ).
+    rng = np.random.default_rng(17)
+    for rows, width in [(2, 2), (9, 1), (9, 2), (33, 3), (200, 2), (600, 5), (4000, 2)]:
+        trials = [{"t": rng.standard_normal(rows) * 10.0 ** rng.uniform(-4, 4, rows), "u": rng.random(3)}
+                  for _ in range(width)]
+        _, draws = resampled_task_means(trials, resamples=300, seed=5)
+        stream = np.random.default_rng(5)  # the same draws, taken as the module takes them
+        for task in ("t", "u"):
+            columns = np.stack([np.asarray(trial[task]) for trial in trials], axis=1)
+            block = max(1, (1 << 21) // columns.size)  # rows 4000 x 2: two blocks of draws
+            expected = np.concatenate([
+                columns[stream.integers(0, len(columns), size=(min(block, 300 - start), len(columns)))].mean(axis=1)
+                for start in range(0, 300, block)])
+            assert draws[task].shape == (300, width)
+            assert np.array_equal(draws[task].view(np.int64), expected.view(np.int64)), (rows, width, task)

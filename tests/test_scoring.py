@@ -227,6 +227,20 @@ def test_results_do_not_depend_on_batching_or_train_mode(gpt2: Trained) -> None:
         gpt2.model.eval()
 
 
+
+def test_dropout_left_on_under_a_model_in_eval_mode_is_off_while_scoring(gpt2: Trained) -> None:
+    # scoring skips switching modes when nothing is in train mode; a submodule that is must still count
+    loglik = load_task(TaskSpec("toy", gpt2.data_file, metric="loglik"), gpt2.tokenizer).search
+    reference = score_examples(gpt2.model, loglik)
+    dropouts = [m for m in gpt2.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and not gpt2.model.training
+    for module in dropouts:
+        module.train()
+    try:
+        assert score_examples(gpt2.model, loglik) == reference
+    finally:
+        gpt2.model.eval()
+
 def _left_padded(batch: EncodedBatch) -> EncodedBatch:
     """The same rows with their padding moved to the front."""
     shifts = (batch.attention_mask == 0).sum(dim=1).tolist()
