@@ -34,7 +34,13 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import EXACT_FLAGS, STREAM_STORE_C, build_library, chunk_spans
+from merges.methods.native import (
+    EXACT_FLAGS,
+    STREAM_STORE_C,
+    WIDEN_BF16_C,
+    build_library,
+    chunk_spans,
+)
 from merges.methods.sum_order import sums_in_order
 
 MAX_SOURCES = 32
@@ -221,7 +227,7 @@ def masked_l1_eager(job: FusedJob, i: int) -> float:
 
 # -- native (CPU) ---------------------------------------------------------------------------
 
-_C_SOURCE = STREAM_STORE_C + r"""
+_C_SOURCE = STREAM_STORE_C + WIDEN_BF16_C + r"""
 #include <math.h>
 #define MAXK @MAXK@
 #define BLOCK 512
@@ -245,13 +251,6 @@ typedef struct {
     int32_t src16[MAXK];           /* ... as bfloat16 (with base16), else float32 (with base) */
     const uint64_t *drop[MAXK];    /* entries masked to +0.0 once kept (a tied cut's run), if set */
 } job_t;
-
-static inline float widen_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* out = float(source) - float(base) of two bfloat16 tensors: the float32 task vector, as torch's
    cast then subtraction gives it (both widenings exact, one float32 subtraction) */

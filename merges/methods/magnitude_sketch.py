@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from merges.methods.native import EXACT_FLAGS, STREAM_STORE_C, build_library
+from merges.methods.native import EXACT_FLAGS, STREAM_STORE_C, WIDEN_BF16_C, build_library
 
 BUCKETS = (0x7F800000 >> 16) + 2
 """Exact zero, then one bucket per top-16-bit pattern up to +inf's."""
@@ -29,7 +29,7 @@ MIN_NUMEL = 1 << 16
 """Tensors smaller than this are selected from directly (cheap); no sketch is kept for them."""
 COUNT_BYTES = 4  # int32 counts (a tensor has fewer than 2**31 entries)
 
-_C_SOURCE = STREAM_STORE_C + r"""
+_C_SOURCE = STREAM_STORE_C + WIDEN_BF16_C + r"""
 
 #define BUCKETS @BUCKETS@
 
@@ -92,13 +92,6 @@ int64_t gather_bucket(const float* values, int64_t n, int64_t bucket, float* out
     int64_t k = 0, i = 0;
     for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) k = gather_stretch(bits, i, lo, span, nonzero, out, k);
     return gather_from(bits, i, n, lo, span, nonzero, out, k);
-}
-
-static inline float widen_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 static inline float same_f32(float v) { return v; }

@@ -55,6 +55,19 @@ static inline void stream_fence(void) {
 """C included by kernels that write a large output once (``fused``, ``magnitude_sketch``): x86
 streaming stores with a plain copy elsewhere (``#if``: other CPUs compile the memcpy)."""
 
+WIDEN_BF16_C = r"""
+#include <stdint.h>
+#include <string.h>
+/* a bfloat16 bit pattern as the float32 it is (exact: the 16 low bits of the float are zero) */
+static inline float widen_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+"""
+"""C included by the kernels that read bfloat16 tensors (``fused``, ``magnitude_sketch``, ``tie_order``)."""
+
 
 def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
     """[0, n) as consecutive ``(start, end)`` spans of at most ``chunk`` entries, one native call

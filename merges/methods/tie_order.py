@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from merges.methods.native import EXACT_FLAGS, build_library
+from merges.methods.native import EXACT_FLAGS, WIDEN_BF16_C, build_library
 
 DROPPED = 2**31 - 1  # the key of an entry outside the window: no window reaches it
 BLOCKED = 3  # the C replay's fastest block loop (``blocked`` in the C source), each falling back to the CPU's best
@@ -68,7 +68,6 @@ typedef struct { const void* values; const void* base; int kind; } mags_t;
     if (values) values[i_] = 0.0f; else drop[i_ >> 6] |= 1ull << (i_ & 63); } while (0)
 
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float bf16_widen(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 /* The words of the magnitudes [a, b) into scratch[a, b) (see tied_cut_keys: a magnitude's bits, or
    TIED_FLAG | index for one equal to ``tied``), adding the counts before and equal to ``tied`` and
@@ -91,7 +90,7 @@ static void only_words(const mags_t* m, int64_t a, int64_t b, int desc, uint32_t
         WORDS_LOOP(f32_bits(s[i] - z[i]))
     } else if (m->kind == MAGS_BF16) {
         const uint16_t* s = (const uint16_t*)m->values; const uint16_t* z = (const uint16_t*)m->base;
-        WORDS_LOOP(f32_bits(bf16_widen(s[i]) - bf16_widen(z[i])))
+        WORDS_LOOP(f32_bits(widen_bf16(s[i]) - widen_bf16(z[i])))
     } else {
         const float_bits_t* v = (const float_bits_t*)m->values;
         WORDS_LOOP(v[i])
@@ -623,7 +622,7 @@ _NO_LAZY = dict.fromkeys(_LAZY, "")
 # the words' block loop with AVX-512 (``blocked`` 3), Hoare's loop resuming after it as after the blocks
 _VECTOR_BLOCKS = ("\n#ifdef VECTOR_SCANS\n    if (blocked == 3 && has_avx512()) {\n"
                   "        word_blocks512(x, pivot, t, desc, lz, &ls, &rs, &lo, &hi);\n        blocked = 0;\n    }\n#endif")
-_C_SOURCE = (string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
+_C_SOURCE = (WIDEN_BF16_C + string.Template(_C_HEADER).substitute(BLOCK=PARTITION_BLOCK, MASK_OFFSETS=_MASK_OFFSETS)
              + string.Template(_C_REPLAY).substitute(P="pair_", T="pair_t", K="float", KEY="PAIR_KEY",
                                                      VECTOR_LEFT="", VECTOR_RIGHT="", VECTOR_BLOCKS="", **_NO_LAZY)
              + string.Template(_C_REPLAY).substitute(P="word_", T="uint32_t", K="uint32_t", KEY="WORD_KEY",
