@@ -58,7 +58,9 @@ sorted ones. Memory: the held checkpoints and histograms plus one chunk's deltas
 vector only the fused pass reads: ``_task_vector``; a formed TIES delta's tied cut zeroes its run's
 dropped entries in place and a magnitude band drops the rest, no keys; over bf16 checkpoints in
 float32 no float32 base: see ``_narrow_base``), the keys its method draws and sort temporaries; the
-live model is built from the held base (``new_model``), not mapped from the file again.
+live model is built from the held base (``new_model``), not mapped from the file again. A source
+tensor equal to the base's bit for bit is held once (the base's tensor stands for it; stream does
+not read it per chunk): most of a LoRA-merged fine-tune's tensors.
 
 ``"stream"`` is the lean plan holding no checkpoint: each chunk's tensors of the base and the
 sources are read when the chunk runs, as the lean plan would hold them (``_held_dtype``), into
@@ -494,9 +496,10 @@ class MergeEngine:
             if not self._floating[name]:
                 self._fixed[name] = self._anchor.read(name, device=self._device).reshape(-1)
         models = ([self._anchor] if self._base_ckpt is not None else []) + list(self._sources)
-        for checkpoint in models:
+        for index, checkpoint in enumerate(models):
             for name in self._names:
-                self._held.setdefault(name, []).append(self._hold(checkpoint, name))
+                base = self._held[name][0] if index > 0 and self._base_ckpt is not None else None
+                self._held.setdefault(name, []).append(self._hold(checkpoint, name, base))
             checkpoint.release()
         self._build_sketches()
 
@@ -596,10 +599,16 @@ class MergeEngine:
         narrower = stored.itemsize < self._dtype.itemsize and type(checkpoint) is Checkpoint
         return stored if narrower else self._dtype
 
-    def _hold(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
-        """The lean plan's copy of one tensor (flat, ``_held_dtype``), in memory of its own."""
+    def _hold(self, checkpoint: Checkpoint, name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The lean plan's copy of one tensor (flat, ``_held_dtype``), in memory of its own; where it
+        is ``base`` (the held base tensor) bit for bit, that tensor itself: a fine-tune leaves many
+        tensors as the base (a LoRA-merged one most of them), and nothing writes to held tensors."""
         dtype = self._held_dtype(checkpoint, name)
-        held = checkpoint.read(name, device=self._device, dtype=dtype).reshape(-1).clone()
+        read = checkpoint.read(name, device=self._device, dtype=dtype).reshape(-1)
+        if (base is not None and base.dtype == read.dtype and base.numel() == read.numel()
+                and torch.equal(read.view(torch.uint8), base.view(torch.uint8))):
+            return base
+        held = read.clone()
         self._check_finite(checkpoint, name, held, held)
         return held
 
@@ -930,9 +939,10 @@ class MergeEngine:
         if self._stream:
             self._held = {}
 
-    def _read_chunk(self, names: Sequence[str], arena: Arena) -> list[tuple[str, Future[torch.Tensor]]]:
+    def _read_chunk(self, names: Sequence[str], arena: Arena) -> list[tuple[str, Future[torch.Tensor] | None]]:
         """Stream: start reading the chunk's tensors of every checkpoint into ``arena`` (on the
-        reader threads); ``_held``'s entries, in order, once done."""
+        reader threads); ``_held``'s entries, in order, once done. A source tensor found at load to be
+        the base's bit for bit (``_same``) is not read: None, the base's tensor stands for it."""
         if self._reader is None:
             self._reader = ThreadPoolExecutor(2, thread_name_prefix="stream-read")
         reader = self._reader
@@ -944,8 +954,9 @@ class MergeEngine:
             return self._read_held(checkpoint, name, buffer)
 
         arena.reset()  # its last chunk was merged and dropped before this one was asked for
-        return [(name, reader.submit(read, name, i)) for name in dict.fromkeys(names) if self._floating[name]
-                for i in range(len(self._models))]
+        based = self._base_ckpt is not None
+        return [(name, None if based and i > 0 and (name, i - 1) in self._same else reader.submit(read, name, i))
+                for name in dict.fromkeys(names) if self._floating[name] for i in range(len(self._models))]
 
     def _prefetch(self, groups: Sequence[Sequence[str]]) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Stream: each group's held tensors, in turn; the next group's are read (into the other
@@ -955,13 +966,13 @@ class MergeEngine:
         try:
             for i in range(len(groups)):
                 held: dict[str, list[torch.Tensor]] = {}
-                for name, future in pending:
-                    held.setdefault(name, []).append(future.result())
+                for name, future in pending:  # None: a source tensor left as the base, not read
+                    held.setdefault(name, []).append(held[name][0] if future is None else future.result())
                 pending = (self._read_chunk(groups[i + 1], self._read_arenas[(i + 1) % 2])
                            if i + 1 < len(groups) else [])
                 yield held
         finally:
-            wait([future for _, future in pending])
+            wait([future for _, future in pending if future is not None])
 
     def _run(self, recipe: Recipe, outputs: Sequence[tuple[_Target, torch.Tensor]]) -> None:
         if not self._lean:

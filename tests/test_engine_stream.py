@@ -173,7 +173,8 @@ def test_sources_left_as_the_base_read_zeros_and_merge_the_same(llama_family: Ti
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A source tensor equal to the base bit for bit (what a LoRA-merged fine-tune leaves in most
     tensors) is not subtracted per trial: lean and stream read its task vector from one zero buffer,
-    and every method still gives the resident plan's bits. A tensor that differs from the base only
+    lean holds it once (the base's tensor) and stream does not read it, and every method still gives
+    the resident plan's bits. A tensor that differs from the base only
     by -0.0 against +0.0 has a -0.0 delta there, so it is not taken for one."""
     from merges.methods import magnitude_sketch
 
@@ -202,9 +203,25 @@ def test_sources_left_as_the_base_read_zeros_and_merge_the_same(llama_family: Ti
     for plan in ("lean", "stream"):
         engine = MergeEngine(*open_family(family), device="cpu", plan=plan, threads=2)
         assert engine._same == same, plan
+        if plan == "lean":  # such a tensor is held once: the source's entry is the base's tensor
+            assert all((engine._held[n][i + 1] is engine._held[n][0]) == ((n, i) in same)
+                       for n in floating for i in range(3))
+        else:  # and stream does not read it: the chunk's base tensor stands for it
+            reads: list[tuple[str, int]] = []
+            read_held = engine._read_held
+
+            def counted(checkpoint: object, name: str, out: torch.Tensor | None = None, _read: object = read_held,
+                        _models: list = engine._models, _reads: list = reads) -> torch.Tensor:
+                _reads.append((name, _models.index(checkpoint) - 1))
+                return _read(checkpoint, name, out)  # type: ignore[operator]
+
+            monkeypatch.setattr(engine, "_read_held", counted)
         for method in sorted(RECIPES):
             r = recipe(family, method, *RECIPES[method])
             assert_same(resident.materialize(r), engine.materialize(r), (plan, method))
+        if plan == "stream":
+            assert reads and not set(reads) & same  # every other source tensor is read
+            assert {(n, i) for n in floating for i in range(3) if (n, i) not in same} <= set(reads)
         assert engine._zeros is not None and not engine._zeros.any()  # never written
     # float8 checkpoints are held as stored, one byte per entry: compared bit for bit too
     f8 = torch.tensor([0.5, -0.0, 0.0, 2.0]).to(torch.float8_e4m3fn)
