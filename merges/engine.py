@@ -278,15 +278,16 @@ class MergeEngine:
         return self._plan_name
 
     def resident_bytes(self) -> int:
-        """Bytes of every tensor the engine holds (inputs and cached statistics)."""
+        """Bytes of every tensor the engine holds (inputs and cached statistics), each tensor once
+        (lean holds a source tensor left as the base as the base's tensor itself)."""
         tensors: list[torch.Tensor] = [*self._base.values(), *self._fixed.values(),
                                        *self._random.values(), *self._ascending.values(),
                                        *self._rank.values(), *self._exact.values()]
         for group in (self._deltas, self._della_position, self._held):
             for per_source in group.values():
                 tensors.extend(per_source)
-        return (sum(t.numel() * t.element_size() for t in tensors)
-                + sum(counts.nbytes for counts in self._sketch.values()))
+        distinct = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in tensors}
+        return sum(distinct.values()) + sum(counts.nbytes for counts in self._sketch.values())
 
     def new_model(self, *, trust_remote_code: bool = False) -> transformers.PreTrainedModel:
         """A live model of the base's config with the base's weights, on the engine's device.
