@@ -185,8 +185,8 @@ def test_lean_engine_with_sketches_matches_resident(tmp_path: Path, monkeypatch:
 @given(st.integers(1, 300), st.integers(-2, 305))
 @settings(max_examples=60, deadline=None)
 def test_magnitude_band_reads_only_the_positions_it_names(numel: int, keep: int) -> None:
-    """``sparsify.magnitude_band_positions`` is what ``magnitude_band`` reads (a lean engine gathers
-    exactly those before the band is asked for)."""
+    """``sparsify.magnitude_band_positions`` names every position ``magnitude_band`` reads (a lean
+    engine gathers those before the band is asked for)."""
     from merges.methods import sparsify
 
     read: set[int] = set()
@@ -200,8 +200,7 @@ def test_magnitude_band_reads_only_the_positions_it_names(numel: int, keep: int)
             return float(index // 3)  # ties in runs of three: both branches of the tie test
 
     sparsify.magnitude_band(Recording(), keep)  # type: ignore[arg-type]
-    assert read <= set(sparsify.magnitude_band_positions(numel, keep))
-    assert read == set(sparsify.magnitude_band_positions(numel, keep)) or not read
+    assert read <= set(sparsify.magnitude_band_positions(numel, keep))  # (a zero at the cut reads one less)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
