@@ -205,7 +205,7 @@ def test_magnitude_band_reads_only_the_positions_it_names(numel: int, keep: int)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_pass_gather_of_several_sources_is_each_sources_gather(dtype: torch.dtype) -> None:
-    """``pair_gather_many`` gives each source what ``pair_gather`` gives it bucket by bucket (a range
+    """``pair_gather_many`` gives each source what ``gather_bucket`` gives its formed delta bucket by bucket (a range
     of two buckets included), and ``SketchedOrder.supply`` files them so the order's values match."""
     _native()
     generator = torch.Generator().manual_seed(11)
@@ -224,8 +224,8 @@ def test_one_pass_gather_of_several_sources_is_each_sources_gather(dtype: torch.
         [s.view(bits).numpy() for s in sources], base.view(bits).numpy(), buckets,
         [int(c[first:last + 1].sum()) for c, (first, last) in zip(counts, buckets, strict=True)])
     for source, c, (first, last), values in zip(sources, counts, buckets, found, strict=True):
-        one = np.concatenate([magnitude_sketch.pair_gather(source.view(bits).numpy(), base.view(bits).numpy(),
-                                                           b, int(c[b])) for b in range(first, last + 1)])
+        delta = (source.float() - base.float()).numpy()  # the formed task vector, gathered bucket by bucket
+        one = np.concatenate([magnitude_sketch.gather_bucket(delta, b, int(c[b])) for b in range(first, last + 1)])
         assert np.array_equal(np.sort(one.view(np.uint32)), np.sort(values.view(np.uint32)))
     ascending = np.sort(np.abs(deltas[0]))
     order = magnitude_sketch.SketchedOrder(counts[0], lambda b, k: pytest.fail("gathered again"))

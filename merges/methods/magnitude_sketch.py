@@ -119,27 +119,9 @@ int64_t NAME(const T* source, const T* base, float* delta, int64_t n, int64_t bu
 DELTA_GATHER(bf16_delta_gather, uint16_t, widen_bf16)
 DELTA_GATHER(f32_delta_gather, float, same_f32)
 
-/* the same gather with the delta formed only in the local block, not stored: for a task vector the
-   fused pass forms itself (fused.PairDelta) */
-#define PAIR_GATHER(NAME, T, WIDEN) \
-int64_t NAME(const T* source, const T* base, int64_t n, int64_t bucket, float* out) { \
-    float block[GATHER_STRETCH]; \
-    const float_bits_t* bits = (const float_bits_t*)block; \
-    BUCKET_RANGE(bucket) \
-    int64_t k = 0, i = 0; \
-    for (; i + GATHER_STRETCH <= n; i += GATHER_STRETCH) { \
-        for (int j = 0; j < GATHER_STRETCH; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
-        k = gather_stretch(bits, 0, lo, span, nonzero, out, k); \
-    } \
-    int64_t m = n - i; \
-    for (int64_t j = 0; j < m; ++j) block[j] = WIDEN(source[i + j]) - WIDEN(base[i + j]); \
-    return gather_from(bits, 0, m, lo, span, nonzero, out, k); \
-}
-PAIR_GATHER(bf16_pair_gather, uint16_t, widen_bf16)
-PAIR_GATHER(f32_pair_gather, float, same_f32)
-
-/* PAIR_GATHER for k sources of one base in one pass (the base read once, not k times: these passes
-   are bound by memory traffic): source i's magnitudes with bits in [lo[i], lo[i] + span[i]) (nonzero
+/* DELTA_GATHER's gather with each delta formed only in the local block, not stored (a task vector
+   the fused pass forms itself: fused.PairDelta), for k sources of one base in one pass (the base
+   read once, not k times: these passes are bound by memory traffic): source i's magnitudes with bits in [lo[i], lo[i] + span[i]) (nonzero
    buckets only) into outs[i], their number into found[i] */
 #define MAX_GATHER 32
 #define PAIR_GATHER_MANY(NAME, T, WIDEN) \
@@ -190,10 +172,6 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         getattr(lib, name).restype = None
-    for name in ("bf16_pair_gather", "f32_pair_gather"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.c_void_p]
-        getattr(lib, name).restype = ctypes.c_int64
     return lib
 
 
@@ -238,18 +216,10 @@ def delta_gather(source: np.ndarray, base: np.ndarray, delta: np.ndarray, bucket
 
 
 def pair_gather(source: np.ndarray, base: np.ndarray, bucket: int, count: int) -> np.ndarray:
-    """``delta_gather``'s result without storing the delta: the ``count`` magnitudes in ``bucket`` of
-    ``float32(source) - float32(base)`` (the same inputs: float32 arrays, or bfloat16 bit patterns)."""
-    lib = _library()
-    assert lib is not None, "pair_gather follows a histogram, which needs the kernel"
-    assert source.dtype == base.dtype and source.itemsize in (2, 4) and source.size == base.size
-    assert source.dtype == np.float32 or source.itemsize == 2
-    assert source.flags.c_contiguous and base.flags.c_contiguous
-    out = np.empty(count, dtype=np.float32)
-    kernel = lib.f32_pair_gather if source.itemsize == 4 else lib.bf16_pair_gather
-    found = kernel(source.ctypes.data, base.ctypes.data, source.size, bucket, out.ctypes.data)
-    assert found == count, (found, count)
-    return out
+    """``delta_gather``'s result without storing the delta: the ``count`` magnitudes in nonzero
+    ``bucket`` of ``float32(source) - float32(base)`` (the same inputs: float32 arrays, or bfloat16
+    bit patterns); ``pair_gather_many`` for one source."""
+    return pair_gather_many([source], base, [(bucket, bucket)], [count])[0]
 
 
 MAX_GATHER = 32  # sources per pair_gather_many call (the C source's MAX_GATHER)

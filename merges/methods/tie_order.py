@@ -668,14 +668,26 @@ def _replay(lib: ctypes.CDLL, magnitudes: torch.Tensor, lo: int, hi: int,
     return keys if status == 0 else None
 
 
+def _word_scratch(n: int, scratch: torch.Tensor | None) -> torch.Tensor:
+    """The word replay's scratch: one int32 word per entry, ``scratch``'s first ``n`` where given."""
+    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]
+    assert scratch.dtype == torch.int32 and scratch.is_contiguous()
+    return scratch
+
+
+def _magnitude_bits(tied: float) -> int:
+    """The float32 bit pattern of ``|tied|``, as the C replay compares magnitudes."""
+    return int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+
+
 def _replay_tied(lib: ctypes.CDLL, magnitudes: torch.Tensor, keep: int, tied: float,
                  descending: bool, keys: torch.Tensor | None = None,
                  scratch: torch.Tensor | None = None, blocked: bool = True) -> torch.Tensor | None:
     n = magnitudes.numel()
     keys = torch.empty(n, dtype=torch.int32) if keys is None else keys[:n]
-    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]  # a word per entry
-    assert keys.dtype == scratch.dtype == torch.int32 and keys.is_contiguous() and scratch.is_contiguous()
-    bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+    scratch = _word_scratch(n, scratch)
+    assert keys.dtype == torch.int32 and keys.is_contiguous()
+    bits = _magnitude_bits(tied)
     status = lib.tied_cut_keys(magnitudes.data_ptr(), n, keep, int(descending), bits, keys.data_ptr(),
                                scratch.data_ptr(), BLOCKED if blocked else 0)
     return keys if status == 0 else None
@@ -776,9 +788,8 @@ def tied_cut_apply(delta: torch.Tensor, keep: int, tied: float, *, descending: b
     lib = _library()
     assert lib is not None
     n = delta.numel()
-    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]
-    assert scratch.dtype == torch.int32 and scratch.is_contiguous()
-    bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+    scratch = _word_scratch(n, scratch)
+    bits = _magnitude_bits(tied)
     return lib.tied_cut_apply(delta.data_ptr(), n, keep, int(descending), bits, scratch.data_ptr(),
                               BLOCKED if blocked else 0) == 0
 
@@ -806,10 +817,9 @@ def tied_cut_drops(source: torch.Tensor, base: torch.Tensor, keep: int, tied: fl
     lib = _library()
     assert lib is not None
     n = source.numel()
-    scratch = torch.empty(n, dtype=torch.int32) if scratch is None else scratch[:n]
-    assert scratch.dtype == torch.int32 and scratch.is_contiguous()
+    scratch = _word_scratch(n, scratch)
     drop = torch.zeros(drop_words(n), dtype=torch.int64)
-    bits = int(torch.tensor([abs(tied)], dtype=torch.float32).view(torch.int32)[0]) & 0x7FFFFFFF
+    bits = _magnitude_bits(tied)
     status = lib.tied_cut_drops(source.data_ptr(), base.data_ptr(), kind, n, keep, int(descending), bits,
                                 scratch.data_ptr(), BLOCKED if blocked else 0, drop.data_ptr())
     return drop if status == 0 else None
