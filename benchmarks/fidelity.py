@@ -9,10 +9,12 @@ each in its own temporary output folder:
    ``--confidence``, ``--rule``, ``--promote``; by default the study's own ``study.fidelity``,
    else 60 rows, 3.0, 0.95, rule test);
 3. **multi at equal wall time**: the multi study continued (the driver resumes it with a larger
-   budget and finalizes again; its first trials are exactly run 2's) to the budget whose search
-   loop takes the full run's search-loop wall time: ``budget x full wall / multi wall``, rounded
-   to the nearest whole CMA-ES generation (never below one); ``loop_s_equal_wall`` is the loop
-   time it actually took (``equal_wall_ratio``: that over the full run's).
+   budget and finalizes again; its first trials are exactly run 2's) one whole CMA-ES generation
+   at a time, on one worker pool, while the full run's search-loop wall time is more than half
+   a generation's (the last one's loop time) away: its loop time ends as near the full run's
+   as whole generations allow; ``loop_s_equal_wall`` is the loop time it took
+   (``equal_wall_ratio``: that over the full run's). Projecting the budget from run 2's time
+   per trial instead gave 77-105% of the full run's time: later trials are stopped sooner.
 
 Examples scored: the search rows held by the search trials (a stopped trial holds the rows it
 was scored on); the baselines and the finalists' held-out re-scoring are the same in both
@@ -47,7 +49,8 @@ from fitness.objective import objective_values
 from search import ranking, storage
 from search.config import StudyConfig, load_study
 from search.driver import run_study
-from search.plan import plan_study
+from search.plan import plan_study, worker_setup
+from search.pool import make_pool
 from search.positions import popsize
 from search.staged import FIDELITY_ATTR
 
@@ -77,14 +80,35 @@ def heldout_objective(study: optuna.Study, config: StudyConfig) -> float | None:
     return objective_values(record.scores, config.tasks, config.objective)[0]
 
 
-def equal_wall_budget(trials: int, full_loop: float, multi_loop: float, per_generation: int) -> int:
-    """The whole generations whose projected loop time (multi's per trial) is nearest the full run's.
+def another_generation(target_s: float, loop_s: float, generation_s: float) -> bool:
+    """Whether one more generation (``generation_s`` long) ends nearer ``target_s`` than stopping at ``loop_s``."""
+    return target_s - loop_s > generation_s / 2
 
-    Rounded to the nearest, not down: flooring gave the multi runs 72-100% of the full loop time at
-    population 16, a handicap the comparison should not carry. At least one generation.
+
+def continue_to_equal_wall(config: StudyConfig, trials: int, loop_s: float, target_s: float,
+                           per_generation: int) -> tuple[optuna.Study, int, float]:
+    """Continue the finished ``trials``-trial study a generation at a time to ``target_s`` of loop time.
+
+    A generation more is run while the time left exceeds half the last generation's (the first
+    estimate: ``loop_s`` per generation of the first run), then the study is finalized. One pool
+    serves every call (the sources stay loaded); only the search loops' time counts. Returns the
+    study, its budget and its total loop time.
     """
-    generations = round(trials * full_loop / multi_loop / per_generation)
-    return max(1, generations) * per_generation
+    pool = make_pool(worker_setup(config), config.execution)
+    try:
+        budget, generation_s = trials, loop_s * per_generation / trials
+        while another_generation(target_s, loop_s, generation_s):
+            budget += per_generation
+            result = run_study(replace(config, trials=budget), quiet=True, pool=pool, finalize_after=False)
+            if result.done != budget:
+                raise SystemExit(f"{config.output}: stopped at {result.done} of {budget} trials")
+            generation_s = result.timings.wall_s
+            loop_s += generation_s
+        if budget > trials:
+            run_study(replace(config, trials=budget), quiet=True, pool=pool)  # finalize at the new budget
+    finally:
+        pool.close()
+    return storage.load_existing_study(config.name, config.storage), budget, loop_s
 
 
 def run(config: StudyConfig, trials: int) -> tuple[optuna.Study, float, float]:
@@ -140,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 "heldout_full": heldout_objective(full, base), "heldout_multi": heldout_objective(multi, base),
             }
             if not args.no_equal_wall:
-                budget = equal_wall_budget(trials, full_loop, multi_loop, per_generation)
-                if budget > trials:
-                    equal, more_loop, _ = run(multi_config, budget)
-                    row.update(trials_equal_wall=budget, loop_s_equal_wall=round(multi_loop + more_loop, 2),
-                               heldout_multi_equal_wall=heldout_objective(equal, base))
-                else:
-                    row.update(trials_equal_wall=trials, loop_s_equal_wall=round(multi_loop, 2),
-                               heldout_multi_equal_wall=row["heldout_multi"])
+                equal, budget, equal_loop = continue_to_equal_wall(multi_config, trials, multi_loop, full_loop,
+                                                                   per_generation)
+                row.update(trials_equal_wall=budget, loop_s_equal_wall=round(equal_loop, 2),
+                           heldout_multi_equal_wall=heldout_objective(equal, base))
                 row["equal_wall_ratio"] = round(float(row["loop_s_equal_wall"]) / full_loop, 3)  # type: ignore[arg-type]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)

@@ -1,22 +1,25 @@
-"""benchmarks/fidelity.py: the equal-wall budget (whole generations, nearest the full run's loop time)."""
+"""benchmarks/fidelity.py: when the equal-wall run stops (whole generations, nearest the full run's loop time)."""
 
 from __future__ import annotations
 
-from benchmarks.fidelity import equal_wall_budget
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.fidelity import another_generation
 
 
-def test_equal_wall_budget_rounds_to_the_nearest_generation() -> None:
-    # 48 trials, multi 1.6x faster: 76.8 trials' worth -> 4.8 generations of 16 -> 5 (flooring gave 4)
-    assert equal_wall_budget(48, 16.0, 10.0, 16) == 80
-    # 4.2 generations -> 4: nearest, not up
-    assert equal_wall_budget(48, 14.0, 10.0, 16) == 64
-    # the projected loop time of the chosen budget is the nearest of its neighbours'
-    for full, multi in [(15.84, 9.43), (18.78, 10.89), (18.55, 13.21), (18.75, 11.64)]:
-        budget = equal_wall_budget(48, full, multi, 16)
-        projected = [abs(b * multi / 48 - full) for b in (budget - 16, budget, budget + 16)]
-        assert projected[1] == min(projected)
+def test_another_generation_only_while_it_ends_nearer_the_target() -> None:
+    assert another_generation(14.0, 7.0, 2.0)  # 7 s left: one more generation of 2 s ends nearer
+    assert another_generation(14.0, 12.9, 2.0)  # 1.1 s left: 13.9 s is nearer than 12.9 s
+    assert not another_generation(14.0, 13.1, 2.0)  # 0.9 s left: 15.1 s would be farther than 13.1 s
+    assert not another_generation(14.0, 15.0, 2.0)  # already past it (multi slower): no more
 
 
-def test_equal_wall_budget_keeps_one_generation_and_whole_trials_without_cmaes() -> None:
-    assert equal_wall_budget(48, 1.0, 100.0, 16) == 16  # multi far slower: still one generation
-    assert equal_wall_budget(48, 15.0, 10.0, 1) == 72  # one trial a generation (not CMA-ES)
+@given(target=st.floats(1.0, 100.0), start=st.floats(0.1, 100.0), generation=st.floats(0.1, 5.0))
+def test_the_continued_loop_ends_nearest_the_target(target: float, start: float, generation: float) -> None:
+    # the benchmark's loop with generations of one length: it ends at the whole generation nearest the target
+    loop = start
+    while another_generation(target, loop, generation):
+        loop += generation
+    candidates = [loop - generation, loop, loop + generation] if loop > start else [loop, loop + generation]
+    assert abs(loop - target) <= min(abs(c - target) for c in candidates) + 1e-9
