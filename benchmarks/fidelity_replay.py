@@ -4,8 +4,8 @@ A full-fidelity study stores every search trial's value on every search row (sys
 ``rows_search``, ``search.records``). This script replays candidate schedules over those
 trials in the same order, with the driver's own decision (``search.staged.StudyStages.decide``)
 and the inline pool's order of results: a CMA-ES generation is queued whole, each stage's
-result decided in turn (first in, first out), a promoted trial queued again for its next
-stage, the next generation asked once every member was told. It counts the search rows each
+result decided in turn, a promoted trial's next stage first (``search.pool.InlinePool``: depth
+first), the next generation asked once every member was told. It counts the search rows each
 trial would have been scored on and whether the trial the full run chose (its final trial)
 and its finalists would have been stopped.
 
@@ -90,7 +90,7 @@ def replay(study: optuna.Study, plan: StudyPlan, fidelity: FidelityConfig, per_g
                 examples += stages.sizes[stage]
                 stopped_at[trial.number] = stage + 1
             else:
-                queue.append((trial, stage + 1))
+                queue.appendleft((trial, stage + 1))  # the inline pool runs it next (depth first)
     final = ranking.final_number(study.user_attrs)
     finalists = [t.number for t in ranking.ranked(ranking.search_trials(trials), plan.directions)][:plan.config.top_k]
     return {

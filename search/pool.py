@@ -58,44 +58,41 @@ class InlinePool:
         estimate = check_local_memory(setup)
         self._worker = TrialWorker(replace(setup, engine_plan=estimate.plan))
         self._queue: deque[tuple[int, dict, str, Mapping[str, Sequence[int]] | None]] = deque()
-        self._ahead: dict[int, TrialOutcome] = {}  # queued stages evaluated before their turn (see wait)
+        self._returned: int | None = None  # the ticket ``wait`` returned last
 
     def submit(self, ticket: int, recipe: dict, split: str = "search",
                rows: Mapping[str, Sequence[int]] | None = None) -> None:
-        """``rows``: a multi-fidelity stage, only these search rows (``TrialWorker.evaluate``)."""
-        self._queue.append((ticket, recipe, split, rows))
+        """``rows``: a multi-fidelity stage, only these search rows (``TrialWorker.evaluate``).
+
+        The next stage of the trial ``wait`` just returned (promoted) runs before everything
+        queued: a trial goes through its stages depth first, on the merge the model holds, and
+        the trials after it are decided against it finished (``search.staged``: the rank rule
+        ranks finished trials). Queued behind a CMA-ES generation instead, every member of the
+        first generation went on to every row: no member had finished when it was ranked.
+        """
+        entry = (ticket, recipe, split, rows)
+        if rows is not None and ticket == self._returned:
+            self._queue.appendleft(entry)
+        else:
+            self._queue.append(entry)
 
     def free_slots(self) -> int:
         # A generation may be queued past ``size``; free slots never go negative.
         return max(0, self.size - len(self._queue))
 
     def wait(self, timeout: float | None = None) -> list[tuple[int, TrialOutcome]]:
-        """Run the oldest queued trial and return it ([] when nothing is queued).
-
-        Outcomes come back in the order submitted: the loop decides each stage on the trials told
-        before it (``search.staged``), so that order is part of the study. What runs first may
-        differ: a stage of the recipe the model holds (a trial promoted after the stage just told,
-        queued behind a CMA-ES generation) is evaluated before the oldest trial merges over it,
-        and kept until its turn; the same outcome (an evaluation depends on its recipe and rows
-        alone), without merging that recipe again.
-        """
+        """Run the first queued trial and return it ([] when nothing is queued)."""
         if not self._queue:
             return []
         ticket, recipe, split, rows = self._queue.popleft()
-        outcome = self._ahead.pop(ticket, None)
-        if outcome is None:
-            for later, later_recipe, later_split, later_rows in self._queue:
-                if later_rows is not None and later not in self._ahead and self._worker.holds(later_recipe):
-                    self._ahead[later] = self._worker.evaluate(later_recipe, later_split, later_rows)
-            outcome = self._worker.evaluate(recipe, split, rows)
-        return [(ticket, outcome)]
+        self._returned = ticket
+        return [(ticket, self._worker.evaluate(recipe, split, rows))]
 
     def pending(self) -> list[int]:
         return [ticket for ticket, _, _, _ in self._queue]
 
     def close(self) -> None:
         self._queue.clear()
-        self._ahead.clear()
 
 
 def make_pool(setup: WorkerSetup, execution: ExecutionConfig) -> WorkerPool:

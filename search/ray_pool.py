@@ -129,6 +129,7 @@ class RayPool:
         self._running: dict[ray.ObjectRef, _Running] = {}
         self._probes: dict[ray.ObjectRef, int] = {}
         self._finished: list[tuple[int, TrialOutcome]] = []
+        self._returned: set[int] = set()  # the tickets ``wait`` returned last
         self._last_death = ""
         try:
             self._start_actors(setup, execution)
@@ -140,13 +141,21 @@ class RayPool:
 
     def submit(self, ticket: int, recipe: dict, split: str = "search",
                rows: Mapping[str, Sequence[int]] | None = None) -> None:
-        """Queue a trial; it starts on the next free actor (now, when one is idle)."""
+        """Queue a trial; it starts on the next free actor (now, when one is idle).
+
+        The next stage of a trial ``wait`` just returned (promoted) goes before the queued
+        trials, as in ``InlinePool``: promoted trials finish first, and later trials are ranked
+        against them (``search.staged``).
+        """
         if self._alive() == 0:
             raise SearchError(f"no live Ray workers left ({self._last_death}); the study cannot go on")
         if self._holds(ticket):
             raise SearchError(f"ticket {ticket} is already in the Ray pool")
-        self._pending.append(_Job(ticket, recipe, split,
-                                  None if rows is None else {task: list(r) for task, r in rows.items()}))
+        job = _Job(ticket, recipe, split, None if rows is None else {task: list(r) for task, r in rows.items()})
+        if rows is not None and ticket in self._returned:
+            self._pending.appendleft(job)
+        else:
+            self._pending.append(job)
         self._dispatch()
 
     def free_slots(self) -> int:
@@ -184,6 +193,7 @@ class RayPool:
                 break
         self._dispatch()  # freed workers take queued trials before the driver gets control
         finished, self._finished = self._finished, []
+        self._returned = {ticket for ticket, _ in finished}
         if not finished and self._pending and self._alive() == 0:
             # Not failures of these trials: nothing is left to run them. They stay queued
             # (unspent) and the caller releases them.

@@ -208,12 +208,6 @@ class TrialWorker:
                             generations or None, values or None,
                             None if rows is not None else self._row_ids[split] or None)
 
-    def holds(self, recipe: Mapping[str, object] | Recipe) -> bool:
-        """Whether a stage of ``recipe`` (``evaluate`` with rows) would be scored without merging:
-        the model holds it, merged for the stage evaluated last."""
-        plain = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
-        return self._merged is not None and plain == self._merged
-
     def _selected(self, task: str, encoded: EncodedSlice, rows: Sequence[int]) -> EncodedSlice:
         """The rows of one stage of ``task``, batched once (the stages are the same for every trial)."""
         from fitness.select import select_rows

@@ -241,12 +241,12 @@ def test_cmaes_generations_fill_with_stopped_members(tmp_path: Path, llama_famil
 
 
 
-def test_the_inline_pool_runs_a_held_recipe_s_next_stage_first_and_tells_in_submitted_order(
+def test_the_inline_pool_runs_a_promoted_trial_s_next_stage_next_on_the_merge_it_holds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # CMA-ES queues a generation: a trial promoted after its stage waits behind the others'. Its
-    # next stage runs while the model still holds its merge, but the loop is told the outcomes in
-    # the order it submitted them (its decisions depend on what was told before).
+    # CMA-ES queues a generation whole. A trial promoted after its stage goes on at once (depth
+    # first): the model still holds its merge, and the trials queued behind it are decided with
+    # it finished (queued behind them, no member of a first generation had a finished peer).
     import search.pool as pool_module
     from search.worker import TrialOutcome, WorkerSetup
 
@@ -255,9 +255,6 @@ def test_the_inline_pool_runs_a_held_recipe_s_next_stage_first_and_tells_in_subm
     class Worker:
         def __init__(self, setup: WorkerSetup) -> None:
             self.merged: dict | None = None
-
-        def holds(self, recipe: dict) -> bool:
-            return recipe == self.merged
 
         def evaluate(self, recipe: dict, split: str = "search", rows: dict | None = None) -> TrialOutcome:
             merge = rows is None or recipe != self.merged
@@ -268,17 +265,23 @@ def test_the_inline_pool_runs_a_held_recipe_s_next_stage_first_and_tells_in_subm
     monkeypatch.setattr(pool_module, "TrialWorker", Worker)
     monkeypatch.setattr(pool_module, "check_local_memory", lambda setup: SimpleNamespace(plan="resident"))
     pool = pool_module.InlinePool(WorkerSetup("base", (), (), "cpu", "float32", 1))
-    a, b = {"name": "a"}, {"name": "b"}
+    a, b, c = {"name": "a"}, {"name": "b"}, {"name": "c"}
     pool.submit(0, a, rows={"t": [0, 1]})
     pool.submit(1, b, rows={"t": [0, 1]})
+    pool.submit(2, c, rows={"t": [0, 1]})
     assert [ticket for ticket, _ in pool.wait()] == [0]
-    pool.submit(0, a, rows={"t": [2, 3]})  # promoted: queued behind trial 1
-    pool.submit(2, a)  # every row (baselines, finalize): merged, never run early
+    pool.submit(0, a, rows={"t": [2, 3]})  # promoted: runs before trials 1 and 2
+    out = pool.wait()
+    assert [ticket for ticket, _ in out] == [0] and out[0][1].rows == {"t": (2.0, 3.0)}
+    assert [ticket for ticket, _ in pool.wait()] == [1]  # trial 0 finished (stopped): the next trial
+    pool.submit(3, a)  # every row (baselines, finalize): queued at the back like any new trial
+    pool.submit(1, b, rows={"t": [2, 3]})  # trial 1 promoted: before both
     told = [pool.wait() for _ in range(3)]
-    assert [[ticket for ticket, _ in out] for out in told] == [[1], [0], [2]]
-    assert told[1][0][1].rows == {"t": (2.0, 3.0)}  # trial 0's second stage
-    assert runs == [("a", [0, 1], True), ("a", [2, 3], False), ("b", [0, 1], True), ("a", [], True)]
+    assert [[ticket for ticket, _ in o] for o in told] == [[1], [2], [3]]
+    assert runs == [("a", [0, 1], True), ("a", [2, 3], False), ("b", [0, 1], True), ("b", [2, 3], False),
+                    ("c", [0, 1], True), ("a", [], True)]
     assert pool.wait() == []
+
 
 def test_per_task_studies_stop_dominated_trials(tmp_path: Path, llama_family: TinyFamily) -> None:
     path = staged_study(tmp_path, llama_family, trials=6, sampler="nsga2", objective="per_task", population=4)
