@@ -15,7 +15,7 @@ the write-behind storage's flushes (``flush``); ``other`` is the rest of the loo
 The last line is one JSON object::
 
     python benchmarks/fidelity_parts.py --mode multi [--seed 1] [--study STUDY] [--first-stage 10]
-        [--growth 2] [--confidence 0.9] [--rule rank] [--promote 0.1875]
+        [--growth 2] [--confidence 0.8] [--rule test] [--promote SHARE]
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", type=Path, default=DEMO_STUDY)
     parser.add_argument("--first-stage", type=int, default=10)
     parser.add_argument("--growth", type=float, default=2.0)
-    parser.add_argument("--confidence", type=float, default=0.9)
-    parser.add_argument("--rule", choices=RULES, default="rank")
-    parser.add_argument("--promote", type=float, default=0.1875)
+    parser.add_argument("--confidence", type=float, default=0.8)
+    parser.add_argument("--rule", choices=RULES, default="test")
+    parser.add_argument("--promote", type=float, default=None, help="rule rank only")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fidelity = FidelityConfig(first_stage=args.first_stage, growth=args.growth, confidence=args.confidence,

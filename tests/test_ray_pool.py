@@ -228,6 +228,16 @@ def test_pool_starts_and_stops_its_own_local_runtime(setup_and_execution, llama_
         pool.submit(7, uniform_recipe(llama_family, (0.2, 0.3, 0.5)))
         [(ticket, outcome)] = pool.wait(timeout=120)
         assert ticket == 7 and outcome.error is None and set(outcome.scores) == {"alpha", "beta"}
+        # a promoted trial's next stage goes before the trials queued behind it (search.staged ranks finished ones)
+        stage = {"alpha": [0, 1], "beta": [0]}
+        for ticket in (1, 2, 3):
+            pool.submit(ticket, uniform_recipe(llama_family, (0.2, 0.3, 0.5)), rows=stage)
+        [(ticket, _)] = pool.wait(timeout=120)  # trial 1; the freed worker takes trial 2 at once
+        pool.submit(ticket, uniform_recipe(llama_family, (0.2, 0.3, 0.5)), rows={"alpha": [2], "beta": [1]})
+        pool.submit(4, uniform_recipe(llama_family, (0.2, 0.3, 0.5)), rows=stage)  # a new trial: at the back
+        assert (ticket, pool.pending()) == (1, [1, 3, 4])
+        told = [t for _ in range(4) for t, _ in pool.wait(timeout=120)]
+        assert told == [2, 1, 3, 4]
     finally:
         pool.close()
     assert not ray.is_initialized()  # the pool started this runtime, so close() stopped it
