@@ -7,7 +7,7 @@ each in its own temporary output folder:
 1. **full**: every search trial scored on every search row (``study.fidelity`` removed);
 2. **multi**: the same trial budget scored in stages (``--first-stage``, ``--growth``,
    ``--confidence``, ``--rule``, ``--promote``; by default the study's own ``study.fidelity``,
-   else 60 rows, 3.0, 0.95, rule test);
+   else :data:`RECOMMENDED`);
 3. **multi at equal wall time**: the multi study continued (the driver resumes it with a larger
    budget and finalizes again; its first trials are exactly run 2's) one whole CMA-ES generation
    at a time, on one worker pool, while the full run's search-loop wall time is more than half
@@ -56,6 +56,8 @@ from search.staged import FIDELITY_ATTR
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDY = ROOT / "studies" / "logistics" / "study.toml"
+RECOMMENDED = FidelityConfig(first_stage=10, growth=2.0, confidence=0.8)
+"""The schedule the README recommends for the demo (rule test; "Multi-fidelity scoring, measured")."""
 
 
 def examples_scored(study: optuna.Study) -> int:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_study(args.study)
-    own = base.fidelity or FidelityConfig(first_stage=60)
+    own = base.fidelity or RECOMMENDED
     rule = args.rule or own.rule
     fidelity = FidelityConfig(first_stage=args.first_stage or own.first_stage, growth=args.growth or own.growth,
                               confidence=args.confidence or own.confidence, rule=rule,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -34,9 +35,13 @@ import optuna
 import search.loop as loop_module
 import search.staged as staged_module
 import search.write_behind as write_behind_module
-from fitness.fidelity import RULES, FidelityConfig
-from search.config import load_study
-from search.driver import run_study
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's benchmarks
+
+from benchmarks.fidelity import RECOMMENDED  # noqa: E402
+from fitness.fidelity import RULES, FidelityConfig  # noqa: E402
+from search.config import load_study  # noqa: E402
+from search.driver import run_study  # noqa: E402
 
 DEMO_STUDY = Path(__file__).resolve().parents[1] / "studies" / "logistics" / "study.toml"
 MERGED = 1e-3  # seconds: an evaluation that reports less merged nothing (the recipe was held)
@@ -102,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("full", "multi"), required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--study", type=Path, default=DEMO_STUDY)
-    parser.add_argument("--first-stage", type=int, default=10)
-    parser.add_argument("--growth", type=float, default=2.0)
-    parser.add_argument("--confidence", type=float, default=0.8)
-    parser.add_argument("--rule", choices=RULES, default="test")
-    parser.add_argument("--promote", type=float, default=None, help="rule rank only")
+    parser.add_argument("--first-stage", type=int, default=RECOMMENDED.first_stage)
+    parser.add_argument("--growth", type=float, default=RECOMMENDED.growth)
+    parser.add_argument("--confidence", type=float, default=RECOMMENDED.confidence)
+    parser.add_argument("--rule", choices=RULES, default=RECOMMENDED.rule)
+    parser.add_argument("--promote", type=float, default=RECOMMENDED.promote, help="rule rank only")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fidelity = FidelityConfig(first_stage=args.first_stage, growth=args.growth, confidence=args.confidence,
