@@ -67,8 +67,8 @@ class InlinePool:
         The next stage of the trial ``wait`` just returned (promoted) runs before everything
         queued: a trial goes through its stages depth first, on the merge the model holds, and
         the trials after it are decided against it finished (``search.staged``: the rank rule
-        ranks finished trials). Queued behind a CMA-ES generation instead, every member of the
-        first generation went on to every row: no member had finished when it was ranked.
+        ranks finished trials). Queued behind a CMA-ES generation instead, most members of a
+        first generation went on to every row: none had finished when the others were ranked.
         """
         entry = (ticket, recipe, split, rows)
         if rows is not None and ticket == self._returned:
