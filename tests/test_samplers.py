@@ -26,6 +26,7 @@ from search.samplers import (
     penalised,
     visible_trials,
 )
+from search.staged import FIDELITY_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -175,6 +176,49 @@ def test_cmaes_sees_infeasible_trials_penalised_and_below_every_feasible_one(
     infeasible = [sign * s.value for s, t in zip(seen, trials, strict=True) if not ranking.is_feasible(t)]
     if feasible and infeasible:
         assert max(infeasible) < min(feasible)
+
+
+def stopped_at(number: int, stage: int, stages: int, estimate: float, constraints: tuple[float, ...]) -> FrozenTrial:
+    """A search trial stopped after ``stage`` (stored PRUNED with its estimate, as ``search.loop`` does)."""
+    trial = optuna.trial.create_trial(
+        state=TrialState.PRUNED, user_attrs={"kind": "search", POSITION: number, FIDELITY_ATTR: {
+            "stage": stage, "stages": stages, "rows": {"a": 10 * stage}, "estimate": {"a": estimate},
+            "objective": [estimate], "stopped": "rank"}},
+        system_attrs={"constraints": list(constraints)}, intermediate_values={stage: estimate},
+    )
+    trial.number = number
+    return trial
+
+
+@settings(deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 7), st.integers(0, 200).map(lambda k: k / 200),  # a mean of rows
+                       st.sampled_from([(0.0,), (0.2,), (1.5,)])),
+             min_size=2, max_size=12),  # (stage, value, constraints); stage 7 of 7: scored on every row
+    st.sampled_from(["maximize", "minimize"]),
+    st.floats(10, 100),  # penalty_for_baselines: at least 10
+)
+def test_cmaes_sees_a_stopped_trial_below_every_trial_that_went_further(
+        rows: list[tuple[int, float, tuple[float, ...]]], direction: str, scale: float) -> None:
+    stages = 7
+    trials = [trial_at(i, i, value=v, constraints=c) if stage == stages else stopped_at(i, stage, stages, v, c)
+              for i, (stage, v, c) in enumerate(rows)]
+    seen = visible_trials(trials, position=len(rows), horizon=len(rows), directions=[direction], scale=scale,
+                          stopped_as_complete=True)
+    assert all(t.state == TrialState.COMPLETE for t in seen)
+    sign = 1 if direction == "maximize" else -1
+    # what CMA-ES ranks by: feasible before infeasible, then a later stage first, then the value
+    order = sorted(range(len(rows)), key=lambda i: sign * seen[i].value, reverse=True)
+    key = [(rows[i][2] == (0.0,), rows[i][0] if rows[i][2] == (0.0,) else 0) for i in order]
+    assert key == sorted(key, reverse=True)
+    for i, (stage, value, _) in enumerate(rows):  # within a stage and feasibility the estimates' order stands
+        for j, (other_stage, other, _) in enumerate(rows):
+            if stage == other_stage and rows[i][2] == rows[j][2] and sign * value > sign * other:
+                assert sign * seen[i].value > sign * seen[j].value
+        assert trials[i].state == (TrialState.COMPLETE if stage == stages else TrialState.PRUNED)  # stored as before
+    # without penalise (GP, NSGA-II) a stopped trial is shown with its estimate as its value
+    plain = visible_trials(trials, position=len(rows), horizon=len(rows), directions=None, stopped_as_complete=True)
+    assert [t.value for t in plain] == [v for _, v, _ in rows]
 
 
 def test_every_sampler_draws_through_the_view_and_other_names_are_refused() -> None:
