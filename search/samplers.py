@@ -17,7 +17,8 @@ as follows:
   by their last intermediate value, which for one objective is the estimate). CMA-ES, GP and
   NSGA-II read COMPLETE trials only, so they are shown it COMPLETE with its estimate as its
   values: CMA-ES needs a value for every member of a generation (and penalises the estimate
-  when the estimated gates fail, as above), and GP and NSGA-II would otherwise learn nothing
+  when the estimated gates fail, as above, and by :func:`stage_cost` below every trial that
+  went to a later stage, the order TPE uses), and GP and NSGA-II would otherwise learn nothing
   from it. Random search reads nothing.
 * **The same search, whenever it was interrupted.** Each search trial has a ``position``
   (user attr: 0, 1, ... in the order the search asks them; a re-run keeps the position of
