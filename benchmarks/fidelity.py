@@ -48,7 +48,7 @@ from fitness.fidelity import RULE_RANK, RULES, FidelityConfig
 from fitness.objective import objective_values
 from search import ranking, storage
 from search.config import StudyConfig, load_study
-from search.driver import run_study
+from search.driver import RunResult, run_study
 from search.plan import plan_study, worker_setup
 from search.pool import make_pool
 from search.positions import popsize
@@ -101,25 +101,28 @@ def continue_to_equal_wall(config: StudyConfig, trials: int, loop_s: float, targ
         budget, generation_s = trials, loop_s * per_generation / trials
         while another_generation(target_s, loop_s, generation_s):
             budget += per_generation
-            result = run_study(replace(config, trials=budget), quiet=True, pool=pool, finalize_after=False)
-            if result.done != budget:
-                raise SystemExit(f"{config.output}: stopped at {result.done} of {budget} trials")
-            generation_s = result.timings.wall_s
+            generation_s = run_to(config, budget, pool=pool, finalize_after=False).timings.wall_s
             loop_s += generation_s
         if budget > trials:
-            run_study(replace(config, trials=budget), quiet=True, pool=pool)  # finalize at the new budget
+            run_to(config, budget, pool=pool)  # finalize at the new budget
     finally:
         pool.close()
     return storage.load_existing_study(config.name, config.storage), budget, loop_s
 
 
+def run_to(config: StudyConfig, trials: int, **driver: object) -> RunResult:
+    """``run_study`` to ``trials`` (``driver``: its keyword arguments); SystemExit when it stops short."""
+    result = run_study(replace(config, trials=trials), quiet=True, **driver)  # type: ignore[arg-type]
+    if result.done != trials:
+        raise SystemExit(f"{config.output}: stopped at {result.done} of {trials} trials")
+    return result
+
+
 def run(config: StudyConfig, trials: int) -> tuple[optuna.Study, float, float]:
     """Run (or continue) the study to ``trials``; the study, its search-loop wall and whole wall."""
     start = time.perf_counter()
-    result = run_study(replace(config, trials=trials), quiet=True)
+    result = run_to(config, trials)
     wall = time.perf_counter() - start
-    if result.done != trials:
-        raise SystemExit(f"{config.output}: stopped at {result.done} of {trials} trials")
     return storage.load_existing_study(config.name, config.storage), result.timings.wall_s, wall
 
 
