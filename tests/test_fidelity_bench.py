@@ -1,11 +1,15 @@
-"""benchmarks/fidelity.py: when the equal-wall run stops (whole generations, nearest the full run's loop time)."""
+"""benchmarks/fidelity.py: when the equal-wall run stops (whole generations, nearest the full run's loop time);
+benchmarks/fidelity_calibration.py: how its stop rates are counted."""
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.fidelity import another_generation
+from benchmarks.fidelity_calibration import rates, stop_counts
+from fitness.fidelity import FidelityConfig, decide
 
 
 def test_another_generation_only_while_it_ends_nearer_the_target() -> None:
@@ -23,3 +27,24 @@ def test_the_continued_loop_ends_nearest_the_target(target: float, start: float,
         loop += generation
     candidates = [loop - generation, loop, loop + generation] if loop > start else [loop, loop + generation]
     assert abs(loop - target) <= min(abs(c - target) for c in candidates) + 1e-9
+
+
+def test_calibration_counts_each_pair_once_in_stage_order_with_the_real_test() -> None:
+    config = FidelityConfig(first_stage=2, growth=2.0, confidence=0.8)
+    rows = {number: {"t": np.asarray(values, dtype=np.float64)} for number, values in {
+        0: [1, 1, 1, 1, 1, 1, 0, 0],  # the incumbent: .75 on every row
+        1: [1, 1, 1, 1, 1, 1, 0, 0],  # the same rows: never stopped
+        2: [0, 0, 0, 0, 0, 0, 0, 0],  # worse by .75: stopped at once
+        3: [0, 0, 1, 1, 1, 1, 1, 1],  # as good (.75) but worse on the first rows: stopped wrongly at stage 1
+        4: [1, 1, 1, 1, 1, 1, 1, 0],  # better (.875): ties on the first rows, never stopped
+        5: [1, 1, 1, 1, 1, 0, 0, 0],  # worse by .125, inside --worse 0.2: in neither count
+    }.items()}
+    values = {number: float(r["t"].mean()) for number, r in rows.items()}
+
+    def stops(a_rows, b_rows, a):
+        return decide(dict(a_rows), [b_rows], [], objective="mean", directions={"t": True}, config=config,
+                      seed=a).stopped
+
+    counts = stop_counts(rows, values, [{"t": 2}, {"t": 4}], [0], stops, worse=0.2)
+    assert counts == {"pairs": [3], "worse": [1], "tested": [3, 2], "stopped": [1, 0], "worse_stop": [1, 0]}
+    assert rates(counts) == {"per_test": [0.3333, 0.0], "stopped_by": [0.3333, 0.3333], "power_by": [1.0, 1.0]}
