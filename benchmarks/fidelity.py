@@ -25,8 +25,14 @@ the weakest task), per seed (null when no finalist passed the gates).
 
 The last line is one JSON object::
 
-    python benchmarks/fidelity.py [--study STUDY] [--seeds 5] [--trials N] [--first-stage 60]
-        [--growth 3] [--confidence 0.95] [--rule test|rank] [--promote SHARE]
+    python benchmarks/fidelity.py [--study STUDY] [--seeds 5] [--first-seed 0] [--trials N]
+        [--first-stage 60] [--growth 3] [--confidence 0.95] [--rule test|rank] [--promote SHARE]
+    python benchmarks/fidelity.py --combine OUT...
+
+``--combine`` runs nothing: it reads the last line of each earlier run's output (one schedule,
+no seed twice) and prints one line over all their seeds: the example ratio of the summed
+examples, the held-out mean difference with its standard error over seeds, and the seeds better
+(and equal) at equal wall time.
 
 ``benchmarks/fidelity_replay.py`` screens schedules first, cheaply, over stored full runs.
 """
@@ -39,6 +45,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,6 +125,58 @@ def run_to(config: StudyConfig, trials: int, **driver: object) -> RunResult:
     return result
 
 
+def combine(summaries: Sequence[tuple[str, Mapping[str, object]]]) -> dict[str, object]:
+    """One summary over several runs' summaries (``(name, summary)``; see the module)."""
+    if not summaries:
+        raise SystemExit("--combine: no run given")
+    schedule = summaries[0][1].get("fidelity")
+    seeds: list[int] = []
+    full: list[float] = []
+    multi: list[float] = []
+    equal: list[float] = []
+    examples_full = examples_multi = 0.0
+    for name, summary in summaries:
+        if summary.get("fidelity") != schedule:
+            raise SystemExit(f"{name}: schedule {summary.get('fidelity')} differs from {summaries[0][0]}'s {schedule}")
+        if "heldout_min_multi_equal_wall" not in summary:
+            raise SystemExit(f"{name}: run with --no-equal-wall (no equal-wall figures to combine)")
+        own = [int(s) for s in summary.get("seed_list", [])]  # type: ignore[attr-defined]
+        twice = sorted(set(own) & set(seeds))
+        if twice:
+            raise SystemExit(f"{name}: seed {twice[0]} is in an earlier run too")
+        seeds += own
+        count = int(summary["seeds"])  # type: ignore[call-overload]
+        examples_full += float(summary["examples_full"]) * count  # type: ignore[arg-type]
+        examples_multi += float(summary["examples_multi"]) * count  # type: ignore[arg-type]
+        full += list(summary["heldout_min_full"])  # type: ignore[call-overload]
+        multi += list(summary["heldout_min_multi"])  # type: ignore[call-overload]
+        equal += list(summary["heldout_min_multi_equal_wall"])  # type: ignore[call-overload]
+    if any(v is None for v in [*full, *multi, *equal]):
+        raise SystemExit("--combine: a run has a seed without a final trial (held-out null)")
+    differences = [m - f for m, f in zip(multi, full, strict=True)]
+    n = len(differences)
+    spread = math.sqrt(sum((d - sum(differences) / n) ** 2 for d in differences) / (n - 1)) if n > 1 else None
+    return {
+        "seeds": n, "seed_list": seeds, "fidelity": schedule,
+        "example_ratio": round(examples_full / examples_multi, 3),
+        "heldout_mean_full": round(sum(full) / n, 4), "heldout_mean_multi": round(sum(multi) / n, 4),
+        "heldout_mean_difference": round(sum(differences) / n, 4),
+        "heldout_difference_se": None if spread is None else round(spread / math.sqrt(n), 4),  # one seed: none
+        "heldout_mean_multi_equal_wall": round(sum(equal) / n, 4),
+        "better_at_equal_wall": sum(e > f for e, f in zip(equal, full, strict=True)),
+        "equal_at_equal_wall": sum(e == f for e, f in zip(equal, full, strict=True)),
+    }
+
+
+def last_line(path: Path) -> dict[str, object]:
+    """The summary a run printed last (its output file)."""
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    try:
+        return dict(json.loads(lines[-1]))
+    except (IndexError, ValueError) as error:
+        raise SystemExit(f"{path}: its last line is not a run's JSON summary ({error})") from None
+
+
 def run(config: StudyConfig, trials: int) -> tuple[optuna.Study, float, float]:
     """Run (or continue) the study to ``trials``; the study, its search-loop wall and whole wall."""
     start = time.perf_counter()
@@ -138,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", choices=RULES, default=None)
     parser.add_argument("--promote", type=float, default=None, help="rule rank: the share promoted (1/growth)")
     parser.add_argument("--no-equal-wall", action="store_true", help="skip run 3 (multi at equal wall time)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="run nothing: one summary over these earlier runs' outputs")
     args = parser.parse_args(argv)
+    if args.combine:
+        print(json.dumps(combine([(str(path), last_line(path)) for path in args.combine])))
+        return 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_study(args.study)
     own = base.fidelity or RECOMMENDED
@@ -188,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_min_full": [r["heldout_full"] for r in rows],
         "heldout_min_multi": [r["heldout_multi"] for r in rows],
         "seeds": len(rows),
+        "seed_list": seeds,
     }
     if not args.no_equal_wall:
         summary["heldout_min_multi_equal_wall"] = [r["heldout_multi_equal_wall"] for r in rows]
