@@ -135,11 +135,14 @@ def combine(summaries: Sequence[tuple[str, Mapping[str, object]]]) -> dict[str, 
     multi: list[float] = []
     equal: list[float] = []
     examples_full = examples_multi = 0.0
+    known = True
     for name, summary in summaries:
         if summary.get("fidelity") != schedule:
             raise SystemExit(f"{name}: schedule {summary.get('fidelity')} differs from {summaries[0][0]}'s {schedule}")
         if "heldout_min_multi_equal_wall" not in summary:
             raise SystemExit(f"{name}: run with --no-equal-wall (no equal-wall figures to combine)")
+        if "seed_list" not in summary:
+            known = False  # a run from before runs printed their seeds
         own = [int(s) for s in summary.get("seed_list", [])]  # type: ignore[attr-defined]
         twice = sorted(set(own) & set(seeds))
         if twice:
@@ -157,7 +160,7 @@ def combine(summaries: Sequence[tuple[str, Mapping[str, object]]]) -> dict[str, 
     n = len(differences)
     spread = math.sqrt(sum((d - sum(differences) / n) ** 2 for d in differences) / (n - 1)) if n > 1 else None
     return {
-        "seeds": n, "seed_list": seeds, "fidelity": schedule,
+        "seeds": n, **({"seed_list": seeds} if known else {}), "fidelity": schedule,
         "example_ratio": round(examples_full / examples_multi, 3),
         "heldout_mean_full": round(sum(full) / n, 4), "heldout_mean_multi": round(sum(multi) / n, 4),
         "heldout_mean_difference": round(sum(differences) / n, 4),

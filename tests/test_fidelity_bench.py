@@ -64,6 +64,8 @@ def test_combine_pools_the_seeds_of_several_runs() -> None:
     combined = combine([("one", one), ("two", two)])
     assert combined["example_ratio"] == round(1800 / 600, 3)  # summed examples, not a mean of ratios (3.47)
     assert combined["seed_list"] == [0, 1, 5]
+    del two["seed_list"]  # a run from before runs printed their seeds: which seeds is not known
+    assert "seed_list" not in combine([("one", one), ("two", two)])
     assert combined["heldout_mean_difference"] == round((0.0 - 0.1 + 0.05) / 3, 4)
     assert combined["heldout_difference_se"] == round(float(np.std([0.0, -0.1, 0.05], ddof=1)) / 3 ** 0.5, 4)
     assert (combined["better_at_equal_wall"], combined["equal_at_equal_wall"]) == (1, 1)
