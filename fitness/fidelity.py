@@ -153,7 +153,8 @@ def describe_schedule(total_rows: int, config: FidelityConfig) -> str:
     sizes = stage_sizes(total_rows, config)
     text = (f"{len(sizes)} stage(s) of {', '.join(map(str, sizes))} search rows (first_stage {config.first_stage}, "
             f"growth {config.growth:g}); a trial stops after a stage when it cannot reach the best trial or "
-            f"fails a gate, each with {config.confidence:.0%} confidence")
+            f"fails a gate, each test at {config.confidence:.0%} confidence (a trial meets one per stage but the "
+            f"last: {len(sizes) - 1})")
     if config.rule == RULE_RANK:
         text += (f", or when it is not among the best {float(config.promoted_share):.3g} of the trials finished "
                  f"at that stage (rule rank)")

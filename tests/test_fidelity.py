@@ -325,7 +325,8 @@ def test_the_schedule_in_words_lists_every_stage() -> None:
 
     text = describe_schedule(600, FidelityConfig(first_stage=60))
     assert text.startswith("4 stage(s) of 60, 180, 540, 600 search rows (first_stage 60, growth 3)")
-    assert "95% confidence" in text and "rule rank" not in text
+    assert "each test at 95% confidence (a trial meets one per stage but the last: 3)" in text
+    assert "rule rank" not in text
     ranked = describe_schedule(600, FidelityConfig(first_stage=60, rule="rank"))
     assert ranked.endswith("or when it is not among the best 0.333 of the trials finished at that stage (rule rank)")
     assert FidelityConfig(first_stage=60, growth=2.0, rule="rank").promoted_share == Fraction(1, 2)
