@@ -421,6 +421,7 @@ class SearchLoop:
             done=done, budget=self.budget,
             feasible=sum(ranking.is_feasible(t) for t in searched),
             failed=sum(t.state == TrialState.FAIL for t in searched),
+            stopped=sum(t.state == TrialState.PRUNED for t in searched),
             last_trial=None if last is None else last.number,
             best_trial=None if best is None else best.number,
             best_objective=None if best is None else ranking.score(best, self.plan.directions),

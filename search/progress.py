@@ -9,7 +9,7 @@ What the user sees follows three rules, here and in ``status``, ``finalize`` and
   ``status`` shows the same one;
 * **throughput** is search trials finished in the latest run per minute since that
   run's search began (baselines, the family build and finalize not counted; failed
-  trials counted): :func:`throughput` computes it from the stored trials for both the
+  trials and trials stopped early by multi-fidelity stages counted, as in the budget): :func:`throughput` computes it from the stored trials for both the
   progress line and ``status``.
 
 The live display: a bar on a terminal, plain lines otherwise, nothing if quiet.
@@ -84,9 +84,8 @@ def throughput(trials: Iterable[FrozenTrial], run: RunRecord | None) -> Throughp
     """
     finished = [
         t for t in trials
-        if ranking.kind(t) == ranking.KIND_SEARCH and t.state.name in ("COMPLETE", "FAIL")
+        if ranking.counts_toward_budget(t)  # complete, stopped early or failed; not re-run ones
         and t.datetime_start is not None and t.datetime_complete is not None
-        and t.user_attrs.get("failure") != ranking.DRIVER_STOPPED
         and (run is None or t.datetime_start >= run.started)
     ]
     if not finished:
@@ -102,6 +101,7 @@ class ProgressState:
     budget: int
     feasible: int
     failed: int
+    stopped: int = 0  # multi-fidelity: trials stopped early (PRUNED; never feasible or best)
     last_trial: int | None = None  # Optuna number of the trial that just finished
     best_trial: int | None = None  # Optuna number of the best feasible trial
     best_objective: float | None = None
@@ -141,9 +141,10 @@ class Progress:
             + ", ".join(f"{t} {v:.3f}" for t, v in state.best_scores.items()) + ")"
         )
         rate = f"{state.per_min:.1f} search trials/min"
+        stopped = f" stopped early {state.stopped}" if state.stopped else ""
         if self._bar is not None:
             self._bar.n = state.done
-            self._bar.set_postfix_str(f"feasible {state.feasible} failed {state.failed} {best} {rate}",
+            self._bar.set_postfix_str(f"feasible {state.feasible}{stopped} failed {state.failed} {best} {rate}",
                                       refresh=False)
             self._bar.refresh()
             return
@@ -151,8 +152,8 @@ class Progress:
         eta = f", eta {left / state.per_min:.1f} min" if state.per_min > 0 and left > 0 else ""
         last = "" if state.last_trial is None else f" (trial {state.last_trial} finished)"
         print(
-            f"{state.done}/{state.budget} search trials done{last}: feasible {state.feasible}, "
-            f"failed {state.failed}, {best}, {rate}{eta}",
+            f"{state.done}/{state.budget} search trials done{last}: feasible {state.feasible},"
+            f"{stopped and stopped + ','} failed {state.failed}, {best}, {rate}{eta}",
             file=self._stream, flush=True,
         )
 

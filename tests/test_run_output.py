@@ -99,13 +99,14 @@ def test_throughput_is_the_latest_runs_search_trials_per_minute_since_its_search
         _trial(3, "search", began + timedelta(minutes=1), 1.0, TrialState.FAIL, failure="scorer raised"),
         _trial(4, "search", began + timedelta(minutes=1), 3.0, TrialState.FAIL, failure=ranking.DRIVER_STOPPED),
         _trial(5, "search", began + timedelta(minutes=2), 2.0),
+        _trial(6, "search", began + timedelta(minutes=2), 1.0, TrialState.PRUNED),  # stopped early: counted
     ]
     rate = throughput(trials, RunRecord(budget=10, started=began))
-    assert (rate.trials, rate.minutes, rate.per_min) == (3, 4.0, 0.75)  # trials 2, 3, 5; the last ends at 4 min
+    assert (rate.trials, rate.minutes, rate.per_min) == (4, 4.0, 1.0)  # trials 2, 3, 5, 6; the last ends at 4 min
     assert throughput(trials[:2], RunRecord(10, began)).describe() == "no search trial finished in the latest run yet"
     # A study from before runs were recorded: every finished search trial from the first start.
     old = throughput(trials, None)
-    assert old.trials == 4 and old.minutes == pytest.approx(5 * 60 + 4.0)
+    assert old.trials == 5 and old.minutes == pytest.approx(5 * 60 + 4.0)
 
 
 def test_quiet_start_prints_nothing_not_even_optunas_log(
@@ -183,3 +184,11 @@ def test_the_terminal_bar_shows_our_throughput_and_not_tqdms_own_rate() -> None:
     text = screen.getvalue()
     assert "41/48 search trials" in text and "best trial 44 0.5000 (alpha 0.500) 67.5 search trials/min" in text
     assert "trial/s" not in text and "s/trial" not in text  # one throughput figure, ours
+    assert "stopped early" not in text  # no stages: nothing said of them
+
+
+def test_the_progress_line_counts_trials_stopped_early() -> None:
+    plain = io.StringIO()
+    Progress(48, stream=plain).update(ProgressState(done=42, budget=48, feasible=7, failed=0, stopped=35,
+                                                    last_trial=46, per_min=49.4))
+    assert "42/48 search trials done (trial 46 finished): feasible 7, stopped early 35, failed 0, " in plain.getvalue()
