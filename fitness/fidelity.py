@@ -25,7 +25,8 @@ are always a prefix of that task's order, and prefixes of two trials line up row
 
   Otherwise (ties, too few rows, a task with fewer than 2 rows) the trial is promoted.
   The confidence holds per test: a trial checked at several stages and against several
-  gates is stopped wrongly somewhat more often than ``1 - confidence`` in total.
+  gates is stopped wrongly somewhat more often than ``1 - confidence`` in total
+  (``benchmarks/fidelity_calibration.py`` measures both on stored full runs).
 * **Rank rule** (``rule = "rank"``, :func:`rank_stop`): a trial the tests above promote is
   still stopped when it is not among the best share ``promote`` (default ``1 / growth``) of
   the trials at this stage (it and its ``peers``, each ranked by its estimate on the same
