@@ -146,8 +146,8 @@ def auto_sampler(genome: GenomeSpec, objective: str) -> tuple[str, str]:
         return "tpe", ("categorical genes (frankenmerge layer picks), which CMA-ES would sample at random; "
                        "TPE models them")
     return "cmaes", ("numeric genes, one objective: CMA-ES adapts one search distribution over all of them; "
-                     "measured on the demo, it beat random search at 48 trials in 10 of 10 seeds (README, "
-                     "search quality)")
+                     "measured on the demo, it beat random search at 48 trials in 12 of 15 seeds and gained "
+                     "+.028 from 48 to 96 trials (README, search quality)")
 
 
 def load_study(path: str | Path, *, out: str | Path | None = None, trials: int | None = None,
