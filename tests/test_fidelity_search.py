@@ -187,7 +187,11 @@ def test_a_staged_study_stops_some_trials_and_never_shows_them_as_best(
     chosen = ranking.chosen_trial(study.get_trials(), study.user_attrs, directions)
     assert chosen is not None and chosen.state == TrialState.COMPLETE
     assert all(t.state == TrialState.COMPLETE for t in ranking.ranked(study.get_trials(), directions))
-    assert "stopped early" in render_status(study)
+    status = render_status(study)
+    stopped = sum(t.state == TrialState.PRUNED for t in searched)
+    assert f"{stopped} stopped early" in status
+    # throughput and the median trial's work count the stopped trials (they are most of a staged study)
+    assert "(8 finished in " in status and f"per trial (trials stopped early among them: {stopped})" in status
     assert_report_marks_stopped(study, {"alpha": True, "beta": True})  # the report's count and marks
     first_stopped = next(t.number for t in searched if t.state == TrialState.PRUNED)
     recipe = tmp_path / "stopped.yaml"

@@ -78,7 +78,7 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         + (f"{stopped_early(stopped)}, " if (
             stopped := sum(t.state.name == 'PRUNED' for t in searched)) else "") +
         f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
-        _throughput(complete, progress.throughput(searched, run)),
+        _throughput(complete + [t for t in searched if t.state.name == "PRUNED"], progress.throughput(searched, run)),
     ]
     for reason, count in _failure_reasons(failed).items():
         lines.append(f"  failed x{count}: {reason}")
@@ -146,14 +146,18 @@ def _table(rows: list[tuple[str, Trial]], tasks: list[str], attrs: dict[str, obj
     return "\n".join(out)
 
 
-def _throughput(complete: list[Trial], rate: progress.Throughput) -> str:
-    """The progress line's throughput (see search.progress) and the median trial's work."""
-    timed = [t.user_attrs["timings"] for t in complete if isinstance(t.user_attrs.get("timings"), dict)]
+def _throughput(scored: list[Trial], rate: progress.Throughput) -> str:
+    """The progress line's throughput (see search.progress) and the median trial's work, over the
+    ``scored`` search trials (complete, and stopped early: a study in stages scores most trials on
+    few rows, and the complete ones alone would overstate a trial's cost)."""
+    timed = [t.user_attrs["timings"] for t in scored if isinstance(t.user_attrs.get("timings"), dict)]
     if not timed:
         return f"throughput: {rate.describe()}"
     merge = statistics.median(float(t.get("merge_s", 0.0)) for t in timed)
     score = statistics.median(float(t.get("score_s", 0.0)) for t in timed)
-    return f"throughput: {rate.describe()}; median merge {merge:.3f} s, scoring {score:.3f} s per trial"
+    stopped = sum(t.state.name == "PRUNED" for t in scored)
+    among = f" (trials stopped early among them: {stopped})" if stopped else ""
+    return f"throughput: {rate.describe()}; median merge {merge:.3f} s, scoring {score:.3f} s per trial{among}"
 
 
 def _failure_reasons(failed: list[Trial]) -> dict[str, int]:
