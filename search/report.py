@@ -37,6 +37,7 @@ from merges.output import check_file_target, write_file
 from merges.recipe import ROLES, Recipe
 from search import confidence, gate_record, ranking, storage
 from search.annotate import chosen_trial
+from search.definition import DEFINITION_KEY
 from search.generations import generations_file
 from search.lm_eval_splits import splits_html
 from search.records import StoppedTrial, stopped_early, stopped_trial
@@ -589,10 +590,15 @@ def _page(view: StudyView, parts: Sequence[Figure | Omitted], recipe_text: str |
 def _overview(view: StudyView) -> str:
     attrs = view.study.user_attrs
     feasible = sum(ranking.is_feasible(t) for t in view.search)
+    definition = attrs.get(DEFINITION_KEY)
+    name = definition.get("objective") if isinstance(definition, Mapping) else None  # older studies: none
+    directions = ", ".join(view.directions)
+    objective = (f"objective {name} ({directions})" if name else
+                 f"objective{'s' if view.multi else ''} {directions}")
     return (
         "<p class='muted'>"
         f"sampler {html.escape(str(attrs.get('sampler', '?')))}, seed {html.escape(str(attrs.get('seed', '?')))}, "
-        f"objective{'s' if view.multi else ''} {html.escape(', '.join(view.directions))}; "
+        f"{html.escape(objective)}; "
         f"{len(view.search)} completed search trial(s) ({feasible} feasible), {len(view.failed)} failed, "
         f"{len(view.baselines)} baseline(s); tasks: {html.escape(', '.join(view.tasks))}</p>"
     )

@@ -129,6 +129,7 @@ def test_single_objective_report_draws_every_figure_without_errors(single: Built
         assert 'class="main-svg"' in inner, f"figure {key} did not draw"
     assert report_errors(dom) == ""
     assert not list(single.report.parent.glob("report.html.tmp-*"))
+    assert f"objective {single.config.objective} (maximize);" in text  # the study's objective by name
 
 
 def test_report_shows_the_chosen_trial_with_its_gates_and_exact_recipe(single: Built) -> None:
@@ -222,6 +223,7 @@ def test_multi_objective_report_has_the_feasible_pareto_front(multi: Built, tmp_
     study = multi.study
     view = read_study(study, {t.name: True for t in multi.config.tasks})
     assert view.directions == ["maximize", "maximize"]
+    assert "objective per_task (maximize, maximize);" in multi.report.read_text()
     # Optuna's own front over the same search trials (it honours the stored constraints).
     scratch = optuna.create_study(directions=view.directions)
     scratch.add_trials(view.search)
