@@ -9,8 +9,9 @@ What the user sees follows three rules, here and in ``status``, ``finalize`` and
   ``status`` shows the same one;
 * **throughput** is search trials finished in the latest run per minute since that
   run's search began (baselines, the family build and finalize not counted; failed
-  trials and trials stopped early by multi-fidelity stages counted, as in the budget): :func:`throughput` computes it from the stored trials for both the
-  progress line and ``status``.
+  trials and trials stopped early by multi-fidelity stages counted, as in the budget):
+  :func:`throughput` computes it from the stored trials for both the progress line and
+  ``status``.
 
 The live display: a bar on a terminal, plain lines otherwise, nothing if quiet.
 """
@@ -141,8 +142,8 @@ class Progress:
             + ", ".join(f"{t} {v:.3f}" for t, v in state.best_scores.items()) + ")"
         )
         rate = f"{state.per_min:.1f} search trials/min"
-        stopped = f" stopped early {state.stopped}" if state.stopped else ""
         if self._bar is not None:
+            stopped = f" stopped early {state.stopped}" if state.stopped else ""
             self._bar.n = state.done
             self._bar.set_postfix_str(f"feasible {state.feasible}{stopped} failed {state.failed} {best} {rate}",
                                       refresh=False)
@@ -151,9 +152,10 @@ class Progress:
         left = state.budget - state.done
         eta = f", eta {left / state.per_min:.1f} min" if state.per_min > 0 and left > 0 else ""
         last = "" if state.last_trial is None else f" (trial {state.last_trial} finished)"
+        stopped = f" stopped early {state.stopped}," if state.stopped else ""
         print(
             f"{state.done}/{state.budget} search trials done{last}: feasible {state.feasible},"
-            f"{stopped and stopped + ','} failed {state.failed}, {best}, {rate}{eta}",
+            f"{stopped} failed {state.failed}, {best}, {rate}{eta}",
             file=self._stream, flush=True,
         )
 

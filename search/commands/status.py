@@ -69,16 +69,16 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
     complete = ranking.search_trials(trials)
     baselines = ranking.baseline_trials(trials)
     failed = [t for t in searched if t.state.name == "FAIL"]
+    stopped_trials = [t for t in searched if t.state.name == "PRUNED"]  # multi-fidelity: stopped early
     lines = [
         f"study {study.study_name}: sampler {attrs.get('sampler', '?')}, seed {attrs.get('seed', '?')}",
         f"search trials: {sum(ranking.counts_toward_budget(t) for t in searched)}/"
         f"{'?' if budget is None else budget} done, "
         f"{len(complete)} complete, {sum(ranking.is_feasible(t) for t in complete)} feasible, "
         f"{len(failed)} failed, {sum(t.state.name == 'RUNNING' for t in searched)} running, "
-        + (f"{stopped_early(stopped)}, " if (
-            stopped := sum(t.state.name == 'PRUNED' for t in searched)) else "") +
+        + (f"{stopped_early(len(stopped_trials))}, " if stopped_trials else "") +
         f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
-        _throughput(complete + [t for t in searched if t.state.name == "PRUNED"], progress.throughput(searched, run)),
+        _throughput(complete + stopped_trials, progress.throughput(searched, run)),
     ]
     for reason, count in _failure_reasons(failed).items():
         lines.append(f"  failed x{count}: {reason}")
