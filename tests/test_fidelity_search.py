@@ -23,7 +23,7 @@ import torch
 from optuna.trial import TrialState
 
 from fitness.fidelity import FidelityConfig
-from search import ranking
+from search import ranking, sqlite_trials
 from search.cli import main
 from search.commands.status import render_status
 from search.config import load_study
@@ -190,6 +190,12 @@ def test_a_staged_study_stops_some_trials_and_never_shows_them_as_best(
     status = render_status(study)
     stopped = sum(t.state == TrialState.PRUNED for t in searched)
     assert f"{stopped} stopped early" in status
+    after = [sum(t.user_attrs[FIDELITY_ATTR]["stage"] == s for t in searched if t.state == TrialState.PRUNED)
+             for s in (1, 2, 3)]
+    assert (f"stages: 4, 8, 16, 24 search rows; stopped after each: {', '.join(map(str, after))}; "
+            f"scored on every row: {len(searched) - stopped}") in status.splitlines()
+    config = load_study(path)
+    assert render_status(sqlite_trials.read_study(config.storage, config.name)) == status  # status's own read
     # throughput and the median trial's work count the stopped trials (they are most of a staged study)
     assert "(8 finished in " in status and f"per trial (trials stopped early among them: {stopped})" in status
     assert_report_marks_stopped(study, {"alpha": True, "beta": True})  # the report's count and marks

@@ -11,7 +11,7 @@ from search.commands import SUMMARIES, add_study_arguments
 from search.confidence import confidence_lines
 from search.config import load_study
 from search.lm_eval_splits import split_lines
-from search.records import heldout_record, stopped_early
+from search.records import FIDELITY_ATTR, heldout_record, stopped_early, stopped_trial
 from search.warm_start import warm_start_line
 
 if TYPE_CHECKING:
@@ -80,6 +80,9 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
         _throughput(complete + stopped_trials, progress.throughput(searched, run)),
     ]
+    stages = _stages_line(attrs.get(FIDELITY_ATTR), stopped_trials, len(complete))
+    if stages:
+        lines.insert(2, stages)
     for reason, count in _failure_reasons(failed).items():
         lines.append(f"  failed x{count}: {reason}")
     best = ranking.best_feasible(complete, directions)
@@ -158,6 +161,21 @@ def _throughput(scored: list[Trial], rate: progress.Throughput) -> str:
     stopped = sum(t.state.name == "PRUNED" for t in scored)
     among = f" (trials stopped early among them: {stopped})" if stopped else ""
     return f"throughput: {rate.describe()}; median merge {merge:.3f} s, scoring {score:.3f} s per trial{among}"
+
+
+def _stages_line(study_record: object, stopped: list[Trial], complete: int) -> str | None:
+    """A study in stages: each stage's rows and how many search trials stopped after it (the
+    funnel a schedule is judged by); None for a study scored on every row."""
+    if not isinstance(study_record, dict) or not isinstance(study_record.get("stages"), list):
+        return None
+    sizes = [int(size) for size in study_record["stages"]]
+    after = [0] * max(len(sizes) - 1, 0)
+    for trial in stopped:
+        record = stopped_trial(trial)  # type: ignore[arg-type]
+        if record is not None and 1 <= record.stage <= len(after):
+            after[record.stage - 1] += 1
+    return (f"stages: {', '.join(map(str, sizes))} search rows; stopped after each: "
+            f"{', '.join(map(str, after)) or '-'}; scored on every row: {complete}")
 
 
 def _failure_reasons(failed: list[Trial]) -> dict[str, int]:
