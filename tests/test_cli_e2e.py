@@ -129,6 +129,9 @@ def test_start_kill_resume_status_finalize_export_and_mergekit_rebuild(
     assert exported.returncode == 0, exported.stderr
     text = recipe.read_text()
     assert f"# trial: {final} " in text and "# scores (held-out slices):" in text
+    tested = study.user_attrs[f"test:{final}"]["scores_test"]  # the honest final score, in the header too
+    assert ("# scores (test slices, scored once after the final choice): "
+            + ", ".join(f"{task} {score:.4f}" for task, score in tested.items())) in text
     assert not list(tmp_path.glob("recipe.yaml.tmp-*"))
 
     # 6. mergekit rebuilds it; the rebuilt checkpoint scores what the study recorded.

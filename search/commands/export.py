@@ -27,6 +27,7 @@ from search import gate_record, ranking, storage
 from search.commands import SUMMARIES, add_study_arguments
 from search.config import StudyConfig, load_study
 from search.errors import SearchError
+from search.test_split import read_test_record
 
 if TYPE_CHECKING:
     from merges.layout import Layout
@@ -265,6 +266,9 @@ def export_header(config: StudyConfig, user_attrs: Mapping[str, object], trial: 
         lines.append("scores (held-out slices): not re-scored (run `search finalize`)")
     else:
         lines.append("scores (held-out slices): " + _scores(record.scores))
+    test = read_test_record(user_attrs, trial.number)  # the final trial (and best baseline) only
+    if test is not None:
+        lines.append("scores (test slices, scored once after the final choice): " + _scores(test.scores))
     lines.append("gates (search): " + _search_gates(trial))
     if record is not None:
         lines.append("gates (held-out): " + _gates(record.gate_margins))
