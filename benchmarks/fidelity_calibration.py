@@ -36,13 +36,18 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's benchmarks
 
 from benchmarks.fidelity import RECOMMENDED  # noqa: E402
-from benchmarks.fidelity_replay import DEMO_STUDY, full_run, name, parse_candidate  # noqa: E402
-from fitness.fidelity import RULE_TEST, FidelityConfig, decide, study_row_order  # noqa: E402
-from search import ranking, storage  # noqa: E402
+from benchmarks.fidelity_replay import (  # noqa: E402
+    DEMO_STUDY,
+    held_at_stages,
+    load_full_run,
+    name,
+    parse_candidate,
+    replay_stages,
+)
+from fitness.fidelity import RULE_TEST, FidelityConfig, decide  # noqa: E402
+from search import ranking  # noqa: E402
 from search.config import load_study  # noqa: E402
-from search.plan import plan_study  # noqa: E402
-from search.records import EXAMPLE_ROWS_ATTR, trial_rows  # noqa: E402
-from search.staged import stages_of  # noqa: E402
+from search.records import trial_rows  # noqa: E402
 
 TaskRows = Mapping[str, np.ndarray]
 StopsAt = Callable[[TaskRows, TaskRows, int], bool]  # (A's rows so far, B's rows, seed) -> stopped
@@ -115,24 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     weights = {t.name: t.weight for t in base.tasks}
     total: dict[str, list[int]] = {}
     for seed in args.seeds:
-        config = full_run(base, args.runs, seed)
-        if not (config.output / "study.db").exists():
-            raise SystemExit(f"{config.output}: no full-fidelity run (benchmarks/fidelity_replay.py --run-missing)")
-        study, plan = storage.load_existing_study(config.name, config.storage), plan_study(config)
-        task_rows = {task: int(r["n"]) for task, r in study.user_attrs[EXAMPLE_ROWS_ATTR]["search"].items()}
-        stages = stages_of(fidelity, study_row_order(task_rows, seed), task_rows)
+        study, plan = load_full_run(base, args.runs, seed)
+        stages = replay_stages(study, fidelity, seed)
         searched = [t for t in study.get_trials(deepcopy=False)
                     if ranking.kind(t) == ranking.KIND_SEARCH and t.state == TrialState.COMPLETE]
         rows: dict[int, TaskRows] = {}
         for trial in searched:
             full = trial_rows(trial, {})
             if full is None:
-                raise SystemExit(f"{config.output}: trial {trial.number} has no per-row search values (rows_search)")
+                raise SystemExit(f"seed {seed}: trial {trial.number} has no per-row search values (rows_search)")
             rows[trial.number] = stages.in_study_order(full)
         values = {t.number: ranking.score(t, plan.directions) for t in searched}
         incumbents = sorted(values, key=lambda n: (-values[n], n))[:args.incumbents]
-        held_at = [{task: sum(1 for t, _ in stages.order[:size] if t == task) for task in task_rows}
-                   for size in stages.sizes[:-1]]
+        held_at = held_at_stages(stages)[:-1]  # the last stage holds every row: nothing to decide
 
         def stops(a_rows: TaskRows, b_rows: TaskRows, a: int, seed: int = seed,
                   directions: Mapping[str, bool] = plan.task_higher) -> bool:

@@ -58,17 +58,40 @@ def full_run(base: StudyConfig, runs: Path, seed: int) -> StudyConfig:
     return replace(base, seed=seed, output=output, storage=f"sqlite:///{output / 'study.db'}", fidelity=None)
 
 
+def load_full_run(base: StudyConfig, runs: Path, seed: int, *, run_missing: bool = False
+                  ) -> tuple[optuna.Study, StudyPlan]:
+    """The stored full-fidelity study of ``seed`` under ``runs`` and its plan (run first if
+    ``run_missing``; else SystemExit when it is not there)."""
+    config = full_run(base, runs, seed)
+    if not (config.output / "study.db").exists():
+        if not run_missing:
+            raise SystemExit(f"{config.output}: no full-fidelity run (benchmarks/fidelity_replay.py --run-missing)")
+        run_study(config, quiet=True)
+    return storage.load_existing_study(config.name, config.storage), plan_study(config)
+
+
+def replay_stages(study: optuna.Study, fidelity: FidelityConfig, seed: int) -> StudyStages:
+    """``fidelity``'s stages over the study's search rows, in the order a staged study of ``seed`` uses."""
+    task_rows = {task: int(record["n"]) for task, record in study.user_attrs[EXAMPLE_ROWS_ATTR]["search"].items()}
+    return stages_of(fidelity, study_row_order(task_rows, seed), task_rows)
+
+
+def held_at_stages(stages: StudyStages) -> list[dict[str, int]]:
+    """Per stage, the rows of each task a trial holds after it (the prefix of the study's order)."""
+    return [{task: sum(1 for t, _ in stages.order[:size] if t == task) for task in stages.task_rows}
+            for size in stages.sizes]
+
+
 def replay(study: optuna.Study, plan: StudyPlan, fidelity: FidelityConfig, per_generation: int) -> dict[str, object]:
     """Replay ``fidelity`` over the study's search trials (see the module): rows scored and who stops."""
     seed = plan.config.seed
     trials = study.get_trials(deepcopy=False)
-    task_rows = {task: int(record["n"]) for task, record in study.user_attrs[EXAMPLE_ROWS_ATTR]["search"].items()}
-    stages: StudyStages = stages_of(fidelity, study_row_order(task_rows, seed), task_rows)
+    stages = replay_stages(study, fidelity, seed)
+    task_rows = stages.task_rows
     searched = sorted((t for t in trials if ranking.kind(t) == ranking.KIND_SEARCH and t.state == TrialState.COMPLETE),
                       key=lambda t: t.user_attrs[POSITION])
     told: list[FrozenTrial] = [t for t in trials if ranking.kind(t) != ranking.KIND_SEARCH]  # baselines
-    held_at = [{task: sum(1 for t, _ in stages.order[:size] if t == task) for task in task_rows}
-               for size in stages.sizes]
+    held_at = held_at_stages(stages)
     examples, stopped_at = 0, {}
     for start in range(0, len(searched), per_generation):
         queue = deque((trial, 0) for trial in searched[start:start + per_generation])
@@ -128,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = [parse_candidate(text) for text in (args.candidate or DEFAULT_CANDIDATES)]
     plans: dict[int, tuple[optuna.Study, StudyPlan]] = {}
     for seed in args.seeds:
-        config = full_run(base, args.runs, seed)
-        if not (config.output / "study.db").exists():
-            if not args.run_missing:
-                raise SystemExit(f"{config.output}: no full-fidelity run (use --run-missing)")
-            run_study(config, quiet=True)
-        plans[seed] = storage.load_existing_study(config.name, config.storage), plan_study(config)
+        plans[seed] = load_full_run(base, args.runs, seed, run_missing=args.run_missing)
     per_generation = popsize(next(iter(plans.values()))[1]) if base.sampler == "cmaes" else 1
     summary: dict[str, object] = {}
     for fidelity in candidates:
