@@ -187,10 +187,12 @@ def penalty_scale(study: optuna.Study) -> float:
 
 
 def penalised(raw: float, violation: float, direction: str, scale: float) -> float:
-    if violation <= 0:
-        return raw
-    cost = scale * (1.0 + violation)
-    return raw - cost if direction == "maximize" else raw + cost
+    return raw if violation <= 0 else worse_by(raw, scale * (1.0 + violation), direction)
+
+
+def worse_by(value: float, cost: float, direction: str) -> float:
+    """``value`` moved ``cost`` toward the worse end of ``direction``."""
+    return value - cost if direction == "maximize" else value + cost
 
 
 def sampler_values(trial: FrozenTrial, directions: Sequence[str], scale: float,
@@ -205,7 +207,7 @@ def sampler_values(trial: FrozenTrial, directions: Sequence[str], scale: float,
     if stopped is None:
         return values
     cost = stage_cost(stopped.stage, stopped.stages, scale)
-    return [v - cost if d == "maximize" else v + cost for v, d in zip(values, directions, strict=True)]
+    return [worse_by(v, cost, d) for v, d in zip(values, directions, strict=True)]
 
 
 def stage_cost(stage: int, stages: int, scale: float) -> float:
