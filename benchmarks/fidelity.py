@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -158,14 +159,13 @@ def combine(summaries: Sequence[tuple[str, Mapping[str, object]]]) -> dict[str, 
         raise SystemExit("--combine: a run has a seed without a final trial (held-out null)")
     differences = [m - f for m, f in zip(multi, full, strict=True)]
     n = len(differences)
-    spread = math.sqrt(sum((d - sum(differences) / n) ** 2 for d in differences) / (n - 1)) if n > 1 else None
     return {
         "seeds": n, **({"seed_list": seeds} if known else {}), "fidelity": schedule,
         "example_ratio": round(examples_full / examples_multi, 3),
-        "heldout_mean_full": round(sum(full) / n, 4), "heldout_mean_multi": round(sum(multi) / n, 4),
-        "heldout_mean_difference": round(sum(differences) / n, 4),
-        "heldout_difference_se": None if spread is None else round(spread / math.sqrt(n), 4),  # one seed: none
-        "heldout_mean_multi_equal_wall": round(sum(equal) / n, 4),
+        "heldout_mean_full": round(statistics.fmean(full), 4), "heldout_mean_multi": round(statistics.fmean(multi), 4),
+        "heldout_mean_difference": round(statistics.fmean(differences), 4),
+        "heldout_difference_se": round(statistics.stdev(differences) / math.sqrt(n), 4) if n > 1 else None,
+        "heldout_mean_multi_equal_wall": round(statistics.fmean(equal), 4),
         "better_at_equal_wall": sum(e > f for e, f in zip(equal, full, strict=True)),
         "equal_at_equal_wall": sum(e == f for e, f in zip(equal, full, strict=True)),
     }

@@ -78,7 +78,7 @@ def render_status(study: optuna.Study | sqlite_trials.StudyRecord, *, budget: in
         f"{len(failed)} failed, {sum(t.state.name == 'RUNNING' for t in searched)} running, "
         + (f"{stopped_early(len(stopped_trials))}, " if stopped_trials else "") +
         f"{sum(t.state.name == 'WAITING' for t in searched)} waiting; {len(baselines)} baselines",
-        _throughput(complete + stopped_trials, progress.throughput(searched, run)),
+        _throughput(complete, stopped_trials, progress.throughput(searched, run)),
     ]
     stages = _stages_line(attrs.get(FIDELITY_ATTR), stopped_trials, len(complete))
     if stages:
@@ -149,17 +149,16 @@ def _table(rows: list[tuple[str, Trial]], tasks: list[str], attrs: dict[str, obj
     return "\n".join(out)
 
 
-def _throughput(scored: list[Trial], rate: progress.Throughput) -> str:
+def _throughput(complete: list[Trial], stopped: list[Trial], rate: progress.Throughput) -> str:
     """The progress line's throughput (see search.progress) and the median trial's work, over the
-    ``scored`` search trials (complete, and stopped early: a study in stages scores most trials on
-    few rows, and the complete ones alone would overstate a trial's cost)."""
-    timed = [t.user_attrs["timings"] for t in scored if isinstance(t.user_attrs.get("timings"), dict)]
+    complete search trials and those ``stopped`` early (a study in stages scores most trials on
+    few rows: the complete ones alone would overstate a trial's cost)."""
+    timed = [t.user_attrs["timings"] for t in [*complete, *stopped] if isinstance(t.user_attrs.get("timings"), dict)]
     if not timed:
         return f"throughput: {rate.describe()}"
     merge = statistics.median(float(t.get("merge_s", 0.0)) for t in timed)
     score = statistics.median(float(t.get("score_s", 0.0)) for t in timed)
-    stopped = sum(t.state.name == "PRUNED" for t in scored)
-    among = f" (trials stopped early among them: {stopped})" if stopped else ""
+    among = f" (trials stopped early among them: {len(stopped)})" if stopped else ""
     return f"throughput: {rate.describe()}; median merge {merge:.3f} s, scoring {score:.3f} s per trial{among}"
 
 
